@@ -1,0 +1,9 @@
+"""Minimal reverse-mode autograd over NumPy/CuPy arrays (no double backward)."""
+from .function import Function
+from .gradcheck import check_grad
+from .linalg import matmul
+from .math import add, astype, div, exp, gelu, log, mul, neg, pow, relu, sigmoid, sub, tanh
+from .mode import enable_grad, eval_mode, is_grad_enabled, is_training, no_grad, set_training, train_mode
+from .reduce import log_softmax, max, mean, softmax, sum, var
+from .shape import concat, getitem, reshape, stack, transpose
+from .tensor import Tensor, as_tensor, tensor

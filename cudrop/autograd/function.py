@@ -1,0 +1,112 @@
+"""Function: one differentiable op on raw arrays, and the backward pass over the graph."""
+from __future__ import annotations
+
+import heapq
+import weakref
+
+from .. import backend
+from . import mode
+
+
+class Function:
+    """Subclasses implement ``forward(*arrays) -> array | tuple`` and
+    ``backward(*grad_outputs) -> grad | tuple`` on raw NumPy/CuPy arrays.
+
+    Non-array arguments (axes, strides, probabilities) go to ``__init__``. ``backward`` returns
+    one gradient per forward input (``None`` where no gradient flows). It always receives
+    arrays: zeros for an output nobody used. Save what backward needs on ``self`` in ``forward``.
+    """
+
+    generation = 0
+
+    def __call__(self, *inputs):
+        from .tensor import Tensor, as_tensor
+
+        tensors = [x if isinstance(x, Tensor) else as_tensor(x) for x in inputs]
+        xs = [t.data for t in tensors]
+        backend.get_array_module(*xs)  # mixed NumPy/CuPy inputs raise TypeError here
+        ys = self.forward(*xs)
+        single = not isinstance(ys, tuple)
+        if single:
+            ys = (ys,)
+        outputs = [Tensor(y) for y in ys]
+        if mode.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            self.inputs = tensors
+            self.generation = max(t.generation for t in tensors)
+            for o in outputs:
+                o.creator = self
+                o.requires_grad = True
+                o.generation = self.generation + 1
+            self.outputs = [weakref.ref(o) for o in outputs]
+            # An output nobody kept gets a zero gradient; remember how to build it.
+            self._out_meta = [(y.shape, y.dtype) for y in ys]
+            self._xp = backend.get_array_module(*ys)
+        return outputs[0] if single else tuple(outputs)
+
+    def forward(self, *xs):
+        raise NotImplementedError
+
+    def backward(self, *gys):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<{type(self).__name__}>"
+
+
+def run_backward(root, grad, retain_graph=False):
+    """Reverse-mode sweep from ``root`` seeded with ``grad``.
+
+    Gradients of intermediate tensors live in a local table; only leaves that require a
+    gradient accumulate into ``.grad`` (so two backward calls add up, as users expect).
+    """
+    grads = {id(root): grad}
+    keep = {id(root): root}  # ids are only unique while the objects live
+    heap, seen = [], set()
+
+    def push(f):
+        if f is not None and id(f) not in seen:
+            seen.add(id(f))
+            heapq.heappush(heap, (-f.generation, id(f), f))
+
+    if root.creator is None:
+        _accumulate_leaf(root, grad)
+        return
+    push(root.creator)
+    while heap:
+        _, _, f = heapq.heappop(heap)
+        if not hasattr(f, "_out_meta"):
+            raise RuntimeError("backward through a graph that was already freed; pass "
+                               "retain_graph=True to the first backward() to keep it")
+        outs = [r() for r in f.outputs]
+        gys = []
+        for o, (shape, dtype) in zip(outs, f._out_meta):
+            g = grads.pop(id(o), None) if o is not None else None
+            gys.append(f._xp.zeros(shape, dtype) if g is None else g)
+        gxs = f.backward(*gys)
+        if not isinstance(gxs, tuple):
+            gxs = (gxs,)
+        if len(gxs) != len(f.inputs):
+            raise RuntimeError(f"{f!r}.backward returned {len(gxs)} gradients for "
+                               f"{len(f.inputs)} inputs")
+        for x, gx in zip(f.inputs, gxs):
+            if gx is None or not x.requires_grad:
+                continue
+            if gx.shape != x.shape:
+                raise RuntimeError(f"{f!r}.backward gave a gradient of shape {gx.shape} for an "
+                                   f"input of shape {x.shape}")
+            if x.creator is None:
+                _accumulate_leaf(x, gx)
+            else:
+                prev = grads.get(id(x))
+                grads[id(x)] = gx if prev is None else prev + gx
+                keep[id(x)] = x
+                push(x.creator)
+        if not retain_graph:
+            # Drop arrays the op saved for backward; the graph is single-use by default.
+            f.__dict__ = {"inputs": (), "outputs": [], "generation": f.generation}
+
+
+def _accumulate_leaf(t, g):
+    if g.dtype != t.data.dtype:
+        g = g.astype(t.data.dtype)
+    t.grad = g if t.grad is None else t.grad + g

@@ -1,0 +1,21 @@
+"""Matrix product with broadcasting over leading (batch) dimensions."""
+from ..functional.matmul import matmul as _matmul
+from .function import Function
+from .math import sum_to
+
+
+class MatMul(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return _matmul(a, b)
+
+    def backward(self, g):
+        a, b = self.a, self.b
+        ga = _matmul(g, b.swapaxes(-1, -2))
+        gb = _matmul(a.swapaxes(-1, -2), g)
+        return sum_to(ga, a.shape), sum_to(gb, b.shape)
+
+
+def matmul(a, b):
+    from .math import _pair
+    return MatMul()(*_pair(a, b))

@@ -1,0 +1,185 @@
+"""Element-wise arithmetic and activations, with un-broadcasting in backward."""
+from __future__ import annotations
+
+import math as _pymath
+
+from .. import backend
+from .function import Function
+from .tensor import Tensor, as_tensor
+
+
+def sum_to(g, shape):
+    """Sum ``g`` down to ``shape``: the adjoint of NumPy broadcasting."""
+    if g.shape == tuple(shape):
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape)
+                                      if n == 1 and g.shape[i + lead] != 1)
+    out = g.sum(axis=axes, keepdims=True)
+    return out.reshape(shape)
+
+
+def _pair(a, b):
+    """Lift Python scalars to tensors of the other operand's dtype and device."""
+    if isinstance(a, Tensor):
+        return a, as_tensor(b, like=a)
+    return as_tensor(a, like=b), b
+
+
+class Add(Function):
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a + b
+
+    def backward(self, g):
+        return sum_to(g, self.shapes[0]), sum_to(g, self.shapes[1])
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a - b
+
+    def backward(self, g):
+        return sum_to(g, self.shapes[0]), sum_to(-g, self.shapes[1])
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, g):
+        return sum_to(g * self.b, self.a.shape), sum_to(g * self.a, self.b.shape)
+
+
+class Div(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, g):
+        ga = g / self.b
+        return sum_to(ga, self.a.shape), sum_to(-ga * self.a / self.b, self.b.shape)
+
+
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, g):
+        return -g
+
+
+class Pow(Function):
+    """a ** c for a constant exponent c (tensor exponents go through exp/log)."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def forward(self, a):
+        self.a = a
+        return a ** self.c
+
+    def backward(self, g):
+        return g * self.c * self.a ** (self.c - 1)
+
+
+class Exp(Function):
+    def forward(self, a):
+        self.y = backend.get_array_module(a).exp(a)
+        return self.y
+
+    def backward(self, g):
+        return g * self.y
+
+
+class Log(Function):
+    def forward(self, a):
+        self.a = a
+        return backend.get_array_module(a).log(a)
+
+    def backward(self, g):
+        return g / self.a
+
+
+class Tanh(Function):
+    def forward(self, a):
+        self.y = backend.get_array_module(a).tanh(a)
+        return self.y
+
+    def backward(self, g):
+        return g * (1 - self.y * self.y)
+
+
+class Sigmoid(Function):
+    def forward(self, a):
+        xp = backend.get_array_module(a)
+        # tanh form: no overflow warning for large |a|, unlike 1 / (1 + exp(-a))
+        self.y = (xp.tanh(a * 0.5) * 0.5 + 0.5).astype(a.dtype, copy=False)
+        return self.y
+
+    def backward(self, g):
+        return g * self.y * (1 - self.y)
+
+
+class ReLU(Function):
+    def forward(self, a):
+        self.mask = a > 0
+        return a * self.mask
+
+    def backward(self, g):
+        return g * self.mask
+
+
+_SQRT_2_OVER_PI = _pymath.sqrt(2.0 / _pymath.pi)
+
+
+class GELU(Function):
+    """GELU, tanh approximation (as in GPT-2 and BERT)."""
+
+    def forward(self, a):
+        xp = backend.get_array_module(a)
+        self.a = a
+        self.t = xp.tanh(_SQRT_2_OVER_PI * (a + 0.044715 * a ** 3))
+        return 0.5 * a * (1 + self.t)
+
+    def backward(self, g):
+        a, t = self.a, self.t
+        dt = (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * a * a)
+        return g * (0.5 * (1 + t) + 0.5 * a * dt)
+
+
+class AsType(Function):
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def forward(self, a):
+        self.src = a.dtype
+        return a.astype(self.dtype)
+
+    def backward(self, g):
+        return g.astype(self.src)
+
+
+def add(a, b): return Add()(*_pair(a, b))
+def sub(a, b): return Sub()(*_pair(a, b))
+def mul(a, b): return Mul()(*_pair(a, b))
+def div(a, b): return Div()(*_pair(a, b))
+def neg(a): return Neg()(a)
+
+
+def pow(a, c):
+    if isinstance(c, Tensor):
+        raise TypeError("pow: the exponent must be a Python number; for a tensor exponent "
+                        "use exp(c * log(a))")
+    return Pow(c)(a)
+
+
+def exp(a): return Exp()(a)
+def log(a): return Log()(a)
+def tanh(a): return Tanh()(a)
+def sigmoid(a): return Sigmoid()(a)
+def relu(a): return ReLU()(a)
+def gelu(a): return GELU()(a)
+def astype(a, dtype): return AsType(dtype)(a)

@@ -1,0 +1,128 @@
+"""Reductions and the (log-)softmax family."""
+from __future__ import annotations
+
+from .. import backend
+from .function import Function
+
+
+def _axes(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axis:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for an array of {ndim} dimensions")
+        out.append(a % ndim)
+    return tuple(sorted(set(out)))
+
+
+def _expand(g, axes, keepdims):
+    """Re-insert reduced axes so ``g`` broadcasts against the input."""
+    if keepdims:
+        return g
+    for a in axes:
+        g = backend.get_array_module(g).expand_dims(g, a)
+    return g
+
+
+class Sum(Function):
+    def __init__(self, axis=None, keepdims=False):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, a):
+        self.axes, self.shape = _axes(self.axis, a.ndim), a.shape
+        return a.sum(axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        return xp.broadcast_to(_expand(g, self.axes, self.keepdims), self.shape).copy()
+
+
+class Mean(Sum):
+    def forward(self, a):
+        y = super().forward(a)
+        self.n = 1
+        for ax in self.axes:
+            self.n *= a.shape[ax]
+        return y / a.dtype.type(self.n) if a.dtype.kind == "f" else y / self.n
+
+    def backward(self, g):
+        return super().backward(g) / self.n
+
+
+class Max(Function):
+    """Max; the gradient is split equally between tied maxima."""
+
+    def __init__(self, axis=None, keepdims=False):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, a):
+        self.axes = _axes(self.axis, a.ndim)
+        y = a.max(axis=self.axes, keepdims=True)
+        self.hit = a == y
+        return y if self.keepdims else y.reshape([n for i, n in enumerate(y.shape)
+                                                  if i not in self.axes])
+
+    def backward(self, g):
+        g = _expand(g, self.axes, self.keepdims)
+        count = self.hit.sum(axis=self.axes, keepdims=True)
+        return (self.hit * (g / count)).astype(g.dtype, copy=False)
+
+
+class Var(Function):
+    """Population variance (ddof=0), as batch norm uses."""
+
+    def __init__(self, axis=None, keepdims=False):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, a):
+        self.axes = _axes(self.axis, a.ndim)
+        self.n = 1
+        for ax in self.axes:
+            self.n *= a.shape[ax]
+        self.centered = a - a.mean(axis=self.axes, keepdims=True)
+        return (self.centered ** 2).mean(axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, g):
+        g = _expand(g, self.axes, self.keepdims)
+        return g * self.centered * (2.0 / self.n)
+
+
+class Softmax(Function):
+    def __init__(self, axis=-1):
+        self.axis = axis
+
+    def forward(self, a):
+        xp = backend.get_array_module(a)
+        e = xp.exp(a - a.max(axis=self.axis, keepdims=True))
+        self.y = e / e.sum(axis=self.axis, keepdims=True)
+        return self.y
+
+    def backward(self, g):
+        y = self.y
+        return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    def __init__(self, axis=-1):
+        self.axis = axis
+
+    def forward(self, a):
+        xp = backend.get_array_module(a)
+        s = a - a.max(axis=self.axis, keepdims=True)
+        y = s - xp.log(xp.exp(s).sum(axis=self.axis, keepdims=True))
+        self.y = y
+        return y
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        return g - xp.exp(self.y) * g.sum(axis=self.axis, keepdims=True)
+
+
+def sum(a, axis=None, keepdims=False): return Sum(axis, keepdims)(a)
+def mean(a, axis=None, keepdims=False): return Mean(axis, keepdims)(a)
+def max(a, axis=None, keepdims=False): return Max(axis, keepdims)(a)
+def var(a, axis=None, keepdims=False): return Var(axis, keepdims)(a)
+def softmax(a, axis=-1): return Softmax(axis)(a)
+def log_softmax(a, axis=-1): return LogSoftmax(axis)(a)

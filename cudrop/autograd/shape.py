@@ -1,0 +1,110 @@
+"""Shape and indexing ops: reshape, transpose, getitem, concat, stack."""
+from __future__ import annotations
+
+from .. import backend
+from .function import Function
+from .tensor import Tensor
+
+
+class Reshape(Function):
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def forward(self, a):
+        self.src = a.shape
+        return a.reshape(self.shape)
+
+    def backward(self, g):
+        return g.reshape(self.src)
+
+
+class Transpose(Function):
+    def __init__(self, axes=None):
+        self.axes = None if axes is None else tuple(axes)
+
+    def forward(self, a):
+        return a.transpose(self.axes)
+
+    def backward(self, g):
+        if self.axes is None:
+            return g.transpose()
+        inverse = [0] * g.ndim
+        for i, ax in enumerate(self.axes):
+            inverse[ax % g.ndim] = i
+        return g.transpose(inverse)
+
+
+class GetItem(Function):
+    def __init__(self, index):
+        self.index = index
+
+    def forward(self, a):
+        self.src = a.shape, a.dtype
+        return a[self.index]
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        out = xp.zeros(*self.src)
+        # add.at so repeated integer indices accumulate (embedding-style gathers)
+        xp.add.at(out, self.index, g)
+        return out
+
+
+class Concat(Function):
+    def __init__(self, axis=0):
+        self.axis = axis
+
+    def forward(self, *xs):
+        xp = backend.get_array_module(*xs)
+        self.sizes = [x.shape[self.axis] for x in xs]
+        return xp.concatenate(xs, axis=self.axis)
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        cuts = list(_cumsum(self.sizes))[:-1]
+        return tuple(xp.split(g, cuts, axis=self.axis))
+
+
+class Stack(Function):
+    def __init__(self, axis=0):
+        self.axis = axis
+
+    def forward(self, *xs):
+        xp = backend.get_array_module(*xs)
+        return xp.stack(xs, axis=self.axis)
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        return tuple(xp.squeeze(p, axis=self.axis)
+                     for p in xp.split(g, g.shape[self.axis], axis=self.axis))
+
+
+def _cumsum(xs):
+    t = 0
+    for x in xs:
+        t += x
+        yield t
+
+
+def _unwrap_index(idx):
+    """Tensors used as indices become their raw arrays (integer gathers need no gradient)."""
+    if isinstance(idx, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in idx)
+    return idx.data if isinstance(idx, Tensor) else idx
+
+
+def reshape(a, shape): return Reshape(shape)(a)
+def transpose(a, axes=None): return Transpose(axes)(a)
+def getitem(a, index): return GetItem(_unwrap_index(index))(a)
+
+
+def concat(tensors, axis=0):
+    if len(tensors) == 0:
+        raise ValueError("concat needs at least one tensor")
+    return Concat(axis)(*tensors)
+
+
+def stack(tensors, axis=0):
+    if len(tensors) == 0:
+        raise ValueError("stack needs at least one tensor")
+    return Stack(axis)(*tensors)

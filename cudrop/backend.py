@@ -1,0 +1,156 @@
+"""The one module that imports CuPy.
+
+Everything else asks this module which array module an array belongs to, whether a GPU is
+usable, and how to bring foreign arrays (DLPack / ``__cuda_array_interface__`` producers such as
+PyTorch or JAX tensors) in without a copy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # CuPy is optional: cudrop runs on NumPy alone.
+    import cupy
+except ImportError:  # pragma: no cover - depends on the machine
+    cupy = None
+
+_gpu_checked = None
+
+
+def gpu_available() -> bool:
+    """True when CuPy is installed and a CUDA device can be used. Never raises."""
+    global _gpu_checked
+    if _gpu_checked is None:
+        ok = False
+        if cupy is not None:
+            try:
+                # is_available() is the documented probe; getDeviceCount() raises without a
+                # driver instead of returning 0, so guard the whole thing.
+                ok = bool(cupy.is_available()) and cupy.cuda.runtime.getDeviceCount() > 0
+            except Exception:
+                ok = False
+        _gpu_checked = ok
+    return _gpu_checked
+
+
+def is_gpu_array(a) -> bool:
+    return cupy is not None and isinstance(a, cupy.ndarray)
+
+
+def _kind(a) -> str | None:
+    if isinstance(a, np.ndarray) or isinstance(a, np.generic):
+        return "numpy"
+    if is_gpu_array(a):
+        return "cupy"
+    return None
+
+
+def get_array_module(*arrays):
+    """``numpy`` or ``cupy`` for the given arrays; non-arrays (scalars, None) are ignored.
+
+    Raises TypeError when NumPy and CuPy arrays are mixed: silently copying one to the other's
+    device would hide a device-placement bug and cost a host round trip per call.
+    """
+    kinds = {}
+    for i, a in enumerate(arrays):
+        k = _kind(a)
+        if k is not None:
+            kinds.setdefault(k, (i, a))
+    if len(kinds) > 1:
+        (i, a), (j, b) = kinds["numpy"], kinds["cupy"]
+        raise TypeError(
+            f"arrays on different devices: argument {i} is a NumPy array (cpu, shape "
+            f"{a.shape}) and argument {j} is a CuPy array ({device_of(b)}, shape {b.shape}); "
+            "move both to one device first (cudrop.backend.to_device)"
+        )
+    return cupy if "cupy" in kinds else np
+
+
+def device_of(a) -> str:
+    """'cpu' for NumPy arrays, 'gpu:N' for CuPy arrays."""
+    if is_gpu_array(a):
+        return f"gpu:{a.device.id}"
+    return "cpu"
+
+
+def resolve_device(device: str) -> str:
+    """Map 'auto' | 'cpu' | 'gpu' (or 'cuda') to 'cpu' or 'gpu', raising if a GPU is asked
+    for and none is usable."""
+    if device not in ("auto", "cpu", "gpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+    if device == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if device in ("gpu", "cuda"):
+        if not gpu_available():
+            raise RuntimeError(
+                "device='gpu' was asked for but no usable CUDA GPU was found "
+                "(install cupy-cuda13x or cupy-cuda12x and check the driver)"
+            )
+        return "gpu"
+    return "cpu"
+
+
+def xp_for(device: str):
+    """The array module for a device name ('cpu', 'gpu', 'auto')."""
+    return cupy if resolve_device(device) == "gpu" else np
+
+
+def from_dlpack(obj):
+    """Zero-copy import of a foreign array.
+
+    CUDA producers (PyTorch/JAX GPU tensors, anything with ``__cuda_array_interface__``) become
+    CuPy arrays sharing memory; CPU producers become NumPy arrays sharing memory.
+    """
+    if hasattr(obj, "__dlpack_device__"):
+        dev_type, _ = obj.__dlpack_device__()
+        # DLPack device types: 1 = CPU, 3 = CUDA host (pinned), 2 = CUDA, 13 = CUDA managed.
+        if dev_type in (1, 3):
+            return np.from_dlpack(obj)
+        if cupy is None:
+            raise TypeError("a GPU array was given but CuPy is not installed")
+        return cupy.from_dlpack(obj)
+    if hasattr(obj, "__cuda_array_interface__"):
+        if cupy is None:
+            raise TypeError("a GPU array was given but CuPy is not installed")
+        return cupy.asarray(obj)
+    raise TypeError(f"{type(obj).__name__} is neither a NumPy/CuPy array nor a DLPack producer")
+
+
+def as_array(obj, dtype=None):
+    """Raw array from NumPy/CuPy arrays, DLPack producers, Python scalars or nested lists.
+    Arrays keep their device; lists and scalars land on the CPU."""
+    if isinstance(obj, np.ndarray) or is_gpu_array(obj):
+        a = obj
+    elif hasattr(obj, "__dlpack_device__") or hasattr(obj, "__cuda_array_interface__"):
+        a = from_dlpack(obj)
+    else:
+        a = np.asarray(obj)
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    return a
+
+
+def to_device(a, device: str):
+    """Copy a raw array to 'cpu' or 'gpu' (no copy when it is already there)."""
+    target = resolve_device(device)
+    if target == "gpu":
+        return cupy.asarray(a)
+    return cupy.asnumpy(a) if is_gpu_array(a) else np.asarray(a)
+
+
+def asnumpy(a):
+    return cupy.asnumpy(a) if is_gpu_array(a) else np.asarray(a)
+
+
+def info() -> dict:
+    """Versions and device facts, for ``cudrop info`` and bug reports."""
+    out = {"numpy": np.__version__, "cupy": getattr(cupy, "__version__", None),
+           "backend": "cupy" if gpu_available() else "numpy", "gpu": None, "cuda": None}
+    if gpu_available():
+        dev = cupy.cuda.Device()
+        props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+        name = props["name"]
+        out["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+        out["compute_capability"] = dev.compute_capability
+        v = cupy.cuda.runtime.runtimeGetVersion()
+        out["cuda"] = f"{v // 1000}.{(v % 1000) // 10}"
+    return out

@@ -1,0 +1,27 @@
+"""Shared fixtures. ``xp`` runs a test on NumPy and, where a GPU is usable, on CuPy: one suite
+for both devices, the GPU half marked ``gpu`` and skipped cleanly without one."""
+import numpy as np
+import pytest
+from hypothesis import settings
+
+from cudrop import backend
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+settings.register_profile("dev", max_examples=15, deadline=None)
+settings.load_profile("ci")
+
+_gpu = pytest.mark.gpu
+_skip_gpu = pytest.mark.skipif(not backend.gpu_available(), reason="no usable CUDA GPU")
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=[_gpu, _skip_gpu])])
+def xp(request):
+    if request.param == "numpy":
+        return np
+    return backend.cupy
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("gpu") and not backend.gpu_available():
+            item.add_marker(_skip_gpu)
