@@ -1,0 +1,1 @@
+"""Loaders for real data sets available offline, and batch iterators."""
