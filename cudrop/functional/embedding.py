@@ -1,0 +1,40 @@
+"""Embedding lookup on raw arrays."""
+from __future__ import annotations
+
+from .. import backend
+from .norm import compute_dtype
+
+
+def embedding(indices, weight):
+    """``weight[indices]``: rows of the (V, D) table ``weight`` for integer ``indices`` of any
+    shape; the output has shape ``indices.shape + (D,)``.
+    Returns ``(out, saved)`` for :func:`embedding_backward`."""
+    backend.get_array_module(indices, weight)
+    if not hasattr(indices, "dtype") or indices.dtype.kind not in "iu":
+        raise TypeError(f"indices must be an integer array, got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be a 2-D (num_embeddings, dim) table, got shape "
+                         f"{tuple(weight.shape)}")
+    v = weight.shape[0]
+    if indices.size:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= v:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"indices must lie in [0, {v}) (the rows of weight), found {bad}")
+    out = weight[indices]
+    saved = {"indices": indices, "weight_shape": weight.shape, "weight_dtype": weight.dtype}
+    return out, saved
+
+
+def embedding_backward(grad_out, saved):
+    """Gradient of the table: ``grad_out`` rows scatter-added at ``indices`` (repeated indices
+    accumulate)."""
+    xp = backend.get_array_module(grad_out, saved["indices"])
+    shape, dtype = saved["weight_shape"], saved["weight_dtype"]
+    # accumulate half-precision rows in float32: many repeats of a token would otherwise round away
+    acc = compute_dtype(dtype) if dtype.kind == "f" else dtype
+    gw = xp.zeros(shape, acc)
+    xp.add.at(gw, saved["indices"].reshape(-1),
+              grad_out.reshape(-1, shape[1]).astype(acc, copy=False))
+    return gw.astype(dtype, copy=False)

@@ -1,0 +1,108 @@
+"""Losses on raw arrays: softmax cross entropy and mean squared error."""
+from __future__ import annotations
+
+from .. import backend
+from .norm import compute_dtype
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _check_float(name, a):
+    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+
+
+def _reduce(xp, loss, reduction, dtype):
+    if reduction == "none":
+        return loss.astype(dtype, copy=False)
+    total = loss.sum()
+    if reduction == "mean":
+        # an empty batch gives NaN (0/0), as PyTorch does, without a NumPy warning
+        total = total / loss.size if loss.size else total * float("nan")
+    return xp.asarray(total).astype(dtype, copy=False)
+
+
+def cross_entropy(logits, targets, reduction="mean"):
+    """Softmax cross entropy ``-log softmax(logits)[target]``.
+
+    ``logits`` has shape (..., C); ``targets`` holds integer class indices in [0, C) with shape
+    ``logits.shape[:-1]``. Returns ``(loss, saved)`` for :func:`cross_entropy_backward`.
+    """
+    xp = backend.get_array_module(logits, targets)
+    _check_reduction(reduction)
+    _check_float("logits", logits)
+    if logits.ndim < 1:
+        raise ValueError("logits must have shape (..., C) with classes on the last axis, got a "
+                         "0-d array")
+    if not hasattr(targets, "dtype") or targets.dtype.kind not in "iu":
+        raise TypeError(f"targets must be an integer array of class indices, got "
+                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
+    c = logits.shape[-1]
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} (logits.shape[:-1]),"
+                         f" got {tuple(targets.shape)}")
+    if targets.size:
+        if c == 0:
+            raise ValueError("logits has 0 classes on its last axis")
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= c:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"targets must lie in [0, {c}) (the {c} classes of logits), "
+                             f"found {bad}")
+    cdt = compute_dtype(logits.dtype)
+    z = logits.astype(cdt, copy=False)
+    shifted = z - z.max(axis=-1, keepdims=True) if c else z
+    log_sum = xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+    log_p = shifted - log_sum
+    picked = xp.take_along_axis(log_p, targets[..., None].astype(xp.intp, copy=False), axis=-1)
+    loss = -picked[..., 0]
+    saved = {"log_p": log_p, "targets": targets, "reduction": reduction,
+             "dtype": logits.dtype}
+    return _reduce(xp, loss, reduction, logits.dtype), saved
+
+
+def cross_entropy_backward(grad_out, saved):
+    """Gradient with respect to the logits: ``(softmax - onehot(target)) * grad``."""
+    xp = backend.get_array_module(grad_out, saved["log_p"])
+    log_p, targets = saved["log_p"], saved["targets"]
+    c = log_p.shape[-1]
+    g = grad_out.astype(log_p.dtype, copy=False)
+    if saved["reduction"] == "none":
+        g = g[..., None]
+    elif saved["reduction"] == "mean" and targets.size:
+        g = g / targets.size
+    onehot = targets[..., None] == xp.arange(c, dtype=targets.dtype)
+    gx = (xp.exp(log_p) - onehot) * g
+    return gx.astype(saved["dtype"], copy=False)
+
+
+def mse_loss(pred, target, reduction="mean"):
+    """Mean squared error ``(pred - target) ** 2``; ``target`` must have ``pred``'s shape.
+    Returns ``(loss, saved)`` for :func:`mse_loss_backward`."""
+    xp = backend.get_array_module(pred, target)
+    _check_reduction(reduction)
+    _check_float("pred", pred)
+    _check_float("target", target)
+    if tuple(target.shape) != tuple(pred.shape):
+        raise ValueError(f"target must have the shape of pred {tuple(pred.shape)}, got "
+                         f"{tuple(target.shape)}")
+    cdt = compute_dtype(pred.dtype)
+    diff = pred.astype(cdt, copy=False) - target.astype(cdt, copy=False)
+    saved = {"diff": diff, "reduction": reduction, "dtypes": (pred.dtype, target.dtype)}
+    return _reduce(xp, diff * diff, reduction, pred.dtype), saved
+
+
+def mse_loss_backward(grad_out, saved):
+    """Gradients ``(gpred, gtarget)``."""
+    diff = saved["diff"]
+    g = grad_out.astype(diff.dtype, copy=False)
+    if saved["reduction"] == "mean" and diff.size:
+        g = g / diff.size
+    gp = 2.0 * diff * g
+    return (gp.astype(saved["dtypes"][0], copy=False),
+            (-gp).astype(saved["dtypes"][1], copy=False))

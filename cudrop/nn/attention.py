@@ -1,0 +1,54 @@
+"""Multi-head self-attention (batched matmuls go through cudrop's fp16/bf16 cuBLAS path)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import autograd as ag
+from .dropout import make_dropout
+from .layers import Linear
+from .module import Module
+
+
+class MultiHeadAttention(Module):
+    """Self-attention over x of shape (B, T, dim). ``causal`` hides future positions.
+    ``dropout``/``p`` apply to the attention probabilities."""
+
+    def __init__(self, dim, num_heads, causal=False, dropout=None, p=0.0, rng=None,
+                 dtype=np.float32):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim, self.num_heads, self.causal = dim, num_heads, causal
+        self.qkv = Linear(dim, 3 * dim, rng=rng, dtype=dtype)
+        self.proj = Linear(dim, dim, rng=rng, dtype=dtype)
+        self.attn_drop = make_dropout(dropout, p)
+        self._mask_cache = {}
+
+    def _causal_mask(self, xp, t, dtype):
+        key = (xp.__name__, t, np.dtype(dtype).str)
+        if key not in self._mask_cache:
+            # A large finite negative rather than -inf: a fully masked row cannot occur (the
+            # diagonal is kept), and finite values keep fp16 softmax free of inf - inf.
+            neg = np.finfo(dtype).min / 2
+            m = np.triu(np.full((t, t), neg, dtype=dtype), k=1)
+            self._mask_cache[key] = xp.asarray(m)
+        return self._mask_cache[key]
+
+    def forward(self, x):
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"MultiHeadAttention expects (batch, time, {self.dim}), got {x.shape}")
+        b, t, d = x.shape
+        h, hd = self.num_heads, d // self.num_heads
+        qkv = ag.transpose(ag.reshape(self.qkv(x), (b, t, 3, h, hd)), (2, 0, 3, 1, 4))
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        s = ag.matmul(q, ag.transpose(k, (0, 1, 3, 2))) * (1.0 / math.sqrt(hd))
+        if self.causal:
+            s = s + self._causal_mask(x.xp, t, x.dtype)
+        a = self.attn_drop(ag.softmax(s, axis=-1))
+        y = ag.reshape(ag.transpose(ag.matmul(a, v), (0, 2, 1, 3)), (b, t, d))
+        return self.proj(y)
+
+    def extra_repr(self):
+        return f"dim={self.dim}, heads={self.num_heads}, causal={self.causal}"

@@ -1,0 +1,46 @@
+"""Residual units: o = act(f(x) + t(x)).
+
+The body ``f`` and the shortcut ``t`` are separate modules so that depth dropout and stochastic
+depth can skip ``f`` entirely while keeping ``t``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import BatchNorm2d, Conv2d, ReLU
+from .dropout import Identity
+from .module import Module, Sequential
+
+
+class ResidualUnit(Module):
+    def __init__(self, body: Module, shortcut: Module | None = None, activation: Module | None = None):
+        super().__init__()
+        self.body = body
+        self.shortcut = shortcut if shortcut is not None else Identity()
+        self.activation = activation if activation is not None else Identity()
+
+    def forward(self, x):
+        return self.activation(self.body(x) + self.shortcut(x))
+
+
+def basic_block(in_channels, out_channels, stride=1, projection=None, rng=None, dtype=np.float32):
+    """The CIFAR ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus a shortcut, then ReLU.
+
+    ``projection`` (default: only when the shape changes) makes the shortcut a 1x1 conv + BN.
+    """
+    body = Sequential(
+        Conv2d(in_channels, out_channels, 3, stride, 1, bias=False, rng=rng, dtype=dtype),
+        BatchNorm2d(out_channels, dtype=dtype), ReLU(),
+        Conv2d(out_channels, out_channels, 3, 1, 1, bias=False, rng=rng, dtype=dtype),
+        BatchNorm2d(out_channels, dtype=dtype))
+    if projection is None:
+        projection = stride != 1 or in_channels != out_channels
+    if not projection and (stride != 1 or in_channels != out_channels):
+        raise ValueError("an identity shortcut needs stride 1 and equal channel counts; "
+                         "pass projection=True")
+    shortcut = Sequential(Conv2d(in_channels, out_channels, 1, stride, 0, bias=False, rng=rng,
+                                 dtype=dtype),
+                          BatchNorm2d(out_channels, dtype=dtype)) if projection else None
+    unit = ResidualUnit(body, shortcut, ReLU())
+    unit.downsamples = stride != 1
+    return unit

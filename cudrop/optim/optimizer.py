@@ -1,0 +1,173 @@
+"""Optimizer base: parameter bookkeeping, per-parameter state, checkpointing.
+
+Subclasses implement ``_update(w, g, state, xp)`` on raw arrays; the base class handles the
+skipping of parameters without a gradient, low-precision parameters and state round trips.
+"""
+from __future__ import annotations
+
+import math
+
+from .. import backend
+
+__all__ = ["Optimizer"]
+
+
+def check_number(name: str, value, low=None, high=None, low_open=False, high_open=False):
+    """Return ``value`` as a float, raising ValueError naming ``name`` when it is out of range."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(v) or math.isinf(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    lo_bad = low is not None and (v <= low if low_open else v < low)
+    hi_bad = high is not None and (v >= high if high_open else v > high)
+    if lo_bad or hi_bad:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        if low is not None and high is not None:
+            rng = f"in {lo}, {hi}"
+        elif low is not None:
+            rng = f"{'>' if low_open else '>='} {low}"
+        else:
+            rng = f"{'<' if high_open else '<='} {high}"
+        raise ValueError(f"{name} must be {rng}, got {value!r}")
+    return v
+
+
+def state_dtype(dtype):
+    """The dtype optimizer state and update arithmetic use for parameters of ``dtype``.
+
+    Half-precision moments underflow (v ~ g**2 is below float16's range for typical grads), so
+    float16/bfloat16 parameters get float32 state; the update is written back rounded.
+    """
+    if dtype.itemsize <= 2:
+        import numpy as np
+        return np.dtype(np.float32)
+    return dtype
+
+
+def _is_float(dtype) -> bool:
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+class Optimizer:
+    """Base class. ``params``: an iterable of Tensors (duplicates are dropped); ``lr``: the
+    learning rate, a plain attribute that schedules rewrite between steps."""
+
+    _hyper = ()  # names of the subclass's hyperparameters, saved by state_dict
+
+    def __init__(self, params, lr):
+        if hasattr(params, "data") and hasattr(params, "grad"):
+            params = [params]
+        seen, plist = set(), []
+        for i, p in enumerate(params):
+            if not (hasattr(p, "data") and hasattr(p, "grad")):
+                raise TypeError(f"params[{i}] must be a Tensor, got {type(p).__name__}")
+            if not _is_float(p.data.dtype):
+                raise TypeError(f"params[{i}] has dtype {p.data.dtype}; only floating-point "
+                                "tensors can be optimized")
+            if id(p) not in seen:
+                seen.add(id(p))
+                plist.append(p)
+        if not plist:
+            raise ValueError("params is empty: the optimizer got no tensors to update")
+        self.params = plist
+        self.lr = lr
+        self.state = [{} for _ in plist]
+        self.steps = 0  # calls to step()
+
+    # lr is validated on every write, because schedules and users set it between steps.
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = check_number("lr", value, low=0.0)
+
+    def _validate(self):  # pragma: no cover - overridden
+        pass
+
+    def hyperparams(self) -> dict:
+        return {k: getattr(self, k) for k in self._hyper}
+
+    def __repr__(self):
+        hp = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams().items())
+        return f"{type(self).__name__}({len(self.params)} tensors, lr={self.lr!r}" + \
+            (f", {hp})" if hp else ")")
+
+    # ---- the update ---------------------------------------------------------------------
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        """Update every parameter that has a gradient, in place on ``p.data``.
+
+        ``p.grad`` is never written: autograd may hand the same array to several leaves.
+        """
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            xp = backend.get_array_module(p.data, g)
+            if g.shape != p.data.shape:
+                raise ValueError(f"params[{i}].grad has shape {g.shape}, expected "
+                                 f"{p.data.shape}")
+            sdt = state_dtype(p.data.dtype)
+            w = p.data if p.data.dtype == sdt else p.data.astype(sdt)
+            st = self.state[i]
+            st["step"] = st.get("step", 0) + 1
+            self._update(w, g.astype(sdt, copy=False), st, xp)
+            if w is not p.data:
+                p.data[...] = w
+        self.steps += 1
+
+    def _update(self, w, g, state, xp):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- checkpointing ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """A snapshot (copied arrays, on the parameters' device) that ``load_state_dict``
+        restores, so training resumes exactly where it stopped."""
+        state = {}
+        for i, st in enumerate(self.state):
+            if st:
+                state[i] = {k: (v.copy() if hasattr(v, "shape") else v) for k, v in st.items()}
+        return {"type": type(self).__name__, "lr": self.lr, "steps": self.steps,
+                "hyper": self.hyperparams(), "state": state}
+
+    def load_state_dict(self, sd: dict):
+        if sd.get("type") != type(self).__name__:
+            raise ValueError(f"state_dict is from a {sd.get('type')!r} optimizer, this is a "
+                             f"{type(self).__name__!r}")
+        new_state = [{} for _ in self.params]
+        for key, st in sd["state"].items():
+            i = int(key)
+            if not 0 <= i < len(self.params):
+                raise ValueError(f"state_dict has state for parameter {i}, but this optimizer "
+                                 f"holds {len(self.params)} parameters")
+            p = self.params[i]
+            dev = "gpu" if backend.is_gpu_array(p.data) else "cpu"
+            sdt = state_dtype(p.data.dtype)
+            for k, v in st.items():
+                if hasattr(v, "shape"):
+                    if tuple(v.shape) != tuple(p.data.shape):
+                        raise ValueError(f"state_dict entry {k!r} of parameter {i} has shape "
+                                         f"{tuple(v.shape)}, expected {p.data.shape}")
+                    v = backend.to_device(v, dev).astype(sdt, copy=True)
+                new_state[i][k] = v
+        old = {k: getattr(self, k) for k in self._hyper}
+        try:
+            for k, v in sd.get("hyper", {}).items():
+                if k in self._hyper:
+                    setattr(self, k, v)
+            self._validate()
+            self.lr = sd["lr"]
+        except Exception:
+            for k, v in old.items():
+                setattr(self, k, v)
+            raise
+        self.state = new_state
+        self.steps = int(sd.get("steps", 0))

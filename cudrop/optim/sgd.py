@@ -1,0 +1,40 @@
+"""Stochastic gradient descent with optional (Nesterov) momentum, PyTorch semantics."""
+from __future__ import annotations
+
+from .optimizer import Optimizer, check_number
+
+__all__ = ["SGD"]
+
+
+class SGD(Optimizer):
+    """``g = grad + weight_decay * p``; with momentum ``b = momentum * b + g`` (``b = g`` on
+    the first step) and ``g = b``, or ``g = g + momentum * b`` with ``nesterov=True``;
+    then ``p -= lr * g``."""
+
+    _hyper = ("momentum", "nesterov", "weight_decay")
+
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(params, lr)
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+        self._validate()
+
+    def _validate(self):
+        self.momentum = check_number("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        self.weight_decay = check_number("weight_decay", self.weight_decay, low=0.0)
+        self.nesterov = bool(self.nesterov)
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0")
+
+    def _update(self, w, g, state, xp):
+        if self.weight_decay:
+            g = g + self.weight_decay * w
+        mu = self.momentum
+        if mu:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.copy()
+            else:
+                buf *= mu
+                buf += g
+            g = g + mu * buf if self.nesterov else buf
+        w -= self.lr * g

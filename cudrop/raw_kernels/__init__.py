@@ -1,0 +1,60 @@
+"""CUDA sources (.cu/.cuh beside this file) and the one memoised loader for them.
+
+Sources are compiled through NVRTC by ``cupy.RawModule`` with dtype templates instantiated via
+``name_expressions``. Local ``#include "x.cuh"`` lines are inlined before compiling, because
+CuPy's on-disk cache keys on the source string and would otherwise miss a changed header.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+HERE = Path(__file__).parent
+_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
+
+
+def cache_dir() -> str:
+    """Where CuPy keeps compiled kernels (``CUPY_CACHE_DIR`` or its default)."""
+    return os.environ.get("CUPY_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cupy",
+                                                         "kernel_cache"))
+
+
+def source(name: str) -> str:
+    """The text of ``name`` with local includes inlined (each header once)."""
+    seen = set()
+
+    def expand(fname):
+        if fname in seen:
+            return ""
+        seen.add(fname)
+        text = (HERE / fname).read_text()
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(name)
+
+
+def _arch_options():
+    from .. import backend
+    major, minor = backend.cupy.cuda.Device().compute_capability[:-1], \
+        backend.cupy.cuda.Device().compute_capability[-1]
+    cc = f"{major}{minor}"
+    # sm_90a unlocks wgmma/TMA; NVRTC accepts it where CuPy's nvcc backend does not.
+    return (f"-arch=sm_{cc}a" if cc == "90" else f"-arch=sm_{cc}",)
+
+
+@functools.lru_cache(maxsize=None)
+def module(name: str, name_expressions: tuple = (), options: tuple = ()):
+    """A compiled ``cupy.RawModule`` for source file ``name`` (memoised per process)."""
+    from .. import backend
+    if not backend.gpu_available():
+        raise RuntimeError(f"kernel {name} needs a usable CUDA GPU")
+    return backend.cupy.RawModule(code=source(name), options=("--std=c++17",) + _arch_options()
+                                  + tuple(options), name_expressions=list(name_expressions) or None)
+
+
+def kernel(name: str, expression: str, name_expressions: tuple = (), options: tuple = ()):
+    """The function ``expression`` (e.g. ``"scale<float>"``) from source file ``name``."""
+    exprs = tuple(name_expressions) or (expression,)
+    return module(name, exprs, tuple(options)).get_function(expression)

@@ -1,0 +1,246 @@
+"""conv2d and pooling: forward against loop references, gradients by check_grad, input errors."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import cudrop
+from cudrop import backend
+from cudrop.autograd import check_grad
+from cudrop.functional import conv as Fconv, pooling as Fpool
+
+# ``xp`` is a stateless module: safe to share across hypothesis examples.
+fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+# ---- independent references ----------------------------------------------------------------
+def ref_conv2d(x, w, b, stride, padding):
+    (sh, sw), (ph, pw) = stride, padding
+    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    n, _, hp, wp = xpad.shape
+    o, _, kh, kw = w.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    y = np.zeros((n, o, ho, wo))
+    for r in range(ho):
+        for s in range(wo):
+            patch = xpad[:, :, r * sh:r * sh + kh, s * sw:s * sw + kw]
+            y[:, :, r, s] = np.einsum("nckl,ockl->no", patch, w)
+    if b is not None:
+        y += b[None, :, None, None]
+    return y
+
+
+def ref_pool(x, kernel, stride, padding, reduce, fill):
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    n, c, hp, wp = xpad.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    y = np.empty((n, c, ho, wo))
+    for a in range(n):
+        for ch in range(c):
+            for r in range(ho):
+                for s in range(wo):
+                    y[a, ch, r, s] = reduce(xpad[a, ch, r * sh:r * sh + kh, s * sw:s * sw + kw])
+    return y
+
+
+# ---- strategies ----------------------------------------------------------------------------
+@st.composite
+def conv_case(draw):
+    n, c, o = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    h, w = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    kh = draw(st.integers(1, min(4, h + 2 * ph)))
+    kw = draw(st.integers(1, min(4, w + 2 * pw)))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(x=(n, c, h, w), w=(o, c, kh, kw), stride=(sh, sw), padding=(ph, pw),
+                bias=bias, seed=seed)
+
+
+@st.composite
+def pool_case(draw):
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    h = draw(st.integers(max(1, kh - 2 * ph), 7))
+    w = draw(st.integers(max(1, kw - 2 * pw), 7))
+    stride = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(x=(n, c, h, w), kernel=(kh, kw), stride=stride, padding=(ph, pw), seed=seed)
+
+
+def conv_inputs(xp, case):
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal(case["x"])
+    w = rng.standard_normal(case["w"])
+    b = rng.standard_normal(case["w"][0]) if case["bias"] else None
+    return x, w, b, xp.asarray(x), xp.asarray(w), None if b is None else xp.asarray(b)
+
+
+def distinct(shape, seed):
+    """Values without ties, at least 0.1 apart, so max pooling has a unique argmax."""
+    rng = np.random.default_rng(seed)
+    size = int(np.prod(shape))
+    return (rng.permutation(size).astype(np.float64) * 0.1 - 0.05 * size).reshape(shape)
+
+
+# ---- conv2d ----------------------------------------------------------------------------------
+@fixture_ok
+@given(case=conv_case())
+def test_conv2d_forward_matches_loops(xp, case):
+    x, w, b, xd, wd, bd = conv_inputs(xp, case)
+    y, _ = Fconv.conv2d(xd, wd, bd, case["stride"], case["padding"])
+    expect = ref_conv2d(x, w, b, case["stride"], case["padding"])
+    assert y.shape == expect.shape and y.dtype == np.float64
+    np.testing.assert_allclose(backend.asnumpy(y), expect, rtol=1e-10, atol=1e-10)
+
+
+@fixture_ok
+@given(case=conv_case())
+def test_conv2d_gradients(xp, case):
+    _, _, _, x, w, b = conv_inputs(xp, case)
+    s, p = case["stride"], case["padding"]
+    if b is None:
+        check_grad(lambda x, w: cudrop.conv2d(x, w, None, s, p), x, w)
+    else:
+        check_grad(lambda x, w, b: cudrop.conv2d(x, w, b, s, p), x, w, b)
+
+
+def test_conv2d_int_stride_padding_and_no_bias_grads(xp):
+    rng = np.random.default_rng(0)
+    x = cudrop.Tensor(xp.asarray(rng.standard_normal((2, 3, 5, 5))), requires_grad=True)
+    w = cudrop.Tensor(xp.asarray(rng.standard_normal((4, 3, 3, 3))), requires_grad=True)
+    y = cudrop.conv2d(x, w, stride=2, padding=1)
+    assert y.shape == (2, 4, 3, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    _, gw, gb = Fconv.conv2d_backward(xp.ones(y.shape), Fconv.conv2d(x.data, w.data, None, 2, 1)[1])
+    assert gb is None
+    np.testing.assert_allclose(backend.asnumpy(gw), backend.asnumpy(w.grad))
+
+
+def test_conv2d_keeps_float32(xp):
+    x = xp.ones((1, 2, 4, 4), dtype=np.float32)
+    w = xp.ones((3, 2, 3, 3), dtype=np.float32)
+    b = xp.zeros(3, dtype=np.float32)
+    y, saved = Fconv.conv2d(x, w, b, padding=1)
+    assert y.dtype == np.float32 and y.flags.c_contiguous
+    gx, gw, gb = Fconv.conv2d_backward(xp.ones_like(y), saved)
+    assert gx.dtype == gw.dtype == gb.dtype == np.float32
+    assert float(y[0, 0, 1, 1]) == 18.0 and float(y[0, 0, 0, 0]) == 8.0
+
+
+# ---- pooling ---------------------------------------------------------------------------------
+def _norm(case):
+    k = case["kernel"]
+    return k, k if case["stride"] is None else case["stride"], case["padding"]
+
+
+@fixture_ok
+@given(case=pool_case())
+def test_max_pool2d_forward_matches_loops(xp, case):
+    x = np.random.default_rng(case["seed"]).standard_normal(case["x"])
+    y, _ = Fpool.max_pool2d(xp.asarray(x), case["kernel"], case["stride"], case["padding"])
+    np.testing.assert_array_equal(backend.asnumpy(y),
+                                  ref_pool(x, *_norm(case), np.max, -np.inf))
+
+
+@fixture_ok
+@given(case=pool_case())
+def test_avg_pool2d_forward_matches_loops(xp, case):
+    x = np.random.default_rng(case["seed"]).standard_normal(case["x"])
+    y, _ = Fpool.avg_pool2d(xp.asarray(x), case["kernel"], case["stride"], case["padding"])
+    np.testing.assert_allclose(backend.asnumpy(y), ref_pool(x, *_norm(case), np.mean, 0.0),
+                               rtol=1e-12, atol=1e-12)
+
+
+@fixture_ok
+@given(case=pool_case())
+def test_max_pool2d_gradient(xp, case):
+    x = xp.asarray(distinct(case["x"], case["seed"]))
+    k, s, p = case["kernel"], case["stride"], case["padding"]
+    check_grad(lambda x: cudrop.max_pool2d(x, k, s, p), x)
+
+
+@fixture_ok
+@given(case=pool_case())
+def test_avg_pool2d_gradient(xp, case):
+    x = xp.asarray(np.random.default_rng(case["seed"]).standard_normal(case["x"]))
+    k, s, p = case["kernel"], case["stride"], case["padding"]
+    check_grad(lambda x: cudrop.avg_pool2d(x, k, s, p), x)
+
+
+@fixture_ok
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
+                       st.integers(1, 5)), seed=st.integers(0, 2**31 - 1))
+def test_global_avg_pool2d(xp, shape, seed):
+    x = np.random.default_rng(seed).standard_normal(shape)
+    y, _ = Fpool.global_avg_pool2d(xp.asarray(x))
+    expect = np.array([[x[a, c].sum() / (shape[2] * shape[3]) for c in range(shape[1])]
+                       for a in range(shape[0])])
+    np.testing.assert_allclose(backend.asnumpy(y), expect, rtol=1e-12)
+    check_grad(cudrop.global_avg_pool2d, xp.asarray(x))
+
+
+def test_max_pool2d_ties_go_to_first_maximum(xp):
+    x = xp.asarray(np.array([[[[1.0, 3.0], [3.0, 0.0]]]]))
+    y, saved = Fpool.max_pool2d(x, 2)
+    gx = Fpool.max_pool2d_backward(xp.ones_like(y), saved)
+    np.testing.assert_array_equal(backend.asnumpy(gx), [[[[0.0, 1.0], [0.0, 0.0]]]])
+
+
+def test_max_pool2d_overlapping_windows_accumulate(xp):
+    x = xp.asarray(np.array([[[[0.0, 5.0, 0.0, 1.0]]]]))
+    x_t = cudrop.Tensor(x, requires_grad=True)
+    cudrop.max_pool2d(x_t, (1, 2), 1).sum().backward()
+    np.testing.assert_array_equal(backend.asnumpy(x_t.grad), [[[[0.0, 2.0, 0.0, 1.0]]]])
+
+
+def test_max_pool2d_propagates_nan(xp):
+    x = xp.asarray(np.array([[[[1.0, np.nan], [3.0, 0.0]]]]))
+    y, _ = Fpool.max_pool2d(x, 2)
+    assert np.isnan(backend.asnumpy(y)).all()
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def _bad_cases(xp):
+    f = lambda *s: xp.zeros(s)  # noqa: E731
+    x, w = f(2, 3, 5, 5), f(4, 3, 3, 3)
+    conv = Fconv.conv2d
+    return [
+        (lambda: conv(f(3, 5, 5), w), ValueError, r"x must be a 4-D"),
+        (lambda: conv(x, f(4, 3, 3)), ValueError, r"w must be a 4-D"),
+        (lambda: conv(x, f(4, 2, 3, 3)), ValueError, r"x has 3 channels but w expects 2"),
+        (lambda: conv(x, w.astype(np.float32)), TypeError, r"x is float64 but w is float32"),
+        (lambda: conv(x, w, f(5)), ValueError, r"b must have shape"),
+        (lambda: conv(x, w, f(4).astype(np.float32)), TypeError, r"b is float32"),
+        (lambda: conv(x, f(4, 3, 6, 6)), ValueError, r"kernel 6x6 .* larger than the padded"),
+        (lambda: conv(x, w, stride=0), ValueError, r"stride must be positive"),
+        (lambda: conv(x, w, stride=(1, -1)), ValueError, r"stride must be positive"),
+        (lambda: conv(x, w, padding=-1), ValueError, r"padding must be non-negative"),
+        (lambda: conv(x, w, stride=1.5), TypeError, r"stride must be an int or a pair"),
+        (lambda: conv(x, w, padding=(1, 1, 1)), TypeError, r"padding must be an int or a pair"),
+        (lambda: conv([[1.0]], w), TypeError, r"x must be a NumPy or CuPy array"),
+        (lambda: Fpool.max_pool2d(f(2, 3), 2), ValueError, r"x must be a 4-D"),
+        (lambda: Fpool.max_pool2d(x, 0), ValueError, r"kernel_size must be positive"),
+        (lambda: Fpool.max_pool2d(x, 2, stride=0), ValueError, r"stride must be positive"),
+        (lambda: Fpool.avg_pool2d(x, 3, padding=-1), ValueError, r"padding must be non-neg"),
+        (lambda: Fpool.avg_pool2d(x, 2, padding=2), ValueError, r"padding must be at most half"),
+        (lambda: Fpool.max_pool2d(x, 6), ValueError, r"kernel_size 6x6 is larger"),
+        (lambda: Fpool.avg_pool2d(x.astype(np.int32), 2), TypeError, r"floating"),
+        (lambda: Fpool.global_avg_pool2d(f(2, 3)), ValueError, r"x must be a 4-D"),
+    ]
+
+
+def test_bad_input_names_the_argument(xp):
+    for call, exc, match in _bad_cases(xp):
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_autograd_wrapper_reports_errors(xp):
+    x = cudrop.Tensor(xp.zeros((1, 3, 4, 4)))
+    w = cudrop.Tensor(xp.zeros((2, 4, 3, 3)))
+    with pytest.raises(ValueError, match="x has 3 channels but w expects 4"):
+        cudrop.conv2d(x, w)

@@ -1,0 +1,370 @@
+"""Batch/layer norm, cross entropy, MSE, embedding and plain dropout: forward values against
+formulas written here independently in NumPy, gradients by check_grad, and argument checks."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given as _given, settings, strategies as st
+
+import cudrop
+from cudrop import backend
+from cudrop.autograd import check_grad
+from cudrop.functional import dropout as Fdrop
+from cudrop.functional import embedding as Femb
+from cudrop.functional import loss as Floss
+from cudrop.functional import norm as Fnorm
+
+seeds = st.integers(0, 2**16)
+
+
+def given(**strategies):
+    # xp only selects the array module; nothing in it needs resetting between examples
+    def wrap(fn):
+        return settings(suppress_health_check=[HealthCheck.function_scoped_fixture])(
+            _given(**strategies)(fn))
+    return wrap
+
+
+
+bn_shapes = st.builds(lambda n, c, sp: (n, c, *sp), st.integers(2, 4), st.integers(1, 3),
+                      st.lists(st.integers(1, 3), max_size=2))
+lead_shapes = st.lists(st.integers(1, 3), max_size=2).map(tuple)
+
+
+def _normal(xp, seed, shape, loc=0.0, scale=1.0):
+    return xp.asarray(np.random.default_rng(seed).normal(loc, scale, shape))
+
+
+def _np(a):
+    return backend.asnumpy(a.data if isinstance(a, cudrop.Tensor) else a)
+
+
+# ---- batch norm ---------------------------------------------------------------------------
+
+def _bn_params(xp, seed, shape):
+    c = shape[1]
+    x = _normal(xp, seed, shape, loc=0.5, scale=2.0)
+    gamma = _normal(xp, seed + 1, (c,), loc=1.0)
+    beta = _normal(xp, seed + 2, (c,))
+    rm = _normal(xp, seed + 3, (c,))
+    rv = xp.asarray(np.random.default_rng(seed + 4).uniform(0.5, 2.0, c))
+    return x, gamma, beta, rm, rv
+
+
+@given(shape=bn_shapes, seed=seeds, momentum=st.sampled_from([0.1, 0.3, 1.0]))
+def test_batch_norm_train_forward_and_running_stats(xp, shape, seed, momentum):
+    x, gamma, beta, rm, rv = _bn_params(xp, seed, shape)
+    xn, gn, bn, rm0, rv0 = (_np(a).copy() for a in (x, gamma, beta, rm, rv))
+    axes = tuple(i for i in range(len(shape)) if i != 1)
+    bshape = [1] * len(shape)
+    bshape[1] = shape[1]
+    mu = xn.mean(axis=axes)
+    var = xn.var(axis=axes)
+    want = ((xn - mu.reshape(bshape)) / np.sqrt(var.reshape(bshape) + 1e-5) * gn.reshape(bshape)
+            + bn.reshape(bshape))
+
+    y = cudrop.batch_norm(cudrop.Tensor(x), cudrop.Tensor(gamma), cudrop.Tensor(beta), rm, rv,
+                          training=True, momentum=momentum)
+    np.testing.assert_allclose(_np(y), want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(_np(rm), (1 - momentum) * rm0 + momentum * mu, rtol=1e-12)
+    unbiased = xn.var(axis=axes, ddof=1)
+    np.testing.assert_allclose(_np(rv), (1 - momentum) * rv0 + momentum * unbiased, rtol=1e-12)
+
+
+@given(shape=bn_shapes, seed=seeds)
+def test_batch_norm_eval_forward_uses_running_stats(xp, shape, seed):
+    x, gamma, beta, rm, rv = _bn_params(xp, seed, shape)
+    xn, gn, bn, rm0, rv0 = (_np(a).copy() for a in (x, gamma, beta, rm, rv))
+    bshape = [1] * len(shape)
+    bshape[1] = shape[1]
+    want = ((xn - rm0.reshape(bshape)) / np.sqrt(rv0.reshape(bshape) + 1e-3)
+            * gn.reshape(bshape) + bn.reshape(bshape))
+    with cudrop.eval_mode():  # training=None follows the global switch
+        y = cudrop.batch_norm(x, gamma, beta, rm, rv, eps=1e-3)
+    np.testing.assert_allclose(_np(y), want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(_np(rm), rm0)
+    np.testing.assert_array_equal(_np(rv), rv0)
+
+
+def test_batch_norm_training_none_follows_mode(xp):
+    x, gamma, beta, rm, rv = _bn_params(xp, 0, (4, 2))
+    rm0 = _np(rm).copy()
+    with cudrop.train_mode():
+        cudrop.batch_norm(x, gamma, beta, rm, rv)
+    assert not np.array_equal(_np(rm), rm0)
+    rm1 = _np(rm).copy()
+    with cudrop.eval_mode():
+        cudrop.batch_norm(x, gamma, beta, rm, rv)
+    np.testing.assert_array_equal(_np(rm), rm1)
+
+
+@given(shape=bn_shapes, seed=seeds, training=st.booleans(), affine=st.booleans())
+def test_batch_norm_grad(xp, shape, seed, training, affine):
+    x, gamma, beta, rm, rv = _bn_params(xp, seed, shape)
+
+    if affine:
+        def fn(x, g, b):
+            # fresh running stats per call: training mode updates them in place
+            return cudrop.batch_norm(x, g, b, rm.copy(), rv.copy(), training=training)
+        check_grad(fn, x, gamma, beta, seed=seed)
+    else:
+        check_grad(lambda x: cudrop.batch_norm(x, None, None, rm.copy(), rv.copy(),
+                                               training=training), x, seed=seed)
+
+
+def test_batch_norm_float16_stats_in_float32(xp):
+    x = _normal(xp, 0, (64, 3, 2), loc=50.0, scale=0.5)
+    rm, rv = xp.zeros(3), xp.ones(3)
+    y64, _ = Fnorm.batch_norm(x, None, None, rm.copy(), rv.copy(), True)
+    y16, _ = Fnorm.batch_norm(x.astype(np.float16), None, None, rm.copy(), rv.copy(), True)
+    assert y16.dtype == np.float16
+    # the float16 input itself is rounded (spacing 0.03 near 50 = 0.06 std), so compare loosely
+    np.testing.assert_allclose(_np(y16).astype(np.float64), _np(y64), atol=0.15)
+
+
+# ---- layer norm ---------------------------------------------------------------------------
+
+@given(lead=lead_shapes, d=st.integers(2, 5), seed=seeds)
+def test_layer_norm_forward(xp, lead, d, seed):
+    x = _normal(xp, seed, lead + (d,), loc=-1.0, scale=3.0)
+    gamma, beta = _normal(xp, seed + 1, (d,)), _normal(xp, seed + 2, (d,))
+    xn, gn, bn = _np(x), _np(gamma), _np(beta)
+    mu = xn.mean(axis=-1, keepdims=True)
+    var = ((xn - mu) ** 2).mean(axis=-1, keepdims=True)
+    want = (xn - mu) / np.sqrt(var + 1e-5) * gn + bn
+    np.testing.assert_allclose(_np(cudrop.layer_norm(x, gamma, beta)), want, rtol=1e-10,
+                               atol=1e-10)
+
+
+@given(lead=lead_shapes, d=st.integers(2, 5), seed=seeds, affine=st.booleans())
+def test_layer_norm_grad(xp, lead, d, seed, affine):
+    x = _normal(xp, seed, lead + (d,))
+    if affine:
+        check_grad(cudrop.layer_norm, x, _normal(xp, seed + 1, (d,)),
+                   _normal(xp, seed + 2, (d,)), seed=seed)
+    else:
+        check_grad(lambda x: cudrop.layer_norm(x, None, None), x, seed=seed)
+
+
+def test_layer_norm_float16(xp):
+    x = _normal(xp, 1, (5, 16), loc=20.0)
+    y, _ = Fnorm.layer_norm(x.astype(np.float16), None, None)
+    assert y.dtype == np.float16
+    want, _ = Fnorm.layer_norm(x, None, None)
+    np.testing.assert_allclose(_np(y).astype(np.float64), _np(want), atol=0.05)
+
+
+# ---- losses -------------------------------------------------------------------------------
+
+def _ce_case(xp, lead, c, seed):
+    logits = _normal(xp, seed, lead + (c,), scale=3.0)
+    targets = xp.asarray(np.random.default_rng(seed + 1).integers(0, c, lead))
+    return logits, targets
+
+
+@given(lead=lead_shapes, c=st.integers(1, 5), seed=seeds)
+def test_cross_entropy_forward(xp, lead, c, seed):
+    logits, targets = _ce_case(xp, lead, c, seed)
+    z, t = _np(logits), _np(targets)
+    p = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    want = np.empty(lead)
+    for idx in np.ndindex(*lead):
+        want[idx] = -np.log(p[idx][t[idx]])
+    for reduction, ref in (("none", want), ("sum", want.sum()), ("mean", want.mean())):
+        got = cudrop.cross_entropy(logits, targets, reduction=reduction)
+        assert got.shape == np.shape(ref)
+        np.testing.assert_allclose(_np(got), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_cross_entropy_is_stable_for_huge_logits(xp):
+    logits = xp.asarray([[1000.0, 0.0, -1000.0], [0.0, 1e4, 0.0]])
+    targets = xp.asarray([0, 0])
+    got = _np(cudrop.cross_entropy(logits, cudrop.tensor(targets), reduction="none"))
+    np.testing.assert_allclose(got, [0.0, 1e4])
+
+
+@given(lead=lead_shapes, c=st.integers(1, 5), seed=seeds,
+       reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_cross_entropy_grad(xp, lead, c, seed, reduction):
+    logits, targets = _ce_case(xp, lead, c, seed)
+    check_grad(lambda z: cudrop.cross_entropy(z, targets, reduction=reduction), logits,
+               seed=seed)
+
+
+@given(shape=lead_shapes, seed=seeds, reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_mse_loss(xp, shape, seed, reduction):
+    pred, target = _normal(xp, seed, shape), _normal(xp, seed + 1, shape)
+    sq = (_np(pred) - _np(target)) ** 2
+    want = {"none": sq, "sum": sq.sum(), "mean": sq.mean()}[reduction]
+    got = cudrop.mse_loss(pred, target, reduction=reduction)
+    np.testing.assert_allclose(_np(got), want, rtol=1e-12)
+    check_grad(lambda a, b: cudrop.mse_loss(a, b, reduction=reduction), pred, target, seed=seed)
+
+
+# ---- embedding ----------------------------------------------------------------------------
+
+@given(v=st.integers(1, 4), d=st.integers(1, 3), idx_shape=st.lists(st.integers(1, 4),
+                                                                        max_size=3).map(tuple),
+       seed=seeds)
+def test_embedding_forward_and_grad(xp, v, d, idx_shape, seed):
+    weight = _normal(xp, seed, (v, d))
+    idx = np.random.default_rng(seed + 1).integers(0, v, idx_shape)
+    indices = xp.asarray(idx)
+    got = cudrop.embedding(indices, weight)
+    np.testing.assert_array_equal(_np(got), _np(weight)[idx])
+    check_grad(lambda w: cudrop.embedding(indices, w), weight, seed=seed)
+
+
+def test_embedding_repeated_indices_accumulate(xp):
+    weight = cudrop.Tensor(_normal(xp, 0, (4, 2)), requires_grad=True)
+    indices = xp.asarray([[1, 1, 3], [1, 0, 3]])
+    out = cudrop.embedding(cudrop.tensor(indices), weight)
+    g = np.arange(12, dtype=np.float64).reshape(2, 3, 2)
+    out.backward(xp.asarray(g))
+    want = np.zeros((4, 2))
+    np.add.at(want, _np(indices).ravel(), g.reshape(-1, 2))
+    np.testing.assert_array_equal(_np(weight.grad), want)
+    assert want[1].tolist() == [0 + 2 + 6, 1 + 3 + 7]
+    check_grad(lambda w: cudrop.embedding(indices, w), _normal(xp, 1, (4, 2)))
+
+
+# ---- dropout ------------------------------------------------------------------------------
+
+def test_dropout_p0_and_eval_are_identity(xp):
+    x = cudrop.Tensor(_normal(xp, 0, (3, 4)), requires_grad=True)
+    assert cudrop.dropout(x, 0.0, training=True) is x
+    assert cudrop.dropout(x, 0.5, training=False) is x
+    with cudrop.eval_mode():
+        assert cudrop.dropout(x, 0.9) is x
+    y, saved = Fdrop.dropout(x.data, 0.0)
+    assert y is x.data
+    g = xp.ones((3, 4))
+    assert Fdrop.dropout_backward(g, saved) is g
+
+
+def _rng(xp, seed):
+    return xp.random.default_rng(seed)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("use_rng", [True, False])
+def test_dropout_keep_rate_and_scaling(xp, p, use_rng):
+    x = xp.asarray(np.random.default_rng(1).uniform(1.0, 2.0, (200, 500)))
+    y, saved = Fdrop.dropout(x, p, _rng(xp, 7) if use_rng else None)
+    mask = _np(saved["mask"])
+    assert mask.dtype == np.bool_
+    n = mask.size
+    kept = int(mask.sum())
+    sigma = np.sqrt(n * p * (1 - p))
+    assert abs(kept - n * (1 - p)) < 5 * sigma
+    yn, xn = _np(y), _np(x)
+    np.testing.assert_allclose(yn[mask], xn[mask] / (1 - p), rtol=1e-12)
+    assert not yn[~mask].any()
+
+
+@given(shape=lead_shapes, seed=seeds, p=st.sampled_from([0.2, 0.5, 0.8]))
+def test_dropout_backward_is_mask_times_grad(xp, shape, seed, p):
+    x = cudrop.Tensor(xp.asarray(np.random.default_rng(seed).uniform(1, 2, shape)),
+                      requires_grad=True)
+    y = cudrop.dropout(x, p, training=True, rng=_rng(xp, seed))
+    mask = _np(y) != 0  # x > 0, so kept elements are non-zero
+    g = _normal(xp, seed + 1, shape)
+    y.backward(g)
+    np.testing.assert_allclose(_np(x.grad), mask * _np(g) / (1 - p), rtol=1e-12)
+    # the raw pair agrees with the same formula
+    _, saved = Fdrop.dropout(x.data, p, _rng(xp, seed))
+    np.testing.assert_allclose(_np(Fdrop.dropout_backward(g, saved)),
+                               _np(saved["mask"]) * _np(g) / (1 - p), rtol=1e-12)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
+def test_dropout_bad_p(xp, p):
+    x = xp.ones((2, 2))
+    with pytest.raises(ValueError, match="p"):
+        cudrop.dropout(x, p, training=True)
+    with pytest.raises(ValueError, match="p"):
+        cudrop.dropout(x, p, training=False)
+    with pytest.raises(ValueError, match="p"):
+        Fdrop.dropout(x, p)
+
+
+# ---- bad inputs name the argument ---------------------------------------------------------
+
+def test_batch_norm_bad_inputs(xp):
+    x, gamma, beta, rm, rv = _bn_params(xp, 0, (4, 3, 2))
+    with pytest.raises(ValueError, match="gamma"):
+        cudrop.batch_norm(x, gamma[:2], beta, rm, rv, training=True)
+    with pytest.raises(ValueError, match="beta"):
+        cudrop.batch_norm(x, gamma, xp.zeros(4), rm, rv, training=True)
+    with pytest.raises(ValueError, match="running_mean"):
+        cudrop.batch_norm(x, gamma, beta, rm[:1], rv, training=False)
+    with pytest.raises(ValueError, match="running_var"):
+        cudrop.batch_norm(x, gamma, beta, rm, xp.ones((3, 1)), training=True)
+    with pytest.raises(ValueError, match="x"):
+        cudrop.batch_norm(x[0, 0], gamma[:1], beta[:1], rm[:1], rv[:1], training=True)
+    with pytest.raises(ValueError, match="momentum"):
+        cudrop.batch_norm(x, gamma, beta, rm, rv, training=True, momentum=1.5)
+    with pytest.raises(ValueError, match="eps"):
+        cudrop.batch_norm(x, gamma, beta, rm, rv, training=True, eps=0)
+    with pytest.raises(ValueError, match="one value per channel"):
+        cudrop.batch_norm(x[:1, :, :1], gamma, beta, rm, rv, training=True)
+    with pytest.raises(TypeError, match="x"):
+        cudrop.batch_norm(xp.ones((4, 3), dtype=np.int64), gamma, beta, rm, rv, training=True)
+    with pytest.raises(ValueError, match="running_mean"):
+        cudrop.batch_norm(x, gamma, beta, None, None, training=False)
+
+
+def test_layer_norm_bad_inputs(xp):
+    x = _normal(xp, 0, (2, 4))
+    with pytest.raises(ValueError, match="gamma"):
+        cudrop.layer_norm(x, xp.ones(3), xp.zeros(4))
+    with pytest.raises(ValueError, match="beta"):
+        cudrop.layer_norm(x, xp.ones(4), xp.zeros((1, 4)))
+    with pytest.raises(ValueError, match="eps"):
+        cudrop.layer_norm(x, None, None, eps=-1.0)
+
+
+def test_cross_entropy_bad_inputs(xp):
+    logits = _normal(xp, 0, (2, 3, 4))
+    good = xp.zeros((2, 3), dtype=np.int64)
+    with pytest.raises(TypeError, match="targets"):
+        cudrop.cross_entropy(logits, good.astype(np.float64))
+    with pytest.raises(TypeError, match="targets"):
+        cudrop.cross_entropy(logits, good.astype(bool))
+    with pytest.raises(ValueError, match=r"targets must have shape \(2, 3\)"):
+        cudrop.cross_entropy(logits, xp.zeros((2,), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 4\).*found 4"):
+        cudrop.cross_entropy(logits, good + 4)
+    with pytest.raises(ValueError, match="targets.*found -1"):
+        cudrop.cross_entropy(logits, good - 1)
+    with pytest.raises(ValueError, match="reduction"):
+        cudrop.cross_entropy(logits, good, reduction="avg")
+    with pytest.raises(TypeError, match="logits"):
+        Floss.cross_entropy(good, good[:, 0])
+
+
+def test_mse_and_embedding_bad_inputs(xp):
+    a = _normal(xp, 0, (3, 2))
+    with pytest.raises(ValueError, match="target"):
+        cudrop.mse_loss(a, a[:, :1])
+    with pytest.raises(ValueError, match="reduction"):
+        cudrop.mse_loss(a, a, reduction="max")
+    with pytest.raises(TypeError, match="target"):
+        Floss.mse_loss(a, xp.ones((3, 2), dtype=np.int32))
+    w = _normal(xp, 1, (5, 3))
+    with pytest.raises(TypeError, match="indices"):
+        cudrop.embedding(xp.asarray([0.0, 1.0]), w)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 5\).*found 5"):
+        cudrop.embedding(xp.asarray([[0, 5]]), w)
+    with pytest.raises(ValueError, match="indices.*found -2"):
+        Femb.embedding(xp.asarray([-2, 1]), w)
+    with pytest.raises(ValueError, match="weight"):
+        cudrop.embedding(xp.asarray([0]), w[0])
+
+
+def test_losses_and_embedding_are_scalars_that_backpropagate(xp):
+    logits = cudrop.Tensor(_normal(xp, 0, (4, 3)), requires_grad=True)
+    loss = cudrop.cross_entropy(logits, xp.asarray([0, 1, 2, 1]))
+    assert loss.shape == ()
+    loss.backward()
+    p = np.exp(_np(logits)) / np.exp(_np(logits)).sum(-1, keepdims=True)
+    onehot = np.eye(3)[[0, 1, 2, 1]]
+    np.testing.assert_allclose(_np(logits.grad), (p - onehot) / 4, rtol=1e-12)
