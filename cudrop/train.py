@@ -98,7 +98,7 @@ def fit_lm(model, data, opt, epochs, batch_size, device, steps_per_epoch=200, se
         model.train()
         xp, loss_acc, n, t0 = None, None, 0, time.perf_counter()
         it = text_batches(data.train, block, batch_size, steps=steps_per_epoch, seed=seed,
-                          epoch=epoch, device=device)
+                          start_step=epoch * steps_per_epoch, device=device)
         bar = tqdm(it, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                    disable=not progress)
         for i, (xb, yb) in enumerate(bar):

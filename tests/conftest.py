@@ -2,12 +2,15 @@
 for both devices, the GPU half marked ``gpu`` and skipped cleanly without one."""
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from cudrop import backend
 
-settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
-settings.register_profile("dev", max_examples=15, deadline=None)
+# ``xp`` is a module, the same for every example, so a function-scoped fixture is safe here.
+_ok = [HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=_ok)
+settings.register_profile("dev", max_examples=15, deadline=None, suppress_health_check=_ok)
 settings.load_profile("ci")
 
 _gpu = pytest.mark.gpu

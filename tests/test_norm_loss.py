@@ -2,7 +2,7 @@
 formulas written here independently in NumPy, gradients by check_grad, and argument checks."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given as _given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import cudrop
 from cudrop import backend
@@ -13,15 +13,6 @@ from cudrop.functional import loss as Floss
 from cudrop.functional import norm as Fnorm
 
 seeds = st.integers(0, 2**16)
-
-
-def given(**strategies):
-    # xp only selects the array module; nothing in it needs resetting between examples
-    def wrap(fn):
-        return settings(suppress_health_check=[HealthCheck.function_scoped_fixture])(
-            _given(**strategies)(fn))
-    return wrap
-
 
 
 bn_shapes = st.builds(lambda n, c, sp: (n, c, *sp), st.integers(2, 4), st.integers(1, 3),

@@ -37,9 +37,7 @@ def source(name: str) -> str:
 
 def _arch_options():
     from .. import backend
-    major, minor = backend.cupy.cuda.Device().compute_capability[:-1], \
-        backend.cupy.cuda.Device().compute_capability[-1]
-    cc = f"{major}{minor}"
+    cc = backend.cupy.cuda.Device().compute_capability  # e.g. "90"
     # sm_90a unlocks wgmma/TMA; NVRTC accepts it where CuPy's nvcc backend does not.
     return (f"-arch=sm_{cc}a" if cc == "90" else f"-arch=sm_{cc}",)
 

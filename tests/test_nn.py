@@ -1,0 +1,206 @@
+"""Layers, containers, state_dict, attention and model builders."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import cudrop as cd
+from cudrop import models, nn
+from cudrop.autograd import check_grad
+
+
+def _to64(m):
+    return m.to(dtype=np.float64)
+
+
+def test_linear_matches_formula_and_grad(xp):
+    rng = np.random.default_rng(0)
+    lin = _to64(nn.Linear(5, 3, rng=1)).to("gpu" if xp is not np else "cpu")
+    x = xp.asarray(rng.standard_normal((4, 5)))
+    y = lin(cd.Tensor(x))
+    ref = x @ lin.weight.data + lin.bias.data
+    assert np.allclose(cd.backend.asnumpy(y.data), cd.backend.asnumpy(ref))
+    check_grad(lambda x_, w, b: (x_ @ w + b), x, lin.weight.data, lin.bias.data)
+
+
+def test_linear_3d_input_matches_2d(xp):
+    lin = _to64(nn.Linear(6, 4, rng=0)).to("gpu" if xp is not np else "cpu")
+    x = xp.asarray(np.random.default_rng(1).standard_normal((2, 3, 6)))
+    y = lin(cd.Tensor(x)).data
+    ref = (x.reshape(6, 6) @ lin.weight.data + lin.bias.data).reshape(2, 3, 4)
+    assert np.allclose(cd.backend.asnumpy(y), cd.backend.asnumpy(ref))
+
+
+def test_linear_rejects_wrong_width():
+    with pytest.raises(ValueError, match="5 features"):
+        nn.Linear(5, 3)(cd.Tensor(np.zeros((2, 4), np.float32)))
+
+
+def test_parameters_registered_in_order_and_named():
+    m = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1, bias=False))
+    names = [n for n, _ in m.named_parameters()]
+    assert names == ["0.weight", "0.bias", "2.weight"]
+    assert m.num_parameters() == 2 * 3 + 3 + 3
+
+
+def test_sequential_rejects_non_module():
+    with pytest.raises(TypeError, match="argument 1"):
+        nn.Sequential(nn.ReLU(), lambda x: x)
+
+
+def test_state_dict_round_trip(tmp_path):
+    a = models.ResNet(8, num_classes=3, in_channels=1, seed=0)
+    b = models.ResNet(8, num_classes=3, in_channels=1, seed=1)
+    x = cd.Tensor(np.random.default_rng(0).standard_normal((2, 1, 6, 6)).astype(np.float32))
+    a(x)  # moves the BN running statistics away from their initial values
+    a.eval(); b.eval()
+    path = tmp_path / "m.npz"
+    a.save(path)
+    b.load(path)
+    assert set(a.state_dict()) == set(b.state_dict())
+    assert any("running_mean" in k for k in a.state_dict())
+    for k, v in a.state_dict().items():
+        assert np.array_equal(v, b.state_dict()[k]), k
+    assert np.array_equal(a(x).data, b(x).data)
+
+
+def test_load_state_dict_errors():
+    m = nn.Linear(2, 2)
+    with pytest.raises(KeyError, match="missing"):
+        m.load_state_dict({"weight": np.zeros((2, 2))})
+    with pytest.raises(ValueError, match="shape"):
+        m.load_state_dict({"weight": np.zeros((3, 2)), "bias": np.zeros(2)})
+
+
+def test_train_eval_flags_and_global_switch():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    x = cd.Tensor(np.ones((64, 4), np.float32))
+    assert m[1].is_training
+    m.eval()
+    assert not m[1].is_training and np.array_equal(m[1](x).data, x.data)
+    m.train()
+    with cd.eval_mode():
+        assert not m[1].is_training
+        assert np.array_equal(m[1](x).data, x.data)
+    assert m[1].is_training
+
+
+def test_make_dropout_validates():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        nn.make_dropout("dropout", 1.0)
+    with pytest.raises(ValueError, match="dropout must be one of"):
+        nn.make_dropout("nope", 0.1)
+    assert isinstance(nn.make_dropout("dropout", 0.0), nn.Identity)
+
+
+def _attention_reference(x, mha):
+    """Dense NumPy attention written independently of the layer."""
+    b, t, d = x.shape
+    h = mha.num_heads
+    hd = d // h
+    qkv = x @ mha.qkv.weight.data + mha.qkv.bias.data
+    q, k, v = [qkv[..., i * d:(i + 1) * d].reshape(b, t, h, hd).transpose(0, 2, 1, 3)
+               for i in range(3)]
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
+    if mha.causal:
+        s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    y = (a @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
+    return y @ mha.proj.weight.data + mha.proj.bias.data
+
+
+@given(b=st.integers(1, 3), t=st.integers(1, 6), heads=st.sampled_from([1, 2]),
+       causal=st.booleans())
+def test_attention_matches_dense_reference(b, t, heads, causal):
+    d = 4
+    mha = _to64(nn.MultiHeadAttention(d, heads, causal=causal, rng=0))
+    x = np.random.default_rng(t).standard_normal((b, t, d))
+    y = mha(cd.Tensor(x)).data
+    assert np.allclose(y, _attention_reference(x, mha), atol=1e-10)
+
+
+def test_attention_causal_ignores_future():
+    mha = _to64(nn.MultiHeadAttention(4, 2, causal=True, rng=0))
+    x = np.random.default_rng(0).standard_normal((1, 5, 4))
+    x2 = x.copy()
+    x2[:, 3:] += 1.0
+    y, y2 = mha(cd.Tensor(x)).data, mha(cd.Tensor(x2)).data
+    assert np.allclose(y[:, :3], y2[:, :3]) and not np.allclose(y[:, 3:], y2[:, 3:])
+
+
+def test_attention_gradients():
+    mha = _to64(nn.MultiHeadAttention(4, 2, causal=True, rng=0))
+    params = [mha.qkv.weight, mha.qkv.bias, mha.proj.weight, mha.proj.bias]
+    x = np.random.default_rng(0).standard_normal((2, 3, 4))
+    check_grad(lambda x_, *ps: _with_params(mha, params, ps, x_), x, *[p.data.copy() for p in params])
+
+
+def _with_params(module, params, values, x):
+    """Run ``module`` with its parameters replaced by the given tensors (for check_grad)."""
+    old = {}
+    for p, v in zip(params, values):
+        owner = [m for m in module.modules() if any(q is p for q in m._params.values())][0]
+        name = [k for k, q in owner._params.items() if q is p][0]
+        old[(id(owner), name)] = (owner, name, p)
+        object.__setattr__(owner, name, v)
+    try:
+        return module(x)
+    finally:
+        for owner, name, p in old.values():
+            object.__setattr__(owner, name, p)
+
+
+def test_residual_unit_gradients_and_shapes():
+    unit = nn.basic_block(2, 4, stride=2, rng=0)
+    unit.to(dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((2, 2, 5, 5))
+    assert unit(cd.Tensor(x)).shape == (2, 4, 3, 3)
+    assert unit.downsamples and not isinstance(unit.shortcut, nn.Identity)
+    ident = nn.basic_block(3, 3, rng=0)
+    assert isinstance(ident.shortcut, nn.Identity)
+    with pytest.raises(ValueError, match="projection"):
+        nn.basic_block(3, 4, projection=False)
+    ws = [p for p in unit.parameters()]
+    check_grad(lambda x_, *ps: _with_params(unit, ws, ps, x_), x, *[p.data.copy() for p in ws],
+               rtol=1e-4)
+
+
+@pytest.mark.parametrize("build, x_shape", [
+    (lambda: models.mlp((1, 8, 8), 10, hidden=(16,), p=0.1), (3, 1, 8, 8)),
+    (lambda: models.resnet20(num_classes=10, in_channels=1, p=0.1), (2, 1, 8, 8)),
+    (lambda: models.ResNet(8, num_classes=5, in_channels=3), (2, 3, 7, 9)),
+    (lambda: models.ViT(image_size=8, patch_size=2, in_channels=1, num_classes=10, dim=16,
+                        depth=1, heads=2, p=0.1), (2, 1, 8, 8)),
+])
+def test_image_models_forward_backward(build, x_shape):
+    m = build()
+    x = cd.Tensor(np.random.default_rng(0).random(x_shape, dtype=np.float32))
+    y = m(x)
+    assert y.shape[0] == x_shape[0] and y.dtype == np.float32
+    loss = cd.cross_entropy(y, np.zeros(x_shape[0], np.int64))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in m.parameters())
+
+
+def test_resnet56_depth_and_builders_validate():
+    m = models.resnet56(in_channels=3)
+    assert len(m.units) == 27
+    with pytest.raises(ValueError, match="6n"):
+        models.ResNet(21)
+    with pytest.raises(ValueError, match="multiple"):
+        models.ViT(image_size=9, patch_size=2)
+
+
+def test_gpt_forward_backward_and_causality():
+    m = models.GPT(vocab_size=11, block_size=8, dim=16, depth=2, heads=2)
+    m.to(dtype=np.float64)
+    idx = np.random.default_rng(0).integers(0, 11, (2, 8))
+    logits = m(idx)
+    assert logits.shape == (2, 8, 11)
+    idx2 = idx.copy()
+    idx2[:, 5:] = (idx2[:, 5:] + 1) % 11
+    assert np.allclose(m(idx2).data[:, :5], logits.data[:, :5])
+    cd.cross_entropy(logits, idx).backward()
+    assert all(p.grad is not None for p in m.parameters())
+    with pytest.raises(ValueError, match="block_size|time"):
+        m(np.zeros((1, 9), np.int64))
