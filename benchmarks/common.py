@@ -1,0 +1,32 @@
+"""Timing helpers for the GPU benchmarks: CUDA events, warm-up, median of many runs, rotating
+input sets so repeated runs do not measure the L2 cache (DESIGN.md §5)."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+
+def time_gpu(fn, inputs, warmup=5, reps=30):
+    """Median milliseconds of ``fn(*inputs[i % len(inputs)])`` timed with CUDA events."""
+    import cupy as cp
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    cp.cuda.Device().synchronize()
+    times = []
+    for i in range(reps):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn(*inputs[i % len(inputs)])
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+    return statistics.median(times)
+
+
+def write_json(name, payload):
+    out = os.environ.get("OUT", ".")
+    path = os.path.join(out, name)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path
