@@ -41,38 +41,44 @@ def evaluate_classifier(model, x, y, batch_size, device):
     return loss_sum / total, correct / total
 
 
+def _train_epoch(model, opt, schedule, batch_iter, total, desc, progress):
+    """One pass of SGD steps; returns (mean training loss, mean step seconds)."""
+    model.train()
+    xp, loss_acc, n, t0 = None, None, 0, time.perf_counter()
+    bar = tqdm(batch_iter, total=total, desc=desc, leave=False, disable=not progress)
+    for i, (xb, yb) in enumerate(bar):
+        x = xb if xb.dtype.kind in "iu" else ag.Tensor(xb)  # token ids stay raw
+        loss = ag.cross_entropy(model(x), yb)
+        model.zero_grad()
+        loss.backward()
+        opt.step()
+        if schedule is not None:
+            schedule.step()
+        # Keep the running loss on the device: a .item() per step would stall the GPU.
+        loss_acc = loss.data if loss_acc is None else loss_acc + loss.data
+        n += 1
+        xp = backend.get_array_module(loss.data)
+        if progress and i % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss.data):.4f}")
+    _sync(xp)
+    return float(loss_acc) / n, (time.perf_counter() - t0) / max(n, 1)
+
+
 def fit_classifier(model, data, opt, epochs, batch_size, device, seed=0, schedule=None,
                    progress=True, log=print):
     from .data import batches
     hist = History()
-    steps_per_epoch = int(np.ceil(len(data.x_train) / batch_size))
+    steps = int(np.ceil(len(data.x_train) / batch_size))
     for epoch in range(epochs):
-        model.train()
-        xp, loss_acc, n, t0 = None, None, 0, time.perf_counter()
-        bar = tqdm(batches(data.x_train, data.y_train, batch_size=batch_size, shuffle=True,
-                           seed=seed, epoch=epoch, device=device),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=not progress)
-        for i, (xb, yb) in enumerate(bar):
-            loss = ag.cross_entropy(model(ag.Tensor(xb)), yb)
-            model.zero_grad()
-            loss.backward()
-            opt.step()
-            if schedule is not None:
-                schedule.step()
-            # Keep the running loss on the device: a .item() per step would stall the GPU.
-            loss_acc = loss.data if loss_acc is None else loss_acc + loss.data
-            n += 1
-            xp = backend.get_array_module(loss.data)
-            if progress and i % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss.data):.4f}")
-        _sync(xp)
-        step_time = (time.perf_counter() - t0) / max(n, 1)
+        it = batches(data.x_train, data.y_train, batch_size=batch_size, shuffle=True, seed=seed,
+                     epoch=epoch, device=device)
+        train_loss, step = _train_epoch(model, opt, schedule, it, steps,
+                                        f"epoch {epoch + 1}/{epochs}", progress)
         val_loss, val_acc = evaluate_classifier(model, data.x_val, data.y_val, 512, device)
-        row = hist.add(epoch=epoch + 1, train_loss=float(loss_acc) / n, val_loss=val_loss,
-                       val_acc=val_acc, step_time_ms=step_time * 1e3)
-        log(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
-            f"val acc {val_acc:.4f}  step {row['step_time_ms']:.2f} ms")
+        hist.add(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
+                 step_time_ms=step * 1e3)
+        log(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+            f"val acc {val_acc:.4f}  step {step * 1e3:.2f} ms")
     test_loss, test_acc = evaluate_classifier(model, data.x_test, data.y_test, 512, device)
     return hist, {"test_loss": test_loss, "test_acc": test_acc}
 
@@ -95,30 +101,14 @@ def fit_lm(model, data, opt, epochs, batch_size, device, steps_per_epoch=200, se
     hist = History()
     block = model.block_size
     for epoch in range(epochs):
-        model.train()
-        xp, loss_acc, n, t0 = None, None, 0, time.perf_counter()
         it = text_batches(data.train, block, batch_size, steps=steps_per_epoch, seed=seed,
                           start_step=epoch * steps_per_epoch, device=device)
-        bar = tqdm(it, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=not progress)
-        for i, (xb, yb) in enumerate(bar):
-            loss = ag.cross_entropy(model(xb), yb)
-            model.zero_grad()
-            loss.backward()
-            opt.step()
-            if schedule is not None:
-                schedule.step()
-            loss_acc = loss.data if loss_acc is None else loss_acc + loss.data
-            n += 1
-            xp = backend.get_array_module(loss.data)
-            if progress and i % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss.data):.4f}")
-        _sync(xp)
-        step_time = (time.perf_counter() - t0) / max(n, 1)
+        train_loss, step = _train_epoch(model, opt, schedule, it, steps_per_epoch,
+                                        f"epoch {epoch + 1}/{epochs}", progress)
         val_loss = evaluate_lm(model, data.val, block, batch_size, device)
-        row = hist.add(epoch=epoch + 1, train_loss=float(loss_acc) / n, val_loss=val_loss,
-                       step_time_ms=step_time * 1e3)
-        log(f"epoch {epoch + 1:3d}  train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
-            f"step {row['step_time_ms']:.2f} ms")
+        hist.add(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
+                 step_time_ms=step * 1e3)
+        log(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+            f"step {step * 1e3:.2f} ms")
     test_loss = evaluate_lm(model, data.test, block, batch_size, device)
     return hist, {"test_loss": test_loss}

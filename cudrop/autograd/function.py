@@ -81,7 +81,13 @@ def run_backward(root, grad, retain_graph=False):
         gys = []
         for o, (shape, dtype) in zip(outs, f._out_meta):
             g = grads.pop(id(o), None) if o is not None else None
-            gys.append(f._xp.zeros(shape, dtype) if g is None else g)
+            if g is None:
+                g = f._xp.zeros(shape, dtype)
+            elif g.dtype != dtype:
+                # A consumer that promoted (float32 tensor + float64 array) hands back a wider
+                # gradient; ops such as matmul require their operands' dtype in backward.
+                g = g.astype(dtype)
+            gys.append(g)
         gxs = f.backward(*gys)
         if not isinstance(gxs, tuple):
             gxs = (gxs,)
@@ -109,4 +115,8 @@ def run_backward(root, grad, retain_graph=False):
 def _accumulate_leaf(t, g):
     if g.dtype != t.data.dtype:
         g = g.astype(t.data.dtype)
+    elif t.grad is None:
+        # g may be the caller's seed, another leaf's gradient (a + b hands both the same array)
+        # or a view of either; optimisers update .grad in place, so each leaf owns its array.
+        g = g.copy()
     t.grad = g if t.grad is None else t.grad + g

@@ -146,7 +146,10 @@ class GELU(Function):
 
     def backward(self, g):
         a, t = self.a, self.t
-        dt = (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * a * a)
+        # Multiply a in one factor at a time: in float16 a * a overflows for |a| > 256, where
+        # 1 - t * t is exactly 0, and 0 * inf would make the gradient nan.
+        u = (1 - t * t) * _SQRT_2_OVER_PI
+        dt = u + (u * (3 * 0.044715) * a) * a
         return g * (0.5 * (1 + t) + 0.5 * a * dt)
 
 

@@ -1,6 +1,10 @@
 """Reductions and the (log-)softmax family."""
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
+
 from .. import backend
 from .function import Function
 
@@ -8,12 +12,12 @@ from .function import Function
 def _axes(axis, ndim):
     if axis is None:
         return tuple(range(ndim))
-    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    axis = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)  # np.int64 too
     out = []
     for a in axis:
         if not -ndim <= a < ndim:
             raise ValueError(f"axis {a} is out of range for an array of {ndim} dimensions")
-        out.append(a % ndim)
+        out.append(int(a) % ndim)
     return tuple(sorted(set(out)))
 
 
@@ -41,14 +45,20 @@ class Sum(Function):
 
 class Mean(Sum):
     def forward(self, a):
-        y = super().forward(a)
+        self.axes, self.shape = _axes(self.axis, a.ndim), a.shape
         self.n = 1
         for ax in self.axes:
             self.n *= a.shape[ax]
-        return y / a.dtype.type(self.n) if a.dtype.kind == "f" else y / self.n
+        # ndarray.mean accumulates float16 in float32; a float16 sum divided by float16(n)
+        # overflows to inf/nan once the sum or n passes 65504.
+        return a.mean(axis=self.axes, keepdims=self.keepdims)
 
     def backward(self, g):
-        return super().backward(g) / self.n
+        if g.dtype.kind == "f" and g.dtype.itemsize < 4:
+            g = (g.astype(np.float32) / self.n).astype(g.dtype)  # n may not fit in float16
+        else:
+            g = g / self.n
+        return super().backward(g)
 
 
 class Max(Function):

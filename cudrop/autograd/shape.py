@@ -1,6 +1,8 @@
 """Shape and indexing ops: reshape, transpose, getitem, concat, stack."""
 from __future__ import annotations
 
+import numbers
+
 from .. import backend
 from .function import Function
 from .tensor import Tensor
@@ -8,7 +10,7 @@ from .tensor import Tensor
 
 class Reshape(Function):
     def __init__(self, shape):
-        self.shape = tuple(shape)
+        self.shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
 
     def forward(self, a):
         self.src = a.shape

@@ -147,7 +147,10 @@ def as_tensor(x, like: Tensor | None = None) -> Tensor:
     if isinstance(x, Tensor):
         return x
     if like is not None and isinstance(x, (int, float, bool, np.generic)):
-        return Tensor(like.xp.asarray(x, dtype=like.dtype))
+        if isinstance(x, np.generic):
+            x = x.item()  # NumPy scalars (np.sqrt(d)) lift like Python scalars: weakly typed
+        # result_type, not like.dtype: an int tensor * 2.5 must not truncate 2.5 to 2.
+        return Tensor(like.xp.asarray(x, dtype=np.result_type(like.dtype, x)))
     return Tensor(x)
 
 

