@@ -881,8 +881,9 @@ def test_mixed_numpy_cupy_raises_type_error():
         with pytest.raises(TypeError, match="NumPy") as e:
             fn()
         assert "CuPy" in str(e.value)
+    c = Tensor(cp.ones(3), requires_grad=True)
     with pytest.raises(TypeError, match="CuPy"):
-        (b * 2.0).sum().backward(np.ones(()))  # noqa: cupy tensor, numpy seed
+        (c * 2.0).sum().backward(np.ones(()))  # a GPU graph seeded with a NumPy gradient
 
 
 @pytest.mark.gpu

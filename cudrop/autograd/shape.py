@@ -47,9 +47,16 @@ class GetItem(Function):
     def backward(self, g):
         xp = backend.get_array_module(g)
         out = xp.zeros(*self.src)
-        # add.at so repeated integer indices accumulate (embedding-style gathers)
-        xp.add.at(out, self.index, g)
+        if _is_basic(self.index):  # a view: each element at most once, plain assignment
+            out[self.index] = g
+        else:  # add.at so repeated integer indices accumulate (embedding-style gathers)
+            xp.add.at(out, self.index, g)
         return out
+
+
+def _is_basic(index):
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or isinstance(p, (slice, int)) for p in parts)
 
 
 class Concat(Function):
