@@ -104,7 +104,8 @@ def test_mnist_missing_names_the_install(tmp_path, monkeypatch):
 def write_idx(path, a, gz=True):
     codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
     head = bytes([0, 0, codes[a.dtype], a.ndim]) + np.asarray(a.shape, ">u4").tobytes()
-    (gzip.open if gz else open)(path, "wb").write(head + a.tobytes())
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(head + a.tobytes())
 
 
 def write_fashion(root, n_train=12, n_test=5, gz=True):

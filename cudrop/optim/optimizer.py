@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import backend
 
 __all__ = ["Optimizer"]
@@ -42,7 +44,6 @@ def state_dtype(dtype):
     float16/bfloat16 parameters get float32 state; the update is written back rounded.
     """
     if dtype.itemsize <= 2:
-        import numpy as np
         return np.dtype(np.float32)
     return dtype
 
