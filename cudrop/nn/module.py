@@ -31,6 +31,7 @@ class Module:
         object.__setattr__(self, "_params", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_counters", OrderedDict())
         object.__setattr__(self, "training", True)
 
     def __setattr__(self, name, value):
@@ -48,6 +49,13 @@ class Module:
     def register_buffer(self, name, array):
         object.__setattr__(self, name, array)
         self._buffers[name] = True
+
+    def register_counter(self, name, value: int = 0):
+        """A host-side integer (a dropout layer's step) that ``state_dict`` saves and
+        ``load_state_dict`` restores, so a resumed run draws the same masks. Never moved to the
+        GPU: reading it must not synchronise."""
+        object.__setattr__(self, name, int(value))
+        self._counters[name] = True
 
     # ---- calling -----------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -85,6 +93,11 @@ class Module:
             for bname in m._buffers:
                 yield (f"{mname}.{bname}" if mname else bname), m, bname
 
+    def _named_counters(self):
+        for mname, m in self.named_modules():
+            for cname in m._counters:
+                yield (f"{mname}.{cname}" if mname else cname), m, cname
+
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
 
@@ -120,6 +133,8 @@ class Module:
         out = OrderedDict((n, backend.asnumpy(p.data)) for n, p in self.named_parameters())
         for n, m, b in self.named_buffers():
             out[n] = backend.asnumpy(getattr(m, b))
+        for n, m, c in self._named_counters():
+            out[n] = np.asarray(getattr(m, c), dtype=np.int64)
         return out
 
     def load_state_dict(self, state, strict: bool = True):
@@ -127,13 +142,17 @@ class Module:
         dtype). With ``strict``, missing or unexpected keys raise KeyError."""
         targets = {n: p for n, p in self.named_parameters()}
         bufs = {n: (m, b) for n, m, b in self.named_buffers()}
+        counters = {n: (m, c) for n, m, c in self._named_counters()}
         if strict:
-            missing = (set(targets) | set(bufs)) - set(state)
-            extra = set(state) - set(targets) - set(bufs)
+            known = set(targets) | set(bufs) | set(counters)
+            missing, extra = known - set(state), set(state) - known
             if missing or extra:
                 raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, "
                                f"unexpected {sorted(extra)}")
         for name, value in state.items():
+            if name in counters:
+                object.__setattr__(*counters[name], int(np.asarray(value)))
+                continue
             if name in targets:
                 cur = targets[name].data
             elif name in bufs:

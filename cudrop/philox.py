@@ -1,0 +1,81 @@
+"""Philox4x32-10 (Salmon et al., SC'11), vectorised in NumPy, and the coordinate convention
+every cudrop mask uses.
+
+A mask is a pure function of ``(seed, layer, step, tag, row, col)``: the key is
+``(seed, layer)``, the counter is ``(c0, row, step, tag)`` and one Philox call yields four words
+for four columns. The column -> (c0, word) map is chosen so that on the GPU the four words of one
+thread are four warp-contiguous columns (32 apart), which makes bit-packing one ``__ballot_sync``
+per word:
+
+    c0   = (col // 128) * 32 + col % 32
+    word = (col // 32) % 4
+
+``raw_kernels/philox.cuh`` implements the same function; tests check the two bit for bit and
+against the Random123 known-answer vectors. ``keep = word >= threshold(p)``: an integer compare,
+so CPU and GPU agree exactly and P(keep) = 1 - threshold / 2**32.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_LO = np.uint64(0xFFFFFFFF)
+_S32 = np.uint64(32)
+
+# Purposes: the counter's last word, so that two uses of one (seed, layer, step) are independent.
+TAG_ELEMENT, TAG_BLOCK, TAG_GYRO, TAG_SCHEDULE, TAG_DEPTH, TAG_SLICE, TAG_SAMPLE = range(7)
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on broadcastable uint32-valued arrays; returns four uint32 arrays."""
+    c = [np.asarray(x, dtype=np.uint64) & _LO for x in (c0, c1, c2, c3)]
+    k0, k1 = int(k0) & 0xFFFFFFFF, int(k1) & 0xFFFFFFFF
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + _W0) & 0xFFFFFFFF, (k1 + _W1) & 0xFFFFFFFF
+        p0, p1 = _M0 * c[0], _M1 * c[2]
+        c = [((p1 >> _S32) ^ c[1] ^ np.uint64(k0)), p1 & _LO,
+             ((p0 >> _S32) ^ c[3] ^ np.uint64(k1)), p0 & _LO]
+    return tuple(x.astype(np.uint32) for x in c)
+
+
+def check_seed(name, v):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= v < 2 ** 32:
+        raise ValueError(f"{name} must be an int in [0, 2**32), got {v!r}")
+    return int(v)
+
+
+def threshold(p: float) -> int:
+    """The uint32 threshold t with keep iff word >= t, for drop probability p in [0, 1)."""
+    if not (isinstance(p, (int, float, np.floating)) and 0.0 <= p < 1.0):
+        raise ValueError(f"drop probability p must be in [0, 1), got {p!r}")
+    return min(int(np.floor(float(p) * 2.0 ** 32)), 2 ** 32 - 1)
+
+
+def words(seed, layer, step, tag, rows, cols):
+    """The uint32 random word at every (row, col) of the given index arrays (broadcast)."""
+    rows = np.asarray(rows, dtype=np.uint64)
+    cols = np.asarray(cols, dtype=np.uint64)
+    c0 = (cols >> np.uint64(7)) * np.uint64(32) + (cols & np.uint64(31))
+    which = ((cols >> np.uint64(5)) & np.uint64(3)).astype(np.intp)
+    out = philox4x32(c0, rows, np.uint64(step), np.uint64(tag), seed, layer)
+    return np.choose(which, out) if which.ndim else out[int(which)]
+
+
+def grid_words(seed, layer, step, tag, n_rows, n_cols, row_ids=None):
+    """Words over an (n_rows, n_cols) grid; ``row_ids`` replaces the row coordinate (gyro uses
+    the sub-network id there)."""
+    r = np.arange(n_rows, dtype=np.uint64) if row_ids is None else np.asarray(row_ids, np.uint64)
+    return words(seed, layer, step, tag, r[:, None], np.arange(n_cols, dtype=np.uint64)[None, :])
+
+
+def keep_grid(seed, layer, step, tag, n_rows, n_cols, p, row_ids=None):
+    """Boolean keep-grid: P(keep) = 1 - p per cell, i.i.d. over cells."""
+    return grid_words(seed, layer, step, tag, n_rows, n_cols, row_ids) >= np.uint32(threshold(p))
+
+
+def uniform(seed, layer, step, tag, n):
+    """``n`` floats in [0, 1) for host-side decisions (slice starts, depth gates, schedules)."""
+    w = words(seed, layer, step, tag, 0, np.arange(n, dtype=np.uint64))
+    return w.astype(np.float64) / 2.0 ** 32
