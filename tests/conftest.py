@@ -28,3 +28,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") and not backend.gpu_available():
             item.add_marker(_skip_gpu)
+
+
+def poison_pool(xp, nbytes=1 << 26):
+    """Fill free memory of CuPy's pool with NaN bytes, so an op that leaves part of a freshly
+    allocated output unwritten shows NaN there instead of a plausible stale value."""
+    if xp is np:
+        return
+    junk = xp.full(nbytes // 4, np.nan, dtype=np.float32)
+    del junk  # back to the pool, poisoned; the next allocations reuse it

@@ -1,4 +1,4 @@
-"""Batch/layer norm, cross entropy, MSE, embedding and plain dropout: forward values against
+"""Batch/layer norm, cross entropy, MSE and embedding: forward values against
 formulas written here independently in NumPy, gradients by check_grad, and argument checks."""
 import numpy as np
 import pytest
@@ -7,7 +7,6 @@ from hypothesis import given, strategies as st
 import cudrop
 from cudrop import backend
 from cudrop.autograd import check_grad
-from cudrop.functional import dropout as Fdrop
 from cudrop.functional import embedding as Femb
 from cudrop.functional import loss as Floss
 from cudrop.functional import norm as Fnorm
@@ -215,66 +214,6 @@ def test_embedding_repeated_indices_accumulate(xp):
     np.testing.assert_array_equal(_np(weight.grad), want)
     assert want[1].tolist() == [0 + 2 + 6, 1 + 3 + 7]
     check_grad(lambda w: cudrop.embedding(indices, w), _normal(xp, 1, (4, 2)))
-
-
-# ---- dropout ------------------------------------------------------------------------------
-
-def test_dropout_p0_and_eval_are_identity(xp):
-    x = cudrop.Tensor(_normal(xp, 0, (3, 4)), requires_grad=True)
-    assert cudrop.dropout(x, 0.0, training=True) is x
-    assert cudrop.dropout(x, 0.5, training=False) is x
-    with cudrop.eval_mode():
-        assert cudrop.dropout(x, 0.9) is x
-    y, saved = Fdrop.dropout(x.data, 0.0)
-    assert y is x.data
-    g = xp.ones((3, 4))
-    assert Fdrop.dropout_backward(g, saved) is g
-
-
-def _rng(xp, seed):
-    return xp.random.default_rng(seed)
-
-
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-@pytest.mark.parametrize("use_rng", [True, False])
-def test_dropout_keep_rate_and_scaling(xp, p, use_rng):
-    x = xp.asarray(np.random.default_rng(1).uniform(1.0, 2.0, (200, 500)))
-    y, saved = Fdrop.dropout(x, p, _rng(xp, 7) if use_rng else None)
-    mask = _np(saved["mask"])
-    assert mask.dtype == np.bool_
-    n = mask.size
-    kept = int(mask.sum())
-    sigma = np.sqrt(n * p * (1 - p))
-    assert abs(kept - n * (1 - p)) < 5 * sigma
-    yn, xn = _np(y), _np(x)
-    np.testing.assert_allclose(yn[mask], xn[mask] / (1 - p), rtol=1e-12)
-    assert not yn[~mask].any()
-
-
-@given(shape=lead_shapes, seed=seeds, p=st.sampled_from([0.2, 0.5, 0.8]))
-def test_dropout_backward_is_mask_times_grad(xp, shape, seed, p):
-    x = cudrop.Tensor(xp.asarray(np.random.default_rng(seed).uniform(1, 2, shape)),
-                      requires_grad=True)
-    y = cudrop.dropout(x, p, training=True, rng=_rng(xp, seed))
-    mask = _np(y) != 0  # x > 0, so kept elements are non-zero
-    g = _normal(xp, seed + 1, shape)
-    y.backward(g)
-    np.testing.assert_allclose(_np(x.grad), mask * _np(g) / (1 - p), rtol=1e-12)
-    # the raw pair agrees with the same formula
-    _, saved = Fdrop.dropout(x.data, p, _rng(xp, seed))
-    np.testing.assert_allclose(_np(Fdrop.dropout_backward(g, saved)),
-                               _np(saved["mask"]) * _np(g) / (1 - p), rtol=1e-12)
-
-
-@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
-def test_dropout_bad_p(xp, p):
-    x = xp.ones((2, 2))
-    with pytest.raises(ValueError, match="p"):
-        cudrop.dropout(x, p, training=True)
-    with pytest.raises(ValueError, match="p"):
-        cudrop.dropout(x, p, training=False)
-    with pytest.raises(ValueError, match="p"):
-        Fdrop.dropout(x, p)
 
 
 # ---- bad inputs name the argument ---------------------------------------------------------

@@ -1,9 +1,20 @@
-"""Plain inverted dropout on raw arrays (the dense baseline the structured variants beat)."""
+"""Inverted element dropout on raw arrays, with counter-based masks.
+
+The mask is a pure function of (seed, layer, step) and the element's flat index (``masks.py``),
+so the CPU and the GPU draw the same bits and backward needs only the packed bits (n / 8 bytes),
+not a float or bool mask. On CuPy arrays forward is one fused kernel pass (draw, scale, pack) and
+backward one pass over the bits.
+"""
 from __future__ import annotations
 
 import numbers
 
-from .. import backend
+import numpy as np
+
+from .. import backend, masks, philox
+
+_CUDA_TYPES = {"float32": "float", "float64": "double", "float16": "cd_f16", "bfloat16": "cd_bf16"}
+_THREADS = 256
 
 
 def check_p(p):
@@ -13,32 +24,71 @@ def check_p(p):
     return float(p)
 
 
-def dropout(x, p, rng=None):
-    """Inverted dropout: keep each element with probability ``1 - p`` and scale kept ones by
-    ``1 / (1 - p)`` so the expectation is unchanged.
+def _check_x(x):
+    if x.dtype.name not in _CUDA_TYPES:
+        raise TypeError(f"x must be a float16, bfloat16, float32 or float64 array, got dtype "
+                        f"{x.dtype}")
 
-    ``rng`` is a NumPy/CuPy ``Generator`` (or RandomState); None uses ``xp.random``. ``p == 0``
-    returns ``x`` itself. Returns ``(y, saved)`` for :func:`dropout_backward`; ``saved`` holds
-    the boolean keep mask.
+
+def dropout(x, p, *, seed=0, layer=0, step=0):
+    """``y = x * m / (1 - p)`` with ``m`` the element mask of (seed, layer, step).
+
+    Returns ``(y, saved)``; ``saved`` holds the ``ElementMask`` (packed bits) for
+    :func:`dropout_backward`. ``p == 0`` returns ``x`` itself. Non-contiguous inputs are copied.
     """
-    xp = backend.get_array_module(x)
     p = check_p(p)
-    if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
-        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+    _check_x(x)
+    seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
     if p == 0:
         return x, {"mask": None, "scale": 1.0}
-    u = (xp.random if rng is None else rng).random(x.shape)
-    mask = xp.asarray(u) >= p
     scale = 1.0 / (1.0 - p)
-    y = x * mask
-    y *= scale
-    return y, {"mask": mask, "scale": scale}
+    xp = backend.get_array_module(x)
+    if xp is np:
+        mask = masks.element_mask(x.size, p, seed=seed, layer=layer, step=step)
+        keep = mask.to_dense().reshape(x.shape)
+        y = np.where(keep, x * x.dtype.type(scale), x.dtype.type(0))
+    else:
+        y, mask = _dropout_gpu(xp, x, p, scale, seed, layer, step)
+    return y, {"mask": mask, "scale": scale, "shape": x.shape}
 
 
 def dropout_backward(grad_out, saved):
-    """Gradient ``grad_out * mask / (1 - p)``."""
-    if saved["mask"] is None:
+    """``grad_out * m / (1 - p)`` from the saved bits."""
+    mask = saved["mask"]
+    if mask is None:
         return grad_out
-    g = grad_out * saved["mask"]
-    g *= saved["scale"]
-    return g
+    xp = backend.get_array_module(grad_out)
+    if xp is np:
+        keep = mask.to_dense().reshape(grad_out.shape)
+        return np.where(keep, grad_out * grad_out.dtype.type(saved["scale"]),
+                        grad_out.dtype.type(0))
+    from ..raw_kernels import kernel
+    g = xp.ascontiguousarray(grad_out)
+    gx = xp.empty_like(g)
+    n = g.size
+    if n:
+        t = _CUDA_TYPES[g.dtype.name]
+        kernel("dropout.cu", f"dropout_bwd<{t}>", _names("dropout_bwd"))(
+            (-(-n // _THREADS),), (_THREADS,),
+            (g, mask.bits, gx, np.int64(n), np.float64(saved["scale"])))
+    return gx
+
+
+def _names(fn):
+    return tuple(f"{fn}<{t}>" for t in _CUDA_TYPES.values())
+
+
+def _dropout_gpu(cp, x, p, scale, seed, layer, step):
+    from ..raw_kernels import kernel
+    x = cp.ascontiguousarray(x)
+    n = x.size
+    y = cp.empty_like(x)
+    words = -(-n // 64)
+    bits = cp.empty((1, max(words, 1)), np.uint64)
+    if n:
+        warps = -(-n // 128)
+        kernel("dropout.cu", f"dropout_fwd<{_CUDA_TYPES[x.dtype.name]}>", _names("dropout_fwd"))(
+            (-(-warps * 32 // _THREADS),), (_THREADS,),
+            (x, y, bits, np.int64(n), np.int64(2 * words), np.uint32(seed), np.uint32(layer),
+             np.uint32(step), np.uint32(philox.threshold(p)), np.float64(scale)))
+    return y, masks.ElementMask(n, p, bits)

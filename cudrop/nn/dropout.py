@@ -6,27 +6,27 @@ land; builders only ever call ``make_dropout``.
 from __future__ import annotations
 
 from .. import autograd as ag
+from ..functional.dropout import check_p as _check_p
 from .module import Module
+from .stochastic import StochasticLayer
 
 
-def _check_p(p):
-    if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-        raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
-    return float(p)
+class Dropout(StochasticLayer):
+    """Inverted element-wise dropout (Srivastava et al. 2014); the identity in eval mode. The
+    mask of each training forward is a pure function of (seed, layer_id, step)."""
 
-
-class Dropout(Module):
-    """Inverted element-wise dropout (Srivastava et al. 2014); the identity in eval mode."""
-
-    def __init__(self, p=0.5):
-        super().__init__()
+    def __init__(self, p=0.5, seed=0, layer_id=None):
+        super().__init__(seed, layer_id)
         self.p = _check_p(p)
 
     def forward(self, x):
-        return ag.dropout(x, self.p, training=self.is_training)
+        if not self.is_training or self.p == 0:
+            return x
+        return ag.dropout(x, self.p, training=True, seed=self.seed, layer=self.layer_id,
+                          step=self.next_step())
 
     def extra_repr(self):
-        return f"p={self.p}"
+        return f"p={self.p}, " + super().extra_repr()
 
 
 class Identity(Module):

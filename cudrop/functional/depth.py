@@ -1,0 +1,60 @@
+"""Row gather / scatter-add on raw arrays: the pair that lets per-sample stochastic depth run a
+residual body on the kept samples only.
+
+``idx`` is a 1-D integer array of *distinct* row indices on the device of the data (the kept
+samples, in increasing order). Distinctness is what lets both backward passes assign instead of
+accumulating (``xp.add.at`` is a slow atomic scatter on the GPU and not needed here).
+"""
+from __future__ import annotations
+
+from .. import backend
+
+
+def _check_idx(idx, n_rows, xp):
+    if backend.get_array_module(idx) is not xp:
+        raise TypeError("idx must live on the same device as the data")
+    if idx.ndim != 1 or idx.dtype.kind not in "iu":
+        raise ValueError(f"idx must be a 1-D integer array, got shape {idx.shape} and dtype "
+                         f"{idx.dtype}")
+    if idx.size > n_rows:
+        raise ValueError(f"idx has {idx.size} entries for {n_rows} rows; entries must be distinct")
+
+
+def gather_rows(x, idx):
+    """``x[idx]`` along axis 0. Returns ``(rows, saved)`` for :func:`gather_rows_backward`."""
+    xp = backend.get_array_module(x)
+    _check_idx(idx, x.shape[0], xp)
+    return x[idx], {"idx": idx, "shape": x.shape, "dtype": x.dtype}
+
+
+def gather_rows_backward(grad_rows, saved):
+    """The adjoint of the gather: ``grad_rows`` scattered into zeros of the input's shape."""
+    xp = backend.get_array_module(grad_rows)
+    g = xp.zeros(saved["shape"], saved["dtype"])
+    g[saved["idx"]] = grad_rows
+    return g
+
+
+def scatter_add_rows(base, rows, idx, scale=1.0):
+    """``out = base`` with ``out[idx] += scale * rows``; ``base`` is not modified.
+
+    ``rows`` has one row per entry of ``idx`` and the trailing shape of ``base``. Returns
+    ``(out, saved)`` for :func:`scatter_add_rows_backward`.
+    """
+    xp = backend.get_array_module(base, rows)
+    _check_idx(idx, base.shape[0], xp)
+    if rows.shape != (idx.size,) + base.shape[1:]:
+        raise ValueError(f"rows must have shape {(idx.size,) + base.shape[1:]} (one row per "
+                         f"index, trailing shape of base), got {rows.shape}")
+    scale = float(scale)
+    out = base.astype(xp.result_type(base, rows), copy=True)
+    out[idx] += rows * scale if scale != 1.0 else rows
+    return out, {"idx": idx, "scale": scale}
+
+
+def scatter_add_rows_backward(grad_out, saved):
+    """Gradients ``(d base, d rows) = (grad_out, scale * grad_out[idx])``."""
+    g_rows = grad_out[saved["idx"]]
+    if saved["scale"] != 1.0:
+        g_rows *= saved["scale"]  # a fancy-indexed read is a fresh array: safe in place
+    return grad_out, g_rows

@@ -1,0 +1,178 @@
+"""Element and block masks: drawn as pure functions of (seed, layer, step), packed into bits,
+with the kept-block lists the block-sparse GEMMs walk.
+
+Layouts (the contract with the kernels of ``raw_kernels/``):
+
+- bits: ``uint64`` words, little-endian along the column axis: bit ``j`` of word ``w`` in row
+  ``r`` is cell ``(r, 64 w + j)``; bits past the last column are 0.
+- lists (block masks only), ELL form so that no prefix sum and no host sync is needed:
+  ``row_index[r, :row_count[r]]`` are the kept column blocks of row block ``r`` in ascending
+  order (padding -1); ``col_index[c, :col_count[c]]`` the kept row blocks of column block
+  ``c`` (the transposed lists, for dW).
+
+On CuPy arrays a block mask is drawn, packed and listed by one kernel launch; on NumPy by the
+reference code here, which the GPU is tested against bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backend, philox
+
+_BLOCK_THREADS = 256  # masks.cu's scan assumes 256 threads
+
+
+def pack_bits(keep):
+    """(rows, cols) bool -> (rows, ceil(cols / 64)) uint64, little-endian along cols."""
+    xp = backend.get_array_module(keep)
+    rows, cols = keep.shape
+    words = -(-cols // 64)
+    padded = xp.zeros((rows, words * 64), dtype=np.uint64)
+    padded[:, :cols] = keep
+    shifts = xp.arange(64, dtype=np.uint64)
+    return (padded.reshape(rows, words, 64) << shifts).sum(axis=2, dtype=np.uint64)
+
+
+def unpack_bits(bits, cols):
+    """Inverse of ``pack_bits``: (rows, words) uint64 -> (rows, cols) bool."""
+    xp = backend.get_array_module(bits)
+    shifts = xp.arange(64, dtype=np.uint64)
+    b = (bits[:, :, None] >> shifts) & np.uint64(1)
+    return b.reshape(bits.shape[0], -1)[:, :cols].astype(bool)
+
+
+def ell_lists(keep):
+    """Kept column indices of each row of a bool grid, ascending, as (count, index) with
+    index padded by -1. Pure array ops (a cumsum and a scatter): no host sync on CuPy."""
+    xp = backend.get_array_module(keep)
+    rows, cols = keep.shape
+    pos = xp.cumsum(keep, axis=1, dtype=np.int32) - 1
+    target = xp.where(keep, pos, cols)  # dropped cells go to a spill column
+    index = xp.full((rows, cols + 1), -1, dtype=np.int32)
+    r = xp.broadcast_to(xp.arange(rows)[:, None], (rows, cols))
+    c = xp.broadcast_to(xp.arange(cols, dtype=np.int32)[None, :], (rows, cols))
+    index[r, target] = c
+    index = index[:, :cols]
+    return keep.sum(axis=1, dtype=np.int32), xp.ascontiguousarray(index)
+
+
+@dataclass(frozen=True)
+class ElementMask:
+    """Per-element keep bits for an array of ``n`` elements viewed flat (one mask row)."""
+
+    n: int
+    p: float
+    bits: object  # (1, ceil(n / 64)) uint64
+
+    @property
+    def q(self):
+        return 1.0 - self.p
+
+    def to_dense(self):
+        return unpack_bits(self.bits, self.n)[0]
+
+
+def element_mask(n, p, *, seed, layer, step, xp=np) -> ElementMask:
+    """The element mask cudrop's dropout uses for ``n`` elements (NumPy reference; on the GPU
+    the fused dropout kernel draws the same bits while it scales)."""
+    t = philox.threshold(p)
+    w = philox.words(philox.check_seed("seed", seed), philox.check_seed("layer", layer), step,
+                     philox.TAG_ELEMENT, 0, np.arange(n, dtype=np.uint64))
+    return ElementMask(n, float(p), xp.asarray(pack_bits((w >= np.uint32(t))[None, :])))
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """A mask over an (M, K) array that keeps or drops whole (Mb, Kb) blocks; edge blocks are
+    partial when the shape does not divide. ``p`` is the drop probability that scaling uses
+    (1 / q on kept blocks)."""
+
+    shape: tuple
+    block: tuple
+    p: float
+    bits: object       # (nM, ceil(nK / 64)) uint64
+    row_count: object  # (nM,) int32
+    row_index: object  # (nM, nK) int32
+    col_count: object  # (nK,) int32
+    col_index: object  # (nK, nM) int32
+
+    @property
+    def grid(self):
+        return grid_shape(self.shape, self.block)
+
+    @property
+    def q(self):
+        return 1.0 - self.p
+
+    @property
+    def xp(self):
+        return backend.get_array_module(self.bits)
+
+    def keep_blocks(self):
+        """(nM, nK) bool: which blocks are kept."""
+        return unpack_bits(self.bits, self.grid[1])
+
+    def to_dense(self):
+        """(M, K) bool, for tests and reference paths."""
+        (m, k), (mb, kb) = self.shape, self.block
+        kb_ = self.keep_blocks()
+        return self.xp.repeat(self.xp.repeat(kb_, mb, axis=0), kb, axis=1)[:m, :k]
+
+    @classmethod
+    def from_blocks(cls, keep, shape, block, p) -> "BlockMask":
+        """A mask from an explicit (nM, nK) bool grid (gyro schedules, user masks)."""
+        shape, block = _check_shape_block(shape, block)
+        if tuple(keep.shape) != grid_shape(shape, block):
+            raise ValueError(f"keep grid has shape {tuple(keep.shape)}, expected "
+                             f"{grid_shape(shape, block)} for shape {shape} and block {block}")
+        keep = keep.astype(bool, copy=False)
+        rc, ri = ell_lists(keep)
+        cc, ci = ell_lists(keep.T)
+        return cls(shape, block, float(p), pack_bits(keep), rc, ri, cc, ci)
+
+
+def grid_shape(shape, block):
+    return tuple(-(-s // b) for s, b in zip(shape, block))
+
+
+def _check_shape_block(shape, block):
+    shape, block = tuple(int(s) for s in shape), tuple(block)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (M, K) with positive sizes, got {shape}")
+    if len(block) != 2 or not all(isinstance(b, (int, np.integer)) and b > 0 for b in block):
+        raise ValueError(f"block sizes must be positive ints (Mb, Kb), got {block}")
+    return shape, tuple(int(b) for b in block)
+
+
+def block_mask(shape, block, p, *, seed, layer, step, xp=np, row_ids=None,
+               tag=philox.TAG_BLOCK) -> BlockMask:
+    """I.i.d. Bernoulli(1 - p) keep per block of an (M, K) array, as a pure function of
+    (seed, layer, step). ``row_ids`` (length nM) replaces the row-block coordinate of the draw:
+    gyro dropout gives the sub-network id there, so rows with one sub-network share a mask."""
+    shape, block = _check_shape_block(shape, block)
+    t = philox.threshold(p)
+    seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
+    nm, nk = grid_shape(shape, block)
+    if row_ids is not None and len(row_ids) != nm:
+        raise ValueError(f"row_ids has {len(row_ids)} entries, expected one per row block ({nm})")
+    if xp is np:
+        keep = philox.keep_grid(seed, layer, step, tag, nm, nk, p, row_ids)
+        return BlockMask.from_blocks(keep, shape, block, p)
+    return _block_mask_gpu(xp, shape, block, float(p), t, seed, layer, step, tag, row_ids)
+
+
+def _block_mask_gpu(cp, shape, block, p, t, seed, layer, step, tag, row_ids):
+    from .raw_kernels import kernel
+    nm, nk = grid_shape(shape, block)
+    words = -(-nk // 64)
+    bits = cp.empty((nm, words), np.uint64)
+    rc, ri = cp.empty(nm, np.int32), cp.empty((nm, nk), np.int32)
+    cc, ci = cp.empty(nk, np.int32), cp.empty((nk, nm), np.int32)
+    ids = 0 if row_ids is None else cp.asarray(row_ids, dtype=np.uint32)
+    kernel("masks.cu", "block_mask")(
+        (nm + nk,), (_BLOCK_THREADS,),
+        (bits, rc, ri, cc, ci, ids, np.int32(nm), np.int32(nk), np.int64(2 * words),
+         np.uint32(seed), np.uint32(layer), np.uint32(step), np.uint32(tag), np.uint32(t)))
+    return BlockMask(shape, block, p, bits, rc, ri, cc, ci)

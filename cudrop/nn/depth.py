@@ -1,0 +1,208 @@
+"""Depth dropout (Guo & Gould) and stochastic depth (Huang et al. 2016): residual units whose
+body ``f`` is skipped -- not called, no node in the backward graph -- when the unit is dropped.
+
+Both compute ``o = act(a * s * f(x) + t(x))`` where ``a`` is the keep gate and ``s`` a scale:
+
+=====================  ==============================  ====================================
+                       ``DepthDropout``                ``StochasticDepth``
+=====================  ==============================  ====================================
+shortcut ``t``         trainable (1x1 conv + BN + ReLU  identity, or the projection of the
+                       for conv nets, Linear for MLPs)  basic block when the shape changes
+training               ``s = 1`` (paper, §III-D)        ``s = 1/q`` (inverted)
+test                   ``a = 1, s = 1``                 ``a = 1, s = 1``
+=====================  ==============================  ====================================
+
+Scaling. Depth dropout never rescales: the paper lets the trainable shortcut absorb the missing
+branch. Huang et al. train stochastic depth unscaled and multiply ``f`` by its survival
+probability ``q`` at *test* time; cudrop uses the inverted form instead (``f / q`` while
+training, nothing at test), the same convention as every other cudrop dropout and the one the
+per-sample mode needs (it scatter-adds kept samples with ``1/q``). Both give the same expected
+training output and the same test-time network up to a reparameterisation of ``f``'s output
+scale (``f_inverted = q * f_huang``), so a model trained one way is the other's with its last
+layer in ``f`` rescaled.
+
+Randomness. Every draw is host-side Philox keyed by ``(seed, layer_id)`` at the unit's step
+counter (one ``next_step()`` per training forward, none in eval): no GPU synchronisation, and a
+decision is a pure function of ``(seed, layer_id, step)``, so a run resumed from a state_dict
+(which saves the counters) makes the same decisions.
+
+Modes. ``mode='batch'`` (the papers): one gate per unit per step, shared by the batch,
+``a = uniform(seed, layer_id, step, TAG_DEPTH, 1)[0] >= p``. ``mode='sample'``: one gate per
+sample, ``uniform(seed, layer_id, step, TAG_SAMPLE, n) >= p``; the kept rows are gathered, ``f``
+runs on them only (work in proportion to the kept fraction) and its output is scatter-added onto
+the shortcut with ``s``. A BatchNorm inside ``f`` then normalises over (and updates its running
+statistics from) the kept samples only. If no sample is kept, ``f`` is not called at all.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .. import backend, philox
+from ..autograd.function import Function
+from ..autograd.tensor import Tensor
+from ..functional import depth as F
+from .dropout import Identity
+from .layers import BatchNorm2d, Conv2d, Linear, ReLU
+from .module import Module, Sequential
+from .residual import ResidualUnit
+from .stochastic import StochasticLayer
+
+MODES = ("batch", "sample")
+
+
+def check_prob(name, p):
+    """``p`` as a float, or ValueError naming ``name`` unless it is a number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        raise ValueError(f"{name} must be a drop probability in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_mode(name, mode):
+    if mode not in MODES:
+        raise ValueError(f"{name} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+# Thin autograd wrappers over the functional pair (kept here, beside their only user).
+class _GatherRows(Function):
+    def __init__(self, idx):
+        self.idx = idx
+
+    def forward(self, x):
+        y, self.saved = F.gather_rows(x, self.idx)
+        return y
+
+    def backward(self, g):
+        return F.gather_rows_backward(g, self.saved)
+
+
+class _ScatterAddRows(Function):
+    def __init__(self, idx, scale):
+        self.idx, self.scale = idx, scale
+
+    def forward(self, base, rows):
+        y, self.saved = F.scatter_add_rows(base, rows, self.idx, self.scale)
+        return y
+
+    def backward(self, g):
+        return F.scatter_add_rows_backward(g, self.saved)
+
+
+def gather_rows(x, idx):
+    """Differentiable ``x[idx]`` along axis 0 for distinct indices ``idx`` (a raw array)."""
+    return _GatherRows(idx)(x)
+
+
+def scatter_add_rows(base, rows, idx, scale=1.0):
+    """Differentiable ``base`` with ``scale * rows`` added at rows ``idx`` (distinct)."""
+    return _ScatterAddRows(idx, scale)(base, rows)
+
+
+class _GatedUnit(ResidualUnit, StochasticLayer):
+    """A ResidualUnit (same ``body`` / ``shortcut`` / ``activation``) that is also a
+    StochasticLayer (``seed`` / ``layer_id`` / ``step``). Subclasses fix the scale."""
+
+    inverted = False
+
+    def __init__(self, body, shortcut=None, p=0.5, activation=None, *, mode="batch", seed=0,
+                 layer_id=None):
+        # Not ResidualUnit.__init__: its bare super().__init__() would reach StochasticLayer
+        # without seed/layer_id and spend a process-wide layer id.
+        StochasticLayer.__init__(self, seed, layer_id)
+        if not isinstance(body, Module):
+            raise TypeError(f"body must be a Module, got {type(body).__name__}")
+        self.body = body
+        self.shortcut = shortcut if shortcut is not None else Identity()
+        self.activation = activation if activation is not None else Identity()
+        self.p = check_prob("p", p)
+        self.mode = check_mode("mode", mode)
+
+    @classmethod
+    def from_unit(cls, unit, p, *, shortcut=None, mode="batch", seed=0, layer_id=None):
+        """Wrap an existing ResidualUnit's body and activation (and its shortcut unless
+        ``shortcut`` is given); keeps its ``downsamples`` flag."""
+        new = cls(unit.body, unit.shortcut if shortcut is None else shortcut, p,
+                  unit.activation, mode=mode, seed=seed, layer_id=layer_id)
+        if hasattr(unit, "downsamples"):
+            new.downsamples = unit.downsamples
+        return new
+
+    @property
+    def scale(self) -> float:
+        """What the body's output is multiplied by in training when kept."""
+        return 1.0 / (1.0 - self.p) if self.inverted else 1.0
+
+    def keep_gate(self, step: int) -> bool:
+        """Batch mode: is the body run at ``step``?"""
+        return bool(philox.uniform(self.seed, self.layer_id, step, philox.TAG_DEPTH, 1)[0]
+                    >= self.p)
+
+    def keep_samples(self, step: int, n: int) -> np.ndarray:
+        """Sample mode: boolean keep bit per sample at ``step`` (host NumPy)."""
+        return philox.uniform(self.seed, self.layer_id, step, philox.TAG_SAMPLE, n) >= self.p
+
+    def forward(self, x):
+        if not self.is_training:
+            return self.activation(self.body(x) + self.shortcut(x))
+        step = self.next_step()
+        t = self.shortcut(x)
+        if self.mode == "batch":
+            kept = self.keep_gate(step)
+            return self.activation(self._scaled(self.body(x)) + t if kept else t)
+        keep = self.keep_samples(step, x.shape[0])
+        if keep.all():  # no gather/scatter copies when every sample survives
+            return self.activation(self._scaled(self.body(x)) + t)
+        if not keep.any():
+            return self.activation(t)
+        xp = backend.get_array_module(x.data if isinstance(x, Tensor) else x)
+        idx = xp.asarray(np.flatnonzero(keep))  # host -> device only: no sync
+        fk = self.body(gather_rows(x, idx))
+        return self.activation(scatter_add_rows(t, fk, idx, self.scale))
+
+    def _scaled(self, y):
+        s = self.scale
+        return y if s == 1.0 else y * s
+
+    def extra_repr(self):
+        return f"p={self.p}, mode={self.mode!r}, " + StochasticLayer.extra_repr(self)
+
+
+class DepthDropout(_GatedUnit):
+    """Depth dropout unit (Guo & Gould): ``o = act(a f(x) + t(x))``, ``a ~ Bernoulli(1 - p)``
+    once per unit per step for the whole batch; ``f`` is skipped when ``a = 0``. No rescaling at
+    training or test (test: ``a = 1``). ``shortcut`` is the trainable ``t`` (see
+    :func:`conv_shortcut`, :func:`linear_shortcut`; None means identity)."""
+
+    inverted = False
+
+
+class StochasticDepth(_GatedUnit):
+    """Stochastic depth unit (Huang et al. 2016) with inverted scaling:
+    ``o = act(a f(x) / q + t(x))`` in training, ``act(f(x) + t(x))`` at test, ``q = 1 - p``.
+    ``shortcut`` None is the identity. See :func:`stochastic_depth_probs` for the linear decay
+    of ``p`` over depth."""
+
+    inverted = True
+
+
+def conv_shortcut(in_channels, out_channels, stride=1, rng=None, dtype=np.float32):
+    """Depth dropout's trainable shortcut for conv nets: 1x1 conv (``stride``) + BN + ReLU."""
+    return Sequential(Conv2d(in_channels, out_channels, 1, stride, 0, bias=False, rng=rng,
+                             dtype=dtype),
+                      BatchNorm2d(out_channels, dtype=dtype), ReLU())
+
+
+def linear_shortcut(in_features, out_features, rng=None, dtype=np.float32):
+    """Depth dropout's trainable shortcut for MLPs: a Linear layer."""
+    return Linear(in_features, out_features, rng=rng, dtype=dtype)
+
+
+def stochastic_depth_probs(num_units: int, p_last: float) -> list[float]:
+    """Drop probability of units ``l = 1..L``: ``l / L * p_last`` (Huang et al.'s linear decay
+    of the survival probability ``1 - l / L * p_last``; the last unit drops with ``p_last``)."""
+    p_last = check_prob("stochastic_depth", p_last)
+    if not isinstance(num_units, (int, np.integer)) or num_units < 1:
+        raise ValueError(f"num_units must be a positive int, got {num_units!r}")
+    return [l / num_units * p_last for l in range(1, num_units + 1)]

@@ -1,0 +1,53 @@
+// Block masks in one launch: draw every block's keep bit (Philox), pack the bits, and build the
+// per-row lists of kept K-blocks and the per-column lists of kept row blocks. CTAs [0, nM) own a
+// row, CTAs [nM, nM + nK) a column; a column CTA redraws its cells instead of waiting for the
+// rows, which a counter-based generator makes free of coordination. Lists are ELL: line i's
+// kept indices ascending in index[i, :count[i]], the rest -1. blockDim must be 256.
+#include "philox.cuh"
+
+extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
+                                      int* __restrict__ row_count, int* __restrict__ row_index,
+                                      int* __restrict__ col_count, int* __restrict__ col_index,
+                                      const unsigned int* __restrict__ row_ids, int nM, int nK,
+                                      long long words32_per_row, unsigned int seed,
+                                      unsigned int layer, unsigned int step, unsigned int tag,
+                                      unsigned int thresh) {
+    __shared__ int warp_sums[8];
+    __shared__ int running;
+    const bool is_row = blockIdx.x < (unsigned int)nM;
+    const int line = is_row ? (int)blockIdx.x : (int)blockIdx.x - nM;
+    const int len = is_row ? nK : nM;
+    int* index = is_row ? row_index + (long long)line * nK : col_index + (long long)line * nM;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (threadIdx.x == 0) running = 0;
+    __syncthreads();
+    for (int base = 0; base < len; base += blockDim.x) {
+        const int t = base + threadIdx.x;
+        bool keep = false;
+        if (t < len) {
+            const int r = is_row ? line : t, c = is_row ? t : line;
+            const unsigned int rid = row_ids ? row_ids[r] : (unsigned int)r;
+            keep = cd_mask_word(seed, layer, step, tag, rid, (unsigned long long)c) >= thresh;
+        }
+        const unsigned int b = __ballot_sync(0xffffffffu, keep);
+        if (is_row && lane == 0) {
+            const long long w = (base >> 5) + warp;
+            if (w < words32_per_row) bits[(long long)line * words32_per_row + w] = b;
+        }
+        if (lane == 0) warp_sums[warp] = __popc(b);
+        __syncthreads();
+        int offset = running;
+        for (int w = 0; w < warp; ++w) offset += warp_sums[w];
+        if (keep) index[offset + __popc(b & ((1u << lane) - 1u))] = t;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int s = 0;
+            for (int w = 0; w < 8; ++w) s += warp_sums[w];
+            running += s;
+        }
+        __syncthreads();
+    }
+    const int count = running;
+    for (int t = count + threadIdx.x; t < len; t += blockDim.x) index[t] = -1;
+    if (threadIdx.x == 0) (is_row ? row_count : col_count)[line] = count;
+}

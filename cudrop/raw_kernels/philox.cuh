@@ -1,0 +1,37 @@
+// Philox4x32-10 and cudrop's mask coordinate map; the same function as cudrop/philox.py
+// (tests compare the two bit for bit and against the Random123 known answers).
+#pragma once
+
+#define CD_TAG_ELEMENT 0u
+#define CD_TAG_BLOCK 1u
+
+struct cd_u4 { unsigned int x, y, z, w; };
+
+__device__ __forceinline__ cd_u4 cd_philox(unsigned int c0, unsigned int c1, unsigned int c2,
+                                           unsigned int c3, unsigned int k0, unsigned int k1) {
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        if (r) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }
+        const unsigned int hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+        const unsigned int hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+        c0 = hi1 ^ c1 ^ k0;
+        c1 = lo1;
+        c2 = hi0 ^ c3 ^ k1;
+        c3 = lo0;
+    }
+    return {c0, c1, c2, c3};
+}
+
+__device__ __forceinline__ unsigned int cd_word(const cd_u4& v, int j) {
+    return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// The word at mask coordinate (row, col): counter (c0, row, step, tag), key (seed, layer),
+// c0 = (col / 128) * 32 + col % 32 and word (col / 32) % 4, so one Philox call of lane l feeds
+// the four warp-contiguous columns l, l + 32, l + 64, l + 96 of a 128-column chunk.
+__device__ __forceinline__ unsigned int cd_mask_word(unsigned int seed, unsigned int layer,
+                                                     unsigned int step, unsigned int tag,
+                                                     unsigned int row, unsigned long long col) {
+    const unsigned int c0 = (unsigned int)((col >> 7) * 32ull + (col & 31ull));
+    return cd_word(cd_philox(c0, row, step, tag, seed, layer), (int)((col >> 5) & 3ull));
+}
