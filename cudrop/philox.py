@@ -2,13 +2,9 @@
 every cudrop mask uses.
 
 A mask is a pure function of ``(seed, layer, step, tag, row, col)``: the key is
-``(seed, layer)``, the counter is ``(c0, row, step, tag)`` and one Philox call yields four words
-for four columns. The column -> (c0, word) map is chosen so that on the GPU the four words of one
-thread are four warp-contiguous columns (32 apart), which makes bit-packing one ``__ballot_sync``
-per word:
-
-    c0   = (col // 128) * 32 + col % 32
-    word = (col // 32) % 4
+``(seed, layer)``, the counter is ``(col // 4, row, step, tag)`` and the call's four words serve
+four consecutive columns (word ``col % 4``), so a GPU thread draws once for a vector load of
+four elements.
 
 ``raw_kernels/philox.cuh`` implements the same function; tests check the two bit for bit and
 against the Random123 known-answer vectors. ``keep = word >= threshold(p)``: an integer compare,
@@ -57,8 +53,8 @@ def words(seed, layer, step, tag, rows, cols):
     """The uint32 random word at every (row, col) of the given index arrays (broadcast)."""
     rows = np.asarray(rows, dtype=np.uint64)
     cols = np.asarray(cols, dtype=np.uint64)
-    c0 = (cols >> np.uint64(7)) * np.uint64(32) + (cols & np.uint64(31))
-    which = ((cols >> np.uint64(5)) & np.uint64(3)).astype(np.intp)
+    c0 = cols >> np.uint64(2)
+    which = (cols & np.uint64(3)).astype(np.intp)
     out = philox4x32(c0, rows, np.uint64(step), np.uint64(tag), seed, layer)
     return np.choose(which, out) if which.ndim else out[int(which)]
 

@@ -76,6 +76,16 @@ def test_non_contiguous_input(xp):
     np.testing.assert_allclose(_np(y), np.where(keep, _np(x) * 2, 0), rtol=1e-6)
 
 
+def test_misaligned_contiguous_view(xp):
+    base = _x(xp, (1001,), "float16")
+    x = base[1:]  # contiguous, but 2 bytes past an aligned address
+    y, saved = Fdrop.dropout(x, 0.5, seed=0, layer=0, step=0)
+    keep = masks.element_mask(x.size, 0.5, seed=0, layer=0, step=0).to_dense()
+    np.testing.assert_allclose(_np(y), np.where(keep, _np(x) * 2, 0), rtol=1e-3)
+    g = Fdrop.dropout_backward(base[1:], saved)
+    np.testing.assert_allclose(_np(g), np.where(keep, _np(x) * 2, 0), rtol=1e-3)
+
+
 def test_p0_and_eval_are_identity(xp):
     x = cudrop.Tensor(_x(xp, (3, 4), "float32"), requires_grad=True)
     assert cudrop.dropout(x, 0.0, training=True) is x

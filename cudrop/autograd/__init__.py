@@ -12,3 +12,5 @@ from .dropout import *  # noqa: F401,F403
 from .embedding import *  # noqa: F401,F403
 from .loss import *  # noqa: F401,F403
 from .norm import *  # noqa: F401,F403
+from .sliceout import *  # noqa: F401,F403
+from .sparsedrop import *  # noqa: F401,F403

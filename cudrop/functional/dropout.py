@@ -63,15 +63,22 @@ def dropout_backward(grad_out, saved):
         return np.where(keep, grad_out * grad_out.dtype.type(saved["scale"]),
                         grad_out.dtype.type(0))
     from ..raw_kernels import kernel
-    g = xp.ascontiguousarray(grad_out)
+    g = _aligned(xp, grad_out)
     gx = xp.empty_like(g)
     n = g.size
     if n:
         t = _CUDA_TYPES[g.dtype.name]
         kernel("dropout.cu", f"dropout_bwd<{t}>", _names("dropout_bwd"))(
-            (-(-n // _THREADS),), (_THREADS,),
+            (-(-n // (4 * _THREADS)),), (_THREADS,),
             (g, mask.bits, gx, np.int64(n), np.float64(saved["scale"])))
     return gx
+
+
+def _aligned(cp, a):
+    """C-contiguous and aligned for the kernels' 4-element vector loads (a contiguous view at an
+    odd offset is not)."""
+    a = cp.ascontiguousarray(a)
+    return a if a.data.ptr % (4 * a.itemsize) == 0 else a.copy()
 
 
 def _names(fn):
@@ -80,15 +87,15 @@ def _names(fn):
 
 def _dropout_gpu(cp, x, p, scale, seed, layer, step):
     from ..raw_kernels import kernel
-    x = cp.ascontiguousarray(x)
+    x = _aligned(cp, x)
     n = x.size
     y = cp.empty_like(x)
     words = -(-n // 64)
     bits = cp.empty((1, max(words, 1)), np.uint64)
     if n:
-        warps = -(-n // 128)
+        threads = 16 * words  # one per 4 elements, and enough to write every bit word
         kernel("dropout.cu", f"dropout_fwd<{_CUDA_TYPES[x.dtype.name]}>", _names("dropout_fwd"))(
-            (-(-warps * 32 // _THREADS),), (_THREADS,),
+            (-(-threads // _THREADS),), (_THREADS,),
             (x, y, bits, np.int64(n), np.int64(2 * words), np.uint32(seed), np.uint32(layer),
              np.uint32(step), np.uint32(philox.threshold(p)), np.float64(scale)))
     return y, masks.ElementMask(n, p, bits)

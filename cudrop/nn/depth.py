@@ -31,7 +31,9 @@ Modes. ``mode='batch'`` (the papers): one gate per unit per step, shared by the 
 sample, ``uniform(seed, layer_id, step, TAG_SAMPLE, n) >= p``; the kept rows are gathered, ``f``
 runs on them only (work in proportion to the kept fraction) and its output is scatter-added onto
 the shortcut with ``s``. A BatchNorm inside ``f`` then normalises over (and updates its running
-statistics from) the kept samples only. If no sample is kept, ``f`` is not called at all.
+statistics from) the kept samples only, so it needs more than one value per channel among
+them (one kept sample is enough for conv maps larger than 1x1). If no sample is kept, ``f`` is
+not called at all.
 """
 from __future__ import annotations
 

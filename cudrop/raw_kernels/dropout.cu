@@ -3,37 +3,57 @@
 #include "philox.cuh"
 #include "dtypes.cuh"
 
-// Each warp owns 128 consecutive elements; lane l makes one Philox call and uses its word j for
-// element 32 j + l, so __ballot_sync over word j is exactly 32-bit half-word (4 chunk + j) of the
-// little-endian uint64 bit array.
+template <typename T> struct alignas(4 * sizeof(T)) cd_vec4 { T v[4]; };
+
+// Thread t owns elements 4t .. 4t + 3: one Philox call (counter t), one vector load and store.
+// The four keep bits form a nibble; eight lanes OR their shifted nibbles into one 32-bit half of
+// the little-endian uint64 bit array (word t / 8). Launch 16 * ceil(n / 64) threads so every
+// bit word, padding included, is written.
 template <typename T>
 __global__ void dropout_fwd(const T* __restrict__ x, T* __restrict__ y,
                             unsigned int* __restrict__ bits, long long n, long long n_words32,
                             unsigned int seed, unsigned int layer, unsigned int step,
                             unsigned int thresh, double scale) {
-    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    const long long base = warp * 128;
-    if (base >= n) return;  // uniform across the warp: base depends on the warp only
-    const cd_u4 r = cd_philox((unsigned int)(warp * 32 + lane), 0u, step, CD_TAG_ELEMENT, seed, layer);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const long long i = base + 32 * j + lane;
-        const bool keep = i < n && cd_word(r, j) >= thresh;
-        if (i < n) y[i] = cd_scale_or_zero(x[i], scale, keep);
-        const unsigned int b = __ballot_sync(0xffffffffu, keep);
-        const long long w = warp * 4 + j;
-        if (lane == 0 && w < n_words32) bits[w] = b;
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long i0 = 4 * t;
+    const cd_u4 r = cd_philox((unsigned int)t, 0u, step, CD_TAG_ELEMENT, seed, layer);
+    const bool k0 = i0 < n && r.x >= thresh, k1 = i0 + 1 < n && r.y >= thresh;
+    const bool k2 = i0 + 2 < n && r.z >= thresh, k3 = i0 + 3 < n && r.w >= thresh;
+    if (i0 + 3 < n) {
+        const cd_vec4<T> in = reinterpret_cast<const cd_vec4<T>*>(x)[t];
+        cd_vec4<T> out;
+        out.v[0] = cd_scale_or_zero(in.v[0], scale, k0);
+        out.v[1] = cd_scale_or_zero(in.v[1], scale, k1);
+        out.v[2] = cd_scale_or_zero(in.v[2], scale, k2);
+        out.v[3] = cd_scale_or_zero(in.v[3], scale, k3);
+        reinterpret_cast<cd_vec4<T>*>(y)[t] = out;
+    } else if (i0 < n) {
+        const bool k[4] = {k0, k1, k2, k3};
+        for (int j = 0; j < 4 && i0 + j < n; ++j) y[i0 + j] = cd_scale_or_zero(x[i0 + j], scale, k[j]);
     }
+    unsigned int v = (unsigned int)(k0 | (k1 << 1) | (k2 << 2) | (k3 << 3)) << (4 * (threadIdx.x & 7));
+    v |= __shfl_xor_sync(0xffffffffu, v, 1);
+    v |= __shfl_xor_sync(0xffffffffu, v, 2);
+    v |= __shfl_xor_sync(0xffffffffu, v, 4);
+    if ((threadIdx.x & 7) == 0 && (t >> 3) < n_words32) bits[t >> 3] = v;
 }
 
 template <typename T>
 __global__ void dropout_bwd(const T* __restrict__ gy, const unsigned int* __restrict__ bits,
                             T* __restrict__ gx, long long n, double scale) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const bool keep = (bits[i >> 5] >> (i & 31)) & 1u;
-    gx[i] = cd_scale_or_zero(gy[i], scale, keep);
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long i0 = 4 * t;
+    if (i0 >= n) return;
+    const unsigned int nib = bits[t >> 3] >> (4 * (t & 7));
+    if (i0 + 3 < n) {
+        const cd_vec4<T> in = reinterpret_cast<const cd_vec4<T>*>(gy)[t];
+        cd_vec4<T> out;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out.v[j] = cd_scale_or_zero(in.v[j], scale, (nib >> j) & 1u);
+        reinterpret_cast<cd_vec4<T>*>(gx)[t] = out;
+    } else {
+        for (int j = 0; i0 + j < n; ++j) gx[i0 + j] = cd_scale_or_zero(gy[i0 + j], scale, (nib >> j) & 1u);
+    }
 }
 
 #ifdef CUDROP_INSTANTIATE  // explicit instances for the nvcc compile check (NVRTC uses name_expressions)

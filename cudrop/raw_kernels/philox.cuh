@@ -26,12 +26,10 @@ __device__ __forceinline__ unsigned int cd_word(const cd_u4& v, int j) {
     return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
-// The word at mask coordinate (row, col): counter (c0, row, step, tag), key (seed, layer),
-// c0 = (col / 128) * 32 + col % 32 and word (col / 32) % 4, so one Philox call of lane l feeds
-// the four warp-contiguous columns l, l + 32, l + 64, l + 96 of a 128-column chunk.
+// The word at mask coordinate (row, col): counter (col / 4, row, step, tag), key (seed, layer),
+// word col % 4 -- one call serves four consecutive columns.
 __device__ __forceinline__ unsigned int cd_mask_word(unsigned int seed, unsigned int layer,
                                                      unsigned int step, unsigned int tag,
                                                      unsigned int row, unsigned long long col) {
-    const unsigned int c0 = (unsigned int)((col >> 7) * 32ull + (col & 31ull));
-    return cd_word(cd_philox(c0, row, step, tag, seed, layer), (int)((col >> 5) & 3ull));
+    return cd_word(cd_philox((unsigned int)(col >> 2), row, step, tag, seed, layer), (int)(col & 3ull));
 }

@@ -1,0 +1,52 @@
+"""SparseDrop linear as an autograd op (thin wrapper over cudrop.functional.sparsedrop)."""
+from __future__ import annotations
+
+from .. import philox
+from ..functional import sparsedrop as F
+from . import mode
+from .function import Function
+from .linalg import matmul
+from .math import add
+from .shape import reshape
+from .tensor import as_tensor
+
+__all__ = ["sparsedrop_linear"]
+
+
+class SparseDropLinear(Function):
+    def __init__(self, p, block, seed, layer, step, mask):
+        self.kw = dict(p=p, block=block, seed=seed, layer=layer, step=step, mask=mask)
+
+    def forward(self, x, w, b=None):
+        y, self.saved = F.sparsedrop_linear(x, w, b, **self.kw)
+        return y
+
+    def backward(self, gy):
+        gx, gw, gb = F.sparsedrop_linear_backward(gy, self.saved)
+        # Called with two inputs when there is no bias: one gradient per input.
+        return (gx, gw) if gb is None else (gx, gw, gb)
+
+
+def sparsedrop_linear(x, w, b=None, *, p, block=(128, 128), seed=0, layer=0, step=0, mask=None,
+                      training=None):
+    """SparseDrop linear ``(x ⊙ m) @ w / (1 - p) + b`` with ``m`` keeping or dropping whole
+    ``block = (Mb, Kb)`` blocks of ``x`` (leading axes flattened to rows), drawn from
+    (seed, layer, step) unless ``mask`` (a BlockMask) is given. Dropped blocks cost no work in
+    forward or backward.
+
+    When not training (``training`` None follows ``cudrop.autograd.mode.is_training()``), or at
+    ``p == 0`` with no explicit mask, it is the plain dense ``x @ w + b``.
+    """
+    philox.threshold(p)  # raises ValueError naming p unless 0 <= p < 1
+    if training is None:
+        training = mode.is_training()
+    if training and (p > 0 or mask is not None):
+        f = SparseDropLinear(float(p), block, seed, layer, step, mask)
+        return f(x, w) if b is None else f(x, w, b)
+    x, w = as_tensor(x), as_tensor(w)
+    lead = x.shape[:-1]
+    x2 = x if len(lead) == 1 else reshape(x, (-1, x.shape[-1]))  # one GEMM, not a batched one
+    y = matmul(x2, w)
+    if b is not None:
+        y = add(y, b)
+    return y if len(lead) == 1 else reshape(y, lead + (w.shape[-1],))

@@ -1,0 +1,550 @@
+"""SliceOut (Notin, Gomez, Yoo, Gal): one contiguous slice of units is kept per step, the same for
+the whole batch, so the products run on slices (views) of the operands and dropped units cost
+neither FLOPs nor memory traffic.
+
+Mask semantics
+--------------
+A layer has ``n`` units (features, channels or heads). ``keep = keep_count(n, p)`` of them are
+kept: ``round((1 - p) n)`` with halves rounded up, at least 1. The kept set is a tuple of *ranges*,
+one or two half-open ``(lo, hi)`` intervals of unit indices. Scaling is inverted dropout by the
+realised keep fraction, ``scale = n / keep`` (not ``1 / (1 - p)``: ``keep`` is rounded, and
+``n / keep`` keeps the expected activation exact); nothing is applied at test time.
+
+The slice start is a pure function of ``(seed, layer, step)``: the Philox word at
+``(seed, layer, step, TAG_SLICE, row 0, col 0)`` (the word ``philox.uniform(..., TAG_SLICE, 1)[0]``
+is made of) picks uniformly among the valid starts, in integer arithmetic so large ``n`` stays
+exact. Two modes:
+
+- wrap (``align=None``): start uniform in ``[0, n)``; a slice that runs past the last unit
+  continues at unit 0, giving two ranges. Every unit is then kept with probability exactly
+  ``keep / n``, so ``n / keep`` scaling is unbiased for every unit. The two pieces cost two
+  smaller products that together still do ``keep / n`` of the dense work.
+- aligned (``align=a``): start uniform over the multiples of ``a`` with ``start + keep <= n``;
+  always one range, starting on an ``a``-unit boundary (aligned operand addresses for the GEMM).
+  No wrap, so units near the end are kept less often than ``keep / n`` (the price of alignment;
+  the scale is still ``n / keep``). ``a > n`` raises, and so does a configuration whose only
+  valid start is 0 while ``keep < n``: it would drop the same units at every step, which is
+  pruning, not dropout.
+
+Ops (each a pair ``op(...) -> (out, saved)`` and ``op_backward(grad_out, saved) -> grads`` on raw
+NumPy/CuPy arrays; ``saved`` holds the ranges, never a mask array):
+
+- ``sliceout``: the semantic form, ``x * m / q`` along one axis (features or channels).
+- ``sliceout_linear``: *input*-unit SliceOut of a Linear layer, ``(x ⊙ m / q) @ W + b``: the GEMM
+  runs on ``X[:, S] @ W[S, :]``. Use it for the layer that *consumes* the dropped units.
+- ``sliceout_linear_out``: *output*-unit SliceOut, ``(x @ W + b) ⊙ m / q``: only the kept
+  columns ``X @ W[:, S]`` are computed, the rest are exact zeros. Use it for the layer that
+  *produces* the dropped units (it equals Linear followed by ``sliceout``).
+- ``sliceout_conv2d``: output-channel SliceOut of a convolution; only ``weight[S]`` is convolved.
+- ``sliceout_attention``: head SliceOut of multi-head self-attention; the qkv projection, the
+  attention products and the output projection run for the kept heads only.
+
+Gradients of the parameters are full-size arrays (optimisers need them) whose dropped rows,
+columns or channels are exact zeros; no product touches them.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .. import backend, philox
+from . import conv as _conv
+from .matmul import matmul
+
+__all__ = ["check_p", "check_align", "keep_count", "num_starts", "slice_start", "slice_ranges",
+           "draw_slice", "slice_mask", "check_ranges", "sliceout", "sliceout_backward",
+           "sliceout_linear", "sliceout_linear_backward", "sliceout_linear_out",
+           "sliceout_linear_out_backward", "sliceout_conv2d", "sliceout_conv2d_backward",
+           "sliceout_attention", "sliceout_attention_backward"]
+
+
+# ---- the slice: counts, starts, ranges -----------------------------------------------------
+
+def _int(name, v, low):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return int(v)
+
+
+def check_p(p):
+    """``p`` as a float, or ValueError unless it is a drop probability in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        raise ValueError(f"SliceOut drop probability p must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_align(align):
+    """``align`` as an int (or None: wrap mode), or ValueError unless a positive int."""
+    if align is None:
+        return None
+    if isinstance(align, bool) or not isinstance(align, numbers.Integral) or align <= 0:
+        raise ValueError(f"align must be a positive int or None (wrap-around mode), got {align!r}")
+    return int(align)
+
+
+def keep_count(n_units, p) -> int:
+    """Units kept out of ``n_units`` at drop probability ``p``: ``round((1 - p) n)``, halves
+    rounded up, at least 1."""
+    n = _int("n_units", n_units, 1)
+    p = check_p(p)
+    return min(n, max(1, int(math.floor((1.0 - p) * n + 0.5))))
+
+
+def num_starts(n_units, keep, align=None) -> int:
+    """How many slice starts are valid (see the module docstring); raises ValueError, naming the
+    argument, for an ``align`` that cannot give a random slice of ``keep`` out of ``n_units``."""
+    n = _int("n_units", n_units, 1)
+    keep = _int("keep", keep, 1)
+    if keep > n:
+        raise ValueError(f"keep ({keep}) must not exceed n_units ({n})")
+    align = check_align(align)
+    if align is None:
+        return n
+    if align > n:
+        raise ValueError(f"align ({align}) must not exceed the number of units ({n}); use a "
+                         "smaller align or align=None (wrap-around)")
+    count = (n - keep) // align + 1
+    if count == 1 and keep < n:
+        raise ValueError(f"align={align} leaves a single valid slice start for {n} units keeping "
+                         f"{keep}: units {keep}..{n - 1} would be dropped at every step; use a "
+                         "smaller align, a different p, or align=None (wrap-around)")
+    return count
+
+
+def slice_start(n_units, keep, *, seed, layer, step, align=None) -> int:
+    """The first kept unit at ``(seed, layer, step)``: uniform over ``[0, n_units)`` in wrap
+    mode, over the valid multiples of ``align`` otherwise. Host-side; no device work."""
+    count = num_starts(n_units, keep, align)
+    seed = philox.check_seed("seed", seed)
+    layer = philox.check_seed("layer", layer)
+    step = philox.check_seed("step", step)  # the counter word holds 32 bits
+    word = int(philox.words(seed, layer, step, philox.TAG_SLICE, 0, 0))
+    idx = (word * count) >> 32  # floor(u * count) with u = word / 2**32, exactly
+    return idx if align is None else idx * int(align)
+
+
+def slice_ranges(n_units, keep, start) -> tuple:
+    """The kept units as one or two half-open ranges ``((lo, hi), ...)``; a slice running past
+    the end wraps to 0. ``keep == n_units`` is always the single range ``((0, n),)``."""
+    n = _int("n_units", n_units, 1)
+    keep = _int("keep", keep, 1)
+    if keep > n:
+        raise ValueError(f"keep ({keep}) must not exceed n_units ({n})")
+    start = _int("start", start, 0)
+    if start >= n:
+        raise ValueError(f"start must be in [0, n_units={n}), got {start}")
+    if keep == n:
+        return ((0, n),)
+    if start + keep <= n:
+        return ((start, start + keep),)
+    return ((start, n), (0, start + keep - n))
+
+
+def draw_slice(n_units, p, *, seed, layer, step, align=None) -> tuple:
+    """The kept ranges of one step: ``keep_count`` + ``slice_start`` + ``slice_ranges``."""
+    keep = keep_count(n_units, p)
+    start = slice_start(n_units, keep, seed=seed, layer=layer, step=step, align=align)
+    return slice_ranges(n_units, keep, start)
+
+
+def check_ranges(ranges, n_units, name="ranges") -> tuple:
+    """Validate kept ranges over ``n_units`` units: a non-empty tuple of disjoint ``(lo, hi)``
+    int pairs with ``0 <= lo < hi <= n_units``. Returns them as a tuple of int pairs."""
+    try:
+        out = tuple((int(lo), int(hi)) for lo, hi in ranges)
+        ok = all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                 for r in ranges for v in r)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not out:
+        raise ValueError(f"{name} must be a non-empty sequence of (lo, hi) int pairs, "
+                         f"got {ranges!r}")
+    prev = 0
+    for lo, hi in sorted(out):
+        if not 0 <= lo < hi <= n_units or lo < prev:
+            raise ValueError(f"{name} must be disjoint (lo, hi) pairs with 0 <= lo < hi <= "
+                             f"{n_units}, got {ranges!r}")
+        prev = hi
+    return out
+
+
+def _kept(ranges):
+    return sum(hi - lo for lo, hi in ranges)
+
+
+def _scale(scale, n_units, ranges):
+    if scale is None:
+        return n_units / _kept(ranges)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (
+            math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None (n / keep), "
+                         f"got {scale!r}")
+    return float(scale)
+
+
+def _pieces(ranges, unit=1, base=0):
+    """``(lo, hi, off)`` per range in element units: ``[lo, hi)`` of the full axis is
+    ``[off, off + hi - lo)`` of the compact (kept-only) axis."""
+    out, off = [], 0
+    for lo, hi in ranges:
+        out.append((base + lo * unit, base + hi * unit, off))
+        off += (hi - lo) * unit
+    return out
+
+
+def slice_mask(n_units, ranges, xp=np, dtype=bool):
+    """The materialised 0/1 mask over ``n_units`` units (for references and tests; the ops never
+    build it)."""
+    ranges = check_ranges(ranges, n_units)
+    m = np.zeros(n_units, dtype=dtype)
+    for lo, hi in ranges:
+        m[lo:hi] = 1
+    return xp.asarray(m)
+
+
+def _array(a, name, op):
+    if not hasattr(a, "ndim") or not hasattr(a, "dtype"):
+        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
+
+
+def _same_dtype(op, x, **others):
+    for name, a in others.items():
+        if a is not None and a.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} is {a.dtype} but x is {x.dtype}; cast one to the other")
+
+
+# ---- the semantic form --------------------------------------------------------------------
+
+def _axis(x, axis, op):
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not (
+            -x.ndim <= axis < x.ndim):
+        raise ValueError(f"{op}: axis must be an int in [-{x.ndim}, {x.ndim}) for x of shape "
+                         f"{x.shape}, got {axis!r}")
+    return int(axis) % x.ndim
+
+
+def sliceout(x, ranges, axis=-1, scale=None):
+    """``x ⊙ m / q`` with ``m`` the slice mask along ``axis`` (features: -1; channels of NCHW: 1).
+
+    Only the kept slices are read and scaled; the output is dense (exact zeros elsewhere) so any
+    layer can follow. Returns ``(y, saved)`` for :func:`sliceout_backward`.
+    """
+    op = "sliceout"
+    _array(x, "x", op)
+    xp = backend.get_array_module(x)
+    axis = _axis(x, axis, op)
+    n = x.shape[axis]
+    ranges = check_ranges(ranges, n)
+    scale = _scale(scale, n, ranges)
+    y = xp.zeros_like(x)
+    lead = (slice(None),) * axis
+    for lo, hi in ranges:
+        idx = lead + (slice(lo, hi),)
+        y[idx] = x[idx] * scale
+    return y, (ranges, axis, scale)
+
+
+def sliceout_backward(gy, saved):
+    """Gradient of :func:`sliceout`: the same slice of ``gy``, scaled; zeros elsewhere."""
+    g, _ = sliceout(gy, saved[0], saved[1], saved[2])
+    return g
+
+
+# ---- Linear -------------------------------------------------------------------------------
+
+def _linear_args(x, w, b, op):
+    _array(x, "x", op)
+    _array(w, "w", op)
+    if b is not None:
+        _array(b, "b", op)
+    xp = backend.get_array_module(x, w, b)
+    if x.ndim < 1 or w.ndim != 2:
+        raise ValueError(f"{op}: x must be (..., K) and w (K, N); got x {x.shape}, w {w.shape}")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features in its last axis but w expects "
+                         f"{w.shape[0]} (x shape {x.shape}, w shape {w.shape})")
+    if b is not None and b.shape != (w.shape[1],):
+        raise ValueError(f"{op}: b must have shape ({w.shape[1]},) to match w {w.shape}, "
+                         f"got {b.shape}")
+    _same_dtype(op, x, w=w, b=b)
+    return xp, x.reshape(-1, w.shape[0])
+
+
+def sliceout_linear(x, w, b, ranges, scale=None):
+    """Input-unit SliceOut of ``x @ w + b``: ``y = (x ⊙ m / q) @ w + b`` computed as
+    ``sum over ranges of x[..., lo:hi] @ w[lo:hi]`` on views, times ``scale``, plus ``b``.
+
+    ``x`` (..., K), ``w`` (K, N), ``b`` (N,) or None; ``ranges`` over the K input units;
+    ``scale`` defaults to ``K / keep``. Returns ``(y, saved)``, ``y`` of shape (..., N).
+    """
+    op = "sliceout_linear"
+    xp, x2 = _linear_args(x, w, b, op)
+    k, n = w.shape
+    ranges = check_ranges(ranges, k)
+    scale = _scale(scale, k, ranges)
+    y = None
+    for lo, hi in ranges:
+        part = matmul(x2[:, lo:hi], w[lo:hi])
+        y = part if y is None else xp.add(y, part, out=y)
+    y *= scale
+    if b is not None:
+        y += b
+    return y.reshape(x.shape[:-1] + (n,)), (x2, w, b is not None, ranges, scale, x.shape)
+
+
+def sliceout_linear_backward(gy, saved):
+    """Gradients ``(gx, gw, gb)`` of :func:`sliceout_linear`. ``gx`` is dense (the previous layer
+    needs it) with zeros outside the kept input units; ``gw`` has exact zero rows outside them;
+    only the kept-size products run. ``gb`` is None without a bias."""
+    x2, w, has_b, ranges, scale, x_shape = saved
+    xp = backend.get_array_module(gy, w)
+    k, n = w.shape
+    if gy.shape != x_shape[:-1] + (n,):
+        raise ValueError(f"sliceout_linear_backward: gy must have the output's shape "
+                         f"{x_shape[:-1] + (n,)}, got {gy.shape}")
+    g2 = gy.reshape(-1, n)
+    gx = xp.zeros(x2.shape, dtype=gy.dtype)
+    gw = xp.zeros(w.shape, dtype=gy.dtype)
+    for lo, hi in ranges:
+        part = matmul(g2, w[lo:hi].T)
+        part *= scale
+        gx[:, lo:hi] = part
+        part = matmul(x2[:, lo:hi].T, g2)
+        part *= scale
+        gw[lo:hi] = part
+    gb = g2.sum(axis=0) if has_b else None
+    return gx.reshape(x_shape), gw, gb
+
+
+def sliceout_linear_out(x, w, b, ranges, scale=None):
+    """Output-unit SliceOut of ``x @ w + b``: ``y = (x @ w + b) ⊙ m / q``. Only the kept
+    columns ``x @ w[:, lo:hi]`` are computed; the other columns of ``y`` are exact zeros.
+
+    ``ranges`` are over the N output units; ``scale`` defaults to ``N / keep``. Returns
+    ``(y, saved)``, ``y`` of shape (..., N).
+    """
+    op = "sliceout_linear_out"
+    xp, x2 = _linear_args(x, w, b, op)
+    k, n = w.shape
+    ranges = check_ranges(ranges, n)
+    scale = _scale(scale, n, ranges)
+    y = xp.zeros((x2.shape[0], n), dtype=x.dtype)
+    for lo, hi in ranges:
+        part = matmul(x2, w[:, lo:hi])
+        if b is not None:
+            part += b[lo:hi]
+        part *= scale
+        y[:, lo:hi] = part
+    return y.reshape(x.shape[:-1] + (n,)), (x2, w, b is not None, ranges, scale, x.shape)
+
+
+def sliceout_linear_out_backward(gy, saved):
+    """Gradients ``(gx, gw, gb)`` of :func:`sliceout_linear_out`: ``gw`` and ``gb`` are exact
+    zeros outside the kept columns; ``gx`` sums the kept-column products."""
+    x2, w, has_b, ranges, scale, x_shape = saved
+    xp = backend.get_array_module(gy, w)
+    k, n = w.shape
+    if gy.shape != x_shape[:-1] + (n,):
+        raise ValueError(f"sliceout_linear_out_backward: gy must have the output's shape "
+                         f"{x_shape[:-1] + (n,)}, got {gy.shape}")
+    g2 = gy.reshape(-1, n)
+    gx = None
+    gw = xp.zeros(w.shape, dtype=gy.dtype)
+    gb = xp.zeros((n,), dtype=gy.dtype) if has_b else None
+    for lo, hi in ranges:
+        gs = g2[:, lo:hi] * scale
+        part = matmul(gs, w[:, lo:hi].T)
+        gx = part if gx is None else xp.add(gx, part, out=gx)
+        gw[:, lo:hi] = matmul(x2.T, gs)
+        if has_b:
+            gb[lo:hi] = gs.sum(axis=0)
+    return gx.reshape(x_shape), gw, gb
+
+
+# ---- Conv2d -------------------------------------------------------------------------------
+
+def _gather(a, ranges, axis, xp):
+    """The kept slices of ``a`` along ``axis``, compact: a view for one range, one kept-size
+    copy for a wrapped slice (so the convolution builds its im2col columns only once)."""
+    lead = (slice(None),) * axis
+    parts = [a[lead + (slice(lo, hi),)] for lo, hi in ranges]
+    return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=axis)
+
+
+def sliceout_conv2d(x, w, b, ranges, scale=None, stride=1, padding=0):
+    """Output-channel SliceOut of ``conv2d(x, w, b)``: ``y = conv2d(x, w, b) ⊙ m / q`` over the
+    O output channels. Only ``w[S]`` is convolved; the other channels of ``y`` are exact zeros.
+
+    ``x`` (N, C, H, W), ``w`` (O, C, kh, kw), ``b`` (O,) or None, ``ranges`` over O; ``scale``
+    defaults to ``O / keep``. Returns ``(y, saved)``.
+    """
+    op = "sliceout_conv2d"
+    _conv.check_4d(w, "w", "(O, C, kh, kw)", op)
+    xp = backend.get_array_module(x, w, b)
+    o = w.shape[0]
+    if b is not None and (not hasattr(b, "shape") or b.shape != (o,)):
+        raise ValueError(f"{op}: b must have shape (O,) = ({o},) to match w, "
+                         f"got {getattr(b, 'shape', type(b).__name__)}")
+    ranges = check_ranges(ranges, o)
+    scale = _scale(scale, o, ranges)
+    ws = _gather(w, ranges, 0, xp)
+    bs = None if b is None else _gather(b, ranges, 0, xp)
+    ys, conv_saved = _conv.conv2d(x, ws, bs, stride, padding)
+    ys *= scale
+    y = xp.zeros((ys.shape[0], o) + ys.shape[2:], dtype=ys.dtype)
+    for lo, hi, off in _pieces(ranges):
+        y[:, lo:hi] = ys[:, off:off + hi - lo]
+    return y, (conv_saved, ranges, scale, w.shape, b is not None)
+
+
+def sliceout_conv2d_backward(gy, saved):
+    """Gradients ``(gx, gw, gb)`` of :func:`sliceout_conv2d`; ``gw``/``gb`` are exact zeros
+    outside the kept output channels, and only the kept channels' products run."""
+    conv_saved, ranges, scale, w_shape, has_b = saved
+    xp = backend.get_array_module(gy)
+    o = w_shape[0]
+    if gy.ndim != 4 or gy.shape[1] != o:
+        raise ValueError(f"sliceout_conv2d_backward: gy must be (N, {o}, Ho, Wo), got {gy.shape}")
+    gs = _gather(gy, ranges, 1, xp) * scale
+    gx, gws, gbs = _conv.conv2d_backward(gs, conv_saved)
+    gw = xp.zeros(w_shape, dtype=gws.dtype)
+    gb = xp.zeros((o,), dtype=gws.dtype) if has_b else None
+    for lo, hi, off in _pieces(ranges):
+        gw[lo:hi] = gws[off:off + hi - lo]
+        if has_b:
+            gb[lo:hi] = gbs[off:off + hi - lo]
+    return gx, gw, gb
+
+
+# ---- multi-head attention -----------------------------------------------------------------
+
+def _causal_bias(xp, t, dtype):
+    # Finite, as in nn.MultiHeadAttention: the diagonal is always kept, and fp16 softmax stays
+    # free of inf - inf.
+    return xp.asarray(np.triu(np.full((t, t), np.finfo(dtype).min / 2, dtype=dtype), k=1))
+
+
+def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, ranges, scale=None,
+                       causal=False):
+    """Head SliceOut of multi-head self-attention (the math of ``nn.MultiHeadAttention``
+    without attention-probability dropout): the concatenated head outputs are multiplied by the
+    head mask over ``num_heads`` heads and by ``scale`` (default ``heads / kept heads``) before
+    the output projection: ``y = (concat_h(attn_h) ⊙ m / q) @ w_proj + b_proj``.
+
+    Only kept heads are computed: the qkv projection runs on the kept heads' columns of
+    ``w_qkv`` (views), the attention products on ``(B, kept, T, T)``, and the output projection
+    on the kept heads' rows of ``w_proj``.
+
+    ``x`` (B, T, D), ``w_qkv`` (D, 3D) with columns ordered (q|k|v, head, head_dim) as in
+    ``nn.MultiHeadAttention``, ``b_qkv`` (3D,) or None, ``w_proj`` (D, D), ``b_proj`` (D,) or
+    None; ``ranges`` over the heads. Returns ``(y, saved)``, ``y`` of shape (B, T, D).
+    """
+    op = "sliceout_attention"
+    for name, a in (("x", x), ("w_qkv", w_qkv), ("w_proj", w_proj)):
+        _array(a, name, op)
+    xp = backend.get_array_module(x, w_qkv, b_qkv, w_proj, b_proj)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
+        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
+    if x.ndim != 3:
+        raise ValueError(f"{op}: x must be (batch, time, dim), got shape {x.shape}")
+    bsz, t, d = x.shape
+    if d % num_heads:
+        raise ValueError(f"{op}: dim ({d}) must be divisible by num_heads ({num_heads})")
+    expect = {"w_qkv": (w_qkv, (d, 3 * d)), "b_qkv": (b_qkv, (3 * d,)),
+              "w_proj": (w_proj, (d, d)), "b_proj": (b_proj, (d,))}
+    for name, (a, shape) in expect.items():
+        if a is not None and getattr(a, "shape", None) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape} for x of shape {x.shape}, "
+                             f"got {getattr(a, 'shape', type(a).__name__)}")
+    _same_dtype(op, x, w_qkv=w_qkv, b_qkv=b_qkv, w_proj=w_proj, b_proj=b_proj)
+    ranges = check_ranges(ranges, num_heads)
+    scale = _scale(scale, num_heads, ranges)
+    hd = d // num_heads
+    kh = _kept(ranges)
+    kw = kh * hd
+    x2 = x.reshape(bsz * t, d)
+
+    # qkv for the kept heads only, compact: (B*T, 3, kept*hd).
+    qkv = xp.empty((bsz * t, 3, kw), dtype=x.dtype)
+    for j in range(3):
+        for lo, hi, off in _pieces(ranges, hd, j * d):
+            part = matmul(x2, w_qkv[:, lo:hi])
+            if b_qkv is not None:
+                part += b_qkv[lo:hi]
+            qkv[:, j, off:off + hi - lo] = part
+    qkv5 = qkv.reshape(bsz, t, 3, kh, hd).transpose(2, 0, 3, 1, 4)  # (3, B, kh, T, hd)
+    q, k, v = qkv5[0], qkv5[1], qkv5[2]
+    c = 1.0 / math.sqrt(hd)
+    s = matmul(q, k.swapaxes(-1, -2))
+    s *= c
+    if causal:
+        s += _causal_bias(xp, t, s.dtype)
+    s -= s.max(axis=-1, keepdims=True)
+    a = xp.exp(s, out=s)
+    a /= a.sum(axis=-1, keepdims=True)
+    o = matmul(a, v)  # (B, kh, T, hd)
+    oc = o.transpose(0, 2, 1, 3).reshape(bsz * t, kw)
+
+    # Output projection on the kept heads' rows of w_proj (input-unit SliceOut).
+    y = None
+    for lo, hi, off in _pieces(ranges, hd):
+        part = matmul(oc[:, off:off + hi - lo], w_proj[lo:hi])
+        y = part if y is None else xp.add(y, part, out=y)
+    y *= scale
+    if b_proj is not None:
+        y += b_proj
+    saved = (x2, w_qkv, w_proj, b_qkv is not None, b_proj is not None, num_heads, ranges,
+             scale, x.shape, q, k, v, a, oc)
+    return y.reshape(bsz, t, d), saved
+
+
+def sliceout_attention_backward(gy, saved):
+    """Gradients ``(gx, gw_qkv, gb_qkv, gw_proj, gb_proj)`` of :func:`sliceout_attention`
+    (bias gradients None where there was no bias). Parameter gradients are exact zeros outside
+    the kept heads' columns (qkv) and rows (proj); every product runs on the kept heads only."""
+    (x2, w_qkv, w_proj, has_bq, has_bp, num_heads, ranges, scale, x_shape,
+     q, k, v, a, oc) = saved
+    xp = backend.get_array_module(gy, w_qkv)
+    bsz, t, d = x_shape
+    if gy.shape != x_shape:
+        raise ValueError(f"sliceout_attention_backward: gy must have the output's shape "
+                         f"{x_shape}, got {gy.shape}")
+    hd = d // num_heads
+    kh = _kept(ranges)
+    kw = kh * hd
+    g2 = gy.reshape(bsz * t, d)
+    gb_proj = g2.sum(axis=0) if has_bp else None
+    gw_proj = xp.zeros(w_proj.shape, dtype=gy.dtype)
+    goc = xp.empty((bsz * t, kw), dtype=gy.dtype)
+    for lo, hi, off in _pieces(ranges, hd):
+        part = matmul(oc[:, off:off + hi - lo].T, g2)
+        part *= scale
+        gw_proj[lo:hi] = part
+        part = matmul(g2, w_proj[lo:hi].T)
+        part *= scale
+        goc[:, off:off + hi - lo] = part
+    go = goc.reshape(bsz, t, kh, hd).transpose(0, 2, 1, 3)  # (B, kh, T, hd)
+
+    ga = matmul(go, v.swapaxes(-1, -2))
+    gv = matmul(a.swapaxes(-1, -2), go)
+    ga -= (ga * a).sum(axis=-1, keepdims=True)
+    ga *= a  # softmax backward: a * (ga - <ga, a>)
+    ga *= 1.0 / math.sqrt(hd)
+    gq = matmul(ga, k)
+    gk = matmul(ga.swapaxes(-1, -2), q)
+
+    gqkv = xp.stack([gq, gk, gv]).transpose(1, 3, 0, 2, 4).reshape(bsz * t, 3, kw)
+    gx = None
+    gw_qkv = xp.zeros(w_qkv.shape, dtype=gy.dtype)
+    gb_qkv = xp.zeros((3 * d,), dtype=gy.dtype) if has_bq else None
+    for j in range(3):
+        for lo, hi, off in _pieces(ranges, hd, j * d):
+            gpart = gqkv[:, j, off:off + hi - lo]
+            part = matmul(gpart, w_qkv[:, lo:hi].T)
+            gx = part if gx is None else xp.add(gx, part, out=gx)
+            gw_qkv[:, lo:hi] = matmul(x2.T, gpart)
+            if has_bq:
+                gb_qkv[lo:hi] = gpart.sum(axis=0)
+    return gx.reshape(x_shape), gw_qkv, gb_qkv, gw_proj, gb_proj

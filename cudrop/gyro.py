@@ -1,0 +1,233 @@
+"""Gyro dropout's schedule (Lee et al., MLSys 2022): which pre-selected sub-networks run at
+which step, and their masks -- all pure functions of ``(seed, layer, step)``, so nothing is
+stored and a run resumed at step ``t`` draws the masks it would have drawn.
+
+Sub-networks. Sub-network ``s`` in ``[0, Σ)`` is a fixed mask over unit blocks: unit block
+``u`` is kept iff the Philox word at ``(row=s, col=u, step=0, tag=TAG_GYRO)`` is
+``>= threshold(p)``. Element gyro uses unit blocks of one unit, block-wise gyro blocks of ``Kb``
+units. The draw does not depend on the step, which is what "pre-selected" means here: the Σ
+masks exist implicitly and any of them is regenerated from its id.
+
+Consecutive schedule (the paper's). The Σ sub-networks form ``Σ/τ`` sets of τ; set
+``j = step // period`` runs sub-networks ``(j mod Σ/τ) * τ + t`` in its slots ``t = 0..τ-1``.
+Over ``Σ/τ`` consecutive sets every sub-network runs exactly once, for ``period`` consecutive
+steps; after that the cycle repeats. ``period = total_steps * τ / Σ`` (the paper's
+``N τ / Σ``) makes one cycle span the whole run. Ids are not permuted per cycle: the masks are
+i.i.d. draws already, so grouping sub-networks ``jτ..jτ+τ-1`` is as random as any other
+grouping, and a permutation would cost a host sort of Σ numbers per set change.
+
+Random schedule (the paper's §5.3 baseline). Each step, slot ``t`` runs sub-network
+``floor(u_t * Σ)`` with ``u = philox.uniform(seed, layer, step, TAG_SCHEDULE, τ)``, computed
+exactly in integers as ``(word * Σ) >> 32``. Slots may repeat a sub-network.
+
+Placement. Element gyro splits the batch into τ contiguous row groups, group ``t`` runs slot
+``t``. Block-wise gyro works in row blocks of ``Mb`` rows (128): row block ``r`` at step ``t``
+runs slot ``(t * nRowBlocks + r) mod τ``, so when a batch has fewer row blocks than τ the τ
+co-scheduled sub-networks span several iterations (the paper's Figure 3(b)).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backend, masks, philox
+
+SCHEDULES = ("consecutive", "random")
+DEFAULT_NUM_SUBNETS = 1024
+DEFAULT_CO_SCHEDULED = 8
+DEFAULT_BLOCK = (128, 32)
+# Without a period and without total_steps the sets change every step (a round-robin over the
+# Σ/τ sets). That trains each sub-network as often as the paper's schedule does over Σ/τ
+# steps, but not consecutively; pass total_steps (or a period) to get the paper's schedule.
+DEFAULT_PERIOD = 1
+
+
+def _check_int(name, v, low, high=None):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low or (
+            high is not None and v > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bound}, got {v!r}")
+    return int(v)
+
+
+def check_schedule(schedule):
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
+def check_subnets(num_subnets, co_scheduled, schedule="consecutive"):
+    """``(Σ, τ)`` as ints, or ValueError: both positive, ``τ <= Σ``, and for the consecutive
+    schedule ``τ`` divides ``Σ`` (the sets partition the sub-networks)."""
+    check_schedule(schedule)
+    # the sub-network id is the row coordinate of a Philox counter word: 32 bits
+    sigma = _check_int("num_subnets", num_subnets, 1, 2 ** 32)
+    tau = _check_int("co_scheduled", co_scheduled, 1)
+    if tau > sigma:
+        raise ValueError(f"co_scheduled (τ = {tau}) must be <= num_subnets (Σ = {sigma})")
+    if schedule == "consecutive" and sigma % tau:
+        raise ValueError(f"co_scheduled (τ = {tau}) must divide num_subnets (Σ = {sigma}) for the "
+                         "consecutive schedule")
+    return sigma, tau
+
+
+def check_block(block):
+    """``(Mb, Kb)`` as positive ints, or ValueError naming the block."""
+    if (not isinstance(block, (tuple, list)) or len(block) != 2 or
+            not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0
+                    for b in block)):
+        raise ValueError(f"block must be two positive ints (rows Mb, units Kb), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def resolve_period(num_subnets, co_scheduled, period=None, total_steps=None):
+    """Steps each set of τ sub-networks runs: ``period`` if given, else
+    ``max(1, total_steps * τ // Σ)`` (one cycle over the run), else ``DEFAULT_PERIOD``."""
+    if period is not None:
+        return _check_int("period", period, 1)
+    if total_steps is not None:
+        total_steps = _check_int("total_steps", total_steps, 1)
+        return max(1, total_steps * int(co_scheduled) // int(num_subnets))
+    return DEFAULT_PERIOD
+
+
+def scheduled_subnets(step, *, num_subnets=DEFAULT_NUM_SUBNETS,
+                      co_scheduled=DEFAULT_CO_SCHEDULED, period=DEFAULT_PERIOD,
+                      schedule="consecutive", seed=0, layer=0):
+    """The sub-network id of each of the τ slots at ``step``: int64 array of shape (τ,)."""
+    sigma, tau = check_subnets(num_subnets, co_scheduled, schedule)
+    step = _check_int("step", step, 0)
+    if schedule == "consecutive":
+        period = _check_int("period", period, 1)
+        j = (step // period) % (sigma // tau)
+        return np.arange(j * tau, (j + 1) * tau, dtype=np.int64)
+    seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
+    w = philox.words(seed, layer, step, philox.TAG_SCHEDULE, 0, np.arange(tau, dtype=np.uint64))
+    # floor(u * Σ) in exact integers (w * Σ < 2**64 since Σ <= 2**32)
+    return ((w.astype(np.uint64) * np.uint64(sigma)) >> np.uint64(32)).astype(np.int64)
+
+
+def subnet_keep(subnets, n_blocks, p, *, seed, layer, xp=np):
+    """(len(subnets), n_blocks) bool: row ``i`` is sub-network ``subnets[i]``'s keep mask over
+    ``n_blocks`` unit blocks, on the device of ``xp``. On CuPy it is drawn by the block-mask
+    kernel (one launch; bit-equal to the NumPy draw) rather than on the host and copied: the
+    host Philox costs ~2 ms for 8 x 4096 units."""
+    philox.threshold(p)
+    seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
+    ids = np.asarray(subnets, dtype=np.int64)
+    if xp is np:
+        return philox.keep_grid(seed, layer, 0, philox.TAG_GYRO, len(ids), n_blocks, p,
+                                row_ids=ids)
+    m = masks.block_mask((len(ids), n_blocks), (1, 1), p, seed=seed, layer=layer, step=0, xp=xp,
+                         row_ids=ids, tag=philox.TAG_GYRO)
+    return m.keep_blocks()
+
+
+def row_block_subnets(step, n_row_blocks, subnets):
+    """Sub-network id per row block: row block ``r`` runs slot ``(step * n + r) mod τ``."""
+    subnets = np.asarray(subnets, dtype=np.int64)
+    tau = len(subnets)
+    first = (int(step) * int(n_row_blocks)) % tau  # Python ints: no overflow at large steps
+    return subnets[(first + np.arange(n_row_blocks)) % tau]
+
+
+@dataclass(frozen=True)
+class GyroMask:
+    """The unit masks of the τ slots of one step: ``keep[t]`` (bool, on the device) is the mask
+    of sub-network ``subnets[t]``, applied to row group ``t`` of the batch."""
+
+    keep: object       # (τ, N) bool
+    subnets: tuple     # (τ,) host ints
+    p: float
+
+    @property
+    def q(self):
+        return 1.0 - self.p
+
+    @property
+    def n_units(self):
+        return self.keep.shape[1]
+
+    @property
+    def co_scheduled(self):
+        return self.keep.shape[0]
+
+    def row_bounds(self, batch, ragged=False):
+        """``[(start, stop)]`` of the τ contiguous row groups of a batch of ``batch`` rows.
+        Unless ``ragged``, τ must divide the batch; with ``ragged`` the groups' sizes differ by
+        at most one (group ``t`` is rows ``[t B // τ, (t+1) B // τ)``, empty when B < τ)."""
+        tau = self.co_scheduled
+        if batch % tau and not ragged:
+            raise ValueError(f"co_scheduled (τ = {tau}) must divide the batch size ({batch}) for "
+                             "gyro dropout's row groups; use a batch size that τ divides, "
+                             "drop_last=True, or ragged=True")
+        return [(t * batch // tau, (t + 1) * batch // tau) for t in range(tau)]
+
+    def to_dense(self, shape, unit_axis=None, ragged=False):
+        """Bool array of ``shape`` (for tests and reference paths)."""
+        xp = backend.get_array_module(self.keep)
+        ax = unit_axis_of(shape, unit_axis)
+        if shape[ax] != self.n_units:
+            raise ValueError(f"x has {shape[ax]} units on axis {ax}, the mask {self.n_units}")
+        out = xp.zeros(shape, dtype=bool)
+        bshape = [1] * len(shape)
+        bshape[ax] = self.n_units
+        for t, (a, b) in enumerate(self.row_bounds(shape[0], ragged)):
+            out[a:b] = self.keep[t].reshape(bshape[1:] if ax else bshape)
+        return out
+
+
+def unit_axis_of(shape, unit_axis=None):
+    """The units axis: ``unit_axis`` if given, else channels (1) for 4-D (N, C, H, W) conv
+    activations and the last axis otherwise. Axis 0 is always the batch."""
+    nd = len(shape)
+    if nd < 2:
+        raise ValueError(f"gyro dropout needs x with a batch axis and a units axis (ndim >= 2), "
+                         f"got shape {tuple(shape)}")
+    if unit_axis is None:
+        return 1 if nd == 4 else nd - 1
+    ax = _check_int("unit_axis", unit_axis, -nd + 1 - 0, nd - 1)
+    ax = ax % nd
+    if ax == 0:
+        raise ValueError("unit_axis must not be the batch axis 0")
+    return ax
+
+
+def gyro_mask(n_units, p, *, step, seed=0, layer=0, num_subnets=DEFAULT_NUM_SUBNETS,
+              co_scheduled=DEFAULT_CO_SCHEDULED, period=DEFAULT_PERIOD,
+              schedule="consecutive", xp=np) -> GyroMask:
+    """The element gyro mask of ``step``: τ unit masks over ``n_units`` units."""
+    n_units = _check_int("n_units", n_units, 1)
+    ids = scheduled_subnets(step, num_subnets=num_subnets, co_scheduled=co_scheduled,
+                            period=period, schedule=schedule, seed=seed, layer=layer)
+    keep = subnet_keep(ids, n_units, p, seed=seed, layer=layer, xp=xp)
+    return GyroMask(keep, tuple(int(i) for i in ids), float(p))
+
+
+def blockwise_row_ids(step, n_rows, *, block=DEFAULT_BLOCK, num_subnets=DEFAULT_NUM_SUBNETS,
+                      co_scheduled=DEFAULT_CO_SCHEDULED, period=DEFAULT_PERIOD,
+                      schedule="consecutive", seed=0, layer=0):
+    """Sub-network id of each row block of an ``n_rows``-row batch at ``step``."""
+    mb, _ = check_block(block)
+    n_row_blocks = -(-_check_int("n_rows", n_rows, 1) // mb)
+    ids = scheduled_subnets(step, num_subnets=num_subnets, co_scheduled=co_scheduled,
+                            period=period, schedule=schedule, seed=seed, layer=layer)
+    return row_block_subnets(step, n_row_blocks, ids)
+
+
+def blockwise_mask(shape, p, *, step, seed=0, layer=0, block=DEFAULT_BLOCK,
+                   num_subnets=DEFAULT_NUM_SUBNETS, co_scheduled=DEFAULT_CO_SCHEDULED,
+                   period=DEFAULT_PERIOD, schedule="consecutive", xp=np) -> masks.BlockMask:
+    """The block-wise gyro mask of ``step`` over an (M, K) operand, as a ``BlockMask`` (bits
+    and kept-block lists, one launch on CuPy): row block ``r`` carries the unit-block mask of
+    its sub-network. Edge blocks are partial when the shape does not divide."""
+    block = check_block(block)
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (M, K), got {tuple(shape)}")
+    ids = blockwise_row_ids(step, shape[0], block=block, num_subnets=num_subnets,
+                            co_scheduled=co_scheduled, period=period, schedule=schedule,
+                            seed=seed, layer=layer)
+    return masks.block_mask(shape, block, p, seed=seed, layer=layer, step=0, xp=xp,
+                            row_ids=ids, tag=philox.TAG_GYRO)

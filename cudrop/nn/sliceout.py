@@ -1,0 +1,152 @@
+"""SliceOut layers: one contiguous slice of units (features, channels or heads) kept per training
+step, drawn from (seed, layer_id, step); the layers' products run on the kept slice only.
+
+- ``SliceOut``: the standalone mask, ``x ⊙ m / q`` along the feature axis (-1), or the channel
+  axis (1) of a 4-D NCHW input. It saves no compute by itself; it is the semantic form (and the
+  way to slice activations that feed a non-linear layer).
+- ``SliceOutLinear``: ``mode='input'`` drops input units, ``(x ⊙ m / q) @ W + b`` as
+  ``X[:, S] @ W[S, :]``; ``mode='output'`` drops output units, ``(x W + b) ⊙ m / q`` as
+  ``X @ W[:, S]``.
+- ``SliceOutConv2d``: drops output channels; only ``weight[S]`` is convolved.
+- ``SliceOutMultiHeadAttention``: drops heads; only the kept heads are projected, attended and
+  projected back.
+
+Each calls ``next_step()`` once per training forward and records the kept ranges in
+``last_ranges``. In eval mode they are the plain dense layer (or the identity), with no scaling,
+and the step does not advance. Wrap-around vs aligned slices: see
+``cudrop.functional.sliceout``. The layer classes subclass the dense ones, so parameter names and
+initialisation are those of ``Linear``, ``Conv2d`` and ``MultiHeadAttention``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import autograd as ag
+from ..functional import sliceout as F
+from ..philox import check_seed
+from .attention import MultiHeadAttention
+from .layers import Conv2d, Linear
+from .stochastic import StochasticLayer
+
+__all__ = ["SliceOut", "SliceOutLinear", "SliceOutConv2d", "SliceOutMultiHeadAttention"]
+
+
+class _SliceMixin:
+    """Shared by the layers: validated (p, align), the per-step draw, ``last_ranges``."""
+
+    def _init_slice(self, p, align, seed, layer_id, n_units=None):
+        # The dense base's __init__ already ran StochasticLayer.__init__ with defaults (it is
+        # next in the MRO); set the caller's seed and layer id over them.
+        object.__setattr__(self, "seed", check_seed("seed", seed))
+        if layer_id is not None:
+            object.__setattr__(self, "layer_id", check_seed("layer_id", layer_id))
+        self.p = F.check_p(p)
+        self.align = F.check_align(align)
+        if n_units is not None:  # fail at construction, not at the first training step
+            F.num_starts(n_units, F.keep_count(n_units, self.p), self.align)
+        self.last_ranges = None
+
+    def _draw(self, n_units):
+        ranges = F.draw_slice(n_units, self.p, seed=self.seed, layer=self.layer_id,
+                              step=self.next_step(), align=self.align)
+        self.last_ranges = ranges
+        return ranges
+
+    def _slice_repr(self):
+        align = "" if self.align is None else f", align={self.align}"
+        return f"p={self.p}{align}, {StochasticLayer.extra_repr(self)}"
+
+
+class SliceOut(_SliceMixin, StochasticLayer):
+    """``x ⊙ m / q`` with ``m`` one contiguous slice of ``round((1 - p) n)`` units along
+    ``axis`` (default: 1 for 4-D NCHW inputs, else -1); ``q = keep / n``. Identity in eval."""
+
+    def __init__(self, p=0.5, align=None, seed=0, layer_id=None, axis=None):
+        StochasticLayer.__init__(self, seed, layer_id)
+        self._init_slice(p, align, seed, layer_id)
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
+            raise ValueError(f"axis must be an int or None, got {axis!r}")
+        self.axis = axis
+
+    def forward(self, x):
+        if not self.is_training:
+            return x
+        axis = self.axis if self.axis is not None else (1 if x.ndim == 4 else -1)
+        if not -x.ndim <= axis < x.ndim:
+            raise ValueError(f"SliceOut: axis {axis} is out of range for input of shape "
+                             f"{x.shape}")
+        ranges = self._draw(x.shape[axis])
+        return ag.sliceout(x, ranges, axis)
+
+    def extra_repr(self):
+        return self._slice_repr()
+
+
+class SliceOutLinear(Linear, _SliceMixin, StochasticLayer):
+    """Linear layer with SliceOut on its input units (``mode='input'``: the GEMM shrinks along
+    K) or its output units (``mode='output'``: the GEMM shrinks along N)."""
+
+    def __init__(self, in_features, out_features, p=0.5, bias=True, mode="input", align=None,
+                 seed=0, layer_id=None, rng=None, dtype=np.float32):
+        if mode not in ("input", "output"):
+            raise ValueError(f"mode must be 'input' or 'output', got {mode!r}")
+        Linear.__init__(self, in_features, out_features, bias=bias, rng=rng, dtype=dtype)
+        self.mode = mode
+        n = self.in_features if mode == "input" else self.out_features
+        self._init_slice(p, align, seed, layer_id, n)
+
+    def forward(self, x):
+        if not self.is_training:
+            return Linear.forward(self, x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SliceOutLinear expects inputs with {self.in_features} features "
+                             f"in the last axis, got shape {x.shape}")
+        if self.mode == "input":
+            return ag.sliceout_linear(x, self.weight, self.bias, self._draw(self.in_features))
+        return ag.sliceout_linear_out(x, self.weight, self.bias, self._draw(self.out_features))
+
+    def extra_repr(self):
+        return f"{Linear.extra_repr(self)}, mode={self.mode!r}, {self._slice_repr()}"
+
+
+class SliceOutConv2d(Conv2d, _SliceMixin, StochasticLayer):
+    """Conv2d with SliceOut on its output channels: only the kept filters are convolved."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, p=0.5, stride=1, padding=0,
+                 bias=True, align=None, seed=0, layer_id=None, rng=None, dtype=np.float32):
+        Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
+                        padding=padding, bias=bias, rng=rng, dtype=dtype)
+        self._init_slice(p, align, seed, layer_id, self.out_channels)
+
+    def forward(self, x):
+        if not self.is_training:
+            return Conv2d.forward(self, x)
+        return ag.sliceout_conv2d(x, self.weight, self.bias, self._draw(self.out_channels),
+                                  stride=self.stride, padding=self.padding)
+
+    def extra_repr(self):
+        return f"{Conv2d.extra_repr(self)}, {self._slice_repr()}"
+
+
+class SliceOutMultiHeadAttention(MultiHeadAttention, _SliceMixin, StochasticLayer):
+    """Self-attention with SliceOut on its heads: the concatenated head outputs are masked by
+    a contiguous slice of heads and scaled by ``heads / kept`` before the output projection,
+    and only the kept heads are computed. No attention-probability dropout."""
+
+    def __init__(self, dim, num_heads, p=0.5, causal=False, align=None, seed=0, layer_id=None,
+                 rng=None, dtype=np.float32):
+        MultiHeadAttention.__init__(self, dim, num_heads, causal=causal, rng=rng, dtype=dtype)
+        self._init_slice(p, align, seed, layer_id, self.num_heads)
+
+    def forward(self, x):
+        if not self.is_training:
+            return MultiHeadAttention.forward(self, x)
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"SliceOutMultiHeadAttention expects (batch, time, {self.dim}), "
+                             f"got {x.shape}")
+        return ag.sliceout_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight,
+                                     self.proj.bias, self.num_heads,
+                                     self._draw(self.num_heads), causal=self.causal)
+
+    def extra_repr(self):
+        return f"{MultiHeadAttention.extra_repr(self)}, {self._slice_repr()}"

@@ -1,0 +1,421 @@
+"""Depth dropout and stochastic depth: skipped bodies, scaling, determinism, per-sample mode."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import cudrop as cd
+from cudrop import backend, models, nn, philox
+from cudrop.autograd import check_grad
+from cudrop.functional import depth as F
+from cudrop.nn.depth import (DepthDropout, StochasticDepth, conv_shortcut, linear_shortcut,
+                             stochastic_depth_probs)
+from cudrop.nn.module import Module
+from cudrop.nn.stochastic import set_step
+
+KINDS = [DepthDropout, StochasticDepth]
+
+
+class Recorder(Module):
+    """Wraps a body: counts calls and records the input rows it saw."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(backend.asnumpy(x.data).copy())
+        return self.inner(x)
+
+
+class TanhLinear(Module):
+    """tanh(x @ w) with ``w`` a plain attribute, so check_grad can hand in the weight."""
+
+    def __init__(self, w):
+        super().__init__()
+        object.__setattr__(self, "w", w)
+
+    def forward(self, x):
+        return cd.tanh(x @ self.w)
+
+
+def _dev(xp):
+    return "cpu" if xp is np else "gpu"
+
+
+def _mlp_unit(cls, xp, p, mode="batch", seed=3, layer_id=7, width=5, bn=False):
+    body = nn.Sequential(nn.Linear(width, width, rng=1), nn.Tanh(),
+                         *( [nn.BatchNorm1d(width)] if bn else []),
+                         nn.Linear(width, width, rng=2))
+    short = linear_shortcut(width, width, rng=4) if cls is DepthDropout else None
+    u = cls(Recorder(body), short, p, nn.ReLU(), mode=mode, seed=seed, layer_id=layer_id)
+    return u.to(_dev(xp), dtype=np.float64)
+
+
+def _x(xp, n=6, width=5, seed=0):
+    return cd.Tensor(xp.asarray(np.random.default_rng(seed).standard_normal((n, width))))
+
+
+def _step_with(unit, want, start=0):
+    """The first step >= start whose batch gate equals ``want``."""
+    s = start
+    while unit.keep_gate(s) != want:
+        s += 1
+    return s
+
+
+def _np(t):
+    return backend.asnumpy(t.data if isinstance(t, cd.Tensor) else t)
+
+
+# ---- forward equals the dense formula --------------------------------------------------------
+
+@pytest.mark.parametrize("cls", KINDS)
+def test_batch_forward_matches_formula(xp, cls):
+    u = _mlp_unit(cls, xp, p=0.5)
+    x = _x(xp)
+    for step in range(12):
+        a = philox.uniform(u.seed, u.layer_id, step, philox.TAG_DEPTH, 1)[0] >= u.p
+        assert u.step == step
+        y = u(x)
+        with cd.no_grad():
+            f = u.body.inner(x).data
+            t = u.shortcut(x).data
+        scale = 1 / (1 - u.p) if cls is StochasticDepth else 1.0
+        ref = np.maximum(_np(t) + a * scale * _np(f), 0)
+        assert np.allclose(_np(y), ref, rtol=1e-12, atol=1e-12)
+    assert u.step == 12
+
+
+@pytest.mark.parametrize("cls", KINDS)
+def test_eval_keeps_every_body_unscaled_and_does_not_advance(xp, cls):
+    u = _mlp_unit(cls, xp, p=0.75)
+    x = _x(xp)
+    u.eval()
+    for _ in range(5):
+        y = u(x)
+    assert len(u.body.seen) == 5 and u.step == 0
+    ref = np.maximum(_np(u.body.inner(x)) + _np(u.shortcut(x)), 0)
+    assert np.allclose(_np(y), ref)
+    u.train()
+    with cd.eval_mode():  # the global switch alone also means test time
+        u(x)
+    assert len(u.body.seen) == 6 and u.step == 0
+
+
+def test_is_a_residual_unit_and_a_stochastic_layer():
+    u = StochasticDepth(nn.Linear(3, 3), None, 0.2, seed=1, layer_id=2)
+    assert isinstance(u, nn.ResidualUnit) and isinstance(u, nn.stochastic.StochasticLayer)
+    assert isinstance(u.shortcut, nn.Identity) and isinstance(u.activation, nn.Identity)
+    assert "p=0.2" in repr(u) and "layer_id=2" in repr(u)
+    assert [n for n, _ in u.named_parameters()] == ["body.weight", "body.bias"]
+    assert u.scale == pytest.approx(1 / 0.8)
+    assert DepthDropout(nn.Linear(3, 3), None, 0.2).scale == 1.0
+
+
+# ---- skipping --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", KINDS)
+def test_dropped_body_is_not_called_and_gets_no_gradient(xp, cls):
+    u = _mlp_unit(cls, xp, p=0.5)
+    if cls is StochasticDepth:  # identity shortcut has nothing to train; give it a Linear
+        u.shortcut = linear_shortcut(5, 5, rng=4).to(_dev(xp), dtype=np.float64)
+    set_step(u, _step_with(u, False))
+    x = _x(xp)
+    y = u(x)
+    y.backward(xp.ones(y.shape))
+    assert u.body.seen == []
+    assert all(p.grad is None for p in u.body.parameters())
+    assert all(p.grad is not None for p in u.shortcut.parameters())
+    ref = np.maximum(_np(u.shortcut(x)), 0)
+    assert np.allclose(_np(y), ref)
+    # kept: both paths get gradients
+    u.zero_grad()
+    set_step(u, _step_with(u, True))
+    y = u(x)
+    y.backward(xp.ones(y.shape))
+    assert len(u.body.seen) == 1
+    assert all(p.grad is not None for p in u.parameters())
+
+
+# ---- gradients -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", KINDS)
+@pytest.mark.parametrize("kept", [True, False])
+def test_batch_gradients(xp, cls, kept):
+    rng = np.random.default_rng(1)
+    probe = cls(nn.Identity(), None, 0.5, seed=5, layer_id=9)
+    step = _step_with(probe, kept)
+
+    def fn(x, wf, wt):
+        u = cls(TanhLinear(wf), TanhLinear(wt), 0.5, nn.Tanh(), seed=5, layer_id=9)
+        set_step(u, step)
+        return u(x)
+
+    x, wf, wt = (xp.asarray(rng.standard_normal(s)) for s in [(4, 3), (3, 3), (3, 3)])
+    check_grad(fn, x, wf, wt)
+
+
+@pytest.mark.parametrize("cls", KINDS)
+@pytest.mark.parametrize("bn", [False, True])
+def test_sample_mode_gradients(xp, cls, bn):
+    rng = np.random.default_rng(2)
+    u = _mlp_unit(cls, xp, p=0.5, mode="sample", bn=bn)
+    # a step where some, not all, samples are kept (>= 3: BatchNorm over two rows is +-1,
+    # whose gradient vanishes and would hide a wrong one)
+    step = next(s for s in range(100) if 3 <= u.keep_samples(s, 6).sum() < 6)
+
+    def fn(x, wf, wt):
+        object.__setattr__(u, "step", step)
+        u.body = TanhLinear(wf)
+        if bn:
+            u.body = nn.Sequential(u.body, nn.BatchNorm1d(3).to(_dev(xp), dtype=np.float64))
+        u.shortcut = TanhLinear(wt)
+        return u(x)
+
+    x, wf, wt = (xp.asarray(rng.standard_normal(s)) for s in [(6, 3), (3, 3), (3, 3)])
+    check_grad(fn, x, wf, wt)
+
+
+# ---- keep rates, decay, down-sampling ----------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+def test_keep_rate_within_binomial_bounds(mode):
+    p, steps, n = 0.3, 2000, 4
+    u = StochasticDepth(nn.Identity(), None, p, mode=mode, seed=11, layer_id=1)
+    if mode == "batch":
+        kept, trials = sum(u.keep_gate(s) for s in range(steps)), steps
+    else:
+        kept, trials = sum(int(u.keep_samples(s, n).sum()) for s in range(steps)), steps * n
+    q = 1 - p
+    assert abs(kept - q * trials) < 5 * np.sqrt(trials * p * q)
+
+
+def test_body_calls_follow_the_gate():
+    u = DepthDropout(Recorder(nn.Identity()), None, 0.6, seed=2, layer_id=4)
+    x = cd.Tensor(np.ones((2, 3)))
+    for _ in range(200):
+        u(x)
+    assert len(u.body.seen) == sum(u.keep_gate(s) for s in range(200))
+
+
+def test_stochastic_depth_probabilities_decay_linearly():
+    assert stochastic_depth_probs(4, 0.5) == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    m = models.resnet20(in_channels=1, stochastic_depth=0.5, keep_downsampling=False)
+    ps = np.array([u.p for u in m.units])
+    L = len(ps)
+    assert L == 9 and all(isinstance(u, StochasticDepth) for u in m.units)
+    assert np.allclose(ps, 0.5 * np.arange(1, L + 1) / L)
+    assert np.allclose(np.diff(ps), 0.5 / L) and ps[-1] == pytest.approx(0.5)
+    # keep_downsampling: stride-2 units never drop, the others keep their place in the decay
+    m = models.resnet56(in_channels=1, stochastic_depth=0.5)
+    L = len(m.units)
+    for l, u in enumerate(m.units, 1):
+        assert u.p == (0.0 if u.downsamples else pytest.approx(0.5 * l / L))
+    assert sum(u.downsamples for u in m.units) == 2
+
+
+def test_depth_dropout_units_and_downsampling_never_dropped():
+    m = models.ResNet(8, num_classes=3, in_channels=1, widths=(2, 3, 3), depth_dropout=0.75)
+    assert all(isinstance(u, DepthDropout) for u in m.units)
+    for u in m.units:
+        assert u.p == (0.0 if u.downsamples else 0.75)
+        conv, bn, relu = u.shortcut  # t = 1x1 conv + BN + ReLU with the unit's stride
+        assert conv.kernel_size == (1, 1) and conv.stride == (2 if u.downsamples else 1)
+        assert isinstance(bn, nn.BatchNorm2d) and isinstance(relu, nn.ReLU)
+        u.body = Recorder(u.body)
+    x = cd.Tensor(np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype(np.float32))
+    for _ in range(12):
+        m(x)
+    calls = [len(u.body.seen) for u in m.units]
+    assert [c for c, u in zip(calls, m.units) if u.downsamples] == [12, 12]
+    assert calls[0] == sum(m.units[0].keep_gate(s) for s in range(12)) < 12
+    m2 = models.ResNet(8, in_channels=1, depth_dropout=0.75, keep_downsampling=False)
+    assert [u.p for u in m2.units] == [0.75] * 3
+
+
+# ---- determinism and resume ------------------------------------------------------------------
+
+def _decisions(unit, x, steps):
+    start = len(unit.body.seen)
+    out = []
+    for _ in range(steps):
+        unit(x)
+        out.append(len(unit.body.seen) > start)
+        start = len(unit.body.seen)
+    return out
+
+
+def test_same_seed_layer_step_same_decision():
+    x = cd.Tensor(np.ones((2, 3)))
+    a = DepthDropout(Recorder(nn.Identity()), None, 0.5, seed=8, layer_id=3)
+    b = DepthDropout(Recorder(nn.Identity()), None, 0.5, seed=8, layer_id=3)
+    c = DepthDropout(Recorder(nn.Identity()), None, 0.5, seed=8, layer_id=4)
+    da, db, dc = (_decisions(u, x, 40) for u in (a, b, c))
+    assert da == db and da != dc
+    assert da == [a.keep_gate(s) for s in range(40)]
+
+
+@pytest.mark.parametrize("kw", [dict(depth_dropout=0.5), dict(stochastic_depth=0.6),
+                                dict(stochastic_depth=0.6, stochastic_depth_mode="sample")])
+def test_state_dict_round_trip_resumes_decisions(kw):
+    def build():
+        m = models.ResNet(8, num_classes=3, in_channels=1, widths=(2, 2, 2), seed=4,
+                          keep_downsampling=False, **kw)
+        for u in m.units:
+            u.body = Recorder(u.body)
+        return m
+
+    # 8x8 so that one kept sample still gives BatchNorm several values per channel
+    x = cd.Tensor(np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32))
+    a = build()
+    for _ in range(3):
+        a(x)
+    state = a.state_dict()
+    assert [int(state[f"units.{i}.step"]) for i in range(3)] == [3, 3, 3]
+    for u in a.units:
+        u.body.seen.clear()
+    for _ in range(6):
+        a(x)
+    b = build()
+    b.load_state_dict(state)
+    assert [u.step for u in b.units] == [3, 3, 3]
+    for _ in range(6):
+        b(x)
+    for ua, ub in zip(a.units, b.units):
+        assert [s.shape for s in ua.body.seen] == [s.shape for s in ub.body.seen]
+    set_step(b, 0)
+    assert [u.step for u in b.units] == [0, 0, 0]
+
+
+# ---- per-sample mode -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", KINDS)
+def test_sample_mode_runs_body_on_kept_rows_only(xp, cls):
+    n = 8
+    u = _mlp_unit(cls, xp, p=0.5, mode="sample")
+    x = _x(xp, n)
+    scale = 1 / (1 - u.p) if cls is StochasticDepth else 1.0
+    partial = 0
+    for step in range(10):
+        keep = philox.uniform(u.seed, u.layer_id, step, philox.TAG_SAMPLE, n) >= u.p
+        calls = len(u.body.seen)
+        y = _np(u(x))
+        t = _np(u.shortcut(x))
+        if not keep.any():
+            assert len(u.body.seen) == calls
+        else:
+            assert len(u.body.seen) == calls + 1
+            assert np.array_equal(u.body.seen[-1], _np(x)[keep])  # exactly the kept rows
+            partial += not keep.all()
+        f = np.zeros_like(t)
+        if keep.any():
+            f[keep] = _np(u.body.inner(cd.Tensor(x.data[xp.asarray(np.flatnonzero(keep))])))
+        assert np.allclose(y[~keep], np.maximum(t[~keep], 0))  # dropped rows: shortcut only
+        assert np.allclose(y, np.maximum(t + scale * f, 0))
+    assert partial > 0
+
+
+def test_sample_mode_with_nothing_kept_never_calls_body():
+    u = StochasticDepth(Recorder(nn.Identity()), None, 0.9, mode="sample", seed=0, layer_id=0)
+    step = next(s for s in range(200) if not u.keep_samples(s, 2).any())
+    set_step(u, step)
+    x = cd.Tensor(np.ones((2, 3)), requires_grad=True)
+    y = u(x)
+    assert u.body.seen == [] and np.array_equal(y.data, x.data)
+
+
+def test_sample_mode_batchnorm_sees_kept_samples_only():
+    bn = nn.BatchNorm1d(3, momentum=1.0).to(dtype=np.float64)
+    u = StochasticDepth(bn, None, 0.5, mode="sample", seed=1, layer_id=1)
+    step = next(s for s in range(100) if 2 <= u.keep_samples(s, 6).sum() < 6)
+    keep = u.keep_samples(step, 6)
+    set_step(u, step)
+    x = np.random.default_rng(3).standard_normal((6, 3))
+    u(cd.Tensor(x))
+    assert np.allclose(bn.running_mean, x[keep].mean(0))
+
+
+@given(n=st.integers(1, 9), cols=st.integers(1, 4), scale=st.floats(0.5, 4.0),
+       seed=st.integers(0, 2 ** 16))
+def test_functional_gather_scatter_pair(n, cols, scale, seed):
+    rng = np.random.default_rng(seed)
+    keep = rng.random(n) < 0.5
+    idx = np.flatnonzero(keep)
+    x, base = rng.standard_normal((n, cols)), rng.standard_normal((n, cols))
+    rows, saved = F.gather_rows(x, idx)
+    assert np.array_equal(rows, x[keep])
+    out, s2 = F.scatter_add_rows(base, rows, idx, scale)
+    ref = base + scale * np.where(keep[:, None], x, 0)
+    assert np.allclose(out, ref) and not np.shares_memory(out, base)
+    g = rng.standard_normal((n, cols))
+    gb, gr = F.scatter_add_rows_backward(g, s2)
+    gx = F.gather_rows_backward(gr, saved)
+    assert np.array_equal(gb, g)
+    assert np.allclose(gx, scale * np.where(keep[:, None], g, 0))
+    # adjoint identities: <g, scatter(r)> == <scatter*(g), r>, <gather(x), r> == <x, gather*(r)>
+    assert np.isclose((g * (out - base)).sum(), (gr * rows).sum())
+    assert np.isclose((rows * gr).sum(), (x * F.gather_rows_backward(gr, saved)).sum())
+
+
+def test_functional_pair_validates():
+    with pytest.raises(ValueError, match="rows must have shape"):
+        F.scatter_add_rows(np.zeros((4, 2)), np.zeros((3, 2)), np.array([0, 1]))
+    with pytest.raises(ValueError, match="idx must be a 1-D integer"):
+        F.gather_rows(np.zeros((4, 2)), np.array([0.0]))
+
+
+# ---- model builders --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [dict(depth_dropout=0.5), dict(stochastic_depth=0.5),
+                                dict(stochastic_depth=0.9, stochastic_depth_mode="sample")])
+def test_resnet_with_depth_options_trains(kw):
+    m = models.resnet20(num_classes=3, in_channels=1, widths=(2, 3, 4), **kw).to(dtype=np.float64)
+    x = cd.Tensor(np.random.default_rng(0).standard_normal((4, 1, 8, 8)))
+    for _ in range(2):
+        m.zero_grad()
+        loss = cd.cross_entropy(m(x), np.array([0, 1, 2, 0]))
+        loss.backward()
+        assert np.isfinite(loss.item())
+        assert m.head.weight.grad is not None and m.stem[0].weight.grad is not None
+    m.eval()
+    assert m(x).shape == (4, 3)
+
+
+def test_conv_unit_forward_matches_formula():
+    unit = nn.basic_block(2, 3, 2, rng=0, dtype=np.float64)
+    u = DepthDropout.from_unit(unit, 0.5, shortcut=conv_shortcut(2, 3, 2, rng=1, dtype=np.float64),
+                               seed=0, layer_id=0)
+    assert u.downsamples and u.body is unit.body and u.activation is unit.activation
+    x = cd.Tensor(np.random.default_rng(0).standard_normal((2, 2, 5, 5)))
+    for step in range(4):
+        y = u(x)
+        with cd.no_grad():
+            ref = u.shortcut(x).data + u.keep_gate(step) * u.body(x).data
+        assert np.allclose(y.data, np.maximum(ref, 0))
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan"), True, "0.5"])
+@pytest.mark.parametrize("cls", KINDS)
+def test_bad_p_raises_naming_p(cls, p):
+    with pytest.raises(ValueError, match=r"\bp must"):
+        cls(nn.Identity(), None, p)
+
+
+def test_builder_validates():
+    with pytest.raises(ValueError, match="depth_dropout"):
+        models.resnet20(depth_dropout=1.0)
+    with pytest.raises(ValueError, match="stochastic_depth must"):
+        models.resnet56(stochastic_depth=-0.5)
+    with pytest.raises(ValueError, match="stochastic_depth_mode"):
+        models.resnet20(stochastic_depth=0.5, stochastic_depth_mode="row")
+    with pytest.raises(ValueError, match="at most one"):
+        models.resnet20(depth_dropout=0.5, stochastic_depth=0.5)
+    with pytest.raises(ValueError, match="mode"):
+        DepthDropout(nn.Identity(), None, 0.5, mode="token")
+    with pytest.raises(TypeError, match="body"):
+        StochasticDepth(lambda x: x, None, 0.5)
+    plain = models.resnet20(in_channels=1)
+    assert all(type(u) is nn.ResidualUnit for u in plain.units)
