@@ -1,7 +1,10 @@
 """Layers and containers."""
 from .attention import MultiHeadAttention
+from .depth import (DepthDropout, StochasticDepth, conv_shortcut, linear_shortcut,
+                    stochastic_depth_probs)
 from .dropout import DROPOUT_KINDS, Dropout, Identity, make_dropout
 from .layers import (GELU, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Embedding, Flatten,
                      GlobalAvgPool2d, LayerNorm, Linear, MaxPool2d, ReLU, Tanh)
 from .module import Module, ModuleList, Parameter, Sequential
 from .residual import ResidualUnit, basic_block
+from .stochastic import StochasticLayer, set_step

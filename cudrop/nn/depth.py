@@ -42,9 +42,8 @@ import numbers
 import numpy as np
 
 from .. import backend, philox
-from ..autograd.function import Function
+from ..autograd.depth import gather_rows, scatter_add_rows  # noqa: F401  (re-exported)
 from ..autograd.tensor import Tensor
-from ..functional import depth as F
 from .dropout import Identity
 from .layers import BatchNorm2d, Conv2d, Linear, ReLU
 from .module import Module, Sequential
@@ -65,41 +64,6 @@ def check_mode(name, mode):
     if mode not in MODES:
         raise ValueError(f"{name} must be one of {MODES}, got {mode!r}")
     return mode
-
-
-# Thin autograd wrappers over the functional pair (kept here, beside their only user).
-class _GatherRows(Function):
-    def __init__(self, idx):
-        self.idx = idx
-
-    def forward(self, x):
-        y, self.saved = F.gather_rows(x, self.idx)
-        return y
-
-    def backward(self, g):
-        return F.gather_rows_backward(g, self.saved)
-
-
-class _ScatterAddRows(Function):
-    def __init__(self, idx, scale):
-        self.idx, self.scale = idx, scale
-
-    def forward(self, base, rows):
-        y, self.saved = F.scatter_add_rows(base, rows, self.idx, self.scale)
-        return y
-
-    def backward(self, g):
-        return F.scatter_add_rows_backward(g, self.saved)
-
-
-def gather_rows(x, idx):
-    """Differentiable ``x[idx]`` along axis 0 for distinct indices ``idx`` (a raw array)."""
-    return _GatherRows(idx)(x)
-
-
-def scatter_add_rows(base, rows, idx, scale=1.0):
-    """Differentiable ``base`` with ``scale * rows`` added at rows ``idx`` (distinct)."""
-    return _ScatterAddRows(idx, scale)(base, rows)
 
 
 class _GatedUnit(ResidualUnit, StochasticLayer):
