@@ -16,4 +16,4 @@ def mlp(in_features, num_classes, hidden=(256, 256), dropout="dropout", p=0.0, s
         layers += [nn.Linear(width, h, rng=rng, dtype=dtype), nn.ReLU(), nn.make_dropout(dropout, p)]
         width = h
     layers.append(nn.Linear(width, num_classes, rng=rng, dtype=dtype))
-    return nn.Sequential(*layers)
+    return nn.number_layers(nn.Sequential(*layers), seed)

@@ -24,8 +24,9 @@ class ResNet(nn.Module):
     (for stochastic depth they keep their place ``l`` in the decay). Pass False for Huang et
     al.'s setting, which drops them too.
 
-    Unit ``i`` draws with ``(seed, layer_id=i)``: decisions do not depend on what else the
-    process built, so a model rebuilt from the same arguments and state_dict resumes them.
+    Stochastic layers are numbered in module order (``nn.number_layers``) and draw with
+    ``seed``: decisions do not depend on what else the process built, so a model rebuilt from the
+    same arguments and state_dict resumes them.
     """
 
     def __init__(self, depth=20, num_classes=10, in_channels=3, widths=(16, 32, 64),
@@ -69,6 +70,7 @@ class ResNet(nn.Module):
         self.pool = nn.GlobalAvgPool2d()
         self.drop = nn.make_dropout(dropout, p)
         self.head = nn.Linear(c, num_classes, rng=rng, dtype=dtype)
+        nn.number_layers(self, seed)
 
     def forward(self, x):
         x = self.stem(x)

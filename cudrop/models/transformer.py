@@ -40,6 +40,7 @@ class GPT(nn.Module):
                                       for _ in range(depth)])
         self.ln = nn.LayerNorm(dim, dtype=dtype)
         self.head = nn.Linear(dim, vocab_size, bias=False, rng=rng, dtype=dtype)
+        nn.number_layers(self, seed)
 
     def forward(self, idx):
         idx = idx.data if isinstance(idx, ag.Tensor) else idx
@@ -73,6 +74,7 @@ class ViT(nn.Module):
                                                        rng, dtype) for _ in range(depth)])
         self.ln = nn.LayerNorm(dim, dtype=dtype)
         self.head = nn.Linear(dim, num_classes, rng=rng, dtype=dtype)
+        nn.number_layers(self, seed)
 
     def forward(self, x):
         b, c, h, w = x.shape

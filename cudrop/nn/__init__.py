@@ -7,4 +7,4 @@ from .layers import (GELU, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Embeddin
                      GlobalAvgPool2d, LayerNorm, Linear, MaxPool2d, ReLU, Tanh)
 from .module import Module, ModuleList, Parameter, Sequential
 from .residual import ResidualUnit, basic_block
-from .stochastic import StochasticLayer, set_step
+from .stochastic import StochasticLayer, number_layers, set_step

@@ -36,3 +36,14 @@ def set_step(model: Module, step: int) -> None:
     for m in model.modules():
         if isinstance(m, StochasticLayer):
             object.__setattr__(m, "step", int(step))
+
+
+def number_layers(model: Module, seed: int | None = None) -> Module:
+    """Give the stochastic layers of ``model`` the ids 0, 1, 2, ... in module order (and
+    ``seed`` when given). Model builders call this, so a model rebuilt in a new process draws
+    the same masks whatever else that process built first."""
+    for i, m in enumerate(m for m in model.modules() if isinstance(m, StochasticLayer)):
+        object.__setattr__(m, "layer_id", i)
+        if seed is not None:
+            object.__setattr__(m, "seed", check_seed("seed", seed))
+    return model
