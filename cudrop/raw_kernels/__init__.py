@@ -52,6 +52,7 @@ def module(name: str, name_expressions: tuple = (), options: tuple = ()):
                                   + tuple(options), name_expressions=list(name_expressions) or None)
 
 
+@functools.lru_cache(maxsize=None)
 def kernel(name: str, expression: str, name_expressions: tuple = (), options: tuple = ()):
     """The function ``expression`` (e.g. ``"scale<float>"``) from source file ``name``."""
     exprs = tuple(name_expressions) or (expression,)
