@@ -6,24 +6,28 @@ Sub-networks. Sub-network ``s`` in ``[0, Σ)`` is a fixed mask over unit blocks:
 ``u`` is kept iff the Philox word at ``(row=s, col=u, step=0, tag=TAG_GYRO)`` is
 ``>= threshold(p)``. Element gyro uses unit blocks of one unit, block-wise gyro blocks of ``Kb``
 units. The draw does not depend on the step, which is what "pre-selected" means here: the Σ
-masks exist implicitly and any of them is regenerated from its id.
+masks exist implicitly and any of them is regenerated from its id. (Element and block-wise
+sub-network ``s`` read the same words, over units or over unit blocks; a layer uses one kind.)
 
 Consecutive schedule (the paper's). The Σ sub-networks form ``Σ/τ`` sets of τ; set
 ``j = step // period`` runs sub-networks ``(j mod Σ/τ) * τ + t`` in its slots ``t = 0..τ-1``.
 Over ``Σ/τ`` consecutive sets every sub-network runs exactly once, for ``period`` consecutive
-steps; after that the cycle repeats. ``period = total_steps * τ / Σ`` (the paper's
-``N τ / Σ``) makes one cycle span the whole run. Ids are not permuted per cycle: the masks are
-i.i.d. draws already, so grouping sub-networks ``jτ..jτ+τ-1`` is as random as any other
-grouping, and a permutation would cost a host sort of Σ numbers per set change.
+steps; after that the cycle repeats. τ must divide Σ (the random schedule does not need it).
+``period = total_steps * τ / Σ`` (the paper's ``N τ / Σ``) makes one cycle span the run.
+Ids are not permuted per cycle: the masks are i.i.d. draws already, so grouping sub-networks
+``jτ..jτ+τ-1`` is as random as any other grouping, and a permutation would cost a host sort of
+Σ numbers per set change.
 
 Random schedule (the paper's §5.3 baseline). Each step, slot ``t`` runs sub-network
 ``floor(u_t * Σ)`` with ``u = philox.uniform(seed, layer, step, TAG_SCHEDULE, τ)``, computed
 exactly in integers as ``(word * Σ) >> 32``. Slots may repeat a sub-network.
 
 Placement. Element gyro splits the batch into τ contiguous row groups, group ``t`` runs slot
-``t``. Block-wise gyro works in row blocks of ``Mb`` rows (128): row block ``r`` at step ``t``
-runs slot ``(t * nRowBlocks + r) mod τ``, so when a batch has fewer row blocks than τ the τ
-co-scheduled sub-networks span several iterations (the paper's Figure 3(b)).
+``t``; τ must divide the batch unless ``ragged`` (then group sizes differ by at most one).
+Block-wise gyro works in row blocks of ``Mb`` rows (128): row block ``r`` at step ``t`` runs
+slot ``(t * nRowBlocks + r) mod τ``, so when a batch has fewer row blocks than τ the τ
+co-scheduled sub-networks span several iterations (the paper's Figure 3(b)). Block-wise needs
+no divisibility: edge blocks are partial.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend, masks, philox
+from .functional.dropout import check_p
 
 SCHEDULES = ("consecutive", "random")
 DEFAULT_NUM_SUBNETS = 1024
@@ -68,8 +73,8 @@ def check_subnets(num_subnets, co_scheduled, schedule="consecutive"):
     if tau > sigma:
         raise ValueError(f"co_scheduled (τ = {tau}) must be <= num_subnets (Σ = {sigma})")
     if schedule == "consecutive" and sigma % tau:
-        raise ValueError(f"co_scheduled (τ = {tau}) must divide num_subnets (Σ = {sigma}) for the "
-                         "consecutive schedule")
+        raise ValueError(f"co_scheduled (τ = {tau}) must divide num_subnets (Σ = {sigma}) "
+                         "for the consecutive schedule")
     return sigma, tau
 
 
@@ -114,7 +119,7 @@ def subnet_keep(subnets, n_blocks, p, *, seed, layer, xp=np):
     ``n_blocks`` unit blocks, on the device of ``xp``. On CuPy it is drawn by the block-mask
     kernel (one launch; bit-equal to the NumPy draw) rather than on the host and copied: the
     host Philox costs ~2 ms for 8 x 4096 units."""
-    philox.threshold(p)
+    p = check_p(p)
     seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
     ids = np.asarray(subnets, dtype=np.int64)
     if xp is np:
@@ -172,10 +177,10 @@ class GyroMask:
         if shape[ax] != self.n_units:
             raise ValueError(f"x has {shape[ax]} units on axis {ax}, the mask {self.n_units}")
         out = xp.zeros(shape, dtype=bool)
-        bshape = [1] * len(shape)
-        bshape[ax] = self.n_units
+        row_shape = [1] * (len(shape) - 1)  # one row's shape, units on their axis
+        row_shape[ax - 1] = self.n_units
         for t, (a, b) in enumerate(self.row_bounds(shape[0], ragged)):
-            out[a:b] = self.keep[t].reshape(bshape[1:] if ax else bshape)
+            out[a:b] = self.keep[t].reshape(row_shape)
         return out
 
 
@@ -188,11 +193,22 @@ def unit_axis_of(shape, unit_axis=None):
                          f"got shape {tuple(shape)}")
     if unit_axis is None:
         return 1 if nd == 4 else nd - 1
-    ax = _check_int("unit_axis", unit_axis, -nd + 1 - 0, nd - 1)
-    ax = ax % nd
+    ax = _check_int("unit_axis", unit_axis, -nd, nd - 1) % nd
     if ax == 0:
         raise ValueError("unit_axis must not be the batch axis 0")
     return ax
+
+
+def gemm_shape(shape):
+    """(M, K) of an activation of shape (..., K) viewed as a GEMM operand: every leading axis
+    is a row (samples, or tokens of a sequence), units on the last axis."""
+    if len(shape) < 2:
+        raise ValueError(f"block-wise dropout needs x of shape (..., rows, units), got "
+                         f"{tuple(shape)}")
+    m = 1
+    for s in shape[:-1]:
+        m *= int(s)
+    return m, int(shape[-1])
 
 
 def gyro_mask(n_units, p, *, step, seed=0, layer=0, num_subnets=DEFAULT_NUM_SUBNETS,

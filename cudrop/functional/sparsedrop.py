@@ -14,7 +14,10 @@ Until those kernels exist, each product gathers the kept blocks and runs one GEM
 (per K-block for ``dsd_t``), so the multiply-adds are the kept elements of ``m`` times N: the
 work falls with p. This interim path reads the kept-block lists on the host: one device-to-host
 copy of one ELL table per product (a stream sync on CuPy) and one host-to-device copy of the
-gather indices. The kernels walk the lists on the device and need neither.
+gather indices. The kernels walk the lists on the device and need neither. It is a reference
+for correctness and for the work done, not a speed path: the gathers move about M·K·N / Mb
+elements per product (a copy of W's kept rows per row block), which on a GPU costs more than the
+GEMM time saved.
 """
 from __future__ import annotations
 
@@ -98,7 +101,7 @@ def sparsedrop_linear(x, w, b=None, *, p, block=(128, 128), seed=0, layer=0, ste
     bits and kept-block lists, never a float mask) and the operands for
     :func:`sparsedrop_linear_backward`.
     """
-    xp = backend.get_array_module(x, w, b, None if mask is None else mask.bits)
+    xp = backend.get_array_module(x, w, b, getattr(mask, "bits", None))
     philox.threshold(p)  # raises ValueError naming p unless 0 <= p < 1
     p = float(p)
     x2, w, b = _check_operands(x, w, b)

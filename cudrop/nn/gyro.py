@@ -1,0 +1,120 @@
+"""Gyro dropout and block-wise gyro dropout layers (Lee et al., MLSys 2022).
+
+Both are stochastic layers: each training forward takes one step from the counter
+(``next_step``), and the mask of that step is a pure function of ``(seed, layer_id, step)``
+and the schedule parameters (``cudrop.gyro``), so a run resumed from a state_dict (which saves
+the counter) draws the same masks. Eval mode and ``p == 0`` are the identity.
+
+Each layer keeps the mask of its last forward in ``last_mask`` (a ``GyroMask`` or a
+``BlockMask``): the block-sparse GEMM of the next layer will read the ``BlockMask`` from there.
+It also memoises that mask for the next step: under the consecutive schedule the sub-networks
+of a step repeat for ``period`` steps, and redrawing them costs a host Philox pass (CPU) or a
+kernel launch (GPU). The memo is keyed by everything the mask depends on, so it never changes
+a result; it is not state (not saved, not needed to resume).
+"""
+from __future__ import annotations
+
+from .. import autograd as ag
+from .. import backend, gyro
+from ..autograd.tensor import as_tensor
+from ..functional.dropout import check_p
+from .stochastic import StochasticLayer
+
+
+class _GyroBase(StochasticLayer):
+    def __init__(self, p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
+                 layer_id):
+        super().__init__(seed, layer_id)
+        self.p = check_p(p)
+        self.num_subnets, self.co_scheduled = gyro.check_subnets(num_subnets, co_scheduled,
+                                                                 schedule)
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.period = gyro.resolve_period(num_subnets, co_scheduled, period, total_steps)
+        self.last_mask = None
+        self._memo = (None, None)
+
+    def _sched(self):
+        return dict(num_subnets=self.num_subnets, co_scheduled=self.co_scheduled,
+                    period=self.period, schedule=self.schedule, seed=self.seed,
+                    layer=self.layer_id)
+
+    def _memoised(self, key, draw):
+        if self._memo[0] != key:
+            self._memo = (key, draw())
+        return self._memo[1]
+
+    def extra_repr(self):
+        return (f"p={self.p}, num_subnets={self.num_subnets}, co_scheduled={self.co_scheduled}, "
+                f"period={self.period}, schedule={self.schedule!r}, " + super().extra_repr())
+
+
+class GyroDropout(_GyroBase):
+    """Gyro dropout: ``num_subnets`` (Σ) pre-selected unit masks, ``co_scheduled`` (τ) per step,
+    one per contiguous row group of the batch; each set of τ runs ``period`` consecutive steps
+    (default ``total_steps * τ // Σ``, so each sub-network runs once over the run; with neither
+    given, ``gyro.DEFAULT_PERIOD``). ``schedule='random'`` is the paper's baseline that draws τ
+    of the Σ sub-networks anew each step.
+
+    Units are channels for 4-D (N, C, H, W) input and the last axis otherwise (``unit_axis``
+    overrides). τ must divide the batch unless ``ragged=True``, which splits a batch that τ
+    does not divide (a short last batch) into groups whose sizes differ by one.
+    """
+
+    def __init__(self, p=0.5, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
+                 co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=None, total_steps=None,
+                 schedule="consecutive", seed=0, layer_id=None, unit_axis=None, ragged=False):
+        super().__init__(p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
+                         layer_id)
+        self.unit_axis = unit_axis
+        self.ragged = bool(ragged)
+
+    def forward(self, x):
+        if not self.is_training or self.p == 0:
+            return x
+        x = as_tensor(x)
+        step = self.next_step()
+        ax = gyro.unit_axis_of(x.shape, self.unit_axis)
+        xp = backend.get_array_module(x.data)
+        sched = self._sched()
+        ids = tuple(int(i) for i in gyro.scheduled_subnets(step, **sched))
+        key = (ids, x.shape[ax], self.p, self.seed, self.layer_id, backend.device_of(x.data))
+        keep = self._memoised(key, lambda: gyro.subnet_keep(
+            ids, x.shape[ax], self.p, seed=self.seed, layer=self.layer_id, xp=xp))
+        self.last_mask = gyro.GyroMask(keep, ids, self.p)
+        return ag.gyro_dropout_masked(x, self.last_mask, unit_axis=ax, ragged=self.ragged)
+
+
+class BlockwiseDropout(_GyroBase):
+    """Block-wise gyro dropout: x of shape (..., K) is viewed as (M, K) (every leading axis a
+    row, as a GEMM sees it); rows in blocks of ``block[0]`` (128), units in blocks of
+    ``block[1]`` (32). Row block ``r`` at step ``t`` runs co-scheduled slot
+    ``(t * nRowBlocks + r) mod τ``, so with fewer row blocks than τ the co-scheduled
+    sub-networks span iterations (the paper's Figure 3(b)). The mask is a ``BlockMask``
+    (``last_mask``) that a block-skipping GEMM can consume."""
+
+    def __init__(self, p=0.5, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
+                 co_scheduled=gyro.DEFAULT_CO_SCHEDULED, block=gyro.DEFAULT_BLOCK, period=None,
+                 total_steps=None, schedule="consecutive", seed=0, layer_id=None):
+        super().__init__(p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
+                         layer_id)
+        self.block = gyro.check_block(block)
+
+    def forward(self, x):
+        if not self.is_training or self.p == 0:
+            return x
+        x = as_tensor(x)
+        step = self.next_step()
+        shape = gyro.gemm_shape(x.shape)
+        xp = backend.get_array_module(x.data)
+        sched = self._sched()
+        ids = tuple(int(i) for i in gyro.blockwise_row_ids(step, shape[0], block=self.block,
+                                                            **sched))
+        key = (ids, shape, self.block, self.p, self.seed, self.layer_id,
+               backend.device_of(x.data))
+        self.last_mask = self._memoised(key, lambda: gyro.blockwise_mask(
+            shape, self.p, step=step, block=self.block, xp=xp, **sched))
+        return ag.blockwise_dropout_masked(x, self.last_mask)
+
+    def extra_repr(self):
+        return f"block={self.block}, " + super().extra_repr()
