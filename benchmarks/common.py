@@ -28,7 +28,8 @@ def time_gpu(fn, inputs, warmup=5, reps=30, inner=10):
 
 
 def write_json(name, payload):
-    out = os.environ.get("OUT", ".")
+    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "out")
+    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, name)
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)

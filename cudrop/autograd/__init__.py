@@ -8,8 +8,10 @@ from .reduce import log_softmax, max, mean, softmax, sum, var
 from .shape import concat, getitem, reshape, stack, transpose
 from .tensor import Tensor, as_tensor, tensor
 from .conv import *  # noqa: F401,F403  conv2d, pooling
+from .depth import *  # noqa: F401,F403
 from .dropout import *  # noqa: F401,F403
 from .embedding import *  # noqa: F401,F403
+from .gyro_dropout import *  # noqa: F401,F403
 from .loss import *  # noqa: F401,F403
 from .norm import *  # noqa: F401,F403
 from .sliceout import *  # noqa: F401,F403

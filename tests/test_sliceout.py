@@ -1,0 +1,585 @@
+"""SliceOut: the slice draw (keep count, wrap-around and aligned starts, determinism), every op
+against the dense formula with the materialised mask (forward and all gradients, exact zeros in
+the dropped parts of the parameter gradients), the skipping itself (the products that run and
+their FLOPs), the layers (train vs eval, step counter) and the argument errors.
+
+Every array test takes the ``xp`` fixture, so it also runs on CuPy on a GPU machine.
+"""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import cudrop as cd
+from cudrop import autograd as ag
+from cudrop import backend, philox
+from cudrop.autograd import Tensor, check_grad
+from cudrop.functional import conv as fconv
+from cudrop.functional import sliceout as F
+from cudrop.nn import Conv2d, Linear, MultiHeadAttention
+from cudrop.nn.sliceout import (SliceOut, SliceOutConv2d, SliceOutLinear,
+                                SliceOutMultiHeadAttention)
+
+host = backend.asnumpy
+
+# Hand-picked kept sets: a wrapped slice (two ranges), an interior one, everything, one unit.
+FIXED = [(10, ((7, 10), (0, 3))), (10, ((4, 9),)), (6, ((0, 6),)), (7, ((6, 7),)),
+         (7, ((5, 7), (0, 1)))]
+
+
+@st.composite
+def slices(draw, max_n=8):
+    """(n, ranges): a wrapped slice (two ranges), one interior range, or every unit."""
+    n = draw(st.integers(1, max_n))
+    kinds = ["wrap", "range", "all"][(n < 3) + (n < 2):]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "all":
+        return n, F.slice_ranges(n, n, draw(st.integers(0, n - 1)))
+    keep = draw(st.integers(2 if kind == "wrap" else 1, n - 1))
+    start = draw(st.integers(n - keep + 1, n - 1) if kind == "wrap" else st.integers(0, n - keep))
+    return n, F.slice_ranges(n, keep, start)
+
+
+# 0.999 quantiles of chi-square with 1..10 degrees of freedom (no SciPy on the GPU machine).
+_CHI2_999 = [10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588]
+
+
+def uniform_counts(counts):
+    """Pearson's chi-square test of equal cell probabilities at the 0.1% level."""
+    counts = np.asarray(counts, dtype=np.float64)
+    expected = counts.sum() / len(counts)
+    return ((counts - expected) ** 2 / expected).sum() < _CHI2_999[len(counts) - 2]
+
+
+def normal(xp, rng, shape):
+    return xp.asarray(rng.standard_normal(shape))
+
+
+def scaled_mask(xp, n, ranges):
+    """The materialised m / q with q = keep / n."""
+    m = F.slice_mask(n, ranges, np, np.float64)
+    return xp.asarray(m * n / m.sum())
+
+
+def close(a, b, rtol=1e-10, atol=1e-12):
+    np.testing.assert_allclose(host(a.data if isinstance(a, Tensor) else a),
+                               host(b.data if isinstance(b, Tensor) else b), rtol=rtol, atol=atol)
+
+
+def run(fn, arrays, cot):
+    """Forward ``fn`` on fresh leaves, backward with ``cot``: (output, grads)."""
+    ts = [Tensor(a, requires_grad=True) for a in arrays]
+    out = fn(*ts)
+    out.backward(cot)
+    return out.data, [t.grad for t in ts]
+
+
+def compare(xp, rng, fn, dense, arrays):
+    """``fn`` and ``dense`` agree in value and in every input gradient (one random cotangent)."""
+    with ag.no_grad():
+        shape = fn(*[Tensor(a) for a in arrays]).shape
+    cot = normal(xp, rng, shape)
+    out, grads = run(fn, arrays, cot)
+    ref, ref_grads = run(dense, arrays, cot)
+    close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        close(g, r)
+    return out, grads
+
+
+def opt(*arrays):
+    return [a for a in arrays if a is not None]
+
+
+def dropped(n, ranges):
+    return ~F.slice_mask(n, ranges)
+
+
+# ---- the slice draw -----------------------------------------------------------------------
+
+@given(n=st.integers(1, 300), p=st.floats(0, 0.999))
+def test_keep_count_is_rounded_keep_fraction(n, p):
+    keep = F.keep_count(n, p)
+    assert keep == min(n, max(1, math.floor((1 - p) * n + 0.5)))
+    ranges = F.draw_slice(n, p, seed=1, layer=2, step=3)
+    assert sum(hi - lo for lo, hi in ranges) == keep
+    assert F.slice_mask(n, ranges).sum() == keep
+
+
+def test_keep_count_examples():
+    assert F.keep_count(10, 0.5) == 5
+    assert F.keep_count(5, 0.5) == 3  # 2.5 rounds up
+    assert F.keep_count(10, 0.0) == 10
+    assert F.keep_count(10, 0.99) == 1  # never an empty slice
+
+
+@given(n=st.integers(1, 50), keep=st.integers(1, 50), start=st.integers(0, 49))
+def test_slice_ranges_are_contiguous_with_wrap(n, keep, start):
+    keep, start = min(keep, n), start % n
+    ranges = F.slice_ranges(n, keep, start)
+    idx = np.concatenate([np.arange(lo, hi) for lo, hi in ranges])
+    expected = np.arange(start, start + keep) % n if keep < n else np.arange(n)
+    assert idx.tolist() == expected.tolist()
+    assert len(ranges) == (2 if keep < n and start + keep > n else 1)
+
+
+def test_slice_start_is_the_documented_philox_draw():
+    for step in range(50):
+        for n, keep, align in ((7, 3, None), (1000, 400, None), (21, 11, 8), (64, 32, 16)):
+            count = F.num_starts(n, keep, align)
+            u = philox.uniform(9, 4, step, philox.TAG_SLICE, 1)[0]
+            idx = int(math.floor(u * count))
+            assert F.slice_start(n, keep, seed=9, layer=4, step=step, align=align) == \
+                idx * (align or 1)
+
+
+def test_wrap_starts_are_uniform_and_units_kept_keep_over_n():
+    n, keep, steps = 7, 3, 3500
+    starts = [F.slice_start(n, keep, seed=5, layer=1, step=s) for s in range(steps)]
+    counts = np.bincount(starts, minlength=n)
+    assert counts.min() > 0 and len(counts) == n
+    assert uniform_counts(counts)
+    # Each unit is kept with probability exactly keep / n under wrap-around.
+    kept = np.zeros(n)
+    for s in starts:
+        kept += F.slice_mask(n, F.slice_ranges(n, keep, s))
+    assert uniform_counts(kept)
+    assert np.allclose(kept / steps, keep / n, atol=0.03)
+
+
+@pytest.mark.parametrize("n, align, p, valid", [
+    (20, 4, 0.5, [0, 4, 8]),      # n a multiple of align
+    (21, 8, 0.5, [0, 8]),         # keep = 11 (10.5 rounds up), n not a multiple of align
+    (70, 32, 0.75, [0, 32]),      # keep = 18: 64 + 18 > 70
+    (13, 3, 0.3, [0, 3]),         # keep = 9
+])
+def test_aligned_starts_are_uniform_multiples_without_wrap(n, align, p, valid):
+    keep = F.keep_count(n, p)
+    assert F.num_starts(n, keep, align) == len(valid)
+    seen = []
+    for s in range(200 * len(valid)):
+        ranges = F.draw_slice(n, p, seed=3, layer=7, step=s, align=align)
+        assert len(ranges) == 1
+        (lo, hi), = ranges
+        assert lo % align == 0 and hi - lo == keep and hi <= n
+        seen.append(lo)
+    values, counts = np.unique(seen, return_counts=True)
+    assert values.tolist() == valid
+    assert uniform_counts(counts)
+
+
+def test_same_coordinates_same_slice_and_steps_differ():
+    n = 16
+    draw = lambda seed=0, layer=0, step=0: F.draw_slice(n, 0.5, seed=seed, layer=layer, step=step)
+    assert all(draw(step=s) == draw(step=s) for s in range(20))
+    per_step = [draw(step=s) for s in range(400)]
+    assert np.mean([a == b for a, b in zip(per_step, per_step[1:])]) < 0.15  # expect 1/16
+    assert np.mean([draw(step=s) == draw(step=s, layer=1) for s in range(400)]) < 0.15
+    assert np.mean([draw(step=s) == draw(step=s, seed=1) for s in range(400)]) < 0.15
+
+
+# ---- ops against the dense formula --------------------------------------------------------
+
+@given(sl=slices(), lead=st.sampled_from([(3,), (1,), (2, 3), ()]),
+       axis=st.sampled_from(["last", "first"]), seed=st.integers(0, 2**16))
+def test_sliceout_is_mask_times_x(xp, sl, lead, axis, seed):
+    n, ranges = sl
+    rng = np.random.default_rng(seed)
+    shape, ax = (lead + (n,), -1) if axis == "last" else ((n,) + lead, 0)
+    x = normal(xp, rng, shape)
+    mq = scaled_mask(xp, n, ranges).reshape((n,) + (1,) * len(lead) if ax == 0 else (n,))
+    fn = lambda x_: ag.sliceout(x_, ranges, ax)
+    y, (gx,) = compare(xp, rng, fn, lambda x_: x_ * mq, [x])
+    off = dropped(n, ranges)
+    assert (np.moveaxis(host(y), ax, 0)[off] == 0).all()
+    assert (np.moveaxis(host(gx), ax, 0)[off] == 0).all()
+    check_grad(fn, x)
+
+
+@pytest.mark.parametrize("n, ranges", FIXED)
+def test_sliceout_channels_of_nchw(xp, n, ranges):
+    x = normal(xp, np.random.default_rng(0), (2, n, 3, 2))
+    y = ag.sliceout(x, ranges, 1)
+    close(y, x * scaled_mask(xp, n, ranges)[None, :, None, None])
+    assert (host(y.data)[:, dropped(n, ranges)] == 0).all()
+
+
+@given(sl=slices(), m=st.integers(1, 4), n_out=st.integers(1, 5), bias=st.booleans(),
+       three_d=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_input_slicing_matches_dense(xp, sl, m, n_out, bias, three_d, seed):
+    k, ranges = sl
+    rng = np.random.default_rng(seed)
+    x = normal(xp, rng, (2, m, k) if three_d else (m, k))
+    w = normal(xp, rng, (k, n_out))
+    b = normal(xp, rng, (n_out,)) if bias else None
+    mq = scaled_mask(xp, k, ranges)
+    fn = lambda x_, w_, *b_: ag.sliceout_linear(x_, w_, b_[0] if b_ else None, ranges)
+    dense = lambda x_, w_, *b_: ((x_ * mq) @ w_ + b_[0]) if b_ else (x_ * mq) @ w_
+    _, (gx, gw, *_) = compare(xp, rng, fn, dense, opt(x, w, b))
+    off = dropped(k, ranges)
+    assert (host(gw)[off] == 0).all()  # exact zeros, not just small
+    assert (host(gx)[..., off] == 0).all()
+    check_grad(fn, *opt(x, w, b))
+
+
+@given(sl=slices(), m=st.integers(1, 4), k=st.integers(1, 5), bias=st.booleans(),
+       three_d=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_output_slicing_matches_dense(xp, sl, m, k, bias, three_d, seed):
+    n, ranges = sl
+    rng = np.random.default_rng(seed)
+    x = normal(xp, rng, (2, m, k) if three_d else (m, k))
+    w = normal(xp, rng, (k, n))
+    b = normal(xp, rng, (n,)) if bias else None
+    mq = scaled_mask(xp, n, ranges)
+    fn = lambda x_, w_, *b_: ag.sliceout_linear_out(x_, w_, b_[0] if b_ else None, ranges)
+    dense = lambda x_, w_, *b_: ((x_ @ w_ + b_[0]) * mq) if b_ else (x_ @ w_) * mq
+    y, (gx, gw, *gb) = compare(xp, rng, fn, dense, opt(x, w, b))
+    off = dropped(n, ranges)
+    assert (host(y)[..., off] == 0).all()
+    assert (host(gw)[:, off] == 0).all()
+    if bias:
+        assert (host(gb[0])[off] == 0).all()
+    check_grad(fn, *opt(x, w, b))
+
+
+@given(sl=slices(max_n=6), nb=st.integers(1, 2), c=st.integers(1, 3), hw=st.integers(3, 5),
+       ksize=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 1),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_conv2d_output_channel_slicing_matches_dense(xp, sl, nb, c, hw, ksize, stride, padding,
+                                                     bias, seed):
+    o, ranges = sl
+    rng = np.random.default_rng(seed)
+    x = normal(xp, rng, (nb, c, hw, hw + 1))
+    w = normal(xp, rng, (o, c, ksize, ksize))
+    b = normal(xp, rng, (o,)) if bias else None
+    mq = scaled_mask(xp, o, ranges)[None, :, None, None]
+    fn = lambda x_, w_, *b_: ag.sliceout_conv2d(x_, w_, b_[0] if b_ else None, ranges,
+                                                stride=stride, padding=padding)
+    dense = lambda x_, w_, *b_: ag.conv2d(x_, w_, b_[0] if b_ else None, stride, padding) * mq
+    y, (gx, gw, *gb) = compare(xp, rng, fn, dense, opt(x, w, b))
+    off = dropped(o, ranges)
+    assert (host(y)[:, off] == 0).all()
+    assert (host(gw)[off] == 0).all()
+    if bias:
+        assert (host(gb[0])[off] == 0).all()
+    check_grad(fn, *opt(x, w, b))
+
+
+@pytest.mark.parametrize("n, ranges", FIXED)
+def test_hand_picked_slices_match_dense(xp, n, ranges):
+    rng = np.random.default_rng(n)
+    mq = scaled_mask(xp, n, ranges)
+    args = [normal(xp, rng, s) for s in ((3, n), (n, 4), (4,))]
+    compare(xp, rng, lambda x, w, b: ag.sliceout_linear(x, w, b, ranges),
+            lambda x, w, b: (x * mq) @ w + b, args)
+    args = [normal(xp, rng, s) for s in ((3, 4), (4, n), (n,))]
+    compare(xp, rng, lambda x, w, b: ag.sliceout_linear_out(x, w, b, ranges),
+            lambda x, w, b: (x @ w + b) * mq, args)
+    args = [normal(xp, rng, s) for s in ((2, 3, 4, 4), (n, 3, 3, 3), (n,))]
+    compare(xp, rng, lambda x, w, b: ag.sliceout_conv2d(x, w, b, ranges, padding=1),
+            lambda x, w, b: ag.conv2d(x, w, b, 1, 1) * mq[None, :, None, None], args)
+
+
+def dense_attention(x, wq, bq, wp, bp, heads, head_mq, causal):
+    """Multi-head self-attention from autograd ops, head outputs scaled by ``head_mq``."""
+    bsz, t, d = x.shape
+    hd = d // heads
+    qkv = x @ wq if bq is None else x @ wq + bq
+    qkv = ag.transpose(ag.reshape(qkv, (bsz, t, 3, heads, hd)), (2, 0, 3, 1, 4))
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    s = ag.matmul(q, ag.transpose(k, (0, 1, 3, 2))) * (1.0 / math.sqrt(hd))
+    if causal:
+        s = s + x.xp.asarray(np.triu(np.full((t, t), np.finfo(np.float64).min / 2), k=1))
+    o = ag.matmul(ag.softmax(s, axis=-1), v) * head_mq.reshape(1, heads, 1, 1)
+    y = ag.reshape(ag.transpose(o, (0, 2, 1, 3)), (bsz, t, d)) @ wp
+    return y if bp is None else y + bp
+
+
+@given(sl=slices(max_n=4), bsz=st.integers(1, 2), t=st.integers(1, 4), hd=st.integers(1, 3),
+       causal=st.booleans(), biases=st.booleans(), seed=st.integers(0, 2**16))
+def test_attention_head_slicing_matches_dense(xp, sl, bsz, t, hd, causal, biases, seed):
+    heads, ranges = sl
+    d = heads * hd
+    rng = np.random.default_rng(seed)
+    x = normal(xp, rng, (bsz, t, d))
+    wq, wp = normal(xp, rng, (d, 3 * d)), normal(xp, rng, (d, d))
+    bq = normal(xp, rng, (3 * d,)) if biases else None
+    bp = normal(xp, rng, (d,)) if biases else None
+    mq = scaled_mask(xp, heads, ranges)
+
+    def split(a):
+        return (a[0], a[1], a[2], a[3], a[4]) if biases else (a[0], a[1], None, a[2], None)
+
+    fn = lambda *a: ag.sliceout_attention(*split(a), heads, ranges, causal=causal)
+    dense = lambda *a: dense_attention(*split(a), heads, mq, causal)
+    _, grads = compare(xp, rng, fn, dense, opt(x, wq, bq, wp, bp))
+    gwq, gwp = host(grads[1]), host(grads[3 if biases else 2])
+    off_heads = dropped(heads, ranges)
+    off = np.repeat(off_heads, hd)  # per feature of one of q, k, v
+    assert (gwq[:, np.tile(off, 3)] == 0).all()
+    assert (gwp[off] == 0).all()
+    if biases:
+        assert (host(grads[2])[np.tile(off, 3)] == 0).all()
+    check_grad(fn, *opt(x, wq, bq, wp, bp))
+
+
+def test_attention_layer_keeping_every_head_is_multi_head_attention(xp):
+    dev = "cpu" if xp is np else "gpu"
+    for causal in (False, True):
+        so = SliceOutMultiHeadAttention(8, 4, p=0.0, causal=causal, rng=3).to(dev, np.float64)
+        ref = MultiHeadAttention(8, 4, causal=causal, rng=3).to(dev, np.float64)
+        x = normal(xp, np.random.default_rng(1), (2, 5, 8))
+        close(so(Tensor(x)), ref(Tensor(x)))
+        assert so.last_ranges == ((0, 4),)
+
+
+# ---- the skipping -------------------------------------------------------------------------
+
+class Recorder:
+    """Wraps a matmul and records its operand shapes."""
+
+    def __init__(self, real):
+        self.real, self.shapes = real, []
+
+    def __call__(self, a, b):
+        self.shapes.append((a.shape, b.shape))
+        return self.real(a, b)
+
+    def flops(self):
+        total = 0
+        for sa, sb in self.shapes:
+            batch = int(np.prod(np.broadcast_shapes(sa[:-2], sb[:-2]), dtype=np.int64))
+            total += 2 * batch * sa[-2] * sa[-1] * sb[-1]
+        return total
+
+
+@pytest.fixture
+def rec(monkeypatch):
+    r = Recorder(F.matmul)
+    monkeypatch.setattr(F, "matmul", r)
+    return r
+
+
+def _fwd_bwd(fn, *arrays):
+    ts = [Tensor(a, requires_grad=True) for a in arrays]
+    y = fn(*ts)
+    y.backward(y.xp.ones(y.shape))
+    return y
+
+
+@pytest.mark.parametrize("align", [None, 8])
+def test_linear_input_gemms_run_on_kept_rows_only(xp, rec, align):
+    m, k, n, p = 6, 40, 5, 0.5
+    ranges = F.draw_slice(k, p, seed=0, layer=0, step=1, align=align)
+    if align is None:
+        ranges = ((30, 40), (0, 10))  # force the wrapped, two-GEMM case
+    keep = F.keep_count(k, p)
+    rng = np.random.default_rng(0)
+    _fwd_bwd(lambda x, w: ag.sliceout_linear(x, w, None, ranges),
+             normal(xp, rng, (m, k)), normal(xp, rng, (k, n)))
+    # Forward x_S @ w_S, backward g @ w_S^T and x_S^T @ g: each on the kept K only.
+    assert len(rec.shapes) == 3 * len(ranges)
+    assert all(k not in sa + sb for sa, sb in rec.shapes)  # no product sees the full K
+    assert rec.flops() == 3 * 2 * m * keep * n == 3 * 2 * m * k * n * keep // k
+
+
+@pytest.mark.parametrize("ranges", [((3, 9),), ((10, 12), (0, 4))])
+def test_linear_output_gemms_run_on_kept_columns_only(xp, rec, ranges):
+    m, k, n = 4, 7, 12
+    keep = sum(hi - lo for lo, hi in ranges)
+    rng = np.random.default_rng(0)
+    _fwd_bwd(lambda x, w, b: ag.sliceout_linear_out(x, w, b, ranges),
+             normal(xp, rng, (m, k)), normal(xp, rng, (k, n)), normal(xp, rng, (n,)))
+    assert rec.flops() == 3 * 2 * m * k * keep
+    assert all(n not in sa + sb for sa, sb in rec.shapes)  # no product sees the full N
+
+
+@pytest.mark.parametrize("ranges", [((2, 5),), ((6, 8), (0, 1))])
+def test_conv_gemms_run_on_kept_channels_only(xp, monkeypatch, ranges):
+    r = Recorder(fconv.matmul)
+    monkeypatch.setattr(fconv, "matmul", r)
+    nb, c, o, hw, ks = 2, 3, 8, 5, 3
+    keep = sum(hi - lo for lo, hi in ranges)
+    rng = np.random.default_rng(0)
+    _fwd_bwd(lambda x, w: ag.sliceout_conv2d(x, w, None, ranges, padding=1),
+             normal(xp, rng, (nb, c, hw, hw)), normal(xp, rng, (o, c, ks, ks)))
+    # One im2col GEMM per pass even for a wrapped slice; each has the kept channels as one side.
+    assert len(r.shapes) == 3
+    assert all(o not in sa + sb for sa, sb in r.shapes)
+    dense = 2 * o * c * ks * ks * nb * hw * hw
+    assert r.flops() == 3 * dense * keep // o
+
+
+@pytest.mark.parametrize("ranges", [((1, 3),), ((3, 4), (0, 1))])
+def test_attention_runs_only_kept_heads(xp, rec, ranges):
+    bsz, t, heads, hd = 2, 5, 4, 3
+    d, kh = heads * hd, sum(hi - lo for lo, hi in ranges)
+    rng = np.random.default_rng(0)
+    _fwd_bwd(lambda *a: ag.sliceout_attention(*a, heads, ranges),
+             normal(xp, rng, (bsz, t, d)), normal(xp, rng, (d, 3 * d)),
+             normal(xp, rng, (3 * d,)), normal(xp, rng, (d, d)), normal(xp, rng, (d,)))
+    dense_fwd = (2 * bsz * t * d * 3 * d + 2 * 2 * bsz * heads * t * t * hd
+                 + 2 * bsz * t * d * d)
+    assert rec.flops() == 3 * dense_fwd * kh // heads  # backward = 2x forward, all per head
+    batched = [sa for sa, sb in rec.shapes if len(sa) == 4]
+    assert batched and all(sa[1] == kh for sa in batched)
+
+
+# ---- layers -------------------------------------------------------------------------------
+
+def _dev(xp):
+    return "cpu" if xp is np else "gpu"
+
+
+@pytest.mark.parametrize("mode", ["input", "output"])
+@pytest.mark.parametrize("align", [None, 4])
+def test_linear_layer_draws_per_step_and_eval_is_dense(xp, mode, align):
+    lin = SliceOutLinear(12, 10, p=0.5, mode=mode, align=align, seed=7, layer_id=3,
+                         rng=0).to(_dev(xp), np.float64)
+    dense = Linear(12, 10, rng=0).to(_dev(xp), np.float64)
+    x = normal(xp, np.random.default_rng(0), (2, 3, 12))
+    n = 12 if mode == "input" else 10
+    op = F.sliceout_linear if mode == "input" else F.sliceout_linear_out
+    for step in range(4):
+        y = lin(Tensor(x))
+        ranges = F.draw_slice(n, 0.5, seed=7, layer=3, step=step, align=align)
+        assert lin.last_ranges == ranges and lin.step == step + 1
+        close(y, op(x, lin.weight.data, lin.bias.data, ranges)[0])
+    lin.eval()
+    close(lin(Tensor(x)), dense(Tensor(x)))
+    assert lin.step == 4
+    lin.train()
+    with cd.eval_mode():
+        close(lin(Tensor(x)), dense(Tensor(x)))
+    assert lin.step == 4
+
+
+def test_layer_step_resumes_from_state_dict():
+    a = SliceOutLinear(16, 4, p=0.5, layer_id=1)
+    for _ in range(3):
+        a(Tensor(np.ones((1, 16), np.float32)))
+    b = SliceOutLinear(16, 4, p=0.5, layer_id=1)
+    b.load_state_dict(a.state_dict())
+    a(Tensor(np.ones((1, 16), np.float32)))
+    b(Tensor(np.ones((1, 16), np.float32)))
+    assert b.step == 4 and a.last_ranges == b.last_ranges
+
+
+def test_conv_layer_train_and_eval(xp):
+    conv = SliceOutConv2d(2, 6, 3, p=0.5, padding=1, seed=1, layer_id=2,
+                          rng=0).to(_dev(xp), np.float64)
+    dense = Conv2d(2, 6, 3, padding=1, rng=0).to(_dev(xp), np.float64)
+    x = normal(xp, np.random.default_rng(0), (2, 2, 4, 4))
+    y = conv(Tensor(x))
+    ranges = F.draw_slice(6, 0.5, seed=1, layer=2, step=0)
+    assert conv.last_ranges == ranges
+    close(y, dense(Tensor(x)) * scaled_mask(xp, 6, ranges)[None, :, None, None])
+    conv.eval()
+    close(conv(Tensor(x)), dense(Tensor(x)))
+
+
+def test_attention_layer_train_and_eval(xp):
+    att = SliceOutMultiHeadAttention(8, 4, p=0.5, layer_id=5, rng=2).to(_dev(xp), np.float64)
+    ref = MultiHeadAttention(8, 4, rng=2).to(_dev(xp), np.float64)
+    x = normal(xp, np.random.default_rng(0), (2, 3, 8))
+    y = att(Tensor(x))
+    ranges = F.draw_slice(4, 0.5, seed=0, layer=5, step=0)
+    assert att.last_ranges == ranges
+    mq = scaled_mask(xp, 4, ranges)
+    close(y, dense_attention(Tensor(x), ref.qkv.weight, ref.qkv.bias, ref.proj.weight,
+                             ref.proj.bias, 4, mq, False))
+    att.eval()
+    close(att(Tensor(x)), ref(Tensor(x)))
+
+
+def test_sliceout_layer_train_and_eval(xp):
+    layer = SliceOut(p=0.5, seed=2, layer_id=9)
+    x = normal(xp, np.random.default_rng(0), (3, 10))
+    y = layer(Tensor(x))
+    ranges = F.draw_slice(10, 0.5, seed=2, layer=9, step=0)
+    close(y, x * scaled_mask(xp, 10, ranges))
+    x4 = Tensor(normal(xp, np.random.default_rng(1), (2, 6, 3, 3)))
+    y4 = layer(x4)  # channels of NCHW
+    ranges = F.draw_slice(6, 0.5, seed=2, layer=9, step=1)
+    close(y4, x4.data * scaled_mask(xp, 6, ranges)[None, :, None, None])
+    layer.eval()
+    t = Tensor(x)
+    assert layer(t) is t and layer.step == 2
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan"), "0.5", True])
+def test_bad_p_is_rejected(p):
+    with pytest.raises(ValueError, match=r"\bp\b"):
+        SliceOutLinear(8, 4, p=p)
+    with pytest.raises(ValueError, match=r"\bp\b"):
+        SliceOut(p)
+    with pytest.raises(ValueError, match=r"\bp\b"):
+        F.keep_count(8, p)
+
+
+@pytest.mark.parametrize("align", [0, -4, 2.5, True, "8"])
+def test_bad_align_is_rejected(align):
+    with pytest.raises(ValueError, match="align"):
+        SliceOutLinear(64, 4, p=0.5, align=align)
+    with pytest.raises(ValueError, match="align"):
+        F.slice_start(64, 32, seed=0, layer=0, step=0, align=align)
+
+
+def test_align_incompatible_with_units_is_rejected():
+    with pytest.raises(ValueError, match=r"align \(32\) must not exceed .* \(16\)"):
+        SliceOutLinear(16, 4, p=0.5, align=32)
+    with pytest.raises(ValueError, match="single valid slice start"):
+        SliceOutConv2d(3, 40, 3, p=0.5, align=32)  # keep 20: only start 0 fits
+    with pytest.raises(ValueError, match="align"):
+        SliceOutMultiHeadAttention(8, 2, p=0.5, align=4)
+    with pytest.raises(ValueError, match="align"):
+        SliceOut(0.5, align=16)(Tensor(np.ones((2, 8))))
+    SliceOutLinear(16, 4, p=0.0, align=16)  # keeping everything is fine
+
+
+def test_bad_mode_and_coordinates_are_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        SliceOutLinear(8, 4, mode="rows")
+    with pytest.raises(ValueError, match="step"):
+        F.slice_start(8, 4, seed=0, layer=0, step=-1)
+    with pytest.raises(ValueError, match="seed"):
+        F.slice_start(8, 4, seed=2**32, layer=0, step=0)
+    with pytest.raises(ValueError, match="start"):
+        F.slice_ranges(8, 4, 8)
+    with pytest.raises(ValueError, match="keep"):
+        F.num_starts(8, 9)
+
+
+@pytest.mark.parametrize("ranges", [(), ((0, 9),), ((3, 3),), ((0, 4), (2, 6)), ((1.5, 3),),
+                                    "ab", None])
+def test_bad_ranges_are_rejected(ranges):
+    x, w = np.ones((2, 8)), np.ones((8, 3))
+    with pytest.raises(ValueError, match="ranges"):
+        F.sliceout_linear(x, w, None, ranges)
+
+
+def test_mismatched_shapes_are_rejected():
+    r = ((0, 2),)
+    with pytest.raises(ValueError, match="x has 5 features"):
+        F.sliceout_linear(np.ones((2, 5)), np.ones((4, 3)), None, r)
+    with pytest.raises(ValueError, match="b must have shape"):
+        F.sliceout_linear_out(np.ones((2, 4)), np.ones((4, 3)), np.ones(4), r)
+    with pytest.raises(ValueError, match="b must have shape"):
+        F.sliceout_conv2d(np.ones((1, 2, 4, 4)), np.ones((3, 2, 3, 3)), np.ones(2), r)
+    with pytest.raises(ValueError, match="channels"):
+        F.sliceout_conv2d(np.ones((1, 3, 4, 4)), np.ones((3, 2, 3, 3)), None, r)
+    with pytest.raises(ValueError, match="divisible"):
+        F.sliceout_attention(np.ones((1, 2, 6)), np.ones((6, 18)), None, np.ones((6, 6)), None,
+                             4, r)
+    with pytest.raises(ValueError, match="w_proj"):
+        F.sliceout_attention(np.ones((1, 2, 6)), np.ones((6, 18)), None, np.ones((6, 5)), None,
+                             2, r)
+    with pytest.raises(ValueError, match="scale"):
+        F.sliceout_linear(np.ones((2, 4)), np.ones((4, 3)), None, r, scale=-1.0)
+    with pytest.raises(ValueError, match="axis"):
+        F.sliceout(np.ones((2, 4)), r, axis=2)
+    with pytest.raises(ValueError, match="12 features"):
+        SliceOutLinear(12, 3)(Tensor(np.ones((2, 5), np.float32)))
