@@ -32,8 +32,17 @@ def _parser():
     t.add_argument("--model", choices=MODELS, default="mlp")
     t.add_argument("--data", choices=DATASETS, default=None,
                    help="default: digits, or shakespeare for --model gpt")
-    t.add_argument("--dropout", choices=sorted(DROPOUT_KINDS), default="dropout")
+    t.add_argument("--dropout", choices=DROPOUT_KINDS, default="dropout",
+                   help="variant that drops hidden units (see README)")
     t.add_argument("--p", type=float, default=0.1, help="drop probability, in [0, 1)")
+    t.add_argument("--depth-dropout", type=float, default=0.0, metavar="P",
+                   help="ResNets: drop each residual branch with probability P (Guo & Gould; "
+                        "trainable 1x1 shortcuts)")
+    t.add_argument("--stochastic-depth", type=float, default=0.0, metavar="P_L",
+                   help="ResNets: stochastic depth, last unit dropped with probability P_L")
+    t.add_argument("--stochastic-depth-mode", choices=("batch", "sample"), default="batch")
+    t.add_argument("--drop-downsampling", action="store_true",
+                   help="ResNets: let depth variants drop the stride-2 units too")
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
@@ -65,7 +74,7 @@ def _check_positive(name, v):
 
 def cmd_train(args):
     from . import backend, models, optim
-    from .nn import make_dropout
+    from .nn import make_dropout, set_total_steps
 
     data_name = args.data or ("shakespeare" if args.model == "gpt" else "digits")
     if (args.model == "gpt") != (data_name == "shakespeare"):
@@ -76,6 +85,10 @@ def cmd_train(args):
         make_dropout(args.dropout, args.p)
     except ValueError as e:
         raise SystemExit(f"cudrop train: error: --p: {e}")
+    depth_flags = args.depth_dropout or args.stochastic_depth
+    if depth_flags and not args.model.startswith("resnet"):
+        raise SystemExit("cudrop train: error: --depth-dropout and --stochastic-depth apply to "
+                         f"--model resnet20/resnet56, not {args.model}")
     cfg = dict(DEFAULTS[args.model])
     for k in ("epochs", "batch_size", "lr", "optimizer"):
         if getattr(args, k) is not None:
@@ -107,8 +120,14 @@ def cmd_train(args):
         model = models.ViT(image_size=h, patch_size=4 if h <= 16 else 7, in_channels=c,
                            num_classes=ds.num_classes, **kw)
     else:
-        model = models.ResNet(int(args.model[6:]), num_classes=ds.num_classes,
-                              in_channels=ds.input_shape[0], **kw)
+        try:
+            model = models.ResNet(int(args.model[6:]), num_classes=ds.num_classes,
+                                  in_channels=ds.input_shape[0], depth_dropout=args.depth_dropout,
+                                  stochastic_depth=args.stochastic_depth,
+                                  stochastic_depth_mode=args.stochastic_depth_mode,
+                                  keep_downsampling=not args.drop_downsampling, **kw)
+        except ValueError as e:
+            raise SystemExit(f"cudrop train: error: {e}")
     model.to(device)
 
     params = model.parameters()
@@ -121,8 +140,12 @@ def cmd_train(args):
     else:
         total = cfg["epochs"] * int(np.ceil(len(ds.x_train) / cfg["batch_size"]))
     schedule = optim.CosineLR(opt, total_steps=total)
+    set_total_steps(model, total)  # gyro: each sub-network runs once over the run
 
-    print(f"training {args.model} on {data_name} ({device}), dropout={args.dropout} p={args.p}, "
+    depth = (f", depth dropout {args.depth_dropout}" if args.depth_dropout else
+             f", stochastic depth {args.stochastic_depth} ({args.stochastic_depth_mode})"
+             if args.stochastic_depth else "")
+    print(f"training {args.model} on {data_name} ({device}), dropout={args.dropout} p={args.p}{depth}, "
           f"{model.num_parameters():,} parameters, {cfg['optimizer']} lr={cfg['lr']}, "
           f"batch {cfg['batch_size']}, {cfg['epochs']} epochs", flush=True)
     from .train import fit_classifier, fit_lm

@@ -9,11 +9,16 @@ from ..nn.init import rng_of
 
 def mlp(in_features, num_classes, hidden=(256, 256), dropout="dropout", p=0.0, seed=0,
         dtype=np.float32):
-    """Flatten -> [Linear -> ReLU -> dropout] * len(hidden) -> Linear."""
+    """Flatten -> Linear -> ReLU -> [dropped Linear -> ReLU] * (len(hidden) - 1) -> dropped
+    Linear: every hidden layer's units are dropped by ``dropout`` at rate ``p`` on their way into
+    the next Linear (``nn.dropped_linear``), where SliceOut and SparseDrop skip the work."""
     rng = rng_of(seed)
-    layers, width = [nn.Flatten()], int(np.prod(in_features))
-    for h in hidden:
-        layers += [nn.Linear(width, h, rng=rng, dtype=dtype), nn.ReLU(), nn.make_dropout(dropout, p)]
+    width = int(np.prod(in_features))
+    layers = [nn.Flatten()]
+    for i, h in enumerate(hidden):
+        kind = "none" if i == 0 else dropout  # the input pixels are not dropped
+        layers += [nn.dropped_linear(kind, width, h, p, rng=rng, dtype=dtype), nn.ReLU()]
         width = h
-    layers.append(nn.Linear(width, num_classes, rng=rng, dtype=dtype))
+    layers.append(nn.dropped_linear(dropout if hidden else "none", width, num_classes, p,
+                                    rng=rng, dtype=dtype))
     return nn.number_layers(nn.Sequential(*layers), seed)

@@ -68,15 +68,14 @@ class ResNet(nn.Module):
                 c = w
         self.units = nn.ModuleList(*units)
         self.pool = nn.GlobalAvgPool2d()
-        self.drop = nn.make_dropout(dropout, p)
-        self.head = nn.Linear(c, num_classes, rng=rng, dtype=dtype)
+        self.head = nn.dropped_linear(dropout, c, num_classes, p, rng=rng, dtype=dtype)
         nn.number_layers(self, seed)
 
     def forward(self, x):
         x = self.stem(x)
         for unit in self.units:
             x = unit(x)
-        return self.head(self.drop(self.pool(x)))
+        return self.head(self.pool(x))
 
 
 def resnet20(**kw):

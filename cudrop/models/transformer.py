@@ -1,4 +1,11 @@
-"""Pre-LN transformer blocks, a character-level GPT and a small ViT."""
+"""Pre-LN transformer blocks, a character-level GPT and a small ViT.
+
+Where ``dropout=`` acts: every kind drops the MLP's hidden units on their way into its second
+Linear (``nn.dropped_linear``: SliceOut and SparseDrop shrink that GEMM). SliceOut also slices
+attention heads (only kept heads are projected and attended). Plain 'dropout' additionally
+drops attention probabilities, embeddings and both residual branches, as GPT-2 does; the
+structured kinds leave those dense, since they have no work to skip there.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,17 +15,28 @@ from .. import nn
 from ..nn.init import normal, rng_of
 
 
+def _elementwise(kind):
+    """The kind used at embedding, residual and attention-probability positions."""
+    return kind if kind == "dropout" else "none"
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, dim, heads, causal, mlp_ratio=4, dropout="dropout", p=0.0, rng=None,
                  dtype=np.float32):
         super().__init__()
+        elementwise = _elementwise(dropout)
         self.ln1 = nn.LayerNorm(dim, dtype=dtype)
-        self.attn = nn.MultiHeadAttention(dim, heads, causal, dropout, p, rng=rng, dtype=dtype)
-        self.drop1 = nn.make_dropout(dropout, p)
+        if dropout == "sliceout" and p > 0:
+            self.attn = nn.SliceOutMultiHeadAttention(dim, heads, p, causal, rng=rng, dtype=dtype)
+        else:
+            self.attn = nn.MultiHeadAttention(dim, heads, causal, elementwise, p, rng=rng,
+                                              dtype=dtype)
+        self.drop1 = nn.make_dropout(elementwise, p)
         self.ln2 = nn.LayerNorm(dim, dtype=dtype)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim, rng=rng, dtype=dtype), nn.GELU(),
-                                 nn.Linear(mlp_ratio * dim, dim, rng=rng, dtype=dtype))
-        self.drop2 = nn.make_dropout(dropout, p)
+                                 nn.dropped_linear(dropout, mlp_ratio * dim, dim, p, rng=rng,
+                                                   dtype=dtype))
+        self.drop2 = nn.make_dropout(elementwise, p)
 
     def forward(self, x):
         x = x + self.drop1(self.attn(self.ln1(x)))
@@ -35,7 +53,7 @@ class GPT(nn.Module):
         self.block_size = block_size
         self.tok = nn.Embedding(vocab_size, dim, rng=rng, dtype=dtype)
         self.pos = nn.Embedding(block_size, dim, rng=rng, dtype=dtype)
-        self.drop = nn.make_dropout(dropout, p)
+        self.drop = nn.make_dropout(_elementwise(dropout), p)
         self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, True, 4, dropout, p, rng, dtype)
                                       for _ in range(depth)])
         self.ln = nn.LayerNorm(dim, dtype=dtype)
@@ -69,7 +87,7 @@ class ViT(nn.Module):
         self.embed = nn.Linear(in_channels * patch_size ** 2, dim, rng=rng, dtype=dtype)
         self.cls = nn.Parameter(normal(rng, (1, 1, dim), 0.02, dtype))
         self.pos = nn.Parameter(normal(rng, (1, n + 1, dim), 0.02, dtype))
-        self.drop = nn.make_dropout(dropout, p)
+        self.drop = nn.make_dropout(_elementwise(dropout), p)
         self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, False, mlp_ratio, dropout, p,
                                                        rng, dtype) for _ in range(depth)])
         self.ln = nn.LayerNorm(dim, dtype=dtype)

@@ -2,9 +2,14 @@
 from .attention import MultiHeadAttention
 from .depth import (DepthDropout, StochasticDepth, conv_shortcut, linear_shortcut,
                     stochastic_depth_probs)
-from .dropout import DROPOUT_KINDS, Dropout, Identity, make_dropout
+from .dropout import Dropout, Identity
+from .gyro import BlockwiseDropout, GyroDropout
 from .layers import (GELU, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Embedding, Flatten,
                      GlobalAvgPool2d, LayerNorm, Linear, MaxPool2d, ReLU, Tanh)
 from .module import Module, ModuleList, Parameter, Sequential
 from .residual import ResidualUnit, basic_block
+from .sliceout import SliceOut, SliceOutConv2d, SliceOutLinear, SliceOutMultiHeadAttention
+from .sparsedrop import SparseDrop, SparseDropLinear
 from .stochastic import StochasticLayer, number_layers, set_step
+from .variants import (DROPOUT_KINDS, FUSED_LINEAR_KINDS, dropped_linear, make_dropout,
+                       set_total_steps)

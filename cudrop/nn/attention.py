@@ -6,7 +6,6 @@ import math
 import numpy as np
 
 from .. import autograd as ag
-from .dropout import make_dropout
 from .layers import Linear
 from .module import Module
 
@@ -23,6 +22,7 @@ class MultiHeadAttention(Module):
         self.dim, self.num_heads, self.causal = dim, num_heads, causal
         self.qkv = Linear(dim, 3 * dim, rng=rng, dtype=dtype)
         self.proj = Linear(dim, dim, rng=rng, dtype=dtype)
+        from .variants import make_dropout  # variants imports this module (SliceOut heads)
         self.attn_drop = make_dropout(dropout, p)
         self._mask_cache = {}
 

@@ -1,8 +1,5 @@
-"""Dropout layers and the ``dropout=`` factory the model builders use.
-
-The structured variants (SliceOut, gyro, block-wise, SparseDrop, depth) register here as they
-land; builders only ever call ``make_dropout``.
-"""
+"""Element dropout and the identity; the structured variants live beside it and are chosen by
+name in ``variants.py``."""
 from __future__ import annotations
 
 from .. import autograd as ag
@@ -32,16 +29,3 @@ class Dropout(StochasticLayer):
 class Identity(Module):
     def forward(self, x):
         return x
-
-
-DROPOUT_KINDS = {"none": None, "dropout": Dropout}
-
-
-def make_dropout(kind, p):
-    """The dropout module for ``kind`` (a name in DROPOUT_KINDS, or None) at rate ``p``."""
-    kind = "none" if kind is None else kind
-    if kind not in DROPOUT_KINDS:
-        raise ValueError(f"dropout must be one of {sorted(DROPOUT_KINDS)}, got {kind!r}")
-    _check_p(p)
-    cls = DROPOUT_KINDS[kind]
-    return Identity() if cls is None or p == 0 else cls(p)

@@ -57,3 +57,27 @@ class SparseDropLinear(Linear, StochasticLayer):
     def extra_repr(self):
         return (f"{Linear.extra_repr(self)}, p={self.p}, block={self.block}, "
                 f"{StochasticLayer.extra_repr(self)}")
+
+
+class SparseDrop(StochasticLayer):
+    """SparseDrop's mask on its own: i.i.d. Bernoulli(1 - p) per (Mb, Kb) block of x viewed as
+    (M, K) (leading axes flattened), kept blocks scaled by 1/q; the identity in eval. Where the
+    next op is a Linear, ``SparseDropLinear`` is the form that skips the dropped work."""
+
+    def __init__(self, p, block=(128, 128), seed=0, layer_id=None):
+        super().__init__(seed, layer_id)
+        self.p, self.block = check_p(p), tuple(block)
+        self.last_mask = None
+
+    def forward(self, x):
+        if not self.is_training or self.p == 0:
+            return x
+        data = x.data if isinstance(x, Tensor) else x
+        shape = (int(np.prod(data.shape[:-1], dtype=np.int64)), data.shape[-1])
+        self.last_mask = masks.block_mask(shape, self.block, self.p, seed=self.seed,
+                                          layer=self.layer_id, step=self.next_step(),
+                                          xp=backend.get_array_module(data))
+        return ag.blockwise_dropout_masked(x, self.last_mask)
+
+    def extra_repr(self):
+        return f"p={self.p}, block={self.block}, " + super().extra_repr()

@@ -1,0 +1,71 @@
+"""The dropout variants by name: what the model builders' ``dropout=`` and ``cudrop train
+--dropout`` choose from.
+
+A variant enters a model in two ways:
+
+- ``make_dropout(kind, p)``: a standalone module (after an activation, on a residual branch);
+- ``dropped_linear(kind, in, out, p)``: a Linear whose *input* units are dropped. SliceOut and
+  SparseDrop fuse the drop into the layer's GEMMs here, which is where they skip work; the other
+  kinds are ``make_dropout`` followed by a plain Linear.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import gyro
+from ..functional.dropout import check_p
+from .dropout import Dropout, Identity
+from .gyro import BlockwiseDropout, GyroDropout, _GyroBase
+from .layers import Linear
+from .module import Module, Sequential
+from .sliceout import SliceOut, SliceOutLinear
+from .sparsedrop import SparseDrop, SparseDropLinear
+
+DROPOUT_KINDS = ("none", "dropout", "sliceout", "gyro", "blockwise", "sparsedrop")
+FUSED_LINEAR_KINDS = ("sliceout", "sparsedrop")
+
+
+def _check(kind, p):
+    kind = "none" if kind is None else kind
+    if kind not in DROPOUT_KINDS:
+        raise ValueError(f"dropout must be one of {list(DROPOUT_KINDS)}, got {kind!r}")
+    return kind, check_p(p)
+
+
+def make_dropout(kind, p) -> Module:
+    """The standalone module for ``kind`` at drop probability ``p`` (Identity for 'none' or
+    p == 0). Gyro layers split a batch that τ does not divide (a short last batch) unevenly
+    rather than fail."""
+    kind, p = _check(kind, p)
+    if kind == "none" or p == 0:
+        return Identity()
+    return {"dropout": lambda: Dropout(p),
+            "sliceout": lambda: SliceOut(p),
+            "gyro": lambda: GyroDropout(p, ragged=True),
+            "blockwise": lambda: BlockwiseDropout(p),
+            "sparsedrop": lambda: SparseDrop(p)}[kind]()
+
+
+def dropped_linear(kind, in_features, out_features, p, bias=True, rng=None,
+                   dtype=np.float32) -> Module:
+    """A Linear whose input units ``kind`` drops at rate ``p``; a plain Linear for 'none' or
+    p == 0."""
+    kind, p = _check(kind, p)
+    kw = dict(bias=bias, rng=rng, dtype=dtype)
+    if kind == "none" or p == 0:
+        return Linear(in_features, out_features, **kw)
+    if kind == "sliceout":
+        return SliceOutLinear(in_features, out_features, p, mode="input", **kw)
+    if kind == "sparsedrop":
+        return SparseDropLinear(in_features, out_features, p, **kw)
+    return Sequential(make_dropout(kind, p), Linear(in_features, out_features, **kw))
+
+
+def set_total_steps(model: Module, total_steps: int) -> Module:
+    """Tell gyro layers the run's length, so that each of their Σ sub-networks runs once, for
+    ``total_steps * τ / Σ`` consecutive steps (layers built with an explicit period keep it)."""
+    for m in model.modules():
+        if isinstance(m, _GyroBase) and m.total_steps is None:
+            m.total_steps = total_steps
+            m.period = gyro.resolve_period(m.num_subnets, m.co_scheduled, None, total_steps)
+    return model

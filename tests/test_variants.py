@@ -1,0 +1,89 @@
+"""Every dropout kind in every model builder: training forward/backward runs and reaches every
+parameter, eval is deterministic and dense, masks advance per step; the registry and the CLI."""
+import numpy as np
+import pytest
+
+import cudrop as cd
+from cudrop import cli, models, nn
+
+KINDS = [k for k in nn.DROPOUT_KINDS if k != "none"]
+
+BUILDERS = {
+    "mlp": (lambda kind: models.mlp((1, 8, 8), 10, hidden=(256, 256), dropout=kind, p=0.3),
+            (16, 1, 8, 8)),
+    "resnet": (lambda kind: models.ResNet(8, num_classes=10, in_channels=1, dropout=kind, p=0.3),
+               (16, 1, 6, 6)),
+    "vit": (lambda kind: models.ViT(image_size=8, patch_size=4, in_channels=1, dim=32, depth=1,
+                                    heads=4, dropout=kind, p=0.3), (16, 1, 8, 8)),
+    "gpt": (lambda kind: models.GPT(12, block_size=8, dim=32, depth=1, heads=4, dropout=kind,
+                                    p=0.3), (16, 8)),
+}
+
+
+def _input(name, shape):
+    rng = np.random.default_rng(0)
+    if name == "gpt":
+        return rng.integers(0, 12, shape)
+    return cd.Tensor(rng.random(shape, dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_every_kind_trains_in_every_builder(name, kind):
+    build, shape = BUILDERS[name]
+    m = build(kind)
+    x = _input(name, shape)
+    targets = np.zeros(shape if name == "gpt" else shape[0], np.int64)
+    y1 = m(x)
+    cd.cross_entropy(y1, targets).backward()
+    assert all(p.grad is not None for p in m.parameters())
+    stochastic = [s for s in m.modules() if isinstance(s, nn.StochasticLayer)]
+    assert stochastic and all(s.step == 1 for s in stochastic)
+    assert not np.array_equal(m(x).data, y1.data)  # the next step draws another mask
+    m.eval()
+    with cd.no_grad():
+        a, b = m(x).data, m(x).data
+    assert np.array_equal(a, b) and all(s.step == 2 for s in stochastic)
+
+
+def test_fused_kinds_use_fused_layers():
+    m = models.mlp((1, 8, 8), 10, hidden=(256, 256), dropout="sparsedrop", p=0.5)
+    assert sum(isinstance(l, nn.SparseDropLinear) for l in m.modules()) == 2
+    m = models.mlp((1, 8, 8), 10, hidden=(256, 256), dropout="sliceout", p=0.5)
+    assert sum(isinstance(l, nn.SliceOutLinear) for l in m.modules()) == 2
+    g = models.GPT(12, block_size=8, dim=32, depth=1, heads=4, dropout="sliceout", p=0.5)
+    assert any(isinstance(l, nn.SliceOutMultiHeadAttention) for l in g.modules())
+    plain = models.mlp((1, 8, 8), 10, hidden=(256, 256), dropout="dropout", p=0.0)
+    assert not any(isinstance(l, nn.StochasticLayer) for l in plain.modules())
+
+
+def test_set_total_steps_sets_gyro_period():
+    m = models.mlp((1, 8, 8), 10, hidden=(64, 64), dropout="gyro", p=0.3)
+    nn.set_total_steps(m, 4096)
+    gy = [l for l in m.modules() if isinstance(l, nn.GyroDropout)]
+    assert gy and all(l.period == 4096 * l.co_scheduled // l.num_subnets for l in gy)
+
+
+def test_registry_rejects_unknown_kind_and_bad_p():
+    with pytest.raises(ValueError, match="dropout must be one of"):
+        nn.dropped_linear("bogus", 4, 4, 0.1)
+    with pytest.raises(ValueError, match="p"):
+        nn.make_dropout("gyro", 1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cli_trains_each_kind(kind, tmp_path):
+    out = tmp_path / "r.json"
+    assert cli.main(["train", "--dropout", kind, "--p", "0.3", "--epochs", "2", "--no-progress",
+                     "--json", str(out)]) == 0
+
+
+def test_cli_depth_options(tmp_path, capsys):
+    assert cli.main(["train", "--model", "resnet20", "--epochs", "1", "--depth-dropout", "0.5",
+                     "--no-progress"]) == 0
+    assert "depth dropout 0.5" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="apply to"):
+        cli.main(["train", "--model", "mlp", "--depth-dropout", "0.5"])
+    with pytest.raises(SystemExit, match="alternatives"):
+        cli.main(["train", "--model", "resnet20", "--depth-dropout", "0.5",
+                  "--stochastic-depth", "0.5"])
