@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one call on the GPU machine: the whole test suite (GPU half included), the benchmarks and
-# short training runs. Logs and JSON go to $OUT; a short table is printed last.
+# The one call on the GPU machine: the whole test suite (GPU half included), compute-sanitizer
+# over every kernel, the benchmarks and short training runs. Logs and JSON go to $OUT (at most 8
+# files come back); a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -10,11 +11,18 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 4"
 
-python3 -m cudrop info | tee "$OUT/info.txt"
-python3 -m pytest -q -p no:cacheprovider -rs --durations=10 2>&1 | tee "$OUT/pytest.log"
+python3 -m cudrop info
+python3 -m pytest -q -p no:cacheprovider $xdist -rs 2>&1 | tee "$OUT/pytest.log"
 tests_rc=${PIPESTATUS[0]}
-python3 benchmarks/batched_matmul.py 2>&1 | tee "$OUT/bench.log"
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_kernels.py 2>&1 \
+    | tail -n 2 | tee -a "$OUT/bench.log"
+done
+for b in dropout batched_matmul variants train_step; do
+  python3 benchmarks/$b.py 2>&1 | tee -a "$OUT/bench.log"
+done
 runs=$(mktemp -d)
 train() {  # name, then cudrop train arguments
   local name=$1; shift
@@ -22,22 +30,24 @@ train() {  # name, then cudrop train arguments
     2>&1 | tee -a "$OUT/train.log" | tail -n 1
 }
 train mlp_digits --model mlp
-train resnet20_digits --model resnet20 --epochs 3
-train vit_digits --model vit --epochs 3
-train mlp_mnist --model mlp --data mnist --epochs 2 --batch-size 128
+for k in dropout sliceout gyro blockwise sparsedrop; do
+  train mlp_mnist_$k --model mlp --data mnist --epochs 2 --batch-size 256 --dropout $k --p 0.3
+done
 train resnet20_mnist --model resnet20 --data mnist --epochs 1
+train resnet20_mnist_depth --model resnet20 --data mnist --epochs 1 --depth-dropout 0.5
+train vit_digits --model vit --epochs 10
 train gpt_shakespeare --model gpt --epochs 1 --steps-per-epoch 300
 
 echo; echo "== summary =="
 grep -E "passed|failed" "$OUT/pytest.log" | tail -n 1
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/bench.log"
 python3 - "$runs" "$OUT/train.json" <<'PY'
 import json, sys, glob, os
 runs = {os.path.basename(f)[:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + "/*.json"))}
 json.dump(runs, open(sys.argv[2], "w"), indent=1)
-for d in runs.values():
-    c, r = d["config"], d["final"]
+for name, d in runs.items():
+    r = d["final"]
     metric = f"test acc {r['test_acc']:.4f}" if "test_acc" in r else f"test loss {r['test_loss']:.3f}"
-    print(f"train {c['model']:9s} {c['data']:12s} {c['epochs']} ep: {metric}, mean step {r['mean_step_ms']:.2f} ms, {r['wall_s']:.1f} s")
+    print(f"{name:24s} {d['config']['epochs']:2d} ep: {metric}, step {r['mean_step_ms']:6.2f} ms, {r['wall_s']:5.1f} s")
 PY
-tail -n 9 "$OUT/bench.log"
 exit $tests_rc
