@@ -62,12 +62,13 @@ def bench_sliceout(xp, dtype, sizes, reps):
         dense = nn.Linear(k, n, dtype=dtype).to("gpu" if xp is not np else "cpu")
         t_dense = float(np.median(run(step(dense), reps)))
         for keep in (0.25, 0.5, 0.75):
-            for mode in ("input", "output"):
-                layer = SliceOutLinear(k, n, p=1 - keep, mode=mode, dtype=dtype)
+            for mode, align in (("input", "auto"), ("output", "auto"), ("input", None)):
+                layer = SliceOutLinear(k, n, p=1 - keep, mode=mode, align=align, dtype=dtype)
                 layer.to("gpu" if xp is not np else "cpu")
                 t = float(np.median(run(step(layer), reps)))
-                rows.append(dict(shape=[m, k, n], keep=keep, mode=mode, ms=t * 1e3,
-                                 dense_ms=t_dense * 1e3, speedup=t_dense / t, ideal=1 / keep))
+                rows.append(dict(shape=[m, k, n], keep=keep, mode=mode, align=layer.align,
+                                 ms=t * 1e3, dense_ms=t_dense * 1e3, speedup=t_dense / t,
+                                 ideal=1 / keep))
     return rows
 
 
@@ -145,9 +146,10 @@ def main():
                sparsedrop_gather=bench_sparsedrop(xp, dtype, sd, reps))
     write_json("variants.json", out)
     print(f"SliceOut Linear fwd+bwd ({out['dtype']}) vs dense")
-    print(f"{'M,K,N':18s} {'keep':>5s} {'mode':>6s} {'ms':>8s} {'dense':>8s} {'speedup':>7s} {'ideal':>6s}")
+    print(f"{'M,K,N':18s} {'keep':>5s} {'mode':>6s} {'align':>5s} {'ms':>8s} {'dense':>8s} "
+          f"{'speedup':>7s} {'ideal':>6s}")
     for r in out["sliceout"]:
-        print(f"{str(r['shape']):18s} {r['keep']:5.2f} {r['mode']:>6s} {r['ms']:8.3f} "
+        print(f"{str(r['shape']):18s} {r['keep']:5.2f} {r['mode']:>6s} {str(r['align']):>5s} {r['ms']:8.3f} "
               f"{r['dense_ms']:8.3f} {r['speedup']:7.2f} {r['ideal']:6.2f}")
     print(f"Depth dropout, ResNet-56, batch {batch}, {size}x{size}: step time")
     print(f"{'variant':14s} {'p':>5s} {'ms':>8s} {'saving':>7s} {'paper':>6s}")

@@ -8,6 +8,8 @@ Every array test takes the ``xp`` fixture, so it also runs on CuPy on a GPU mach
 import math
 
 import numpy as np
+
+from cudrop.nn import sliceout as nn_sliceout
 import pytest
 from hypothesis import given, strategies as st
 
@@ -149,13 +151,14 @@ def test_wrap_starts_are_uniform_and_units_kept_keep_over_n():
 
 
 @pytest.mark.parametrize("n, align, p, valid", [
-    (20, 4, 0.5, [0, 4, 8]),      # n a multiple of align
-    (21, 8, 0.5, [0, 8]),         # keep = 11 (10.5 rounds up), n not a multiple of align
-    (70, 32, 0.75, [0, 32]),      # keep = 18: 64 + 18 > 70
+    (20, 4, 0.5, [0, 4, 8]),      # n a multiple of align; keep = 12 (2.5 blocks round up)
+    (21, 8, 0.5, [0, 8]),         # keep = 8, n not a multiple of align
+    (70, 32, 0.75, [0, 32]),      # keep = 32 (17.5 units round to one block)
     (13, 3, 0.3, [0, 3]),         # keep = 9
 ])
 def test_aligned_starts_are_uniform_multiples_without_wrap(n, align, p, valid):
-    keep = F.keep_count(n, p)
+    keep = F.keep_count(n, p, align)
+    assert keep % align == 0 and keep >= align
     assert F.num_starts(n, keep, align) == len(valid)
     seen = []
     for s in range(200 * len(valid)):
@@ -167,6 +170,16 @@ def test_aligned_starts_are_uniform_multiples_without_wrap(n, align, p, valid):
     values, counts = np.unique(seen, return_counts=True)
     assert values.tolist() == valid
     assert uniform_counts(counts)
+
+
+def test_aligned_keep_counts_and_auto_align():
+    assert F.keep_count(4096, 0.5, 32) == 2048 and F.keep_count(100, 0.5, 32) == 64
+    assert F.keep_count(100, 0.0, 32) == 100  # p == 0 keeps every unit, aligned or not
+    assert F.keep_count(50, 0.99, 8) == 8     # at least one block
+    assert [F.auto_align(n) for n in (4096, 256, 200, 64, 16, 10)] == [32, 32, 16, 8, 8, None]
+    layer = nn_sliceout.SliceOutLinear(256, 8, p=0.5)
+    assert layer.align == 32
+    assert nn_sliceout.SliceOutLinear(256, 8, p=0.5, align=None).align is None
 
 
 def test_same_coordinates_same_slice_and_steps_differ():
@@ -374,7 +387,7 @@ def test_linear_input_gemms_run_on_kept_rows_only(xp, rec, align):
     ranges = F.draw_slice(k, p, seed=0, layer=0, step=1, align=align)
     if align is None:
         ranges = ((30, 40), (0, 10))  # force the wrapped, two-GEMM case
-    keep = F.keep_count(k, p)
+    keep = sum(hi - lo for lo, hi in ranges)
     rng = np.random.default_rng(0)
     _fwd_bwd(lambda x, w: ag.sliceout_linear(x, w, None, ranges),
              normal(xp, rng, (m, k)), normal(xp, rng, (k, n)))

@@ -14,7 +14,9 @@ step, drawn from (seed, layer_id, step); the layers' products run on the kept sl
 Each calls ``next_step()`` once per training forward and records the kept ranges in
 ``last_ranges``. In eval mode they are the plain dense layer (or the identity), with no scaling,
 and the step does not advance. Wrap-around vs aligned slices: see
-``cudrop.functional.sliceout``. The layer classes subclass the dense ones, so parameter names and
+``cudrop.functional.sliceout``; ``SliceOutLinear`` and ``SliceOutConv2d`` default to
+``align='auto'`` (``functional.sliceout.auto_align``: 32 units for wide layers), the standalone
+mask and the attention heads to wrap mode. The layer classes subclass the dense ones, so parameter names and
 initialisation are those of ``Linear``, ``Conv2d`` and ``MultiHeadAttention``.
 """
 from __future__ import annotations
@@ -41,9 +43,11 @@ class _SliceMixin:
         if layer_id is not None:
             object.__setattr__(self, "layer_id", check_seed("layer_id", layer_id))
         self.p = F.check_p(p)
+        if align == "auto":
+            align = None if n_units is None else F.auto_align(n_units)
         self.align = F.check_align(align)
         if n_units is not None:  # fail at construction, not at the first training step
-            F.num_starts(n_units, F.keep_count(n_units, self.p), self.align)
+            F.num_starts(n_units, F.keep_count(n_units, self.p, self.align), self.align)
         self.last_ranges = None
 
     def _draw(self, n_units):
@@ -86,7 +90,7 @@ class SliceOutLinear(Linear, _SliceMixin, StochasticLayer):
     """Linear layer with SliceOut on its input units (``mode='input'``: the GEMM shrinks along
     K) or its output units (``mode='output'``: the GEMM shrinks along N)."""
 
-    def __init__(self, in_features, out_features, p=0.5, bias=True, mode="input", align=None,
+    def __init__(self, in_features, out_features, p=0.5, bias=True, mode="input", align="auto",
                  seed=0, layer_id=None, rng=None, dtype=np.float32):
         if mode not in ("input", "output"):
             raise ValueError(f"mode must be 'input' or 'output', got {mode!r}")
@@ -113,7 +117,7 @@ class SliceOutConv2d(Conv2d, _SliceMixin, StochasticLayer):
     """Conv2d with SliceOut on its output channels: only the kept filters are convolved."""
 
     def __init__(self, in_channels, out_channels, kernel_size, p=0.5, stride=1, padding=0,
-                 bias=True, align=None, seed=0, layer_id=None, rng=None, dtype=np.float32):
+                 bias=True, align="auto", seed=0, layer_id=None, rng=None, dtype=np.float32):
         Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
                         padding=padding, bias=bias, rng=rng, dtype=dtype)
         self._init_slice(p, align, seed, layer_id, self.out_channels)
