@@ -150,8 +150,24 @@ def test_wrap_starts_are_uniform_and_units_kept_keep_over_n():
     assert np.allclose(kept / steps, keep / n, atol=0.03)
 
 
+@pytest.mark.parametrize("n, align, p", [(20, 4, 0.5), (256, 32, 0.1), (64, 8, 0.7)])
+def test_aligned_slices_wrap_blockwise_and_keep_units_uniformly(n, align, p):
+    keep = F.keep_count(n, p, align)
+    assert keep % align == 0 and F.num_starts(n, keep, align) == n // align
+    steps = 400 * (n // align)
+    starts, kept = [], np.zeros(n)
+    for s in range(steps):
+        ranges = F.draw_slice(n, p, seed=3, layer=7, step=s, align=align)
+        assert all(lo % align == 0 and hi % align == 0 for lo, hi in ranges)
+        assert sum(hi - lo for lo, hi in ranges) == keep
+        starts.append(ranges[0][0])
+        kept += F.slice_mask(n, ranges)
+    values, counts = np.unique(starts, return_counts=True)
+    assert values.tolist() == list(range(0, n, align)) and uniform_counts(counts)
+    assert np.allclose(kept / steps, keep / n, atol=0.04)  # unbiased per unit
+
+
 @pytest.mark.parametrize("n, align, p, valid", [
-    (20, 4, 0.5, [0, 4, 8]),      # n a multiple of align; keep = 12 (2.5 blocks round up)
     (21, 8, 0.5, [0, 8]),         # keep = 8, n not a multiple of align
     (70, 32, 0.75, [0, 32]),      # keep = 32 (17.5 units round to one block)
     (13, 3, 0.3, [0, 3]),         # keep = 9
@@ -176,7 +192,7 @@ def test_aligned_keep_counts_and_auto_align():
     assert F.keep_count(4096, 0.5, 32) == 2048 and F.keep_count(100, 0.5, 32) == 64
     assert F.keep_count(100, 0.0, 32) == 100  # p == 0 keeps every unit, aligned or not
     assert F.keep_count(50, 0.99, 8) == 8     # at least one block
-    assert [F.auto_align(n) for n in (4096, 256, 200, 64, 16, 10)] == [32, 32, 16, 8, 8, None]
+    assert [F.auto_align(n) for n in (4096, 256, 200, 64, 16, 10)] == [32, 32, 8, 8, None, None]
     layer = nn_sliceout.SliceOutLinear(256, 8, p=0.5)
     assert layer.align == 32
     assert nn_sliceout.SliceOutLinear(256, 8, p=0.5, align=None).align is None

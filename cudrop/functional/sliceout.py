@@ -19,11 +19,14 @@ exact. Two modes:
   continues at unit 0, giving two ranges. Every unit is then kept with probability exactly
   ``keep / n``, so ``n / keep`` scaling is unbiased for every unit. The two pieces cost two
   smaller products that together still do ``keep / n`` of the dense work.
-- aligned (``align=a``): ``keep`` is also rounded to a multiple of ``a`` (at least ``a``) and
-  the start is uniform over the multiples of ``a`` with ``start + keep <= n``; always one range,
-  starting and ending on ``a``-unit boundaries, so the sliced GEMMs keep tensor-core-friendly
-  sizes and addresses (with wrap mode's odd widths cuBLAS falls back to slow kernels: measured
-  2x slower than dense at keep 0.5, fp16 4096^3, H200).
+- aligned (``align=a``): ``keep`` is also rounded to a multiple of ``a`` (at least ``a``), so
+  every range starts and ends on an ``a``-unit boundary and the sliced GEMMs keep
+  tensor-core-friendly sizes and addresses (wrap mode's odd widths send cuBLAS to slow kernels:
+  measured 2x slower than dense at keep 0.5, fp16 4096^3, H200). When ``a`` divides ``n`` the
+  start is uniform over all multiples of ``a`` and the slice wraps block-wise: every unit is kept
+  with probability exactly ``keep / n``, as in wrap mode. Otherwise the start is uniform over the
+  multiples of ``a`` with ``start + keep <= n`` (one range, no wrap), so units near the end are
+  kept less often (biased: prefer an ``a`` that divides ``n``).
   No wrap, so units near the end are kept less often than ``keep / n`` (the price of alignment;
   the scale is still ``n / keep``). ``a > n`` raises, and so does a configuration whose only
   valid start is 0 while ``keep < n``: it would drop the same units at every step, which is
@@ -101,11 +104,12 @@ def keep_count(n_units, p, align=None) -> int:
 
 
 def auto_align(n_units) -> int | None:
-    """The default ``align`` for ``n_units`` units: 32 for wide layers, smaller powers of two
-    (down to 8, the fp16 tensor-core granule) so that narrow layers keep several possible
-    slices, and wrap mode (None) below 16 units."""
+    """The default ``align`` for ``n_units`` units: the largest of 32, 16, 8 (the fp16
+    tensor-core granule) that divides ``n_units`` and leaves at least 8 blocks, so the slice
+    wraps at block granularity and every unit is kept with the same probability; wrap mode
+    (None) when none does."""
     for a in (32, 16, 8):
-        if n_units >= 8 * a or (a == 8 and n_units >= 16):
+        if n_units % a == 0 and n_units >= 8 * a:
             return a
     return None
 
@@ -123,6 +127,8 @@ def num_starts(n_units, keep, align=None) -> int:
     if align > n:
         raise ValueError(f"align ({align}) must not exceed the number of units ({n}); use a "
                          "smaller align or align=None (wrap-around)")
+    if n % align == 0:  # whole blocks: the slice wraps block-wise, every start is valid
+        return n // align
     count = (n - keep) // align + 1
     if count == 1 and keep < n:
         raise ValueError(f"align={align} leaves a single valid slice start for {n} units keeping "
