@@ -87,3 +87,28 @@ def test_cli_depth_options(tmp_path, capsys):
     with pytest.raises(SystemExit, match="alternatives"):
         cli.main(["train", "--model", "resnet20", "--depth-dropout", "0.5",
                   "--stochastic-depth", "0.5"])
+
+
+def test_gyro_period_follows_latest_total_steps_and_is_saved():
+    layer = nn.GyroDropout(0.3, num_subnets=64, co_scheduled=8)
+    layer.set_total_steps(800)
+    assert layer.period == 100
+    layer.set_total_steps(80)
+    assert layer.period == 10
+    fixed = nn.GyroDropout(0.3, num_subnets=64, co_scheduled=8, period=3)
+    fixed.set_total_steps(800)
+    assert fixed.period == 3
+    state = layer.state_dict()
+    assert int(state["period"]) == 10 and "seed" in state and "layer_id" in state
+    other = nn.GyroDropout(0.3, num_subnets=64, co_scheduled=8, seed=9, layer_id=99)
+    other.load_state_dict(state)
+    assert (other.period, other.seed, other.layer_id) == (10, layer.seed, layer.layer_id)
+
+
+def test_checkpoint_moves_between_variants():
+    a = models.mlp((1, 8, 8), 10, hidden=(64, 64), dropout="gyro", p=0.3)
+    b = models.mlp((1, 8, 8), 10, hidden=(64, 64), dropout="none")
+    b.load_state_dict(a.state_dict())  # counters of a's dropout layers are skipped, not errors
+    x = cd.Tensor(np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32))
+    a.eval()
+    assert np.array_equal(a(x).data, b(x).data)

@@ -29,10 +29,19 @@ class _GyroBase(StochasticLayer):
         self.num_subnets, self.co_scheduled = gyro.check_subnets(num_subnets, co_scheduled,
                                                                  schedule)
         self.schedule = schedule
-        self.total_steps = total_steps
-        self.period = gyro.resolve_period(num_subnets, co_scheduled, period, total_steps)
+        self.period_given = period is not None
+        self.set_total_steps(total_steps, period)
         self.last_mask = None
         self._memo = (None, None)
+
+    def set_total_steps(self, total_steps, period=None):
+        """Resolve the period from the run's length (unless it was given explicitly). The
+        period is saved in ``state_dict``: the masks depend on it."""
+        if period is None and self.period_given:
+            return
+        self.total_steps = total_steps
+        self.register_counter("period", gyro.resolve_period(self.num_subnets, self.co_scheduled,
+                                                            period, total_steps))
 
     def _sched(self):
         return dict(num_subnets=self.num_subnets, co_scheduled=self.co_scheduled,

@@ -11,6 +11,9 @@ from ..autograd import mode
 from ..autograd.tensor import Tensor
 
 
+_COUNTER_NAMES = ("seed", "layer_id", "step", "period")  # RNG state; skipped when absent here
+
+
 class Parameter(Tensor):
     """A Tensor that a Module owns and an optimizer updates."""
 
@@ -51,9 +54,10 @@ class Module:
         self._buffers[name] = True
 
     def register_counter(self, name, value: int = 0):
-        """A host-side integer (a dropout layer's step) that ``state_dict`` saves and
-        ``load_state_dict`` restores, so a resumed run draws the same masks. Never moved to the
-        GPU: reading it must not synchronise."""
+        """A host-side integer (a dropout layer's seed, id and step) that ``state_dict`` saves
+        and ``load_state_dict`` restores, so a resumed run draws the same masks. Never moved to
+        the GPU: reading it must not synchronise. Counters are RNG state, not weights: strict
+        loading does not require them, so a checkpoint moves between dropout variants."""
         object.__setattr__(self, name, int(value))
         self._counters[name] = True
 
@@ -139,13 +143,16 @@ class Module:
 
     def load_state_dict(self, state, strict: bool = True):
         """Copy arrays into the existing parameters and buffers (keeping their device and
-        dtype). With ``strict``, missing or unexpected keys raise KeyError."""
+        dtype) and restore counters. With ``strict``, missing or unexpected parameter or buffer
+        keys raise KeyError; counters present on only one side are skipped."""
         targets = {n: p for n, p in self.named_parameters()}
         bufs = {n: (m, b) for n, m, b in self.named_buffers()}
         counters = {n: (m, c) for n, m, c in self._named_counters()}
         if strict:
-            known = set(targets) | set(bufs) | set(counters)
-            missing, extra = known - set(state), set(state) - known
+            known = set(targets) | set(bufs)
+            missing = known - set(state)
+            extra = {k for k in state if k not in known and k not in counters
+                     and not k.rsplit(".", 1)[-1] in _COUNTER_NAMES}
             if missing or extra:
                 raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, "
                                f"unexpected {sorted(extra)}")

@@ -12,13 +12,14 @@ _next_layer_id = itertools.count()
 class StochasticLayer(Module):
     """Holds ``seed``, a ``layer_id`` (unique per process unless given, so masks differ between
     layers) and a ``step`` counter that each training-mode forward advances (so masks differ
-    between steps). ``step`` is saved by ``state_dict``: a resumed run draws the same masks.
+    between steps). All three are saved by ``state_dict``: a resumed run draws the same masks.
     """
 
     def __init__(self, seed: int = 0, layer_id: int | None = None):
         super().__init__()
-        self.seed = check_seed("seed", seed)
-        self.layer_id = check_seed("layer_id", next(_next_layer_id) if layer_id is None else layer_id)
+        self.register_counter("seed", check_seed("seed", seed))
+        self.register_counter("layer_id", check_seed(
+            "layer_id", next(_next_layer_id) if layer_id is None else layer_id))
         self.register_counter("step", 0)
 
     def next_step(self) -> int:
@@ -33,9 +34,10 @@ class StochasticLayer(Module):
 
 def set_step(model: Module, step: int) -> None:
     """Set the step counter of every stochastic layer in ``model`` (resume at ``step``)."""
+    step = check_seed("step", step)  # the Philox counter word holds 32 bits
     for m in model.modules():
         if isinstance(m, StochasticLayer):
-            object.__setattr__(m, "step", int(step))
+            object.__setattr__(m, "step", step)
 
 
 def number_layers(model: Module, seed: int | None = None) -> Module:

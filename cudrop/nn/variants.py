@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import gyro
 from ..functional.dropout import check_p
 from .dropout import Dropout, Identity
 from .gyro import BlockwiseDropout, GyroDropout, _GyroBase
 from .layers import Linear
-from .module import Module, Sequential
+from .module import Module
 from .sliceout import SliceOut, SliceOutLinear
 from .sparsedrop import SparseDrop, SparseDropLinear
 
@@ -58,14 +57,26 @@ def dropped_linear(kind, in_features, out_features, p, bias=True, rng=None,
         return SliceOutLinear(in_features, out_features, p, mode="input", **kw)
     if kind == "sparsedrop":
         return SparseDropLinear(in_features, out_features, p, **kw)
-    return Sequential(make_dropout(kind, p), Linear(in_features, out_features, **kw))
+    return DroppedLinear(in_features, out_features, make_dropout(kind, p), **kw)
+
+
+class DroppedLinear(Linear):
+    """``Linear(drop(x))``: a Linear whose input passes a parameter-free dropout module first.
+    Its parameters are named as a plain Linear's, so checkpoints move between variants."""
+
+    def __init__(self, in_features, out_features, drop: Module, bias=True, rng=None,
+                 dtype=np.float32):
+        super().__init__(in_features, out_features, bias=bias, rng=rng, dtype=dtype)
+        self.drop = drop
+
+    def forward(self, x):
+        return super().forward(self.drop(x))
 
 
 def set_total_steps(model: Module, total_steps: int) -> Module:
     """Tell gyro layers the run's length, so that each of their Σ sub-networks runs once, for
     ``total_steps * τ / Σ`` consecutive steps (layers built with an explicit period keep it)."""
     for m in model.modules():
-        if isinstance(m, _GyroBase) and m.total_steps is None:
-            m.total_steps = total_steps
-            m.period = gyro.resolve_period(m.num_subnets, m.co_scheduled, None, total_steps)
+        if isinstance(m, _GyroBase):
+            m.set_total_steps(total_steps)
     return model
