@@ -946,3 +946,14 @@ def test_mode_is_per_thread():
         th.start()
         th.join()
     assert seen == {"grad": True, "train": True}
+
+
+def test_relu_of_infinities_and_pow_zero_exponent_at_zero(xp):
+    x = cudrop.Tensor(xp.asarray([-np.inf, -1.0, 0.0, 2.0, np.inf]), requires_grad=True)
+    y = cudrop.relu(x)
+    assert backend.asnumpy(y.data).tolist() == [0.0, 0.0, 0.0, 2.0, np.inf]
+    y.backward(xp.asarray([1.0, 1.0, 1.0, 1.0, np.inf]))
+    assert backend.asnumpy(x.grad).tolist() == [0.0, 0.0, 0.0, 1.0, np.inf]
+    z = cudrop.Tensor(xp.zeros(3), requires_grad=True)
+    (z ** 0).sum().backward()
+    assert backend.asnumpy(z.grad).tolist() == [0.0, 0.0, 0.0]

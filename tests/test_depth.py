@@ -419,3 +419,13 @@ def test_builder_validates():
         StochasticDepth(lambda x: x, None, 0.5)
     plain = models.resnet20(in_channels=1)
     assert all(type(u) is nn.ResidualUnit for u in plain.units)
+
+
+def test_gather_and_scatter_reject_duplicate_or_out_of_range_host_indices():
+    from cudrop.functional import depth as Fd
+    x = np.ones((4, 2))
+    for bad in (np.array([1, 1]), np.array([2, 0]), np.array([0, 4]), np.array([-1, 2])):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            Fd.gather_rows(x, bad)
+        with pytest.raises(ValueError, match="strictly increasing"):
+            Fd.scatter_add_rows(x, np.ones((2, 2)), bad)

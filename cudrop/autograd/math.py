@@ -82,6 +82,8 @@ class Pow(Function):
         return a ** self.c
 
     def backward(self, g):
+        if self.c == 0:  # d(a**0)/da = 0, also at a = 0 where 0 * 0**-1 would be NaN
+            return backend.get_array_module(g).zeros_like(g)
         return g * self.c * self.a ** (self.c - 1)
 
 
@@ -126,10 +128,10 @@ class Sigmoid(Function):
 class ReLU(Function):
     def forward(self, a):
         self.mask = a > 0
-        return a * self.mask
+        return backend.get_array_module(a).maximum(a, 0)  # not a * mask: -inf * 0 is NaN
 
     def backward(self, g):
-        return g * self.mask
+        return backend.get_array_module(g).where(self.mask, g, 0)
 
 
 _SQRT_2_OVER_PI = _pymath.sqrt(2.0 / _pymath.pi)

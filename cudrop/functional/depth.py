@@ -1,29 +1,39 @@
 """Row gather / scatter-add on raw arrays: the pair that lets per-sample stochastic depth run a
 residual body on the kept samples only.
 
-``idx`` is a 1-D integer array of *distinct* row indices on the device of the data (the kept
-samples, in increasing order). Distinctness is what lets both backward passes assign instead of
-accumulating (``xp.add.at`` is a slow atomic scatter on the GPU and not needed here).
+``idx`` is a 1-D integer array of *distinct* row indices (the kept samples). Distinctness is
+what lets both backward passes assign instead of accumulating (``xp.add.at`` is a slow atomic
+scatter on the GPU and not needed here). Give it as a NumPy array — the caller draws it on the
+host anyway — and it is checked (strictly increasing, in range) and then moved to the data's
+device; an ``idx`` already on the GPU is trusted, since checking it there would synchronise.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from .. import backend
 
 
 def _check_idx(idx, n_rows, xp):
-    if backend.get_array_module(idx) is not xp:
-        raise TypeError("idx must live on the same device as the data")
+    """``idx`` on the data's device, after checking a host ``idx`` completely."""
     if idx.ndim != 1 or idx.dtype.kind not in "iu":
         raise ValueError(f"idx must be a 1-D integer array, got shape {idx.shape} and dtype "
                          f"{idx.dtype}")
     if idx.size > n_rows:
         raise ValueError(f"idx has {idx.size} entries for {n_rows} rows; entries must be distinct")
+    if isinstance(idx, np.ndarray):
+        if idx.size and (idx[0] < 0 or idx[-1] >= n_rows or (np.diff(idx) <= 0).any()):
+            raise ValueError(f"idx must be strictly increasing row indices in [0, {n_rows})")
+        return xp.asarray(idx)
+    if backend.get_array_module(idx) is not xp:
+        raise TypeError("idx is on the GPU but the data is not")
+    return idx
 
 
 def gather_rows(x, idx):
     """``x[idx]`` along axis 0. Returns ``(rows, saved)`` for :func:`gather_rows_backward`."""
     xp = backend.get_array_module(x)
-    _check_idx(idx, x.shape[0], xp)
+    idx = _check_idx(idx, x.shape[0], xp)
     return x[idx], {"idx": idx, "shape": x.shape, "dtype": x.dtype}
 
 
@@ -42,7 +52,7 @@ def scatter_add_rows(base, rows, idx, scale=1.0):
     ``(out, saved)`` for :func:`scatter_add_rows_backward`.
     """
     xp = backend.get_array_module(base, rows)
-    _check_idx(idx, base.shape[0], xp)
+    idx = _check_idx(idx, base.shape[0], xp)
     if rows.shape != (idx.size,) + base.shape[1:]:
         raise ValueError(f"rows must have shape {(idx.size,) + base.shape[1:]} (one row per "
                          f"index, trailing shape of base), got {rows.shape}")
