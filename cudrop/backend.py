@@ -53,6 +53,10 @@ def get_array_module(*arrays):
     kinds = {}
     for i, a in enumerate(arrays):
         k = _kind(a)
+        if k is None and (hasattr(a, "__dlpack__") or hasattr(a, "__cuda_array_interface__")):
+            raise TypeError(f"argument {i} is a {type(a).__module__}.{type(a).__name__}; cudrop's "
+                            "raw-array ops take NumPy or CuPy arrays: import it without a copy "
+                            "with cudrop.backend.as_array (or wrap it in cudrop.Tensor)")
         if k is not None:
             kinds.setdefault(k, (i, a))
     if len(kinds) > 1:

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend, masks, philox
-from .functional.dropout import check_p
 
 SCHEDULES = ("consecutive", "random")
 DEFAULT_NUM_SUBNETS = 1024
@@ -119,7 +118,7 @@ def subnet_keep(subnets, n_blocks, p, *, seed, layer, xp=np):
     ``n_blocks`` unit blocks, on the device of ``xp``. On CuPy it is drawn by the block-mask
     kernel (one launch; bit-equal to the NumPy draw) rather than on the host and copied: the
     host Philox costs ~2 ms for 8 x 4096 units."""
-    p = check_p(p)
+    p = philox.check_prob(p)
     seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
     ids = np.asarray(subnets, dtype=np.int64)
     if xp is np:

@@ -78,7 +78,8 @@ def element_mask(n, p, *, seed, layer, step, xp=np) -> ElementMask:
     """The element mask cudrop's dropout uses for ``n`` elements (NumPy reference; on the GPU
     the fused dropout kernel draws the same bits while it scales)."""
     t = philox.threshold(p)
-    w = philox.words(philox.check_seed("seed", seed), philox.check_seed("layer", layer), step,
+    w = philox.words(philox.check_seed("seed", seed), philox.check_seed("layer", layer),
+                     philox.check_step(step),
                      philox.TAG_ELEMENT, 0, np.arange(n, dtype=np.uint64))
     return ElementMask(n, float(p), xp.asarray(pack_bits((w >= np.uint32(t))[None, :])))
 
@@ -154,6 +155,7 @@ def block_mask(shape, block, p, *, seed, layer, step, xp=np, row_ids=None,
     shape, block = _check_shape_block(shape, block)
     t = philox.threshold(p)
     seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
+    step = philox.check_step(step)
     nm, nk = grid_shape(shape, block)
     if row_ids is not None and len(row_ids) != nm:
         raise ValueError(f"row_ids has {len(row_ids)} entries, expected one per row block ({nm})")

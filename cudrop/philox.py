@@ -12,6 +12,8 @@ so CPU and GPU agree exactly and P(keep) = 1 - threshold / 2**32.
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -42,11 +44,22 @@ def check_seed(name, v):
     return int(v)
 
 
+def check_prob(p, name: str = "p") -> float:
+    """``p`` as a float, or ValueError naming ``name`` unless it is a drop probability in
+    [0, 1). The one validator every variant uses."""
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
+        raise ValueError(f"{name} must be a drop probability in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_step(step) -> int:
+    """A step counter: an int in [0, 2**32), the width of its Philox counter word."""
+    return check_seed("step", step)
+
+
 def threshold(p: float) -> int:
     """The uint32 threshold t with keep iff word >= t, for drop probability p in [0, 1)."""
-    if not (isinstance(p, (int, float, np.floating)) and 0.0 <= p < 1.0):
-        raise ValueError(f"drop probability p must be in [0, 1), got {p!r}")
-    return min(int(np.floor(float(p) * 2.0 ** 32)), 2 ** 32 - 1)
+    return min(int(np.floor(check_prob(p) * 2.0 ** 32)), 2 ** 32 - 1)
 
 
 def words(seed, layer, step, tag, rows, cols):

@@ -196,3 +196,15 @@ def test_info():
     assert info["backend"] in ("numpy", "cupy")
     if info["backend"] == "cupy":
         assert isinstance(info["gpu"], str) and info["cuda"]
+
+
+def test_foreign_arrays_get_a_clear_error_in_raw_ops():
+    class Foreign:  # a DLPack producer that is neither NumPy nor CuPy
+        def __dlpack__(self, *a, **k):
+            raise NotImplementedError
+
+        def __dlpack_device__(self):
+            return (1, 0)
+
+    with pytest.raises(TypeError, match="argument 1 .*as_array"):
+        backend.get_array_module(np.ones(2), Foreign())

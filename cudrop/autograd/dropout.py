@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..functional import dropout as F
+from ..philox import check_prob
 from . import mode
 from .function import Function
 from .tensor import as_tensor
@@ -29,7 +30,7 @@ def dropout(x, p=0.5, training=None, *, seed=0, layer=0, step=0):
     The identity (``x`` itself) when not training or when ``p == 0``; ``training`` None follows
     ``cudrop.autograd.mode.is_training()``.
     """
-    p = F.check_p(p)
+    p = check_prob(p)
     if training is None:
         training = mode.is_training()
     if not training or p == 0:

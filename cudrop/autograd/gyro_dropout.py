@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .. import backend, gyro
 from ..functional import gyro as F
-from ..functional.dropout import check_p
+from ..philox import check_prob
 from . import mode
 from .function import Function
 from .tensor import as_tensor
@@ -66,7 +66,7 @@ def gyro_dropout(x, p=0.5, training=None, *, num_subnets=gyro.DEFAULT_NUM_SUBNET
     ``gyro.resolve_period`` for the default). Inverted scaling; the identity (``x`` itself)
     when not training or ``p == 0``; ``training`` None follows ``mode.is_training()``.
     """
-    p = check_p(p)
+    p = check_prob(p)
     gyro.check_subnets(num_subnets, co_scheduled, schedule)
     period = gyro.resolve_period(num_subnets, co_scheduled, period, total_steps)
     if training is None:
@@ -89,7 +89,7 @@ def blockwise_dropout(x, p=0.5, training=None, *, block=gyro.DEFAULT_BLOCK,
     rows in blocks of ``block[0]``, units in blocks of ``block[1]``; each row block carries the
     unit-block mask of one scheduled sub-network. The identity when not training or
     ``p == 0``."""
-    p = check_p(p)
+    p = check_prob(p)
     gyro.check_subnets(num_subnets, co_scheduled, schedule)
     block = gyro.check_block(block)
     period = gyro.resolve_period(num_subnets, co_scheduled, period, total_steps)

@@ -7,21 +7,12 @@ backward one pass over the bits.
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from .. import backend, masks, philox
 
 _CUDA_TYPES = {"float32": "float", "float64": "double", "float16": "cd_f16", "bfloat16": "cd_bf16"}
 _THREADS = 256
-
-
-def check_p(p):
-    """Raise ValueError unless ``p`` is a drop probability in [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
-        raise ValueError(f"dropout probability p must be a number in [0, 1), got {p!r}")
-    return float(p)
 
 
 def _check_x(x):
@@ -36,9 +27,10 @@ def dropout(x, p, *, seed=0, layer=0, step=0):
     Returns ``(y, saved)``; ``saved`` holds the ``ElementMask`` (packed bits) for
     :func:`dropout_backward`. ``p == 0`` returns ``x`` itself. Non-contiguous inputs are copied.
     """
-    p = check_p(p)
+    p = philox.check_prob(p)
     _check_x(x)
     seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
+    step = philox.check_step(step)
     if p == 0:
         return x, {"mask": None, "scale": 1.0}
     scale = 1.0 / (1.0 - p)

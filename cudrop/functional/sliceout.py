@@ -59,7 +59,7 @@ from .. import backend, philox
 from . import conv as _conv
 from .matmul import matmul
 
-__all__ = ["check_p", "check_align", "keep_count", "auto_align", "num_starts", "slice_start", "slice_ranges",
+__all__ = ["check_align", "keep_count", "auto_align", "num_starts", "slice_start", "slice_ranges",
            "draw_slice", "slice_mask", "check_ranges", "sliceout", "sliceout_backward",
            "sliceout_linear", "sliceout_linear_backward", "sliceout_linear_out",
            "sliceout_linear_out_backward", "sliceout_conv2d", "sliceout_conv2d_backward",
@@ -72,13 +72,6 @@ def _int(name, v, low):
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
         raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
     return int(v)
-
-
-def check_p(p):
-    """``p`` as a float, or ValueError unless it is a drop probability in [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
-        raise ValueError(f"SliceOut drop probability p must be a number in [0, 1), got {p!r}")
-    return float(p)
 
 
 def check_align(align):
@@ -95,7 +88,7 @@ def keep_count(n_units, p, align=None) -> int:
     rounded up, at least 1; with ``align``, rounded to a multiple of it instead (at least
     ``align``, at most the largest multiple that fits; ``p == 0`` keeps all ``n``)."""
     n = _int("n_units", n_units, 1)
-    p = check_p(p)
+    p = philox.check_prob(p)
     align = check_align(align)
     if align is None or p == 0 or align > n:  # align > n: num_starts explains the error
         return n if p == 0 else min(n, max(1, int(math.floor((1.0 - p) * n + 0.5))))

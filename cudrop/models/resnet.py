@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import nn
-from ..nn.depth import (DepthDropout, StochasticDepth, check_mode, check_prob, conv_shortcut,
+from ..nn.depth import (DepthDropout, StochasticDepth, check_mode, conv_shortcut,
                         stochastic_depth_probs)
 from ..nn.init import rng_of
+from ..philox import check_prob
 
 
 class ResNet(nn.Module):
@@ -35,8 +36,8 @@ class ResNet(nn.Module):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, ...), got {depth}")
-        self.depth_dropout = check_prob("depth_dropout", depth_dropout)
-        self.stochastic_depth = check_prob("stochastic_depth", stochastic_depth)
+        self.depth_dropout = check_prob(depth_dropout, "depth_dropout")
+        self.stochastic_depth = check_prob(stochastic_depth, "stochastic_depth")
         self.stochastic_depth_mode = check_mode("stochastic_depth_mode", stochastic_depth_mode)
         if self.depth_dropout and self.stochastic_depth:
             raise ValueError("depth_dropout and stochastic_depth are alternatives; set at most "

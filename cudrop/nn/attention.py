@@ -17,6 +17,9 @@ class MultiHeadAttention(Module):
     def __init__(self, dim, num_heads, causal=False, dropout=None, p=0.0, rng=None,
                  dtype=np.float32):
         super().__init__()
+        for name, v in (("dim", dim), ("num_heads", num_heads)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim, self.num_heads, self.causal = dim, num_heads, causal

@@ -37,7 +37,6 @@ not called at all.
 """
 from __future__ import annotations
 
-import numbers
 
 import numpy as np
 
@@ -51,13 +50,6 @@ from .residual import ResidualUnit
 from .stochastic import StochasticLayer
 
 MODES = ("batch", "sample")
-
-
-def check_prob(name, p):
-    """``p`` as a float, or ValueError naming ``name`` unless it is a number in [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:
-        raise ValueError(f"{name} must be a drop probability in [0, 1), got {p!r}")
-    return float(p)
 
 
 def check_mode(name, mode):
@@ -82,7 +74,7 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
         self.body = body
         self.shortcut = shortcut if shortcut is not None else Identity()
         self.activation = activation if activation is not None else Identity()
-        self.p = check_prob("p", p)
+        self.p = philox.check_prob(p)
         self.mode = check_mode("mode", mode)
 
     @classmethod
@@ -168,7 +160,7 @@ def linear_shortcut(in_features, out_features, rng=None, dtype=np.float32):
 def stochastic_depth_probs(num_units: int, p_last: float) -> list[float]:
     """Drop probability of units ``l = 1..L``: ``l / L * p_last`` (Huang et al.'s linear decay
     of the survival probability ``1 - l / L * p_last``; the last unit drops with ``p_last``)."""
-    p_last = check_prob("stochastic_depth", p_last)
+    p_last = philox.check_prob(p_last, "stochastic_depth")
     if not isinstance(num_units, (int, np.integer)) or num_units < 1:
         raise ValueError(f"num_units must be a positive int, got {num_units!r}")
     return [l / num_units * p_last for l in range(1, num_units + 1)]

@@ -3,7 +3,7 @@ name in ``variants.py``."""
 from __future__ import annotations
 
 from .. import autograd as ag
-from ..functional.dropout import check_p as _check_p
+from ..philox import check_prob
 from .module import Module
 from .stochastic import StochasticLayer
 
@@ -14,7 +14,7 @@ class Dropout(StochasticLayer):
 
     def __init__(self, p=0.5, seed=0, layer_id=None):
         super().__init__(seed, layer_id)
-        self.p = _check_p(p)
+        self.p = check_prob(p)
 
     def forward(self, x):
         if not self.is_training or self.p == 0:

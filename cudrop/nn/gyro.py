@@ -17,7 +17,7 @@ from __future__ import annotations
 from .. import autograd as ag
 from .. import backend, gyro
 from ..autograd.tensor import as_tensor
-from ..functional.dropout import check_p
+from ..philox import check_prob
 from .stochastic import StochasticLayer
 
 
@@ -25,7 +25,7 @@ class _GyroBase(StochasticLayer):
     def __init__(self, p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
                  layer_id):
         super().__init__(seed, layer_id)
-        self.p = check_p(p)
+        self.p = check_prob(p)
         self.num_subnets, self.co_scheduled = gyro.check_subnets(num_subnets, co_scheduled,
                                                                  schedule)
         self.schedule = schedule

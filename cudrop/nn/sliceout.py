@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import autograd as ag
 from ..functional import sliceout as F
-from ..philox import check_seed
+from ..philox import check_prob, check_seed
 from .attention import MultiHeadAttention
 from .layers import Conv2d, Linear
 from .stochastic import StochasticLayer
@@ -42,7 +42,7 @@ class _SliceMixin:
         object.__setattr__(self, "seed", check_seed("seed", seed))
         if layer_id is not None:
             object.__setattr__(self, "layer_id", check_seed("layer_id", layer_id))
-        self.p = F.check_p(p)
+        self.p = check_prob(p)
         if align == "auto":
             align = None if n_units is None else F.auto_align(n_units)
         self.align = F.check_align(align)

@@ -6,8 +6,7 @@ import numpy as np
 
 from .. import autograd as ag, backend, masks
 from ..autograd.tensor import Tensor
-from ..functional.dropout import check_p
-from ..philox import check_seed
+from ..philox import check_prob, check_seed
 from .layers import Linear
 from .stochastic import StochasticLayer
 
@@ -33,7 +32,7 @@ class SparseDropLinear(Linear, StochasticLayer):
         object.__setattr__(self, "seed", check_seed("seed", seed))
         if layer_id is not None:
             object.__setattr__(self, "layer_id", check_seed("layer_id", layer_id))
-        self.p = check_p(p)
+        self.p = check_prob(p)
         self.block = masks._check_shape_block((1, 1), block)[1]
         self.last_mask = None
 
@@ -66,7 +65,7 @@ class SparseDrop(StochasticLayer):
 
     def __init__(self, p, block=(128, 128), seed=0, layer_id=None):
         super().__init__(seed, layer_id)
-        self.p, self.block = check_p(p), tuple(block)
+        self.p, self.block = check_prob(p), tuple(block)
         self.last_mask = None
 
     def forward(self, x):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..functional.dropout import check_p
+from ..philox import check_prob
 from .dropout import Dropout, Identity
 from .gyro import BlockwiseDropout, GyroDropout, _GyroBase
 from .layers import Linear
@@ -28,7 +28,7 @@ def _check(kind, p):
     kind = "none" if kind is None else kind
     if kind not in DROPOUT_KINDS:
         raise ValueError(f"dropout must be one of {list(DROPOUT_KINDS)}, got {kind!r}")
-    return kind, check_p(p)
+    return kind, check_prob(p)
 
 
 def make_dropout(kind, p) -> Module:

@@ -43,17 +43,29 @@ def _arch_options():
 
 
 @functools.lru_cache(maxsize=None)
-def module(name: str, name_expressions: tuple = (), options: tuple = ()):
-    """A compiled ``cupy.RawModule`` for source file ``name`` (memoised per process)."""
+def module(name: str, name_expressions: tuple = (), options: tuple = (), arch: tuple = ()):
+    """A compiled ``cupy.RawModule`` for source file ``name`` (memoised per process and
+    architecture)."""
+    return backend_cupy().RawModule(code=source(name), options=("--std=c++17",) + arch
+                                    + tuple(options),
+                                    name_expressions=list(name_expressions) or None)
+
+
+def backend_cupy():
     from .. import backend
     if not backend.gpu_available():
-        raise RuntimeError(f"kernel {name} needs a usable CUDA GPU")
-    return backend.cupy.RawModule(code=source(name), options=("--std=c++17",) + _arch_options()
-                                  + tuple(options), name_expressions=list(name_expressions) or None)
+        raise RuntimeError("cudrop's CUDA kernels need a usable CUDA GPU")
+    return backend.cupy
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(name: str, expression: str, name_expressions: tuple = (), options: tuple = ()):
-    """The function ``expression`` (e.g. ``"scale<float>"``) from source file ``name``."""
+def _kernel(name, expression, name_expressions, options, device_id):
     exprs = tuple(name_expressions) or (expression,)
-    return module(name, exprs, tuple(options)).get_function(expression)
+    return module(name, exprs, tuple(options), _arch_options()).get_function(expression)
+
+
+def kernel(name: str, expression: str, name_expressions: tuple = (), options: tuple = ()):
+    """The function ``expression`` (e.g. ``"scale<float>"``) from source file ``name``, built
+    for the current device's architecture (memoised per device)."""
+    return _kernel(name, expression, tuple(name_expressions), tuple(options),
+                   backend_cupy().cuda.runtime.getDevice())
