@@ -1,4 +1,5 @@
 """Minimal reverse-mode autograd over NumPy/CuPy arrays (no double backward)."""
+import sys as _sys
 from .function import Function
 from .gradcheck import check_grad
 from .linalg import matmul
@@ -16,3 +17,8 @@ from .loss import *  # noqa: F401,F403
 from .norm import *  # noqa: F401,F403
 from .sliceout import *  # noqa: F401,F403
 from .sparsedrop import *  # noqa: F401,F403
+
+# Functions and classes only: the submodules (conv, norm, loss, ...) stay out of
+# ``from cudrop.autograd import *`` and so out of the ``cudrop`` namespace.
+__all__ = [_n for _n, _v in list(globals().items())
+           if not _n.startswith("_") and not isinstance(_v, type(_sys))]
