@@ -138,7 +138,7 @@ def cmd_train(args):
     if args.model == "gpt":
         total = cfg["epochs"] * args.steps_per_epoch
     else:
-        total = cfg["epochs"] * int(np.ceil(len(ds.x_train) / cfg["batch_size"]))
+        total = cfg["epochs"] * D.num_batches(len(ds.x_train), cfg["batch_size"])
     schedule = optim.CosineLR(opt, total_steps=total)
     set_total_steps(model, total)  # gyro: each sub-network runs once over the run
 

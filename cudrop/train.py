@@ -30,15 +30,15 @@ def evaluate_classifier(model, x, y, batch_size, device):
     """(mean loss, accuracy) over x, y in eval mode without building a graph."""
     from .data import batches
     model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
+    total, correct, loss_sum = 0, 0, 0.0  # sums stay on the device until the end
     with ag.no_grad():
         for xb, yb in batches(x, y, batch_size=batch_size, shuffle=False, device=device):
             logits = model(ag.Tensor(xb))
-            loss_sum += float(ag.cross_entropy(logits, yb, reduction="sum").data)
-            correct += int((logits.data.argmax(axis=-1) == yb).sum())
+            loss_sum = loss_sum + ag.cross_entropy(logits, yb, reduction="sum").data
+            correct = correct + (logits.data.argmax(axis=-1) == yb).sum()
             total += len(yb)
     model.train()
-    return loss_sum / total, correct / total
+    return float(loss_sum) / total, int(correct) / total
 
 
 def _train_epoch(model, opt, schedule, batch_iter, total, desc, progress):
@@ -54,11 +54,12 @@ def _train_epoch(model, opt, schedule, batch_iter, total, desc, progress):
         opt.step()
         if schedule is not None:
             schedule.step()
-        # Keep the running loss on the device: a .item() per step would stall the GPU.
+        # Keep the running loss on the device: a .item() per step would stall the GPU; the
+        # progress bar reads one every 50 steps.
         loss_acc = loss.data if loss_acc is None else loss_acc + loss.data
         n += 1
         xp = backend.get_array_module(loss.data)
-        if progress and i % 10 == 0:
+        if progress and i % 50 == 0:
             bar.set_postfix(loss=f"{float(loss.data):.4f}")
     _sync(xp)
     return float(loss_acc) / n, (time.perf_counter() - t0) / max(n, 1)
@@ -66,20 +67,24 @@ def _train_epoch(model, opt, schedule, batch_iter, total, desc, progress):
 
 def fit_classifier(model, data, opt, epochs, batch_size, device, seed=0, schedule=None,
                    progress=True, log=print):
-    from .data import batches
+    from .data import batches, num_batches
     hist = History()
-    steps = int(np.ceil(len(data.x_train) / batch_size))
+    steps = num_batches(len(data.x_train), batch_size)
+    # The data sets fit on the device: move them once, so batches are gathered there.
+    x_train, y_train, x_val, y_val, x_test, y_test = (
+        backend.to_device(a, device) for a in (data.x_train, data.y_train, data.x_val,
+                                                data.y_val, data.x_test, data.y_test))
     for epoch in range(epochs):
-        it = batches(data.x_train, data.y_train, batch_size=batch_size, shuffle=True, seed=seed,
+        it = batches(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed,
                      epoch=epoch, device=device)
         train_loss, step = _train_epoch(model, opt, schedule, it, steps,
                                         f"epoch {epoch + 1}/{epochs}", progress)
-        val_loss, val_acc = evaluate_classifier(model, data.x_val, data.y_val, 512, device)
+        val_loss, val_acc = evaluate_classifier(model, x_val, y_val, 512, device)
         hist.add(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
                  step_time_ms=step * 1e3)
         log(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
             f"val acc {val_acc:.4f}  step {step * 1e3:.2f} ms")
-    test_loss, test_acc = evaluate_classifier(model, data.x_test, data.y_test, 512, device)
+    test_loss, test_acc = evaluate_classifier(model, x_test, y_test, 512, device)
     return hist, {"test_loss": test_loss, "test_acc": test_acc}
 
 
