@@ -7,6 +7,7 @@ import cudrop
 from cudrop import backend
 from cudrop.autograd import check_grad
 from cudrop.functional import conv as Fconv, pooling as Fpool
+from conftest import poison_pool
 
 # ``xp`` is a stateless module: safe to share across hypothesis examples.
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -244,3 +245,84 @@ def test_autograd_wrapper_reports_errors(xp):
     w = cudrop.Tensor(xp.zeros((2, 4, 3, 3)))
     with pytest.raises(ValueError, match="x has 3 channels but w expects 4"):
         cudrop.conv2d(x, w)
+
+
+# ---- fast paths: 1x1 GEMM (NumPy), RawKernels (CuPy) -----------------------------------------
+def _relerr(got, want):
+    got = backend.asnumpy(got).astype(np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 2), (2, 4, 1, 9)])
+def test_conv2d_1x1_stride1_is_a_gemm(xp, shape, bias):
+    n, c, h, w_ = shape
+    rng = np.random.default_rng(sum(shape))
+    x, w = rng.standard_normal(shape), rng.standard_normal((3, c, 1, 1))
+    b = rng.standard_normal(3) if bias else None
+    xd, wd, bd = xp.asarray(x), xp.asarray(w), None if b is None else xp.asarray(b)
+    poison_pool(xp)
+    y, saved = Fconv.conv2d(xd, wd, bd)
+    assert y.shape == (n, 3, h, w_) and y.flags.c_contiguous
+    np.testing.assert_allclose(backend.asnumpy(y), ref_conv2d(x, w, b, (1, 1), (0, 0)),
+                               rtol=1e-10, atol=1e-10)
+    if b is None:
+        check_grad(lambda x, w: cudrop.conv2d(x, w), xd, wd)
+    else:
+        check_grad(lambda x, w, b: cudrop.conv2d(x, w, b), xd, wd, bd)
+
+
+def _low_precision(xp, dtype):
+    if dtype != "bfloat16":
+        return np.dtype(dtype)
+    if xp is np:
+        pytest.skip("the bfloat16 path is CuPy-only")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    try:
+        xp.zeros(1, dtype=ml_dtypes.bfloat16)
+    except Exception as e:  # CuPy builds without bfloat16 support
+        pytest.skip(f"CuPy cannot hold bfloat16 arrays here: {e}")
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# float32 allows for TF32 GEMMs (CUPY_TF32=1); an indexing error is O(1).
+LOW_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 4e-2}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", [((3, 5, 7, 9), (6, 5, 3, 2), (2, 1), (1, 2)),
+                                  ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (1, 1)),
+                                  ((2, 3, 5, 6), (2, 3, 1, 1), (1, 1), (0, 0))])
+def test_conv2d_low_precision_matches_float64(xp, dtype, case):
+    dt = _low_precision(xp, dtype)
+    xs, ws, stride, padding = case
+    rng = np.random.default_rng(len(dtype))
+    x, w, b = (rng.standard_normal(s).astype(dt) for s in (xs, ws, ws[:1]))
+    x64, w64, b64 = (a.astype(np.float64) for a in (x, w, b))
+    y64, saved64 = Fconv.conv2d(x64, w64, b64, stride, padding)
+    gy = rng.standard_normal(y64.shape).astype(dt)
+    want = (y64,) + Fconv.conv2d_backward(gy.astype(np.float64), saved64)
+    poison_pool(xp)
+    y, saved = Fconv.conv2d(xp.asarray(x), xp.asarray(w), xp.asarray(b), stride, padding)
+    poison_pool(xp)
+    got = (y,) + Fconv.conv2d_backward(xp.asarray(gy), saved)
+    for name, g, ref in zip(("y", "gx", "gw", "gb"), got, want):
+        assert g.dtype == dt and g.shape == ref.shape, name
+        assert _relerr(g, ref) < LOW_TOL[dtype], (name, _relerr(g, ref))
+
+
+@pytest.mark.parametrize("xs, ws", [((300, 220, 2, 2), (250, 220, 2, 2)),
+                                    ((1, 65600, 1, 1), (2, 65600, 1, 1))])
+def test_conv2d_beyond_one_grid_row_per_channel(xp, xs, ws):
+    """More (n, c) rows, channels or (n, o) rows than a grid's 65535 y-blocks: the loops over y."""
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+    gy_shape = (xs[0], ws[0], xs[2] + 2 - ws[2] + 1, xs[3] + 2 - ws[3] + 1)
+    gy = rng.standard_normal(gy_shape).astype(np.float32)
+    y64, s64 = Fconv.conv2d(x.astype(np.float64), w.astype(np.float64), None, 1, 1)
+    want = (y64,) + Fconv.conv2d_backward(gy.astype(np.float64), s64)[:2]
+    poison_pool(xp)
+    y, saved = Fconv.conv2d(xp.asarray(x), xp.asarray(w), None, 1, 1)
+    got = (y,) + Fconv.conv2d_backward(xp.asarray(gy), saved)[:2]
+    for name, g, ref in zip(("y", "gx", "gw"), got, want):
+        assert _relerr(g, ref) < 1e-3, (name, _relerr(g, ref))

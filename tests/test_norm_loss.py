@@ -10,6 +10,7 @@ from cudrop.autograd import check_grad
 from cudrop.functional import embedding as Femb
 from cudrop.functional import loss as Floss
 from cudrop.functional import norm as Fnorm
+from conftest import poison_pool
 
 seeds = st.integers(0, 2**16)
 
@@ -108,6 +109,56 @@ def test_batch_norm_float16_stats_in_float32(xp):
     assert y16.dtype == np.float16
     # the float16 input itself is rounded (spacing 0.03 near 50 = 0.06 std), so compare loosely
     np.testing.assert_allclose(_np(y16).astype(np.float64), _np(y64), atol=0.15)
+
+
+def _low_precision(xp, dtype):
+    if dtype != "bfloat16":
+        return np.dtype(dtype)
+    if xp is np:
+        pytest.skip("the bfloat16 path is CuPy-only")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    try:
+        xp.zeros(1, dtype=ml_dtypes.bfloat16)
+    except Exception as e:  # CuPy builds without bfloat16 support
+        pytest.skip(f"CuPy cannot hold bfloat16 arrays here: {e}")
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _relerr(got, want):
+    got = _np(got).astype(np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float16", 2e-3),
+                                        ("bfloat16", 1.5e-2)])
+@pytest.mark.parametrize("shape", [(5, 3, 7, 3), (64, 3, 16, 17), (7, 130), (3, 2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_low_precision_matches_float64(xp, dtype, tol, shape, training):
+    """Forward, running statistics and all three gradients against the float64 path on the
+    same (rounded) inputs; (64, 3, 16, 17) has more than 16384 values per channel."""
+    dt = _low_precision(xp, dtype)
+    rng = np.random.default_rng(shape[0])
+    c = shape[1]
+    x = rng.normal(0.7, 1.5, shape).astype(dt)
+    gamma, beta = rng.normal(1.0, 0.5, c).astype(dt), rng.normal(0.0, 1.0, c).astype(dt)
+    g = rng.standard_normal(shape).astype(dt)
+    rm, rv = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+    f64 = [a.astype(np.float64) for a in (x, gamma, beta, rm, rv)]
+    y64, s64 = Fnorm.batch_norm(*f64, training, momentum=0.2)
+    want = (y64,) + Fnorm.batch_norm_backward(g.astype(np.float64), s64)
+    rm_d, rv_d = xp.asarray(rm), xp.asarray(rv)
+    poison_pool(xp)
+    y, saved = Fnorm.batch_norm(xp.asarray(x), xp.asarray(gamma), xp.asarray(beta), rm_d, rv_d,
+                                training, momentum=0.2)
+    poison_pool(xp)
+    got = (y,) + Fnorm.batch_norm_backward(xp.asarray(g), saved)
+    for name, a, ref in zip(("y", "gx", "ggamma", "gbeta"), got, want):
+        assert a.dtype == dt and a.shape == ref.shape, name
+        assert _relerr(a, ref) < tol, (name, _relerr(a, ref))
+    # running statistics stay float32 and follow the float64 update to float32 precision
+    for a, ref in ((rm_d, f64[3]), (rv_d, f64[4])):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(_np(a), ref, rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
 
 
 # ---- layer norm ---------------------------------------------------------------------------

@@ -3,6 +3,13 @@
 Statistics are computed in float32 at least: float16 sums over a batch lose the mean's low bits
 and its variance can underflow, so half inputs are upcast for the reductions and the output is
 cast back.
+
+Batch norm on CuPy (float16/bfloat16/float32/float64) runs fused kernels (raw_kernels/norm.cu)
+instead of ~15 small array ops per direction: training forward is one per-channel reduction
+(two-pass mean and variance, the running-statistics update folded in) and one elementwise pass;
+eval forward is one elementwise pass; backward is one reduction (both per-channel sums and the
+coefficients of the input gradient) and one elementwise pass. Backward recomputes ``xhat`` from
+the saved input and per-channel mean / inverse std, so forward writes no ``xhat`` array.
 """
 from __future__ import annotations
 
@@ -11,6 +18,10 @@ import numbers
 import numpy as np
 
 from .. import backend
+
+_CUDA_TYPES = {"float32": "float", "float64": "double", "float16": "cd_f16", "bfloat16": "cd_bf16"}
+# Switch for A/B timing against the portable path (benchmarks); not part of the API.
+use_gpu_kernels = True
 
 
 def compute_dtype(dtype):
@@ -65,13 +76,18 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
     axes = (0,) + tuple(range(2, x.ndim))
     n = x.size // c if c else 0
     bshape = (1, c) + (1,) * (x.ndim - 2)
+    if training and n < 2:
+        raise ValueError(f"batch_norm in training needs more than one value per channel; "
+                         f"x has shape {tuple(x.shape)}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm in eval mode needs running_mean and running_var")
+    if _gpu_path(xp, x):
+        return _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentum,
+                               eps)
     cdt = compute_dtype(x.dtype)
     xc = x.astype(cdt, copy=False)
 
     if training:
-        if n < 2:
-            raise ValueError(f"batch_norm in training needs more than one value per channel; "
-                             f"x has shape {tuple(x.shape)}")
         mean = xc.mean(axis=axes)
         centered = xc - mean.reshape(bshape)
         var = (centered * centered).mean(axis=axes)
@@ -82,8 +98,6 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
                 run *= 1 - momentum
                 run += (momentum * stat).astype(run.dtype, copy=False)
     else:
-        if running_mean is None or running_var is None:
-            raise ValueError("batch_norm in eval mode needs running_mean and running_var")
         inv_std = 1.0 / xp.sqrt(running_var.astype(cdt, copy=False) + eps)
         xhat = (xc - running_mean.astype(cdt, copy=False).reshape(bshape)) * inv_std.reshape(bshape)
 
@@ -102,6 +116,8 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
 def batch_norm_backward(grad_out, saved):
     """Gradients ``(gx, ggamma, gbeta)``; ``ggamma``/``gbeta`` are None where the forward had
     no gamma/beta."""
+    if "x" in saved:
+        return _batch_norm_backward_gpu(grad_out, saved)
     xhat, inv_std, gamma = saved["xhat"], saved["inv_std"], saved["gamma"]
     axes, bshape, n = saved["axes"], saved["bshape"], saved["n"]
     g = grad_out.astype(xhat.dtype, copy=False)
@@ -120,6 +136,120 @@ def batch_norm_backward(grad_out, saved):
     gbeta = None
     if saved["beta_dtype"] is not None:
         gbeta = gbeta_c.astype(saved["beta_dtype"], copy=False)
+    return gx, ggamma, gbeta
+
+
+# ---- batch norm, GPU path ---------------------------------------------------------------------
+def _gpu_path(xp, x) -> bool:
+    if xp is np or not use_gpu_kernels or x.size == 0 or _cuda_type(x.dtype) is None:
+        return False
+    return x.size // x.shape[1] < 2**31  # per-channel counts are 32-bit in the kernels
+
+
+# Per-call host cost is what the GPU path saves, so the lookups are plain dicts: ``dtype.name``
+# is a slow property, and the loader's key (a tuple of names) costs more than one dict probe.
+# Kernel handles are keyed by device, like the loader's.
+_TYPE_OF: dict = {}
+_FUNCS: dict = {}
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def _cuda_type(dtype):
+    """The kernels' type name for ``dtype`` (None if there is no kernel for it)."""
+    try:
+        return _TYPE_OF[dtype]
+    except KeyError:
+        t = _TYPE_OF[dtype] = _CUDA_TYPES.get(dtype.name)
+        return t
+
+
+def _launch(fn, dtype, grid, block, args):
+    key = (fn, dtype, backend.cupy.cuda.runtime.getDevice())  # handles are per device
+    f = _FUNCS.get(key)
+    if f is None:
+        from ..raw_kernels import kernel
+        names = tuple(f"{fn}<{t}>" for t in _CUDA_TYPES.values())
+        f = _FUNCS[key] = kernel("norm.cu", f"{fn}<{_cuda_type(dtype)}>", names)
+    f(grid, block, args)
+
+
+def _bn_threads(count: int) -> int:
+    return 1024 if count >= 16384 else (256 if count >= 1024 else 64)
+
+
+def _as_acc(cp, a, acc):
+    """A per-channel array as a contiguous ``acc`` array (no copy when it already is one)."""
+    if a is None or (a.dtype == acc and a.flags.c_contiguous):
+        return a
+    return cp.ascontiguousarray(a, dtype=acc)
+
+
+def _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentum, eps):
+    cp = backend.cupy
+    acc = _F64 if x.dtype == _F64 else _F32
+    if not x.flags.c_contiguous:
+        x = cp.ascontiguousarray(x)
+    nb, c = x.shape[0], x.shape[1]
+    p = x.size // (nb * c)
+    n = nb * p
+    gamma_c, beta_c = _as_acc(cp, gamma, acc), _as_acc(cp, beta, acc)
+    y = cp.empty_like(x)
+    if training:
+        stats = cp.empty((3, c), dtype=acc)  # mean, biased variance, inverse std
+        # In-kernel update where the running statistics are contiguous ``acc`` arrays (the
+        # layers keep float32 ones); any other dtype is updated here, as the reference does.
+        update = (running_mean is not None and running_var is not None
+                  and running_mean.dtype == acc and running_var.dtype == acc
+                  and running_mean.flags.c_contiguous and running_var.flags.c_contiguous)
+        _launch("bn_stats", x.dtype, (c,), (_bn_threads(n),),
+                (x, stats, running_mean if update else stats, running_var if update else stats,
+                 np.int32(nb), np.int32(c), np.int32(p), np.float64(eps), np.float64(momentum),
+                 np.float64(n / (n - 1)), np.int32(update)))
+        if not update:
+            for run, stat in ((running_mean, stats[0]), (running_var, stats[1] * (n / (n - 1)))):
+                if run is not None:
+                    run *= 1 - momentum
+                    run += (momentum * stat).astype(run.dtype, copy=False)
+        mean, s, saved_stats = stats[0], stats[2], stats
+    else:
+        mean, s = _as_acc(cp, running_mean, acc), _as_acc(cp, running_var, acc)
+        saved_stats = cp.empty((2, c), dtype=acc)  # mean, inverse std (written by bn_fwd)
+    _launch("bn_fwd", x.dtype, (-(-x.size // 256),), (256,),
+            (x, y, mean, s, x if gamma_c is None else gamma_c, x if beta_c is None else beta_c,
+             saved_stats, np.int64(x.size), np.int32(c), np.int32(p), np.float64(eps),
+             np.int32(not training), np.int32(gamma_c is not None),
+             np.int32(beta_c is not None)))
+    saved = {"training": bool(training), "x": x, "mean": saved_stats[0],
+             "inv_std": saved_stats[-1], "gamma": gamma, "gamma_c": gamma_c,
+             "beta_dtype": None if beta is None else beta.dtype}
+    return y, saved
+
+
+def _batch_norm_backward_gpu(grad_out, saved):
+    cp = backend.cupy
+    x, gamma, gamma_c = saved["x"], saved["gamma"], saved["gamma_c"]
+    backend.get_array_module(grad_out, x)  # a NumPy gradient for a GPU forward: TypeError
+    g = grad_out
+    if g.shape != x.shape:
+        g = cp.broadcast_to(g, x.shape)
+    if g.dtype != x.dtype or not g.flags.c_contiguous:
+        g = cp.ascontiguousarray(g, dtype=x.dtype)
+    nb, c = x.shape[0], x.shape[1]
+    p = x.size // (nb * c)
+    mean = saved["mean"]
+    sums = cp.empty((2, c), dtype=mean.dtype)  # sum g, sum g * xhat
+    coef = cp.empty((3, c), dtype=mean.dtype)
+    _launch("bn_bwd_sums", x.dtype, (c,), (_bn_threads(nb * p),),
+            (g, x, mean, saved["inv_std"], x if gamma_c is None else gamma_c, sums, coef,
+             np.int32(nb), np.int32(c), np.int32(p), np.int32(gamma_c is not None),
+             np.int32(saved["training"])))
+    gx = cp.empty_like(x)
+    _launch("bn_bwd_apply", x.dtype, (-(-x.size // 256),), (256,),
+            (g, x, gx, mean, coef, np.int64(x.size), np.int32(c), np.int32(p)))
+    ggamma = None if gamma is None else sums[1].astype(gamma.dtype, copy=False)
+    gbeta = None
+    if saved["beta_dtype"] is not None:
+        gbeta = sums[0].astype(saved["beta_dtype"], copy=False)
     return gx, ggamma, gbeta
 
 

@@ -1,0 +1,154 @@
+"""conv2d and batch_norm on ResNet-56 layer shapes (batch 128, float32): the GPU kernels against
+the portable path (the NumPy-reference code run on CuPy), in one process, plus the conv forward
+with a strided-batched GEMM that writes NCHW directly (the column-layout question).
+
+Two numbers per op: host ms (what Python spends enqueueing one call) and device ms (GPU time per
+call: the calls are queued behind a spin kernel, so the host is ahead and launch gaps vanish).
+
+Usage: python benchmarks/conv_norm.py   (GPU; JSON to $OUT/conv_norm.json, a table last)
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, ".")
+from benchmarks.common import write_json  # noqa: E402
+from cudrop.functional import conv as Fconv, norm as Fnorm  # noqa: E402
+from cudrop.functional.matmul import matmul  # noqa: E402
+
+N = 128
+CONV = [  # (C, O, H, k, stride, padding)
+    (16, 16, 32, 3, 1, 1), (32, 32, 16, 3, 1, 1), (64, 64, 8, 3, 1, 1),
+    (16, 32, 32, 3, 2, 1), (16, 32, 32, 1, 2, 0), (64, 64, 8, 1, 1, 0)]
+BN = [(16, 32), (32, 16), (64, 8)]
+REPS = 20
+
+
+def timer(cp):
+    spin = cp.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
+        long long t0 = clock64(); while (clock64() - t0 < cycles) { } }''', "spin")
+    khz = cp.cuda.Device().attributes.get("ClockRate", 2_000_000)  # kHz
+
+    def measure(fn, inputs):
+        for i in range(3):
+            fn(*inputs[i % len(inputs)])
+        cp.cuda.Device().synchronize()
+        best_dev, best_host, ahead = [], [], True
+        for _ in range(5):
+            spin((1,), (1,), (np.int64(khz * 40),))  # 40 ms of device time to hide the host
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            t0 = time.perf_counter()
+            for i in range(REPS):
+                fn(*inputs[i % len(inputs)])
+            host = time.perf_counter() - t0
+            end.record()
+            end.synchronize()
+            ahead &= host < 0.035
+            best_dev.append(cp.cuda.get_elapsed_time(start, end) / REPS)
+            best_host.append(host * 1e3 / REPS)
+        return float(np.median(best_dev)), float(np.median(best_host)), ahead
+    return measure
+
+
+def direct_nchw(cp, x, w, stride, padding):
+    """im2col kernel, then one strided-batched GEMM writing y[n] = W @ cols[:, n*P:(n+1)*P]
+    straight into NCHW (weight stride 0, column blocks with leading dimension N*P)."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    ho, wo = Fconv.out_size(h, kh, stride, padding), Fconv.out_size(wd, kw, stride, padding)
+    p, q, k = ho * wo, n * ho * wo, c * kh * kw
+    cols = cp.empty((k, q), x.dtype)
+    t = Fconv._threads(q)
+    Fconv._launch("im2col", x.dtype, (-(-q // t), c), (t,),
+                  (x, cols) + Fconv._geometry_args(x.shape, (kh, kw), (stride,) * 2,
+                                                   (padding,) * 2, (ho, wo)))
+    y = cp.empty((n, o, ho, wo), x.dtype)
+    one, zero = np.ones((), np.float32), np.zeros((), np.float32)
+    # column-major: y[n]ᵀ (P, O) = cols_nᵀ (P, K; ld Q) @ Wᵀ (K, O; ld K)
+    cp.cuda.cublas.gemmStridedBatchedEx(
+        cp.cuda.device.get_cublas_handle(), 0, 0, p, o, k, one.ctypes.data,
+        cols.data.ptr, 0, q, p, w.data.ptr, 0, k, 0, zero.ctypes.data,
+        y.data.ptr, 0, p, o * p, n, 68, -1)
+    return y
+
+
+def main():
+    import cupy as cp
+    measure = timer(cp)
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def both(name, fn, inputs, mods):
+        """``inputs``: a list of argument tuples, or a function of no arguments that makes them
+        (called after the switch, so backward gets the ``saved`` of its own forward)."""
+        out = {}
+        for label, on in (("kernels", True), ("portable", False)):
+            for m in mods:
+                m.use_gpu_kernels = on
+            out[label] = measure(fn, inputs() if callable(inputs) else inputs)
+        for m in mods:
+            m.use_gpu_kernels = True
+        rows.append(dict(op=name, **{f"{k}_{f}": v[i] for k, v in out.items()
+                                     for i, f in enumerate(("device_ms", "host_ms", "ahead"))}))
+
+    for c, o, h, k, s, p in CONV:
+        xs = [cp.asarray(rng.standard_normal((N, c, h, h), np.float32)) for _ in range(3)]
+        w = cp.asarray(rng.standard_normal((o, c, k, k), np.float32))
+        name = f"conv {c}->{o} {h}x{h} k{k} s{s} p{p}"
+        both(name + " fwd", lambda x: Fconv.conv2d(x, w, None, s, p), [(x,) for x in xs], [Fconv])
+        ref = Fconv.conv2d(xs[0], w, None, s, p)[0]
+        gys = [cp.asarray(rng.standard_normal(ref.shape, np.float32)) for _ in xs]
+        both(name + " bwd", Fconv.conv2d_backward,
+             lambda: [(g, Fconv.conv2d(x, w, None, s, p)[1]) for g, x in zip(gys, xs)], [Fconv])
+        alt = direct_nchw(cp, xs[0], w, s, p)
+        err = float(cp.linalg.norm(alt - ref) / cp.linalg.norm(ref))
+        dev, host, ahead = measure(lambda x: direct_nchw(cp, x, w, s, p), [(x,) for x in xs])
+        rows.append(dict(op=name + " fwd, GEMM into NCHW", kernels_device_ms=dev,
+                         kernels_host_ms=host, kernels_ahead=ahead, rel_err=err))
+
+    for c, h in BN:
+        xs = [cp.asarray(rng.normal(0.5, 2.0, (N, c, h, h)).astype(np.float32)) for _ in range(3)]
+        gamma, beta = cp.ones(c, np.float32), cp.zeros(c, np.float32)
+        rm, rv = cp.zeros(c, np.float32), cp.ones(c, np.float32)
+        name = f"batch_norm {c}x{h}x{h}"
+        both(name + " train fwd", lambda x: Fnorm.batch_norm(x, gamma, beta, rm, rv, True),
+             [(x,) for x in xs], [Fnorm])
+        both(name + " train bwd", Fnorm.batch_norm_backward,
+             lambda: [Fnorm.batch_norm(x, gamma, beta, rm, rv, True) for x in xs], [Fnorm])
+        both(name + " eval fwd", lambda x: Fnorm.batch_norm(x, gamma, beta, rm, rv, False),
+             [(x,) for x in xs], [Fnorm])
+    # host cost of the CuPy primitives the fast paths are made of
+    noop = cp.RawKernel(r'''extern "C" __global__ void noop(const float* a, float* b, int c0,
+        int c1, int c2, int c3, int c4, int c5, int c6, int c7, int c8, int c9, int c10,
+        int c11) { }''', "noop")
+    z = cp.empty(16, np.float32)
+    ints = tuple(np.int32(i) for i in range(12))
+    for name, fn in (("cupy.empty((3, 16))", lambda: cp.empty((3, 16), np.float32)),
+                     ("RawKernel launch, 14 args", lambda: noop((1,), (32,), (z, z) + ints)),
+                     ("ascontiguousarray (contiguous)", lambda: cp.ascontiguousarray(z))):
+        dev, host, ahead = measure(fn, [()])
+        rows.append(dict(op="host: " + name, kernels_device_ms=dev, kernels_host_ms=host,
+                         kernels_ahead=ahead))
+    # the GEMM alone, for scale
+    a = cp.asarray(rng.standard_normal((16, 144), np.float32))
+    bs = [cp.asarray(rng.standard_normal((144, N * 1024), np.float32)) for _ in range(3)]
+    dev, host, ahead = measure(matmul, [(a, b) for b in bs])
+    rows.append(dict(op="GEMM (16,144)@(144,131072)", kernels_device_ms=dev, kernels_host_ms=host,
+                     kernels_ahead=ahead))
+    write_json("conv_norm.json", dict(batch=N, reps=REPS, rows=rows))
+    print(f"{'op':44s} {'dev ms':>8s} {'host ms':>8s} | {'portable dev':>12s} {'host':>7s}")
+    for r in rows:
+        pd, ph = r.get("portable_device_ms"), r.get("portable_host_ms")
+        flag = "" if r["kernels_ahead"] and r.get("portable_ahead", True) else " (host not ahead)"
+        tail = f"{pd:12.4f} {ph:7.4f}" if pd is not None else f"{'':12s} {'':7s}"
+        extra = f" rel err {r['rel_err']:.1e}" if "rel_err" in r else ""
+        print(f"{r['op']:44s} {r['kernels_device_ms']:8.4f} {r['kernels_host_ms']:8.4f} | "
+              f"{tail}{flag}{extra}")
+
+
+if __name__ == "__main__":
+    main()
