@@ -29,11 +29,11 @@ import operator
 import numpy as np
 
 from .. import backend
+from ..raw_kernels import cuda_type, launch
 from .matmul import matmul
 
 __all__ = ["conv2d", "conv2d_backward"]
 
-_CUDA_TYPES = {"float32": "float", "float64": "double", "float16": "cd_f16", "bfloat16": "cd_bf16"}
 _INT32 = 2**31 - 1
 # Switch for A/B timing against the portable path (benchmarks); not part of the API.
 use_gpu_kernels = True
@@ -191,7 +191,7 @@ def conv2d_backward(gy, saved):
 def _gpu_path(xp, x, w, x_shape, out_shape, k) -> bool:
     """CuPy arrays of a kernel dtype, nothing empty, and every index the kernels keep in 32 bits
     (per-image planes and channel products) within range."""
-    if xp is np or not use_gpu_kernels or x.dtype != w.dtype or _cuda_type(x.dtype) is None:
+    if xp is np or not use_gpu_kernels or x.dtype != w.dtype or cuda_type(x.dtype) is None:
         return False
     n, c, h, wd = x_shape
     o, ho, wo = out_shape
@@ -200,30 +200,8 @@ def _gpu_path(xp, x, w, x_shape, out_shape, k) -> bool:
     return max(n * ho * wo, h * wd, n * c, c * k[0] * k[1], o * n) <= _INT32
 
 
-# Per-call host cost is what the GPU path saves, so the lookups are plain dicts: ``dtype.name``
-# is a slow property, and the loader's key (a tuple of names) costs more than one dict probe.
-# Kernel handles are keyed by device, like the loader's.
-_TYPE_OF: dict = {}
-_FUNCS: dict = {}
-
-
-def _cuda_type(dtype):
-    """The kernels' type name for ``dtype`` (None if there is no kernel for it)."""
-    try:
-        return _TYPE_OF[dtype]
-    except KeyError:
-        t = _TYPE_OF[dtype] = _CUDA_TYPES.get(dtype.name)
-        return t
-
-
 def _launch(fn, dtype, grid, block, args):
-    key = (fn, dtype, backend.cupy.cuda.runtime.getDevice())  # handles are per device
-    f = _FUNCS.get(key)
-    if f is None:
-        from ..raw_kernels import kernel
-        names = tuple(f"{fn}<{t}>" for t in _CUDA_TYPES.values())
-        f = _FUNCS[key] = kernel("conv.cu", f"{fn}<{_cuda_type(dtype)}>", names)
-    f(grid, block, args)
+    launch("conv.cu", fn, dtype, grid, block, args)
 
 
 def _threads(size: int) -> int:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, masks, philox
+from ..raw_kernels import cuda_type, launch
 
-_CUDA_TYPES = {"float32": "float", "float64": "double", "float16": "cd_f16", "bfloat16": "cd_bf16"}
 _THREADS = 256
 
 
 def _check_x(x):
-    if x.dtype.name not in _CUDA_TYPES:
+    if cuda_type(x.dtype) is None:
         raise TypeError(f"x must be a float16, bfloat16, float32 or float64 array, got dtype "
                         f"{x.dtype}")
 
@@ -54,15 +54,12 @@ def dropout_backward(grad_out, saved):
         keep = mask.to_dense().reshape(grad_out.shape)
         return np.where(keep, grad_out * grad_out.dtype.type(saved["scale"]),
                         grad_out.dtype.type(0))
-    from ..raw_kernels import kernel
     g = _aligned(xp, grad_out)
     gx = xp.empty_like(g)
     n = g.size
     if n:
-        t = _CUDA_TYPES[g.dtype.name]
-        kernel("dropout.cu", f"dropout_bwd<{t}>", _names("dropout_bwd"))(
-            (-(-n // (4 * _THREADS)),), (_THREADS,),
-            (g, mask.bits, gx, np.int64(n), np.float64(saved["scale"])))
+        launch("dropout.cu", "dropout_bwd", g.dtype, (-(-n // (4 * _THREADS)),), (_THREADS,),
+               (g, mask.bits, gx, np.int64(n), np.float64(saved["scale"])))
     return gx
 
 
@@ -73,12 +70,7 @@ def _aligned(cp, a):
     return a if a.data.ptr % (4 * a.itemsize) == 0 else a.copy()
 
 
-def _names(fn):
-    return tuple(f"{fn}<{t}>" for t in _CUDA_TYPES.values())
-
-
 def _dropout_gpu(cp, x, p, scale, seed, layer, step):
-    from ..raw_kernels import kernel
     x = _aligned(cp, x)
     n = x.size
     y = cp.empty_like(x)
@@ -86,8 +78,7 @@ def _dropout_gpu(cp, x, p, scale, seed, layer, step):
     bits = cp.empty((1, max(words, 1)), np.uint64)
     if n:
         threads = 16 * words  # one per 4 elements, and enough to write every bit word
-        kernel("dropout.cu", f"dropout_fwd<{_CUDA_TYPES[x.dtype.name]}>", _names("dropout_fwd"))(
-            (-(-threads // _THREADS),), (_THREADS,),
+        launch("dropout.cu", "dropout_fwd", x.dtype, (-(-threads // _THREADS),), (_THREADS,),
             (x, y, bits, np.int64(n), np.int64(2 * words), np.uint32(seed), np.uint32(layer),
              np.uint32(step), np.uint32(philox.threshold(p)), np.float64(scale)))
     return y, masks.ElementMask(n, p, bits)

@@ -18,8 +18,8 @@ import numbers
 import numpy as np
 
 from .. import backend
+from ..raw_kernels import cuda_type, launch
 
-_CUDA_TYPES = {"float32": "float", "float64": "double", "float16": "cd_f16", "bfloat16": "cd_bf16"}
 # Switch for A/B timing against the portable path (benchmarks); not part of the API.
 use_gpu_kernels = True
 
@@ -141,36 +141,16 @@ def batch_norm_backward(grad_out, saved):
 
 # ---- batch norm, GPU path ---------------------------------------------------------------------
 def _gpu_path(xp, x) -> bool:
-    if xp is np or not use_gpu_kernels or x.size == 0 or _cuda_type(x.dtype) is None:
+    if xp is np or not use_gpu_kernels or x.size == 0 or cuda_type(x.dtype) is None:
         return False
     return x.size // x.shape[1] < 2**31  # per-channel counts are 32-bit in the kernels
 
 
-# Per-call host cost is what the GPU path saves, so the lookups are plain dicts: ``dtype.name``
-# is a slow property, and the loader's key (a tuple of names) costs more than one dict probe.
-# Kernel handles are keyed by device, like the loader's.
-_TYPE_OF: dict = {}
-_FUNCS: dict = {}
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
-def _cuda_type(dtype):
-    """The kernels' type name for ``dtype`` (None if there is no kernel for it)."""
-    try:
-        return _TYPE_OF[dtype]
-    except KeyError:
-        t = _TYPE_OF[dtype] = _CUDA_TYPES.get(dtype.name)
-        return t
-
-
 def _launch(fn, dtype, grid, block, args):
-    key = (fn, dtype, backend.cupy.cuda.runtime.getDevice())  # handles are per device
-    f = _FUNCS.get(key)
-    if f is None:
-        from ..raw_kernels import kernel
-        names = tuple(f"{fn}<{t}>" for t in _CUDA_TYPES.values())
-        f = _FUNCS[key] = kernel("norm.cu", f"{fn}<{_cuda_type(dtype)}>", names)
-    f(grid, block, args)
+    launch("norm.cu", fn, dtype, grid, block, args)
 
 
 def _bn_threads(count: int) -> int:

@@ -69,3 +69,31 @@ def kernel(name: str, expression: str, name_expressions: tuple = (), options: tu
     for the current device's architecture (memoised per device)."""
     return _kernel(name, expression, tuple(name_expressions), tuple(options),
                    backend_cupy().cuda.runtime.getDevice())
+
+
+# dtype -> the kernels' template argument (dtypes.cuh); every templated kernel is instantiated
+# for all four, so one compile serves every dtype.
+CUDA_TYPES = {"float32": "float", "float64": "double", "float16": "cd_f16", "bfloat16": "cd_bf16"}
+_TYPE_OF: dict = {}
+_FUNCS: dict = {}
+
+
+def cuda_type(dtype):
+    """The template argument for ``dtype``, or None where no kernel exists. A dict probe: the
+    per-call host cost is what the GPU paths save, and ``dtype.name`` is a slow property."""
+    try:
+        return _TYPE_OF[dtype]
+    except KeyError:
+        t = _TYPE_OF[dtype] = CUDA_TYPES.get(dtype.name)
+        return t
+
+
+def launch(source: str, fn: str, dtype, grid, block, args):
+    """Launch ``fn<T>`` of ``source`` with ``T`` the template argument of ``dtype``; the handle
+    is memoised per (source, fn, dtype, device) in a plain dict."""
+    key = (source, fn, dtype, backend_cupy().cuda.runtime.getDevice())
+    f = _FUNCS.get(key)
+    if f is None:
+        names = tuple(f"{fn}<{t}>" for t in CUDA_TYPES.values())
+        f = _FUNCS[key] = kernel(source, f"{fn}<{cuda_type(dtype)}>", names)
+    f(grid, block, args)
