@@ -17,8 +17,8 @@ exact. Two modes:
 
 - wrap (``align=None``): start uniform in ``[0, n)``; a slice that runs past the last unit
   continues at unit 0, giving two ranges. Every unit is then kept with probability exactly
-  ``keep / n``, so ``n / keep`` scaling is unbiased for every unit. The two pieces cost two
-  smaller products that together still do ``keep / n`` of the dense work.
+  ``keep / n``, so ``n / keep`` scaling is unbiased for every unit. The Linear ops gather the
+  pieces into one kept-size operand first, so each product is one GEMM of fixed shape.
 - aligned (``align=a``): ``keep`` is also rounded to a multiple of ``a`` (at least ``a``), so
   every range starts and ends on an ``a``-unit boundary and the sliced GEMMs keep
   tensor-core-friendly sizes and addresses (wrap mode's odd widths send cuBLAS to slow kernels:
@@ -291,7 +291,7 @@ def _linear_args(x, w, b, op):
 
 def sliceout_linear(x, w, b, ranges, scale=None):
     """Input-unit SliceOut of ``x @ w + b``: ``y = (x ⊙ m / q) @ w + b`` computed as
-    ``sum over ranges of x[..., lo:hi] @ w[lo:hi]`` on views, times ``scale``, plus ``b``.
+    ``x[..., S] @ w[S]`` on kept-size copies of the pieces of S, times ``scale``, plus ``b``.
 
     ``x`` (..., K), ``w`` (K, N), ``b`` (N,) or None; ``ranges`` over the K input units;
     ``scale`` defaults to ``K / keep``. Returns ``(y, saved)``, ``y`` of shape (..., N).
@@ -301,37 +301,34 @@ def sliceout_linear(x, w, b, ranges, scale=None):
     k, n = w.shape
     ranges = check_ranges(ranges, k)
     scale = _scale(scale, k, ranges)
-    # Each kept piece of x is copied once, scaled on the way: a contiguous operand (cuBLAS on a
-    # strided column view measured 1.7x slower, fp16 4096^2 on an H200), the scale pass folded
+    # The kept units become one contiguous operand of fixed shape (M, keep), scaled on the
+    # way: one GEMM whose shape does not change from step to step (a wrapped slice's pieces vary
+    # in width, and new shapes cost cuBLAS planning and allocator misses: measured 2x slower
+    # than dense at keep 0.5, fp16 4096^2, H200), no strided-view operand, the scale pass folded
     # into the copy, and the copy is what dW needs in backward.
-    pieces = tuple(x2[:, lo:hi] * x.dtype.type(scale) for lo, hi in ranges)
-    y = None
-    for xs, (lo, hi) in zip(pieces, ranges):
-        part = matmul(xs, w[lo:hi])
-        y = part if y is None else xp.add(y, part, out=y)
+    xs = _compact(x2, ranges, 1, xp) * x.dtype.type(scale)
+    y = matmul(xs, _compact(w, ranges, 0, xp))
     if b is not None:
         y += b
-    return y.reshape(x.shape[:-1] + (n,)), (pieces, w, b is not None, ranges, scale, x.shape)
+    return y.reshape(x.shape[:-1] + (n,)), (xs, w, b is not None, ranges, scale, x.shape)
 
 
 def sliceout_linear_backward(gy, saved):
     """Gradients ``(gx, gw, gb)`` of :func:`sliceout_linear`. ``gx`` is dense (the previous layer
     needs it) with zeros outside the kept input units; ``gw`` has exact zero rows outside them;
     only the kept-size products run. ``gb`` is None without a bias."""
-    pieces, w, has_b, ranges, scale, x_shape = saved
+    xs, w, has_b, ranges, scale, x_shape = saved
     xp = backend.get_array_module(gy, w)
     k, n = w.shape
     if gy.shape != x_shape[:-1] + (n,):
         raise ValueError(f"sliceout_linear_backward: gy must have the output's shape "
                          f"{x_shape[:-1] + (n,)}, got {gy.shape}")
     g2 = gy.reshape(-1, n)
-    gx = xp.zeros((g2.shape[0], k), dtype=gy.dtype)
-    gw = xp.zeros(w.shape, dtype=gy.dtype)
-    for xs, (lo, hi) in zip(pieces, ranges):
-        part = matmul(g2, w[lo:hi].T)  # a row block of w: its transpose is F-contiguous
-        part *= scale
-        gx[:, lo:hi] = part
-        gw[lo:hi] = matmul(xs.T, g2)  # xs already carries the scale
+    gxs = matmul(g2, _compact(w, ranges, 0, xp).T)
+    gxs *= scale
+    gws = matmul(xs.T, g2)  # xs already carries the scale
+    gx = _scatter(gxs, ranges, 1, (g2.shape[0], k), xp)
+    gw = _scatter(gws, ranges, 0, w.shape, xp)
     gb = g2.sum(axis=0) if has_b else None
     return gx.reshape(x_shape), gw, gb
 
@@ -348,42 +345,49 @@ def sliceout_linear_out(x, w, b, ranges, scale=None):
     k, n = w.shape
     ranges = check_ranges(ranges, n)
     scale = _scale(scale, n, ranges)
-    y = xp.zeros((x2.shape[0], n), dtype=x.dtype)
     s_ = x.dtype.type(scale)
-    pieces = tuple(xp.ascontiguousarray(w[:, lo:hi]) for lo, hi in ranges)  # see sliceout_linear
-    for ws, (lo, hi) in zip(pieces, ranges):
-        part = matmul(x2, ws * s_)
-        if b is not None:
-            part += b[lo:hi] * s_
-        y[:, lo:hi] = part
-    return y.reshape(x.shape[:-1] + (n,)), (x2, pieces, w.shape, b is not None, ranges, scale,
+    ws = _compact(w, ranges, 1, xp)  # (K, keep): one fixed-shape GEMM, see sliceout_linear
+    part = matmul(x2, ws * s_)
+    if b is not None:
+        part += _compact(b, ranges, 0, xp) * s_
+    y = _scatter(part, ranges, 1, (x2.shape[0], n), xp)
+    return y.reshape(x.shape[:-1] + (n,)), (x2, ws, w.shape, b is not None, ranges, scale,
                                             x.shape)
 
 
 def sliceout_linear_out_backward(gy, saved):
     """Gradients ``(gx, gw, gb)`` of :func:`sliceout_linear_out`: ``gw`` and ``gb`` are exact
     zeros outside the kept columns; ``gx`` sums the kept-column products."""
-    x2, pieces, w_shape, has_b, ranges, scale, x_shape = saved
+    x2, ws, w_shape, has_b, ranges, scale, x_shape = saved
     xp = backend.get_array_module(gy, x2)
     k, n = w_shape
     if gy.shape != x_shape[:-1] + (n,):
         raise ValueError(f"sliceout_linear_out_backward: gy must have the output's shape "
                          f"{x_shape[:-1] + (n,)}, got {gy.shape}")
     g2 = gy.reshape(-1, n)
-    gx = None
-    gw = xp.zeros(w_shape, dtype=gy.dtype)
-    gb = xp.zeros((n,), dtype=gy.dtype) if has_b else None
-    for ws, (lo, hi) in zip(pieces, ranges):
-        gs = g2[:, lo:hi] * gy.dtype.type(scale)
-        part = matmul(gs, ws.T)
-        gx = part if gx is None else xp.add(gx, part, out=gx)
-        gw[:, lo:hi] = matmul(x2.T, gs)
-        if has_b:
-            gb[lo:hi] = gs.sum(axis=0)
+    gs = _compact(g2, ranges, 1, xp) * gy.dtype.type(scale)
+    gx = matmul(gs, ws.T)
+    gw = _scatter(matmul(x2.T, gs), ranges, 1, w_shape, xp)
+    gb = _scatter(gs.sum(axis=0), ranges, 0, (n,), xp) if has_b else None
     return gx.reshape(x_shape), gw, gb
 
 
 # ---- Conv2d -------------------------------------------------------------------------------
+
+def _compact(a, ranges, axis, xp):
+    """The kept units of ``a`` along ``axis`` as one C-contiguous array (a copy)."""
+    return xp.ascontiguousarray(_gather(a, ranges, axis, xp))
+
+
+def _scatter(part, ranges, axis, shape, xp):
+    """Zeros of ``shape`` with the compact ``part`` written back at the kept units."""
+    out = xp.zeros(shape, dtype=part.dtype)
+    lead, off = (slice(None),) * axis, 0
+    for lo, hi in ranges:
+        out[lead + (slice(lo, hi),)] = part[lead + (slice(off, off + hi - lo),)]
+        off += hi - lo
+    return out
+
 
 def _gather(a, ranges, axis, xp):
     """The kept slices of ``a`` along ``axis``, compact: a view for one range, one kept-size
