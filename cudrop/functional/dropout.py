@@ -41,7 +41,7 @@ def dropout(x, p, *, seed=0, layer=0, step=0):
         y = np.where(keep, x * x.dtype.type(scale), x.dtype.type(0))
     else:
         y, mask = _dropout_gpu(xp, x, p, scale, seed, layer, step)
-    return y, {"mask": mask, "scale": scale, "shape": x.shape}
+    return y, {"mask": mask, "scale": scale}
 
 
 def dropout_backward(grad_out, saved):

@@ -60,11 +60,11 @@ class ResNet(nn.Module):
                     unit = DepthDropout.from_unit(
                         unit, 0.0 if keep else self.depth_dropout,
                         shortcut=conv_shortcut(c, w, stride, rng=rng, dtype=dtype),
-                        seed=seed, layer_id=k)
+                        seed=seed)
                 elif self.stochastic_depth:
                     unit = StochasticDepth.from_unit(
                         unit, 0.0 if keep else sd_probs[k], mode=self.stochastic_depth_mode,
-                        seed=seed, layer_id=k)
+                        seed=seed)
                 units.append(unit)
                 c = w
         self.units = nn.ModuleList(*units)

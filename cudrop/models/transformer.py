@@ -95,6 +95,7 @@ class ViT(nn.Module):
         nn.number_layers(self, seed)
 
     def forward(self, x):
+        x = ag.as_tensor(x)
         b, c, h, w = x.shape
         if (c, h, w) != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(f"ViT expects images of shape (batch, {self.in_channels}, "
