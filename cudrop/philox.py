@@ -38,6 +38,19 @@ def philox4x32(c0, c1, c2, c3, k0, k1):
     return tuple(x.astype(np.uint32) for x in c)
 
 
+def philox4x32_scalar(c0, c1, c2, c3, k0, k1):
+    """``philox4x32`` for one counter in plain Python ints: ~15x faster than the array version
+    for the host-side draws (a slice start, a depth gate) that happen once per layer per step."""
+    m32 = 0xFFFFFFFF
+    c0, c1, c2, c3, k0, k1 = (int(v) & m32 for v in (c0, c1, c2, c3, k0, k1))
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + _W0) & m32, (k1 + _W1) & m32
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & m32, (p0 >> 32) ^ c3 ^ k1, p0 & m32
+    return c0, c1, c2, c3
+
+
 def check_seed(name, v):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= v < 2 ** 32:
         raise ValueError(f"{name} must be an int in [0, 2**32), got {v!r}")
@@ -64,6 +77,8 @@ def threshold(p: float) -> int:
 
 def words(seed, layer, step, tag, rows, cols):
     """The uint32 random word at every (row, col) of the given index arrays (broadcast)."""
+    if isinstance(rows, (int, np.integer)) and isinstance(cols, (int, np.integer)):
+        return np.uint32(philox4x32_scalar(int(cols) >> 2, rows, step, tag, seed, layer)[int(cols) & 3])
     rows = np.asarray(rows, dtype=np.uint64)
     cols = np.asarray(cols, dtype=np.uint64)
     c0 = cols >> np.uint64(2)
@@ -86,5 +101,8 @@ def keep_grid(seed, layer, step, tag, n_rows, n_cols, p, row_ids=None):
 
 def uniform(seed, layer, step, tag, n):
     """``n`` floats in [0, 1) for host-side decisions (slice starts, depth gates, schedules)."""
+    if n <= 16:  # host decisions are mostly one draw: plain ints beat array set-up
+        w = [v for c in range(-(-n // 4)) for v in philox4x32_scalar(c, 0, step, tag, seed, layer)]
+        return np.array(w[:n], dtype=np.float64) / 2.0 ** 32
     w = words(seed, layer, step, tag, 0, np.arange(n, dtype=np.uint64))
     return w.astype(np.float64) / 2.0 ** 32

@@ -64,3 +64,17 @@ def test_uniform_range_and_seed_check():
         philox.check_seed("seed", -1)
     with pytest.raises(ValueError, match="seed"):
         philox.check_seed("seed", 2 ** 32)
+
+
+@given(c=st.tuples(*[st.integers(0, 2**32 - 1)] * 4), k=st.tuples(*[st.integers(0, 2**32 - 1)] * 2))
+def test_scalar_version_equals_array_version(c, k):
+    assert philox.philox4x32_scalar(*c, *k) == tuple(int(w) for w in philox.philox4x32(*c, *k))
+    assert int(philox.words(k[0], k[1], c[2], c[3], c[1], c[0])) == int(
+        philox.words(k[0], k[1], c[2], c[3], np.array([c[1]]), np.array([c[0]]))[0])
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 16, 17, 40])
+def test_uniform_small_and_large_paths_agree(n):
+    u = philox.uniform(7, 8, 9, philox.TAG_DEPTH, n)
+    ref = philox.words(7, 8, 9, philox.TAG_DEPTH, 0, np.arange(n)).astype(np.float64) / 2.0 ** 32
+    assert np.array_equal(u, ref)
