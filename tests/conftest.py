@@ -37,3 +37,18 @@ def poison_pool(xp, nbytes=1 << 26):
         return
     junk = xp.full(nbytes // 4, np.nan, dtype=np.float32)
     del junk  # back to the pool, poisoned; the next allocations reuse it
+
+
+def low_precision_dtype(xp, dtype):
+    """``dtype`` as a NumPy dtype; bfloat16 (through ml_dtypes) only where CuPy can hold it,
+    else the test is skipped."""
+    if dtype != "bfloat16":
+        return np.dtype(dtype)
+    if xp is np:
+        pytest.skip("the bfloat16 path is CuPy-only")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    try:
+        xp.zeros(1, dtype=ml_dtypes.bfloat16)
+    except Exception as e:  # CuPy builds without bfloat16 support
+        pytest.skip(f"CuPy cannot hold bfloat16 arrays here: {e}")
+    return np.dtype(ml_dtypes.bfloat16)

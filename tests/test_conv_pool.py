@@ -7,7 +7,7 @@ import cudrop
 from cudrop import backend
 from cudrop.autograd import check_grad
 from cudrop.functional import conv as Fconv, pooling as Fpool
-from conftest import poison_pool
+from conftest import low_precision_dtype, poison_pool
 
 # ``xp`` is a stateless module: safe to share across hypothesis examples.
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -272,19 +272,6 @@ def test_conv2d_1x1_stride1_is_a_gemm(xp, shape, bias):
         check_grad(lambda x, w, b: cudrop.conv2d(x, w, b), xd, wd, bd)
 
 
-def _low_precision(xp, dtype):
-    if dtype != "bfloat16":
-        return np.dtype(dtype)
-    if xp is np:
-        pytest.skip("the bfloat16 path is CuPy-only")
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    try:
-        xp.zeros(1, dtype=ml_dtypes.bfloat16)
-    except Exception as e:  # CuPy builds without bfloat16 support
-        pytest.skip(f"CuPy cannot hold bfloat16 arrays here: {e}")
-    return np.dtype(ml_dtypes.bfloat16)
-
-
 # float32 allows for TF32 GEMMs (CUPY_TF32=1); an indexing error is O(1).
 LOW_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 4e-2}
 
@@ -294,7 +281,7 @@ LOW_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 4e-2}
                                   ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (1, 1)),
                                   ((2, 3, 5, 6), (2, 3, 1, 1), (1, 1), (0, 0))])
 def test_conv2d_low_precision_matches_float64(xp, dtype, case):
-    dt = _low_precision(xp, dtype)
+    dt = low_precision_dtype(xp, dtype)
     xs, ws, stride, padding = case
     rng = np.random.default_rng(len(dtype))
     x, w, b = (rng.standard_normal(s).astype(dt) for s in (xs, ws, ws[:1]))

@@ -10,7 +10,7 @@ from cudrop.autograd import check_grad
 from cudrop.functional import embedding as Femb
 from cudrop.functional import loss as Floss
 from cudrop.functional import norm as Fnorm
-from conftest import poison_pool
+from conftest import low_precision_dtype, poison_pool
 
 seeds = st.integers(0, 2**16)
 
@@ -111,19 +111,6 @@ def test_batch_norm_float16_stats_in_float32(xp):
     np.testing.assert_allclose(_np(y16).astype(np.float64), _np(y64), atol=0.15)
 
 
-def _low_precision(xp, dtype):
-    if dtype != "bfloat16":
-        return np.dtype(dtype)
-    if xp is np:
-        pytest.skip("the bfloat16 path is CuPy-only")
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    try:
-        xp.zeros(1, dtype=ml_dtypes.bfloat16)
-    except Exception as e:  # CuPy builds without bfloat16 support
-        pytest.skip(f"CuPy cannot hold bfloat16 arrays here: {e}")
-    return np.dtype(ml_dtypes.bfloat16)
-
-
 def _relerr(got, want):
     got = _np(got).astype(np.float64)
     return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300)
@@ -136,7 +123,7 @@ def _relerr(got, want):
 def test_batch_norm_low_precision_matches_float64(xp, dtype, tol, shape, training):
     """Forward, running statistics and all three gradients against the float64 path on the
     same (rounded) inputs; (64, 3, 16, 17) has more than 16384 values per channel."""
-    dt = _low_precision(xp, dtype)
+    dt = low_precision_dtype(xp, dtype)
     rng = np.random.default_rng(shape[0])
     c = shape[1]
     x = rng.normal(0.7, 1.5, shape).astype(dt)
