@@ -41,7 +41,9 @@ def state_dtype(dtype):
     """The dtype optimizer state and update arithmetic use for parameters of ``dtype``.
 
     Half-precision moments underflow (v ~ g**2 is below float16's range for typical grads), so
-    float16/bfloat16 parameters get float32 state; the update is written back rounded.
+    float16/bfloat16 parameters get float32 state; the update is written back rounded. There is
+    no float32 master copy of the weights yet: an update below half a unit in the last place of
+    a half-precision weight is lost, so train in float32 (the default) unless that is acceptable.
     """
     if dtype.itemsize <= 2:
         return np.dtype(np.float32)
