@@ -96,6 +96,8 @@ def cmd_train(args):
     for k in ("epochs", "batch_size", "lr"):
         _check_positive("--" + k.replace("_", "-"), cfg[k])
     _check_positive("--steps-per-epoch", args.steps_per_epoch)
+    if not 0 <= args.seed < 2 ** 32:
+        raise SystemExit(f"cudrop train: error: --seed must be in [0, 2**32), got {args.seed}")
     try:
         device = backend.resolve_device(args.device)
     except RuntimeError as e:

@@ -77,13 +77,7 @@ def check_subnets(num_subnets, co_scheduled, schedule="consecutive"):
     return sigma, tau
 
 
-def check_block(block):
-    """``(Mb, Kb)`` as positive ints, or ValueError naming the block."""
-    if (not isinstance(block, (tuple, list)) or len(block) != 2 or
-            not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0
-                    for b in block)):
-        raise ValueError(f"block must be two positive ints (rows Mb, units Kb), got {block!r}")
-    return int(block[0]), int(block[1])
+check_block = masks.check_block
 
 
 def resolve_period(num_subnets, co_scheduled, period=None, total_steps=None):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numbers
+
 import numpy as np
 
 from . import backend, philox
@@ -138,13 +140,20 @@ def grid_shape(shape, block):
     return tuple(-(-s // b) for s, b in zip(shape, block))
 
 
+def check_block(block):
+    """``(Mb, Kb)`` as positive ints, or ValueError naming the block."""
+    if (not isinstance(block, (tuple, list)) or len(block) != 2 or
+            not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0
+                    for b in block)):
+        raise ValueError(f"block must be two positive ints (rows Mb, cols Kb), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
 def _check_shape_block(shape, block):
-    shape, block = tuple(int(s) for s in shape), tuple(block)
+    shape = tuple(int(s) for s in shape)
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError(f"shape must be (M, K) with positive sizes, got {shape}")
-    if len(block) != 2 or not all(isinstance(b, (int, np.integer)) and b > 0 for b in block):
-        raise ValueError(f"block sizes must be positive ints (Mb, Kb), got {block}")
-    return shape, tuple(int(b) for b in block)
+    return shape, check_block(block)
 
 
 def block_mask(shape, block, p, *, seed, layer, step, xp=np, row_ids=None,

@@ -112,3 +112,15 @@ def test_checkpoint_moves_between_variants():
     x = cd.Tensor(np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32))
     a.eval()
     assert np.array_equal(a(x).data, b(x).data)
+
+
+def test_small_validations():
+    from cudrop.data import num_batches
+    with pytest.raises(ValueError, match="batch_size"):
+        num_batches(10, 0)
+    with pytest.raises(ValueError, match="block"):
+        nn.SparseDrop(0.5, block=(0, 3))
+    with pytest.raises(ValueError, match="block"):
+        nn.SparseDropLinear(8, 8, 0.5, block=(True, 4))
+    with pytest.raises(SystemExit, match="--seed"):
+        cli.main(["train", "--seed", "-1"])

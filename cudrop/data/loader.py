@@ -16,6 +16,8 @@ def _check_int(name, v, low):
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches per epoch of ``n`` samples."""
+    batch_size = _check_int("batch_size", batch_size, 1)
     return n // batch_size if drop_last else -(-n // batch_size)
 
 

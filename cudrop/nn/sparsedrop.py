@@ -33,7 +33,7 @@ class SparseDropLinear(Linear, StochasticLayer):
         if layer_id is not None:
             object.__setattr__(self, "layer_id", check_seed("layer_id", layer_id))
         self.p = check_prob(p)
-        self.block = masks._check_shape_block((1, 1), block)[1]
+        self.block = masks.check_block(block)
         self.last_mask = None
 
     def forward(self, x):
@@ -65,7 +65,7 @@ class SparseDrop(StochasticLayer):
 
     def __init__(self, p, block=(128, 128), seed=0, layer_id=None):
         super().__init__(seed, layer_id)
-        self.p, self.block = check_prob(p), tuple(block)
+        self.p, self.block = check_prob(p), masks.check_block(block)
         self.last_mask = None
 
     def forward(self, x):
