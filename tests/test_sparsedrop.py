@@ -367,3 +367,16 @@ def test_mixed_devices_raise(xp):
     cpu_mask = masks.block_mask((6, 8), (2, 4), 0.5, seed=0, layer=0, step=0)
     with pytest.raises(TypeError, match="different devices"):
         Fsd.sparsedrop_linear(x, xp.asarray(w), p=0.5, block=(2, 4), mask=cpu_mask)
+
+
+def test_p_and_block_default_to_the_given_mask():
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((10, 12)), rng.standard_normal((12, 3))
+    m = masks.block_mask((10, 12), (4, 8), 0.3, seed=1, layer=0, step=2)
+    y1, _ = Fsd.sparsedrop_linear(x, w, mask=m)
+    y2, _ = Fsd.sparsedrop_linear(x, w, p=0.3, block=(4, 8), seed=1, step=2)
+    np.testing.assert_allclose(y1, y2)
+    with pytest.raises(TypeError, match="p is required"):
+        Fsd.sparsedrop_linear(x, w)
+    with pytest.raises(ValueError, match="p="):
+        Fsd.sparsedrop_linear(x, w, p=0.5, mask=m)

@@ -1,7 +1,6 @@
 """SparseDrop linear as an autograd op (thin wrapper over cudrop.functional.sparsedrop)."""
 from __future__ import annotations
 
-from .. import philox
 from ..functional import sparsedrop as F
 from . import mode
 from .function import Function
@@ -27,17 +26,18 @@ class SparseDropLinear(Function):
         return (gx, gw) if gb is None else (gx, gw, gb)
 
 
-def sparsedrop_linear(x, w, b=None, *, p, block=(128, 128), seed=0, layer=0, step=0, mask=None,
+def sparsedrop_linear(x, w, b=None, *, p=None, block=None, seed=0, layer=0, step=0, mask=None,
                       training=None):
     """SparseDrop linear ``(x ⊙ m) @ w / (1 - p) + b`` with ``m`` keeping or dropping whole
     ``block = (Mb, Kb)`` blocks of ``x`` (leading axes flattened to rows), drawn from
-    (seed, layer, step) unless ``mask`` (a BlockMask) is given. Dropped blocks cost no work in
-    forward or backward.
+    (seed, layer, step) unless ``mask`` (a BlockMask) is given; ``p`` and ``block`` default to
+    the mask's (without a mask ``p`` is required, ``block`` defaults to (128, 128)). Dropped
+    blocks cost no work in forward or backward.
 
     When not training (``training`` None follows ``cudrop.autograd.mode.is_training()``), or at
     ``p == 0`` with no explicit mask, it is the plain dense ``x @ w + b``.
     """
-    philox.threshold(p)  # raises ValueError naming p unless 0 <= p < 1
+    p, block = F.resolve_p_block(p, block, mask)
     if training is None:
         training = mode.is_training()
     if training and (p > 0 or mask is not None):

@@ -88,22 +88,22 @@ def dsd_t(x, dy, mask, scale):
 
 # ---- the functional pair ---------------------------------------------------------------------
 
-def sparsedrop_linear(x, w, b=None, *, p, block=(128, 128), seed=0, layer=0, step=0, mask=None):
+def sparsedrop_linear(x, w, b=None, *, p=None, block=None, seed=0, layer=0, step=0, mask=None):
     """SparseDrop linear: ``y = (x ⊙ m) @ w / (1 - p) + b``.
 
     ``x`` (..., K) (leading dimensions are flattened to M rows for the mask), ``w`` (K, N),
     ``b`` (N,) or None, all of one floating dtype and on one device. ``m`` keeps or drops whole
     ``block = (Mb, Kb)`` blocks of the flattened (M, K) input, i.i.d. with keep probability
     ``1 - p``, drawn from (seed, layer, step) unless ``mask`` (a :class:`cudrop.masks.BlockMask`
-    over (M, K)) is given; a given mask must have the same ``p`` and ``block`` as the arguments.
+    over (M, K)) is given. With a mask, ``p`` and ``block`` default to the mask's (and must match
+    it if given); without one, ``p`` is required and ``block`` defaults to (128, 128).
 
     Returns ``(y, saved)`` with ``y`` of shape (..., N); ``saved`` holds the BlockMask (packed
     bits and kept-block lists, never a float mask) and the operands for
     :func:`sparsedrop_linear_backward`.
     """
     xp = backend.get_array_module(x, w, b, getattr(mask, "bits", None))
-    philox.threshold(p)  # raises ValueError naming p unless 0 <= p < 1
-    p = float(p)
+    p, block = resolve_p_block(p, block, mask)
     x2, w, b = _check_operands(x, w, b)
     shape = x2.shape
     if mask is None:
@@ -132,6 +132,20 @@ def sparsedrop_linear_backward(grad_out, saved):
 
 # ---- helpers ---------------------------------------------------------------------------------
 
+def resolve_p_block(p, block, mask):
+    """``(p, block)`` from the arguments, falling back to a given mask's."""
+    if mask is not None and not isinstance(mask, masks.BlockMask):
+        raise TypeError(f"sparsedrop_linear: mask must be a cudrop.masks.BlockMask or None, got "
+                        f"{type(mask).__name__}")
+    if p is None:
+        if mask is None:
+            raise TypeError("sparsedrop_linear: p is required when no mask is given")
+        p = mask.p
+    if block is None:
+        block = mask.block if mask is not None else (128, 128)
+    return philox.check_prob(p), masks.check_block(block)
+
+
 def _check_operands(x, w, b):
     for name, a in (("x", x), ("w", w), ("b", b)):
         if a is not None and not (hasattr(a, "ndim") and hasattr(a, "dtype")):
@@ -157,9 +171,6 @@ def _check_operands(x, w, b):
 
 
 def _check_mask(mask, shape, block, p):
-    if not isinstance(mask, masks.BlockMask):
-        raise TypeError(f"sparsedrop_linear: mask must be a cudrop.masks.BlockMask or None, got "
-                        f"{type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"sparsedrop_linear: mask covers shape {tuple(mask.shape)} but x is "
                          f"{tuple(shape)} as (M, K) (leading axes flattened)")
