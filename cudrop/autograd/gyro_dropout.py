@@ -57,6 +57,16 @@ def blockwise_dropout_masked(x, mask):
     return BlockwiseDropout(mask)(x)
 
 
+def _prelude(p, training, num_subnets, co_scheduled, schedule, period, total_steps):
+    """Validated ``(p, period)`` and whether the op acts (training and ``p > 0``)."""
+    p = check_prob(p)
+    gyro.check_subnets(num_subnets, co_scheduled, schedule)
+    period = gyro.resolve_period(num_subnets, co_scheduled, period, total_steps)
+    if training is None:
+        training = mode.is_training()
+    return p, period, bool(training) and p > 0
+
+
 def gyro_dropout(x, p=0.5, training=None, *, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
                  co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=None, total_steps=None,
                  schedule="consecutive", seed=0, layer=0, step=0, unit_axis=None, ragged=False):
@@ -66,13 +76,10 @@ def gyro_dropout(x, p=0.5, training=None, *, num_subnets=gyro.DEFAULT_NUM_SUBNET
     ``gyro.resolve_period`` for the default). Inverted scaling; the identity (``x`` itself)
     when not training or ``p == 0``; ``training`` None follows ``mode.is_training()``.
     """
-    p = check_prob(p)
-    gyro.check_subnets(num_subnets, co_scheduled, schedule)
-    period = gyro.resolve_period(num_subnets, co_scheduled, period, total_steps)
-    if training is None:
-        training = mode.is_training()
+    p, period, active = _prelude(p, training, num_subnets, co_scheduled, schedule, period,
+                                 total_steps)
     x = as_tensor(x)
-    if not training or p == 0:
+    if not active:
         return x
     ax = gyro.unit_axis_of(x.shape, unit_axis)
     mask = gyro.gyro_mask(x.shape[ax], p, step=step, seed=seed, layer=layer,
@@ -89,14 +96,11 @@ def blockwise_dropout(x, p=0.5, training=None, *, block=gyro.DEFAULT_BLOCK,
     rows in blocks of ``block[0]``, units in blocks of ``block[1]``; each row block carries the
     unit-block mask of one scheduled sub-network. The identity when not training or
     ``p == 0``."""
-    p = check_prob(p)
-    gyro.check_subnets(num_subnets, co_scheduled, schedule)
     block = gyro.check_block(block)
-    period = gyro.resolve_period(num_subnets, co_scheduled, period, total_steps)
-    if training is None:
-        training = mode.is_training()
+    p, period, active = _prelude(p, training, num_subnets, co_scheduled, schedule, period,
+                                 total_steps)
     x = as_tensor(x)
-    if not training or p == 0:
+    if not active:
         return x
     mask = gyro.blockwise_mask(gyro.gemm_shape(x.shape), p, step=step, seed=seed, layer=layer,
                                block=block, num_subnets=num_subnets, co_scheduled=co_scheduled,
