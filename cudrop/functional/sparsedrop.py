@@ -6,84 +6,40 @@
     dW = (X ⊙ m)ᵀ dY / q        (dsd_t: only kept row blocks of X feed each K-block of dW)
     db = Σ_rows dY
 
-The three products are three functions with one signature, ``(operands, mask, scale)``:
-:func:`dsd`, :func:`sdd` and :func:`dsd_t`. The block-sparse GEMM kernels replace exactly these
-three; the mask drawing, validation and the functional pair stay as they are.
-
-Until those kernels exist, each product gathers the kept blocks and runs one GEMM per row block
-(per K-block for ``dsd_t``), so the multiply-adds are the kept elements of ``m`` times N: the
-work falls with p. This interim path reads the kept-block lists on the host: one device-to-host
-copy of one ELL table per product (a stream sync on CuPy) and one host-to-device copy of the
-gather indices. The kernels walk the lists on the device and need neither. It is a reference
-for correctness and for the work done, not a speed path: the gathers move about M·K·N / Mb
-elements per product (a copy of W's kept rows per row block), which on a GPU costs more than the
-GEMM time saved.
+The three products are the block-sparse GEMMs of :mod:`cudrop.functional.bsmm` (CUDA kernels
+on CuPy arrays that walk the mask's kept-block lists on the device, a gathering reference on
+NumPy): the multiply-adds are the kept elements of ``m`` times N, so the work falls with p.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import backend, masks, philox
-from .matmul import matmul
+from . import bsmm
 
 __all__ = ["sparsedrop_linear", "sparsedrop_linear_backward", "dsd", "sdd", "dsd_t"]
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
-# ---- the three products (the kernels' seam) --------------------------------------------------
+# ---- the three products (bsmm's block-sparse GEMMs) ------------------------------------------
 
-def dsd(x, w, mask, scale):
-    """``(x ⊙ m) @ w * scale``: x (M, K), w (K, N) -> (M, N). Row blocks with every block
-    dropped are exact zeros and cost no GEMM."""
-    xp = backend.get_array_module(x, w, mask.bits)
-    (m, k), (mb, kb) = mask.shape, mask.block
-    sel, full = _selectors(xp, mask.row_index, kb, k)
-    if full:
-        return _scaled(matmul(x, w), scale)
-    y = xp.empty((m, w.shape[1]), x.dtype)
-    for r, s in enumerate(sel):
-        rows = slice(r * mb, min((r + 1) * mb, m))
-        if s is None:
-            y[rows] = 0
-        else:
-            y[rows] = matmul(_take(xp, x[rows], s, 1), _take(xp, w, s, 0))
-    return _scaled(y, scale)
+def dsd(x, w, mask, scale, bias=None):
+    """``(x ⊙ m) @ w * scale + bias``: x (M, K), w (K, N) -> (M, N); dropped K-blocks are
+    skipped."""
+    return bsmm.dsd(x, w, mask, scale, bias=bias)
 
 
 def sdd(dy, w, mask, scale):
-    """``(dy @ wᵀ) ⊙ m * scale``: dy (M, N), w (K, N) -> (M, K). Only the kept blocks are
-    computed; dropped blocks are exact zeros."""
-    xp = backend.get_array_module(dy, w, mask.bits)
-    (m, k), (mb, kb) = mask.shape, mask.block
-    sel, full = _selectors(xp, mask.row_index, kb, k)
-    if full:
-        return _scaled(matmul(dy, w.T), scale)
-    dx = xp.zeros((m, k), dy.dtype)
-    for r, s in enumerate(sel):
-        if s is not None:
-            rows = slice(r * mb, min((r + 1) * mb, m))
-            dx[rows, s] = matmul(dy[rows], _take(xp, w, s, 0).T)
-    return _scaled(dx, scale)
+    """``(dy @ wᵀ) ⊙ m * scale``: dy (M, N), w (K, N) -> (M, K); only kept blocks are
+    computed, dropped ones are exact zeros."""
+    return bsmm.sdd(dy, w.T, mask, scale)
 
 
 def dsd_t(x, dy, mask, scale):
-    """``(x ⊙ m)ᵀ @ dy * scale``: x (M, K), dy (M, N) -> (K, N). Each K-block of dW sums over
-    the row blocks kept in that K-block only (the transposed lists); a K-block with no kept row
-    block is exact zeros and costs no GEMM."""
-    xp = backend.get_array_module(x, dy, mask.bits)
-    (m, k), (mb, kb) = mask.shape, mask.block
-    sel, full = _selectors(xp, mask.col_index, mb, m)
-    if full:
-        return _scaled(matmul(x.T, dy), scale)
-    dw = xp.empty((k, dy.shape[1]), dy.dtype)
-    for c, s in enumerate(sel):
-        cols = slice(c * kb, min((c + 1) * kb, k))
-        if s is None:
-            dw[cols] = 0
-        else:
-            dw[cols] = matmul(_take(xp, x[:, cols], s, 0).T, _take(xp, dy, s, 0))
-    return _scaled(dw, scale)
+    """``(x ⊙ m)ᵀ @ dy * scale``: x (M, K), dy (M, N) -> (K, N); each K-block of dW sums over
+    its kept row blocks only (the transposed lists)."""
+    return bsmm.dsd_t(x, dy, mask, scale)
 
 
 # ---- the functional pair ---------------------------------------------------------------------
@@ -111,9 +67,7 @@ def sparsedrop_linear(x, w, b=None, *, p=None, block=None, seed=0, layer=0, step
     else:
         _check_mask(mask, shape, block, p)
     scale = 1.0 / (1.0 - p)
-    y = dsd(x2, w, mask, scale)
-    if b is not None:
-        y += b
+    y = dsd(x2, w, mask, scale, bias=b)
     saved = {"mask": mask, "scale": scale, "x": x2, "w": w, "bias": b is not None,
              "x_shape": x.shape}
     return y.reshape(x.shape[:-1] + (w.shape[1],)), saved
@@ -182,46 +136,3 @@ def _check_mask(mask, shape, block, p):
                          "scale 1 / (1 - p) must match the mask")
 
 
-def _scaled(a, scale):
-    if scale != 1.0:
-        a *= a.dtype.type(scale)
-    return a
-
-
-def _take(xp, a, sel, axis):
-    """The kept part of ``a`` along ``axis``: a view for a slice, a gather for an index array."""
-    if isinstance(sel, slice):
-        return a[sel] if axis == 0 else a[:, sel]
-    return xp.take(a, sel, axis=axis)
-
-
-def _selectors(xp, index, bsize, extent):
-    """Per row of an ELL table (``row_index`` or ``col_index``), what is kept along the blocked
-    axis of length ``extent``: None when nothing is, a slice when the kept blocks form one run
-    (no copy), else an index array. Returns ``(selectors, every_block_kept)``.
-
-    The table comes to the host once (the interim path's one sync); all index arrays go back in
-    one upload, as views of one device array.
-    """
-    host = backend.asnumpy(index)
-    kept = host >= 0
-    if kept.all():
-        return None, True
-    offs = np.arange(bsize, dtype=np.int64)
-    sel, pieces, at = [], [], 0
-    for row, keep in zip(host, kept):
-        blocks = row[keep].astype(np.int64)
-        if blocks.size == 0:
-            sel.append(None)
-        elif blocks[-1] - blocks[0] + 1 == blocks.size:
-            sel.append(slice(int(blocks[0]) * bsize, min(int(blocks[-1] + 1) * bsize, extent)))
-        else:
-            idx = (blocks[:, None] * bsize + offs).ravel()
-            idx = idx[idx < extent]  # only the last block can be partial
-            sel.append((at, at + idx.size))
-            pieces.append(idx)
-            at += idx.size
-    if pieces:
-        dev = xp.asarray(np.concatenate(pieces))
-        sel = [dev[s[0]:s[1]] if isinstance(s, tuple) else s for s in sel]
-    return sel, False

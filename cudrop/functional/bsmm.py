@@ -1,0 +1,140 @@
+"""Block-sparse matrix products on raw arrays, the GEMMs that skip dropped blocks.
+
+Three forms, each taking a :class:`cudrop.masks.BlockMask` (its packed bits and kept-block lists,
+never a float mask):
+
+- :func:`dsd`   ``act(scale · (a ⊙ m) @ b + bias)``  a (M, K) masked by m over (M, K); a dropped
+  K-block of a row block is neither loaded nor multiplied (input pruning, SparseDrop's forward);
+- :func:`dsd_t` ``scale · (a ⊙ m)ᵀ @ b``             a (M, K), b (M, N) -> (K, N); each K-block
+  of the result sums over its kept row blocks only (the weight gradient);
+- :func:`sdd`   ``act(scale · a @ b + bias) ⊙ m``     m over the (M, N) result: only kept blocks
+  are computed, dropped ones are exact zeros (output pruning, SparseDrop's dX).
+
+Operands may be transposed views (``w.T``): the kernels read either major order without a copy.
+On CuPy arrays they run as CUDA kernels (``raw_kernels/bsmm_*.cu``) walking the lists on the
+device, with no host synchronisation; on NumPy arrays as the reference below, which gathers the
+kept blocks and runs one GEMM per row block, so its multiply-adds fall with the kept fraction too.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import backend
+from .matmul import matmul
+
+__all__ = ["dsd", "dsd_t", "sdd", "ACTIVATIONS"]
+
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+
+
+def dsd(a, b, mask, scale=1.0, *, bias=None, act=None, out=None):
+    """``act(scale · (a ⊙ m) @ b + bias)``: a (M, K), b (K, N), mask over (M, K) -> (M, N).
+    Row blocks with every block dropped give ``act(bias)`` (zeros without bias)."""
+    _check(a, b, mask, (a.shape[0], a.shape[1]), "dsd", bias)
+    (mb, kb) = mask.block
+    return _run("dsd", a, b, (mask.row_count, mask.row_index), None, mb, kb, 1, scale, bias,
+                act, out, mask)
+
+
+def dsd_t(a, b, mask, scale=1.0, *, out=None):
+    """``scale · (a ⊙ m)ᵀ @ b``: a (M, K), b (M, N), mask over (M, K) -> (K, N)."""
+    _check(a.T, b, mask, (a.shape[0], a.shape[1]), "dsd_t", None)
+    (mb, kb) = mask.block
+    return _run("dsd_t", a.T, b, (mask.col_count, mask.col_index), None, kb, mb, 1, scale, None,
+                None, out, mask)
+
+
+def sdd(a, b, mask, scale=1.0, *, bias=None, act=None, out=None):
+    """``act(scale · a @ b + bias) ⊙ m``: a (M, K), b (K, N), mask over (M, N) -> (M, N)."""
+    _check(a, b, mask, (a.shape[0], b.shape[1]), "sdd", bias)
+    (mb, nb) = mask.block
+    return _run("sdd", a, b, None, mask.bits, mb, 1, nb, scale, bias, act, out, mask)
+
+
+# ---- checks ----------------------------------------------------------------------------------
+
+def _check(a, b, mask, masked_shape, name, bias):
+    from ..masks import BlockMask
+    if not isinstance(mask, BlockMask):
+        raise TypeError(f"{name}: mask must be a cudrop.masks.BlockMask, got "
+                        f"{type(mask).__name__}")
+    for arg, x in (("a", a), ("b", b)):
+        if getattr(x, "ndim", None) != 2:
+            raise ValueError(f"{name}: {arg} must be a 2-D array, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"{name}: shapes of a and b do not align for the product "
+                         f"({a.shape} @ {b.shape} after the form's transposes)")
+    if a.dtype != b.dtype or (bias is not None and bias.dtype != a.dtype):
+        raise TypeError(f"{name}: operand dtypes differ (a {a.dtype}, b {b.dtype}"
+                        + (f", bias {bias.dtype}" if bias is not None else "") + ")")
+    if a.dtype.name not in ("float16", "bfloat16", "float32", "float64"):
+        raise TypeError(f"{name}: a must be float16, bfloat16, float32 or float64, got {a.dtype}")
+    if tuple(mask.shape) != tuple(masked_shape):
+        raise ValueError(f"{name}: mask covers {tuple(mask.shape)} but the masked operand is "
+                         f"{tuple(masked_shape)}")
+    if bias is not None and bias.shape != (b.shape[1],):
+        raise ValueError(f"{name}: bias must have shape ({b.shape[1]},), got {bias.shape}")
+    backend.get_array_module(a, b, bias, mask.bits)  # raises on mixed NumPy/CuPy
+
+
+def _run(form, a, b, lists, bits, rblk, kblk, cblk, scale, bias, act, out, mask):
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{form}: act must be one of {list(ACTIVATIONS)}, got {act!r}")
+    m, n = a.shape[0], b.shape[1]
+    xp = backend.get_array_module(a, b)
+    if out is None:
+        out = xp.empty((m, n), a.dtype)
+    elif out.shape != (m, n) or out.dtype != a.dtype or backend.get_array_module(out) is not xp:
+        raise ValueError(f"{form}: out must be a ({m}, {n}) {a.dtype} array on the operands' "
+                         f"device, got {out.shape} {out.dtype}")
+    if xp is np:
+        _reference(form, a, b, mask, scale, bias, act, out)
+    else:
+        from . import bsmm_gpu
+        bsmm_gpu.launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias,
+                        ACTIVATIONS[act], kernel=os.environ.get("CUDROP_BSMM_KERNEL"))
+    return out
+
+
+# ---- the NumPy reference ---------------------------------------------------------------------
+
+def _reference(form, a, b, mask, scale, bias, act, out):
+    """Gather the kept blocks and run one GEMM per row block of the mask (per K-block for
+    ``dsd_t``): the multiply-adds are the kept elements times the free dimension."""
+    (mb, kb) = mask.block
+    keep = mask.keep_blocks()
+    rows_b, cols_b = (kb, mb) if form == "dsd_t" else (mb, kb)
+    keep = keep.T if form == "dsd_t" else keep
+    extent = b.shape[1] if form == "sdd" else a.shape[1]
+    offs = np.arange(cols_b)
+    if form == "sdd":
+        out[...] = 0
+    for r, row in enumerate(keep):
+        rows = slice(r * rows_b, min((r + 1) * rows_b, a.shape[0]))
+        blocks = np.flatnonzero(row)
+        idx = (blocks[:, None] * cols_b + offs).ravel()
+        idx = idx[idx < extent]
+        if form == "sdd":
+            if idx.size:
+                out[rows, idx] = _epilogue(matmul(a[rows], b[:, idx]), scale,
+                                           None if bias is None else bias[idx], act)
+        elif idx.size:
+            out[rows] = _epilogue(matmul(a[rows][:, idx], b[idx]), scale, bias, act)
+        else:
+            out[rows] = _epilogue(np.zeros((rows.stop - rows.start, b.shape[1]), a.dtype),
+                                  scale, bias, act)
+
+
+def _epilogue(acc, scale, bias, act):
+    y = acc * acc.dtype.type(scale) if scale != 1.0 else acc
+    if bias is not None:
+        y = y + bias
+    if act == "relu":
+        y = np.maximum(y, 0)
+    elif act == "gelu":
+        from scipy.special import erf
+        y = (0.5 * y * (1 + erf(y / np.sqrt(2)))).astype(y.dtype)
+    return y

@@ -1,0 +1,145 @@
+"""Kernel choice and launch for the block-sparse GEMMs (``bsmm.py``'s CuPy path).
+
+Three kernels share one contract (``raw_kernels/bsmm.cuh``): ``simple`` (every dtype, any
+shape), ``mma`` (fp16/bf16 tensor cores, sm_80+) and ``sm90`` (fp16/bf16 wgmma, Hopper). The
+fastest kernel whose preconditions hold runs; ``kernel=`` (or ``CUDROP_BSMM_KERNEL``) forces one,
+which tests use to check each against float64 math. Tiles come from :func:`pick_tile`: the
+mask's block and the GEMM's tile are independent (block splitting), except that a tile's rows
+must lie in one row block of the mask.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend, raw_kernels
+
+KERNELS = ("simple", "mma", "sm90")
+_HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
+# (BM, BN, warps along M, warps along N, stages) of bsmm_mma.cu's instances
+MMA_TILES = ((128, 256, 2, 4, 3), (128, 128, 2, 4, 4), (64, 128, 2, 2, 4))
+_BK = 32
+_NULL = np.uintp(0)
+
+
+def _major(x, kdim):
+    """``(k_major, ld)`` of a 2-D view whose reduction axis is ``kdim``, or None when neither
+    axis is contiguous."""
+    it = x.itemsize
+    s = x.strides
+    if min(s) < 0:
+        return None
+    other = 1 - kdim
+    if x.shape[kdim] <= 1 or s[kdim] == it:
+        if s[other] % it == 0:
+            return True, max(s[other] // it, x.shape[kdim], 1)
+    if x.shape[other] <= 1 or s[other] == it:
+        if s[kdim] % it == 0:
+            return False, max(s[kdim] // it, x.shape[other], 1)
+    return None
+
+
+def _operand(x, kdim):
+    lay = _major(x, kdim)
+    if lay is None:  # neither axis contiguous: one copy, then K-major
+        x = backend.cupy.ascontiguousarray(x if kdim == 1 else x.T)
+        x = x if kdim == 1 else x.T
+        lay = _major(x, kdim)
+    return x, lay
+
+
+def pick_tile(m, n, rblk, masked, sms):
+    """The largest tile that still gives every SM work, among those whose rows fit the mask's
+    row blocks."""
+    ok = [t for t in MMA_TILES if not masked or rblk % t[0] == 0]
+    for t in ok:
+        if -(-m // t[0]) * -(-n // t[1]) >= sms:
+            return t
+    return ok[-1] if ok else None
+
+
+def _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists):
+    if a.dtype.name not in _HALF or (not a_lay[0] and b_lay[0]):
+        return False
+    if (a.data.ptr | b.data.ptr) % 16 or a_lay[1] % 8 or b_lay[1] % 8:
+        return False
+    if (a_lay[0] or b_lay[0]) and k % 8:
+        return False
+    if (not a_lay[0] and m % 8) or (not b_lay[0] and n % 8):
+        return False
+    return lists is None or kblk % 8 == 0
+
+
+def _sms():
+    dev = backend.cupy.cuda.Device()
+    return dev.attributes["MultiProcessorCount"]
+
+
+def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None):
+    """``out = act(scale · a @ b + bias)`` with the reduction pruned by ``lists`` (count, index)
+    and the output by ``bits``; a (M, K) and b (K, N) may be transposed views."""
+    cp = backend.cupy
+    m, k = a.shape
+    n = b.shape[1]
+    if out.size == 0:
+        return out
+    a, a_lay = _operand(a, 1)
+    b, b_lay = _operand(b, 0)
+    if bias is not None:
+        bias = cp.ascontiguousarray(bias)
+    it = out.itemsize
+    ldcm, ldcn = out.strides[0] // it, out.strides[1] // it
+    count, index = lists if lists is not None else (None, None)
+    masked = lists is not None or bits is not None
+    choice = kernel or "auto"
+    if choice not in KERNELS + ("auto",):
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
+    tile = None
+    if choice in ("auto", "mma") and _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists):
+        tile = pick_tile(m, n, rblk, masked, _sms())
+    if choice == "mma" and tile is None:
+        raise ValueError("the mma kernel does not take these operands (dtype, alignment or "
+                         "block size); use kernel='simple'")
+    args = (a, b, out, _ptr(bias), np.int32(m), np.int32(n), np.int32(k),
+            np.int64(a_lay[1]), np.int64(b_lay[1]), np.int64(ldcm), np.int64(ldcn),
+            np.float64(scale), np.int32(act), _ptr(count), _ptr(index),
+            np.int32(index.shape[1] if index is not None else 0), np.int32(rblk),
+            np.int32(kblk), _ptr(bits), np.int32(bits.shape[1] if bits is not None else 0),
+            np.int32(cblk))
+    if tile is not None:
+        bm, bn, wm, wn, stages = tile
+        name = (f"bsmm_mma<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, "
+                f"{bm}, {bn}, {wm}, {wn}, {stages}>")
+        smem = stages * (bm + bn) * _BK * 2
+        f = _function("bsmm_mma.cu", name, smem)
+        grid = (-(-m // bm)) * (-(-n // bn))
+        f((grid,), (wm * wn * 32,), args, shared_mem=smem)
+    else:
+        name = (f"bsmm_simple<{raw_kernels.cuda_type(a.dtype)}, {_b(a_lay[0])}, "
+                f"{_b(b_lay[0])}>")
+        f = _function("bsmm_simple.cu", name, 0)
+        f((-(-n // 16), -(-m // 16)), (16, 16), args)
+    return out
+
+
+def _b(flag):
+    return "true" if flag else "false"
+
+
+def _ptr(x):
+    return _NULL if x is None else x
+
+
+_FUNCS: dict = {}
+
+
+def _function(source, name, smem):
+    """The compiled kernel ``name`` (one NVRTC module per instance, memoised by the loader),
+    with its dynamic shared-memory limit raised once where it needs more than 48 KB."""
+    key = (source, name, backend.cupy.cuda.runtime.getDevice())
+    f = _FUNCS.get(key)
+    if f is None:
+        f = raw_kernels.kernel(source, name)
+        if smem > 48 * 1024:
+            f.max_dynamic_shared_size_bytes = smem
+        _FUNCS[key] = f
+    return f

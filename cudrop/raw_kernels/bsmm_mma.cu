@@ -1,0 +1,201 @@
+// The portable tensor-core block-sparse GEMM (bsmm.cuh's contract), sm_80 and newer, float16
+// and bfloat16 with float32 accumulation: mma.sync.m16n8k16 fed by ldmatrix from swizzled
+// shared memory, a STAGES-deep cp.async pipeline over the k-walk of the tile's row block (so a
+// dropped K-block costs neither load nor multiply), and a tile skipped whole when the output
+// mask drops every block it covers.
+//
+// Launch: block WM*WN*32 threads, 1-D grid of ceil(M/BM)*ceil(N/BN) CTAs (grouped by 8 tile
+// rows for L2 reuse), dynamic shared memory STAGES*(BM+BN)*BK*2 bytes.
+// The dispatcher guarantees: rblk % BM == 0 when lists or bits are given; K % 8 == 0 when an
+// operand is K-major; M % 8 == 0 for an M-major A and N % 8 == 0 for an N-major B; lda, ldb
+// multiples of 8 and 16-byte aligned bases (every 16-byte chunk is wholly in range or out).
+#include "bsmm.cuh"
+
+__device__ __forceinline__ unsigned cd_smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void cd_cp_async16(unsigned dst, const void* src, bool valid) {
+    // src-size 0 zero-fills: edges and block tails read as zeros and touch no memory.
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cd_cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cd_cp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+template <bool TRANS> __device__ __forceinline__ void cd_ldsm_x4(unsigned* r, unsigned addr) {
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+template <typename T> __device__ __forceinline__ void cd_mma(float* d, const unsigned* a,
+                                                             const unsigned* b);
+template <> __device__ __forceinline__ void cd_mma<cd_f16>(float* d, const unsigned* a,
+                                                           const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void cd_mma<cd_bf16>(float* d, const unsigned* a,
+                                                            const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Element offset of 16-byte chunk c of row `row` in a tile of W chunks per row. The XOR spreads
+// the 8 rows one ldmatrix reads at a fixed chunk over all 8 bank groups; 64-byte rows (W = 4)
+// pair up into 128-byte lines and swizzle by line.
+template <int W> __device__ __forceinline__ int cd_swz(int row, int c) {
+    if (W >= 8) return (row * W + (c ^ (row & 7))) * 8;
+    const int L = row * W + c;
+    return ((L & ~7) | ((L ^ (L >> 3)) & 7)) * 8;
+}
+
+template <typename T, bool A_KMAJ, bool B_KMAJ, int BM, int BN, int WM, int WN, int STAGES>
+__global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
+    constexpr int BK = 32, THREADS = WM * WN * 32;
+    constexpr int TM = BM / WM, TN = BN / WN, MI = TM / 16, NI = TN / 8;
+    constexpr int A_ELEMS = BM * BK, B_ELEMS = BN * BK;
+    constexpr int AW = A_KMAJ ? BK / 8 : BM / 8, BW = B_KMAJ ? BK / 8 : BN / 8;  // chunks/row
+    static_assert(MI >= 1 && NI % 2 == 0, "warp tile must be a multiple of 16 x 16");
+    extern __shared__ __align__(128) unsigned short cd_smem[];
+    unsigned short* As = cd_smem;
+    unsigned short* Bs = cd_smem + STAGES * A_ELEMS;
+
+    const int grid_n = (N + BN - 1) / BN, grid_m = (M + BM - 1) / BM;
+    const int width = 8 * grid_n, pid = blockIdx.x % width;
+    const int first_m = blockIdx.x / width * 8, group = min(grid_m - first_m, 8);
+    const int m0 = (first_m + pid % group) * BM, n0 = pid / group * BN;
+    const int r = (count || bits) ? m0 / rblk : 0;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm0 = warp / WN * TM, wn0 = warp % WN * TN;
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    const bool tile_kept = cd_tile_kept(bits, bits_stride, r, n0, min(n0 + BN, N), cblk);
+    if (tile_kept) {
+        const cd_kwalk walk(count, index, index_stride, r, kblk, K, BK);
+        auto load = [&](int s) {
+            int k0, kend;
+            walk.at(s, k0, kend);
+            const unsigned as = cd_smem_addr(As + (s % STAGES) * A_ELEMS);
+            const unsigned bs = cd_smem_addr(Bs + (s % STAGES) * B_ELEMS);
+#pragma unroll
+            for (int i = tid; i < A_ELEMS / 8; i += THREADS) {
+                const int row = i / AW, c = i % AW;
+                const int mm = A_KMAJ ? m0 + row : m0 + c * 8, kk = A_KMAJ ? k0 + c * 8 : k0 + row;
+                const bool ok = mm < M && kk < kend;
+                const T* src = A_KMAJ ? A + (long long)mm * lda + kk : A + (long long)kk * lda + mm;
+                cd_cp_async16(as + 2 * cd_swz<AW>(row, c), ok ? src : A, ok);
+            }
+#pragma unroll
+            for (int i = tid; i < B_ELEMS / 8; i += THREADS) {
+                const int row = i / BW, c = i % BW;
+                const int nn = B_KMAJ ? n0 + row : n0 + c * 8, kk = B_KMAJ ? k0 + c * 8 : k0 + row;
+                const bool ok = nn < N && kk < kend;
+                const T* src = B_KMAJ ? B + (long long)nn * ldb + kk : B + (long long)kk * ldb + nn;
+                cd_cp_async16(bs + 2 * cd_swz<BW>(row, c), ok ? src : B, ok);
+            }
+        };
+        const int steps = walk.steps;
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < steps) load(s);
+            cd_cp_commit();
+        }
+        for (int s = 0; s < steps; ++s) {
+            cd_cp_wait<STAGES - 2>();
+            __syncthreads();  // stage s landed for everyone; stage s-1 is free to refill
+            if (s + STAGES - 1 < steps) load(s + STAGES - 1);
+            cd_cp_commit();
+            const unsigned as = cd_smem_addr(As + (s % STAGES) * A_ELEMS);
+            const unsigned bs = cd_smem_addr(Bs + (s % STAGES) * B_ELEMS);
+#pragma unroll
+            for (int kk = 0; kk < BK; kk += 16) {
+                unsigned af[MI][4], bf[NI][2];
+                const int i4 = lane >> 3, l8 = lane & 7;
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi) {
+                    const int mrow = wm0 + mi * 16;
+                    if (A_KMAJ)  // matrices (m 0-7 | 8-15) x (k 0-7 | 8-15), m fastest
+                        cd_ldsm_x4<false>(af[mi], as + 2 * cd_swz<AW>(mrow + (lane & 15),
+                                                                      kk / 8 + (lane >> 4)));
+                    else
+                        cd_ldsm_x4<true>(af[mi], as + 2 * cd_swz<AW>(kk + (i4 >> 1) * 8 + l8,
+                                                                     mrow / 8 + (i4 & 1)));
+                }
+#pragma unroll
+                for (int nj = 0; nj < NI / 2; ++nj) {
+                    const int ncol = wn0 + nj * 16;
+                    unsigned t[4];  // (n-tile 0: k 0-7, k 8-15), (n-tile 1: ...)
+                    if (B_KMAJ)
+                        cd_ldsm_x4<false>(t, bs + 2 * cd_swz<BW>(ncol + (i4 >> 1) * 8 + l8,
+                                                                 kk / 8 + (i4 & 1)));
+                    else
+                        cd_ldsm_x4<true>(t, bs + 2 * cd_swz<BW>(kk + (i4 & 1) * 8 + l8,
+                                                                ncol / 8 + (i4 >> 1)));
+                    bf[2 * nj][0] = t[0]; bf[2 * nj][1] = t[1];
+                    bf[2 * nj + 1][0] = t[2]; bf[2 * nj + 1][1] = t[3];
+                }
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni) cd_mma<T>(acc[mi][ni], af[mi], bf[ni]);
+            }
+        }
+        cd_cp_wait<0>();
+    }
+
+    const int g = lane >> 2, q = lane & 3;
+    const float alpha_f = (float)alpha;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int m = m0 + wm0 + mi * 16 + g + (e >> 1) * 8;
+                const int n = n0 + wn0 + ni * 8 + q * 2 + (e & 1);
+                if (m < M && n < N) {
+                    float v = 0.f;
+                    if (tile_kept && (!bits || cd_bit(bits, bits_stride, r, n / cblk)))
+                        v = cd_activate(alpha_f * acc[mi][ni][e] + (bias ? cd_load(bias[n]) : 0.f),
+                                        act);
+                    C[(long long)m * ldcm + (long long)n * ldcn] = cd_from_float<T>(v);
+                }
+            }
+}
+
+#ifdef CUDROP_INSTANTIATE
+#define CD_INST_TILE(T, AK, BK_, BM, BN, WM, WN, S) \
+    template __global__ void bsmm_mma<T, AK, BK_, BM, BN, WM, WN, S>(CD_BSMM_PARAMS(T));
+#define CD_INST_LAYOUT(T, AK, BK_)                  \
+    CD_INST_TILE(T, AK, BK_, 128, 128, 2, 4, 4)     \
+    CD_INST_TILE(T, AK, BK_, 128, 256, 2, 4, 3)     \
+    CD_INST_TILE(T, AK, BK_, 64, 128, 2, 2, 4)
+#define CD_INST(T)                 \
+    CD_INST_LAYOUT(T, true, false) \
+    CD_INST_LAYOUT(T, true, true)  \
+    CD_INST_LAYOUT(T, false, false)
+CD_INST(cd_f16)
+CD_INST(cd_bf16)
+#endif

@@ -1,0 +1,424 @@
+// bsmm_sm90: Hopper (sm_90a) block-sparse GEMM on the tensor cores through wgmma.mma_async.
+//
+//   C[m, n] = act(alpha * sum_k A(m, k) B(k, n) + bias[n])      fp16 / bf16 in, fp32 accumulate
+//
+// Same contract as the portable mma.sync kernel (see the brief in benchmarks/notes_sm90.md):
+//   * A(m,k) = A_KMAJ ? A[m*lda + k] : A[k*lda + m];  B(k,n) = B_KMAJ ? B[n*ldb + k] : B[k*ldb + n]
+//   * count != nullptr: row block r = m / rblk sums only over the kept K blocks
+//     index[r*index_stride + 0 .. count[r]-1] (each [j*kblk, min((j+1)*kblk, K)), kblk % 8 == 0)
+//   * bits != nullptr: element (m, n) kept iff bit (n / cblk) of bits[(m / rblk)*bits_stride + ..]
+//     is set; dropped elements are written as exact 0; a tile whose columns are all dropped
+//     skips its GEMM.
+//   * ACT: 0 none, 1 relu, 2 gelu (erf).
+//
+// Template parameters:  T (cd_f16 | cd_bf16), A_KMAJ, B_KMAJ, ACT,
+//                       BM (64 or 128: BM/64 consumer warpgroups, each owns 64 rows),
+//                       BN (128 or 256: the wgmma N), STAGES (>= 3 shared-memory ring slots).
+// Recommended:  BM=128, BN=256, STAGES=4  (large problems)
+//               BM=128, BN=128, STAGES=6  (mid-size / when N tiles would be too few)
+// Launch:
+//   block = (BM/64)*128 threads (1-D)
+//   grid  = (ceil(N/BN), ceil(M/BM), 1)   (the kernel remaps the linear block id into groups of 8
+//                                          M tiles for L2 reuse; any grid of this shape is fine)
+//   dynamic shared memory = bsmm90_smem_bytes = STAGES*(BM+BN)*64*2 + 1024 bytes
+//                         (BM=128,BN=256,STAGES=4: 197632; BM=128,BN=128,STAGES=6: 197632)
+//     -> set cudaFuncAttributeMaxDynamicSharedMemorySize (cupy: max_dynamic_shared_size_bytes).
+//   Requires: rblk % BM == 0 when count or bits is given; K % 8 == 0 when A or B is K-major;
+//             M % 8 == 0 when A is M-major; N % 8 == 0 when B is N-major; lda/ldb % 8 == 0;
+//             A, B 16-byte aligned. C, bias: 2-byte aligned (ldc any).
+//
+// Design: all threads copy tiles global -> shared with 16-byte cp.async (zero-fill for any chunk
+// outside M/N/K or outside a kept block) into the 128-byte-swizzle canonical layouts of wgmma
+// (K-major: 128-byte rows of 64 k, 8-row atoms of 1024 B; MN-major: 128-byte rows of 64 m/n for
+// one k, 8 k-rows per 1024 B atom, 64-wide MN atoms BK*128 B apart). The reduction walks the
+// *compacted* list of kept k values: step s covers positions [64 s, 64 s + 64) of the
+// concatenation of the kept blocks, so small kblk wastes no tensor-core work. Ring of STAGES
+// slots, STAGES-2 steps of prefetch, one wgmma group kept in flight per warpgroup.
+#include "dtypes.cuh"
+
+#define BSMM90_BK 64
+
+template <int BM, int BN, int STAGES>
+struct bsmm90_cfg {
+    static constexpr int THREADS = (BM / 64) * 128;
+    static constexpr int A_BYTES = BM * BSMM90_BK * 2;
+    static constexpr int B_BYTES = BN * BSMM90_BK * 2;
+    static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+    static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
+};
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define BSMM90_ENABLED 1
+#else
+#define BSMM90_ENABLED 0
+#endif
+
+#if BSMM90_ENABLED
+
+#ifndef BSMM90_MN_SWAP
+#define BSMM90_MN_SWAP 0   // debugging switch: swap LBO/SBO meaning for MN-major operands
+#endif
+
+__device__ __forceinline__ unsigned bsmm90_smem_u32(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void bsmm90_cp16(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void bsmm90_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void bsmm90_cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+__device__ __forceinline__ void bsmm90_fence_proxy() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void bsmm90_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void bsmm90_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void bsmm90_wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+__device__ __forceinline__ void bsmm90_reg_fence(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
+
+// Shared-memory matrix descriptor, 128-byte swizzle.
+__device__ __forceinline__ unsigned long long bsmm90_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4)
+         | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16)
+         | ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32)
+         | (1ull << 62);
+}
+
+// Position p of the compacted kept-k sequence -> k index, or -1 (zero-fill).
+__device__ __forceinline__ int bsmm90_kmap(int p, int K, bool dense, int cnt, const int* idx, int kblk) {
+    if (dense) return p < K ? p : -1;
+    int b = p / kblk;
+    if (b >= cnt) return -1;
+    int k = __ldg(idx + b) * kblk + (p - b * kblk);
+    return k < K ? k : -1;
+}
+
+// K-major tile: ROWS rows (m or n) x 64 k, rows 128 B apart, 16-B chunk c of row r stored at
+// chunk (c ^ (r & 7)).  G(row, k) = G[row*ld + k].
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void bsmm90_load_kmaj(unsigned sbase, const unsigned short* G, long long ld,
+                                                 int row0, int rows, int step, int K, bool dense,
+                                                 int cnt, const int* idx, int kblk, int tid) {
+    const int c = tid & 7;
+    const int k = bsmm90_kmap(step * BSMM90_BK + c * 8, K, dense, cnt, idx, kblk);
+    const int r0 = tid >> 3;
+    const unsigned soff = sbase + (unsigned)(r0 * 128) + (unsigned)((c ^ (r0 & 7)) << 4);
+    const unsigned short* src = G + (long long)(row0 + r0) * ld + (k < 0 ? 0 : k);
+#pragma unroll
+    for (int i = 0; i < ROWS * 8 / THREADS; ++i) {
+        const int r = r0 + i * (THREADS / 8);
+        const bool v = (k >= 0) && (row0 + r < rows);
+        bsmm90_cp16(soff + (unsigned)(i * (THREADS / 8) * 128), v ? (const void*)(src + (long long)i * (THREADS / 8) * ld) : (const void*)G, v);
+    }
+}
+
+// MN-major tile: 64 k rows x ROWS mn, stored as ROWS/64 atoms (64 mn wide, 64*128 B each); inside
+// an atom, k row kr is 128 B at kr*128 with chunk c stored at (c ^ (kr & 7)).  G(k, row) = G[k*ld + row].
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void bsmm90_load_mnmaj(unsigned sbase, const unsigned short* G, long long ld,
+                                                  int row0, int rows, int step, int K, bool dense,
+                                                  int cnt, const int* idx, int kblk, int tid) {
+    constexpr int CPR = ROWS / 8;             // chunks per k row
+    constexpr int KPP = THREADS / CPR;        // k rows per pass
+    const int mc = tid % CPR;
+    const int kr0 = tid / CPR;
+    const bool vm = row0 + mc * 8 < rows;
+    const unsigned sat = sbase + (unsigned)((mc >> 3) * (BSMM90_BK * 128));
+    const int c = mc & 7;
+#pragma unroll
+    for (int i = 0; i < BSMM90_BK / KPP; ++i) {
+        const int kr = kr0 + i * KPP;
+        const int k = bsmm90_kmap(step * BSMM90_BK + kr, K, dense, cnt, idx, kblk);
+        const bool v = vm && (k >= 0);
+        const unsigned dst = sat + (unsigned)(kr * 128) + (unsigned)((c ^ (kr & 7)) << 4);
+        bsmm90_cp16(dst, v ? (const void*)(G + (long long)k * ld + row0 + mc * 8) : (const void*)G, v);
+    }
+}
+
+// wgmma wrappers: d (N/2 fp32 accumulators per thread) += A(desc) * B(desc); TA/TB = 1 for MN-major.
+template <bool BF16, int TA, int TB>
+__device__ __forceinline__ void bsmm90_wgmma_n256(float* d, unsigned long long da, unsigned long long db) {
+  if constexpr (!BF16) {
+    asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p, 1, 1, %130, %131;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "n"(TA), "n"(TB));
+  }
+  else {
+    asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p, 1, 1, %130, %131;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "n"(TA), "n"(TB));
+  }
+}
+
+template <bool BF16, int TA, int TB>
+__device__ __forceinline__ void bsmm90_wgmma_n128(float* d, unsigned long long da, unsigned long long db) {
+  if constexpr (!BF16) {
+    asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, %66, %67;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "n"(TA), "n"(TB));
+  }
+  else {
+    asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, %66, %67;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "n"(TA), "n"(TB));
+  }
+}
+
+#endif  // BSMM90_ENABLED
+
+template <typename T, bool A_KMAJ, bool B_KMAJ, int ACT, int BM, int BN, int STAGES>
+__global__ void __launch_bounds__((BM / 64) * 128, 1)
+bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, const T* __restrict__ bias,
+          int M, int N, int K, long long lda, long long ldb, long long ldc, float alpha,
+          const int* __restrict__ count, const int* __restrict__ index, int index_stride, int rblk, int kblk,
+          const unsigned long long* __restrict__ bits, int bits_stride, int cblk) {
+    static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
+    static_assert(BN == 128 || BN == 256, "BN must be 128 or 256");
+    static_assert(STAGES >= 3, "STAGES >= 3");
+#if BSMM90_ENABLED
+    using cfg = bsmm90_cfg<BM, BN, STAGES>;
+    constexpr int THREADS = cfg::THREADS;
+    constexpr bool BF16 = sizeof(T) == 2 && !__is_same(T, cd_f16);
+    constexpr int NACC = BN / 2;
+
+    extern __shared__ unsigned char bsmm90_smem_raw[];
+    const unsigned sraw = bsmm90_smem_u32(bsmm90_smem_raw);
+    const unsigned sbase = (sraw + 1023u) & ~1023u;
+
+    const int tid = threadIdx.x;
+
+    // Grouped raster: 8 M tiles share a band of N tiles for L2 reuse.
+    const int tilesN = gridDim.x, tilesM = gridDim.y;
+    const int lin = blockIdx.y * tilesN + blockIdx.x;
+    constexpr int GROUP = 8;
+    const int per_group = GROUP * tilesN;
+    const int g = lin / per_group;
+    const int first_m = g * GROUP;
+    const int gsz = min(tilesM - first_m, GROUP);
+    const int in_g = lin - g * per_group;
+    const int tm = first_m + in_g % gsz;
+    const int tn = in_g / gsz;
+    const int m0 = tm * BM, n0 = tn * BN;
+
+    // Reduction walk.
+    const bool dense = (count == nullptr);
+    const int rb = (count != nullptr || bits != nullptr) ? m0 / rblk : 0;
+    int cnt = 0;
+    const int* idx = nullptr;
+    int nsteps;
+    if (dense) {
+        nsteps = (K + BSMM90_BK - 1) / BSMM90_BK;
+    } else {
+        cnt = count[rb];
+        idx = index + (long long)rb * index_stride;
+        nsteps = (int)(((long long)cnt * kblk + BSMM90_BK - 1) / BSMM90_BK);
+    }
+
+    // Output mask: skip the GEMM when every covered column block is dropped.
+    const unsigned long long* brow = nullptr;
+    if (bits != nullptr) {
+        brow = bits + (long long)rb * bits_stride;
+        const int c_lo = n0 / cblk;
+        const int c_hi = (min(n0 + BN, N) - 1) / cblk;
+        bool any = false;
+        for (int c = c_lo; c <= c_hi && !any; ++c) any = (brow[c >> 6] >> (c & 63)) & 1ull;
+        if (!any) nsteps = 0;
+    }
+
+    const unsigned short* Ag = reinterpret_cast<const unsigned short*>(A);
+    const unsigned short* Bg = reinterpret_cast<const unsigned short*>(B);
+
+    auto load_stage = [&](int slot, int step) {
+        const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES);
+        const unsigned sb = sa + (unsigned)cfg::A_BYTES;
+        if constexpr (A_KMAJ) bsmm90_load_kmaj<BM, THREADS>(sa, Ag, lda, m0, M, step, K, dense, cnt, idx, kblk, tid);
+        else                  bsmm90_load_mnmaj<BM, THREADS>(sa, Ag, lda, m0, M, step, K, dense, cnt, idx, kblk, tid);
+        if constexpr (B_KMAJ) bsmm90_load_kmaj<BN, THREADS>(sb, Bg, ldb, n0, N, step, K, dense, cnt, idx, kblk, tid);
+        else                  bsmm90_load_mnmaj<BN, THREADS>(sb, Bg, ldb, n0, N, step, K, dense, cnt, idx, kblk, tid);
+    };
+
+    float acc[NACC];
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+
+    const int wg = tid >> 7;
+    // Descriptor constants (bytes).
+    constexpr unsigned ATOM_MN = BSMM90_BK * 128;          // 64-wide MN atom of an MN-major tile
+    constexpr unsigned A_LBO = A_KMAJ ? 16u : (BSMM90_MN_SWAP ? 1024u : ATOM_MN);
+    constexpr unsigned A_SBO = A_KMAJ ? 1024u : (BSMM90_MN_SWAP ? ATOM_MN : 1024u);
+    constexpr unsigned B_LBO = B_KMAJ ? 16u : (BSMM90_MN_SWAP ? 1024u : ATOM_MN);
+    constexpr unsigned B_SBO = B_KMAJ ? 1024u : (BSMM90_MN_SWAP ? ATOM_MN : 1024u);
+    // Per-k16 advance and this warpgroup's A offset.
+    constexpr unsigned A_KSTEP = A_KMAJ ? 32u : 2048u;
+    constexpr unsigned B_KSTEP = B_KMAJ ? 32u : 2048u;
+    const unsigned a_wg_off = A_KMAJ ? (unsigned)(wg * 64 * 128) : (unsigned)(wg * ATOM_MN);
+
+#pragma unroll 1
+    for (int s = 0; s < STAGES - 2; ++s) {
+        if (s < nsteps) load_stage(s, s);
+        bsmm90_cp_commit();
+    }
+
+#pragma unroll 1
+    for (int kt = 0; kt < nsteps; ++kt) {
+        bsmm90_cp_wait<STAGES - 3>();
+        bsmm90_fence_proxy();
+        __syncthreads();
+        const int slot = kt % STAGES;
+        const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + a_wg_off;
+        const unsigned sb = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + (unsigned)cfg::A_BYTES;
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+        bsmm90_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BSMM90_BK / 16; ++kk) {
+            const unsigned long long da = bsmm90_desc(sa + kk * A_KSTEP, A_LBO, A_SBO);
+            const unsigned long long db = bsmm90_desc(sb + kk * B_KSTEP, B_LBO, B_SBO);
+            if constexpr (BN == 256) bsmm90_wgmma_n256<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
+            else                     bsmm90_wgmma_n128<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
+        }
+        bsmm90_wg_commit();
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+        bsmm90_wg_wait<1>();
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+        const int ls = kt + STAGES - 2;
+        if (ls < nsteps) load_stage(ls % STAGES, ls);
+        bsmm90_cp_commit();
+    }
+    bsmm90_wg_wait<0>();
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+    bsmm90_cp_wait<0>();
+
+    // Epilogue: accumulator fragment of m64nNk16: thread (warp w, lane l) of a warpgroup holds
+    // rows 16w + l/4 (+8) and columns 8j + 2(l%4) (+1), acc[4j + {0,1,2,3}].
+    const int wtid = tid & 127;
+    const int row_a = m0 + wg * 64 + (wtid >> 5) * 16 + ((wtid & 31) >> 2);
+    const int col_a = n0 + 2 * (wtid & 3);
+    unsigned short* Cg = reinterpret_cast<unsigned short*>(C);
+    const bool pair_ok = (ldc & 1) == 0;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        const int n = col_a + 8 * j;
+        if (n >= N) continue;
+        const bool has1 = n + 1 < N;
+        bool keep0 = true, keep1 = true;
+        if (brow != nullptr) {
+            const int c0 = n / cblk;
+            keep0 = (brow[c0 >> 6] >> (c0 & 63)) & 1ull;
+            if (has1) { const int c1 = (n + 1) / cblk; keep1 = (brow[c1 >> 6] >> (c1 & 63)) & 1ull; }
+        }
+        float b0 = 0.f, b1 = 0.f;
+        if (bias != nullptr) { b0 = cd_to_float(bias[n]); if (has1) b1 = cd_to_float(bias[n + 1]); }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = row_a + 8 * h;
+            if (m >= M) continue;
+            float v0 = alpha * acc[4 * j + 2 * h] + b0;
+            float v1 = alpha * acc[4 * j + 2 * h + 1] + b1;
+            if constexpr (ACT == 1) { v0 = fmaxf(v0, 0.f); v1 = fmaxf(v1, 0.f); }
+            else if constexpr (ACT == 2) {
+                v0 = 0.5f * v0 * (1.f + erff(v0 * 0.70710678118654752f));
+                v1 = 0.5f * v1 * (1.f + erff(v1 * 0.70710678118654752f));
+            }
+            const unsigned short o0 = keep0 ? cd_from_float<T>(v0).v : (unsigned short)0;
+            const unsigned short o1 = keep1 ? cd_from_float<T>(v1).v : (unsigned short)0;
+            unsigned short* dst = Cg + (long long)m * ldc + n;
+            if (has1 && pair_ok) {
+                *reinterpret_cast<unsigned int*>(dst) = (unsigned int)o0 | ((unsigned int)o1 << 16);
+            } else {
+                dst[0] = o0;
+                if (has1) dst[1] = o1;
+            }
+        }
+    }
+#else
+    // Built for a target without wgmma (e.g. sm_80 CI builds): never launched there.
+    __trap();
+#endif
+}
+
+#ifdef CUDROP_INSTANTIATE
+#define BSMM90_INST_L(T, AK, BK_, ACT)                                                            \
+    template __global__ void bsmm_sm90<T, AK, BK_, ACT, 128, 256, 4>(const T*, const T*, T*, const T*, \
+        int, int, int, long long, long long, long long, float, const int*, const int*, int, int, int, \
+        const unsigned long long*, int, int);                                                        \
+    template __global__ void bsmm_sm90<T, AK, BK_, ACT, 128, 128, 6>(const T*, const T*, T*, const T*, \
+        int, int, int, long long, long long, long long, float, const int*, const int*, int, int, int, \
+        const unsigned long long*, int, int);
+#define BSMM90_INST_T(T)                                                                          \
+    BSMM90_INST_L(T, true, false, 0) BSMM90_INST_L(T, true, true, 0)                             \
+    BSMM90_INST_L(T, false, false, 0) BSMM90_INST_L(T, false, true, 0)                           \
+    BSMM90_INST_L(T, true, false, 1) BSMM90_INST_L(T, true, false, 2)
+BSMM90_INST_T(cd_f16)
+BSMM90_INST_T(cd_bf16)
+template __global__ void bsmm_sm90<cd_f16, true, false, 0, 64, 256, 4>(const cd_f16*, const cd_f16*, cd_f16*,
+    const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
+    int, const unsigned long long*, int, int);
+#endif
