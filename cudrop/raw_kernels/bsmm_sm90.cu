@@ -38,6 +38,9 @@
 
 #define BSMM90_BK 64
 
+template <typename T> struct bsmm90_is_bf16 { static constexpr bool value = false; };
+template <> struct bsmm90_is_bf16<cd_bf16> { static constexpr bool value = true; };
+
 template <int BM, int BN, int STAGES>
 struct bsmm90_cfg {
     static constexpr int THREADS = (BM / 64) * 128;
@@ -60,7 +63,9 @@ struct bsmm90_cfg {
 #endif
 
 __device__ __forceinline__ unsigned bsmm90_smem_u32(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned)a;
 }
 __device__ __forceinline__ void bsmm90_cp16(unsigned dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
@@ -242,7 +247,7 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
 #if BSMM90_ENABLED
     using cfg = bsmm90_cfg<BM, BN, STAGES>;
     constexpr int THREADS = cfg::THREADS;
-    constexpr bool BF16 = sizeof(T) == 2 && !__is_same(T, cd_f16);
+    constexpr bool BF16 = bsmm90_is_bf16<T>::value;
     constexpr int NACC = BN / 2;
 
     extern __shared__ unsigned char bsmm90_smem_raw[];

@@ -1,0 +1,186 @@
+"""Block-sparse GEMMs (dsd, dsd_t, sdd) against float64 dense math with the materialised mask,
+over hypothesis-drawn shapes (ragged edges included), block sizes, sparsities, dtypes, operand
+layouts (transposed views), epilogues and, on the GPU, every kernel. The output is poisoned with
+NaN before the call (passed as ``out=``), so an element no kernel wrote fails the test."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from cudrop import backend, masks
+from cudrop.functional import bsmm, bsmm_gpu
+from conftest import low_precision_dtype
+
+# relative Frobenius error allowed per dtype (float32 is exact fp32 arithmetic, no TF32)
+TOL = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3, "bfloat16": 2.5e-2}
+FORMS = ("dsd", "dsd_t", "sdd")
+
+
+def _dense(a64, b64, keep, form, scale, bias, act):
+    """float64 reference: the form's formula with the materialised mask."""
+    if form == "dsd":
+        y = scale * (a64 * keep) @ b64
+    elif form == "dsd_t":
+        y = scale * (a64 * keep).T @ b64
+    else:
+        y = scale * a64 @ b64
+    if bias is not None:
+        y = y + bias
+    if act == "relu":
+        y = np.maximum(y, 0)
+    elif act == "gelu":
+        from scipy.special import erf
+        y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
+    return y * keep if form == "sdd" else y
+
+
+def _rand(xp, shape, dtype, rng, transposed=False):
+    """A random array of ``shape``; as a transposed view of a contiguous array if asked."""
+    h = rng.standard_normal(shape[::-1] if transposed else shape)
+    a = xp.asarray(h.astype(np.float32)).astype(dtype)
+    return a.T if transposed else a
+
+
+def check(xp, form, m, k, n, block, p, dtype, *, seed=0, kernel=None, trans_a=False,
+          trans_b=False, bias=False, act=None, keep=None):
+    """Run ``form`` once and compare with float64 dense math. (m, k) is the masked operand for
+    dsd and dsd_t, (m, n) the masked output for sdd."""
+    rng = np.random.default_rng(seed)
+    dtype = low_precision_dtype(xp, dtype) if dtype == "bfloat16" else np.dtype(dtype)
+    if form == "dsd":
+        a, b, mshape, oshape = (m, k), (k, n), (m, k), (m, n)
+    elif form == "dsd_t":
+        a, b, mshape, oshape = (m, k), (m, n), (m, k), (k, n)
+    else:
+        a, b, mshape, oshape = (m, k), (k, n), (m, n), (m, n)
+    a = _rand(xp, a, dtype, rng, trans_a)
+    b = _rand(xp, b, dtype, rng, trans_b)
+    if form == "dsd_t":  # a gradient: no epilogue
+        bias, act = False, None
+    bvec = _rand(xp, (oshape[1],), dtype, rng) if bias else None
+    if keep is None:
+        mask = masks.block_mask(mshape, block, p, seed=seed, layer=1, step=2, xp=xp)
+    else:
+        mask = masks.BlockMask.from_blocks(xp.asarray(keep), mshape, block, p)
+    scale = 1.0 / (1.0 - p)
+    out = xp.full(oshape, np.nan, dtype)
+    fn = getattr(bsmm, form)
+    kw = {} if form == "dsd_t" else dict(bias=bvec, act=act)
+    if kernel:
+        import os
+        os.environ["CUDROP_BSMM_KERNEL"] = kernel
+    try:
+        res = fn(a, b, mask, scale, out=out, **kw)
+    finally:
+        if kernel:
+            del os.environ["CUDROP_BSMM_KERNEL"]
+    assert res is out
+    def f64(x):  # 16-bit types through float32 (CuPy casts bfloat16 only to float32)
+        if x is None:
+            return None
+        return backend.asnumpy(x.astype(np.float32) if x.itemsize == 2 else x).astype(np.float64)
+    ref = _dense(f64(a), f64(b), backend.asnumpy(mask.to_dense()), form, scale, f64(bvec), act)
+    got = f64(out)
+    assert not np.isnan(got).any(), "unwritten (poisoned) elements"
+    err = np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30)
+    assert err <= TOL[dtype.name], (form, err)
+    if form == "sdd":  # dropped blocks are exact zeros
+        assert (got[~backend.asnumpy(mask.to_dense())] == 0).all()
+
+
+BLOCKS = [(128, 128), (64, 32), (128, 32), (3, 5), (16, 8), (1, 4)]
+shapes = st.integers(1, 200)
+probs = st.sampled_from([0.0, 0.3, 0.7, 0.99])
+
+
+@given(form=st.sampled_from(FORMS), m=shapes, k=shapes, n=shapes, block=st.sampled_from(BLOCKS),
+       p=probs, ta=st.booleans(), tb=st.booleans(), bias=st.booleans(),
+       act=st.sampled_from([None, "relu", "gelu"]), seed=st.integers(0, 2**16))
+def test_float64_any_shape(xp, form, m, k, n, block, p, ta, tb, bias, act, seed):
+    check(xp, form, m, k, n, block, p, "float64", seed=seed, trans_a=ta, trans_b=tb,
+          bias=bias, act=act)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@given(form=st.sampled_from(FORMS), m=shapes, k=shapes, n=shapes, block=st.sampled_from(BLOCKS),
+       p=probs, seed=st.integers(0, 2**16))
+def test_low_precision_any_shape(xp, dtype, form, m, k, n, block, p, seed):
+    check(xp, form, m, k, n, block, p, dtype, seed=seed)
+
+
+# ---- the GPU kernels, each forced -------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+mult8 = st.integers(1, 48).map(lambda i: 8 * i)  # the tensor-core kernels' alignment
+TC_BLOCKS = [(128, 128), (128, 32), (64, 64), (128, 8), (64, 200), (256, 128)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kernel", ["simple", "mma"])
+@given(form=st.sampled_from(FORMS), m=mult8, k=mult8, n=mult8, block=st.sampled_from(TC_BLOCKS),
+       p=probs, tb=st.booleans(), bias=st.booleans(), act=st.sampled_from([None, "relu"]),
+       seed=st.integers(0, 2**16))
+def test_gpu_kernels(dtype, kernel, form, m, k, n, block, p, tb, bias, act, seed):
+    cp = pytest.importorskip("cupy")
+    if not backend.gpu_available():
+        pytest.skip("no usable CUDA GPU")
+    # dsd_t reads a transposed (M-major) operand; the others K-major; b either way except for
+    # dsd_t, whose M-major a with a K-major b has no tensor-core instance.
+    check(cp, form, m, k, n, block, p, dtype, seed=seed, kernel=kernel,
+          trans_b=tb and form != "dsd_t", bias=bias, act=act)
+
+
+@gpu
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("kernel", ["simple", "mma"])
+def test_gpu_rows_with_every_block_dropped(form, kernel):
+    cp = pytest.importorskip("cupy")
+    if not backend.gpu_available():
+        pytest.skip("no usable CUDA GPU")
+    keep = np.array([[0, 0, 0], [1, 0, 1], [0, 0, 0], [1, 1, 1]], bool)
+    m, k = 4 * 64 - 24, 3 * 32 - 8  # ragged last blocks
+    if form == "sdd":
+        check(cp, form, m, 72, k, (64, 32), 0.5, "float16", kernel=kernel, keep=keep)
+    else:
+        check(cp, form, m, k, 40, (64, 32), 0.5, "float16", kernel=kernel, keep=keep,
+              bias=form == "dsd")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("form", FORMS)
+def test_gpu_large_tiles(dtype, form):
+    """Shapes large enough that the dispatcher picks each of the bigger tiles."""
+    cp = pytest.importorskip("cupy")
+    if not backend.gpu_available():
+        pytest.skip("no usable CUDA GPU")
+    for m, k, n in ((1032, 520, 2056), (512, 1024, 512)):
+        check(cp, form, m, k, n, (128, 128), 0.5, dtype, kernel="mma")
+
+
+def test_pick_tile_respects_row_blocks():
+    for rblk in (64, 128, 192, 256):
+        for m, n in ((64, 64), (1024, 1024), (8192, 8192)):
+            bm, bn, *_ = bsmm_gpu.pick_tile(m, n, rblk, True, 132)
+            assert rblk % bm == 0
+    assert bsmm_gpu.pick_tile(1024, 1024, 32, True, 132) is None
+    assert bsmm_gpu.pick_tile(8192, 8192, 32, False, 132)[:2] == (128, 256)
+
+
+def test_errors(xp):
+    a, b = xp.ones((8, 4)), xp.ones((4, 3))
+    mask = masks.block_mask((8, 4), (4, 4), 0.5, seed=0, layer=0, step=0, xp=xp)
+    with pytest.raises(TypeError, match="BlockMask"):
+        bsmm.dsd(a, b, "mask")
+    with pytest.raises(ValueError, match="align"):
+        bsmm.dsd(a, xp.ones((5, 3)), mask)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        bsmm.dsd(a, b.astype(np.float32), mask)
+    with pytest.raises(ValueError, match="mask covers"):
+        bsmm.sdd(a, b, mask)
+    with pytest.raises(ValueError, match="act must be"):
+        bsmm.dsd(a, b, mask, act="tanh")
+    with pytest.raises(ValueError, match="out must be"):
+        bsmm.dsd(a, b, mask, out=xp.empty((3, 3)))
+    with pytest.raises(ValueError, match="bias"):
+        bsmm.dsd(a, b, mask, bias=xp.ones(4))
