@@ -124,3 +124,35 @@ def test_small_validations():
         nn.SparseDropLinear(8, 8, 0.5, block=(True, 4))
     with pytest.raises(SystemExit, match="--seed"):
         cli.main(["train", "--seed", "-1"])
+
+
+@pytest.mark.parametrize("xp_name", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def test_blockwise_linear_prunes_its_gemms_and_equals_drop_then_linear(xp_name):
+    """dropped_linear('blockwise') runs the block-sparse GEMMs on the gyro mask (input
+    pruning); it equals BlockwiseDropout followed by the Linear, forward and gradients."""
+    from cudrop import backend
+    if xp_name == "cupy" and not backend.gpu_available():
+        pytest.skip("no usable CUDA GPU")
+    xp = np if xp_name == "numpy" else backend.cupy
+    fused = nn.dropped_linear("blockwise", 96, 40, 0.5, rng=np.random.default_rng(0),
+                              dtype=np.float64)
+    plain = nn.Linear(96, 40, rng=np.random.default_rng(0), dtype=np.float64)
+    drop = nn.BlockwiseDropout(0.5, block=(16, 32), seed=fused.drop.seed,
+                               layer_id=fused.drop.layer_id)
+    fused.drop.block = (16, 32)
+    for layer in (fused, plain, drop):
+        layer.to("gpu" if xp_name == "cupy" else "cpu")
+    x = cd.Tensor(xp.asarray(np.random.default_rng(1).standard_normal((50, 96))),
+                  requires_grad=True)
+    x2 = cd.Tensor(x.data.copy(), requires_grad=True)
+    y1 = fused(x)
+    y2 = plain(drop(x2))
+    (y1 * y1).sum().backward()
+    (y2 * y2).sum().backward()
+    assert fused.drop.last_mask is not None and drop.last_mask is not None
+    np.testing.assert_allclose(backend.asnumpy(y1.data), backend.asnumpy(y2.data), rtol=1e-10,
+                               atol=1e-12)
+    for a, b in ((x.grad, x2.grad), (fused.weight.grad, plain.weight.grad),
+                 (fused.bias.grad, plain.bias.grad)):
+        np.testing.assert_allclose(backend.asnumpy(a), backend.asnumpy(b), rtol=1e-10,
+                                   atol=1e-12)

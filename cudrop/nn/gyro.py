@@ -110,20 +110,28 @@ class BlockwiseDropout(_GyroBase):
         self.block = gyro.check_block(block)
 
     def forward(self, x):
+        mask = self.next_mask(x)
+        return x if mask is None else ag.blockwise_dropout_masked(as_tensor(x), mask)
+
+    def next_mask(self, x):
+        """Take a step and return its ``BlockMask`` over x viewed as (M, K), or None in eval
+        mode or at p == 0 (the identity). A following Linear calls this instead of forward, to
+        run its GEMMs on the kept blocks only (``nn.dropped_linear``)."""
+        self.last_mask = None
         if not self.is_training or self.p == 0:
-            return x
-        x = as_tensor(x)
+            return None
+        data = as_tensor(x).data
         step = self.next_step()
-        shape = gyro.gemm_shape(x.shape)
-        xp = backend.get_array_module(x.data)
+        shape = gyro.gemm_shape(data.shape)
+        xp = backend.get_array_module(data)
         sched = self._sched()
         ids = tuple(int(i) for i in gyro.blockwise_row_ids(step, shape[0], block=self.block,
                                                             **sched))
         key = (ids, shape, self.block, self.p, self.seed, self.layer_id,
-               backend.device_of(x.data))
+               backend.device_of(data))
         self.last_mask = self._memoised(key, lambda: gyro.blockwise_mask(
             shape, self.p, step=step, block=self.block, xp=xp, **sched))
-        return ag.blockwise_dropout_masked(x, self.last_mask)
+        return self.last_mask
 
     def extra_repr(self):
         return f"block={self.block}, " + super().extra_repr()

@@ -4,14 +4,16 @@
 A variant enters a model in two ways:
 
 - ``make_dropout(kind, p)``: a standalone module (after an activation, on a residual branch);
-- ``dropped_linear(kind, in, out, p)``: a Linear whose *input* units are dropped. SliceOut and
-  SparseDrop fuse the drop into the layer's GEMMs here, which is where they skip work; the other
-  kinds are ``make_dropout`` followed by a plain Linear.
+- ``dropped_linear(kind, in, out, p)``: a Linear whose *input* units are dropped. SliceOut,
+  SparseDrop and block-wise gyro dropout fuse the drop into the layer's GEMMs here, which is
+  where they skip work (block-wise: input pruning, the block-sparse GEMMs of SparseDrop on the
+  gyro mask); the other kinds are ``make_dropout`` followed by a plain Linear.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .. import autograd as ag
 from ..philox import check_prob
 from .dropout import Dropout, Identity
 from .gyro import BlockwiseDropout, GyroDropout, _GyroBase
@@ -62,7 +64,9 @@ def dropped_linear(kind, in_features, out_features, p, bias=True, rng=None,
 
 class DroppedLinear(Linear):
     """``Linear(drop(x))``: a Linear whose input passes a parameter-free dropout module first.
-    Its parameters are named as a plain Linear's, so checkpoints move between variants."""
+    Its parameters are named as a plain Linear's, so checkpoints move between variants. A
+    ``BlockwiseDropout`` is fused: its mask prunes the Linear's GEMMs (dsd forward, sdd and
+    dsd_t backward) instead of being applied to x."""
 
     def __init__(self, in_features, out_features, drop: Module, bias=True, rng=None,
                  dtype=np.float32):
@@ -70,7 +74,12 @@ class DroppedLinear(Linear):
         self.drop = drop
 
     def forward(self, x):
-        return super().forward(self.drop(x))
+        if not isinstance(self.drop, BlockwiseDropout):
+            return super().forward(self.drop(x))
+        mask = self.drop.next_mask(x)
+        if mask is None:
+            return super().forward(x)
+        return ag.sparsedrop_linear(x, self.weight, self.bias, mask=mask, training=True)
 
 
 def set_total_steps(model: Module, total_steps: int) -> Module:

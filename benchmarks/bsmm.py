@@ -1,0 +1,200 @@
+"""Block-sparse GEMMs (issue 4) against dense baselines timed in the same process.
+
+1. dsd, sdd, dsd_t at M=N=K in SIZES, fp16 and bf16, sparsity s in SPARSITIES (mask block
+   128 x 128), each against cuBLAS dense (``cupy.matmul``) of the same shape; the target is
+   time <= 1.1 (1 - s) dense.
+2. SparseDrop Linear forward+backward (mask drawing included) against dense forward+backward,
+   CuPy naive dropout + matmul, cudrop's fused dropout + cuBLAS and PyTorch ``F.dropout`` +
+   matmul with autograd (when PyTorch is importable), all at the same p.
+3. The papers' configurations: block-wise dropout forward, batch 256 x 1024 x 1024 (mask block
+   128 x 32, the gyro paper's) at drop 10/25/50/75%; SparseDrop forward+backward at 1024³ over
+   sparsity 0-0.9.
+
+Usage: python benchmarks/bsmm.py [--quick] [--sizes 1024 4096] ; JSON to $OUT/bsmm.json, a table
+last.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+sys.path.insert(0, ".")
+from benchmarks.common import time_gpu, write_json  # noqa: E402
+from cudrop import masks  # noqa: E402
+from cudrop.functional import bsmm, dropout as Fdrop, sparsedrop as Fsd  # noqa: E402
+
+SIZES = (1024, 4096, 8192)
+SPARSITIES = (0.0, 0.25, 0.5, 0.75)
+BLOCK = (128, 128)
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _sets(cp, shapes, dtype, n=3):
+    return [tuple(cp.random.standard_normal(s, dtype=np.float32).astype(dtype) for s in shapes)
+            for _ in range(n)]
+
+
+def _mask(cp, shape, p, block=BLOCK, step=0):
+    return masks.block_mask(shape, block, p, seed=1, layer=0, step=step, xp=cp)
+
+
+def bench_kernels(cp, size, dtype, rows):
+    sets = _sets(cp, [(size, size)] * 2, dtype)
+    dense = time_gpu(cp.matmul, sets)
+    for s in SPARSITIES:
+        mk = _mask(cp, (size, size), s)
+        kept = float(cp.asnumpy(mk.row_count).sum()) / (mk.grid[0] * mk.grid[1])
+        forms = {"dsd": lambda a, b: bsmm.dsd(a, b, mk),
+                 "sdd": lambda a, b: bsmm.sdd(a, b.T, mk),
+                 "dsd_t": lambda a, b: bsmm.dsd_t(a, b, mk)}
+        for form, f in forms.items():
+            t = time_gpu(f, sets)
+            rows.append(dict(table="kernel", form=form, size=size, dtype=dtype.name, sparsity=s,
+                             kept=kept, ms=t, dense_ms=dense, ratio=t / dense,
+                             target_ratio=1.1 * kept,
+                             tflops=2 * size**3 * kept / t / 1e9,
+                             dense_tflops=2 * size**3 / dense / 1e9))
+
+
+def _torch_fwd_bwd(size, dtype, p):
+    try:
+        import torch
+    except ImportError:
+        return None
+    td = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype.name]
+    xs = [torch.randn(size, size, device="cuda", dtype=td, requires_grad=True) for _ in range(3)]
+    w = torch.randn(size, size, device="cuda", dtype=td, requires_grad=True)
+    dy = torch.randn(size, size, device="cuda", dtype=td)
+
+    def step(i):
+        y = torch.nn.functional.dropout(xs[i % 3], p) @ w
+        y.backward(dy)
+
+    for i in range(5):
+        step(i)
+    torch.cuda.synchronize()
+    times = []
+    for r in range(30):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for j in range(5):
+            step(r * 5 + j)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 5)
+    return float(np.median(times))
+
+
+def linear_fwd_bwd(cp, size, dtype, p, rows, table="linear", block=BLOCK, baselines=True):
+    sets = _sets(cp, [(size, size), (size, size), (size, size)], dtype)  # x, w, dy
+    q = 1.0 - p
+    step = [0]
+
+    def sparsedrop(x, w, dy):
+        step[0] += 1
+        _, saved = Fsd.sparsedrop_linear(x, w, p=p, block=block, seed=0, layer=0, step=step[0])
+        Fsd.sparsedrop_linear_backward(dy, saved)
+
+    def dense(x, w, dy):
+        cp.matmul(x, w), cp.matmul(dy, w.T), cp.matmul(x.T, dy)
+
+    def naive(x, w, dy):
+        keep = cp.random.random_sample(x.shape, dtype=np.float32) < q
+        xd = x * keep * x.dtype.type(1 / q)
+        cp.matmul(xd, w)
+        gx = cp.matmul(dy, w.T) * keep * x.dtype.type(1 / q)
+        cp.matmul(xd.T, dy)
+        return gx
+
+    def fused(x, w, dy):
+        step[0] += 1
+        xd, saved = Fdrop.dropout(x, p, seed=0, layer=0, step=step[0])
+        cp.matmul(xd, w)
+        Fdrop.dropout_backward(cp.matmul(dy, w.T), saved)
+        cp.matmul(xd.T, dy)
+
+    row = dict(table=table, size=size, dtype=dtype.name, p=p,
+               sparsedrop_ms=time_gpu(sparsedrop, sets))
+    if baselines:
+        row.update(dense_ms=time_gpu(dense, sets), naive_ms=time_gpu(naive, sets),
+                   fused_ms=time_gpu(fused, sets), torch_ms=_torch_fwd_bwd(size, dtype, p))
+    else:
+        row.update(dense_ms=time_gpu(dense, sets))
+    rows.append(row)
+
+
+def blockwise_forward(cp, rows, dtype):
+    """The gyro paper's FC layer: x (256, 1024) @ w (1024, 1024), blocks of 128 rows x 32
+    units, input pruning in the GEMM, against the dense GEMM."""
+    from cudrop import gyro
+    sets = _sets(cp, [(256, 1024), (1024, 1024)], dtype)
+    dense = time_gpu(cp.matmul, sets)
+    for p in (0.1, 0.25, 0.5, 0.75):
+        mk = gyro.blockwise_mask((256, 1024), p, step=0, block=(128, 32), xp=cp)
+        t = time_gpu(lambda x, w: bsmm.dsd(x, w, mk, 1 / (1 - p)), sets)
+        rows.append(dict(table="blockwise", dtype=dtype.name, p=p, ms=t, dense_ms=dense,
+                         speedup=dense / t))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="4096 fp16 only")
+    ap.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    args = ap.parse_args()
+    import cupy as cp
+    dtypes = ["float16"] if args.quick else ["float16", "bfloat16"]
+    sizes = [4096] if args.quick else args.sizes
+    rows = []
+    for name in dtypes:
+        dt = _dtype(name)
+        for size in sizes:
+            bench_kernels(cp, size, dt, rows)
+            for p in SPARSITIES:
+                linear_fwd_bwd(cp, size, dt, p, rows)
+        blockwise_forward(cp, rows, dt)
+    for p in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
+        linear_fwd_bwd(cp, 1024, _dtype("float16"), p, rows, table="sweep1024", baselines=False)
+    path = write_json("bsmm.json", dict(device=cp.cuda.runtime.getDeviceProperties(0)["name"]
+                                        .decode(), rows=rows))
+    print(f"\nJSON: {path}")
+    _print(rows)
+
+
+def _print(rows):
+    def ms(v):
+        return "-" if v is None else f"{v:.3f}"
+    print("\n| form | size | dtype | s | ms | dense ms | ratio | target | TFLOP/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r["table"] == "kernel":
+            print(f"| {r['form']} | {r['size']} | {r['dtype']} | {r['sparsity']} | {ms(r['ms'])} "
+                  f"| {ms(r['dense_ms'])} | {r['ratio']:.2f} | {r['target_ratio']:.2f} | "
+                  f"{r['tflops']:.0f} |")
+    print("\n| SparseDrop Linear fwd+bwd | size | dtype | p | ms | dense | naive | fused+cuBLAS "
+          "| torch | vs fused | vs torch |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r["table"] in ("linear", "sweep1024"):
+            t = r["sparsedrop_ms"]
+            vs = lambda k: "-" if r.get(k) is None else f"{r[k] / t:.2f}x"  # noqa: E731
+            print(f"| {r['table']} | {r['size']} | {r['dtype']} | {r['p']} | {ms(t)} | "
+                  f"{ms(r['dense_ms'])} | {ms(r.get('naive_ms'))} | {ms(r.get('fused_ms'))} | "
+                  f"{ms(r.get('torch_ms'))} | {vs('fused_ms')} | {vs('torch_ms')} |")
+    print("\n| block-wise fwd 256x1024x1024 | dtype | drop | ms | dense ms | speedup |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        if r["table"] == "blockwise":
+            print(f"| | {r['dtype']} | {r['p']} | {ms(r['ms'])} | {ms(r['dense_ms'])} | "
+                  f"{r['speedup']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
