@@ -74,9 +74,10 @@ def _sms():
     return dev.attributes["MultiProcessorCount"]
 
 
-def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None):
+def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None, tile=None):
     """``out = act(scale · a @ b + bias)`` with the reduction pruned by ``lists`` (count, index)
-    and the output by ``bits``; a (M, K) and b (K, N) may be transposed views."""
+    and the output by ``bits``; a (M, K) and b (K, N) may be transposed views. ``tile`` (one
+    of ``MMA_TILES``) overrides the tile choice, for tuning."""
     cp = backend.cupy
     m, k = a.shape
     n = b.shape[1]
@@ -93,9 +94,10 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
     choice = kernel or "auto"
     if choice not in KERNELS + ("auto",):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
-    tile = None
     if choice in ("auto", "mma") and _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists):
-        tile = pick_tile(m, n, rblk, masked, _sms())
+        tile = tile or pick_tile(m, n, rblk, masked, _sms())
+    else:
+        tile = None
     if choice == "mma" and tile is None:
         raise ValueError("the mma kernel does not take these operands (dtype, alignment or "
                          "block size); use kernel='simple'")

@@ -46,12 +46,12 @@ struct cd_kwalk {
         per_block = (kblk + bk - 1) / bk;
         steps = blocks * per_block;
     }
-    // step s -> its columns [k0, kend)
+    // step s -> its columns [k0, kend), kend - k0 <= bk
     __device__ __forceinline__ void at(int s, int& k0, int& kend) const {
         const int b = s / per_block, sub = s - b * per_block;
         const long long start = list ? (long long)__ldg(list + b) * kblk : 0;
         k0 = (int)(start + (long long)sub * bk);
-        kend = (int)min(start + kblk, (long long)K);
+        kend = (int)min(min(start + kblk, (long long)K), (long long)k0 + bk);
     }
 };
 

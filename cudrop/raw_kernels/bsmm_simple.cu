@@ -51,7 +51,7 @@ __global__ void bsmm_simple(CD_BSMM_PARAMS(T)) {
         const int r = m / rblk;
         kept = !bits || cd_bit(bits, bits_stride, r, n / cblk);
         if (kept) {
-            const cd_kwalk walk(count, index, index_stride, r, kblk, K, kblk);
+            const cd_kwalk walk(count, index, index_stride, r, kblk, K, 1 << 30);  // whole blocks
             for (int s = 0; s < walk.steps; ++s) {
                 int k0, kend;
                 walk.at(s, k0, kend);

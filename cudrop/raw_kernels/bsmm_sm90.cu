@@ -69,7 +69,7 @@ __device__ __forceinline__ unsigned bsmm90_smem_u32(const void* p) {
 }
 __device__ __forceinline__ void bsmm90_cp16(unsigned dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+                 :: "r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void bsmm90_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void bsmm90_cp_wait() {
@@ -103,21 +103,26 @@ __device__ __forceinline__ int bsmm90_kmap(int p, int K, bool dense, int cnt, co
 }
 
 // K-major tile: ROWS rows (m or n) x 64 k, rows 128 B apart, 16-B chunk c of row r stored at
-// chunk (c ^ (r & 7)).  G(row, k) = G[row*ld + k].
+// chunk (c ^ (r & 7)).  G(row, k) = G[row*ld + k].  Chunk id = tid + i*THREADS: c = id & 7,
+// r = id >> 3 (THREADS % 8 == 0, so c is fixed per thread and one k lookup serves all rows).
 template <int ROWS, int THREADS>
 __device__ __forceinline__ void bsmm90_load_kmaj(unsigned sbase, const unsigned short* G, long long ld,
                                                  int row0, int rows, int step, int K, bool dense,
                                                  int cnt, const int* idx, int kblk, int tid) {
+    constexpr int TOTAL = ROWS * 8;
+    constexpr int ITERS = (TOTAL + THREADS - 1) / THREADS;
     const int c = tid & 7;
     const int k = bsmm90_kmap(step * BSMM90_BK + c * 8, K, dense, cnt, idx, kblk);
     const int r0 = tid >> 3;
     const unsigned soff = sbase + (unsigned)(r0 * 128) + (unsigned)((c ^ (r0 & 7)) << 4);
     const unsigned short* src = G + (long long)(row0 + r0) * ld + (k < 0 ? 0 : k);
 #pragma unroll
-    for (int i = 0; i < ROWS * 8 / THREADS; ++i) {
+    for (int i = 0; i < ITERS; ++i) {
+        if (TOTAL % THREADS != 0 && tid + i * THREADS >= TOTAL) break;
         const int r = r0 + i * (THREADS / 8);
         const bool v = (k >= 0) && (row0 + r < rows);
-        bsmm90_cp16(soff + (unsigned)(i * (THREADS / 8) * 128), v ? (const void*)(src + (long long)i * (THREADS / 8) * ld) : (const void*)G, v);
+        bsmm90_cp16(soff + (unsigned)(i * (THREADS / 8) * 128),
+                    v ? (const void*)(src + (long long)i * (THREADS / 8) * ld) : (const void*)G, v);
     }
 }
 
@@ -128,19 +133,26 @@ __device__ __forceinline__ void bsmm90_load_mnmaj(unsigned sbase, const unsigned
                                                   int row0, int rows, int step, int K, bool dense,
                                                   int cnt, const int* idx, int kblk, int tid) {
     constexpr int CPR = ROWS / 8;             // chunks per k row
-    constexpr int KPP = THREADS / CPR;        // k rows per pass
-    const int mc = tid % CPR;
-    const int kr0 = tid / CPR;
-    const bool vm = row0 + mc * 8 < rows;
-    const unsigned sat = sbase + (unsigned)((mc >> 3) * (BSMM90_BK * 128));
-    const int c = mc & 7;
+    constexpr int TOTAL = BSMM90_BK * CPR;
+    constexpr int ITERS = (TOTAL + THREADS - 1) / THREADS;
+    constexpr bool FIXED_MC = (THREADS % CPR) == 0;
+    int kk[ITERS];
 #pragma unroll
-    for (int i = 0; i < BSMM90_BK / KPP; ++i) {
-        const int kr = kr0 + i * KPP;
-        const int k = bsmm90_kmap(step * BSMM90_BK + kr, K, dense, cnt, idx, kblk);
-        const bool v = vm && (k >= 0);
-        const unsigned dst = sat + (unsigned)(kr * 128) + (unsigned)((c ^ (kr & 7)) << 4);
-        bsmm90_cp16(dst, v ? (const void*)(G + (long long)k * ld + row0 + mc * 8) : (const void*)G, v);
+    for (int i = 0; i < ITERS; ++i) {         // all k lookups first: independent loads in flight
+        const int id = tid + i * THREADS;
+        kk[i] = (id < TOTAL) ? bsmm90_kmap(step * BSMM90_BK + id / CPR, K, dense, cnt, idx, kblk) : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < ITERS; ++i) {
+        const int id = tid + i * THREADS;
+        if (TOTAL % THREADS != 0 && id >= TOTAL) break;
+        const int mc = FIXED_MC ? (tid % CPR) : (id % CPR);
+        const int kr = id / CPR;
+        const int c = mc & 7;
+        const bool v = (row0 + mc * 8 < rows) && (kk[i] >= 0);
+        const unsigned dst = sbase + (unsigned)((mc >> 3) * (BSMM90_BK * 128)) + (unsigned)(kr * 128)
+                           + (unsigned)((c ^ (kr & 7)) << 4);
+        bsmm90_cp16(dst, v ? (const void*)(G + (long long)kk[i] * ld + row0 + mc * 8) : (const void*)G, v);
     }
 }
 
@@ -241,7 +253,7 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
           int M, int N, int K, long long lda, long long ldb, long long ldc, float alpha,
           const int* __restrict__ count, const int* __restrict__ index, int index_stride, int rblk, int kblk,
           const unsigned long long* __restrict__ bits, int bits_stride, int cblk) {
-    static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
+    static_assert(BM == 64 || BM == 128 || BM == 192, "BM must be 64, 128 or 192");
     static_assert(BN == 128 || BN == 256, "BN must be 128 or 256");
     static_assert(STAGES >= 3, "STAGES >= 3");
 #if BSMM90_ENABLED
@@ -423,6 +435,12 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
     BSMM90_INST_L(T, true, false, 1) BSMM90_INST_L(T, true, false, 2)
 BSMM90_INST_T(cd_f16)
 BSMM90_INST_T(cd_bf16)
+template __global__ void bsmm_sm90<cd_f16, true, false, 0, 192, 256, 4>(const cd_f16*, const cd_f16*, cd_f16*,
+    const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
+    int, const unsigned long long*, int, int);
+template __global__ void bsmm_sm90<cd_f16, false, false, 0, 192, 256, 4>(const cd_f16*, const cd_f16*, cd_f16*,
+    const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
+    int, const unsigned long long*, int, int);
 template __global__ void bsmm_sm90<cd_f16, true, false, 0, 64, 256, 4>(const cd_f16*, const cd_f16*, cd_f16*,
     const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
     int, const unsigned long long*, int, int);
