@@ -15,9 +15,9 @@ from .. import backend, raw_kernels
 
 KERNELS = ("simple", "mma", "sm90")
 _HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
-# (BM, BN, warps along M, warps along N, stages) of bsmm_mma.cu's instances
-MMA_TILES = ((128, 256, 2, 4, 3), (128, 128, 2, 4, 4), (64, 128, 2, 2, 4))
-_BK = 32
+# (BM, BN, BK, warps along M, warps along N, stages) of bsmm_mma.cu's instances, largest first
+MMA_TILES = ((128, 256, 64, 2, 4, 3), (128, 128, 64, 2, 4, 3), (128, 128, 64, 2, 2, 3),
+             (128, 128, 32, 2, 4, 4), (64, 128, 32, 2, 2, 4))
 _NULL = np.uintp(0)
 
 
@@ -108,10 +108,10 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
             np.int32(kblk), _ptr(bits), np.int32(bits.shape[1] if bits is not None else 0),
             np.int32(cblk))
     if tile is not None:
-        bm, bn, wm, wn, stages = tile
+        bm, bn, bk, wm, wn, stages = tile
         name = (f"bsmm_mma<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, "
-                f"{bm}, {bn}, {wm}, {wn}, {stages}>")
-        smem = stages * (bm + bn) * _BK * 2
+                f"{bm}, {bn}, {bk}, {wm}, {wn}, {stages}>")
+        smem = stages * (bm + bn) * bk * 2
         f = _function("bsmm_mma.cu", name, smem)
         grid = (-(-m // bm)) * (-(-n // bn))
         f((grid,), (wm * wn * 32,), args, shared_mem=smem)

@@ -64,9 +64,10 @@ template <int W> __device__ __forceinline__ int cd_swz(int row, int c) {
     return ((L & ~7) | ((L ^ (L >> 3)) & 7)) * 8;
 }
 
-template <typename T, bool A_KMAJ, bool B_KMAJ, int BM, int BN, int WM, int WN, int STAGES>
+template <typename T, bool A_KMAJ, bool B_KMAJ, int BM, int BN, int BK, int WM, int WN,
+          int STAGES>
 __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
-    constexpr int BK = 32, THREADS = WM * WN * 32;
+    constexpr int THREADS = WM * WN * 32, KS = BK / 16;
     constexpr int TM = BM / WM, TN = BN / WN, MI = TM / 16, NI = TN / 8;
     constexpr int A_ELEMS = BM * BK, B_ELEMS = BN * BK;
     constexpr int AW = A_KMAJ ? BK / 8 : BM / 8, BW = B_KMAJ ? BK / 8 : BN / 8;  // chunks/row
@@ -116,6 +117,26 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
                 cd_cp_async16(bs + 2 * cd_swz<BW>(row, c), ok ? src : B, ok);
             }
         };
+        // ldmatrix offsets within a stage, per k16 slice: loop-invariant, computed once.
+        const int i4 = lane >> 3, l8 = lane & 7;
+        int a_off[MI][KS], b_off[NI / 2][KS];
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {  // matrices (m 0-7 | 8-15) x (k 0-7 | 8-15)
+                const int mrow = wm0 + mi * 16;
+                a_off[mi][ks] = 2 * (A_KMAJ ? cd_swz<AW>(mrow + (lane & 15), ks * 2 + (lane >> 4))
+                                            : cd_swz<AW>(ks * 16 + (i4 >> 1) * 8 + l8,
+                                                         mrow / 8 + (i4 & 1)));
+            }
+#pragma unroll
+            for (int nj = 0; nj < NI / 2; ++nj) {  // (n-tile 0: k 0-7, 8-15), (n-tile 1: ...)
+                const int ncol = wn0 + nj * 16;
+                b_off[nj][ks] = 2 * (B_KMAJ ? cd_swz<BW>(ncol + (i4 >> 1) * 8 + l8, ks * 2 + (i4 & 1))
+                                            : cd_swz<BW>(ks * 16 + (i4 & 1) * 8 + l8,
+                                                         ncol / 8 + (i4 >> 1)));
+            }
+        }
         const int steps = walk.steps;
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) {
@@ -130,29 +151,14 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
             const unsigned as = cd_smem_addr(As + (s % STAGES) * A_ELEMS);
             const unsigned bs = cd_smem_addr(Bs + (s % STAGES) * B_ELEMS);
 #pragma unroll
-            for (int kk = 0; kk < BK; kk += 16) {
+            for (int ks = 0; ks < KS; ++ks) {
                 unsigned af[MI][4], bf[NI][2];
-                const int i4 = lane >> 3, l8 = lane & 7;
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    const int mrow = wm0 + mi * 16;
-                    if (A_KMAJ)  // matrices (m 0-7 | 8-15) x (k 0-7 | 8-15), m fastest
-                        cd_ldsm_x4<false>(af[mi], as + 2 * cd_swz<AW>(mrow + (lane & 15),
-                                                                      kk / 8 + (lane >> 4)));
-                    else
-                        cd_ldsm_x4<true>(af[mi], as + 2 * cd_swz<AW>(kk + (i4 >> 1) * 8 + l8,
-                                                                     mrow / 8 + (i4 & 1)));
-                }
+                for (int mi = 0; mi < MI; ++mi) cd_ldsm_x4<!A_KMAJ>(af[mi], as + a_off[mi][ks]);
 #pragma unroll
                 for (int nj = 0; nj < NI / 2; ++nj) {
-                    const int ncol = wn0 + nj * 16;
-                    unsigned t[4];  // (n-tile 0: k 0-7, k 8-15), (n-tile 1: ...)
-                    if (B_KMAJ)
-                        cd_ldsm_x4<false>(t, bs + 2 * cd_swz<BW>(ncol + (i4 >> 1) * 8 + l8,
-                                                                 kk / 8 + (i4 & 1)));
-                    else
-                        cd_ldsm_x4<true>(t, bs + 2 * cd_swz<BW>(kk + (i4 & 1) * 8 + l8,
-                                                                ncol / 8 + (i4 >> 1)));
+                    unsigned t[4];
+                    cd_ldsm_x4<!B_KMAJ>(t, bs + b_off[nj][ks]);
                     bf[2 * nj][0] = t[0]; bf[2 * nj][1] = t[1];
                     bf[2 * nj + 1][0] = t[2]; bf[2 * nj + 1][1] = t[3];
                 }
@@ -186,12 +192,14 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
 }
 
 #ifdef CUDROP_INSTANTIATE
-#define CD_INST_TILE(T, AK, BK_, BM, BN, WM, WN, S) \
-    template __global__ void bsmm_mma<T, AK, BK_, BM, BN, WM, WN, S>(CD_BSMM_PARAMS(T));
-#define CD_INST_LAYOUT(T, AK, BK_)                  \
-    CD_INST_TILE(T, AK, BK_, 128, 128, 2, 4, 4)     \
-    CD_INST_TILE(T, AK, BK_, 128, 256, 2, 4, 3)     \
-    CD_INST_TILE(T, AK, BK_, 64, 128, 2, 2, 4)
+#define CD_INST_TILE(T, AK, BK_, BM, BN, BK, WM, WN, S) \
+    template __global__ void bsmm_mma<T, AK, BK_, BM, BN, BK, WM, WN, S>(CD_BSMM_PARAMS(T));
+#define CD_INST_LAYOUT(T, AK, BK_)                      \
+    CD_INST_TILE(T, AK, BK_, 128, 128, 32, 2, 4, 4)     \
+    CD_INST_TILE(T, AK, BK_, 128, 128, 64, 2, 4, 3)     \
+    CD_INST_TILE(T, AK, BK_, 128, 128, 64, 2, 2, 3)     \
+    CD_INST_TILE(T, AK, BK_, 128, 256, 64, 2, 4, 3)     \
+    CD_INST_TILE(T, AK, BK_, 64, 128, 32, 2, 2, 4)
 #define CD_INST(T)                 \
     CD_INST_LAYOUT(T, true, false) \
     CD_INST_LAYOUT(T, true, true)  \
