@@ -49,8 +49,31 @@ def conv_and_norm(dt):
         Fnorm.batch_norm_backward(y, saved)
 
 
+def block_sparse_gemms(dt, kernel):
+    """dsd, dsd_t, sdd on ragged shapes with dropped blocks, rows with every block dropped and a
+    transposed operand, through one forced kernel."""
+    import os
+    from cudrop.functional import bsmm
+    os.environ["CUDROP_BSMM_KERNEL"] = kernel
+    rng = np.random.default_rng(3)
+    for m, k, n, block in [(200, 136, 264, (64, 64)), (128, 64, 8, (128, 32)),
+                           (136, 520, 72, (128, 128))]:
+        a = cp.asarray(rng.standard_normal((m, k))).astype(dt)
+        b = cp.asarray(rng.standard_normal((n, k))).astype(dt).T  # K-major view
+        dy = cp.asarray(rng.standard_normal((m, n))).astype(dt)
+        for p in (0.0, 0.5, 0.99):
+            mk = masks.block_mask((m, k), block, p, seed=5, layer=0, step=1, xp=cp)
+            bsmm.dsd(a, b, mk, 2.0, bias=cp.ones(n, dt), act="relu")
+            bsmm.dsd_t(a, dy, mk, 2.0)
+            bsmm.sdd(dy, b.T, mk, 2.0)
+    del os.environ["CUDROP_BSMM_KERNEL"]
+
+
 for dt in [np.float16, np.float32, np.float64]:
     conv_and_norm(dt)
+    block_sparse_gemms(dt, "simple")
+for dt in [np.float16] + bf16:
+    block_sparse_gemms(dt, "mma")
 for dt in bf16:  # CuPy's own bfloat16 ops (casts, sums) may lag: report, do not stop
     try:
         conv_and_norm(dt)

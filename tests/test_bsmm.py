@@ -141,11 +141,11 @@ def test_gpu_rows_with_every_block_dropped(form, kernel):
     if not backend.gpu_available():
         pytest.skip("no usable CUDA GPU")
     keep = np.array([[0, 0, 0], [1, 0, 1], [0, 0, 0], [1, 1, 1]], bool)
-    m, k = 4 * 64 - 24, 3 * 32 - 8  # ragged last blocks
+    m, k = 4 * 64 - 24, 3 * 64 - 8  # ragged last blocks
     if form == "sdd":
-        check(cp, form, m, 72, k, (64, 32), 0.5, "float16", kernel=kernel, keep=keep)
+        check(cp, form, m, 72, k, (64, 64), 0.5, "float16", kernel=kernel, keep=keep)
     else:
-        check(cp, form, m, k, 40, (64, 32), 0.5, "float16", kernel=kernel, keep=keep,
+        check(cp, form, m, k, 40, (64, 64), 0.5, "float16", kernel=kernel, keep=keep,
               bias=form == "dsd")
 
 

@@ -36,16 +36,15 @@
 // slots, STAGES-2 steps of prefetch, one wgmma group kept in flight per warpgroup.
 #include "dtypes.cuh"
 
-#define BSMM90_BK 64
 
 template <typename T> struct bsmm90_is_bf16 { static constexpr bool value = false; };
 template <> struct bsmm90_is_bf16<cd_bf16> { static constexpr bool value = true; };
 
-template <int BM, int BN, int STAGES>
+template <int BM, int BN, int STAGES, int BK>
 struct bsmm90_cfg {
     static constexpr int THREADS = (BM / 64) * 128;
-    static constexpr int A_BYTES = BM * BSMM90_BK * 2;
-    static constexpr int B_BYTES = BN * BSMM90_BK * 2;
+    static constexpr int A_BYTES = BM * BK * 2;
+    static constexpr int B_BYTES = BN * BK * 2;
     static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
     static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
 };
@@ -85,12 +84,13 @@ template <int N> __device__ __forceinline__ void bsmm90_wg_wait() {
 }
 __device__ __forceinline__ void bsmm90_reg_fence(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
 
-// Shared-memory matrix descriptor, 128-byte swizzle.
-__device__ __forceinline__ unsigned long long bsmm90_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+// Shared-memory matrix descriptor; mode 1 = 128-byte swizzle, 2 = 64-byte swizzle.
+__device__ __forceinline__ unsigned long long bsmm90_desc(unsigned addr, unsigned lbo, unsigned sbo,
+                                                          unsigned long long mode) {
     return (unsigned long long)((addr & 0x3FFFF) >> 4)
          | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16)
          | ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32)
-         | (1ull << 62);
+         | (mode << 62);
 }
 
 // Position p of the compacted kept-k sequence -> k index, or -1 (zero-fill).
@@ -102,45 +102,50 @@ __device__ __forceinline__ int bsmm90_kmap(int p, int K, bool dense, int cnt, co
     return k < K ? k : -1;
 }
 
-// K-major tile: ROWS rows (m or n) x 64 k, rows 128 B apart, 16-B chunk c of row r stored at
-// chunk (c ^ (r & 7)).  G(row, k) = G[row*ld + k].  Chunk id = tid + i*THREADS: c = id & 7,
-// r = id >> 3 (THREADS % 8 == 0, so c is fixed per thread and one k lookup serves all rows).
-template <int ROWS, int THREADS>
+// K-major tile: ROWS rows (m or n) x BK k. BK=64: rows 128 B apart, 16-B chunk c of row r stored
+// at chunk (c ^ (r & 7)) (128-byte swizzle); BK=32: rows 64 B apart, chunk c at (c ^ ((r>>1) & 3))
+// (64-byte swizzle).  G(row, k) = G[row*ld + k].  Chunk id = tid + i*THREADS: c = id % CPR,
+// r = id / CPR (THREADS % 8 == 0, so c is fixed per thread and one k lookup serves all rows).
+template <int ROWS, int THREADS, int BK>
 __device__ __forceinline__ void bsmm90_load_kmaj(unsigned sbase, const unsigned short* G, long long ld,
                                                  int row0, int rows, int step, int K, bool dense,
                                                  int cnt, const int* idx, int kblk, int tid) {
-    constexpr int TOTAL = ROWS * 8;
+    constexpr int CPR = BK / 8;
+    constexpr int RB = BK * 2;                // row bytes
+    constexpr int RPP = THREADS / CPR;        // rows per pass (multiple of 8)
+    constexpr int TOTAL = ROWS * CPR;
     constexpr int ITERS = (TOTAL + THREADS - 1) / THREADS;
-    const int c = tid & 7;
-    const int k = bsmm90_kmap(step * BSMM90_BK + c * 8, K, dense, cnt, idx, kblk);
-    const int r0 = tid >> 3;
-    const unsigned soff = sbase + (unsigned)(r0 * 128) + (unsigned)((c ^ (r0 & 7)) << 4);
+    const int c = tid % CPR;
+    const int k = bsmm90_kmap(step * BK + c * 8, K, dense, cnt, idx, kblk);
+    const int r0 = tid / CPR;
+    const int sc = (BK == 64) ? (c ^ (r0 & 7)) : (c ^ ((r0 >> 1) & 3));
+    const unsigned soff = sbase + (unsigned)(r0 * RB) + (unsigned)(sc << 4);
     const unsigned short* src = G + (long long)(row0 + r0) * ld + (k < 0 ? 0 : k);
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
         if (TOTAL % THREADS != 0 && tid + i * THREADS >= TOTAL) break;
-        const int r = r0 + i * (THREADS / 8);
+        const int r = r0 + i * RPP;
         const bool v = (k >= 0) && (row0 + r < rows);
-        bsmm90_cp16(soff + (unsigned)(i * (THREADS / 8) * 128),
-                    v ? (const void*)(src + (long long)i * (THREADS / 8) * ld) : (const void*)G, v);
+        bsmm90_cp16(soff + (unsigned)(i * RPP * RB),
+                    v ? (const void*)(src + (long long)i * RPP * ld) : (const void*)G, v);
     }
 }
 
-// MN-major tile: 64 k rows x ROWS mn, stored as ROWS/64 atoms (64 mn wide, 64*128 B each); inside
+// MN-major tile: BK k rows x ROWS mn, stored as ROWS/64 atoms (64 mn wide, BK*128 B each); inside
 // an atom, k row kr is 128 B at kr*128 with chunk c stored at (c ^ (kr & 7)).  G(k, row) = G[k*ld + row].
-template <int ROWS, int THREADS>
+template <int ROWS, int THREADS, int BK>
 __device__ __forceinline__ void bsmm90_load_mnmaj(unsigned sbase, const unsigned short* G, long long ld,
                                                   int row0, int rows, int step, int K, bool dense,
                                                   int cnt, const int* idx, int kblk, int tid) {
     constexpr int CPR = ROWS / 8;             // chunks per k row
-    constexpr int TOTAL = BSMM90_BK * CPR;
+    constexpr int TOTAL = BK * CPR;
     constexpr int ITERS = (TOTAL + THREADS - 1) / THREADS;
     constexpr bool FIXED_MC = (THREADS % CPR) == 0;
     int kk[ITERS];
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {         // all k lookups first: independent loads in flight
         const int id = tid + i * THREADS;
-        kk[i] = (id < TOTAL) ? bsmm90_kmap(step * BSMM90_BK + id / CPR, K, dense, cnt, idx, kblk) : -1;
+        kk[i] = (id < TOTAL) ? bsmm90_kmap(step * BK + id / CPR, K, dense, cnt, idx, kblk) : -1;
     }
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
@@ -150,7 +155,7 @@ __device__ __forceinline__ void bsmm90_load_mnmaj(unsigned sbase, const unsigned
         const int kr = id / CPR;
         const int c = mc & 7;
         const bool v = (row0 + mc * 8 < rows) && (kk[i] >= 0);
-        const unsigned dst = sbase + (unsigned)((mc >> 3) * (BSMM90_BK * 128)) + (unsigned)(kr * 128)
+        const unsigned dst = sbase + (unsigned)((mc >> 3) * (BK * 128)) + (unsigned)(kr * 128)
                            + (unsigned)((c ^ (kr & 7)) << 4);
         bsmm90_cp16(dst, v ? (const void*)(G + (long long)kk[i] * ld + row0 + mc * 8) : (const void*)G, v);
     }
@@ -247,7 +252,7 @@ __device__ __forceinline__ void bsmm90_wgmma_n128(float* d, unsigned long long d
 
 #endif  // BSMM90_ENABLED
 
-template <typename T, bool A_KMAJ, bool B_KMAJ, int ACT, int BM, int BN, int STAGES>
+template <typename T, bool A_KMAJ, bool B_KMAJ, int ACT, int BM, int BN, int STAGES, int BK = 64>
 __global__ void __launch_bounds__((BM / 64) * 128, 1)
 bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, const T* __restrict__ bias,
           int M, int N, int K, long long lda, long long ldb, long long ldc, float alpha,
@@ -256,8 +261,9 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
     static_assert(BM == 64 || BM == 128 || BM == 192, "BM must be 64, 128 or 192");
     static_assert(BN == 128 || BN == 256, "BN must be 128 or 256");
     static_assert(STAGES >= 3, "STAGES >= 3");
+    static_assert(BK == 64 || BK == 32, "BK must be 64 or 32");
 #if BSMM90_ENABLED
-    using cfg = bsmm90_cfg<BM, BN, STAGES>;
+    using cfg = bsmm90_cfg<BM, BN, STAGES, BK>;
     constexpr int THREADS = cfg::THREADS;
     constexpr bool BF16 = bsmm90_is_bf16<T>::value;
     constexpr int NACC = BN / 2;
@@ -288,11 +294,11 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
     const int* idx = nullptr;
     int nsteps;
     if (dense) {
-        nsteps = (K + BSMM90_BK - 1) / BSMM90_BK;
+        nsteps = (K + BK - 1) / BK;
     } else {
         cnt = count[rb];
         idx = index + (long long)rb * index_stride;
-        nsteps = (int)(((long long)cnt * kblk + BSMM90_BK - 1) / BSMM90_BK);
+        nsteps = (int)(((long long)cnt * kblk + BK - 1) / BK);
     }
 
     // Output mask: skip the GEMM when every covered column block is dropped.
@@ -312,10 +318,10 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
     auto load_stage = [&](int slot, int step) {
         const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES);
         const unsigned sb = sa + (unsigned)cfg::A_BYTES;
-        if constexpr (A_KMAJ) bsmm90_load_kmaj<BM, THREADS>(sa, Ag, lda, m0, M, step, K, dense, cnt, idx, kblk, tid);
-        else                  bsmm90_load_mnmaj<BM, THREADS>(sa, Ag, lda, m0, M, step, K, dense, cnt, idx, kblk, tid);
-        if constexpr (B_KMAJ) bsmm90_load_kmaj<BN, THREADS>(sb, Bg, ldb, n0, N, step, K, dense, cnt, idx, kblk, tid);
-        else                  bsmm90_load_mnmaj<BN, THREADS>(sb, Bg, ldb, n0, N, step, K, dense, cnt, idx, kblk, tid);
+        if constexpr (A_KMAJ) bsmm90_load_kmaj<BM, THREADS, BK>(sa, Ag, lda, m0, M, step, K, dense, cnt, idx, kblk, tid);
+        else                  bsmm90_load_mnmaj<BM, THREADS, BK>(sa, Ag, lda, m0, M, step, K, dense, cnt, idx, kblk, tid);
+        if constexpr (B_KMAJ) bsmm90_load_kmaj<BN, THREADS, BK>(sb, Bg, ldb, n0, N, step, K, dense, cnt, idx, kblk, tid);
+        else                  bsmm90_load_mnmaj<BN, THREADS, BK>(sb, Bg, ldb, n0, N, step, K, dense, cnt, idx, kblk, tid);
     };
 
     float acc[NACC];
@@ -324,15 +330,19 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
 
     const int wg = tid >> 7;
     // Descriptor constants (bytes).
-    constexpr unsigned ATOM_MN = BSMM90_BK * 128;          // 64-wide MN atom of an MN-major tile
+    constexpr unsigned ATOM_MN = BK * 128;                 // 64-wide MN atom of an MN-major tile
+    constexpr unsigned KROW = BK * 2;                       // K-major row bytes
+    constexpr unsigned long long KMODE = (BK == 64) ? 1ull : 2ull;   // 128B / 64B swizzle
     constexpr unsigned A_LBO = A_KMAJ ? 16u : (BSMM90_MN_SWAP ? 1024u : ATOM_MN);
-    constexpr unsigned A_SBO = A_KMAJ ? 1024u : (BSMM90_MN_SWAP ? ATOM_MN : 1024u);
+    constexpr unsigned A_SBO = A_KMAJ ? 8 * KROW : (BSMM90_MN_SWAP ? ATOM_MN : 1024u);
     constexpr unsigned B_LBO = B_KMAJ ? 16u : (BSMM90_MN_SWAP ? 1024u : ATOM_MN);
-    constexpr unsigned B_SBO = B_KMAJ ? 1024u : (BSMM90_MN_SWAP ? ATOM_MN : 1024u);
+    constexpr unsigned B_SBO = B_KMAJ ? 8 * KROW : (BSMM90_MN_SWAP ? ATOM_MN : 1024u);
+    constexpr unsigned long long A_MODE = A_KMAJ ? KMODE : 1ull;
+    constexpr unsigned long long B_MODE = B_KMAJ ? KMODE : 1ull;
     // Per-k16 advance and this warpgroup's A offset.
     constexpr unsigned A_KSTEP = A_KMAJ ? 32u : 2048u;
     constexpr unsigned B_KSTEP = B_KMAJ ? 32u : 2048u;
-    const unsigned a_wg_off = A_KMAJ ? (unsigned)(wg * 64 * 128) : (unsigned)(wg * ATOM_MN);
+    const unsigned a_wg_off = A_KMAJ ? (unsigned)(wg * 64 * KROW) : (unsigned)(wg * ATOM_MN);
 
 #pragma unroll 1
     for (int s = 0; s < STAGES - 2; ++s) {
@@ -352,9 +362,9 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
         for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
         bsmm90_wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < BSMM90_BK / 16; ++kk) {
-            const unsigned long long da = bsmm90_desc(sa + kk * A_KSTEP, A_LBO, A_SBO);
-            const unsigned long long db = bsmm90_desc(sb + kk * B_KSTEP, B_LBO, B_SBO);
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            const unsigned long long da = bsmm90_desc(sa + kk * A_KSTEP, A_LBO, A_SBO, A_MODE);
+            const unsigned long long db = bsmm90_desc(sb + kk * B_KSTEP, B_LBO, B_SBO, B_MODE);
             if constexpr (BN == 256) bsmm90_wgmma_n256<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
             else                     bsmm90_wgmma_n128<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
         }
@@ -440,6 +450,12 @@ template __global__ void bsmm_sm90<cd_f16, true, false, 0, 192, 256, 4>(const cd
     int, const unsigned long long*, int, int);
 template __global__ void bsmm_sm90<cd_f16, false, false, 0, 192, 256, 4>(const cd_f16*, const cd_f16*, cd_f16*,
     const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
+    int, const unsigned long long*, int, int);
+template __global__ void bsmm_sm90<cd_f16, true, false, 0, 128, 256, 8, 32>(const cd_f16*, const cd_f16*, cd_f16*,
+    const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
+    int, const unsigned long long*, int, int);
+template __global__ void bsmm_sm90<cd_bf16, false, true, 0, 128, 256, 8, 32>(const cd_bf16*, const cd_bf16*, cd_bf16*,
+    const cd_bf16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
     int, const unsigned long long*, int, int);
 template __global__ void bsmm_sm90<cd_f16, true, false, 0, 64, 256, 4>(const cd_f16*, const cd_f16*, cd_f16*,
     const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
