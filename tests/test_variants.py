@@ -156,3 +156,44 @@ def test_blockwise_linear_prunes_its_gemms_and_equals_drop_then_linear(xp_name):
                  (fused.bias.grad, plain.bias.grad)):
         np.testing.assert_allclose(backend.asnumpy(a), backend.asnumpy(b), rtol=1e-10,
                                    atol=1e-12)
+
+
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("xp_name", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def test_blockwise_linear_prunes_its_output_and_equals_linear_act_drop(xp_name, act):
+    """nn.BlockwiseLinear (output pruning: only kept output blocks are computed) equals Linear
+    -> act -> BlockwiseDropout, forward and gradients, edge blocks partial."""
+    from cudrop import backend
+    if xp_name == "cupy" and not backend.gpu_available():
+        pytest.skip("no usable CUDA GPU")
+    xp = np if xp_name == "numpy" else backend.cupy
+    kw = dict(block=(16, 32), seed=3, layer_id=7, co_scheduled=2)
+    fused = nn.BlockwiseLinear(48, 72, 0.5, act=act, rng=np.random.default_rng(0),
+                               dtype=np.float64, **kw)
+    plain = nn.Linear(48, 72, rng=np.random.default_rng(0), dtype=np.float64)
+    drop = nn.BlockwiseDropout(0.5, **kw)
+    dev = "gpu" if xp_name == "cupy" else "cpu"
+    for layer in (fused, plain, drop):
+        layer.to(dev)
+    x = cd.Tensor(xp.asarray(np.random.default_rng(1).standard_normal((40, 48))),
+                  requires_grad=True)
+    x2 = cd.Tensor(x.data.copy(), requires_grad=True)
+    y1 = fused(x)
+    h = plain(x2)
+    y2 = drop(cd.relu(h) if act == "relu" else h)
+    g = xp.asarray(np.random.default_rng(2).standard_normal((40, 72)))
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    keep = backend.asnumpy(fused.drop.last_mask.to_dense())
+    assert 0 < keep.mean() < 1
+    assert (backend.asnumpy(y1.data)[~keep] == 0).all()
+    for a, b in ((y1.data, y2.data), (x.grad, x2.grad), (fused.weight.grad, plain.weight.grad),
+                 (fused.bias.grad, plain.bias.grad)):
+        np.testing.assert_allclose(backend.asnumpy(a), backend.asnumpy(b), rtol=1e-10,
+                                   atol=1e-12)
+    fused.eval()
+    with cd.no_grad():
+        ye = fused(x).data
+    ref = plain(x).data
+    np.testing.assert_allclose(backend.asnumpy(ye), backend.asnumpy(
+        xp.maximum(ref, 0) if act == "relu" else ref), rtol=1e-12)

@@ -1,7 +1,8 @@
-"""SparseDrop linear as an autograd op (thin wrapper over cudrop.functional.sparsedrop)."""
+"""The block-sparse linear ops as autograd ops: SparseDrop linear (input pruning) and the
+output-pruned linear (thin wrappers over cudrop.functional.sparsedrop and .pruned_linear)."""
 from __future__ import annotations
 
-from ..functional import sparsedrop as F
+from ..functional import pruned_linear as P, sparsedrop as F
 from . import mode
 from .function import Function
 from .linalg import matmul
@@ -9,7 +10,7 @@ from .math import add
 from .shape import reshape
 from .tensor import as_tensor
 
-__all__ = ["sparsedrop_linear"]
+__all__ = ["sparsedrop_linear", "pruned_linear"]
 
 
 class SparseDropLinear(Function):
@@ -50,3 +51,24 @@ def sparsedrop_linear(x, w, b=None, *, p=None, block=None, seed=0, layer=0, step
     if b is not None:
         y = add(y, b)
     return y if len(lead) == 1 else reshape(y, lead + (w.shape[-1],))
+
+
+class PrunedLinear(Function):
+    def __init__(self, mask, act):
+        self.mask, self.act = mask, act
+
+    def forward(self, x, w, b=None):
+        y, self.saved = P.pruned_linear(x, w, b, self.mask, self.act)
+        return y
+
+    def backward(self, gy):
+        gx, gw, gb = P.pruned_linear_backward(gy, self.saved)
+        return (gx, gw) if gb is None else (gx, gw, gb)
+
+
+def pruned_linear(x, w, b, mask, act=None):
+    """``act(x @ w + b) ⊙ m / q`` with ``m`` a BlockMask over the (M, N) output (leading axes of
+    x are rows) and ``act`` None or 'relu': dropped output blocks are never computed, and the
+    backward GEMMs skip them too."""
+    f = PrunedLinear(mask, act)
+    return f(x, w) if b is None else f(x, w, b)

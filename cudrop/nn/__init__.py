@@ -3,7 +3,7 @@ from .attention import MultiHeadAttention
 from .depth import (DepthDropout, StochasticDepth, conv_shortcut, linear_shortcut,
                     stochastic_depth_probs)
 from .dropout import Dropout, Identity
-from .gyro import BlockwiseDropout, GyroDropout
+from .gyro import BlockwiseDropout, BlockwiseLinear, GyroDropout
 from .layers import (GELU, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Embedding, Flatten,
                      GlobalAvgPool2d, LayerNorm, Linear, MaxPool2d, ReLU, Tanh)
 from .module import Module, ModuleList, Parameter, Sequential

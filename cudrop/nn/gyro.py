@@ -14,10 +14,13 @@ a result; it is not state (not saved, not needed to resume).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import autograd as ag
 from .. import backend, gyro
 from ..autograd.tensor import as_tensor
 from ..philox import check_prob
+from .layers import Linear
 from .stochastic import StochasticLayer
 
 
@@ -113,16 +116,19 @@ class BlockwiseDropout(_GyroBase):
         mask = self.next_mask(x)
         return x if mask is None else ag.blockwise_dropout_masked(as_tensor(x), mask)
 
-    def next_mask(self, x):
+    def next_mask(self, x, units=None):
         """Take a step and return its ``BlockMask`` over x viewed as (M, K), or None in eval
         mode or at p == 0 (the identity). A following Linear calls this instead of forward, to
-        run its GEMMs on the kept blocks only (``nn.dropped_linear``)."""
+        run its GEMMs on the kept blocks only (``nn.dropped_linear``); a preceding one passes
+        its input and ``units`` (its output width) to get the mask of its output (M, units)."""
         self.last_mask = None
         if not self.is_training or self.p == 0:
             return None
         data = as_tensor(x).data
         step = self.next_step()
         shape = gyro.gemm_shape(data.shape)
+        if units is not None:
+            shape = (shape[0], units)
         xp = backend.get_array_module(data)
         sched = self._sched()
         ids = tuple(int(i) for i in gyro.blockwise_row_ids(step, shape[0], block=self.block,
@@ -135,3 +141,29 @@ class BlockwiseDropout(_GyroBase):
 
     def extra_repr(self):
         return f"block={self.block}, " + super().extra_repr()
+
+
+class BlockwiseLinear(Linear):
+    """``blockwise_drop(act(x @ W + b))``: a Linear (parameters named as a plain Linear's) whose
+    output units are block-wise gyro dropped, computed only on the kept blocks (output pruning:
+    the sdd GEMM forward, dsd/dsd_t backward). ``act`` is None or 'relu' (applied before the
+    drop, as Linear -> ReLU -> BlockwiseDropout). The schedule lives in ``drop`` (a
+    ``BlockwiseDropout``), its mask of the last forward in ``drop.last_mask``."""
+
+    def __init__(self, in_features, out_features, p=0.5, act="relu", bias=True, rng=None,
+                 dtype=np.float32, **blockwise):
+        super().__init__(in_features, out_features, bias=bias, rng=rng, dtype=dtype)
+        if act not in (None, "relu"):
+            raise ValueError(f"act must be None or 'relu', got {act!r}")
+        self.act = act
+        self.drop = BlockwiseDropout(p, **blockwise)
+
+    def forward(self, x):
+        mask = self.drop.next_mask(x, self.out_features)
+        if mask is None:
+            y = super().forward(x)
+            return ag.relu(y) if self.act == "relu" else y
+        return ag.pruned_linear(x, self.weight, self.bias, mask, self.act)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, act={self.act!r}"
