@@ -31,10 +31,10 @@ def bf16_dtype():
         return None
 
 
-def expr(dt, ak, bk, act, bm, bn, st, bkk=64):
+def expr(dt, ak, bk, act, bm, bn, st, bkk=64, ws=False):
     b = lambda x: "true" if x else "false"
     tail = f", {bkk}" if bkk != 64 else ""
-    return f"bsmm_sm90<{CT[dt]}, {b(ak)}, {b(bk)}, {act}, {bm}, {bn}, {st}{tail}>"
+    return f"bsmm_sm90{'_ws' if ws else ''}<{CT[dt]}, {b(ak)}, {b(bk)}, {act}, {bm}, {bn}, {st}{tail}>"
 
 
 _MODS = {}
@@ -50,6 +50,8 @@ def get_kernels(exprs, options=()):
         for e in key[0]:
             k = mod.get_function(e)
             _BK_OF[id(k)] = 32 if e.endswith(", 32>") else 64
+            if e.startswith("bsmm_sm90_ws"):
+                _WS.add(id(k))
             ks[e] = k
         print(f"  compiled {len(key[0])} kernels in {time.time() - t0:.1f}s {options}", flush=True)
         _MODS[key] = ks
@@ -83,29 +85,32 @@ def poison(shape, dt):
 
 _SMEM_SET = set()
 _BK_OF = {}
+_WS = set()
 
 
 def launch(k, bm, bn, st, A, B, C, bias, M, N, K, lda, ldb, ldc, alpha, count, index, istride,
            rblk, kblk, bits, bstride, cblk):
     bkk = _BK_OF.get(id(k), 64)
+    ws = id(k) in _WS
+    smem = smem_bytes(bm, bn, st, bkk) + (1024 if ws else 0)
     if id(k) not in _SMEM_SET:
-        k.max_dynamic_shared_size_bytes = smem_bytes(bm, bn, st, bkk)
+        k.max_dynamic_shared_size_bytes = smem
         _SMEM_SET.add(id(k))
     grid = ((N + bn - 1) // bn, (M + bm - 1) // bm, 1)
-    block = ((bm // 64) * 128, 1, 1)
+    block = ((bm // 64 + (1 if ws else 0)) * 128, 1, 1)
     k(grid, block, (A, B, C, bias if bias is not None else NULL,
                     np.int32(M), np.int32(N), np.int32(K), np.int64(lda), np.int64(ldb),
                     np.int64(ldc), np.float32(alpha),
                     count if count is not None else NULL, index if index is not None else NULL,
                     np.int32(istride), np.int32(rblk), np.int32(kblk),
                     bits if bits is not None else NULL, np.int32(bstride), np.int32(cblk)),
-      shared_mem=smem_bytes(bm, bn, st, bkk))
+      shared_mem=smem)
 
 
-def run_case(kernels, dt, ak, bk, act, bm, bn, st, M, N, K, bkk=64, sparse=None, kblk=128, pk=0.5,
+def run_case(kernels, dt, ak, bk, act, bm, bn, st, M, N, K, bkk=64, ws=False, sparse=None, kblk=128, pk=0.5,
              outmask=None, cblk=64, pc=0.5, use_bias=False, alpha=1.0, rng=None, options=()):
     rng = rng or np.random.default_rng()
-    k = kernels[expr(dt, ak, bk, act, bm, bn, st, bkk)]
+    k = kernels[expr(dt, ak, bk, act, bm, bn, st, bkk, ws)]
     # stored operands (padded leading dims, multiples of 8)
     a64 = cp.asarray(rng.standard_normal((M, K)))
     b64 = cp.asarray(rng.standard_normal((K, N)))
@@ -207,6 +212,10 @@ def correctness(options=(), only_mn=False):
             cases.append(dict(dt=dt, ak=ak, bk=bk, act=0, bm=128, bn=256, st=4, M=200, N=136, K=264))
             cases.append(dict(dt=dt, ak=ak, bk=bk, act=0, bm=128, bn=256, st=8, bkk=32, M=1000,
                               N=1000, K=1000, sparse=True, kblk=40, pk=0.5))
+            cases.append(dict(dt=dt, ak=ak, bk=bk, act=0, bm=128, bn=256, st=4, ws=True, M=1000,
+                              N=1000, K=1000, sparse=True, kblk=40, pk=0.5, outmask=True, cblk=64))
+            cases.append(dict(dt=dt, ak=ak, bk=bk, act=0, bm=128, bn=256, st=8, bkk=32, ws=True,
+                              M=200, N=136, K=264))
             cases.append(dict(dt=dt, ak=ak, bk=bk, act=0, bm=128, bn=256, st=4, M=1000, N=1000,
                               K=1000, sparse=True, kblk=128, pk=0.5))
             cases.append(dict(dt=dt, ak=ak, bk=bk, act=0, bm=128, bn=128, st=6, M=1000, N=520,
@@ -243,14 +252,15 @@ def correctness(options=(), only_mn=False):
     ]
     if only_mn:
         cases = [c for c in cases if not (c["ak"] and c["bk"])]
-    exprs = [expr(c["dt"], c["ak"], c["bk"], c["act"], c["bm"], c["bn"], c["st"], c.get("bkk", 64))
-             for c in cases]
+    exprs = [expr(c["dt"], c["ak"], c["bk"], c["act"], c["bm"], c["bn"], c["st"], c.get("bkk", 64),
+                  c.get("ws", False)) for c in cases]
     kernels = get_kernels(exprs, options)
     results = []
     for c in cases:
         c = dict(c)
         name = (f"{c['dt'][:4]} A{'K' if c['ak'] else 'M'}B{'K' if c['bk'] else 'N'} act{c['act']} "
-                f"{c['bm']}x{c['bn']}s{c['st']}k{c.get('bkk', 64)} {c['M']}x{c['N']}x{c['K']}"
+                f"{c['bm']}x{c['bn']}s{c['st']}k{c.get('bkk', 64)}{'ws' if c.get('ws') else ''} "
+                f"{c['M']}x{c['N']}x{c['K']}"
                 + (f" dsd(kblk={c.get('kblk')})" if c.get("sparse") else "")
                 + (f" mask(cblk={c.get('cblk')})" if c.get("outmask") else "")
                 + (" bias" if c.get("use_bias") else ""))
@@ -283,8 +293,8 @@ def bench(fn, sets, iters=30, warm=5):
 def timing():
     rows = []
     sizes = [4096, 8192]
-    cfgs = [(128, 256, 4, 64), (128, 256, 8, 32), (192, 256, 4, 64), (192, 256, 8, 32),
-            (128, 128, 6, 64)]
+    cfgs = [(128, 256, 4, 64, False), (192, 256, 8, 32, False), (128, 256, 4, 64, True),
+            (128, 256, 8, 32, True)]
     exprs = [expr(dt, True, False, 0, *c) for dt in CT for c in cfgs]
     kernels = get_kernels(exprs)
     try:
@@ -319,19 +329,19 @@ def timing():
                     ref_t = t
                 del ts
                 torch.cuda.empty_cache()
-            for bm, bn, st, bkk in cfgs:
-                k = kernels[expr(dt, True, False, 0, bm, bn, st, bkk)]
+            for bm, bn, st, bkk, ws in cfgs:
+                k = kernels[expr(dt, True, False, 0, bm, bn, st, bkk, ws)]
                 f = lambda A, B, C, k=k, bm=bm, bn=bn, st=st: launch(
                     k, bm, bn, st, A, B, C, None, M, N, K, K, N, N, 1.0, None, None, 0, 128, 128,
                     None, 0, 64)
                 t = bench(f, sets)
-                rows.append((f"{S}^3 {dt}", f"sm90 {bm}x{bn}s{st}k{bkk} dense", t, flops / t / 1e12,
+                rows.append((f"{S}^3 {dt}", f"sm90 {bm}x{bn}s{st}k{bkk}{'ws' if ws else ''} dense", t, flops / t / 1e12,
                              ref_t / t))
             if S == 4096:
                 # 50%-kept dsd, rblk=128, kblk=128
                 rng = np.random.default_rng(0)
                 nkb = K // 128
-                for bm, bn, st, bkk in cfgs:
+                for bm, bn, st, bkk, ws in cfgs:
                     rblk = 384 if bm == 192 else 128
                     nrb = (M + rblk - 1) // rblk
                     idx = np.zeros((nrb, nkb), np.int32)
@@ -340,12 +350,12 @@ def timing():
                         keep = np.sort(rng.permutation(nkb)[: nkb // 2])
                         cnt[r] = len(keep); idx[r, :len(keep)] = keep
                     dc, di = cp.asarray(cnt), cp.asarray(idx)
-                    k = kernels[expr(dt, True, False, 0, bm, bn, st, bkk)]
+                    k = kernels[expr(dt, True, False, 0, bm, bn, st, bkk, ws)]
                     f = lambda A, B, C, k=k, bm=bm, bn=bn, st=st: launch(
                         k, bm, bn, st, A, B, C, None, M, N, K, K, N, N, 1.0, dc, di, nkb, rblk, 128,
                         None, 0, 64)
                     t = bench(f, sets)
-                    rows.append((f"{S}^3 {dt}", f"sm90 {bm}x{bn}s{st}k{bkk} dsd50%", t,
+                    rows.append((f"{S}^3 {dt}", f"sm90 {bm}x{bn}s{st}k{bkk}{'ws' if ws else ''} dsd50%", t,
                                  flops * 0.5 / t / 1e12, ref_t / t))
             del sets
             cp.get_default_memory_pool().free_all_blocks()

@@ -114,51 +114,59 @@ mult8 = st.integers(1, 48).map(lambda i: 8 * i)  # the tensor-core kernels' alig
 TC_BLOCKS = [(128, 128), (128, 32), (64, 64), (128, 8), (64, 200), (256, 128)]
 
 
+def _gpu_or_skip(kernel):
+    cp = pytest.importorskip("cupy")
+    if not backend.gpu_available():
+        pytest.skip("no usable CUDA GPU")
+    if kernel == "sm90" and cp.cuda.Device().compute_capability != "90":
+        pytest.skip("the sm90 kernel needs a Hopper GPU")
+    return cp
+
+
+# the smallest tile rows of each tensor-core kernel: a tile's rows lie in one row block
+MIN_BM = {"simple": 1, "mma": 64, "sm90": 128}
+
+
 @gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("kernel", ["simple", "mma"])
+@pytest.mark.parametrize("kernel", ["simple", "mma", "sm90"])
 @given(form=st.sampled_from(FORMS), m=mult8, k=mult8, n=mult8, block=st.sampled_from(TC_BLOCKS),
        p=probs, tb=st.booleans(), bias=st.booleans(), act=st.sampled_from([None, "relu"]),
        seed=st.integers(0, 2**16))
 def test_gpu_kernels(dtype, kernel, form, m, k, n, block, p, tb, bias, act, seed):
-    cp = pytest.importorskip("cupy")
-    if not backend.gpu_available():
-        pytest.skip("no usable CUDA GPU")
+    cp = _gpu_or_skip(kernel)
     # dsd_t reads a transposed (M-major) operand; the others K-major; b either way except for
     # dsd_t, whose M-major a with a K-major b has no tensor-core instance. The tensor-core tiles
     # need the mask's row blocks (the output's, Kb for dsd_t) in multiples of 64 rows.
     rblk, kblk = block[::-1] if form == "dsd_t" else block
-    assume(kernel == "simple" or (rblk % 64 == 0 and (form == "sdd" or kblk % 8 == 0)))
+    assume(rblk % MIN_BM[kernel] == 0 and (form == "sdd" or kblk % 8 == 0))
     check(cp, form, m, k, n, block, p, dtype, seed=seed, kernel=kernel,
           trans_b=tb and form != "dsd_t", bias=bias, act=act)
 
 
 @gpu
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("kernel", ["simple", "mma"])
+@pytest.mark.parametrize("kernel", ["simple", "mma", "sm90"])
 def test_gpu_rows_with_every_block_dropped(form, kernel):
-    cp = pytest.importorskip("cupy")
-    if not backend.gpu_available():
-        pytest.skip("no usable CUDA GPU")
+    cp = _gpu_or_skip(kernel)
     keep = np.array([[0, 0, 0], [1, 0, 1], [0, 0, 0], [1, 1, 1]], bool)
-    m, k = 4 * 64 - 24, 3 * 64 - 8  # ragged last blocks
+    m, k = 4 * 128 - 24, 3 * 128 - 8  # ragged last blocks
     if form == "sdd":
-        check(cp, form, m, 72, k, (64, 64), 0.5, "float16", kernel=kernel, keep=keep)
+        check(cp, form, m, 72, k, (128, 128), 0.5, "float16", kernel=kernel, keep=keep)
     else:
-        check(cp, form, m, k, 40, (64, 64), 0.5, "float16", kernel=kernel, keep=keep,
+        check(cp, form, m, k, 40, (128, 128), 0.5, "float16", kernel=kernel, keep=keep,
               bias=form == "dsd")
 
 
 @gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("form", FORMS)
-def test_gpu_large_tiles(dtype, form):
+@pytest.mark.parametrize("kernel", ["mma", "sm90"])
+def test_gpu_large_tiles(dtype, form, kernel):
     """Shapes large enough that the dispatcher picks each of the bigger tiles."""
-    cp = pytest.importorskip("cupy")
-    if not backend.gpu_available():
-        pytest.skip("no usable CUDA GPU")
+    cp = _gpu_or_skip(kernel)
     for m, k, n in ((1032, 520, 2056), (512, 1024, 512)):
-        check(cp, form, m, k, n, (128, 128), 0.5, dtype, kernel="mma")
+        check(cp, form, m, k, n, (128, 128), 0.5, dtype, kernel=kernel)
 
 
 def test_pick_tile_respects_row_blocks():

@@ -18,6 +18,8 @@ _HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
 # (BM, BN, BK, warps along M, warps along N, stages) of bsmm_mma.cu's instances, largest first
 MMA_TILES = ((128, 256, 64, 2, 4, 3), (128, 128, 64, 2, 4, 3), (128, 128, 64, 2, 2, 3),
              (128, 128, 32, 2, 4, 4), (64, 128, 32, 2, 2, 4))
+# (BM, BN, stages, BK) of bsmm_sm90.cu, largest first
+SM90_TILES = ((128, 256, 4, 64), (128, 128, 6, 64))
 _NULL = np.uintp(0)
 
 
@@ -47,10 +49,10 @@ def _operand(x, kdim):
     return x, lay
 
 
-def pick_tile(m, n, rblk, masked, sms):
-    """The largest tile that still gives every SM work, among those whose rows fit the mask's
-    row blocks."""
-    ok = [t for t in MMA_TILES if not masked or rblk % t[0] == 0]
+def pick_tile(m, n, rblk, masked, sms, tiles=MMA_TILES):
+    """The largest tile (of ``tiles``, largest first) that still gives every SM work, among
+    those whose rows fit the mask's row blocks."""
+    ok = [t for t in tiles if not masked or rblk % t[0] == 0]
     for t in ok:
         if -(-m // t[0]) * -(-n // t[1]) >= sms:
             return t
@@ -74,10 +76,15 @@ def _sms():
     return dev.attributes["MultiProcessorCount"]
 
 
+def _is_sm90():
+    return backend.cupy.cuda.Device().compute_capability == "90"
+
+
 def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None, tile=None):
     """``out = act(scale · a @ b + bias)`` with the reduction pruned by ``lists`` (count, index)
     and the output by ``bits``; a (M, K) and b (K, N) may be transposed views. ``tile`` (one
-    of ``MMA_TILES``) overrides the tile choice, for tuning."""
+    of ``MMA_TILES``) overrides the mma kernel's tile choice, for tuning."""
+    tile_override = tile
     cp = backend.cupy
     m, k = a.shape
     n = b.shape[1]
@@ -94,20 +101,31 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
     choice = kernel or "auto"
     if choice not in KERNELS + ("auto",):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
-    if choice in ("auto", "mma") and _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists):
-        tile = tile or pick_tile(m, n, rblk, masked, _sms())
-    else:
-        tile = None
-    if choice == "mma" and tile is None:
-        raise ValueError("the mma kernel does not take these operands (dtype, alignment or "
-                         "block size); use kernel='simple'")
+    tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
+    sm90 = None
+    if choice in ("auto", "sm90") and tc_ok and ldcn == 1 and _is_sm90():
+        sm90 = pick_tile(m, n, rblk, masked, _sms(), SM90_TILES)
+    if choice == "sm90" and sm90 is None:
+        raise ValueError("the sm90 kernel does not take these operands (device, dtype, "
+                         "alignment, block size or a non-row-major output)")
+    tile = None
+    if sm90 is None and choice in ("auto", "mma") and tc_ok:
+        tile = tile_override or pick_tile(m, n, rblk, masked, _sms())
     args = (a, b, out, _ptr(bias), np.int32(m), np.int32(n), np.int32(k),
             np.int64(a_lay[1]), np.int64(b_lay[1]), np.int64(ldcm), np.int64(ldcn),
             np.float64(scale), np.int32(act), _ptr(count), _ptr(index),
             np.int32(index.shape[1] if index is not None else 0), np.int32(rblk),
             np.int32(kblk), _ptr(bits), np.int32(bits.shape[1] if bits is not None else 0),
             np.int32(cblk))
-    if tile is not None:
+    if sm90 is not None:
+        bm, bn, stages, bk = sm90
+        name = (f"bsmm_sm90<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, {act}, "
+                f"{bm}, {bn}, {stages}, {bk}>")
+        smem = stages * (bm + bn) * bk * 2 + 1024
+        f = _function("bsmm_sm90.cu", name, smem)
+        args90 = args[:9] + (np.int64(ldcm), np.float32(scale)) + args[13:]
+        f((-(-n // bn), -(-m // bm)), (bm // 64 * 128,), args90, shared_mem=smem)
+    elif tile is not None:
         bm, bn, bk, wm, wn, stages = tile
         name = (f"bsmm_mma<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, "
                 f"{bm}, {bn}, {bk}, {wm}, {wn}, {stages}>")

@@ -94,29 +94,67 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
 
     const bool tile_kept = cd_tile_kept(bits, bits_stride, r, n0, min(n0 + BN, N), cblk);
     if (tile_kept) {
-        const cd_kwalk walk(count, index, index_stride, r, kblk, K, BK);
-        auto load = [&](int s) {
-            int k0, kend;
-            walk.at(s, k0, kend);
-            const unsigned as = cd_smem_addr(As + (s % STAGES) * A_ELEMS);
-            const unsigned bs = cd_smem_addr(Bs + (s % STAGES) * B_ELEMS);
+        // The k-walk: the kept reduction blocks of this row block (or [0, K) as one block), each
+        // ceil(kblk / BK) steps of BK columns. The loader walks it incrementally (no division
+        // per step) and reads the next block's index one block ahead.
+        const int nblocks = count ? count[r] : 1;
+        const int* list = count ? index + (long long)r * index_stride : nullptr;
+        const int bw = count ? kblk : K;
+        const int per_block = (bw + BK - 1) / BK, steps = nblocks * per_block;
+        int ld_b = 0, ld_sub = 0, ld_stage = 0;
+        long long ld_start = list && nblocks ? (long long)__ldg(list) * bw : 0;
+
+        // This thread's 16-byte chunks of each stage: shared offset, global base, the chunk's
+        // k offset and whether its row/column is inside M/N, all fixed across the walk.
+        constexpr int A_CH = A_ELEMS / 8 / THREADS, B_CH = B_ELEMS / 8 / THREADS;
+        static_assert(A_CH * THREADS * 8 == A_ELEMS && B_CH * THREADS * 8 == B_ELEMS,
+                      "tile chunks must spread evenly over the threads");
+        int a_src[A_CH], a_dst[A_CH], a_k[A_CH];  // 32-bit offsets from the tile's corner
+        int b_src[B_CH], b_dst[B_CH], b_k[B_CH];
+        unsigned a_ok = 0, b_ok = 0;                // bit j: chunk j's row/column is inside
 #pragma unroll
-            for (int i = tid; i < A_ELEMS / 8; i += THREADS) {
-                const int row = i / AW, c = i % AW;
-                const int mm = A_KMAJ ? m0 + row : m0 + c * 8, kk = A_KMAJ ? k0 + c * 8 : k0 + row;
-                const bool ok = mm < M && kk < kend;
-                const T* src = A_KMAJ ? A + (long long)mm * lda + kk : A + (long long)kk * lda + mm;
-                cd_cp_async16(as + 2 * cd_swz<AW>(row, c), ok ? src : A, ok);
+        for (int j = 0; j < A_CH; ++j) {
+            const int i = tid + j * THREADS, row = i / AW, c = i % AW;
+            a_dst[j] = 2 * cd_swz<AW>(row, c);
+            a_src[j] = row * (int)lda + c * 8;
+            a_k[j] = A_KMAJ ? c * 8 : row;
+            a_ok |= (unsigned)(A_KMAJ ? m0 + row < M : m0 + c * 8 < M) << j;
+        }
+#pragma unroll
+        for (int j = 0; j < B_CH; ++j) {
+            const int i = tid + j * THREADS, row = i / BW, c = i % BW;
+            b_dst[j] = 2 * cd_swz<BW>(row, c);
+            b_src[j] = row * (int)ldb + c * 8;
+            b_k[j] = B_KMAJ ? c * 8 : row;
+            b_ok |= (unsigned)(B_KMAJ ? n0 + row < N : n0 + c * 8 < N) << j;
+        }
+        const T* a_tile = A + (A_KMAJ ? (long long)m0 * lda : m0);
+        const T* b_tile = B + (B_KMAJ ? (long long)n0 * ldb : n0);
+        const unsigned as0 = cd_smem_addr(As), bs0 = cd_smem_addr(Bs);
+
+        auto load_next = [&]() {
+            const int k0 = (int)(ld_start + ld_sub * BK);
+            const int kend = (int)min(min(ld_start + bw, (long long)K), (long long)k0 + BK);
+            const unsigned as = as0 + ld_stage * (A_ELEMS * 2), bs = bs0 + ld_stage * (B_ELEMS * 2);
+            const T* a_k0 = a_tile + (A_KMAJ ? (long long)k0 : (long long)k0 * lda);
+            const T* b_k0 = b_tile + (B_KMAJ ? (long long)k0 : (long long)k0 * ldb);
+#pragma unroll
+            for (int j = 0; j < A_CH; ++j) {
+                const bool ok = (a_ok >> j & 1) && k0 + a_k[j] < kend;
+                cd_cp_async16(as + a_dst[j], ok ? a_k0 + a_src[j] : A, ok);
             }
 #pragma unroll
-            for (int i = tid; i < B_ELEMS / 8; i += THREADS) {
-                const int row = i / BW, c = i % BW;
-                const int nn = B_KMAJ ? n0 + row : n0 + c * 8, kk = B_KMAJ ? k0 + c * 8 : k0 + row;
-                const bool ok = nn < N && kk < kend;
-                const T* src = B_KMAJ ? B + (long long)nn * ldb + kk : B + (long long)kk * ldb + nn;
-                cd_cp_async16(bs + 2 * cd_swz<BW>(row, c), ok ? src : B, ok);
+            for (int j = 0; j < B_CH; ++j) {
+                const bool ok = (b_ok >> j & 1) && k0 + b_k[j] < kend;
+                cd_cp_async16(bs + b_dst[j], ok ? b_k0 + b_src[j] : B, ok);
+            }
+            ld_stage = ld_stage + 1 == STAGES ? 0 : ld_stage + 1;
+            if (++ld_sub == per_block) {
+                ld_sub = 0;
+                if (++ld_b < nblocks) ld_start = (long long)__ldg(list + ld_b) * bw;
             }
         };
+
         // ldmatrix offsets within a stage, per k16 slice: loop-invariant, computed once.
         const int i4 = lane >> 3, l8 = lane & 7;
         int a_off[MI][KS], b_off[NI / 2][KS];
@@ -137,19 +175,20 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
                                                          ncol / 8 + (i4 >> 1)));
             }
         }
-        const int steps = walk.steps;
+
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) {
-            if (s < steps) load(s);
+            if (s < steps) load_next();
             cd_cp_commit();
         }
+        int stage = 0;
         for (int s = 0; s < steps; ++s) {
             cd_cp_wait<STAGES - 2>();
             __syncthreads();  // stage s landed for everyone; stage s-1 is free to refill
-            if (s + STAGES - 1 < steps) load(s + STAGES - 1);
+            if (s + STAGES - 1 < steps) load_next();
             cd_cp_commit();
-            const unsigned as = cd_smem_addr(As + (s % STAGES) * A_ELEMS);
-            const unsigned bs = cd_smem_addr(Bs + (s % STAGES) * B_ELEMS);
+            const unsigned as = as0 + stage * (A_ELEMS * 2), bs = bs0 + stage * (B_ELEMS * 2);
+            stage = stage + 1 == STAGES ? 0 : stage + 1;
 #pragma unroll
             for (int ks = 0; ks < KS; ++ks) {
                 unsigned af[MI][4], bf[NI][2];
