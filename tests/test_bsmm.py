@@ -175,7 +175,8 @@ def test_pick_tile_respects_row_blocks():
             bm, bn, *_ = bsmm_gpu.pick_tile(m, n, rblk, True, 132)
             assert rblk % bm == 0
     assert bsmm_gpu.pick_tile(1024, 1024, 32, True, 132) is None
-    assert bsmm_gpu.pick_tile(8192, 8192, 32, False, 132)[:2] == (128, 256)
+    assert bsmm_gpu.pick_tile(8192, 8192, 32, False, 132) == bsmm_gpu.MMA_TILES[0]
+    assert bsmm_gpu.pick_tile(8192, 8192, 64, True, 132, bsmm_gpu.SM90_TILES) is None
 
 
 def test_errors(xp):

@@ -234,11 +234,9 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
 #define CD_INST_TILE(T, AK, BK_, BM, BN, BK, WM, WN, S) \
     template __global__ void bsmm_mma<T, AK, BK_, BM, BN, BK, WM, WN, S>(CD_BSMM_PARAMS(T));
 #define CD_INST_LAYOUT(T, AK, BK_)                      \
-    CD_INST_TILE(T, AK, BK_, 128, 128, 32, 2, 4, 4)     \
+    CD_INST_TILE(T, AK, BK_, 64, 128, 32, 2, 2, 4)      \
     CD_INST_TILE(T, AK, BK_, 128, 128, 64, 2, 4, 3)     \
-    CD_INST_TILE(T, AK, BK_, 128, 128, 64, 2, 2, 3)     \
-    CD_INST_TILE(T, AK, BK_, 128, 256, 64, 2, 4, 3)     \
-    CD_INST_TILE(T, AK, BK_, 64, 128, 32, 2, 2, 4)
+    CD_INST_TILE(T, AK, BK_, 128, 128, 32, 2, 4, 4)
 #define CD_INST(T)                 \
     CD_INST_LAYOUT(T, true, false) \
     CD_INST_LAYOUT(T, true, true)  \

@@ -1,0 +1,305 @@
+// bsmm_tma: Hopper (sm_90a) block-sparse GEMM fed by TMA (cp.async.bulk.tensor) + wgmma.
+//
+//   C[m, n] = act(alpha * sum_k A(m, k) B(k, n) + bias[n])      fp16 / bf16 in, fp32 accumulate
+//
+// Contract: identical to bsmm_sm90 (see bsmm.cuh / bsmm_sm90.cu), plus two CUtensorMap arguments
+// (built on the host by cudrop/functional/tma.py) describing A and B:
+//   * A K-major (A[m*lda+k]): dims {K, M}, row stride lda*2 bytes, box {64, BM}
+//     A M-major (A[k*lda+m]): dims {M, K}, row stride lda*2 bytes, box {64, 64}
+//   * B K-major (B[n*ldb+k]): dims {K, N}, row stride ldb*2 bytes, box {64, BN}
+//     B N-major (B[k*ldb+n]): dims {N, K}, row stride ldb*2 bytes, box {64, 64}
+//   all with 128-byte swizzle, zero out-of-bounds fill, element type f16 / bf16.
+//
+// Extra requirements of this kernel (checked by tma.py's `tma_eligible`; otherwise use bsmm_sm90):
+//   * kblk % 64 == 0 when count/index are given (a 64-wide K box never crosses a dropped block)
+//   * rblk % BM == 0 when count or bits are given
+//   * A, B 16-byte aligned, lda and ldb multiples of 8 elements (TMA strides: multiples of 16 B)
+//
+// Template parameters: T (cd_f16 | cd_bf16), A_KMAJ, B_KMAJ, ACT (0 none, 1 relu, 2 gelu),
+//   BM (64 or 128: BM/64 consumer warpgroups, each owning 64 rows), BN (128 or 256),
+//   STAGES (>= 2 ring slots of BM x 64 + BN x 64 elements).
+// Launch:
+//   block = (BM/64 + 1) * 128 threads  (warpgroup 0 = producer, then the consumers)
+//   grid  = (ceil(N/BN), ceil(M/BM), 1)   (remapped inside into groups of 8 M tiles)
+//   dynamic smem = STAGES*(BM+BN)*64*2 + 2048 bytes (128x256 s4: 198656) -> set
+//   max_dynamic_shared_size_bytes.
+//
+// Design: one elected producer thread walks the row block's kept-K list (or the dense [0, K)) in
+// 64-wide steps and issues one TMA box per operand (two/four 64x64 boxes for MN-major operands)
+// into a STAGES-deep ring; each slot has a "full" mbarrier (1 arrival + expect_tx bytes) and an
+// "empty" mbarrier (one arrival per consumer warp). TMA writes the same 128-byte-swizzle layouts
+// that bsmm_sm90's cp.async path builds, so the wgmma descriptors are the same. The consumers
+// keep one wgmma batch in flight and release slot kt-1 after wgmma.wait_group 1.
+// setmaxnreg moves registers from the producer (40) to the consumers (232) when BM == 128.
+
+// Reuse the wgmma wrappers / mbarrier helpers of bsmm_sm90.cu, without its explicit instantiations.
+#ifdef CUDROP_INSTANTIATE
+#define BSMM_TMA_REDEFINE_INSTANTIATE 1
+#undef CUDROP_INSTANTIATE
+#endif
+#include "bsmm_sm90.cu"
+#ifdef BSMM_TMA_REDEFINE_INSTANTIATE
+#define CUDROP_INSTANTIATE 1
+#endif
+
+// 128-byte opaque CUtensorMap, passed by value as a __grid_constant__ parameter.
+struct alignas(64) cd_tmap { unsigned long long v[16]; };
+
+template <int BM, int BN, int STAGES>
+struct bsmm_tma_cfg {
+    static constexpr int BK = 64;
+    static constexpr int CONSUMERS = BM / 64;
+    static constexpr int THREADS = (CONSUMERS + 1) * 128;
+    static constexpr int A_BYTES = BM * BK * 2;
+    static constexpr int B_BYTES = BN * BK * 2;
+    static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+    static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2048;
+};
+
+#if BSMM90_ENABLED
+__device__ __forceinline__ void bsmm_tma_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bsmm_tma_load2d(unsigned dst, const void* tmap, unsigned bar, int c0, int c1) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n"
+        :: "r"(dst), "l"(reinterpret_cast<unsigned long long>(tmap)), "r"(bar), "r"(c0), "r"(c1) : "memory");
+}
+__device__ __forceinline__ void bsmm_tma_prefetch_map(const void* tmap) {
+    asm volatile("prefetch.tensormap [%0];\n" :: "l"(reinterpret_cast<unsigned long long>(tmap)) : "memory");
+}
+
+template <typename T, bool A_KMAJ, bool B_KMAJ, int ACT, int BM, int BN, int STAGES>
+__device__ __forceinline__ void bsmm_tma_body(
+        T* __restrict__ C, const T* __restrict__ bias, int M, int N, int K, long long ldc, float alpha,
+        const int* __restrict__ count, const int* __restrict__ index, int index_stride, int rblk, int kblk,
+        const unsigned long long* __restrict__ bits, int bits_stride, int cblk,
+        const void* tmA, const void* tmB) {
+    using cfg = bsmm_tma_cfg<BM, BN, STAGES>;
+    constexpr int BK = 64;
+    constexpr bool BF16 = bsmm90_is_bf16<T>::value;
+    constexpr int NACC = BN / 2;
+    constexpr int CONS = cfg::CONSUMERS;
+
+    extern __shared__ unsigned char bsmm_tma_smem_raw[];
+    const unsigned sraw = bsmm90_smem_u32(bsmm_tma_smem_raw);
+    const unsigned sbase = (sraw + 1023u) & ~1023u;
+    const unsigned bar = sbase + (unsigned)(STAGES * cfg::STAGE_BYTES);   // full[s]: bar+8s, empty[s]: bar+8(S+s)
+    const int tid = threadIdx.x;
+
+    // Grouped raster: 8 M tiles share a band of N tiles for L2 reuse.
+    const int tilesN = gridDim.x, tilesM = gridDim.y;
+    const int lin = blockIdx.y * tilesN + blockIdx.x;
+    constexpr int GROUP = 8;
+    const int per_group = GROUP * tilesN;
+    const int g = lin / per_group;
+    const int first_m = g * GROUP;
+    const int gsz = min(tilesM - first_m, GROUP);
+    const int in_g = lin - g * per_group;
+    const int m0 = (first_m + in_g % gsz) * BM, n0 = (in_g / gsz) * BN;
+
+    const bool dense = (count == nullptr);
+    const int rb = (count != nullptr || bits != nullptr) ? m0 / rblk : 0;
+    int cnt = 0;
+    const int* idx = nullptr;
+    int nsteps;
+    if (dense) nsteps = (K + BK - 1) / BK;
+    else {
+        cnt = count[rb];
+        idx = index + (long long)rb * index_stride;
+        nsteps = cnt * (kblk / BK);        // kblk % 64 == 0; a box past K is zero-filled by TMA
+    }
+    const unsigned long long* brow = nullptr;
+    if (bits != nullptr) {
+        brow = bits + (long long)rb * bits_stride;
+        const int c_lo = n0 / cblk, c_hi = (min(n0 + BN, N) - 1) / cblk;
+        bool any = false;
+        for (int c = c_lo; c <= c_hi && !any; ++c) any = (brow[c >> 6] >> (c & 63)) & 1ull;
+        if (!any) nsteps = 0;
+    }
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            bsmm90_mbar_init(bar + 8 * s, 1);
+            bsmm90_mbar_init(bar + 8 * (STAGES + s), CONS * 4);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        bsmm_tma_prefetch_map(tmA);
+        bsmm_tma_prefetch_map(tmB);
+    }
+    __syncthreads();
+
+    if (tid < 128) {
+        // ---------------- producer warpgroup: one elected thread issues every TMA ----------------
+        if constexpr (CONS == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (tid == 0 && nsteps > 0) {
+            const int kpb = kblk / BK;          // boxes per kept block (sparse mode)
+            int b = 0, sub = 0;
+            int j_cur = dense ? 0 : __ldg(idx);
+            int j_next = (!dense && cnt > 1) ? __ldg(idx + 1) : 0;
+            int slot = 0, phase = 0;
+#pragma unroll 1
+            for (int s = 0; s < nsteps; ++s) {
+                if (s >= STAGES) bsmm90_mbar_wait(bar + 8 * (STAGES + slot), phase ^ 1);
+                const int k0 = dense ? s * BK : j_cur * kblk + sub * BK;
+                const unsigned fb = bar + 8 * slot;
+                const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES);
+                const unsigned sb = sa + (unsigned)cfg::A_BYTES;
+                bsmm_tma_expect_tx(fb, (unsigned)cfg::STAGE_BYTES);
+                if constexpr (A_KMAJ) bsmm_tma_load2d(sa, tmA, fb, k0, m0);
+                else {
+#pragma unroll
+                    for (int i = 0; i < BM / 64; ++i) bsmm_tma_load2d(sa + i * (BK * 128), tmA, fb, m0 + 64 * i, k0);
+                }
+                if constexpr (B_KMAJ) bsmm_tma_load2d(sb, tmB, fb, k0, n0);
+                else {
+#pragma unroll
+                    for (int i = 0; i < BN / 64; ++i) bsmm_tma_load2d(sb + i * (BK * 128), tmB, fb, n0 + 64 * i, k0);
+                }
+                if (!dense && ++sub == kpb) {
+                    sub = 0; ++b;
+                    j_cur = j_next;
+                    j_next = (b + 1 < cnt) ? __ldg(idx + b + 1) : 0;
+                }
+                if (++slot == STAGES) { slot = 0; phase ^= 1; }
+            }
+        }
+        return;
+    }
+
+    // ---------------- consumer warpgroups ----------------
+    if constexpr (CONS == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int ctid = tid - 128;
+    const int wg = ctid >> 7;
+    const int lane = tid & 31;
+    float acc[NACC];
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+    constexpr unsigned ATOM_MN = BK * 128;
+    constexpr unsigned A_LBO = A_KMAJ ? 16u : ATOM_MN, A_SBO = 1024u;
+    constexpr unsigned B_LBO = B_KMAJ ? 16u : ATOM_MN, B_SBO = 1024u;
+    constexpr unsigned A_KSTEP = A_KMAJ ? 32u : 2048u, B_KSTEP = B_KMAJ ? 32u : 2048u;
+    const unsigned a_wg_off = A_KMAJ ? (unsigned)(wg * 64 * 128) : (unsigned)(wg * ATOM_MN);
+    int slot = 0, phase = 0, prev_slot = 0;
+#pragma unroll 1
+    for (int kt = 0; kt < nsteps; ++kt) {
+        bsmm90_mbar_wait(bar + 8 * slot, phase);
+        const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + a_wg_off;
+        const unsigned sb = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + (unsigned)cfg::A_BYTES;
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+        bsmm90_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            const unsigned long long da = bsmm90_desc(sa + kk * A_KSTEP, A_LBO, A_SBO, 1ull);
+            const unsigned long long db = bsmm90_desc(sb + kk * B_KSTEP, B_LBO, B_SBO, 1ull);
+            if constexpr (BN == 256) bsmm90_wgmma_n256<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
+            else                     bsmm90_wgmma_n128<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
+        }
+        bsmm90_wg_commit();
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+        bsmm90_wg_wait<1>();
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+        if (kt >= 1) {
+            __syncwarp();
+            if (lane == 0) bsmm90_mbar_arrive(bar + 8 * (STAGES + prev_slot));
+        }
+        prev_slot = slot;
+        if (++slot == STAGES) { slot = 0; phase ^= 1; }
+    }
+    bsmm90_wg_wait<0>();
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+
+    // Epilogue: m64nNk16 fragment: thread (warp w, lane l) of a warpgroup holds rows 16w + l/4 (+8),
+    // columns 8j + 2(l%4) (+1) in acc[4j + {0,1,2,3}].
+    const int wtid = ctid & 127;
+    const int row_a = m0 + wg * 64 + (wtid >> 5) * 16 + ((wtid & 31) >> 2);
+    const int col_a = n0 + 2 * (wtid & 3);
+    unsigned short* Cg = reinterpret_cast<unsigned short*>(C);
+    const bool pair_ok = (ldc & 1) == 0;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+        const int n = col_a + 8 * j;
+        if (n >= N) continue;
+        const bool has1 = n + 1 < N;
+        bool keep0 = true, keep1 = true;
+        if (brow != nullptr) {
+            const int c0 = n / cblk;
+            keep0 = (brow[c0 >> 6] >> (c0 & 63)) & 1ull;
+            if (has1) { const int c1 = (n + 1) / cblk; keep1 = (brow[c1 >> 6] >> (c1 & 63)) & 1ull; }
+        }
+        float b0 = 0.f, b1 = 0.f;
+        if (bias != nullptr) { b0 = cd_to_float(bias[n]); if (has1) b1 = cd_to_float(bias[n + 1]); }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = row_a + 8 * h;
+            if (m >= M) continue;
+            float v0 = alpha * acc[4 * j + 2 * h] + b0;
+            float v1 = alpha * acc[4 * j + 2 * h + 1] + b1;
+            if constexpr (ACT == 1) { v0 = fmaxf(v0, 0.f); v1 = fmaxf(v1, 0.f); }
+            else if constexpr (ACT == 2) {
+                v0 = 0.5f * v0 * (1.f + erff(v0 * 0.70710678118654752f));
+                v1 = 0.5f * v1 * (1.f + erff(v1 * 0.70710678118654752f));
+            }
+            const unsigned short o0 = keep0 ? cd_from_float<T>(v0).v : (unsigned short)0;
+            const unsigned short o1 = keep1 ? cd_from_float<T>(v1).v : (unsigned short)0;
+            unsigned short* dst = Cg + (long long)m * ldc + n;
+            if (has1 && pair_ok) *reinterpret_cast<unsigned int*>(dst) = (unsigned int)o0 | ((unsigned int)o1 << 16);
+            else { dst[0] = o0; if (has1) dst[1] = o1; }
+        }
+    }
+}
+#endif  // BSMM90_ENABLED
+
+// Tensor maps by value (__grid_constant__): the normal entry point.
+template <typename T, bool A_KMAJ, bool B_KMAJ, int ACT, int BM, int BN, int STAGES>
+__global__ void __launch_bounds__((BM / 64 + 1) * 128, 1)
+bsmm_tma(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, const T* __restrict__ bias,
+         int M, int N, int K, long long lda, long long ldb, long long ldc, float alpha,
+         const int* __restrict__ count, const int* __restrict__ index, int index_stride, int rblk, int kblk,
+         const unsigned long long* __restrict__ bits, int bits_stride, int cblk,
+         const __grid_constant__ cd_tmap tmA, const __grid_constant__ cd_tmap tmB) {
+    static_assert(BM == 64 || BM == 128, "BM must be 64 or 128");
+    static_assert(BN == 128 || BN == 256, "BN must be 128 or 256");
+    static_assert(STAGES >= 2, "STAGES >= 2");
+#if BSMM90_ENABLED
+    bsmm_tma_body<T, A_KMAJ, B_KMAJ, ACT, BM, BN, STAGES>(C, bias, M, N, K, ldc, alpha, count, index,
+        index_stride, rblk, kblk, bits, bits_stride, cblk, &tmA, &tmB);
+#else
+    __trap();   // built for a target without TMA/wgmma (sm_80 CI builds): never launched there
+#endif
+}
+
+// Fallback: tensor maps stored in device global memory (64-byte aligned), passed by pointer.
+template <typename T, bool A_KMAJ, bool B_KMAJ, int ACT, int BM, int BN, int STAGES>
+__global__ void __launch_bounds__((BM / 64 + 1) * 128, 1)
+bsmm_tma_gmem(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, const T* __restrict__ bias,
+              int M, int N, int K, long long lda, long long ldb, long long ldc, float alpha,
+              const int* __restrict__ count, const int* __restrict__ index, int index_stride, int rblk, int kblk,
+              const unsigned long long* __restrict__ bits, int bits_stride, int cblk,
+              const cd_tmap* tmA, const cd_tmap* tmB) {
+#if BSMM90_ENABLED
+    bsmm_tma_body<T, A_KMAJ, B_KMAJ, ACT, BM, BN, STAGES>(C, bias, M, N, K, ldc, alpha, count, index,
+        index_stride, rblk, kblk, bits, bits_stride, cblk, tmA, tmB);
+#else
+    __trap();
+#endif
+}
+
+#ifdef CUDROP_INSTANTIATE
+#define BSMM_TMA_INST(T, AK, BKM, ACT, BM, BN, ST)                                                   \
+    template __global__ void bsmm_tma<T, AK, BKM, ACT, BM, BN, ST>(const T*, const T*, T*, const T*,    \
+        int, int, int, long long, long long, long long, float, const int*, const int*, int, int, int,   \
+        const unsigned long long*, int, int, const __grid_constant__ cd_tmap, const __grid_constant__ cd_tmap);
+BSMM_TMA_INST(cd_f16, true, false, 0, 128, 256, 4)
+BSMM_TMA_INST(cd_f16, true, true, 0, 128, 256, 4)
+BSMM_TMA_INST(cd_f16, false, false, 0, 128, 256, 4)
+BSMM_TMA_INST(cd_f16, true, false, 1, 128, 256, 4)
+BSMM_TMA_INST(cd_bf16, true, false, 0, 128, 256, 4)
+BSMM_TMA_INST(cd_bf16, true, true, 0, 128, 256, 4)
+BSMM_TMA_INST(cd_bf16, false, false, 0, 128, 256, 4)
+BSMM_TMA_INST(cd_f16, true, false, 0, 128, 128, 6)
+#endif
