@@ -20,7 +20,8 @@ for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_kernels.py 2>&1 \
     | tail -n 2 | tee -a "$OUT/bench.log"
 done
-for b in dropout batched_matmul variants train_step; do
+# BENCHES / TRAINS narrow a run to what changed (default: everything).
+for b in ${BENCHES:-dropout batched_matmul variants train_step bsmm}; do
   python3 benchmarks/$b.py 2>&1 | tee -a "$OUT/bench.log"
 done
 runs=$(mktemp -d)
@@ -30,13 +31,15 @@ train() {  # name, then cudrop train arguments
     2>&1 | tee -a "$OUT/train.log" | tail -n 1
 }
 train mlp_digits --model mlp
-for k in dropout sliceout gyro blockwise sparsedrop; do
+for k in ${TRAINS:-dropout sliceout gyro blockwise sparsedrop}; do
   train mlp_mnist_$k --model mlp --data mnist --epochs 2 --batch-size 256 --dropout $k --p 0.3
 done
-train resnet20_mnist --model resnet20 --data mnist --epochs 1
-train resnet20_mnist_depth --model resnet20 --data mnist --epochs 1 --depth-dropout 0.5
-train vit_digits --model vit --epochs 10
-train gpt_shakespeare --model gpt --epochs 1 --steps-per-epoch 300
+if [ -z "${TRAINS:-}" ]; then
+  train resnet20_mnist --model resnet20 --data mnist --epochs 1
+  train resnet20_mnist_depth --model resnet20 --data mnist --epochs 1 --depth-dropout 0.5
+  train vit_digits --model vit --epochs 10
+  train gpt_shakespeare --model gpt --epochs 1 --steps-per-epoch 300
+fi
 
 echo; echo "== summary =="
 grep -E "passed|failed" "$OUT/pytest.log" | tail -n 1
