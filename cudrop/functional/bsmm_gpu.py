@@ -72,13 +72,19 @@ def _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists):
     return lists is None or kblk % 8 == 0
 
 
-def _sms():
-    dev = backend.cupy.cuda.Device()
-    return dev.attributes["MultiProcessorCount"]
+_DEVICE: dict = {}
 
 
-def _is_sm90():
-    return backend.cupy.cuda.Device().compute_capability == "90"
+def _device():
+    """(device id, SM count, is sm_90) of the current device, queried once: the attribute
+    query costs more host time than a small GEMM."""
+    dev = backend.cupy.cuda.runtime.getDevice()
+    info = _DEVICE.get(dev)
+    if info is None:
+        d = backend.cupy.cuda.Device(dev)
+        info = _DEVICE[dev] = (dev, d.attributes["MultiProcessorCount"],
+                               d.compute_capability == "90")
+    return info
 
 
 def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None, tile=None):
@@ -103,15 +109,16 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
     if choice not in KERNELS + ("auto",):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
+    dev, sms, is_sm90 = _device()
     sm90 = None
-    if choice in ("auto", "sm90") and tc_ok and ldcn == 1 and _is_sm90():
-        sm90 = pick_tile(m, n, rblk, masked, _sms(), SM90_TILES)
+    if choice in ("auto", "sm90") and tc_ok and ldcn == 1 and is_sm90:
+        sm90 = pick_tile(m, n, rblk, masked, sms, SM90_TILES)
     if choice == "sm90" and sm90 is None:
         raise ValueError("the sm90 kernel does not take these operands (device, dtype, "
                          "alignment, block size or a non-row-major output)")
     tile = None
     if sm90 is None and choice in ("auto", "mma") and tc_ok:
-        tile = tile_override or pick_tile(m, n, rblk, masked, _sms())
+        tile = tile_override or pick_tile(m, n, rblk, masked, sms)
     args = (a, b, out, _ptr(bias), np.int32(m), np.int32(n), np.int32(k),
             np.int64(a_lay[1]), np.int64(b_lay[1]), np.int64(ldcm), np.int64(ldcn),
             np.float64(scale), np.int32(act), _ptr(count), _ptr(index),
@@ -123,7 +130,7 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
         name = (f"bsmm_sm90<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, {act}, "
                 f"{bm}, {bn}, {stages}, {bk}>")
         smem = stages * (bm + bn) * bk * 2 + 1024
-        f = _function("bsmm_sm90.cu", name, smem)
+        f = _function("bsmm_sm90.cu", name, smem, dev)
         args90 = args[:9] + (np.int64(ldcm), np.float32(scale)) + args[13:]
         f((-(-n // bn), -(-m // bm)), (bm // 64 * 128,), args90, shared_mem=smem)
     elif tile is not None:
@@ -131,13 +138,13 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
         name = (f"bsmm_mma<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, "
                 f"{bm}, {bn}, {bk}, {wm}, {wn}, {stages}>")
         smem = stages * (bm + bn) * bk * 2
-        f = _function("bsmm_mma.cu", name, smem)
+        f = _function("bsmm_mma.cu", name, smem, dev)
         grid = (-(-m // bm)) * (-(-n // bn))
         f((grid,), (wm * wn * 32,), args, shared_mem=smem)
     else:
         name = (f"bsmm_simple<{raw_kernels.cuda_type(a.dtype)}, {_b(a_lay[0])}, "
                 f"{_b(b_lay[0])}>")
-        f = _function("bsmm_simple.cu", name, 0)
+        f = _function("bsmm_simple.cu", name, 0, dev)
         f((-(-n // 16), -(-m // 16)), (16, 16), args)
     return out
 
@@ -153,10 +160,10 @@ def _ptr(x):
 _FUNCS: dict = {}
 
 
-def _function(source, name, smem):
+def _function(source, name, smem, dev):
     """The compiled kernel ``name`` (one NVRTC module per instance, memoised by the loader),
     with its dynamic shared-memory limit raised once where it needs more than 48 KB."""
-    key = (source, name, backend.cupy.cuda.runtime.getDevice())
+    key = (source, name, dev)
     f = _FUNCS.get(key)
     if f is None:
         f = raw_kernels.kernel(source, name)

@@ -27,13 +27,27 @@ L2_PROMOTION_128B = 2
 L2_PROMOTION_256B = 3
 OOB_FILL_NONE = 0
 BK = 64                        # K extent of one TMA box / pipeline step (128 bytes of 16-bit data)
-TMAP_DTYPE = np.dtype([("v", "<u8", (16,))])  # 128 bytes, passed by value to the kernel
+_TMAP_PLAIN = np.dtype([("v", "<u8", (16,))])   # 128 bytes, passed by value to the kernel
+_tmap_dtype = None
 _HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
 _MAX_MEMO = 512
 
 _encode = None
 _memo: dict = {}
 _memo_dev: dict = {}
+
+
+def tmap_dtype():
+    """Structured dtype of a by-value CUtensorMap argument (64-byte CUDA alignment attached
+    through ``cupy.make_aligned_dtype`` where available)."""
+    global _tmap_dtype
+    if _tmap_dtype is None:
+        try:
+            import cupy as cp
+            _tmap_dtype = cp.make_aligned_dtype(_TMAP_PLAIN, alignment=64)
+        except Exception:  # older CuPy: plain struct
+            _tmap_dtype = _TMAP_PLAIN
+    return _tmap_dtype
 
 
 def _driver_encode():
@@ -88,7 +102,7 @@ def tensor_map_2d(ptr: int, dtype: str, inner: int, outer: int, ld: int, box_inn
         if len(_memo) >= _MAX_MEMO:
             _memo.clear()
         raw = encode_tiled_2d(*key)
-        m = np.frombuffer(raw, dtype=TMAP_DTYPE)[0]
+        m = np.frombuffer(raw, dtype=tmap_dtype())[0]
         _memo[key] = m
     return m
 
