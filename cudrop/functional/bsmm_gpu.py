@@ -16,7 +16,7 @@ from .. import backend, raw_kernels
 KERNELS = ("simple", "mma", "sm90")
 _HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
 # (BM, BN, BK, warps along M, warps along N, stages) of bsmm_mma.cu's instances, in order of
-# preference: measured on an H200 (scripts/probe_mma.py, fp16 4096³ / 8192³) 64x128 ran
+# preference: measured on an H200 (scripts/probe_bsmm.py tiles, fp16 4096³ / 8192³) 64x128 ran
 # 229 / 237 TFLOP/s, 128x128x64 203 / 223, 128x128x32 195 / 213.
 MMA_TILES = ((64, 128, 32, 2, 2, 4), (128, 128, 64, 2, 4, 3), (128, 128, 32, 2, 4, 4))
 # (BM, BN, stages, BK) of bsmm_sm90.cu, in order of preference

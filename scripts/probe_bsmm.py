@@ -1,0 +1,60 @@
+"""Development probes for the block-sparse GEMMs on the GPU (benchmarks/bsmm.py is the record):
+
+  python scripts/probe_bsmm.py forms        dsd/sdd/dsd_t over dense cuBLAS, fp16, p 0 and 0.5
+  python scripts/probe_bsmm.py tiles        each mma tile, dense fp16 4096³ and 8192³
+  python scripts/probe_bsmm.py one KERNEL [TILE]   two launches of one kernel (for ncu)
+"""
+import os
+import sys
+
+import numpy as np
+import cupy as cp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.common import time_gpu  # noqa: E402
+from cudrop import masks  # noqa: E402
+from cudrop.functional import bsmm, bsmm_gpu  # noqa: E402
+
+
+def _sets(n, k=None):
+    k = k or n
+    return [(cp.random.standard_normal((n, k), dtype=np.float32).astype(np.float16),
+             cp.random.standard_normal((k, n), dtype=np.float32).astype(np.float16),
+             cp.empty((n, n), np.float16)) for _ in range(3)]
+
+
+def forms():
+    for n in (1024, 4096, 8192):
+        sets = _sets(n)
+        dense = time_gpu(lambda a, b, c: cp.matmul(a, b, out=c), sets)
+        row = [f"{n} dense {dense * 1e3:6.0f}us"]
+        for p in (0.0, 0.5):
+            mk = masks.block_mask((n, n), (128, 128), p, seed=0, layer=0, step=0, xp=cp)
+            for form, f in (("dsd", lambda a, b, c: bsmm.dsd(a, b, mk, out=c)),
+                            ("sdd", lambda a, b, c: bsmm.sdd(a, b, mk, out=c)),
+                            ("dsd_t", lambda a, b, c: bsmm.dsd_t(a, b, mk, out=c))):
+                row.append(f"{form}@{p} {time_gpu(f, sets) / dense:.2f}x")
+        print(" | ".join(row), flush=True)
+
+
+def tiles():
+    for n in (4096, 8192):
+        sets = _sets(n)
+        dense = time_gpu(lambda a, b, c: cp.matmul(a, b, out=c), sets)
+        for tile in bsmm_gpu.MMA_TILES:
+            t = time_gpu(lambda a, b, c: bsmm_gpu.launch(a, b, c, None, None, 1, 1, 1, 1.0, None,
+                                                         0, kernel="mma", tile=tile), sets)
+            print(f"{n} mma {tile}: {t * 1e3:7.1f} us {2 * n**3 / t / 1e9:5.0f} TFLOP/s "
+                  f"({t / dense:.2f}x cuBLAS {dense * 1e3:.1f} us)", flush=True)
+
+
+def one(kernel, tile=None):
+    a, b, c = _sets(4096)[0]
+    tile = tuple(int(v) for v in tile.split(",")) if tile else None
+    for _ in range(2):
+        bsmm_gpu.launch(a, b, c, None, None, 1, 1, 1, 1.0, None, 0, kernel=kernel, tile=tile)
+    cp.cuda.Device().synchronize()
+
+
+if __name__ == "__main__":
+    {"forms": forms, "tiles": tiles, "one": one}[sys.argv[1]](*sys.argv[2:])
