@@ -1,7 +1,8 @@
 """Kernel choice and launch for the block-sparse GEMMs (``bsmm.py``'s CuPy path).
 
 Three kernels share one contract (``raw_kernels/bsmm.cuh``): ``simple`` (every dtype, any
-shape), ``mma`` (fp16/bf16 tensor cores, sm_80+) and ``sm90`` (fp16/bf16 wgmma, Hopper). The
+shape, exact float32), ``mma`` (fp16/bf16 tensor cores, sm_80+; float32 on TF32 when
+``CUPY_TF32=1``, CuPy's switch for the same trade) and ``sm90`` (fp16/bf16 wgmma, Hopper). The
 fastest kernel whose preconditions hold runs; ``kernel=`` (or ``CUDROP_BSMM_KERNEL``) forces one,
 which tests use to check each against float64 math. Tiles come from :func:`pick_tile`: the
 mask's block and the GEMM's tile are independent (block splitting), except that a tile's rows
@@ -9,12 +10,16 @@ must lie in one row block of the mask.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import backend, raw_kernels
 
 KERNELS = ("simple", "mma", "sm90")
 _HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
+# float32 on TF32: one tile, BK = 16 floats (the 64-byte rows of the 16-bit tiles)
+TF32_TILES = ((64, 128, 16, 2, 2, 4),)
 # (BM, BN, BK, warps along M, warps along N, stages) of bsmm_mma.cu's instances, in order of
 # preference: measured on an H200 (scripts/probe_bsmm.py tiles, fp16 4096³ / 8192³) 64x128 ran
 # 229 / 237 TFLOP/s, 128x128x64 203 / 223, 128x128x32 195 / 213.
@@ -60,16 +65,26 @@ def pick_tile(m, n, rblk, masked, sms, tiles=MMA_TILES):
     return ok[-1] if ok else None
 
 
+def tf32_enabled():
+    """float32 products may use TF32 tensor cores (``CUPY_TF32=1``, read at each call)."""
+    return os.environ.get("CUPY_TF32") == "1"
+
+
 def _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists):
-    if a.dtype.name not in _HALF or (not a_lay[0] and b_lay[0]):
+    """The tensor-core kernels' preconditions: every 16-byte chunk of E elements along an
+    operand's contiguous axis is wholly in range or out, so it is one cp.async."""
+    if not (a.dtype.name in _HALF or (a.dtype.name == "float32" and tf32_enabled())):
         return False
-    if (a.data.ptr | b.data.ptr) % 16 or a_lay[1] % 8 or b_lay[1] % 8:
+    if not a_lay[0] and b_lay[0]:  # M-major A with K-major B: no instance
         return False
-    if (a_lay[0] or b_lay[0]) and k % 8:
+    e = 16 // a.itemsize
+    if (a.data.ptr | b.data.ptr) % 16 or a_lay[1] % e or b_lay[1] % e:
         return False
-    if (not a_lay[0] and m % 8) or (not b_lay[0] and n % 8):
+    if (a_lay[0] or b_lay[0]) and k % e:
         return False
-    return lists is None or kblk % 8 == 0
+    if (not a_lay[0] and m % e) or (not b_lay[0] and n % e):
+        return False
+    return lists is None or kblk % e == 0
 
 
 _DEVICE: dict = {}
@@ -111,14 +126,18 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
     tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
     dev, sms, is_sm90 = _device()
     sm90 = None
-    if choice in ("auto", "sm90") and tc_ok and ldcn == 1 and is_sm90:
+    if choice in ("auto", "sm90") and tc_ok and ldcn == 1 and is_sm90 and a.dtype.name in _HALF:
         sm90 = pick_tile(m, n, rblk, masked, sms, SM90_TILES)
     if choice == "sm90" and sm90 is None:
         raise ValueError("the sm90 kernel does not take these operands (device, dtype, "
                          "alignment, block size or a non-row-major output)")
     tile = None
     if sm90 is None and choice in ("auto", "mma") and tc_ok:
-        tile = tile_override or pick_tile(m, n, rblk, masked, sms)
+        tiles = MMA_TILES if a.dtype.name in _HALF else TF32_TILES
+        tile = tile_override or pick_tile(m, n, rblk, masked, sms, tiles)
+    if choice == "mma" and tile is None:
+        raise ValueError("the mma kernel does not take these operands (dtype (float32 only "
+                         "with CUPY_TF32=1), alignment or block size)")
     args = (a, b, out, _ptr(bias), np.int32(m), np.int32(n), np.int32(k),
             np.int64(a_lay[1]), np.int64(b_lay[1]), np.int64(ldcm), np.int64(ldcn),
             np.float64(scale), np.int32(act), _ptr(count), _ptr(index),
@@ -135,9 +154,9 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
         f((-(-n // bn), -(-m // bm)), (bm // 64 * 128,), args90, shared_mem=smem)
     elif tile is not None:
         bm, bn, bk, wm, wn, stages = tile
-        name = (f"bsmm_mma<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, "
+        name = (f"bsmm_mma<{raw_kernels.cuda_type(a.dtype)}, {_b(a_lay[0])}, {_b(b_lay[0])}, "
                 f"{bm}, {bn}, {bk}, {wm}, {wn}, {stages}>")
-        smem = stages * (bm + bn) * bk * 2
+        smem = stages * (bm + bn) * bk * a.itemsize
         f = _function("bsmm_mma.cu", name, smem, dev)
         grid = (-(-m // bm)) * (-(-n // bn))
         f((grid,), (wm * wn * 32,), args, shared_mem=smem)

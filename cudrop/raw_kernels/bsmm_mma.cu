@@ -1,14 +1,17 @@
-// The portable tensor-core block-sparse GEMM (bsmm.cuh's contract), sm_80 and newer, float16
-// and bfloat16 with float32 accumulation: mma.sync.m16n8k16 fed by ldmatrix from swizzled
+// The portable tensor-core block-sparse GEMM (bsmm.cuh's contract), sm_80 and newer: float16
+// and bfloat16 (mma.sync.m16n8k16) and float32 on TF32 (m16n8k8, operands rounded to TF32 with
+// cvt.rna), float32 accumulation; fed by ldmatrix from swizzled
 // shared memory, a STAGES-deep cp.async pipeline over the k-walk of the tile's row block (so a
 // dropped K-block costs neither load nor multiply), and a tile skipped whole when the output
 // mask drops every block it covers.
 //
 // Launch: block WM*WN*32 threads, 1-D grid of ceil(M/BM)*ceil(N/BN) CTAs (grouped by 8 tile
-// rows for L2 reuse), dynamic shared memory STAGES*(BM+BN)*BK*2 bytes.
-// The dispatcher guarantees: rblk % BM == 0 when lists or bits are given; K % 8 == 0 when an
-// operand is K-major; M % 8 == 0 for an M-major A and N % 8 == 0 for an N-major B; lda, ldb
-// multiples of 8 and 16-byte aligned bases (every 16-byte chunk is wholly in range or out).
+// rows for L2 reuse), dynamic shared memory STAGES*(BM+BN)*BK*sizeof(T) bytes. BK counts
+// elements (32 for 16-bit types is 64 bytes a row; use 16 for float).
+// The dispatcher guarantees, with E = 16 / sizeof(T) elements per 16-byte chunk: rblk % BM == 0
+// when lists or bits are given; K % E == 0 when an operand is K-major; M % E == 0 for an M-major
+// A and N % E == 0 for an N-major B; lda, ldb multiples of E and 16-byte aligned bases (every
+// chunk is wholly in range or out); kblk % E == 0 with lists.
 #include "bsmm.cuh"
 
 __device__ __forceinline__ unsigned cd_smem_addr(const void* p) {
@@ -54,27 +57,55 @@ template <> __device__ __forceinline__ void cd_mma<cd_bf16>(float* d, const unsi
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+template <> __device__ __forceinline__ void cd_mma<float>(float* d, const unsigned* a,
+                                                          const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
 
-// Element offset of 16-byte chunk c of row `row` in a tile of W chunks per row. The XOR spreads
+// Fragments are 32-bit registers: two 16-bit elements, or one float rounded to TF32 (the
+// tensor cores would truncate; rounding matches cuBLAS's TF32).
+template <typename T> __device__ __forceinline__ unsigned cd_frag(unsigned r) { return r; }
+template <> __device__ __forceinline__ unsigned cd_frag<float>(unsigned r) {
+    unsigned t;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(t) : "f"(__uint_as_float(r)));
+    return t;
+}
+
+// Byte offset of 16-byte chunk c of row `row` in a tile of W chunks per row. The XOR spreads
 // the 8 rows one ldmatrix reads at a fixed chunk over all 8 bank groups; 64-byte rows (W = 4)
 // pair up into 128-byte lines and swizzle by line.
 template <int W> __device__ __forceinline__ int cd_swz(int row, int c) {
-    if (W >= 8) return (row * W + (c ^ (row & 7))) * 8;
+    if (W >= 8) return (row * W + (c ^ (row & 7))) * 16;
     const int L = row * W + c;
-    return ((L & ~7) | ((L ^ (L >> 3)) & 7)) * 8;
+    return ((L & ~7) | ((L ^ (L >> 3)) & 7)) * 16;
+}
+
+// Float (row, col) of a swizzled tile of W 4-float chunks per row, from shared address `base`.
+template <int W> __device__ __forceinline__ unsigned cd_word(unsigned base, int row, int col) {
+    unsigned v;
+    asm volatile("ld.shared.b32 %0, [%1];"
+                 : "=r"(v) : "r"(base + cd_swz<W>(row, col >> 2) + (col & 3) * 4));
+    return v;
 }
 
 template <typename T, bool A_KMAJ, bool B_KMAJ, int BM, int BN, int BK, int WM, int WN,
           int STAGES>
 __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
-    constexpr int THREADS = WM * WN * 32, KS = BK / 16;
+    constexpr int E = 16 / sizeof(T);              // elements per 16-byte chunk
+    constexpr int MK = 2 * E;                      // the mma's k: 16 (16-bit) or 8 (TF32)
+    constexpr int THREADS = WM * WN * 32, KS = BK / MK;
     constexpr int TM = BM / WM, TN = BN / WN, MI = TM / 16, NI = TN / 8;
     constexpr int A_ELEMS = BM * BK, B_ELEMS = BN * BK;
-    constexpr int AW = A_KMAJ ? BK / 8 : BM / 8, BW = B_KMAJ ? BK / 8 : BN / 8;  // chunks/row
-    static_assert(MI >= 1 && NI % 2 == 0, "warp tile must be a multiple of 16 x 16");
-    extern __shared__ __align__(128) unsigned short cd_smem[];
-    unsigned short* As = cd_smem;
-    unsigned short* Bs = cd_smem + STAGES * A_ELEMS;
+    constexpr int A_BYTES = A_ELEMS * sizeof(T), B_BYTES = B_ELEMS * sizeof(T);
+    constexpr int AW = A_KMAJ ? BK / E : BM / E, BW = B_KMAJ ? BK / E : BN / E;  // chunks/row
+    static_assert(MI >= 1 && NI % 2 == 0 && KS >= 1, "warp tile must be a multiple of 16 x 16");
+    extern __shared__ __align__(128) unsigned char cd_smem[];
+    unsigned char* As = cd_smem;
+    unsigned char* Bs = cd_smem + STAGES * A_BYTES;
 
     const int grid_n = (N + BN - 1) / BN, grid_m = (M + BM - 1) / BM;
     const int width = 8 * grid_n, pid = blockIdx.x % width;
@@ -106,8 +137,8 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
 
         // This thread's 16-byte chunks of each stage: shared offset, global base, the chunk's
         // k offset and whether its row/column is inside M/N, all fixed across the walk.
-        constexpr int A_CH = A_ELEMS / 8 / THREADS, B_CH = B_ELEMS / 8 / THREADS;
-        static_assert(A_CH * THREADS * 8 == A_ELEMS && B_CH * THREADS * 8 == B_ELEMS,
+        constexpr int A_CH = A_ELEMS / E / THREADS, B_CH = B_ELEMS / E / THREADS;
+        static_assert(A_CH * THREADS * E == A_ELEMS && B_CH * THREADS * E == B_ELEMS,
                       "tile chunks must spread evenly over the threads");
         int a_src[A_CH], a_dst[A_CH], a_k[A_CH];  // 32-bit offsets from the tile's corner
         int b_src[B_CH], b_dst[B_CH], b_k[B_CH];
@@ -115,18 +146,18 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
 #pragma unroll
         for (int j = 0; j < A_CH; ++j) {
             const int i = tid + j * THREADS, row = i / AW, c = i % AW;
-            a_dst[j] = 2 * cd_swz<AW>(row, c);
-            a_src[j] = row * (int)lda + c * 8;
-            a_k[j] = A_KMAJ ? c * 8 : row;
-            a_ok |= (unsigned)(A_KMAJ ? m0 + row < M : m0 + c * 8 < M) << j;
+            a_dst[j] = cd_swz<AW>(row, c);
+            a_src[j] = row * (int)lda + c * E;
+            a_k[j] = A_KMAJ ? c * E : row;
+            a_ok |= (unsigned)(A_KMAJ ? m0 + row < M : m0 + c * E < M) << j;
         }
 #pragma unroll
         for (int j = 0; j < B_CH; ++j) {
             const int i = tid + j * THREADS, row = i / BW, c = i % BW;
-            b_dst[j] = 2 * cd_swz<BW>(row, c);
-            b_src[j] = row * (int)ldb + c * 8;
-            b_k[j] = B_KMAJ ? c * 8 : row;
-            b_ok |= (unsigned)(B_KMAJ ? n0 + row < N : n0 + c * 8 < N) << j;
+            b_dst[j] = cd_swz<BW>(row, c);
+            b_src[j] = row * (int)ldb + c * E;
+            b_k[j] = B_KMAJ ? c * E : row;
+            b_ok |= (unsigned)(B_KMAJ ? n0 + row < N : n0 + c * E < N) << j;
         }
         const T* a_tile = A + (A_KMAJ ? (long long)m0 * lda : m0);
         const T* b_tile = B + (B_KMAJ ? (long long)n0 * ldb : n0);
@@ -135,7 +166,7 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
         auto load_next = [&]() {
             const int k0 = (int)(ld_start + ld_sub * BK);
             const int kend = (int)min(min(ld_start + bw, (long long)K), (long long)k0 + BK);
-            const unsigned as = as0 + ld_stage * (A_ELEMS * 2), bs = bs0 + ld_stage * (B_ELEMS * 2);
+            const unsigned as = as0 + ld_stage * A_BYTES, bs = bs0 + ld_stage * B_BYTES;
             const T* a_k0 = a_tile + (A_KMAJ ? (long long)k0 : (long long)k0 * lda);
             const T* b_k0 = b_tile + (B_KMAJ ? (long long)k0 : (long long)k0 * ldb);
 #pragma unroll
@@ -155,24 +186,27 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
             }
         };
 
-        // ldmatrix offsets within a stage, per k16 slice: loop-invariant, computed once.
-        const int i4 = lane >> 3, l8 = lane & 7;
+        // ldmatrix addresses within a stage, per mma k-slice: loop-invariant, computed once.
+        // ldmatrix serves K-major operands of any type and transposed 16-bit ones; a transposed
+        // float operand (no 32-bit ldmatrix.trans) is read one word at a time (cd_word).
+        const int i4 = lane >> 3, l8 = lane & 7, g = lane >> 2, q = lane & 3;
+        constexpr bool A_WORDS = !A_KMAJ && E == 4, B_WORDS = !B_KMAJ && E == 4;
         int a_off[MI][KS], b_off[NI / 2][KS];
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi) {  // matrices (m 0-7 | 8-15) x (k 0-7 | 8-15)
+            for (int mi = 0; mi < MI; ++mi) {  // matrices (m 0-7 | 8-15) x (k lo | k hi)
                 const int mrow = wm0 + mi * 16;
-                a_off[mi][ks] = 2 * (A_KMAJ ? cd_swz<AW>(mrow + (lane & 15), ks * 2 + (lane >> 4))
-                                            : cd_swz<AW>(ks * 16 + (i4 >> 1) * 8 + l8,
-                                                         mrow / 8 + (i4 & 1)));
+                a_off[mi][ks] = A_KMAJ ? cd_swz<AW>(mrow + (lane & 15), ks * 2 + (lane >> 4))
+                                       : cd_swz<AW>(ks * 16 + (i4 >> 1) * 8 + l8,
+                                                    mrow / 8 + (i4 & 1));
             }
 #pragma unroll
-            for (int nj = 0; nj < NI / 2; ++nj) {  // (n-tile 0: k 0-7, 8-15), (n-tile 1: ...)
+            for (int nj = 0; nj < NI / 2; ++nj) {  // (n-tile 0: k lo, k hi), (n-tile 1: ...)
                 const int ncol = wn0 + nj * 16;
-                b_off[nj][ks] = 2 * (B_KMAJ ? cd_swz<BW>(ncol + (i4 >> 1) * 8 + l8, ks * 2 + (i4 & 1))
-                                            : cd_swz<BW>(ks * 16 + (i4 & 1) * 8 + l8,
-                                                         ncol / 8 + (i4 >> 1)));
+                b_off[nj][ks] = B_KMAJ ? cd_swz<BW>(ncol + (i4 >> 1) * 8 + l8, ks * 2 + (i4 & 1))
+                                       : cd_swz<BW>(ks * 16 + (i4 & 1) * 8 + l8,
+                                                    ncol / 8 + (i4 >> 1));
             }
         }
 
@@ -187,19 +221,39 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
             __syncthreads();  // stage s landed for everyone; stage s-1 is free to refill
             if (s + STAGES - 1 < steps) load_next();
             cd_cp_commit();
-            const unsigned as = as0 + stage * (A_ELEMS * 2), bs = bs0 + stage * (B_ELEMS * 2);
+            const unsigned as = as0 + stage * A_BYTES, bs = bs0 + stage * B_BYTES;
             stage = stage + 1 == STAGES ? 0 : stage + 1;
 #pragma unroll
             for (int ks = 0; ks < KS; ++ks) {
                 unsigned af[MI][4], bf[NI][2];
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi) cd_ldsm_x4<!A_KMAJ>(af[mi], as + a_off[mi][ks]);
+                for (int mi = 0; mi < MI; ++mi) {
+                    if (A_WORDS) {  // (m, k), (m+8, k), (m, k+4), (m+8, k+4) of a [k][m] tile
+                        const int k = ks * 8 + q, m = wm0 + mi * 16 + g;
+                        af[mi][0] = cd_word<AW>(as, k, m);
+                        af[mi][1] = cd_word<AW>(as, k, m + 8);
+                        af[mi][2] = cd_word<AW>(as, k + 4, m);
+                        af[mi][3] = cd_word<AW>(as, k + 4, m + 8);
+                    } else {
+                        cd_ldsm_x4<!A_KMAJ>(af[mi], as + a_off[mi][ks]);
+                    }
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) af[mi][e] = cd_frag<T>(af[mi][e]);
+                }
 #pragma unroll
                 for (int nj = 0; nj < NI / 2; ++nj) {
                     unsigned t[4];
-                    cd_ldsm_x4<!B_KMAJ>(t, bs + b_off[nj][ks]);
-                    bf[2 * nj][0] = t[0]; bf[2 * nj][1] = t[1];
-                    bf[2 * nj + 1][0] = t[2]; bf[2 * nj + 1][1] = t[3];
+                    if (B_WORDS) {  // (k, n), (k+4, n) of n-tiles 2nj and 2nj+1 of a [k][n] tile
+                        const int k = ks * 8 + q, n = wn0 + nj * 16 + g;
+                        t[0] = cd_word<BW>(bs, k, n);
+                        t[1] = cd_word<BW>(bs, k + 4, n);
+                        t[2] = cd_word<BW>(bs, k, n + 8);
+                        t[3] = cd_word<BW>(bs, k + 4, n + 8);
+                    } else {
+                        cd_ldsm_x4<!B_KMAJ>(t, bs + b_off[nj][ks]);
+                    }
+                    bf[2 * nj][0] = cd_frag<T>(t[0]); bf[2 * nj][1] = cd_frag<T>(t[1]);
+                    bf[2 * nj + 1][0] = cd_frag<T>(t[2]); bf[2 * nj + 1][1] = cd_frag<T>(t[3]);
                 }
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi)
@@ -210,7 +264,7 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
         cd_cp_wait<0>();
     }
 
-    const int g = lane >> 2, q = lane & 3;
+    const int g = lane >> 2, q = lane & 3;  // the accumulator fragment's row and column pair
     const float alpha_f = (float)alpha;
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
@@ -243,4 +297,8 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
     CD_INST_LAYOUT(T, false, false)
 CD_INST(cd_f16)
 CD_INST(cd_bf16)
+#define CD_INST_TF32(AK, BK_) CD_INST_TILE(float, AK, BK_, 64, 128, 16, 2, 2, 4)
+CD_INST_TF32(true, false)
+CD_INST_TF32(true, true)
+CD_INST_TF32(false, false)
 #endif
