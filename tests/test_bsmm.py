@@ -118,18 +118,20 @@ def _gpu_or_skip(kernel):
     cp = pytest.importorskip("cupy")
     if not backend.gpu_available():
         pytest.skip("no usable CUDA GPU")
-    if kernel == "sm90" and cp.cuda.Device().compute_capability != "90":
-        pytest.skip("the sm90 kernel needs a Hopper GPU")
+    if kernel in ("sm90", "tma") and cp.cuda.Device().compute_capability != "90":
+        pytest.skip(f"the {kernel} kernel needs a Hopper GPU")
     return cp
 
 
-# the smallest tile rows of each tensor-core kernel: a tile's rows lie in one row block
-MIN_BM = {"simple": 1, "mma": 64, "sm90": 128}
+# the smallest tile rows of each kernel (a tile's rows lie in one row block of the mask) and the
+# multiple of the kept blocks' width along K it needs
+MIN_BM = {"simple": 1, "mma": 64, "sm90": 128, "tma": 128}
+KBLK = {"simple": 1, "mma": 8, "sm90": 8, "tma": 64}
 
 
 @gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("kernel", ["simple", "mma", "sm90"])
+@pytest.mark.parametrize("kernel", ["simple", "mma", "sm90", "tma"])
 @given(form=st.sampled_from(FORMS), m=mult8, k=mult8, n=mult8, block=st.sampled_from(TC_BLOCKS),
        p=probs, tb=st.booleans(), bias=st.booleans(), act=st.sampled_from([None, "relu"]),
        seed=st.integers(0, 2**16))
@@ -139,7 +141,7 @@ def test_gpu_kernels(dtype, kernel, form, m, k, n, block, p, tb, bias, act, seed
     # dsd_t, whose M-major a with a K-major b has no tensor-core instance. The tensor-core tiles
     # need the mask's row blocks (the output's, Kb for dsd_t) in multiples of 64 rows.
     rblk, kblk = block[::-1] if form == "dsd_t" else block
-    assume(rblk % MIN_BM[kernel] == 0 and (form == "sdd" or kblk % 8 == 0))
+    assume(rblk % MIN_BM[kernel] == 0 and (form == "sdd" or kblk % KBLK[kernel] == 0))
     check(cp, form, m, k, n, block, p, dtype, seed=seed, kernel=kernel,
           trans_b=tb and form != "dsd_t", bias=bias, act=act)
 
@@ -160,7 +162,7 @@ def test_gpu_float32_on_tf32_when_opted_in(form, m, k, n, block, p, tb, seed, mo
 
 @gpu
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("kernel", ["simple", "mma", "sm90"])
+@pytest.mark.parametrize("kernel", ["simple", "mma", "sm90", "tma"])
 def test_gpu_rows_with_every_block_dropped(form, kernel):
     cp = _gpu_or_skip(kernel)
     keep = np.array([[0, 0, 0], [1, 0, 1], [0, 0, 0], [1, 1, 1]], bool)
@@ -175,7 +177,7 @@ def test_gpu_rows_with_every_block_dropped(form, kernel):
 @gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("kernel", ["mma", "sm90"])
+@pytest.mark.parametrize("kernel", ["mma", "sm90", "tma"])
 def test_gpu_large_tiles(dtype, form, kernel):
     """Shapes large enough that the dispatcher picks each of the bigger tiles."""
     cp = _gpu_or_skip(kernel)
@@ -210,3 +212,21 @@ def test_errors(xp):
         bsmm.dsd(a, b, mask, out=xp.empty((3, 3)))
     with pytest.raises(ValueError, match="bias"):
         bsmm.dsd(a, b, mask, bias=xp.ones(4))
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["simple", "mma", "sm90", "tma"])
+def test_gpu_dense_launch_without_mask(kernel):
+    """The kernels with neither lists nor bits (a plain GEMM; the tma kernel then runs a
+    persistent grid, one CTA per SM walking several tiles) against float64 math."""
+    cp = _gpu_or_skip(kernel)
+    rng = np.random.default_rng(7)
+    for m, k, n in ((1032, 520, 2056), (136, 64, 264)):
+        a = cp.asarray(rng.standard_normal((m, k))).astype(np.float16)
+        b = cp.asarray(rng.standard_normal((k, n))).astype(np.float16)
+        out = cp.full((m, n), np.nan, np.float16)
+        bsmm_gpu.launch(a, b, out, None, None, 1, 1, 1, 0.5, None, 0, kernel=kernel)
+        ref = 0.5 * cp.asnumpy(a).astype(np.float64) @ cp.asnumpy(b).astype(np.float64)
+        got = cp.asnumpy(out).astype(np.float64)
+        assert not np.isnan(got).any()
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < TOL["float16"]

@@ -1,8 +1,10 @@
 """Kernel choice and launch for the block-sparse GEMMs (``bsmm.py``'s CuPy path).
 
-Three kernels share one contract (``raw_kernels/bsmm.cuh``): ``simple`` (every dtype, any
+Four kernels share one contract (``raw_kernels/bsmm.cuh``): ``simple`` (every dtype, any
 shape, exact float32), ``mma`` (fp16/bf16 tensor cores, sm_80+; float32 on TF32 when
-``CUPY_TF32=1``, CuPy's switch for the same trade) and ``sm90`` (fp16/bf16 wgmma, Hopper). The
+``CUPY_TF32=1``, CuPy's switch for the same trade), and on Hopper (fp16/bf16) ``tma`` (wgmma fed
+by TMA from a producer warp walking the kept-block list; needs kept blocks of multiples of 64
+along K) and ``sm90`` (wgmma fed by cp.async, any block of multiples of 8). The
 fastest kernel whose preconditions hold runs; ``kernel=`` (or ``CUDROP_BSMM_KERNEL``) forces one,
 which tests use to check each against float64 math. Tiles come from :func:`pick_tile`: the
 mask's block and the GEMM's tile are independent (block splitting), except that a tile's rows
@@ -15,8 +17,9 @@ import os
 import numpy as np
 
 from .. import backend, raw_kernels
+from . import tma as tma_mod
 
-KERNELS = ("simple", "mma", "sm90")
+KERNELS = ("simple", "mma", "sm90", "tma")
 _HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
 # float32 on TF32: one tile, BK = 16 floats (the 64-byte rows of the 16-bit tiles)
 TF32_TILES = ((64, 128, 16, 2, 2, 4),)
@@ -26,6 +29,8 @@ TF32_TILES = ((64, 128, 16, 2, 2, 4),)
 MMA_TILES = ((64, 128, 32, 2, 2, 4), (128, 128, 64, 2, 4, 3), (128, 128, 32, 2, 4, 4))
 # (BM, BN, stages, BK) of bsmm_sm90.cu, in order of preference
 SM90_TILES = ((128, 256, 4, 64), (128, 128, 6, 64))
+# (BM, BN, stages) of bsmm_tma.cu (BK = 64)
+TMA_TILES = ((128, 256, 4), (128, 128, 6))
 _NULL = np.uintp(0)
 
 
@@ -125,14 +130,22 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
     dev, sms, is_sm90 = _device()
-    sm90 = None
-    if choice in ("auto", "sm90") and tc_ok and ldcn == 1 and is_sm90 and a.dtype.name in _HALF:
+    hopper = tc_ok and ldcn == 1 and is_sm90 and a.dtype.name in _HALF
+    tma = sm90 = None
+    if choice in ("auto", "tma") and hopper and tma_mod.available() and (
+            lists is None or kblk % tma_mod.BK == 0):
+        tma = pick_tile(m, n, rblk, masked, sms, TMA_TILES)
+    if choice == "tma" and tma is None:
+        raise ValueError("the tma kernel does not take these operands (device, dtype, "
+                         "alignment, kept blocks not multiples of 64 along K, or a non-row-major "
+                         "output)")
+    if tma is None and choice in ("auto", "sm90") and hopper:
         sm90 = pick_tile(m, n, rblk, masked, sms, SM90_TILES)
     if choice == "sm90" and sm90 is None:
         raise ValueError("the sm90 kernel does not take these operands (device, dtype, "
                          "alignment, block size or a non-row-major output)")
     tile = None
-    if sm90 is None and choice in ("auto", "mma") and tc_ok:
+    if tma is None and sm90 is None and choice in ("auto", "mma") and tc_ok:
         tiles = MMA_TILES if a.dtype.name in _HALF else TF32_TILES
         tile = tile_override or pick_tile(m, n, rblk, masked, sms, tiles)
     if choice == "mma" and tile is None:
@@ -144,7 +157,20 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
             np.int32(index.shape[1] if index is not None else 0), np.int32(rblk),
             np.int32(kblk), _ptr(bits), np.int32(bits.shape[1] if bits is not None else 0),
             np.int32(cblk))
-    if sm90 is not None:
+    if tma is not None:
+        bm, bn, stages = tma
+        name = (f"bsmm_tma<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, {act}, "
+                f"{bm}, {bn}, {stages}>")
+        smem = stages * (bm + bn) * tma_mod.BK * 2 + 2048
+        f = _function("bsmm_tma.cu", name, smem, dev)
+        maps = tma_mod.operand_maps(a, b, m, n, k, a_lay, b_lay, bm, bn)
+        args90 = args[:9] + (np.int64(ldcm), np.float32(scale)) + args[13:] + maps
+        tiles = (-(-n // bn)) * (-(-m // bm))
+        # dense: a persistent grid (one CTA per SM walks the tiles, the producer prefetching the
+        # next tile under the epilogue); pruned: one CTA per tile, as their work differs
+        grid = (min(sms, tiles),) if not masked else (-(-n // bn), -(-m // bm))
+        f(grid, ((bm // 64 + 1) * 128,), args90, shared_mem=smem)
+    elif sm90 is not None:
         bm, bn, stages, bk = sm90
         name = (f"bsmm_sm90<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, {act}, "
                 f"{bm}, {bn}, {stages}, {bk}>")

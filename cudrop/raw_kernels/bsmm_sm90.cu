@@ -23,7 +23,6 @@
 //   dynamic shared memory = STAGES*(BM+BN)*BK*2 + 1024 bytes
 //       (128x256 s4 k64: 197632; 192x256 s8 k32: 230400; 128x128 s6 k64: 197632)
 //     -> set cudaFuncAttributeMaxDynamicSharedMemorySize (cupy: max_dynamic_shared_size_bytes).
-//   bsmm_sm90_ws (experimental, slower, same args): block = (BM/64 + 1)*128, smem + 2048 instead of + 1024.
 //   Requires: rblk % BM == 0 when count or bits is given; K % 8 == 0 when A or B is K-major;
 //             M % 8 == 0 when A is M-major; N % 8 == 0 when B is N-major; lda/ldb % 8 == 0;
 //             A, B 16-byte aligned. C, bias: 2-byte aligned (ldc any).
@@ -58,9 +57,6 @@ struct bsmm90_cfg {
 
 #if BSMM90_ENABLED
 
-#ifndef BSMM90_MN_SWAP
-#define BSMM90_MN_SWAP 0   // debugging switch: swap LBO/SBO meaning for MN-major operands
-#endif
 
 __device__ __forceinline__ unsigned bsmm90_smem_u32(const void* p) {
     unsigned long long a;
@@ -334,10 +330,10 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
     constexpr unsigned ATOM_MN = BK * 128;                 // 64-wide MN atom of an MN-major tile
     constexpr unsigned KROW = BK * 2;                       // K-major row bytes
     constexpr unsigned long long KMODE = (BK == 64) ? 1ull : 2ull;   // 128B / 64B swizzle
-    constexpr unsigned A_LBO = A_KMAJ ? 16u : (BSMM90_MN_SWAP ? 1024u : ATOM_MN);
-    constexpr unsigned A_SBO = A_KMAJ ? 8 * KROW : (BSMM90_MN_SWAP ? ATOM_MN : 1024u);
-    constexpr unsigned B_LBO = B_KMAJ ? 16u : (BSMM90_MN_SWAP ? 1024u : ATOM_MN);
-    constexpr unsigned B_SBO = B_KMAJ ? 8 * KROW : (BSMM90_MN_SWAP ? ATOM_MN : 1024u);
+    constexpr unsigned A_LBO = A_KMAJ ? 16u : ATOM_MN;
+    constexpr unsigned A_SBO = A_KMAJ ? 8 * KROW : 1024u;
+    constexpr unsigned B_LBO = B_KMAJ ? 16u : ATOM_MN;
+    constexpr unsigned B_SBO = B_KMAJ ? 8 * KROW : 1024u;
     constexpr unsigned long long A_MODE = A_KMAJ ? KMODE : 1ull;
     constexpr unsigned long long B_MODE = B_KMAJ ? KMODE : 1ull;
     // Per-k16 advance and this warpgroup's A offset.
@@ -433,217 +429,14 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
 }
 
 
-#if BSMM90_ENABLED
-__device__ __forceinline__ void bsmm90_mbar_init(unsigned a, unsigned n) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(a), "r"(n) : "memory");
-}
-__device__ __forceinline__ void bsmm90_mbar_arrive(unsigned a) {
-    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" :: "r"(a) : "memory");
-}
-__device__ __forceinline__ void bsmm90_mbar_wait(unsigned a, unsigned parity) {
-    unsigned ok = 0;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(ok) : "r"(a), "r"(parity) : "memory");
-    } while (!ok);
-}
-#endif
-
-// Warp-specialized variant (experimental): warpgroup 0 (BM/64 + 1 warpgroups in all) only copies
-// tiles with cp.async and signals "full" mbarriers (after wait_group + fence.proxy.async);
-// the BM/64 consumer warpgroups only wait, issue wgmma and release "empty" mbarriers.
-// Launch: block = (BM/64 + 1)*128 threads, same grid, smem = STAGES*(BM+BN)*BK*2 + 2048.
-template <typename T, bool A_KMAJ, bool B_KMAJ, int ACT, int BM, int BN, int STAGES, int BK = 64>
-__global__ void __launch_bounds__((BM / 64 + 1) * 128, 1)
-bsmm_sm90_ws(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, const T* __restrict__ bias,
-             int M, int N, int K, long long lda, long long ldb, long long ldc, float alpha,
-             const int* __restrict__ count, const int* __restrict__ index, int index_stride, int rblk, int kblk,
-             const unsigned long long* __restrict__ bits, int bits_stride, int cblk) {
-#if BSMM90_ENABLED
-    using cfg = bsmm90_cfg<BM, BN, STAGES, BK>;
-    constexpr bool BF16 = bsmm90_is_bf16<T>::value;
-    constexpr int NACC = BN / 2;
-    extern __shared__ unsigned char bsmm90_smem_raw[];
-    const unsigned sraw = bsmm90_smem_u32(bsmm90_smem_raw);
-    const unsigned sbase = (sraw + 1023u) & ~1023u;
-    const unsigned bar = sbase + (unsigned)(STAGES * cfg::STAGE_BYTES);   // full[s] at bar+8s, empty at bar+8(S+s)
-    const int tid = threadIdx.x;
-
-    const int tilesN = gridDim.x, tilesM = gridDim.y;
-    const int lin = blockIdx.y * tilesN + blockIdx.x;
-    constexpr int GROUP = 8;
-    const int per_group = GROUP * tilesN;
-    const int g = lin / per_group;
-    const int first_m = g * GROUP;
-    const int gsz = min(tilesM - first_m, GROUP);
-    const int in_g = lin - g * per_group;
-    const int m0 = (first_m + in_g % gsz) * BM, n0 = (in_g / gsz) * BN;
-
-    const bool dense = (count == nullptr);
-    const int rb = (count != nullptr || bits != nullptr) ? m0 / rblk : 0;
-    int cnt = 0;
-    const int* idx = nullptr;
-    int nsteps;
-    if (dense) nsteps = (K + BK - 1) / BK;
-    else {
-        cnt = count[rb];
-        idx = index + (long long)rb * index_stride;
-        nsteps = (int)(((long long)cnt * kblk + BK - 1) / BK);
-    }
-    const unsigned long long* brow = nullptr;
-    if (bits != nullptr) {
-        brow = bits + (long long)rb * bits_stride;
-        const int c_lo = n0 / cblk, c_hi = (min(n0 + BN, N) - 1) / cblk;
-        bool any = false;
-        for (int c = c_lo; c <= c_hi && !any; ++c) any = (brow[c >> 6] >> (c & 63)) & 1ull;
-        if (!any) nsteps = 0;
-    }
-    if (tid == 0) {
-        for (int s = 0; s < STAGES; ++s) { bsmm90_mbar_init(bar + 8 * s, 128); bsmm90_mbar_init(bar + 8 * (STAGES + s), BM * 2); }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-
-    if (tid < 128) {
-        // ---------------- producer ----------------
-        constexpr int LAG = STAGES - 2;   // copy groups kept in flight per producer thread
-        const unsigned short* Ag = reinterpret_cast<const unsigned short*>(A);
-        const unsigned short* Bg = reinterpret_cast<const unsigned short*>(B);
-#pragma unroll 1
-        for (int s = 0; s < nsteps; ++s) {
-            const int slot = s % STAGES;
-            if (s >= STAGES) bsmm90_mbar_wait(bar + 8 * (STAGES + slot), ((s / STAGES) - 1) & 1);
-            const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES);
-            const unsigned sb = sa + (unsigned)cfg::A_BYTES;
-            if constexpr (A_KMAJ) bsmm90_load_kmaj<BM, 128, BK>(sa, Ag, lda, m0, M, s, K, dense, cnt, idx, kblk, tid);
-            else                  bsmm90_load_mnmaj<BM, 128, BK>(sa, Ag, lda, m0, M, s, K, dense, cnt, idx, kblk, tid);
-            if constexpr (B_KMAJ) bsmm90_load_kmaj<BN, 128, BK>(sb, Bg, ldb, n0, N, s, K, dense, cnt, idx, kblk, tid);
-            else                  bsmm90_load_mnmaj<BN, 128, BK>(sb, Bg, ldb, n0, N, s, K, dense, cnt, idx, kblk, tid);
-            bsmm90_cp_commit();
-            if (s >= LAG) {             // stage s-LAG has landed (this thread's copies): publish it
-                bsmm90_cp_wait<LAG>();
-                bsmm90_fence_proxy();
-                bsmm90_mbar_arrive(bar + 8 * ((s - LAG) % STAGES));
-            }
-        }
-        bsmm90_cp_wait<0>();
-        bsmm90_fence_proxy();
-        for (int t = max(0, nsteps - LAG); t < nsteps; ++t) bsmm90_mbar_arrive(bar + 8 * (t % STAGES));
-        return;
-    }
-    // ---------------- consumers ----------------
-    const int ctid = tid - 128;
-    const int wg = ctid >> 7;
-    float acc[NACC];
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
-    constexpr unsigned ATOM_MN = BK * 128;
-    constexpr unsigned KROW = BK * 2;
-    constexpr unsigned long long KMODE = (BK == 64) ? 1ull : 2ull;
-    constexpr unsigned A_LBO = A_KMAJ ? 16u : ATOM_MN, A_SBO = A_KMAJ ? 8 * KROW : 1024u;
-    constexpr unsigned B_LBO = B_KMAJ ? 16u : ATOM_MN, B_SBO = B_KMAJ ? 8 * KROW : 1024u;
-    constexpr unsigned long long A_MODE = A_KMAJ ? KMODE : 1ull, B_MODE = B_KMAJ ? KMODE : 1ull;
-    constexpr unsigned A_KSTEP = A_KMAJ ? 32u : 2048u, B_KSTEP = B_KMAJ ? 32u : 2048u;
-    const unsigned a_wg_off = A_KMAJ ? (unsigned)(wg * 64 * KROW) : (unsigned)(wg * ATOM_MN);
-#pragma unroll 1
-    for (int kt = 0; kt < nsteps; ++kt) {
-        const int slot = kt % STAGES;
-        bsmm90_mbar_wait(bar + 8 * slot, (kt / STAGES) & 1);
-        const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + a_wg_off;
-        const unsigned sb = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + (unsigned)cfg::A_BYTES;
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
-        bsmm90_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            const unsigned long long da = bsmm90_desc(sa + kk * A_KSTEP, A_LBO, A_SBO, A_MODE);
-            const unsigned long long db = bsmm90_desc(sb + kk * B_KSTEP, B_LBO, B_SBO, B_MODE);
-            if constexpr (BN == 256) bsmm90_wgmma_n256<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
-            else                     bsmm90_wgmma_n128<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
-        }
-        bsmm90_wg_commit();
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
-        bsmm90_wg_wait<1>();
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
-        if (kt >= 1) bsmm90_mbar_arrive(bar + 8 * (STAGES + (kt - 1) % STAGES));
-    }
-    bsmm90_wg_wait<0>();
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
-
-    const int wtid = ctid & 127;
-    const int row_a = m0 + wg * 64 + (wtid >> 5) * 16 + ((wtid & 31) >> 2);
-    const int col_a = n0 + 2 * (wtid & 3);
-    unsigned short* Cg = reinterpret_cast<unsigned short*>(C);
-    const bool pair_ok = (ldc & 1) == 0;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-        const int n = col_a + 8 * j;
-        if (n >= N) continue;
-        const bool has1 = n + 1 < N;
-        bool keep0 = true, keep1 = true;
-        if (brow != nullptr) {
-            const int c0 = n / cblk;
-            keep0 = (brow[c0 >> 6] >> (c0 & 63)) & 1ull;
-            if (has1) { const int c1 = (n + 1) / cblk; keep1 = (brow[c1 >> 6] >> (c1 & 63)) & 1ull; }
-        }
-        float b0 = 0.f, b1 = 0.f;
-        if (bias != nullptr) { b0 = cd_to_float(bias[n]); if (has1) b1 = cd_to_float(bias[n + 1]); }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = row_a + 8 * h;
-            if (m >= M) continue;
-            float v0 = alpha * acc[4 * j + 2 * h] + b0;
-            float v1 = alpha * acc[4 * j + 2 * h + 1] + b1;
-            if constexpr (ACT == 1) { v0 = fmaxf(v0, 0.f); v1 = fmaxf(v1, 0.f); }
-            else if constexpr (ACT == 2) {
-                v0 = 0.5f * v0 * (1.f + erff(v0 * 0.70710678118654752f));
-                v1 = 0.5f * v1 * (1.f + erff(v1 * 0.70710678118654752f));
-            }
-            const unsigned short o0 = keep0 ? cd_from_float<T>(v0).v : (unsigned short)0;
-            const unsigned short o1 = keep1 ? cd_from_float<T>(v1).v : (unsigned short)0;
-            unsigned short* dst = Cg + (long long)m * ldc + n;
-            if (has1 && pair_ok) *reinterpret_cast<unsigned int*>(dst) = (unsigned int)o0 | ((unsigned int)o1 << 16);
-            else { dst[0] = o0; if (has1) dst[1] = o1; }
-        }
-    }
-#else
-    __trap();
-#endif
-}
-
 #ifdef CUDROP_INSTANTIATE
-#define BSMM90_INST_L(T, AK, BK_, ACT)                                                            \
-    template __global__ void bsmm_sm90<T, AK, BK_, ACT, 128, 256, 4>(const T*, const T*, T*, const T*, \
-        int, int, int, long long, long long, long long, float, const int*, const int*, int, int, int, \
-        const unsigned long long*, int, int);                                                        \
-    template __global__ void bsmm_sm90<T, AK, BK_, ACT, 128, 128, 6>(const T*, const T*, T*, const T*, \
-        int, int, int, long long, long long, long long, float, const int*, const int*, int, int, int, \
-        const unsigned long long*, int, int);
+#define BSMM90_INST(T, AK, BK_, ACT, BM, BN, ST)                                                  \
+    template __global__ void bsmm_sm90<T, AK, BK_, ACT, BM, BN, ST>(const T*, const T*, T*,       \
+        const T*, int, int, int, long long, long long, long long, float, const int*, const int*, \
+        int, int, int, const unsigned long long*, int, int);
 #define BSMM90_INST_T(T)                                                                          \
-    BSMM90_INST_L(T, true, false, 0) BSMM90_INST_L(T, true, true, 0)                             \
-    BSMM90_INST_L(T, false, false, 0) BSMM90_INST_L(T, false, true, 0)                           \
-    BSMM90_INST_L(T, true, false, 1) BSMM90_INST_L(T, true, false, 2)
+    BSMM90_INST(T, true, false, 0, 128, 256, 4) BSMM90_INST(T, true, true, 0, 128, 256, 4)       \
+    BSMM90_INST(T, false, false, 0, 128, 256, 4) BSMM90_INST(T, true, false, 1, 128, 128, 6)
 BSMM90_INST_T(cd_f16)
 BSMM90_INST_T(cd_bf16)
-template __global__ void bsmm_sm90<cd_f16, true, false, 0, 192, 256, 4>(const cd_f16*, const cd_f16*, cd_f16*,
-    const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
-    int, const unsigned long long*, int, int);
-template __global__ void bsmm_sm90<cd_f16, false, false, 0, 192, 256, 4>(const cd_f16*, const cd_f16*, cd_f16*,
-    const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
-    int, const unsigned long long*, int, int);
-template __global__ void bsmm_sm90<cd_f16, true, false, 0, 128, 256, 8, 32>(const cd_f16*, const cd_f16*, cd_f16*,
-    const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
-    int, const unsigned long long*, int, int);
-template __global__ void bsmm_sm90<cd_bf16, false, true, 0, 128, 256, 8, 32>(const cd_bf16*, const cd_bf16*, cd_bf16*,
-    const cd_bf16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
-    int, const unsigned long long*, int, int);
-template __global__ void bsmm_sm90<cd_f16, true, false, 0, 64, 256, 4>(const cd_f16*, const cd_f16*, cd_f16*,
-    const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
-    int, const unsigned long long*, int, int);
-template __global__ void bsmm_sm90_ws<cd_f16, true, false, 0, 128, 256, 4>(const cd_f16*, const cd_f16*, cd_f16*,
-    const cd_f16*, int, int, int, long long, long long, long long, float, const int*, const int*, int, int,
-    int, const unsigned long long*, int, int);
 #endif

@@ -42,6 +42,10 @@
 #define CUDROP_INSTANTIATE 1
 #endif
 
+#ifndef BSMM_TMA_GROUP
+#define BSMM_TMA_GROUP 8     // M tiles per raster group
+#endif
+
 // 128-byte opaque CUtensorMap, passed by value as a __grid_constant__ parameter.
 struct alignas(64) cd_tmap { unsigned long long v[16]; };
 
@@ -57,6 +61,19 @@ struct bsmm_tma_cfg {
 };
 
 #if BSMM90_ENABLED
+__device__ __forceinline__ void bsmm90_mbar_init(unsigned a, unsigned n) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(a), "r"(n) : "memory");
+}
+__device__ __forceinline__ void bsmm90_mbar_arrive(unsigned a) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" :: "r"(a) : "memory");
+}
+__device__ __forceinline__ void bsmm90_mbar_wait(unsigned a, unsigned parity) {
+    unsigned ok = 0;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(ok) : "r"(a), "r"(parity) : "memory");
+    } while (!ok);
+}
 __device__ __forceinline__ void bsmm_tma_expect_tx(unsigned bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
 }
@@ -87,36 +104,42 @@ __device__ __forceinline__ void bsmm_tma_body(
     const unsigned bar = sbase + (unsigned)(STAGES * cfg::STAGE_BYTES);   // full[s]: bar+8s, empty[s]: bar+8(S+s)
     const int tid = threadIdx.x;
 
-    // Grouped raster: 8 M tiles share a band of N tiles for L2 reuse.
-    const int tilesN = gridDim.x, tilesM = gridDim.y;
-    const int lin = blockIdx.y * tilesN + blockIdx.x;
-    constexpr int GROUP = 8;
-    const int per_group = GROUP * tilesN;
-    const int g = lin / per_group;
-    const int first_m = g * GROUP;
-    const int gsz = min(tilesM - first_m, GROUP);
-    const int in_g = lin - g * per_group;
-    const int m0 = (first_m + in_g % gsz) * BM, n0 = (in_g / gsz) * BN;
-
+    // Tiles: ceil(M/BM) x ceil(N/BN), walked in a grouped raster (8 M tiles share a band of N
+    // tiles for L2 reuse). Any grid works: CTA c takes linear tiles c, c + #CTAs, ... (grid =
+    // all tiles: one tile each; grid = #SMs: persistent, the producer prefetches the next tile
+    // while the consumers run the epilogue).
+    const int tilesN = (N + BN - 1) / BN, tilesM = (M + BM - 1) / BM;
+    const int total = tilesN * tilesM;
+    const int cta = blockIdx.y * gridDim.x + blockIdx.x, ncta = gridDim.x * gridDim.y;
     const bool dense = (count == nullptr);
-    const int rb = (count != nullptr || bits != nullptr) ? m0 / rblk : 0;
-    int cnt = 0;
-    const int* idx = nullptr;
-    int nsteps;
-    if (dense) nsteps = (K + BK - 1) / BK;
-    else {
-        cnt = count[rb];
-        idx = index + (long long)rb * index_stride;
-        nsteps = cnt * (kblk / BK);        // kblk % 64 == 0; a box past K is zero-filled by TMA
-    }
-    const unsigned long long* brow = nullptr;
-    if (bits != nullptr) {
-        brow = bits + (long long)rb * bits_stride;
-        const int c_lo = n0 / cblk, c_hi = (min(n0 + BN, N) - 1) / cblk;
-        bool any = false;
-        for (int c = c_lo; c <= c_hi && !any; ++c) any = (brow[c >> 6] >> (c & 63)) & 1ull;
-        if (!any) nsteps = 0;
-    }
+    struct Tile { int m0, n0, nsteps, cnt; const int* idx; const unsigned long long* brow; };
+    auto tile_at = [&](int lin) {
+        Tile t;
+        constexpr int GROUP = BSMM_TMA_GROUP;
+        const int per_group = GROUP * tilesN;
+        const int g = lin / per_group;
+        const int first_m = g * GROUP;
+        const int gsz = min(tilesM - first_m, GROUP);
+        const int in_g = lin - g * per_group;
+        t.m0 = (first_m + in_g % gsz) * BM;
+        t.n0 = (in_g / gsz) * BN;
+        const int rb = (count != nullptr || bits != nullptr) ? t.m0 / rblk : 0;
+        t.cnt = 0; t.idx = nullptr; t.brow = nullptr;
+        if (dense) t.nsteps = (K + BK - 1) / BK;
+        else {
+            t.cnt = count[rb];
+            t.idx = index + (long long)rb * index_stride;
+            t.nsteps = t.cnt * (kblk / BK);   // kblk % 64 == 0; a box past K is zero-filled by TMA
+        }
+        if (bits != nullptr) {
+            t.brow = bits + (long long)rb * bits_stride;
+            const int c_lo = t.n0 / cblk, c_hi = (min(t.n0 + BN, N) - 1) / cblk;
+            bool any = false;
+            for (int c = c_lo; c <= c_hi && !any; ++c) any = (t.brow[c >> 6] >> (c & 63)) & 1ull;
+            if (!any) t.nsteps = 0;
+        }
+        return t;
+    };
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
@@ -132,36 +155,41 @@ __device__ __forceinline__ void bsmm_tma_body(
     if (tid < 128) {
         // ---------------- producer warpgroup: one elected thread issues every TMA ----------------
         if constexpr (CONS == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-        if (tid == 0 && nsteps > 0) {
+        if (tid == 0) {
             const int kpb = kblk / BK;          // boxes per kept block (sparse mode)
-            int b = 0, sub = 0;
-            int j_cur = dense ? 0 : __ldg(idx);
-            int j_next = (!dense && cnt > 1) ? __ldg(idx + 1) : 0;
-            int slot = 0, phase = 0;
+            int slot = 0, phase = 0, issued = 0;
 #pragma unroll 1
-            for (int s = 0; s < nsteps; ++s) {
-                if (s >= STAGES) bsmm90_mbar_wait(bar + 8 * (STAGES + slot), phase ^ 1);
-                const int k0 = dense ? s * BK : j_cur * kblk + sub * BK;
-                const unsigned fb = bar + 8 * slot;
-                const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES);
-                const unsigned sb = sa + (unsigned)cfg::A_BYTES;
-                bsmm_tma_expect_tx(fb, (unsigned)cfg::STAGE_BYTES);
-                if constexpr (A_KMAJ) bsmm_tma_load2d(sa, tmA, fb, k0, m0);
-                else {
+            for (int lin = cta; lin < total; lin += ncta) {
+                const Tile t = tile_at(lin);
+                int b = 0, sub = 0;
+                int j_cur = (!dense && t.cnt > 0) ? __ldg(t.idx) : 0;
+                int j_next = (!dense && t.cnt > 1) ? __ldg(t.idx + 1) : 0;
+#pragma unroll 1
+                for (int s = 0; s < t.nsteps; ++s) {
+                    if (issued >= STAGES) bsmm90_mbar_wait(bar + 8 * (STAGES + slot), phase ^ 1);
+                    const int k0 = dense ? s * BK : j_cur * kblk + sub * BK;
+                    const unsigned fb = bar + 8 * slot;
+                    const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES);
+                    const unsigned sb = sa + (unsigned)cfg::A_BYTES;
+                    bsmm_tma_expect_tx(fb, (unsigned)cfg::STAGE_BYTES);
+                    if constexpr (A_KMAJ) bsmm_tma_load2d(sa, tmA, fb, k0, t.m0);
+                    else {
 #pragma unroll
-                    for (int i = 0; i < BM / 64; ++i) bsmm_tma_load2d(sa + i * (BK * 128), tmA, fb, m0 + 64 * i, k0);
-                }
-                if constexpr (B_KMAJ) bsmm_tma_load2d(sb, tmB, fb, k0, n0);
-                else {
+                        for (int i = 0; i < BM / 64; ++i) bsmm_tma_load2d(sa + i * (BK * 128), tmA, fb, t.m0 + 64 * i, k0);
+                    }
+                    if constexpr (B_KMAJ) bsmm_tma_load2d(sb, tmB, fb, k0, t.n0);
+                    else {
 #pragma unroll
-                    for (int i = 0; i < BN / 64; ++i) bsmm_tma_load2d(sb + i * (BK * 128), tmB, fb, n0 + 64 * i, k0);
+                        for (int i = 0; i < BN / 64; ++i) bsmm_tma_load2d(sb + i * (BK * 128), tmB, fb, t.n0 + 64 * i, k0);
+                    }
+                    if (!dense && ++sub == kpb) {
+                        sub = 0; ++b;
+                        j_cur = j_next;
+                        j_next = (b + 1 < t.cnt) ? __ldg(t.idx + b + 1) : 0;
+                    }
+                    ++issued;
+                    if (++slot == STAGES) { slot = 0; phase ^= 1; }
                 }
-                if (!dense && ++sub == kpb) {
-                    sub = 0; ++b;
-                    j_cur = j_next;
-                    j_next = (b + 1 < cnt) ? __ldg(idx + b + 1) : 0;
-                }
-                if (++slot == STAGES) { slot = 0; phase ^= 1; }
             }
         }
         return;
@@ -172,17 +200,23 @@ __device__ __forceinline__ void bsmm_tma_body(
     const int ctid = tid - 128;
     const int wg = ctid >> 7;
     const int lane = tid & 31;
-    float acc[NACC];
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
     constexpr unsigned ATOM_MN = BK * 128;
     constexpr unsigned A_LBO = A_KMAJ ? 16u : ATOM_MN, A_SBO = 1024u;
     constexpr unsigned B_LBO = B_KMAJ ? 16u : ATOM_MN, B_SBO = 1024u;
     constexpr unsigned A_KSTEP = A_KMAJ ? 32u : 2048u, B_KSTEP = B_KMAJ ? 32u : 2048u;
     const unsigned a_wg_off = A_KMAJ ? (unsigned)(wg * 64 * 128) : (unsigned)(wg * ATOM_MN);
-    int slot = 0, phase = 0, prev_slot = 0;
+    int slot = 0, phase = 0;
+    float acc[NACC];
 #pragma unroll 1
-    for (int kt = 0; kt < nsteps; ++kt) {
+    for (int lin = cta; lin < total; lin += ncta) {
+    const Tile t = tile_at(lin);
+    const int m0 = t.m0, n0 = t.n0;
+    const unsigned long long* brow = t.brow;
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+    int prev_slot = 0;
+#pragma unroll 1
+    for (int kt = 0; kt < t.nsteps; ++kt) {
         bsmm90_mbar_wait(bar + 8 * slot, phase);
         const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + a_wg_off;
         const unsigned sb = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + (unsigned)cfg::A_BYTES;
@@ -212,6 +246,10 @@ __device__ __forceinline__ void bsmm_tma_body(
     bsmm90_wg_wait<0>();
 #pragma unroll
     for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+    if (t.nsteps > 0) {       // release the tile's last slot (the producer may be on the next tile)
+        __syncwarp();
+        if (lane == 0) bsmm90_mbar_arrive(bar + 8 * (STAGES + prev_slot));
+    }
 
     // Epilogue: m64nNk16 fragment: thread (warp w, lane l) of a warpgroup holds rows 16w + l/4 (+8),
     // columns 8j + 2(l%4) (+1) in acc[4j + {0,1,2,3}].
@@ -251,6 +289,7 @@ __device__ __forceinline__ void bsmm_tma_body(
             else { dst[0] = o0; if (has1) dst[1] = o1; }
         }
     }
+    }   // tile loop
 }
 #endif  // BSMM90_ENABLED
 
@@ -273,22 +312,6 @@ bsmm_tma(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, co
 #endif
 }
 
-// Fallback: tensor maps stored in device global memory (64-byte aligned), passed by pointer.
-template <typename T, bool A_KMAJ, bool B_KMAJ, int ACT, int BM, int BN, int STAGES>
-__global__ void __launch_bounds__((BM / 64 + 1) * 128, 1)
-bsmm_tma_gmem(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, const T* __restrict__ bias,
-              int M, int N, int K, long long lda, long long ldb, long long ldc, float alpha,
-              const int* __restrict__ count, const int* __restrict__ index, int index_stride, int rblk, int kblk,
-              const unsigned long long* __restrict__ bits, int bits_stride, int cblk,
-              const cd_tmap* tmA, const cd_tmap* tmB) {
-#if BSMM90_ENABLED
-    bsmm_tma_body<T, A_KMAJ, B_KMAJ, ACT, BM, BN, STAGES>(C, bias, M, N, K, ldc, alpha, count, index,
-        index_stride, rblk, kblk, bits, bits_stride, cblk, tmA, tmB);
-#else
-    __trap();
-#endif
-}
-
 #ifdef CUDROP_INSTANTIATE
 #define BSMM_TMA_INST(T, AK, BKM, ACT, BM, BN, ST)                                                   \
     template __global__ void bsmm_tma<T, AK, BKM, ACT, BM, BN, ST>(const T*, const T*, T*, const T*,    \
@@ -302,4 +325,5 @@ BSMM_TMA_INST(cd_bf16, true, false, 0, 128, 256, 4)
 BSMM_TMA_INST(cd_bf16, true, true, 0, 128, 256, 4)
 BSMM_TMA_INST(cd_bf16, false, false, 0, 128, 256, 4)
 BSMM_TMA_INST(cd_f16, true, false, 0, 128, 128, 6)
+BSMM_TMA_INST(cd_bf16, true, true, 0, 128, 128, 6)
 #endif
