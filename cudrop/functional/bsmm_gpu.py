@@ -60,10 +60,14 @@ def _operand(x, kdim):
     return x, lay
 
 
-def pick_tile(m, n, rblk, masked, sms, tiles=MMA_TILES):
+def pick_tile(m, n, rblk, masked, sms, tiles=MMA_TILES, cblk=None):
     """The first tile of ``tiles`` (in order of preference) that still gives every SM work,
-    among those whose rows fit the mask's row blocks; the last fitting one on small problems."""
+    among those whose rows fit the mask's row blocks; the last fitting one on small problems.
+    Under an output mask (``cblk``), tiles whose columns fit its column blocks come first, so
+    that a dropped block is a skipped tile."""
     ok = [t for t in tiles if not masked or rblk % t[0] == 0]
+    if cblk is not None:
+        ok = [t for t in ok if cblk % t[1] == 0] + [t for t in ok if cblk % t[1]]
     for t in ok:
         if -(-m // t[0]) * -(-n // t[1]) >= sms:
             return t
@@ -107,90 +111,139 @@ def _device():
     return info
 
 
+class _Plan:
+    """Everything about a launch that follows from the call's signature (shapes, strides,
+    dtype, alignment, mask geometry, epilogue): the kernel, its grid and the scalar arguments.
+    Memoised, so a repeated call (every training step) costs a dict lookup and the launch."""
+
+    __slots__ = ("kind", "f", "grid", "block", "smem", "copy_a", "copy_b", "mid", "mid2",
+                 "tail", "tma")
+
+
+_PLANS: dict = {}
+
+
+def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits, cblk,
+            ldcn, tile_override):
+    """(kind, tile): the fastest kernel whose preconditions hold, or the forced one."""
+    if choice not in KERNELS + ("auto",):
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {choice!r}")
+    tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
+    dev, sms, is_sm90 = _device()
+    hopper = tc_ok and ldcn == 1 and is_sm90 and a.dtype.name in _HALF
+    if choice in ("auto", "tma") and hopper and tma_mod.available() and (
+            lists is None or kblk % tma_mod.BK == 0):
+        t = pick_tile(m, n, rblk, masked, sms, TMA_TILES, cblk if bits is not None else None)
+        if t:
+            return "tma", t
+    if choice == "tma":
+        raise ValueError("the tma kernel does not take these operands (device, dtype, "
+                         "alignment, kept blocks not multiples of 64 along K, or a non-row-major "
+                         "output)")
+    if choice in ("auto", "sm90") and hopper:
+        t = pick_tile(m, n, rblk, masked, sms, SM90_TILES, cblk if bits is not None else None)
+        if t:
+            return "sm90", t
+    if choice == "sm90":
+        raise ValueError("the sm90 kernel does not take these operands (device, dtype, "
+                         "alignment, block size or a non-row-major output)")
+    if choice in ("auto", "mma") and tc_ok:
+        tiles = MMA_TILES if a.dtype.name in _HALF else TF32_TILES
+        t = tile_override or pick_tile(m, n, rblk, masked, sms, tiles)
+        if t:
+            return "mma", t
+    if choice == "mma":
+        raise ValueError("the mma kernel does not take these operands (dtype (float32 only "
+                         "with CUPY_TF32=1), alignment or block size)")
+    return "simple", None
+
+
+def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_override):
+    m, k = a.shape
+    n = b.shape[1]
+    pl = _Plan()
+    a_lay, b_lay = _major(a, 1), _major(b, 0)
+    pl.copy_a, pl.copy_b = a_lay is None, b_lay is None
+    a, a_lay = _operand(a, 1)
+    b, b_lay = _operand(b, 0)
+    it = out.itemsize
+    ldcm, ldcn = out.strides[0] // it, out.strides[1] // it
+    masked = lists is not None or bits is not None
+    pl.kind, tile = _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits,
+                            cblk, ldcn, tile_override)
+    dev = _device()[0]
+    dims = (np.int32(m), np.int32(n), np.int32(k), np.int64(a_lay[1]), np.int64(b_lay[1]))
+    pl.mid2 = (np.int32(lists[1].shape[1] if lists is not None else 0), np.int32(rblk),
+               np.int32(kblk))
+    pl.tail = (np.int32(bits.shape[1] if bits is not None else 0), np.int32(cblk))
+    pl.tma = None
+    cdim = lambda bm, bn: (-(-n // bn), -(-m // bm))  # noqa: E731
+    if pl.kind in ("tma", "sm90"):  # Hopper kernels: row-major C, float alpha, ACT a template
+        pl.mid = dims + (np.int64(ldcm), np.float32(scale))
+        half = _HALF[a.dtype.name]
+        if pl.kind == "tma":
+            bm, bn, stages = tile
+            name = f"bsmm_tma<{half}, {_b(a_lay[0])}, {_b(b_lay[0])}, {act}, {bm}, {bn}, {stages}>"
+            pl.smem = stages * (bm + bn) * tma_mod.BK * 2 + 2048
+            pl.block = ((bm // 64 + 1) * 128,)
+            # dense: a persistent grid (one CTA per SM walks the tiles, the producer fetching the
+            # next tile under the epilogue); pruned: one CTA per tile, as their work differs
+            tiles = cdim(bm, bn)
+            pl.grid = (min(_device()[1], tiles[0] * tiles[1]),) if not masked else tiles
+            pl.tma = (m, n, k, a_lay, b_lay, bm, bn)
+            src = "bsmm_tma.cu"
+        else:
+            bm, bn, stages, bk = tile
+            name = (f"bsmm_sm90<{half}, {_b(a_lay[0])}, {_b(b_lay[0])}, {act}, {bm}, {bn}, "
+                    f"{stages}, {bk}>")
+            pl.smem = stages * (bm + bn) * bk * 2 + 1024
+            pl.block, pl.grid, src = (bm // 64 * 128,), cdim(bm, bn), "bsmm_sm90.cu"
+    else:
+        pl.mid = dims + (np.int64(ldcm), np.int64(ldcn), np.float64(scale), np.int32(act))
+        t = raw_kernels.cuda_type(a.dtype)
+        if pl.kind == "mma":
+            bm, bn, bk, wm, wn, stages = tile
+            name = (f"bsmm_mma<{t}, {_b(a_lay[0])}, {_b(b_lay[0])}, {bm}, {bn}, {bk}, {wm}, "
+                    f"{wn}, {stages}>")
+            pl.smem = stages * (bm + bn) * bk * a.itemsize
+            tiles = cdim(bm, bn)
+            pl.block, pl.grid, src = (wm * wn * 32,), (tiles[0] * tiles[1],), "bsmm_mma.cu"
+        else:
+            name = f"bsmm_simple<{t}, {_b(a_lay[0])}, {_b(b_lay[0])}>"
+            pl.smem, pl.block, pl.grid, src = 0, (16, 16), cdim(16, 16), "bsmm_simple.cu"
+    pl.f = _function(src, name, pl.smem, dev)
+    return pl
+
+
 def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None, tile=None):
     """``out = act(scale · a @ b + bias)`` with the reduction pruned by ``lists`` (count, index)
     and the output by ``bits``; a (M, K) and b (K, N) may be transposed views. ``tile`` (one
     of ``MMA_TILES``) overrides the mma kernel's tile choice, for tuning."""
-    tile_override = tile
-    cp = backend.cupy
-    m, k = a.shape
-    n = b.shape[1]
     if out.size == 0:
         return out
-    a, a_lay = _operand(a, 1)
-    b, b_lay = _operand(b, 0)
-    if bias is not None:
-        bias = cp.ascontiguousarray(bias)
-    it = out.itemsize
-    ldcm, ldcn = out.strides[0] // it, out.strides[1] // it
-    count, index = lists if lists is not None else (None, None)
-    masked = lists is not None or bits is not None
     choice = kernel or "auto"
-    if choice not in KERNELS + ("auto",):
-        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
-    tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
-    dev, sms, is_sm90 = _device()
-    hopper = tc_ok and ldcn == 1 and is_sm90 and a.dtype.name in _HALF
-    tma = sm90 = None
-    if choice in ("auto", "tma") and hopper and tma_mod.available() and (
-            lists is None or kblk % tma_mod.BK == 0):
-        tma = pick_tile(m, n, rblk, masked, sms, TMA_TILES)
-    if choice == "tma" and tma is None:
-        raise ValueError("the tma kernel does not take these operands (device, dtype, "
-                         "alignment, kept blocks not multiples of 64 along K, or a non-row-major "
-                         "output)")
-    if tma is None and choice in ("auto", "sm90") and hopper:
-        sm90 = pick_tile(m, n, rblk, masked, sms, SM90_TILES)
-    if choice == "sm90" and sm90 is None:
-        raise ValueError("the sm90 kernel does not take these operands (device, dtype, "
-                         "alignment, block size or a non-row-major output)")
-    tile = None
-    if tma is None and sm90 is None and choice in ("auto", "mma") and tc_ok:
-        tiles = MMA_TILES if a.dtype.name in _HALF else TF32_TILES
-        tile = tile_override or pick_tile(m, n, rblk, masked, sms, tiles)
-    if choice == "mma" and tile is None:
-        raise ValueError("the mma kernel does not take these operands (dtype (float32 only "
-                         "with CUPY_TF32=1), alignment or block size)")
-    args = (a, b, out, _ptr(bias), np.int32(m), np.int32(n), np.int32(k),
-            np.int64(a_lay[1]), np.int64(b_lay[1]), np.int64(ldcm), np.int64(ldcn),
-            np.float64(scale), np.int32(act), _ptr(count), _ptr(index),
-            np.int32(index.shape[1] if index is not None else 0), np.int32(rblk),
-            np.int32(kblk), _ptr(bits), np.int32(bits.shape[1] if bits is not None else 0),
-            np.int32(cblk))
-    if tma is not None:
-        bm, bn, stages = tma
-        name = (f"bsmm_tma<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, {act}, "
-                f"{bm}, {bn}, {stages}>")
-        smem = stages * (bm + bn) * tma_mod.BK * 2 + 2048
-        f = _function("bsmm_tma.cu", name, smem, dev)
-        maps = tma_mod.operand_maps(a, b, m, n, k, a_lay, b_lay, bm, bn)
-        args90 = args[:9] + (np.int64(ldcm), np.float32(scale)) + args[13:] + maps
-        tiles = (-(-n // bn)) * (-(-m // bm))
-        # dense: a persistent grid (one CTA per SM walks the tiles, the producer prefetching the
-        # next tile under the epilogue); pruned: one CTA per tile, as their work differs
-        grid = (min(sms, tiles),) if not masked else (-(-n // bn), -(-m // bm))
-        f(grid, ((bm // 64 + 1) * 128,), args90, shared_mem=smem)
-    elif sm90 is not None:
-        bm, bn, stages, bk = sm90
-        name = (f"bsmm_sm90<{_HALF[a.dtype.name]}, {_b(a_lay[0])}, {_b(b_lay[0])}, {act}, "
-                f"{bm}, {bn}, {stages}, {bk}>")
-        smem = stages * (bm + bn) * bk * 2 + 1024
-        f = _function("bsmm_sm90.cu", name, smem, dev)
-        args90 = args[:9] + (np.int64(ldcm), np.float32(scale)) + args[13:]
-        f((-(-n // bn), -(-m // bm)), (bm // 64 * 128,), args90, shared_mem=smem)
-    elif tile is not None:
-        bm, bn, bk, wm, wn, stages = tile
-        name = (f"bsmm_mma<{raw_kernels.cuda_type(a.dtype)}, {_b(a_lay[0])}, {_b(b_lay[0])}, "
-                f"{bm}, {bn}, {bk}, {wm}, {wn}, {stages}>")
-        smem = stages * (bm + bn) * bk * a.itemsize
-        f = _function("bsmm_mma.cu", name, smem, dev)
-        grid = (-(-m // bm)) * (-(-n // bn))
-        f((grid,), (wm * wn * 32,), args, shared_mem=smem)
-    else:
-        name = (f"bsmm_simple<{raw_kernels.cuda_type(a.dtype)}, {_b(a_lay[0])}, "
-                f"{_b(b_lay[0])}>")
-        f = _function("bsmm_simple.cu", name, 0, dev)
-        f((-(-n // 16), -(-m // 16)), (16, 16), args)
+    key = (a.shape, a.strides, b.shape, b.strides, out.strides, a.dtype, a.data.ptr % 16,
+           b.data.ptr % 16, lists is None, None if lists is None else lists[1].shape,
+           None if bits is None else bits.shape, rblk, kblk, cblk, scale, act, choice, tile,
+           backend.cupy.cuda.runtime.getDevice(), tf32_enabled())
+    pl = _PLANS.get(key)
+    if pl is None:
+        if len(_PLANS) >= 4096:  # shapes that keep changing: start over rather than grow
+            _PLANS.clear()
+        pl = _PLANS[key] = _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice,
+                                 tile)
+    if pl.copy_a:
+        a = _operand(a, 1)[0]
+    if pl.copy_b:
+        b = _operand(b, 0)[0]
+    if bias is not None and not bias.flags.c_contiguous:
+        bias = backend.cupy.ascontiguousarray(bias)
+    count, index = lists if lists is not None else (None, None)
+    args = ((a, b, out, _ptr(bias)) + pl.mid + (_ptr(count), _ptr(index)) + pl.mid2
+            + (_ptr(bits),) + pl.tail)
+    if pl.tma is not None:
+        args += tma_mod.operand_maps(a, b, *pl.tma)
+    pl.f(pl.grid, pl.block, args, shared_mem=pl.smem)
     return out
 
 
