@@ -3,6 +3,7 @@
   python scripts/probe_bsmm.py forms        dsd/sdd/dsd_t over dense cuBLAS, fp16, p 0 and 0.5
   python scripts/probe_bsmm.py tiles        each mma tile, dense fp16 4096³ and 8192³
   python scripts/probe_bsmm.py one KERNEL [TILE]   two launches of one kernel (for ncu)
+  python scripts/probe_bsmm.py host         host cost per call at 1024³ (cProfile of the Python path)
 """
 import os
 import sys
@@ -56,5 +57,35 @@ def one(kernel, tile=None):
     cp.cuda.Device().synchronize()
 
 
+def host():
+    import cProfile
+    import pstats
+    import time
+    a, b, c = _sets(1024)[0]
+    mk = masks.block_mask((1024, 1024), (128, 128), 0.5, seed=0, layer=0, step=0, xp=cp)
+    from cudrop.functional import sparsedrop
+    calls = {"dsd": lambda: bsmm.dsd(a, b, mk, out=c),
+             "matmul": lambda: cp.matmul(a, b, out=c),
+             "block_mask": lambda: masks.block_mask((1024, 1024), (128, 128), 0.5, seed=0,
+                                                    layer=0, step=1, xp=cp),
+             "sparsedrop fwd": lambda: sparsedrop.sparsedrop_linear(a, b, p=0.5, step=3)}
+    for name, f in calls.items():
+        for _ in range(20):
+            f()
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            f()
+        t1 = time.perf_counter()
+        cp.cuda.Device().synchronize()
+        print(f"{name}: {(t1 - t0) / 200 * 1e6:.1f} us host per call", flush=True)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(500):
+        bsmm.dsd(a, b, mk, out=c)
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+
+
 if __name__ == "__main__":
-    {"forms": forms, "tiles": tiles, "one": one}[sys.argv[1]](*sys.argv[2:])
+    {"forms": forms, "tiles": tiles, "one": one, "host": host}[sys.argv[1]](*sys.argv[2:])
