@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, ".")
-from benchmarks.common import time_gpu, write_json  # noqa: E402
+from benchmarks.common import time_gpu, time_graph, write_json  # noqa: E402
 from cudrop import masks  # noqa: E402
 from cudrop.functional import bsmm, dropout as Fdrop, sparsedrop as Fsd  # noqa: E402
 
@@ -51,9 +51,15 @@ def _time(fn, sets, size):
     return time_gpu(fn, sets, inner=3 if size >= 4096 else 10)
 
 
+def _graph(fn, sets, size):
+    """Graph-replay time where Python's launch overhead could hide the device time."""
+    return time_graph(fn, sets) if size <= 1024 else None
+
+
 def bench_kernels(cp, size, dtype, rows):
     sets = _sets(cp, [(size, size)] * 2, dtype)
     dense = _time(cp.matmul, sets, size)
+    dense_g = _graph(cp.matmul, sets, size)
     for s in SPARSITIES:
         mk = _mask(cp, (size, size), s)
         kept = float(cp.asnumpy(mk.row_count).sum()) / (mk.grid[0] * mk.grid[1])
@@ -62,8 +68,11 @@ def bench_kernels(cp, size, dtype, rows):
                  "dsd_t": lambda a, b: bsmm.dsd_t(a, b, mk)}
         for form, f in forms.items():
             t = _time(f, sets, size)
+            g = _graph(f, sets, size)
             rows.append(dict(table="kernel", form=form, size=size, dtype=dtype.name, sparsity=s,
-                             kept=kept, ms=t, dense_ms=dense, ratio=t / dense,
+                             kept=kept, ms=t, dense_ms=dense, ratio=t / dense, graph_ms=g,
+                             dense_graph_ms=dense_g,
+                             graph_ratio=g / dense_g if g and dense_g else None,
                              target_ratio=1.1 * kept,
                              tflops=2 * size**3 * kept / t / 1e9,
                              dense_tflops=2 * size**3 / dense / 1e9))
@@ -127,7 +136,9 @@ def linear_fwd_bwd(cp, size, dtype, p, rows, table="linear", block=BLOCK, baseli
         cp.matmul(xd.T, dy)
 
     row = dict(table=table, size=size, dtype=dtype.name, p=p,
-               sparsedrop_ms=_time(sparsedrop, sets, size), dense_ms=_time(dense, sets, size))
+               sparsedrop_ms=_time(sparsedrop, sets, size), dense_ms=_time(dense, sets, size),
+               sparsedrop_graph_ms=_graph(sparsedrop, sets, size),
+               dense_graph_ms=_graph(dense, sets, size))
     if baselines:
         row.update(naive_ms=_time(naive, sets, size), fused_ms=_time(fused, sets, size),
                    torch_ms=_torch_fwd_bwd(size, dtype, p))
@@ -139,12 +150,14 @@ def blockwise_forward(cp, rows, dtype):
     units, input pruning in the GEMM, against the dense GEMM."""
     from cudrop import gyro
     sets = _sets(cp, [(256, 1024), (1024, 1024)], dtype)
-    dense = time_gpu(cp.matmul, sets)
+    dense, dense_g = time_gpu(cp.matmul, sets), time_graph(cp.matmul, sets)
     for p in (0.1, 0.25, 0.5, 0.75):
         mk = gyro.blockwise_mask((256, 1024), p, step=0, block=(128, 32), xp=cp)
-        t = time_gpu(lambda x, w: bsmm.dsd(x, w, mk, 1 / (1 - p)), sets)
+        f = lambda x, w: bsmm.dsd(x, w, mk, 1 / (1 - p))  # noqa: E731
+        t, g = time_gpu(f, sets), time_graph(f, sets)
         rows.append(dict(table="blockwise", dtype=dtype.name, p=p, ms=t, dense_ms=dense,
-                         speedup=dense / t))
+                         speedup=dense / t, graph_ms=g, dense_graph_ms=dense_g,
+                         graph_speedup=dense_g / g if g and dense_g else None))
 
 
 def main():
@@ -174,29 +187,34 @@ def main():
 def _print(rows):
     def ms(v):
         return "-" if v is None else f"{v:.3f}"
-    print("\n| form | size | dtype | s | ms | dense ms | ratio | target | TFLOP/s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    def x(v):
+        return "-" if v is None else f"{v:.2f}"
+    print("\n| form | size | dtype | s | ms | dense ms | ratio | target | TFLOP/s | graph ratio |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["table"] == "kernel":
             print(f"| {r['form']} | {r['size']} | {r['dtype']} | {r['sparsity']} | {ms(r['ms'])} "
                   f"| {ms(r['dense_ms'])} | {r['ratio']:.2f} | {r['target_ratio']:.2f} | "
-                  f"{r['tflops']:.0f} |")
+                  f"{r['tflops']:.0f} | {x(r['graph_ratio'])} |")
     print("\n| SparseDrop Linear fwd+bwd | size | dtype | p | ms | dense | naive | fused+cuBLAS "
-          "| torch | vs fused | vs torch |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| torch | vs fused | vs torch | graph ms | dense graph ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["table"] in ("linear", "sweep1024"):
             t = r["sparsedrop_ms"]
             vs = lambda k: "-" if r.get(k) is None else f"{r[k] / t:.2f}x"  # noqa: E731
             print(f"| {r['table']} | {r['size']} | {r['dtype']} | {r['p']} | {ms(t)} | "
                   f"{ms(r['dense_ms'])} | {ms(r.get('naive_ms'))} | {ms(r.get('fused_ms'))} | "
-                  f"{ms(r.get('torch_ms'))} | {vs('fused_ms')} | {vs('torch_ms')} |")
-    print("\n| block-wise fwd 256x1024x1024 | dtype | drop | ms | dense ms | speedup |")
-    print("|---|---|---:|---:|---:|---:|")
+                  f"{ms(r.get('torch_ms'))} | {vs('fused_ms')} | {vs('torch_ms')} | "
+                  f"{ms(r.get('sparsedrop_graph_ms'))} | {ms(r.get('dense_graph_ms'))} |")
+    print("\n| block-wise fwd 256x1024x1024 | dtype | drop | ms | dense ms | speedup | graph ms "
+          "| dense graph ms | graph speedup |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["table"] == "blockwise":
             print(f"| | {r['dtype']} | {r['p']} | {ms(r['ms'])} | {ms(r['dense_ms'])} | "
-                  f"{r['speedup']:.2f}x |")
+                  f"{r['speedup']:.2f}x | {ms(r['graph_ms'])} | {ms(r['dense_graph_ms'])} | "
+                  f"{x(r['graph_speedup'])} |")
 
 
 if __name__ == "__main__":
