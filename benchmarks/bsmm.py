@@ -10,6 +10,11 @@
    128 x 32, the gyro paper's) at drop 10/25/50/75%; SparseDrop forward+backward at 1024³ over
    sparsity 0-0.9.
 
+At 1024 and for the block-wise layer, Python's launch overhead (tens of µs per call, for CuPy's
+cuBLAS too) exceeds the device time, so those rows also carry graph-replay times: cudrop's ops
+captured in CUDA graphs (which also proves they never synchronise with the host), dense cuBLAS
+through PyTorch's CUDA graphs (CuPy refuses to capture cuBLAS).
+
 Usage: python benchmarks/bsmm.py [--quick] [--sizes 1024 4096] ; JSON to $OUT/bsmm.json, a table
 last.
 """
@@ -56,10 +61,47 @@ def _graph(fn, sets, size):
     return time_graph(fn, sets) if size <= 1024 else None
 
 
+def _torch_graph(shapes, dtype, products):
+    """Dense cuBLAS baseline replayed from a CUDA graph, through PyTorch (CuPy refuses to
+    capture cuBLAS calls): ``products`` GEMMs of (m, k) @ (k, n) per replay. None without
+    PyTorch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    td = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype.name]
+    (m, k), (_, n) = shapes
+    a = [torch.randn(m, k, device="cuda", dtype=td) for _ in range(3)]
+    b = [torch.randn(k, n, device="cuda", dtype=td) for _ in range(3)]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            torch.mm(a[i], b[i])
+    torch.cuda.current_stream().wait_stream(s)
+    graphs = []
+    for i in range(3):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(products):
+                torch.mm(a[i], b[i])
+        graphs.append(g)
+    times = []
+    for r in range(30):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for j in range(20):
+            graphs[(r * 20 + j) % 3].replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 20)
+    return float(np.median(times))
+
+
 def bench_kernels(cp, size, dtype, rows):
     sets = _sets(cp, [(size, size)] * 2, dtype)
     dense = _time(cp.matmul, sets, size)
-    dense_g = _graph(cp.matmul, sets, size)
+    dense_g = _torch_graph([(size, size)] * 2, dtype, 1) if size <= 1024 else None
     for s in SPARSITIES:
         mk = _mask(cp, (size, size), s)
         kept = float(cp.asnumpy(mk.row_count).sum()) / (mk.grid[0] * mk.grid[1])
@@ -138,7 +180,8 @@ def linear_fwd_bwd(cp, size, dtype, p, rows, table="linear", block=BLOCK, baseli
     row = dict(table=table, size=size, dtype=dtype.name, p=p,
                sparsedrop_ms=_time(sparsedrop, sets, size), dense_ms=_time(dense, sets, size),
                sparsedrop_graph_ms=_graph(sparsedrop, sets, size),
-               dense_graph_ms=_graph(dense, sets, size))
+               dense_graph_ms=(_torch_graph([(size, size)] * 2, dtype, 3) if size <= 1024
+                               else None))
     if baselines:
         row.update(naive_ms=_time(naive, sets, size), fused_ms=_time(fused, sets, size),
                    torch_ms=_torch_fwd_bwd(size, dtype, p))
@@ -150,7 +193,7 @@ def blockwise_forward(cp, rows, dtype):
     units, input pruning in the GEMM, against the dense GEMM."""
     from cudrop import gyro
     sets = _sets(cp, [(256, 1024), (1024, 1024)], dtype)
-    dense, dense_g = time_gpu(cp.matmul, sets), time_graph(cp.matmul, sets)
+    dense, dense_g = time_gpu(cp.matmul, sets), _torch_graph([(256, 1024), (1024, 1024)], dtype, 1)
     for p in (0.1, 0.25, 0.5, 0.75):
         mk = gyro.blockwise_mask((256, 1024), p, step=0, block=(128, 32), xp=cp)
         f = lambda x, w: bsmm.dsd(x, w, mk, 1 / (1 - p))  # noqa: E731
