@@ -2,7 +2,7 @@
 //
 //   C[m, n] = act(alpha * sum_k A(m, k) B(k, n) + bias[n])      fp16 / bf16 in, fp32 accumulate
 //
-// Same contract as the portable mma.sync kernel (see the brief in benchmarks/notes_sm90.md):
+// Same contract as the portable mma.sync kernel (bsmm.cuh; history in benchmarks/bsmm_notes.md):
 //   * A(m,k) = A_KMAJ ? A[m*lda + k] : A[k*lda + m];  B(k,n) = B_KMAJ ? B[n*ldb + k] : B[k*ldb + n]
 //   * count != nullptr: row block r = m / rblk sums only over the kept K blocks
 //     index[r*index_stride + 0 .. count[r]-1] (each [j*kblk, min((j+1)*kblk, K)), kblk % 8 == 0)
