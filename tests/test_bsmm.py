@@ -218,10 +218,11 @@ def test_errors(xp):
 @pytest.mark.parametrize("kernel", ["simple", "mma", "sm90", "tma"])
 def test_gpu_dense_launch_without_mask(kernel):
     """The kernels with neither lists nor bits (a plain GEMM; the tma kernel then runs a
-    persistent grid, one CTA per SM walking several tiles) against float64 math."""
+    persistent grid, one CTA per SM walking several tiles: 17 x 17 tiles here) against float64
+    math."""
     cp = _gpu_or_skip(kernel)
     rng = np.random.default_rng(7)
-    for m, k, n in ((1032, 520, 2056), (136, 64, 264)):
+    for m, k, n in ((2056, 264, 4104), (136, 64, 264)):
         a = cp.asarray(rng.standard_normal((m, k))).astype(np.float16)
         b = cp.asarray(rng.standard_normal((k, n))).astype(np.float16)
         out = cp.full((m, n), np.nan, np.float16)
