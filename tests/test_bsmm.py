@@ -125,7 +125,7 @@ def _gpu_or_skip(kernel):
 
 # the smallest tile rows of each kernel (a tile's rows lie in one row block of the mask) and the
 # multiple of the kept blocks' width along K it needs
-MIN_BM = {"simple": 1, "mma": 64, "sm90": 128, "tma": 128}
+MIN_BM = {"simple": 1, "mma": 64, "sm90": 128, "tma": 64}
 KBLK = {"simple": 1, "mma": 8, "sm90": 8, "tma": 64}
 
 
@@ -193,6 +193,13 @@ def test_pick_tile_respects_row_blocks():
     assert bsmm_gpu.pick_tile(1024, 1024, 32, True, 132) is None
     assert bsmm_gpu.pick_tile(8192, 8192, 32, False, 132) == bsmm_gpu.MMA_TILES[0]
     assert bsmm_gpu.pick_tile(8192, 8192, 64, True, 132, bsmm_gpu.SM90_TILES) is None
+    tma = bsmm_gpu.TMA_TILES
+    assert bsmm_gpu.pick_tile(8192, 8192, 128, True, 132, tma)[:2] == (128, 256)
+    # an output mask of 128-wide blocks: 128-wide tiles, so a dropped block is a skipped tile
+    assert bsmm_gpu.pick_tile(8192, 8192, 128, True, 132, tma, cblk=128)[:2] == (128, 128)
+    # small problems: the most CTAs (64-row tiles where the row blocks allow them)
+    assert bsmm_gpu.pick_tile(1024, 1024, 128, True, 132, tma)[:2] == (64, 128)
+    assert bsmm_gpu.pick_tile(1024, 1024, 128, True, 132, tma, cblk=128)[:2] == (64, 128)
 
 
 def test_errors(xp):

@@ -29,8 +29,8 @@ TF32_TILES = ((64, 128, 16, 2, 2, 4),)
 MMA_TILES = ((64, 128, 32, 2, 2, 4), (128, 128, 64, 2, 4, 3), (128, 128, 32, 2, 4, 4))
 # (BM, BN, stages, BK) of bsmm_sm90.cu, in order of preference
 SM90_TILES = ((128, 256, 4, 64), (128, 128, 6, 64))
-# (BM, BN, stages) of bsmm_tma.cu (BK = 64)
-TMA_TILES = ((128, 256, 4), (128, 128, 6))
+# (BM, BN, stages) of bsmm_tma.cu (BK = 64); 64-row tiles fill the SMs on small problems
+TMA_TILES = ((128, 256, 4), (128, 128, 6), (64, 128, 6))
 _NULL = np.uintp(0)
 
 
@@ -61,17 +61,18 @@ def _operand(x, kdim):
 
 
 def pick_tile(m, n, rblk, masked, sms, tiles=MMA_TILES, cblk=None):
-    """The first tile of ``tiles`` (in order of preference) that still gives every SM work,
-    among those whose rows fit the mask's row blocks; the last fitting one on small problems.
-    Under an output mask (``cblk``), tiles whose columns fit its column blocks come first, so
-    that a dropped block is a skipped tile."""
+    """The first tile of ``tiles`` (in order of preference) that gives every SM work, among
+    those whose rows fit the mask's row blocks; on small problems the one with the most CTAs.
+    Under an output mask (``cblk``) only tiles whose columns fit its column blocks are
+    considered when there are any, so that a dropped block is a skipped tile."""
     ok = [t for t in tiles if not masked or rblk % t[0] == 0]
     if cblk is not None:
-        ok = [t for t in ok if cblk % t[1] == 0] + [t for t in ok if cblk % t[1]]
+        ok = [t for t in ok if cblk % t[1] == 0] or ok
+    ctas = lambda t: -(-m // t[0]) * -(-n // t[1])  # noqa: E731
     for t in ok:
-        if -(-m // t[0]) * -(-n // t[1]) >= sms:
+        if ctas(t) >= sms:
             return t
-    return ok[-1] if ok else None
+    return max(ok, key=ctas) if ok else None
 
 
 def tf32_enabled():

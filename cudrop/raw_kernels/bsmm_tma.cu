@@ -326,4 +326,5 @@ BSMM_TMA_INST(cd_bf16, true, true, 0, 128, 256, 4)
 BSMM_TMA_INST(cd_bf16, false, false, 0, 128, 256, 4)
 BSMM_TMA_INST(cd_f16, true, false, 0, 128, 128, 6)
 BSMM_TMA_INST(cd_bf16, true, true, 0, 128, 128, 6)
+BSMM_TMA_INST(cd_f16, true, false, 0, 64, 128, 6)
 #endif
