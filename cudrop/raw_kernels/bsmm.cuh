@@ -1,5 +1,6 @@
 // The contract every block-sparse GEMM kernel follows (bsmm_simple.cu, bsmm_mma.cu,
-// bsmm_sm90.cu), so the Python dispatcher can swap them:
+// bsmm_sm90.cu, bsmm_tma.cu), so the Python dispatcher can swap them. (The Hopper kernels take
+// ldc instead of ldcm/ldcn, a float alpha and the activation as a template argument.)
 //
 //   C(m, n) = act(alpha * sum_k A(m, k) B(k, n) + bias(n))
 //   A(m, k) = A_KMAJ ? A[m*lda + k] : A[k*lda + m]      (K-major, or M-major = a transposed view)
