@@ -125,13 +125,14 @@ _PLANS: dict = {}
 
 
 def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits, cblk,
-            ldcn, tile_override):
+            ldcn, c_ptr, tile_override):
     """(kind, tile): the fastest kernel whose preconditions hold, or the forced one."""
     if choice not in KERNELS + ("auto",):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {choice!r}")
     tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
     dev, sms, is_sm90 = _device()
-    hopper = tc_ok and ldcn == 1 and is_sm90 and a.dtype.name in _HALF
+    # the Hopper kernels store rows of C in 4-byte pairs: row-major, 4-byte aligned C
+    hopper = tc_ok and ldcn == 1 and c_ptr % 4 == 0 and is_sm90 and a.dtype.name in _HALF
     if choice in ("auto", "tma") and hopper and tma_mod.available() and (
             lists is None or kblk % tma_mod.BK == 0):
         t = pick_tile(m, n, rblk, masked, sms, TMA_TILES, cblk if bits is not None else None)
@@ -139,15 +140,16 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
             return "tma", t
     if choice == "tma":
         raise ValueError("the tma kernel does not take these operands (device, dtype, "
-                         "alignment, kept blocks not multiples of 64 along K, or a non-row-major "
-                         "output)")
+                         "alignment, kept blocks not multiples of 64 along K, or an output that is "
+                         "not row-major and 4-byte aligned)")
     if choice in ("auto", "sm90") and hopper:
         t = pick_tile(m, n, rblk, masked, sms, SM90_TILES, cblk if bits is not None else None)
         if t:
             return "sm90", t
     if choice == "sm90":
         raise ValueError("the sm90 kernel does not take these operands (device, dtype, "
-                         "alignment, block size or a non-row-major output)")
+                         "alignment, block size or an output that is not row-major and 4-byte "
+                         "aligned)")
     if choice in ("auto", "mma") and tc_ok:
         tiles = MMA_TILES if a.dtype.name in _HALF else TF32_TILES
         t = tile_override or pick_tile(m, n, rblk, masked, sms, tiles)
@@ -171,7 +173,7 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
     ldcm, ldcn = out.strides[0] // it, out.strides[1] // it
     masked = lists is not None or bits is not None
     pl.kind, tile = _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits,
-                            cblk, ldcn, tile_override)
+                            cblk, ldcn, out.data.ptr, tile_override)
     dev = _device()[0]
     dims = (np.int32(m), np.int32(n), np.int32(k), np.int64(a_lay[1]), np.int64(b_lay[1]))
     pl.mid2 = (np.int32(lists[1].shape[1] if lists is not None else 0), np.int32(rblk),
@@ -224,7 +226,7 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
         return out
     choice = kernel or "auto"
     key = (a.shape, a.strides, b.shape, b.strides, out.strides, a.dtype, a.data.ptr % 16,
-           b.data.ptr % 16, lists is None, None if lists is None else lists[1].shape,
+           b.data.ptr % 16, out.data.ptr % 4, lists is None, None if lists is None else lists[1].shape,
            None if bits is None else bits.shape, rblk, kblk, cblk, scale, act, choice, tile,
            backend.cupy.cuda.runtime.getDevice(), tf32_enabled())
     pl = _PLANS.get(key)

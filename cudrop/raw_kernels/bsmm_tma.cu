@@ -256,39 +256,7 @@ __device__ __forceinline__ void bsmm_tma_body(
     const int wtid = ctid & 127;
     const int row_a = m0 + wg * 64 + (wtid >> 5) * 16 + ((wtid & 31) >> 2);
     const int col_a = n0 + 2 * (wtid & 3);
-    unsigned short* Cg = reinterpret_cast<unsigned short*>(C);
-    const bool pair_ok = (ldc & 1) == 0;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-        const int n = col_a + 8 * j;
-        if (n >= N) continue;
-        const bool has1 = n + 1 < N;
-        bool keep0 = true, keep1 = true;
-        if (brow != nullptr) {
-            const int c0 = n / cblk;
-            keep0 = (brow[c0 >> 6] >> (c0 & 63)) & 1ull;
-            if (has1) { const int c1 = (n + 1) / cblk; keep1 = (brow[c1 >> 6] >> (c1 & 63)) & 1ull; }
-        }
-        float b0 = 0.f, b1 = 0.f;
-        if (bias != nullptr) { b0 = cd_to_float(bias[n]); if (has1) b1 = cd_to_float(bias[n + 1]); }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = row_a + 8 * h;
-            if (m >= M) continue;
-            float v0 = alpha * acc[4 * j + 2 * h] + b0;
-            float v1 = alpha * acc[4 * j + 2 * h + 1] + b1;
-            if constexpr (ACT == 1) { v0 = fmaxf(v0, 0.f); v1 = fmaxf(v1, 0.f); }
-            else if constexpr (ACT == 2) {
-                v0 = 0.5f * v0 * (1.f + erff(v0 * 0.70710678118654752f));
-                v1 = 0.5f * v1 * (1.f + erff(v1 * 0.70710678118654752f));
-            }
-            const unsigned short o0 = keep0 ? cd_from_float<T>(v0).v : (unsigned short)0;
-            const unsigned short o1 = keep1 ? cd_from_float<T>(v1).v : (unsigned short)0;
-            unsigned short* dst = Cg + (long long)m * ldc + n;
-            if (has1 && pair_ok) *reinterpret_cast<unsigned int*>(dst) = (unsigned int)o0 | ((unsigned int)o1 << 16);
-            else { dst[0] = o0; if (has1) dst[1] = o1; }
-        }
-    }
+    bsmm90_epilogue<T, ACT, BN>(acc, C, bias, M, N, ldc, alpha, brow, cblk, row_a, col_a);
     }   // tile loop
 }
 #endif  // BSMM90_ENABLED
