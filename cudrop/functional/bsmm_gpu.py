@@ -124,40 +124,45 @@ class _Plan:
 _PLANS: dict = {}
 
 
+_NEEDS = {
+    "tma": "an sm_90 GPU, float16/bfloat16, 16-byte aligned operands, kept blocks of multiples "
+           "of 64 along K, rows of the tile inside one row block, a row-major 4-byte aligned "
+           "output",
+    "sm90": "an sm_90 GPU, float16/bfloat16, 16-byte aligned operands, rows of the tile inside "
+            "one row block, a row-major 4-byte aligned output",
+    "mma": "float16/bfloat16 (float32 with CUPY_TF32=1), 16-byte aligned operands, rows of the "
+           "tile inside one row block",
+}
+
+
 def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits, cblk,
             ldcn, c_ptr, tile_override):
     """(kind, tile): the fastest kernel whose preconditions hold, or the forced one."""
     if choice not in KERNELS + ("auto",):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {choice!r}")
     tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
-    dev, sms, is_sm90 = _device()
+    _, sms, is_sm90 = _device()
+    half = a.dtype.name in _HALF
     # the Hopper kernels store rows of C in 4-byte pairs: row-major, 4-byte aligned C
-    hopper = tc_ok and ldcn == 1 and c_ptr % 4 == 0 and is_sm90 and a.dtype.name in _HALF
-    if choice in ("auto", "tma") and hopper and tma_mod.available() and (
-            lists is None or kblk % tma_mod.BK == 0):
-        t = pick_tile(m, n, rblk, masked, sms, TMA_TILES, cblk if bits is not None else None)
-        if t:
-            return "tma", t
-    if choice == "tma":
-        raise ValueError("the tma kernel does not take these operands (device, dtype, "
-                         "alignment, kept blocks not multiples of 64 along K, or an output that is "
-                         "not row-major and 4-byte aligned)")
-    if choice in ("auto", "sm90") and hopper:
-        t = pick_tile(m, n, rblk, masked, sms, SM90_TILES, cblk if bits is not None else None)
-        if t:
-            return "sm90", t
-    if choice == "sm90":
-        raise ValueError("the sm90 kernel does not take these operands (device, dtype, "
-                         "alignment, block size or an output that is not row-major and 4-byte "
-                         "aligned)")
-    if choice in ("auto", "mma") and tc_ok:
-        tiles = MMA_TILES if a.dtype.name in _HALF else TF32_TILES
-        t = tile_override or pick_tile(m, n, rblk, masked, sms, tiles)
-        if t:
-            return "mma", t
-    if choice == "mma":
-        raise ValueError("the mma kernel does not take these operands (dtype (float32 only "
-                         "with CUPY_TF32=1), alignment or block size)")
+    hopper = tc_ok and half and is_sm90 and ldcn == 1 and c_ptr % 4 == 0
+    candidates = (
+        ("tma", TMA_TILES, hopper and tma_mod.available()
+         and (lists is None or kblk % tma_mod.BK == 0)),
+        ("sm90", SM90_TILES, hopper),
+        ("mma", MMA_TILES if half else TF32_TILES, tc_ok),
+    )
+    for kind, tiles, ok in candidates:
+        if choice not in ("auto", kind):
+            continue
+        tile = None
+        if ok:
+            tile = (tile_override if kind == "mma" and tile_override else
+                    pick_tile(m, n, rblk, masked, sms, tiles, cblk if bits is not None else None))
+        if tile:
+            return kind, tile
+        if choice == kind:
+            raise ValueError(f"the {kind} kernel does not take these operands; it needs "
+                             f"{_NEEDS[kind]}")
     return "simple", None
 
 
