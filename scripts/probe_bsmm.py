@@ -3,7 +3,7 @@
   python scripts/probe_bsmm.py forms        dsd/sdd/dsd_t over dense cuBLAS, fp16, p 0 and 0.5
   python scripts/probe_bsmm.py tiles        each mma tile, dense fp16 4096³ and 8192³
   python scripts/probe_bsmm.py one KERNEL [TILE]   two launches of one kernel (for ncu)
-  python scripts/probe_bsmm.py host         host cost per call at 1024³ (cProfile of the Python path)
+  python scripts/probe_bsmm.py host         host cost per call at 1024³ (and a cProfile)
 """
 import os
 import sys

@@ -231,7 +231,7 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
         return out
     choice = kernel or "auto"
     key = (a.shape, a.strides, b.shape, b.strides, out.strides, a.dtype, a.data.ptr % 16,
-           b.data.ptr % 16, out.data.ptr % 4, lists is None, None if lists is None else lists[1].shape,
+           b.data.ptr % 16, out.data.ptr % 4, None if lists is None else lists[1].shape,
            None if bits is None else bits.shape, rblk, kblk, cblk, scale, act, choice, tile,
            backend.cupy.cuda.runtime.getDevice(), tf32_enabled())
     pl = _PLANS.get(key)
