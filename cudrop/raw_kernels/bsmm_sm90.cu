@@ -158,8 +158,7 @@ __device__ __forceinline__ void bsmm90_load_mnmaj(unsigned sbase, const unsigned
     }
 }
 
-// wgmma wrappers: d (N/2 fp32 accumulators per thread) += A(desc) * B(desc); TA/TB = 1 for an
-// MN-major operand; the register lists and outputs are shared by the f16 and bf16 forms.
+// The accumulator operands of wgmma m64n128 / m64n256 (the latter extends the former).
 #define BSMM90_N128_REGS \
     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
@@ -189,34 +188,52 @@ __device__ __forceinline__ void bsmm90_load_mnmaj(unsigned sbase, const unsigned
     "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
     "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 
-template <bool BF16, int TA, int TB>
-__device__ __forceinline__ void bsmm90_wgmma_n256(float* d, unsigned long long da,
-                                                  unsigned long long db) {
-    if constexpr (BF16)
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" BSMM90_N256_REGS "}, "
-                     "%128, %129, p, 1, 1, %130, %131;\n}\n"
-                     : BSMM90_N256_OUTS : "l"(da), "l"(db), "n"(TA), "n"(TB));
+// d (BN/2 accumulators per thread) += A(desc) * B(desc) for one k16 slice; TA/TB = 1 for an
+// MN-major operand.
+#define BSMM90_WGMMA(SHAPE, TY, REGS, OUTS, IN)                                                 \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                    \
+                 "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " {" REGS "}, " IN    \
+                 ";\n}\n" : OUTS : "l"(da), "l"(db), "n"(TA), "n"(TB))
+template <bool BF16, int BN, int TA, int TB>
+__device__ __forceinline__ void bsmm90_wgmma(float* d, unsigned long long da, unsigned long long db) {
+    if constexpr (BN == 256 && BF16)
+        BSMM90_WGMMA("m64n256k16", "bf16", BSMM90_N256_REGS, BSMM90_N256_OUTS, "%128, %129, p, 1, 1, %130, %131");
+    else if constexpr (BN == 256)
+        BSMM90_WGMMA("m64n256k16", "f16", BSMM90_N256_REGS, BSMM90_N256_OUTS, "%128, %129, p, 1, 1, %130, %131");
+    else if constexpr (BF16)
+        BSMM90_WGMMA("m64n128k16", "bf16", BSMM90_N128_REGS, BSMM90_N128_OUTS, "%64, %65, p, 1, 1, %66, %67");
     else
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" BSMM90_N256_REGS "}, "
-                     "%128, %129, p, 1, 1, %130, %131;\n}\n"
-                     : BSMM90_N256_OUTS : "l"(da), "l"(db), "n"(TA), "n"(TB));
+        BSMM90_WGMMA("m64n128k16", "f16", BSMM90_N128_REGS, BSMM90_N128_OUTS, "%64, %65, p, 1, 1, %66, %67");
 }
 
-template <bool BF16, int TA, int TB>
-__device__ __forceinline__ void bsmm90_wgmma_n128(float* d, unsigned long long da,
-                                                  unsigned long long db) {
-    if constexpr (BF16)
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" BSMM90_N128_REGS "}, "
-                     "%64, %65, p, 1, 1, %66, %67;\n}\n"
-                     : BSMM90_N128_OUTS : "l"(da), "l"(db), "n"(TA), "n"(TB));
-    else
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" BSMM90_N128_REGS "}, "
-                     "%64, %65, p, 1, 1, %66, %67;\n}\n"
-                     : BSMM90_N128_OUTS : "l"(da), "l"(db), "n"(TA), "n"(TB));
+// One pipeline stage of MMAs for a warpgroup: the BK/16 k16 slices of the stage's shared tiles
+// (A at sa, B at sb, in the layouts the loaders write) as one wgmma group, then a wait for the
+// previous group, whose stage the caller may then refill or release. Descriptor strides: K-major
+// rows of BK*2 bytes in 8-row atoms (128-byte swizzle for BK = 64, 64-byte for 32); MN-major
+// 64-wide atoms of BK*128 bytes, 8 k-rows per 1024 bytes (128-byte swizzle).
+template <bool BF16, bool A_KMAJ, bool B_KMAJ, int BN, int BK>
+__device__ __forceinline__ void bsmm90_mma_stage(float* acc, unsigned sa, unsigned sb) {
+    constexpr int NACC = BN / 2;
+    constexpr unsigned ATOM_MN = BK * 128, KROW = BK * 2;
+    constexpr unsigned long long KMODE = BK == 64 ? 1ull : 2ull;
+    constexpr unsigned A_LBO = A_KMAJ ? 16u : ATOM_MN, A_SBO = A_KMAJ ? 8 * KROW : 1024u;
+    constexpr unsigned B_LBO = B_KMAJ ? 16u : ATOM_MN, B_SBO = B_KMAJ ? 8 * KROW : 1024u;
+    constexpr unsigned long long A_MODE = A_KMAJ ? KMODE : 1ull, B_MODE = B_KMAJ ? KMODE : 1ull;
+    constexpr unsigned A_KSTEP = A_KMAJ ? 32u : 2048u, B_KSTEP = B_KMAJ ? 32u : 2048u;
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+    bsmm90_wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk)
+        bsmm90_wgmma<BF16, BN, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(
+            acc, bsmm90_desc(sa + kk * A_KSTEP, A_LBO, A_SBO, A_MODE),
+            bsmm90_desc(sb + kk * B_KSTEP, B_LBO, B_SBO, B_MODE));
+    bsmm90_wg_commit();
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+    bsmm90_wg_wait<1>();
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
 }
 
 // The epilogue of one warpgroup's 64 rows of a BN-wide tile (the m64nNk16 accumulator
@@ -347,19 +364,8 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
 
     const int wg = tid >> 7;
     // Descriptor constants (bytes).
-    constexpr unsigned ATOM_MN = BK * 128;                 // 64-wide MN atom of an MN-major tile
-    constexpr unsigned KROW = BK * 2;                       // K-major row bytes
-    constexpr unsigned long long KMODE = (BK == 64) ? 1ull : 2ull;   // 128B / 64B swizzle
-    constexpr unsigned A_LBO = A_KMAJ ? 16u : ATOM_MN;
-    constexpr unsigned A_SBO = A_KMAJ ? 8 * KROW : 1024u;
-    constexpr unsigned B_LBO = B_KMAJ ? 16u : ATOM_MN;
-    constexpr unsigned B_SBO = B_KMAJ ? 8 * KROW : 1024u;
-    constexpr unsigned long long A_MODE = A_KMAJ ? KMODE : 1ull;
-    constexpr unsigned long long B_MODE = B_KMAJ ? KMODE : 1ull;
-    // Per-k16 advance and this warpgroup's A offset.
-    constexpr unsigned A_KSTEP = A_KMAJ ? 32u : 2048u;
-    constexpr unsigned B_KSTEP = B_KMAJ ? 32u : 2048u;
-    const unsigned a_wg_off = A_KMAJ ? (unsigned)(wg * 64 * KROW) : (unsigned)(wg * ATOM_MN);
+    // this warpgroup's 64 rows of A: 64 K-major rows, or one 64-wide MN atom
+    const unsigned a_wg_off = (unsigned)wg * (A_KMAJ ? 64 * BK * 2 : BK * 128);
 
 #pragma unroll 1
     for (int s = 0; s < STAGES - 2; ++s) {
@@ -375,22 +381,7 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
         const int slot = kt % STAGES;
         const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + a_wg_off;
         const unsigned sb = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + (unsigned)cfg::A_BYTES;
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
-        bsmm90_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            const unsigned long long da = bsmm90_desc(sa + kk * A_KSTEP, A_LBO, A_SBO, A_MODE);
-            const unsigned long long db = bsmm90_desc(sb + kk * B_KSTEP, B_LBO, B_SBO, B_MODE);
-            if constexpr (BN == 256) bsmm90_wgmma_n256<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
-            else                     bsmm90_wgmma_n128<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
-        }
-        bsmm90_wg_commit();
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
-        bsmm90_wg_wait<1>();
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+        bsmm90_mma_stage<BF16, A_KMAJ, B_KMAJ, BN, BK>(acc, sa, sb);
         const int ls = kt + STAGES - 2;
         if (ls < nsteps) load_stage(ls % STAGES, ls);
         bsmm90_cp_commit();

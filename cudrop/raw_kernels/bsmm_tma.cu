@@ -200,11 +200,8 @@ __device__ __forceinline__ void bsmm_tma_body(
     const int ctid = tid - 128;
     const int wg = ctid >> 7;
     const int lane = tid & 31;
-    constexpr unsigned ATOM_MN = BK * 128;
-    constexpr unsigned A_LBO = A_KMAJ ? 16u : ATOM_MN, A_SBO = 1024u;
-    constexpr unsigned B_LBO = B_KMAJ ? 16u : ATOM_MN, B_SBO = 1024u;
-    constexpr unsigned A_KSTEP = A_KMAJ ? 32u : 2048u, B_KSTEP = B_KMAJ ? 32u : 2048u;
-    const unsigned a_wg_off = A_KMAJ ? (unsigned)(wg * 64 * 128) : (unsigned)(wg * ATOM_MN);
+    // this warpgroup's 64 rows of A: 64 K-major rows, or one 64-wide MN atom
+    const unsigned a_wg_off = (unsigned)wg * (A_KMAJ ? 64 * BK * 2 : BK * 128);
     int slot = 0, phase = 0;
     float acc[NACC];
 #pragma unroll 1
@@ -220,22 +217,7 @@ __device__ __forceinline__ void bsmm_tma_body(
         bsmm90_mbar_wait(bar + 8 * slot, phase);
         const unsigned sa = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + a_wg_off;
         const unsigned sb = sbase + (unsigned)(slot * cfg::STAGE_BYTES) + (unsigned)cfg::A_BYTES;
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
-        bsmm90_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            const unsigned long long da = bsmm90_desc(sa + kk * A_KSTEP, A_LBO, A_SBO, 1ull);
-            const unsigned long long db = bsmm90_desc(sb + kk * B_KSTEP, B_LBO, B_SBO, 1ull);
-            if constexpr (BN == 256) bsmm90_wgmma_n256<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
-            else                     bsmm90_wgmma_n128<BF16, A_KMAJ ? 0 : 1, B_KMAJ ? 0 : 1>(acc, da, db);
-        }
-        bsmm90_wg_commit();
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
-        bsmm90_wg_wait<1>();
-#pragma unroll
-        for (int i = 0; i < NACC; ++i) bsmm90_reg_fence(acc[i]);
+        bsmm90_mma_stage<BF16, A_KMAJ, B_KMAJ, BN, BK>(acc, sa, sb);
         if (kt >= 1) {
             __syncwarp();
             if (lane == 0) bsmm90_mbar_arrive(bar + 8 * (STAGES + prev_slot));
