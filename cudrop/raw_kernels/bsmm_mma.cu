@@ -39,31 +39,17 @@ template <bool TRANS> __device__ __forceinline__ void cd_ldsm_x4(unsigned* r, un
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-template <typename T> __device__ __forceinline__ void cd_mma(float* d, const unsigned* a,
-                                                             const unsigned* b);
-template <> __device__ __forceinline__ void cd_mma<cd_f16>(float* d, const unsigned* a,
-                                                           const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <> __device__ __forceinline__ void cd_mma<cd_bf16>(float* d, const unsigned* a,
-                                                            const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <> __device__ __forceinline__ void cd_mma<float>(float* d, const unsigned* a,
-                                                          const unsigned* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+// d += a b for one warp-level tile: m16n8k16 for the 16-bit types, m16n8k8 for TF32.
+#define CD_MMA(SHAPE_TYPES)                                                                    \
+    asm volatile("mma.sync.aligned." SHAPE_TYPES " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "     \
+                 "{%0,%1,%2,%3};"                                                             \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                             \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+template <typename T>
+__device__ __forceinline__ void cd_mma(float* d, const unsigned* a, const unsigned* b) {
+    if constexpr (sizeof(T) == 4) CD_MMA("m16n8k8.row.col.f32.tf32.tf32.f32");
+    else if constexpr (cd_is_bf16<T>::value) CD_MMA("m16n8k16.row.col.f32.bf16.bf16.f32");
+    else CD_MMA("m16n8k16.row.col.f32.f16.f16.f32");
 }
 
 // Fragments are 32-bit registers: two 16-bit elements, or one float rounded to TF32 (the

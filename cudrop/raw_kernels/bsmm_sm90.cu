@@ -37,8 +37,6 @@
 #include "dtypes.cuh"
 
 
-template <typename T> struct bsmm90_is_bf16 { static constexpr bool value = false; };
-template <> struct bsmm90_is_bf16<cd_bf16> { static constexpr bool value = true; };
 
 template <int BM, int BN, int STAGES, int BK>
 struct bsmm90_cfg {
@@ -299,7 +297,7 @@ bsmm_sm90(const T* __restrict__ A, const T* __restrict__ B, T* __restrict__ C, c
 #if BSMM90_ENABLED
     using cfg = bsmm90_cfg<BM, BN, STAGES, BK>;
     constexpr int THREADS = cfg::THREADS;
-    constexpr bool BF16 = bsmm90_is_bf16<T>::value;
+    constexpr bool BF16 = cd_is_bf16<T>::value;
     constexpr int NACC = BN / 2;
 
     extern __shared__ unsigned char bsmm90_smem_raw[];

@@ -94,7 +94,7 @@ __device__ __forceinline__ void bsmm_tma_body(
         const void* tmA, const void* tmB) {
     using cfg = bsmm_tma_cfg<BM, BN, STAGES>;
     constexpr int BK = 64;
-    constexpr bool BF16 = bsmm90_is_bf16<T>::value;
+    constexpr bool BF16 = cd_is_bf16<T>::value;
     constexpr int NACC = BN / 2;
     constexpr int CONS = cfg::CONSUMERS;
 

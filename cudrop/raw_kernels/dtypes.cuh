@@ -5,6 +5,9 @@
 struct cd_f16 { unsigned short v; };
 struct cd_bf16 { unsigned short v; };
 
+template <typename T> struct cd_is_bf16 { static constexpr bool value = false; };
+template <> struct cd_is_bf16<cd_bf16> { static constexpr bool value = true; };
+
 __device__ __forceinline__ float cd_to_float(cd_f16 x) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.v)); return f;
 }
