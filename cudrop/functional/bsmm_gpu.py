@@ -101,14 +101,13 @@ _DEVICE: dict = {}
 
 
 def _device():
-    """(device id, SM count, is sm_90) of the current device, queried once: the attribute
-    query costs more host time than a small GEMM."""
+    """(SM count, is sm_90) of the current device, queried once: the attribute query costs
+    more host time than a small GEMM."""
     dev = backend.cupy.cuda.runtime.getDevice()
     info = _DEVICE.get(dev)
     if info is None:
         d = backend.cupy.cuda.Device(dev)
-        info = _DEVICE[dev] = (dev, d.attributes["MultiProcessorCount"],
-                               d.compute_capability == "90")
+        info = _DEVICE[dev] = (d.attributes["MultiProcessorCount"], d.compute_capability == "90")
     return info
 
 
@@ -141,7 +140,7 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
     if choice not in KERNELS + ("auto",):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {choice!r}")
     tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
-    _, sms, is_sm90 = _device()
+    sms, is_sm90 = _device()
     half = a.dtype.name in _HALF
     # the Hopper kernels store rows of C in 4-byte pairs: row-major, 4-byte aligned C
     hopper = tc_ok and half and is_sm90 and ldcn == 1 and c_ptr % 4 == 0
@@ -179,7 +178,6 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
     masked = lists is not None or bits is not None
     pl.kind, tile = _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits,
                             cblk, ldcn, out.data.ptr, tile_override)
-    dev = _device()[0]
     dims = (np.int32(m), np.int32(n), np.int32(k), np.int64(a_lay[1]), np.int64(b_lay[1]))
     pl.mid2 = (np.int32(lists[1].shape[1] if lists is not None else 0), np.int32(rblk),
                np.int32(kblk))
@@ -197,7 +195,7 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
             # dense: a persistent grid (one CTA per SM walks the tiles, the producer fetching the
             # next tile under the epilogue); pruned: one CTA per tile, as their work differs
             tiles = cdim(bm, bn)
-            pl.grid = (min(_device()[1], tiles[0] * tiles[1]),) if not masked else tiles
+            pl.grid = (min(_device()[0], tiles[0] * tiles[1]),) if not masked else tiles
             pl.tma = (m, n, k, a_lay, b_lay, bm, bn)
             src = "bsmm_tma.cu"
         else:
@@ -219,7 +217,7 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
         else:
             name = f"bsmm_simple<{t}, {_b(a_lay[0])}, {_b(b_lay[0])}>"
             pl.smem, pl.block, pl.grid, src = 0, (16, 16), cdim(16, 16), "bsmm_simple.cu"
-    pl.f = _function(src, name, pl.smem, dev)
+    pl.f = _function(src, name, pl.smem)
     return pl
 
 
@@ -263,17 +261,11 @@ def _ptr(x):
     return _NULL if x is None else x
 
 
-_FUNCS: dict = {}
-
-
-def _function(source, name, smem, dev):
-    """The compiled kernel ``name`` (one NVRTC module per instance, memoised by the loader),
-    with its dynamic shared-memory limit raised once where it needs more than 48 KB."""
-    key = (source, name, dev)
-    f = _FUNCS.get(key)
-    if f is None:
-        f = raw_kernels.kernel(source, name)
-        if smem > 48 * 1024:
-            f.max_dynamic_shared_size_bytes = smem
-        _FUNCS[key] = f
+def _function(source, name, smem):
+    """The compiled kernel ``name`` (one NVRTC module per instance and device, memoised by the
+    loader), its dynamic shared-memory limit raised where it needs more than 48 KB. Called once
+    per plan."""
+    f = raw_kernels.kernel(source, name)
+    if smem > 48 * 1024:
+        f.max_dynamic_shared_size_bytes = smem
     return f

@@ -32,8 +32,9 @@ def embedding_backward(grad_out, saved):
     accumulate)."""
     xp = backend.get_array_module(grad_out, saved["indices"])
     shape, dtype = saved["weight_shape"], saved["weight_dtype"]
-    # accumulate half-precision rows in float32: many repeats of a token would otherwise round away
-    acc = compute_dtype(dtype) if dtype.kind == "f" else dtype
+    # accumulate half-precision rows (bfloat16 included) in float32: many repeats of a token
+    # would otherwise round away
+    acc = compute_dtype(dtype)
     gw = xp.zeros(shape, acc)
     xp.add.at(gw, saved["indices"].reshape(-1),
               grad_out.reshape(-1, shape[1]).astype(acc, copy=False))

@@ -28,7 +28,7 @@ def pruned_linear(x, w, b, mask, act=None):
     if not isinstance(mask, masks.BlockMask):
         raise TypeError(f"pruned_linear: mask must be a cudrop.masks.BlockMask, got "
                         f"{type(mask).__name__}")
-    xp = backend.get_array_module(x, w, b, mask.bits)
+    backend.get_array_module(x, w, b, mask.bits)  # raises on mixed NumPy/CuPy
     x2 = x.reshape(-1, x.shape[-1])
     # the epilogue computes act(scale · acc + bias): fold 1/q into the bias (relu commutes
     # with a positive scale)
@@ -36,21 +36,24 @@ def pruned_linear(x, w, b, mask, act=None):
     bias = None if b is None else (b * b.dtype.type(scale)).astype(b.dtype)
     y = bsmm.sdd(x2, w, mask, scale, bias=bias, act=act)
     saved = {"x": x2, "w": w, "y": y, "mask": mask, "act": act, "bias": b is not None,
-             "x_shape": x.shape, "xp": xp}
+             "x_shape": x.shape}
     return y.reshape(x.shape[:-1] + (w.shape[1],)), saved
 
 
 def pruned_linear_backward(grad_out, saved):
     """``(gx, gw, gb)``; ``gb`` is None without a bias."""
     x, w, y, mask = saved["x"], saved["w"], saved["y"], saved["mask"]
-    xp = saved["xp"]
+    xp = backend.get_array_module(grad_out, y)
+    scale = 1.0 / mask.q
     g = grad_out.reshape(y.shape)
-    if saved["act"] == "relu":  # y > 0 exactly where kept and active
-        g = xp.where(y > 0, g * g.dtype.type(1.0 / mask.q), g.dtype.type(0))
+    # The GEMMs read only g's kept blocks and apply 1/q themselves; g needs masking only by the
+    # activation (y > 0 exactly where kept and active) and, for the bias sum, by the mask.
+    if saved["act"] == "relu":
+        g = xp.where(y > 0, g, g.dtype.type(0))
+        gb = g.sum(axis=0) * g.dtype.type(scale) if saved["bias"] else None
     else:
-        g = blockwise_dropout_backward(g, {"mask": mask})
-    gx = bsmm.dsd(g, w.T, mask, 1.0).reshape(saved["x_shape"])
+        gb = blockwise_dropout_backward(g, {"mask": mask}).sum(axis=0) if saved["bias"] else None
+    gx = bsmm.dsd(g, w.T, mask, scale).reshape(saved["x_shape"])
     gw = xp.empty(w.shape, w.dtype)
-    bsmm.dsd_t(g, x, mask, 1.0, out=gw.T)
-    gb = g.sum(axis=0) if saved["bias"] else None
+    bsmm.dsd_t(g, x, mask, scale, out=gw.T)
     return gx, gw, gb

@@ -136,7 +136,7 @@ def slice_start(n_units, keep, *, seed, layer, step, align=None) -> int:
     count = num_starts(n_units, keep, align)
     seed = philox.check_seed("seed", seed)
     layer = philox.check_seed("layer", layer)
-    step = philox.check_seed("step", step)  # the counter word holds 32 bits
+    step = philox.check_step(step)
     word = int(philox.words(seed, layer, step, philox.TAG_SLICE, 0, 0))
     idx = (word * count) >> 32  # floor(u * count) with u = word / 2**32, exactly
     return idx if align is None else idx * int(align)
@@ -306,7 +306,7 @@ def sliceout_linear(x, w, b, ranges, scale=None):
     # in width, and new shapes cost cuBLAS planning and allocator misses: measured 2x slower
     # than dense at keep 0.5, fp16 4096^2, H200), no strided-view operand, the scale pass folded
     # into the copy, and the copy is what dW needs in backward.
-    xs = _compact(x2, ranges, 1, xp) * x.dtype.type(scale)
+    xs = _compact_scaled(x2, ranges, 1, xp, x.dtype.type(scale))
     y = matmul(xs, _compact(w, ranges, 0, xp))
     if b is not None:
         y += b
@@ -365,7 +365,7 @@ def sliceout_linear_out_backward(gy, saved):
         raise ValueError(f"sliceout_linear_out_backward: gy must have the output's shape "
                          f"{x_shape[:-1] + (n,)}, got {gy.shape}")
     g2 = gy.reshape(-1, n)
-    gs = _compact(g2, ranges, 1, xp) * gy.dtype.type(scale)
+    gs = _compact_scaled(g2, ranges, 1, xp, gy.dtype.type(scale))
     gx = matmul(gs, ws.T)
     gw = _scatter(matmul(x2.T, gs), ranges, 1, w_shape, xp)
     gb = _scatter(gs.sum(axis=0), ranges, 0, (n,), xp) if has_b else None
@@ -377,6 +377,16 @@ def sliceout_linear_out_backward(gy, saved):
 def _compact(a, ranges, axis, xp):
     """The kept units of ``a`` along ``axis`` as one C-contiguous array (a copy)."""
     return xp.ascontiguousarray(_gather(a, ranges, axis, xp))
+
+
+def _compact_scaled(a, ranges, axis, xp, s):
+    """``_compact(a) * s`` in one pass over the kept units (the product of a view is already
+    contiguous); a wrapped slice is concatenated, then scaled in place."""
+    part = _gather(a, ranges, axis, xp)
+    if len(ranges) == 1:
+        return part * s
+    part *= s
+    return part
 
 
 def _scatter(part, ranges, axis, shape, xp):
@@ -444,10 +454,20 @@ def sliceout_conv2d_backward(gy, saved):
 
 # ---- multi-head attention -----------------------------------------------------------------
 
-def _causal_bias(xp, t, dtype):
-    # Finite, as in nn.MultiHeadAttention: the diagonal is always kept, and fp16 softmax stays
-    # free of inf - inf.
-    return xp.asarray(np.triu(np.full((t, t), np.finfo(dtype).min / 2, dtype=dtype), k=1))
+_CAUSAL: dict = {}
+
+
+def causal_bias(xp, t, dtype):
+    """The (t, t) additive causal mask: 0 on and below the diagonal, a large finite negative
+    above it (the diagonal is always kept, and fp16 softmax stays free of inf - inf). Built and
+    uploaded once per (device, t, dtype): an upload per step would wait on the stream."""
+    dev = -1 if xp is np else xp.cuda.runtime.getDevice()
+    key = (dev, t, np.dtype(dtype).str)
+    bias = _CAUSAL.get(key)
+    if bias is None:
+        bias = _CAUSAL[key] = xp.asarray(
+            np.triu(np.full((t, t), np.finfo(dtype).min / 2, dtype=dtype), k=1))
+    return bias
 
 
 def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, ranges, scale=None,
@@ -504,7 +524,7 @@ def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, ranges, scale
     s = matmul(q, k.swapaxes(-1, -2))
     s *= c
     if causal:
-        s += _causal_bias(xp, t, s.dtype)
+        s += causal_bias(xp, t, s.dtype)
     s -= s.max(axis=-1, keepdims=True)
     a = xp.exp(s, out=s)
     a /= a.sum(axis=-1, keepdims=True)

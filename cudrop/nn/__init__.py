@@ -11,5 +11,5 @@ from .residual import ResidualUnit, basic_block
 from .sliceout import SliceOut, SliceOutConv2d, SliceOutLinear, SliceOutMultiHeadAttention
 from .sparsedrop import SparseDrop, SparseDropLinear
 from .stochastic import StochasticLayer, number_layers, set_step
-from .variants import (DROPOUT_KINDS, FUSED_LINEAR_KINDS, dropped_linear, make_dropout,
+from .variants import (DROPOUT_KINDS, dropped_linear, make_dropout,
                        set_total_steps)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from .. import autograd as ag
+from ..functional.sliceout import causal_bias
 from .layers import Linear
 from .module import Module
 
@@ -27,17 +28,6 @@ class MultiHeadAttention(Module):
         self.proj = Linear(dim, dim, rng=rng, dtype=dtype)
         from .variants import make_dropout  # variants imports this module (SliceOut heads)
         self.attn_drop = make_dropout(dropout, p)
-        self._mask_cache = {}
-
-    def _causal_mask(self, xp, t, dtype):
-        key = (xp.__name__, t, np.dtype(dtype).str)
-        if key not in self._mask_cache:
-            # A large finite negative rather than -inf: a fully masked row cannot occur (the
-            # diagonal is kept), and finite values keep fp16 softmax free of inf - inf.
-            neg = np.finfo(dtype).min / 2
-            m = np.triu(np.full((t, t), neg, dtype=dtype), k=1)
-            self._mask_cache[key] = xp.asarray(m)
-        return self._mask_cache[key]
 
     def forward(self, x):
         if x.ndim != 3 or x.shape[-1] != self.dim:
@@ -48,7 +38,7 @@ class MultiHeadAttention(Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         s = ag.matmul(q, ag.transpose(k, (0, 1, 3, 2))) * (1.0 / math.sqrt(hd))
         if self.causal:
-            s = s + self._causal_mask(x.xp, t, x.dtype)
+            s = s + causal_bias(x.xp, t, x.dtype)
         a = self.attn_drop(ag.softmax(s, axis=-1))
         y = ag.reshape(ag.transpose(ag.matmul(a, v), (0, 2, 1, 3)), (b, t, d))
         return self.proj(y)

@@ -42,7 +42,6 @@ class _GyroBase(StochasticLayer):
         period is saved in ``state_dict``: the masks depend on it."""
         if period is None and self.period_given:
             return
-        self.total_steps = total_steps
         self.register_counter("period", gyro.resolve_period(self.num_subnets, self.co_scheduled,
                                                             period, total_steps))
 

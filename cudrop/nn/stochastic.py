@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 
-from ..philox import check_seed
+from ..philox import check_seed, check_step
 from .module import Module
 
 _next_layer_id = itertools.count()
@@ -34,7 +34,7 @@ class StochasticLayer(Module):
 
 def set_step(model: Module, step: int) -> None:
     """Set the step counter of every stochastic layer in ``model`` (resume at ``step``)."""
-    step = check_seed("step", step)  # the Philox counter word holds 32 bits
+    step = check_step(step)
     for m in model.modules():
         if isinstance(m, StochasticLayer):
             object.__setattr__(m, "step", step)

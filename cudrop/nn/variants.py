@@ -23,7 +23,6 @@ from .sliceout import SliceOut, SliceOutLinear
 from .sparsedrop import SparseDrop, SparseDropLinear
 
 DROPOUT_KINDS = ("none", "dropout", "sliceout", "gyro", "blockwise", "sparsedrop")
-FUSED_LINEAR_KINDS = ("sliceout", "sparsedrop")
 
 
 def _check(kind, p):
