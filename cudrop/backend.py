@@ -141,6 +141,14 @@ def to_device(a, device: str):
     return cupy.asnumpy(a) if is_gpu_array(a) else np.asarray(a)
 
 
+def index_range(a):
+    """``(min, max)`` of a non-empty integer array as Python ints, in one device-to-host
+    transfer on the GPU (the validation of indices costs one sync, not two)."""
+    xp = get_array_module(a)
+    lo, hi = (int(v) for v in asnumpy(xp.stack([a.min(), a.max()])))
+    return lo, hi
+
+
 def asnumpy(a):
     return cupy.asnumpy(a) if is_gpu_array(a) else np.asarray(a)
 

@@ -18,7 +18,7 @@ def embedding(indices, weight):
                          f"{tuple(weight.shape)}")
     v = weight.shape[0]
     if indices.size:
-        lo, hi = int(indices.min()), int(indices.max())
+        lo, hi = backend.index_range(indices)
         if lo < 0 or hi >= v:
             bad = lo if lo < 0 else hi
             raise ValueError(f"indices must lie in [0, {v}) (the rows of weight), found {bad}")

@@ -49,7 +49,7 @@ def cross_entropy(logits, targets, reduction="mean"):
     if targets.size:
         if c == 0:
             raise ValueError("logits has 0 classes on its last axis")
-        lo, hi = int(targets.min()), int(targets.max())
+        lo, hi = backend.index_range(targets)
         if lo < 0 or hi >= c:
             bad = lo if lo < 0 else hi
             raise ValueError(f"targets must lie in [0, {c}) (the {c} classes of logits), "
