@@ -11,7 +11,7 @@ import numpy as np
 
 sys.path.insert(0, ".")
 from benchmarks.common import time_gpu, write_json  # noqa: E402
-from cudrop.functional.matmul import matmul  # noqa: E402
+from cudrop.functional._matmul import matmul  # noqa: E402
 
 SHAPES = [  # (batch, m, k, n): attention-like and square
     (64, 256, 64, 256), (64, 256, 256, 64), (16, 1024, 1024, 1024), (8, 4096, 128, 4096)]

@@ -16,8 +16,8 @@ import numpy as np
 
 sys.path.insert(0, ".")
 from benchmarks.common import write_json  # noqa: E402
-from cudrop.functional import conv as Fconv, norm as Fnorm  # noqa: E402
-from cudrop.functional.matmul import matmul  # noqa: E402
+from cudrop.functional import _conv as Fconv, _norm as Fnorm  # noqa: E402
+from cudrop.functional._matmul import matmul  # noqa: E402
 
 N = 128
 CONV = [  # (C, O, H, k, stride, padding)

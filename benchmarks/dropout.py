@@ -11,7 +11,7 @@ import numpy as np
 
 sys.path.insert(0, ".")
 from benchmarks.common import time_gpu, write_json  # noqa: E402
-from cudrop.functional import dropout as F  # noqa: E402
+from cudrop.variants import dropout as F  # noqa: E402
 
 SIZES = [(4096, 4096), (8192, 8192)]
 P = 0.5

@@ -14,7 +14,7 @@ import cupy as cp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.common import time_gpu  # noqa: E402
 from cudrop import masks  # noqa: E402
-from cudrop.functional import bsmm, bsmm_gpu  # noqa: E402
+from cudrop.functional import _bsmm as bsmm, _bsmm_gpu as bsmm_gpu  # noqa: E402
 
 
 def _sets(n, k=None):
@@ -63,7 +63,7 @@ def host():
     import time
     a, b, c = _sets(1024)[0]
     mk = masks.block_mask((1024, 1024), (128, 128), 0.5, seed=0, layer=0, step=0, xp=cp)
-    from cudrop.functional import sparsedrop
+    from cudrop.variants import sparsedrop
     calls = {"dsd": lambda: bsmm.dsd(a, b, mk, out=c),
              "matmul": lambda: cp.matmul(a, b, out=c),
              "block_mask": lambda: masks.block_mask((1024, 1024), (128, 128), 0.5, seed=0,

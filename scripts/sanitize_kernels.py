@@ -8,7 +8,8 @@ sys.path.insert(0, ".")
 import cupy as cp  # noqa: E402
 
 from cudrop import masks  # noqa: E402
-from cudrop.functional import conv as Fconv, dropout as F, norm as Fnorm  # noqa: E402
+from cudrop.functional import _conv as Fconv, _norm as Fnorm
+from cudrop.variants import dropout as F  # noqa: E402
 
 for n in (1, 31, 127, 129, 1000, 70000):
     for dt in (np.float16, np.float32, np.float64):
@@ -54,7 +55,7 @@ def block_sparse_gemms(dt, kernel):
     transposed operand, through one forced kernel (None: the dispatcher's choice, the tensor-core
     kernels where they apply)."""
     import os
-    from cudrop.functional import bsmm
+    from cudrop.functional import _bsmm as bsmm
     if kernel:
         os.environ["CUDROP_BSMM_KERNEL"] = kernel
     rng = np.random.default_rng(3)

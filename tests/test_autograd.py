@@ -19,7 +19,7 @@ from cudrop import backend
 from cudrop.autograd import (Function, Tensor, check_grad, concat, enable_grad, eval_mode,
                              getitem, is_grad_enabled, is_training, log_softmax, no_grad,
                              set_training, softmax, stack, tensor, train_mode)
-from cudrop.functional import matmul as fmatmul
+from cudrop.functional import _matmul as fmatmul
 
 # ``xp`` is a function-scoped fixture but holds no state (it is a module), so reusing it across
 # hypothesis examples is safe.

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import cudrop
 from cudrop import backend
 from cudrop.autograd import check_grad
-from cudrop.functional import conv as Fconv, pooling as Fpool
+from cudrop.functional import _conv as Fconv, _pool as Fpool
 from conftest import low_precision_dtype, poison_pool
 
 # ``xp`` is a stateless module: safe to share across hypothesis examples.

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 import cudrop as cd
 from cudrop import backend, models, nn, philox
 from cudrop.autograd import check_grad
-from cudrop.functional import depth as F
+from cudrop.functional import _rows as F
 from cudrop.nn.depth import (DepthDropout, StochasticDepth, conv_shortcut, linear_shortcut,
                              stochastic_depth_probs)
 from cudrop.nn.module import Module
@@ -422,7 +422,7 @@ def test_builder_validates():
 
 
 def test_gather_and_scatter_reject_duplicate_or_out_of_range_host_indices():
-    from cudrop.functional import depth as Fd
+    from cudrop.functional import _rows as Fd
     x = np.ones((4, 2))
     for bad in (np.array([1, 1]), np.array([2, 0]), np.array([0, 4]), np.array([-1, 2])):
         with pytest.raises(ValueError, match="strictly increasing"):

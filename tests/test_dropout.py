@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 import cudrop
 from cudrop import backend, masks, nn
-from cudrop.functional import dropout as Fdrop
+from cudrop.variants import dropout as Fdrop
 from conftest import poison_pool
 
 DTYPES = ["float64", "float32", "float16"]

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 import cudrop
-from cudrop import backend, gyro, masks, philox
-from cudrop.functional import gyro as Fg
+from cudrop import backend, masks, philox
+from cudrop.variants import gyro_schedule as gyro
+from cudrop.variants import gyro as Fg
 from cudrop.nn.gyro import BlockwiseDropout, GyroDropout
 from cudrop.nn.stochastic import set_step
 from conftest import poison_pool

@@ -7,9 +7,9 @@ from hypothesis import given, strategies as st
 import cudrop
 from cudrop import backend
 from cudrop.autograd import check_grad
-from cudrop.functional import embedding as Femb
-from cudrop.functional import loss as Floss
-from cudrop.functional import norm as Fnorm
+from cudrop.functional import _embedding as Femb
+from cudrop.functional import _loss as Floss
+from cudrop.functional import _norm as Fnorm
 from conftest import low_precision_dtype, poison_pool
 
 seeds = st.integers(0, 2**16)

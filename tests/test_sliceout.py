@@ -17,8 +17,8 @@ import cudrop as cd
 from cudrop import autograd as ag
 from cudrop import backend, philox
 from cudrop.autograd import Tensor, check_grad
-from cudrop.functional import conv as fconv
-from cudrop.functional import sliceout as F
+from cudrop.functional import _conv as fconv
+from cudrop.variants import sliceout as F
 from cudrop.nn import Conv2d, Linear, MultiHeadAttention
 from cudrop.nn.sliceout import (SliceOut, SliceOutConv2d, SliceOutLinear,
                                 SliceOutMultiHeadAttention)

@@ -1,7 +1,7 @@
 """Convolution and pooling over Tensors: thin Functions over ``cudrop.functional`` pairs."""
 from __future__ import annotations
 
-from ..functional import conv as _conv, pooling as _pool
+from ..functional import _conv, _pool
 from .function import Function
 
 __all__ = ["conv2d", "max_pool2d", "avg_pool2d", "global_avg_pool2d"]

@@ -2,7 +2,7 @@
 branch on the kept samples only."""
 from __future__ import annotations
 
-from ..functional import depth as F
+from ..functional import _rows as F
 from .function import Function
 
 __all__ = ["gather_rows", "scatter_add_rows"]

@@ -1,7 +1,7 @@
 """Inverted element dropout as an autograd op (thin wrapper over cudrop.functional.dropout)."""
 from __future__ import annotations
 
-from ..functional import dropout as F
+from ..variants import dropout as F
 from ..philox import check_prob
 from . import mode
 from .function import Function

@@ -1,7 +1,7 @@
 """Embedding lookup as an autograd op (thin wrapper over cudrop.functional.embedding)."""
 from __future__ import annotations
 
-from ..functional import embedding as F
+from ..functional import _embedding as F
 from .function import Function
 from .tensor import Tensor
 

@@ -7,8 +7,9 @@ schedule module). Here the function ``gyro_dropout`` shadows the submodule, as `
 """
 from __future__ import annotations
 
-from .. import backend, gyro
-from ..functional import gyro as F
+from .. import backend
+from ..variants import gyro_schedule as gyro
+from ..variants import gyro as F
 from ..philox import check_prob
 from . import mode
 from .function import Function

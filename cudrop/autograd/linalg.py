@@ -1,5 +1,5 @@
 """Matrix product with broadcasting over leading (batch) dimensions."""
-from ..functional.matmul import matmul as _matmul
+from ..functional._matmul import matmul as _matmul
 from .function import Function
 from .math import sum_to
 

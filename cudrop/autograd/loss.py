@@ -1,7 +1,7 @@
 """Loss functions as autograd ops (thin wrappers over cudrop.functional.loss)."""
 from __future__ import annotations
 
-from ..functional import loss as F
+from ..functional import _loss as F
 from .function import Function
 from .math import _pair
 from .tensor import Tensor

@@ -1,7 +1,7 @@
 """Batch and layer normalisation as autograd ops (thin wrappers over cudrop.functional.norm)."""
 from __future__ import annotations
 
-from ..functional import norm as F
+from ..functional import _norm as F
 from . import mode
 from .function import Function
 from .tensor import Tensor

@@ -7,7 +7,7 @@ returns exactly one gradient per input.
 """
 from __future__ import annotations
 
-from ..functional import sliceout as F
+from ..variants import sliceout as F
 from .function import Function
 
 __all__ = ["sliceout", "sliceout_linear", "sliceout_linear_out", "sliceout_conv2d",

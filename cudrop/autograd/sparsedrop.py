@@ -2,7 +2,7 @@
 output-pruned linear (thin wrappers over cudrop.functional.sparsedrop and .pruned_linear)."""
 from __future__ import annotations
 
-from ..functional import pruned_linear as P, sparsedrop as F
+from ..variants import blockwise as P, sparsedrop as F
 from . import mode
 from .function import Function
 from .linalg import matmul

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import autograd as ag
-from .. import backend, gyro
+from .. import backend
+from ..variants import gyro_schedule as gyro
 from ..autograd.tensor import as_tensor
 from ..philox import check_prob
 from .layers import Linear

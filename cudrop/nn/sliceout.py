@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import autograd as ag
-from ..functional import sliceout as F
+from ..variants import sliceout as F
 from ..philox import check_prob, check_seed
 from .attention import MultiHeadAttention
 from .layers import Conv2d, Linear

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from .conv import as_pair, check_4d, out_size, pad_cn, unpad_nc, window
+from ._conv import as_pair, check_4d, out_size, pad_cn, unpad_nc, window
 
 __all__ = ["max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
            "global_avg_pool2d", "global_avg_pool2d_backward"]

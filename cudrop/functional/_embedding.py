@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import backend
-from .norm import compute_dtype
+from ._norm import compute_dtype
 
 
 def embedding(indices, weight):

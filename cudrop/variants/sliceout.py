@@ -56,8 +56,8 @@ import numbers
 import numpy as np
 
 from .. import backend, philox
-from . import conv as _conv
-from .matmul import matmul
+from ..functional import _conv
+from ..functional._matmul import matmul
 
 __all__ = ["check_align", "keep_count", "auto_align", "num_starts", "slice_start", "slice_ranges",
            "draw_slice", "slice_mask", "check_ranges", "sliceout", "sliceout_backward",

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import backend
 from ..raw_kernels import cuda_type, launch
-from .matmul import matmul
+from ._matmul import matmul
 
 __all__ = ["conv2d", "conv2d_backward"]
 

@@ -16,7 +16,8 @@ later and will use the ``BlockMask`` in ``saved`` instead.
 """
 from __future__ import annotations
 
-from .. import backend, gyro, masks
+from .. import backend, masks
+from . import gyro_schedule as gyro
 
 
 def _check_x(x, what="x"):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend, masks, philox
+from .. import backend, masks, philox
 
 SCHEDULES = ("consecutive", "random")
 DEFAULT_NUM_SUBNETS = 1024
