@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, ".")
 from benchmarks.common import time_gpu, time_graph, write_json  # noqa: E402
 from cudrop import masks  # noqa: E402
-from cudrop.functional import _bsmm as bsmm
+from cudrop import bsmm
 from cudrop.variants import dropout as Fdrop, sparsedrop as Fsd  # noqa: E402
 
 SIZES = (1024, 4096, 8192)

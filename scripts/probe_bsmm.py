@@ -14,7 +14,8 @@ import cupy as cp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.common import time_gpu  # noqa: E402
 from cudrop import masks  # noqa: E402
-from cudrop.functional import _bsmm as bsmm, _bsmm_gpu as bsmm_gpu  # noqa: E402
+from cudrop import bsmm
+from cudrop.bsmm import dispatch as bsmm_gpu  # noqa: E402
 
 
 def _sets(n, k=None):

@@ -55,7 +55,7 @@ def block_sparse_gemms(dt, kernel):
     transposed operand, through one forced kernel (None: the dispatcher's choice, the tensor-core
     kernels where they apply)."""
     import os
-    from cudrop.functional import _bsmm as bsmm
+    from cudrop import bsmm
     if kernel:
         os.environ["CUDROP_BSMM_KERNEL"] = kernel
     rng = np.random.default_rng(3)

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import assume, given, strategies as st
 
 from cudrop import backend, masks
-from cudrop.functional import _bsmm as bsmm, _bsmm_gpu as bsmm_gpu
+from cudrop import bsmm
+from cudrop.bsmm import dispatch as bsmm_gpu
 from conftest import low_precision_dtype
 
 # relative Frobenius error allowed per dtype (float32 is exact fp32 arithmetic, no TF32)

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 import cudrop
 from cudrop import backend, masks
-from cudrop.functional import _bsmm as bsmm
+from cudrop import bsmm
 from cudrop.variants import sparsedrop as Fsd
 from cudrop.nn import Linear
 from cudrop.nn.sparsedrop import SparseDropLinear

@@ -13,7 +13,7 @@ with ``m'`` the mask at p = 0, since y is already scaled).
 from __future__ import annotations
 
 from .. import backend, masks
-from ..functional import _bsmm as bsmm
+from .. import bsmm
 from .gyro import blockwise_dropout_backward
 
 __all__ = ["pruned_linear", "pruned_linear_backward"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, masks, philox
-from ..functional import _bsmm as bsmm
+from .. import bsmm
 
 __all__ = ["sparsedrop_linear", "sparsedrop_linear_backward", "dsd", "sdd", "dsd_t"]
 

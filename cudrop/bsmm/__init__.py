@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from .. import backend
-from ._matmul import matmul
+from ..functional._matmul import matmul
 
 __all__ = ["dsd", "dsd_t", "sdd", "ACTIVATIONS"]
 
@@ -93,7 +93,7 @@ def _run(form, a, b, lists, bits, rblk, kblk, cblk, scale, bias, act, out, mask)
     if xp is np:
         _reference(form, a, b, mask, scale, bias, act, out)
     else:
-        from . import _bsmm_gpu as bsmm_gpu
+        from . import dispatch as bsmm_gpu
         bsmm_gpu.launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias,
                         ACTIVATIONS[act], kernel=os.environ.get("CUDROP_BSMM_KERNEL"))
     return out

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from .. import backend, raw_kernels
-from . import _tma as tma_mod
+from . import tma as tma_mod
 
 KERNELS = ("simple", "mma", "sm90", "tma")
 _HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
