@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from .. import backend, raw_kernels
+from .._memo import Memo
 from . import tma as tma_mod
 
 KERNELS = ("simple", "mma", "sm90", "tma")
@@ -97,7 +98,7 @@ def _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists):
     return lists is None or kblk % e == 0
 
 
-_DEVICE: dict = {}
+_DEVICE = Memo().data  # the plain dict: probed at dict speed
 
 
 def _device():
@@ -120,7 +121,9 @@ class _Plan:
                  "tail", "tma")
 
 
-_PLANS: dict = {}
+# shapes that keep changing: start over at 4096 plans rather than grow
+_PLAN_MEMO = Memo(maxsize=4096)
+_PLANS = _PLAN_MEMO.data  # the plain dict, probed per launch
 
 
 _NEEDS = {
@@ -234,10 +237,8 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
            backend.cupy.cuda.runtime.getDevice(), tf32_enabled())
     pl = _PLANS.get(key)
     if pl is None:
-        if len(_PLANS) >= 4096:  # shapes that keep changing: start over rather than grow
-            _PLANS.clear()
-        pl = _PLANS[key] = _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice,
-                                 tile)
+        pl = _PLAN_MEMO.put(key, _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act,
+                                       choice, tile))
     if pl.copy_a:
         a = _operand(a, 1)[0]
     if pl.copy_b:

@@ -18,14 +18,14 @@ import ctypes
 
 import numpy as np
 
+from .._memo import Memo, memoize
+
 DATA_TYPE = {"float16": 6, "bfloat16": 9}
 _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_NONE = 0, 3, 3, 0
 BK = 64  # the K extent of one box, one pipeline step (128 bytes of 16-bit data)
-_MAX_MEMO = 512
 
-_encode = None
-_dtype = None
-_memo: dict = {}
+_MAPS = Memo(maxsize=512)
+_maps = _MAPS.data  # the plain dict, probed twice per TMA launch
 
 
 def available():
@@ -34,16 +34,21 @@ def available():
     return hasattr(backend.cupy, "make_aligned_dtype")
 
 
+@memoize
 def _driver_encode():
-    global _encode
-    if _encode is None:
-        fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
-        u64p, u32p = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p,
-                       u32p, u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        _encode = fn
-    return _encode
+    fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    u64p, u32p = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p,
+                   u32p, u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@memoize
+def _map_dtype():
+    """The by-value parameter type: 128 bytes with CUDA's 64-byte alignment."""
+    from .. import backend
+    return backend.cupy.make_aligned_dtype([("v", "<u8", (16,))], alignment=64)
 
 
 def encode_tiled_2d(ptr, dtype, inner, outer, ld, box_inner, box_outer) -> bytes:
@@ -65,15 +70,9 @@ def encode_tiled_2d(ptr, dtype, inner, outer, ld, box_inner, box_outer) -> bytes
 
 
 def _map(*key):
-    m = _memo.get(key)
+    m = _maps.get(key)
     if m is None:
-        global _dtype
-        if _dtype is None:
-            from .. import backend
-            _dtype = backend.cupy.make_aligned_dtype([("v", "<u8", (16,))], alignment=64)
-        if len(_memo) >= _MAX_MEMO:
-            _memo.clear()
-        m = _memo[key] = np.frombuffer(encode_tiled_2d(*key), dtype=_dtype)[0]
+        m = _MAPS.put(key, np.frombuffer(encode_tiled_2d(*key), dtype=_map_dtype())[0])
     return m
 
 

@@ -6,10 +6,11 @@ CuPy's on-disk cache keys on the source string and would otherwise miss a change
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
+
+from .._memo import Memo, memoize
 
 HERE = Path(__file__).parent
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
@@ -42,7 +43,7 @@ def _arch_options():
     return (f"-arch=sm_{cc}a" if cc == "90" else f"-arch=sm_{cc}",)
 
 
-@functools.lru_cache(maxsize=None)
+@memoize
 def module(name: str, name_expressions: tuple = (), options: tuple = (), arch: tuple = ()):
     """A compiled ``cupy.RawModule`` for source file ``name`` (memoised per process and
     architecture)."""
@@ -58,7 +59,7 @@ def backend_cupy():
     return backend.cupy
 
 
-@functools.lru_cache(maxsize=None)
+@memoize
 def _kernel(name, expression, name_expressions, options, device_id):
     exprs = tuple(name_expressions) or (expression,)
     return module(name, exprs, tuple(options), _arch_options()).get_function(expression)
@@ -74,8 +75,9 @@ def kernel(name: str, expression: str, name_expressions: tuple = (), options: tu
 # dtype -> the kernels' template argument (dtypes.cuh); every templated kernel is instantiated
 # for all four, so one compile serves every dtype.
 CUDA_TYPES = {"float32": "float", "float64": "double", "float16": "cd_f16", "bfloat16": "cd_bf16"}
-_TYPE_OF: dict = {}
-_FUNCS: dict = {}
+# plain dicts of registered Memos: probed per launch, at dict speed
+_TYPE_OF = Memo().data
+_FUNCS = Memo().data
 
 
 def cuda_type(dtype):
