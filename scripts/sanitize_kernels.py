@@ -54,10 +54,7 @@ def block_sparse_gemms(dt, kernel):
     """dsd, dsd_t, sdd on ragged shapes with dropped blocks, rows with every block dropped and a
     transposed operand, through one forced kernel (None: the dispatcher's choice, the tensor-core
     kernels where they apply)."""
-    import os
     from cudrop import bsmm
-    if kernel:
-        os.environ["CUDROP_BSMM_KERNEL"] = kernel
     rng = np.random.default_rng(3)
     for m, k, n, block in [(200, 136, 264, (64, 64)), (128, 64, 8, (128, 32)),
                            (136, 520, 72, (128, 128))]:
@@ -66,10 +63,10 @@ def block_sparse_gemms(dt, kernel):
         dy = cp.asarray(rng.standard_normal((m, n))).astype(dt)
         for p in (0.0, 0.5, 0.99):
             mk = masks.block_mask((m, k), block, p, seed=5, layer=0, step=1, xp=cp)
-            bsmm.dsd(a, b, mk, 2.0, bias=cp.ones(n, dt), act="relu")
-            bsmm.dsd_t(a, dy, mk, 2.0)
-            bsmm.sdd(dy, b.T, mk, 2.0)
-    os.environ.pop("CUDROP_BSMM_KERNEL", None)
+            with bsmm.use_kernel(kernel):
+                bsmm.dsd(a, b, mk, 2.0, bias=cp.ones(n, dt), act="relu")
+                bsmm.dsd_t(a, dy, mk, 2.0)
+                bsmm.sdd(dy, b.T, mk, 2.0)
 
 
 for dt in [np.float16, np.float32, np.float64]:

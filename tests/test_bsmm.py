@@ -66,14 +66,8 @@ def check(xp, form, m, k, n, block, p, dtype, *, seed=0, kernel=None, trans_a=Fa
     out = xp.full(oshape, np.nan, dtype)
     fn = getattr(bsmm, form)
     kw = {} if form == "dsd_t" else dict(bias=bvec, act=act)
-    if kernel:
-        import os
-        os.environ["CUDROP_BSMM_KERNEL"] = kernel
-    try:
+    with bsmm.use_kernel(kernel):
         res = fn(a, b, mask, scale, out=out, **kw)
-    finally:
-        if kernel:
-            del os.environ["CUDROP_BSMM_KERNEL"]
     assert res is out
     def f64(x):  # 16-bit types through float32 (CuPy casts bfloat16 only to float32)
         if x is None:
@@ -261,3 +255,25 @@ def test_gpu_output_views_odd_offset_and_transposed():
         g = cp.asnumpy(got).astype(np.float64)
         assert np.linalg.norm(g - ref) / np.linalg.norm(ref) < TOL["float16"]
     assert cp.isnan(big[:, 0]).all()  # the column outside the view is untouched
+
+
+def test_use_kernel_validates_and_restores():
+    assert bsmm._KERNEL.get() is None
+    with pytest.raises(ValueError, match=r"use_kernel: name must be one of 'simple', 'mma', "
+                                         r"'sm90', 'tma' or None, got 'fast'"):
+        bsmm.use_kernel("fast")
+    with bsmm.use_kernel("mma"):
+        assert bsmm._KERNEL.get() == "mma"
+        with bsmm.use_kernel(None):
+            assert bsmm._KERNEL.get() is None
+        assert bsmm._KERNEL.get() == "mma"
+        with pytest.raises(RuntimeError):
+            with bsmm.use_kernel("simple"):
+                raise RuntimeError  # the choice is restored on the way out of an error too
+        assert bsmm._KERNEL.get() == "mma"
+    assert bsmm._KERNEL.get() is None
+
+
+def test_use_kernel_leaves_the_numpy_reference_alone():
+    """NumPy operands run the reference whatever the choice."""
+    check(np, "dsd", 40, 24, 16, (8, 8), 0.5, "float64", kernel="tma", bias=True, act="relu")

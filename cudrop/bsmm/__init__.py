@@ -14,19 +14,48 @@ Operands may be transposed views (``w.T``): the kernels read either major order 
 On CuPy arrays they run as CUDA kernels (``raw_kernels/bsmm_*.cu``) walking the lists on the
 device, with no host synchronisation; on NumPy arrays as the reference below, which gathers the
 kept blocks and runs one GEMM per row block, so its multiply-adds fall with the kept fraction too.
+The dispatcher runs the fastest kernel whose preconditions hold; ``with use_kernel(name):``
+forces one (tests check each against float64 math; benchmarks compare them).
 """
 from __future__ import annotations
 
-import os
+import contextvars
 
 import numpy as np
 
 from .. import backend
 from ..functional._matmul import matmul
+from .dispatch import KERNELS
 
-__all__ = ["dsd", "dsd_t", "sdd", "ACTIVATIONS"]
+__all__ = ["dsd", "dsd_t", "sdd", "use_kernel", "ACTIVATIONS", "KERNELS"]
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+# a ContextVar, not a module flag: each thread and asyncio task sees its own choice
+_KERNEL: contextvars.ContextVar = contextvars.ContextVar("cudrop_bsmm_kernel", default=None)
+
+
+class use_kernel:
+    """``with use_kernel(name):`` every ``dsd``/``dsd_t``/``sdd`` on CuPy arrays in the block
+    runs kernel ``name`` (one of :data:`KERNELS`), raising ValueError where that kernel does not
+    take the operands; ``None`` restores the automatic choice. NumPy arrays always run the
+    reference. Nests; the previous choice comes back on exit."""
+
+    __slots__ = ("name", "_token")
+
+    def __init__(self, name):
+        if name is not None and name not in KERNELS:
+            raise ValueError(f"use_kernel: name must be one of {', '.join(map(repr, KERNELS))} "
+                             f"or None, got {name!r}")
+        self.name = name
+        self._token = None
+
+    def __enter__(self):
+        self._token = _KERNEL.set(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        _KERNEL.reset(self._token)
+        return False
 
 
 def dsd(a, b, mask, scale=1.0, *, bias=None, act=None, out=None):
@@ -95,7 +124,7 @@ def _run(form, a, b, lists, bits, rblk, kblk, cblk, scale, bias, act, out, mask)
     else:
         from . import dispatch as bsmm_gpu
         bsmm_gpu.launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias,
-                        ACTIVATIONS[act], kernel=os.environ.get("CUDROP_BSMM_KERNEL"))
+                        ACTIVATIONS[act], kernel=_KERNEL.get())
     return out
 
 

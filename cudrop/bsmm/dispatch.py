@@ -5,8 +5,8 @@ shape, exact float32), ``mma`` (fp16/bf16 tensor cores, sm_80+; float32 on TF32 
 ``CUPY_TF32=1``, CuPy's switch for the same trade), and on Hopper (fp16/bf16) ``tma`` (wgmma fed
 by TMA from a producer warp walking the kept-block list; needs kept blocks of multiples of 64
 along K) and ``sm90`` (wgmma fed by cp.async, any block of multiples of 8). The
-fastest kernel whose preconditions hold runs; ``kernel=`` (or ``CUDROP_BSMM_KERNEL``) forces one,
-which tests use to check each against float64 math. Tiles come from :func:`pick_tile`: the
+fastest kernel whose preconditions hold runs; ``kernel=`` (or ``cudrop.bsmm.use_kernel``) forces
+one, which tests use to check each against float64 math. Tiles come from :func:`pick_tile`: the
 mask's block and the GEMM's tile are independent (block splitting), except that a tile's rows
 must lie in one row block of the mask.
 """
