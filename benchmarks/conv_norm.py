@@ -1,5 +1,6 @@
 """conv2d and batch_norm on ResNet-56 layer shapes (batch 128, float32): the GPU kernels against
-the portable path (the NumPy-reference code run on CuPy), in one process, plus the conv forward
+the portable path (the NumPy-reference code run on CuPy: ``_conv2d_arrays``,
+``_batch_norm_arrays``), in one process, plus the conv forward
 with a strided-batched GEMM that writes NCHW directly (the column-layout question).
 
 Two numbers per op: host ms (what Python spends enqueueing one call) and device ms (GPU time per
@@ -82,16 +83,13 @@ def main():
     rng = np.random.default_rng(0)
     rows = []
 
-    def both(name, fn, inputs, mods):
-        """``inputs``: a list of argument tuples, or a function of no arguments that makes them
-        (called after the switch, so backward gets the ``saved`` of its own forward)."""
+    def both(name, kernels, portable):
+        """``kernels``, ``portable``: ``(fn, inputs)`` of each path, ``inputs`` a list of argument
+        tuples or a function of no arguments that makes them (so that backward gets the
+        ``saved`` of its own path's forward)."""
         out = {}
-        for label, on in (("kernels", True), ("portable", False)):
-            for m in mods:
-                m.use_gpu_kernels = on
+        for label, (fn, inputs) in (("kernels", kernels), ("portable", portable)):
             out[label] = measure(fn, inputs() if callable(inputs) else inputs)
-        for m in mods:
-            m.use_gpu_kernels = True
         rows.append(dict(op=name, **{f"{k}_{f}": v[i] for k, v in out.items()
                                      for i, f in enumerate(("device_ms", "host_ms", "ahead"))}))
 
@@ -99,11 +97,16 @@ def main():
         xs = [cp.asarray(rng.standard_normal((N, c, h, h), np.float32)) for _ in range(3)]
         w = cp.asarray(rng.standard_normal((o, c, k, k), np.float32))
         name = f"conv {c}->{o} {h}x{h} k{k} s{s} p{p}"
-        both(name + " fwd", lambda x: Fconv.conv2d(x, w, None, s, p), [(x,) for x in xs], [Fconv])
+        args = [(x,) for x in xs]
+        both(name + " fwd", (lambda x: Fconv.conv2d(x, w, None, s, p), args),
+             (lambda x: Fconv._conv2d_arrays(x, w, None, s, p), args))
         ref = Fconv.conv2d(xs[0], w, None, s, p)[0]
         gys = [cp.asarray(rng.standard_normal(ref.shape, np.float32)) for _ in xs]
-        both(name + " bwd", Fconv.conv2d_backward,
-             lambda: [(g, Fconv.conv2d(x, w, None, s, p)[1]) for g, x in zip(gys, xs)], [Fconv])
+        both(name + " bwd",
+             (Fconv.conv2d_backward,
+              lambda: [(g, Fconv.conv2d(x, w, None, s, p)[1]) for g, x in zip(gys, xs)]),
+             (Fconv._conv2d_backward_arrays,
+              lambda: [(g, Fconv._conv2d_arrays(x, w, None, s, p)[1]) for g, x in zip(gys, xs)]))
         alt = direct_nchw(cp, xs[0], w, s, p)
         err = float(cp.linalg.norm(alt - ref) / cp.linalg.norm(ref))
         dev, host, ahead = measure(lambda x: direct_nchw(cp, x, w, s, p), [(x,) for x in xs])
@@ -115,12 +118,17 @@ def main():
         gamma, beta = cp.ones(c, np.float32), cp.zeros(c, np.float32)
         rm, rv = cp.zeros(c, np.float32), cp.ones(c, np.float32)
         name = f"batch_norm {c}x{h}x{h}"
-        both(name + " train fwd", lambda x: Fnorm.batch_norm(x, gamma, beta, rm, rv, True),
-             [(x,) for x in xs], [Fnorm])
-        both(name + " train bwd", Fnorm.batch_norm_backward,
-             lambda: [Fnorm.batch_norm(x, gamma, beta, rm, rv, True) for x in xs], [Fnorm])
-        both(name + " eval fwd", lambda x: Fnorm.batch_norm(x, gamma, beta, rm, rv, False),
-             [(x,) for x in xs], [Fnorm])
+        args = [(x,) for x in xs]
+        both(name + " train fwd", (lambda x: Fnorm.batch_norm(x, gamma, beta, rm, rv, True), args),
+             (lambda x: Fnorm._batch_norm_arrays(x, gamma, beta, rm, rv, True), args))
+        # backward follows the path of the forward that made its ``saved``
+        both(name + " train bwd",
+             (Fnorm.batch_norm_backward,
+              lambda: [Fnorm.batch_norm(x, gamma, beta, rm, rv, True) for x in xs]),
+             (Fnorm.batch_norm_backward,
+              lambda: [Fnorm._batch_norm_arrays(x, gamma, beta, rm, rv, True) for x in xs]))
+        both(name + " eval fwd", (lambda x: Fnorm.batch_norm(x, gamma, beta, rm, rv, False), args),
+             (lambda x: Fnorm._batch_norm_arrays(x, gamma, beta, rm, rv, False), args))
     # host cost of the CuPy primitives the fast paths are made of
     noop = cp.RawKernel(r'''extern "C" __global__ void noop(const float* a, float* b, int c0,
         int c1, int c2, int c3, int c4, int c5, int c6, int c7, int c8, int c9, int c10,

@@ -313,3 +313,39 @@ def test_conv2d_beyond_one_grid_row_per_channel(xp, xs, ws):
     got = (y,) + Fconv.conv2d_backward(xp.asarray(gy), saved)[:2]
     for name, g, ref in zip(("y", "gx", "gw"), got, want):
         assert _relerr(g, ref) < 1e-3, (name, _relerr(g, ref))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("case", [((3, 5, 7, 9), (6, 5, 3, 2), (2, 1), (1, 2)),
+                                  ((2, 3, 5, 6), (2, 3, 1, 1), (1, 1), (0, 0))])
+def test_conv2d_kernels_match_the_array_path(xp, case, bias):
+    """The path is chosen by calling it, not by a module switch: on CuPy ``conv2d`` runs the
+    kernels and ``_conv2d_arrays`` the array ops on the same device (float64: no TF32)."""
+    xs, ws, stride, padding = case
+    rng = np.random.default_rng(5)
+    x, w = xp.asarray(rng.standard_normal(xs)), xp.asarray(rng.standard_normal(ws))
+    b = xp.asarray(rng.standard_normal(ws[:1])) if bias else None
+    y, saved = Fconv.conv2d(x, w, b, stride, padding)
+    ya, saved_a = Fconv._conv2d_arrays(x, w, b, stride, padding)
+    assert isinstance(saved, Fconv.Conv2dSaved) and isinstance(saved_a, Fconv.Conv2dSaved)
+    gy = xp.asarray(rng.standard_normal(y.shape))
+    got = (y,) + Fconv.conv2d_backward(gy, saved)
+    want = (ya,) + Fconv._conv2d_backward_arrays(gy, saved_a)
+    assert (got[3] is None) == (want[3] is None) == (b is None)  # (gx, gw, gb): gb None sans b
+    for name, g, ref in zip(("y", "gx", "gw", "gb"), got, want):
+        if ref is not None:
+            assert g.shape == ref.shape and _relerr(g, backend.asnumpy(ref)) < 1e-12, name
+
+
+def test_pool_saved_are_named_tuples_and_backward_is_one_array(xp):
+    x = xp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 4)))
+    for fwd, bwd, cls, args in ((Fpool.max_pool2d, Fpool.max_pool2d_backward,
+                                 Fpool.MaxPool2dSaved, (2,)),
+                                (Fpool.avg_pool2d, Fpool.avg_pool2d_backward,
+                                 Fpool.AvgPool2dSaved, (3, 1, 1)),
+                                (Fpool.global_avg_pool2d, Fpool.global_avg_pool2d_backward,
+                                 Fpool.GlobalAvgPool2dSaved, ())):
+        y, saved = fwd(x, *args)
+        assert isinstance(saved, cls) and saved.x_shape == x.shape
+        gx = bwd(xp.ones_like(y), saved)
+        assert gx.shape == x.shape  # one array input: a single array, not a tuple

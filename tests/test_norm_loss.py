@@ -336,3 +336,28 @@ def test_losses_and_embedding_are_scalars_that_backpropagate(xp):
     p = np.exp(_np(logits)) / np.exp(_np(logits)).sum(-1, keepdims=True)
     onehot = np.eye(3)[[0, 1, 2, 1]]
     np.testing.assert_allclose(_np(logits.grad), (p - onehot) / 4, rtol=1e-12)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_kernels_match_the_array_path(xp, training, affine):
+    """The path is chosen by calling it, not by a module switch: on CuPy ``batch_norm`` runs the
+    kernels and ``_batch_norm_arrays`` the array ops; backward follows its ``saved``."""
+    rng = np.random.default_rng(3)
+    x = xp.asarray(rng.normal(0.5, 2.0, (6, 3, 5, 4)))
+    gamma, beta = (xp.asarray(rng.standard_normal(3)) for _ in range(2))
+    if not affine:
+        gamma = beta = None
+    g = xp.asarray(rng.standard_normal(x.shape))
+    results = []
+    for fwd in (Fnorm.batch_norm, Fnorm._batch_norm_arrays):
+        rm, rv = xp.zeros(3), xp.ones(3)
+        y, saved = fwd(x, gamma, beta, rm, rv, training, momentum=0.3)
+        assert isinstance(saved, Fnorm.BatchNormSaved)
+        grads = Fnorm.batch_norm_backward(g, saved)
+        assert len(grads) == 3 and (grads[1] is None) == (grads[2] is None) == (not affine)
+        results.append((y, rm, rv) + grads)
+    for name, a, ref in zip(("y", "rm", "rv", "gx", "ggamma", "gbeta"), *results):
+        if ref is not None:
+            assert _relerr(a, _np(ref)) < 1e-12, name
+

@@ -21,10 +21,16 @@ cuBLAS. The price is one transpose between ``(O, N, Ho, Wo)`` and NCHW on each s
   0.041 ms (64 ch, 8x8).
 - A 1x1, stride-1, unpadded convolution on NumPy skips im2col: it is ``W(O, C) @ x(N, C, H*W)``.
   On CuPy its im2col kernel is a single transposing copy, which the GEMM layout needs anyway.
+- ``_conv2d_arrays`` / ``_conv2d_backward_arrays`` run the array-op path on either device, so
+  tests and benchmarks can compare the kernels with it.
+
+Backward convention: ``conv2d_backward(gy, saved)`` returns ``(gx, gw, gb)``, one gradient per
+array input of ``conv2d`` in its order, ``gb`` None when ``b`` was None.
 """
 from __future__ import annotations
 
 import operator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,8 +41,18 @@ from ._matmul import matmul
 __all__ = ["conv2d", "conv2d_backward"]
 
 _INT32 = 2**31 - 1
-# Switch for A/B timing against the portable path (benchmarks); not part of the API.
-use_gpu_kernels = True
+Array = Any  # a NumPy or CuPy array
+
+
+class Conv2dSaved(NamedTuple):
+    """What :func:`conv2d_backward` needs: the im2col columns (or x), the weight, the geometry."""
+    kind: str  # "cols": data is the (C*kh*kw, N*Ho*Wo) columns; "gemm" (1x1 on NumPy): x
+    data: Array
+    w: Array
+    has_bias: bool
+    x_shape: tuple[int, int, int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
 
 
 def as_pair(value, name: str, op: str) -> tuple[int, int]:
@@ -99,8 +115,18 @@ def conv2d(x, w, b=None, stride=1, padding=0):
 
     ``stride`` and ``padding`` (zeros) are an int or an ``(h, w)`` pair. Returns
     ``(y, saved)`` with ``y`` of shape (N, O, Ho, Wo), ``Ho = (H + 2 ph - kh) // sh + 1``;
-    pass ``saved`` to ``conv2d_backward``.
+    pass ``saved`` (a :class:`Conv2dSaved`) to ``conv2d_backward``.
     """
+    return _conv2d(x, w, b, stride, padding, kernels=True)
+
+
+def _conv2d_arrays(x, w, b=None, stride=1, padding=0):
+    """:func:`conv2d` on the array-op path (the NumPy reference's code, on NumPy or CuPy),
+    never the GPU kernels: what tests and benchmarks compare the kernels with."""
+    return _conv2d(x, w, b, stride, padding, kernels=False)
+
+
+def _conv2d(x, w, b, stride, padding, kernels):
     op = "conv2d"
     check_4d(x, "x", "(N, C, H, W)", op)
     check_4d(w, "w", "(O, C, kh, kw)", op)
@@ -131,13 +157,13 @@ def conv2d(x, w, b=None, stride=1, padding=0):
                          f"input {h + 2 * ph}x{wd + 2 * pw} (x {h}x{wd}, padding {ph},{pw})")
     ho, wo = out_size(h, kh, sh, ph), out_size(wd, kw, sw, pw)
 
-    if _gpu_path(xp, x, w, (n, c, h, wd), (o, ho, wo), (kh, kw)):
+    if kernels and _gpu_path(xp, x, w, (n, c, h, wd), (o, ho, wo), (kh, kw)):
         return _conv2d_gpu(x, w, b, (sh, sw), (ph, pw), (ho, wo))
     if xp is np and kh == kw == sh == sw == 1 and ph == pw == 0:
         y = matmul(w.reshape(o, c), x.reshape(n, c, h * wd))  # (N, O, H*W): no columns at all
         if b is not None:
             y += b[:, None]
-        saved = ("gemm", x, w, b is not None, x.shape, (sh, sw), (ph, pw))
+        saved = Conv2dSaved("gemm", x, w, b is not None, x.shape, (sh, sw), (ph, pw))
         return y.reshape(n, o, h, wd), saved
     xpad = pad_cn(x, ph, pw)
     cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
@@ -150,14 +176,25 @@ def conv2d(x, w, b=None, stride=1, padding=0):
     if b is not None:
         y += b[:, None]
     y = xp.ascontiguousarray(y.reshape(o, n, ho, wo).transpose(1, 0, 2, 3))
-    saved = ("cols", cols, w, b is not None, x.shape, (sh, sw), (ph, pw))
+    saved = Conv2dSaved("cols", cols, w, b is not None, x.shape, (sh, sw), (ph, pw))
     return y, saved
 
 
-def conv2d_backward(gy, saved):
+def conv2d_backward(gy, saved: Conv2dSaved):
     """Gradients ``(gx, gw, gb)`` of ``conv2d`` for the output gradient ``gy`` (N, O, Ho, Wo);
     ``gb`` is None when ``conv2d`` had no bias."""
-    kind, data, w, has_b, x_shape, (sh, sw), (ph, pw) = saved
+    return _conv2d_backward(gy, saved, kernels=True)
+
+
+def _conv2d_backward_arrays(gy, saved: Conv2dSaved):
+    """:func:`conv2d_backward` on the array-op path, never the GPU kernels (either forward's
+    ``saved`` will do: both keep the same columns)."""
+    return _conv2d_backward(gy, saved, kernels=False)
+
+
+def _conv2d_backward(gy, saved, kernels):
+    kind, data, w, has_b, x_shape = saved.kind, saved.data, saved.w, saved.has_bias, saved.x_shape
+    (sh, sw), (ph, pw) = saved.stride, saved.padding
     xp = backend.get_array_module(gy, w)
     n, c, h, wd = x_shape
     o, _, kh, kw = w.shape
@@ -174,7 +211,7 @@ def conv2d_backward(gy, saved):
         gw = matmul(gyt, xt.reshape(c, n * h * wd).T).reshape(w.shape)
         return gx, gw, gb
     cols = data
-    if _gpu_path(xp, gy, w, x_shape, (o, ho, wo), (kh, kw)):
+    if kernels and _gpu_path(xp, gy, w, x_shape, (o, ho, wo), (kh, kw)):
         return _conv2d_backward_gpu(gy, cols, w, has_b, x_shape, (sh, sw), (ph, pw), (ho, wo))
     gy2 = gy.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)
     gb = gy2.sum(axis=1) if has_b else None
@@ -191,7 +228,7 @@ def conv2d_backward(gy, saved):
 def _gpu_path(xp, x, w, x_shape, out_shape, k) -> bool:
     """CuPy arrays of a kernel dtype, nothing empty, and every index the kernels keep in 32 bits
     (per-image planes and channel products) within range."""
-    if xp is np or not use_gpu_kernels or x.dtype != w.dtype or cuda_type(x.dtype) is None:
+    if xp is np or x.dtype != w.dtype or cuda_type(x.dtype) is None:
         return False
     n, c, h, wd = x_shape
     o, ho, wo = out_shape
@@ -239,7 +276,7 @@ def _conv2d_gpu(x, w, b, stride, padding, out_hw):
     y2 = matmul(cp.ascontiguousarray(w).reshape(o, c * kh * kw), cols)  # (O, N*Ho*Wo)
     y = _swap01(cp, y2, o, n, ho * wo, (n, o, ho, wo),
                 None if b is None else cp.ascontiguousarray(b))
-    saved = ("cols", cols, w, b is not None, x.shape, stride, padding)
+    saved = Conv2dSaved("cols", cols, w, b is not None, x.shape, stride, padding)
     return y, saved
 
 

@@ -10,18 +10,52 @@ instead of ~15 small array ops per direction: training forward is one per-channe
 eval forward is one elementwise pass; backward is one reduction (both per-channel sums and the
 coefficients of the input gradient) and one elementwise pass. Backward recomputes ``xhat`` from
 the saved input and per-channel mean / inverse std, so forward writes no ``xhat`` array.
+``_batch_norm_arrays`` runs the array-op path on either device (tests and benchmarks compare the
+kernels with it); ``batch_norm_backward`` follows the path its ``saved`` came from.
+
+Backward convention: ``*_backward(grad_out, saved)`` returns ``(gx, ggamma, gbeta)``, one
+gradient per array input in order, None for an absent gamma/beta (running statistics are state,
+not inputs).
 """
 from __future__ import annotations
 
 import numbers
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import backend
 from ..raw_kernels import cuda_type, launch
 
-# Switch for A/B timing against the portable path (benchmarks); not part of the API.
-use_gpu_kernels = True
+Array = Any  # a NumPy or CuPy array
+
+
+class BatchNormSaved(NamedTuple):
+    """What :func:`batch_norm_backward` needs; the kernel path keeps ``x``, the array path
+    ``xhat``."""
+    training: bool
+    inv_std: Array  # (C,), the compute dtype
+    gamma: Array | None
+    beta_dtype: np.dtype | None
+    x_dtype: np.dtype
+    # the array path (None on the kernel path)
+    xhat: Array | None = None
+    axes: tuple[int, ...] | None = None
+    bshape: tuple[int, ...] | None = None
+    n: int = 0
+    # the kernel path (None on the array path)
+    x: Array | None = None  # the contiguous input
+    mean: Array | None = None
+    gamma_c: Array | None = None  # gamma as a contiguous accumulation-dtype array
+
+
+class LayerNormSaved(NamedTuple):
+    """What :func:`layer_norm_backward` needs: ``xhat`` and the inverse std (compute dtype)."""
+    xhat: Array
+    inv_std: Array  # x.shape[:-1] + (1,)
+    gamma: Array | None
+    beta_dtype: np.dtype | None
+    x_dtype: np.dtype
 
 
 def compute_dtype(dtype):
@@ -59,8 +93,21 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
     affine map. In training the batch statistics normalise ``x`` and ``running_mean`` /
     ``running_var`` (when given) are updated in place with the unbiased batch variance, as
     PyTorch does; in eval the running statistics normalise ``x``.
-    Returns ``(y, saved)`` for :func:`batch_norm_backward`.
+    Returns ``(y, saved)`` (a :class:`BatchNormSaved`) for :func:`batch_norm_backward`.
     """
+    return _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps,
+                       kernels=True)
+
+
+def _batch_norm_arrays(x, gamma, beta, running_mean, running_var, training, momentum=0.1,
+                       eps=1e-5):
+    """:func:`batch_norm` on the array-op path (the NumPy reference's code, on NumPy or CuPy),
+    never the GPU kernels: what tests and benchmarks compare the kernels with."""
+    return _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps,
+                       kernels=False)
+
+
+def _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps, kernels):
     xp = backend.get_array_module(x, gamma, beta, running_mean, running_var)
     _check_float("x", x)
     if x.ndim < 2:
@@ -81,7 +128,7 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
                          f"x has shape {tuple(x.shape)}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm in eval mode needs running_mean and running_var")
-    if _gpu_path(xp, x):
+    if kernels and _gpu_path(xp, x):
         return _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentum,
                                eps)
     cdt = compute_dtype(x.dtype)
@@ -107,41 +154,41 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
     if beta is not None:
         y = y + beta.astype(cdt, copy=False).reshape(bshape)
     y = y.astype(x.dtype, copy=False)
-    saved = {"training": bool(training), "xhat": xhat, "inv_std": inv_std, "gamma": gamma,
-             "beta_dtype": None if beta is None else beta.dtype, "axes": axes,
-             "bshape": bshape, "n": n, "x_dtype": x.dtype}
+    saved = BatchNormSaved(bool(training), inv_std, gamma,
+                           None if beta is None else beta.dtype, x.dtype,
+                           xhat=xhat, axes=axes, bshape=bshape, n=n)
     return y, saved
 
 
-def batch_norm_backward(grad_out, saved):
+def batch_norm_backward(grad_out, saved: BatchNormSaved):
     """Gradients ``(gx, ggamma, gbeta)``; ``ggamma``/``gbeta`` are None where the forward had
-    no gamma/beta."""
-    if "x" in saved:
+    no gamma/beta. Runs the kernels for a kernel forward's ``saved``, array ops otherwise."""
+    if saved.x is not None:
         return _batch_norm_backward_gpu(grad_out, saved)
-    xhat, inv_std, gamma = saved["xhat"], saved["inv_std"], saved["gamma"]
-    axes, bshape, n = saved["axes"], saved["bshape"], saved["n"]
+    xhat, inv_std, gamma = saved.xhat, saved.inv_std, saved.gamma
+    axes, bshape, n = saved.axes, saved.bshape, saved.n
     g = grad_out.astype(xhat.dtype, copy=False)
     gbeta_c = g.sum(axis=axes)
     ggamma_c = (g * xhat).sum(axis=axes)
     scale = inv_std if gamma is None else inv_std * gamma.astype(xhat.dtype, copy=False)
-    if saved["training"]:
+    if saved.training:
         # d xhat / d x through the batch mean and variance:
         # gx = gamma * inv_std / n * (n g - sum(g) - xhat * sum(g xhat))
         gx = (scale / n).reshape(bshape) * (
             n * g - gbeta_c.reshape(bshape) - xhat * ggamma_c.reshape(bshape))
     else:
         gx = g * scale.reshape(bshape)
-    gx = gx.astype(saved["x_dtype"], copy=False)
+    gx = gx.astype(saved.x_dtype, copy=False)
     ggamma = None if gamma is None else ggamma_c.astype(gamma.dtype, copy=False)
     gbeta = None
-    if saved["beta_dtype"] is not None:
-        gbeta = gbeta_c.astype(saved["beta_dtype"], copy=False)
+    if saved.beta_dtype is not None:
+        gbeta = gbeta_c.astype(saved.beta_dtype, copy=False)
     return gx, ggamma, gbeta
 
 
 # ---- batch norm, GPU path ---------------------------------------------------------------------
 def _gpu_path(xp, x) -> bool:
-    if xp is np or not use_gpu_kernels or x.size == 0 or cuda_type(x.dtype) is None:
+    if xp is np or x.size == 0 or cuda_type(x.dtype) is None:
         return False
     return x.size // x.shape[1] < 2**31  # per-channel counts are 32-bit in the kernels
 
@@ -199,15 +246,15 @@ def _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentu
              saved_stats, np.int64(x.size), np.int32(c), np.int32(p), np.float64(eps),
              np.int32(not training), np.int32(gamma_c is not None),
              np.int32(beta_c is not None)))
-    saved = {"training": bool(training), "x": x, "mean": saved_stats[0],
-             "inv_std": saved_stats[-1], "gamma": gamma, "gamma_c": gamma_c,
-             "beta_dtype": None if beta is None else beta.dtype}
+    saved = BatchNormSaved(bool(training), saved_stats[-1], gamma,
+                           None if beta is None else beta.dtype, x.dtype,
+                           x=x, mean=saved_stats[0], gamma_c=gamma_c)
     return y, saved
 
 
 def _batch_norm_backward_gpu(grad_out, saved):
     cp = backend.cupy
-    x, gamma, gamma_c = saved["x"], saved["gamma"], saved["gamma_c"]
+    x, gamma, gamma_c = saved.x, saved.gamma, saved.gamma_c
     backend.get_array_module(grad_out, x)  # a NumPy gradient for a GPU forward: TypeError
     g = grad_out
     if g.shape != x.shape:
@@ -216,26 +263,27 @@ def _batch_norm_backward_gpu(grad_out, saved):
         g = cp.ascontiguousarray(g, dtype=x.dtype)
     nb, c = x.shape[0], x.shape[1]
     p = x.size // (nb * c)
-    mean = saved["mean"]
+    mean = saved.mean
     sums = cp.empty((2, c), dtype=mean.dtype)  # sum g, sum g * xhat
     coef = cp.empty((3, c), dtype=mean.dtype)
     _launch("bn_bwd_sums", x.dtype, (c,), (_bn_threads(nb * p),),
-            (g, x, mean, saved["inv_std"], x if gamma_c is None else gamma_c, sums, coef,
+            (g, x, mean, saved.inv_std, x if gamma_c is None else gamma_c, sums, coef,
              np.int32(nb), np.int32(c), np.int32(p), np.int32(gamma_c is not None),
-             np.int32(saved["training"])))
+             np.int32(saved.training)))
     gx = cp.empty_like(x)
     _launch("bn_bwd_apply", x.dtype, (-(-x.size // 256),), (256,),
             (g, x, gx, mean, coef, np.int64(x.size), np.int32(c), np.int32(p)))
     ggamma = None if gamma is None else sums[1].astype(gamma.dtype, copy=False)
     gbeta = None
-    if saved["beta_dtype"] is not None:
-        gbeta = sums[0].astype(saved["beta_dtype"], copy=False)
+    if saved.beta_dtype is not None:
+        gbeta = sums[0].astype(saved.beta_dtype, copy=False)
     return gx, ggamma, gbeta
 
 
 def layer_norm(x, gamma, beta, eps=1e-5):
     """Layer normalisation over the last axis; ``gamma``/``beta`` of shape ``x.shape[-1:]``
-    (either may be None). Returns ``(y, saved)`` for :func:`layer_norm_backward`."""
+    (either may be None). Returns ``(y, saved)`` (a :class:`LayerNormSaved`) for
+    :func:`layer_norm_backward`."""
     xp = backend.get_array_module(x, gamma, beta)
     _check_float("x", x)
     if x.ndim < 1:
@@ -256,22 +304,21 @@ def layer_norm(x, gamma, beta, eps=1e-5):
         y = y * gamma.astype(cdt, copy=False)
     if beta is not None:
         y = y + beta.astype(cdt, copy=False)
-    saved = {"xhat": xhat, "inv_std": inv_std, "gamma": gamma,
-             "beta_dtype": None if beta is None else beta.dtype, "x_dtype": x.dtype}
+    saved = LayerNormSaved(xhat, inv_std, gamma, None if beta is None else beta.dtype, x.dtype)
     return y.astype(x.dtype, copy=False), saved
 
 
-def layer_norm_backward(grad_out, saved):
+def layer_norm_backward(grad_out, saved: LayerNormSaved):
     """Gradients ``(gx, ggamma, gbeta)`` (None for an absent gamma/beta)."""
-    xhat, inv_std, gamma = saved["xhat"], saved["inv_std"], saved["gamma"]
+    xhat, inv_std, gamma = saved.xhat, saved.inv_std, saved.gamma
     g = grad_out.astype(xhat.dtype, copy=False)
     lead = tuple(range(g.ndim - 1))
     gxhat = g if gamma is None else g * gamma.astype(xhat.dtype, copy=False)
     gx = inv_std * (gxhat - gxhat.mean(axis=-1, keepdims=True)
                     - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
-    gx = gx.astype(saved["x_dtype"], copy=False)
+    gx = gx.astype(saved.x_dtype, copy=False)
     ggamma = None if gamma is None else (g * xhat).sum(axis=lead).astype(gamma.dtype, copy=False)
     gbeta = None
-    if saved["beta_dtype"] is not None:
-        gbeta = g.sum(axis=lead).astype(saved["beta_dtype"], copy=False)
+    if saved.beta_dtype is not None:
+        gbeta = g.sum(axis=lead).astype(saved.beta_dtype, copy=False)
     return gx, ggamma, gbeta

@@ -2,8 +2,13 @@
 
 Like convolution, the windows are visited by one strided slice per kernel offset (a Python loop
 over kh * kw only), so the same code runs on NumPy and CuPy.
+
+Backward convention: each ``*_backward(gy, saved)`` returns the one gradient of its one array
+input ``x``, a single array.
 """
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -12,6 +17,30 @@ from ._conv import as_pair, check_4d, out_size, pad_cn, unpad_nc, window
 
 __all__ = ["max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
            "global_avg_pool2d", "global_avg_pool2d_backward"]
+
+Array = Any  # a NumPy or CuPy array
+
+
+class MaxPool2dSaved(NamedTuple):
+    """What :func:`max_pool2d_backward` needs: each window's argmax offset and the geometry."""
+    arg: Array  # (C, N, Ho, Wo) window offset i * kw + j of the maximum
+    x_shape: tuple[int, int, int, int]
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+
+class AvgPool2dSaved(NamedTuple):
+    """What :func:`avg_pool2d_backward` needs: the input's shape and the geometry."""
+    x_shape: tuple[int, int, int, int]
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+
+class GlobalAvgPool2dSaved(NamedTuple):
+    """What :func:`global_avg_pool2d_backward` needs: the input's shape."""
+    x_shape: tuple[int, int, int, int]
 
 
 def _geometry(op, x, kernel_size, stride, padding):
@@ -73,13 +102,14 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
                 better |= v != v
             xp.copyto(y, v, where=better)
             xp.copyto(arg, arg.dtype.type(i * kw + j), where=better)
-    saved = (arg, x.shape, (kh, kw), (sh, sw), (ph, pw))
+    saved = MaxPool2dSaved(arg, x.shape, (kh, kw), (sh, sw), (ph, pw))
     return _as_nc(y), saved
 
 
-def max_pool2d_backward(gy, saved):
+def max_pool2d_backward(gy, saved: MaxPool2dSaved):
     """Gradient of ``max_pool2d`` with respect to its input."""
-    arg, x_shape, (kh, kw), (sh, sw), (ph, pw) = saved
+    arg, x_shape = saved.arg, saved.x_shape
+    (kh, kw), (sh, sw), (ph, pw) = saved.kernel_size, saved.stride, saved.padding
     xp = backend.get_array_module(gy, arg)
     n, c, h, w = x_shape
     ho, wo = arg.shape[2:]
@@ -111,13 +141,14 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0):
             if i or j:
                 y += window(xpad, i, j, ho, wo, sh, sw)
     y *= x.dtype.type(1.0 / (kh * kw))
-    saved = (x.shape, (kh, kw), (sh, sw), (ph, pw))
+    saved = AvgPool2dSaved(x.shape, (kh, kw), (sh, sw), (ph, pw))
     return _as_nc(y), saved
 
 
-def avg_pool2d_backward(gy, saved):
+def avg_pool2d_backward(gy, saved: AvgPool2dSaved):
     """Gradient of ``avg_pool2d`` with respect to its input."""
-    x_shape, (kh, kw), (sh, sw), (ph, pw) = saved
+    x_shape = saved.x_shape
+    (kh, kw), (sh, sw), (ph, pw) = saved.kernel_size, saved.stride, saved.padding
     xp = backend.get_array_module(gy)
     n, c, h, w = x_shape
     ho, wo = out_size(h, kh, sh, ph), out_size(w, kw, sw, pw)
@@ -141,12 +172,12 @@ def global_avg_pool2d(x):
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"global_avg_pool2d: x must have a non-empty spatial extent, "
                          f"got shape {x.shape}")
-    return x.mean(axis=(2, 3)), x.shape
+    return x.mean(axis=(2, 3)), GlobalAvgPool2dSaved(x.shape)
 
 
-def global_avg_pool2d_backward(gy, saved):
+def global_avg_pool2d_backward(gy, saved: GlobalAvgPool2dSaved):
     """Gradient of ``global_avg_pool2d`` with respect to its input."""
-    x_shape = saved
+    x_shape = saved.x_shape
     xp = backend.get_array_module(gy)
     if gy.shape != x_shape[:2]:
         raise ValueError(f"global_avg_pool2d_backward: gy must have the output's shape "
