@@ -361,3 +361,27 @@ def test_batch_norm_kernels_match_the_array_path(xp, training, affine):
         if ref is not None:
             assert _relerr(a, _np(ref)) < 1e-12, name
 
+
+def test_saved_are_named_tuples_and_backward_follows_the_convention(xp):
+    """One gradient per array input of the forward, in its order: None for the integer
+    indices/targets; a tuple for several inputs."""
+    rng = np.random.default_rng(0)
+    x = xp.asarray(rng.standard_normal((4, 5)))
+    y, saved = Fnorm.layer_norm(x, None, xp.ones(5))
+    assert isinstance(saved, Fnorm.LayerNormSaved)
+    gx, ggamma, gbeta = Fnorm.layer_norm_backward(xp.ones_like(y), saved)
+    assert ggamma is None and gx.shape == x.shape and gbeta.shape == (5,)
+    idx = xp.asarray(np.array([[0, 2], [2, 1]]))
+    out, saved = Femb.embedding(idx, x)
+    assert isinstance(saved, Femb.EmbeddingSaved)
+    gidx, gw = Femb.embedding_backward(xp.ones_like(out), saved)
+    assert gidx is None and gw.shape == x.shape
+    targets = xp.asarray(np.array([0, 4, 1, 2]))
+    loss, saved = Floss.cross_entropy(x, targets)
+    assert isinstance(saved, Floss.CrossEntropySaved)
+    glogits, gtargets = Floss.cross_entropy_backward(xp.ones_like(loss), saved)
+    assert gtargets is None and glogits.shape == x.shape
+    loss, saved = Floss.mse_loss(x, x * 0.5)
+    assert isinstance(saved, Floss.MseLossSaved)
+    gp, gt = Floss.mse_loss_backward(xp.ones_like(loss), saved)
+    assert gp.shape == gt.shape == x.shape

@@ -17,7 +17,7 @@ class _GatherRows(Function):
         return y
 
     def backward(self, g):
-        return F.gather_rows_backward(g, self.saved)
+        return F.gather_rows_backward(g, self.saved)[0]  # (gx, None for idx)
 
 
 class _ScatterAddRows(Function):
@@ -29,7 +29,7 @@ class _ScatterAddRows(Function):
         return y
 
     def backward(self, g):
-        return F.scatter_add_rows_backward(g, self.saved)
+        return F.scatter_add_rows_backward(g, self.saved)[:2]  # (gbase, grows, None for idx)
 
 
 def gather_rows(x, idx):

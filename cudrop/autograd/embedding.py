@@ -18,7 +18,7 @@ class Embedding(Function):
         return y
 
     def backward(self, g):
-        return F.embedding_backward(g, self.saved)
+        return F.embedding_backward(g, self.saved)[1]  # (None for indices, gweight)
 
 
 def embedding(indices, weight):

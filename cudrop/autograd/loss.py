@@ -19,7 +19,7 @@ class CrossEntropy(Function):
         return y
 
     def backward(self, g):
-        return F.cross_entropy_backward(g, self.saved)
+        return F.cross_entropy_backward(g, self.saved)[0]  # (glogits, None for targets)
 
 
 class MSELoss(Function):

@@ -1,14 +1,31 @@
-"""Embedding lookup on raw arrays."""
+"""Embedding lookup on raw arrays.
+
+Backward convention: ``embedding_backward(grad_out, saved)`` returns ``(None, gweight)``, one
+gradient per array input of ``embedding(indices, weight)`` in order (integer indices get none).
+"""
 from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from .. import backend
 from ._norm import compute_dtype
+
+Array = Any  # a NumPy or CuPy array
+
+
+class EmbeddingSaved(NamedTuple):
+    """What :func:`embedding_backward` needs: the indices and the table's shape and dtype."""
+    indices: Array
+    weight_shape: tuple[int, int]
+    weight_dtype: np.dtype
 
 
 def embedding(indices, weight):
     """``weight[indices]``: rows of the (V, D) table ``weight`` for integer ``indices`` of any
     shape; the output has shape ``indices.shape + (D,)``.
-    Returns ``(out, saved)`` for :func:`embedding_backward`."""
+    Returns ``(out, saved)`` (an :class:`EmbeddingSaved`) for :func:`embedding_backward`."""
     backend.get_array_module(indices, weight)
     if not hasattr(indices, "dtype") or indices.dtype.kind not in "iu":
         raise TypeError(f"indices must be an integer array, got "
@@ -23,19 +40,19 @@ def embedding(indices, weight):
             bad = lo if lo < 0 else hi
             raise ValueError(f"indices must lie in [0, {v}) (the rows of weight), found {bad}")
     out = weight[indices]
-    saved = {"indices": indices, "weight_shape": weight.shape, "weight_dtype": weight.dtype}
+    saved = EmbeddingSaved(indices, weight.shape, weight.dtype)
     return out, saved
 
 
-def embedding_backward(grad_out, saved):
-    """Gradient of the table: ``grad_out`` rows scatter-added at ``indices`` (repeated indices
-    accumulate)."""
-    xp = backend.get_array_module(grad_out, saved["indices"])
-    shape, dtype = saved["weight_shape"], saved["weight_dtype"]
+def embedding_backward(grad_out, saved: EmbeddingSaved):
+    """Gradients ``(None, gweight)``: none for the integer indices; the table's is ``grad_out``
+    rows scatter-added at ``indices`` (repeated indices accumulate)."""
+    xp = backend.get_array_module(grad_out, saved.indices)
+    shape, dtype = saved.weight_shape, saved.weight_dtype
     # accumulate half-precision rows (bfloat16 included) in float32: many repeats of a token
     # would otherwise round away
     acc = compute_dtype(dtype)
     gw = xp.zeros(shape, acc)
-    xp.add.at(gw, saved["indices"].reshape(-1),
+    xp.add.at(gw, saved.indices.reshape(-1),
               grad_out.reshape(-1, shape[1]).astype(acc, copy=False))
-    return gw.astype(dtype, copy=False)
+    return None, gw.astype(dtype, copy=False)

@@ -1,10 +1,35 @@
-"""Losses on raw arrays: softmax cross entropy and mean squared error."""
+"""Losses on raw arrays: softmax cross entropy and mean squared error.
+
+Backward convention: ``*_backward(grad_out, saved)`` returns one gradient per array input of the
+forward, in order: ``(glogits, None)`` (integer targets get none), ``(gpred, gtarget)``.
+"""
 from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from .. import backend
 from ._norm import compute_dtype
 
 _REDUCTIONS = ("mean", "sum", "none")
+Array = Any  # a NumPy or CuPy array
+
+
+class CrossEntropySaved(NamedTuple):
+    """What :func:`cross_entropy_backward` needs: log-softmax (compute dtype) and the targets."""
+    log_p: Array
+    targets: Array
+    reduction: str
+    dtype: np.dtype  # the logits'
+
+
+class MseLossSaved(NamedTuple):
+    """What :func:`mse_loss_backward` needs: ``pred - target`` (compute dtype) and the dtypes."""
+    diff: Array
+    reduction: str
+    pred_dtype: np.dtype
+    target_dtype: np.dtype
 
 
 def _check_reduction(reduction):
@@ -31,7 +56,8 @@ def cross_entropy(logits, targets, reduction="mean"):
     """Softmax cross entropy ``-log softmax(logits)[target]``.
 
     ``logits`` has shape (..., C); ``targets`` holds integer class indices in [0, C) with shape
-    ``logits.shape[:-1]``. Returns ``(loss, saved)`` for :func:`cross_entropy_backward`.
+    ``logits.shape[:-1]``. Returns ``(loss, saved)`` (a :class:`CrossEntropySaved`) for
+    :func:`cross_entropy_backward`.
     """
     xp = backend.get_array_module(logits, targets)
     _check_reduction(reduction)
@@ -61,29 +87,29 @@ def cross_entropy(logits, targets, reduction="mean"):
     log_p = shifted - log_sum
     picked = xp.take_along_axis(log_p, targets[..., None].astype(xp.intp, copy=False), axis=-1)
     loss = -picked[..., 0]
-    saved = {"log_p": log_p, "targets": targets, "reduction": reduction,
-             "dtype": logits.dtype}
+    saved = CrossEntropySaved(log_p, targets, reduction, logits.dtype)
     return _reduce(xp, loss, reduction, logits.dtype), saved
 
 
-def cross_entropy_backward(grad_out, saved):
-    """Gradient with respect to the logits: ``(softmax - onehot(target)) * grad``."""
-    xp = backend.get_array_module(grad_out, saved["log_p"])
-    log_p, targets = saved["log_p"], saved["targets"]
+def cross_entropy_backward(grad_out, saved: CrossEntropySaved):
+    """Gradients ``(glogits, None)``: ``(softmax - onehot(target)) * grad`` for the logits,
+    none for the integer targets."""
+    xp = backend.get_array_module(grad_out, saved.log_p)
+    log_p, targets = saved.log_p, saved.targets
     c = log_p.shape[-1]
     g = grad_out.astype(log_p.dtype, copy=False)
-    if saved["reduction"] == "none":
+    if saved.reduction == "none":
         g = g[..., None]
-    elif saved["reduction"] == "mean" and targets.size:
+    elif saved.reduction == "mean" and targets.size:
         g = g / targets.size
     onehot = targets[..., None] == xp.arange(c, dtype=targets.dtype)
     gx = (xp.exp(log_p) - onehot) * g
-    return gx.astype(saved["dtype"], copy=False)
+    return gx.astype(saved.dtype, copy=False), None
 
 
 def mse_loss(pred, target, reduction="mean"):
     """Mean squared error ``(pred - target) ** 2``; ``target`` must have ``pred``'s shape.
-    Returns ``(loss, saved)`` for :func:`mse_loss_backward`."""
+    Returns ``(loss, saved)`` (an :class:`MseLossSaved`) for :func:`mse_loss_backward`."""
     xp = backend.get_array_module(pred, target)
     _check_reduction(reduction)
     _check_float("pred", pred)
@@ -93,16 +119,15 @@ def mse_loss(pred, target, reduction="mean"):
                          f"{tuple(target.shape)}")
     cdt = compute_dtype(pred.dtype)
     diff = pred.astype(cdt, copy=False) - target.astype(cdt, copy=False)
-    saved = {"diff": diff, "reduction": reduction, "dtypes": (pred.dtype, target.dtype)}
+    saved = MseLossSaved(diff, reduction, pred.dtype, target.dtype)
     return _reduce(xp, diff * diff, reduction, pred.dtype), saved
 
 
-def mse_loss_backward(grad_out, saved):
+def mse_loss_backward(grad_out, saved: MseLossSaved):
     """Gradients ``(gpred, gtarget)``."""
-    diff = saved["diff"]
+    diff = saved.diff
     g = grad_out.astype(diff.dtype, copy=False)
-    if saved["reduction"] == "mean" and diff.size:
+    if saved.reduction == "mean" and diff.size:
         g = g / diff.size
     gp = 2.0 * diff * g
-    return (gp.astype(saved["dtypes"][0], copy=False),
-            (-gp).astype(saved["dtypes"][1], copy=False))
+    return gp.astype(saved.pred_dtype, copy=False), (-gp).astype(saved.target_dtype, copy=False)

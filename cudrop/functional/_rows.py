@@ -6,12 +6,33 @@ what lets both backward passes assign instead of accumulating (``xp.add.at`` is 
 scatter on the GPU and not needed here). Give it as a NumPy array — the caller draws it on the
 host anyway — and it is checked (strictly increasing, in range) and then moved to the data's
 device; an ``idx`` already on the GPU is trusted, since checking it there would synchronise.
+
+Backward convention: ``*_backward(grad_out, saved)`` returns one gradient per array input of the
+forward, in order, None for the integer ``idx``: ``(gx, None)`` and ``(gbase, grows, None)``.
 """
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import backend
+
+Array = Any  # a NumPy or CuPy array
+
+
+class GatherRowsSaved(NamedTuple):
+    """What :func:`gather_rows_backward` needs: the rows (on the data's device), x's shape and
+    dtype."""
+    idx: Array
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class ScatterAddRowsSaved(NamedTuple):
+    """What :func:`scatter_add_rows_backward` needs: the rows (on the data's device) and scale."""
+    idx: Array
+    scale: float
 
 
 def _check_idx(idx, n_rows, xp):
@@ -31,25 +52,27 @@ def _check_idx(idx, n_rows, xp):
 
 
 def gather_rows(x, idx):
-    """``x[idx]`` along axis 0. Returns ``(rows, saved)`` for :func:`gather_rows_backward`."""
+    """``x[idx]`` along axis 0. Returns ``(rows, saved)`` (a :class:`GatherRowsSaved`) for
+    :func:`gather_rows_backward`."""
     xp = backend.get_array_module(x)
     idx = _check_idx(idx, x.shape[0], xp)
-    return x[idx], {"idx": idx, "shape": x.shape, "dtype": x.dtype}
+    return x[idx], GatherRowsSaved(idx, x.shape, x.dtype)
 
 
-def gather_rows_backward(grad_rows, saved):
-    """The adjoint of the gather: ``grad_rows`` scattered into zeros of the input's shape."""
+def gather_rows_backward(grad_rows, saved: GatherRowsSaved):
+    """Gradients ``(gx, None)``: the adjoint of the gather, ``grad_rows`` scattered into zeros
+    of the input's shape; none for ``idx``."""
     xp = backend.get_array_module(grad_rows)
-    g = xp.zeros(saved["shape"], saved["dtype"])
-    g[saved["idx"]] = grad_rows
-    return g
+    g = xp.zeros(saved.shape, saved.dtype)
+    g[saved.idx] = grad_rows
+    return g, None
 
 
 def scatter_add_rows(base, rows, idx, scale=1.0):
     """``out = base`` with ``out[idx] += scale * rows``; ``base`` is not modified.
 
     ``rows`` has one row per entry of ``idx`` and the trailing shape of ``base``. Returns
-    ``(out, saved)`` for :func:`scatter_add_rows_backward`.
+    ``(out, saved)`` (a :class:`ScatterAddRowsSaved`) for :func:`scatter_add_rows_backward`.
     """
     xp = backend.get_array_module(base, rows)
     idx = _check_idx(idx, base.shape[0], xp)
@@ -59,12 +82,13 @@ def scatter_add_rows(base, rows, idx, scale=1.0):
     scale = float(scale)
     out = base.astype(xp.result_type(base, rows), copy=True)
     out[idx] += rows * scale if scale != 1.0 else rows
-    return out, {"idx": idx, "scale": scale}
+    return out, ScatterAddRowsSaved(idx, scale)
 
 
-def scatter_add_rows_backward(grad_out, saved):
-    """Gradients ``(d base, d rows) = (grad_out, scale * grad_out[idx])``."""
-    g_rows = grad_out[saved["idx"]]
-    if saved["scale"] != 1.0:
-        g_rows *= saved["scale"]  # a fancy-indexed read is a fresh array: safe in place
-    return grad_out, g_rows
+def scatter_add_rows_backward(grad_out, saved: ScatterAddRowsSaved):
+    """Gradients ``(d base, d rows, None) = (grad_out, scale * grad_out[idx], None)``; none for
+    ``idx``."""
+    g_rows = grad_out[saved.idx]
+    if saved.scale != 1.0:
+        g_rows *= saved.scale  # a fancy-indexed read is a fresh array: safe in place
+    return grad_out, g_rows, None
