@@ -1,6 +1,32 @@
-"""cudrop: structured dropout that skips the dropped work, on NumPy and CuPy."""
+"""cudrop: structured dropout that skips the dropped work, on NumPy and CuPy.
+
+Two flat namespaces: the Tensor ops with gradients at the top level (``cudrop.dropout``,
+``cudrop.sparsedrop_linear``, ``cudrop.conv2d``, ... as ``torch.*``), and the same ops on raw
+arrays as ``(out, saved)`` / ``_backward`` pairs in ``cudrop.functional``. Layers in
+``cudrop.nn``; ``cudrop.optim``, ``cudrop.models``, ``cudrop.data``; the block-sparse GEMMs on
+raw arrays in ``cudrop.bsmm``; masks in ``cudrop.masks`` and each variant's draw in
+``cudrop.variants``. Submodules load on first use.
+"""
+import importlib as _importlib
+
 __version__ = "0.1.0"
 
 from . import backend
+from ._memo import clear_caches
 from .autograd import *  # noqa: F401,F403
-from .autograd import Tensor, Function, no_grad, eval_mode, train_mode, tensor
+from .autograd import Function, Tensor, eval_mode, no_grad, tensor, train_mode
+
+_SUBMODULES = ("autograd", "bsmm", "data", "functional", "masks", "models", "nn", "optim",
+               "philox", "variants")
+
+__all__ = sorted(set(autograd.__all__) | {"clear_caches", "__version__"})  # noqa: F405
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'cudrop' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES))

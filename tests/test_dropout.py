@@ -30,7 +30,7 @@ def test_forward_equals_mask_formula(xp, shape, p, step, dtype):
     y, saved = Fdrop.dropout(x, p, seed=3, layer=5, step=step)
     ref_mask = masks.element_mask(x.size, p, seed=3, layer=5, step=step)
     # the packed bits (GPU kernel or CPU path) equal the NumPy reference bit for bit
-    np.testing.assert_array_equal(_np(saved["mask"].bits), ref_mask.bits)
+    np.testing.assert_array_equal(_np(saved.mask.bits), ref_mask.bits)
     keep = ref_mask.to_dense().reshape(shape)
     want = np.where(keep, _np(x).astype(np.float64) / (1 - p), 0.0)
     tol = 1e-12 if dtype == "float64" else (1e-6 if dtype == "float32" else 2e-3)
@@ -42,7 +42,7 @@ def test_forward_equals_mask_formula(xp, shape, p, step, dtype):
        p=st.sampled_from([0.2, 0.7]), dtype=st.sampled_from(DTYPES))
 def test_backward_from_bits(xp, shape, p, dtype):
     x = cudrop.Tensor(_x(xp, shape, dtype), requires_grad=True)
-    y = cudrop.dropout(x, p, training=True, seed=1, layer=2, step=3)
+    y = cudrop.dropout(x, p, seed=1, layer=2, step=3)
     g = _x(xp, shape, dtype, 9)
     poison_pool(xp)
     y.backward(g)
@@ -88,17 +88,17 @@ def test_misaligned_contiguous_view(xp):
 
 def test_p0_and_eval_are_identity(xp):
     x = cudrop.Tensor(_x(xp, (3, 4), "float32"), requires_grad=True)
-    assert cudrop.dropout(x, 0.0, training=True) is x
-    assert cudrop.dropout(x, 0.5, training=False) is x
-    with cudrop.eval_mode():
-        assert cudrop.dropout(x, 0.9) is x
+    np.testing.assert_array_equal(_np(cudrop.dropout(x, 0.0)), _np(x))
+    layer = nn.Dropout(0.9)
+    with cudrop.eval_mode():  # layers decide train versus eval; the op always applies
+        assert layer(x) is x and layer.step == 0
     y, saved = Fdrop.dropout(x.data, 0.0)
     assert y is x.data and Fdrop.dropout_backward(x.data, saved) is x.data
 
 
 def test_layer_advances_step_and_differs_per_layer(xp):
-    a, b = nn.Dropout(0.5), nn.Dropout(0.5)
-    assert a.layer_id != b.layer_id
+    a, b = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.5))  # ids by position: 0 and 1
+    assert (a.layer_id, b.layer_id) == (0, 1)
     x = cudrop.Tensor(_x(xp, (32, 32), "float32"))
     y1, y2, z = _np(a(x)), _np(a(x)), _np(b(x))
     assert a.step == 2 and b.step == 1
@@ -122,7 +122,7 @@ def test_layer_step_is_restored_by_state_dict():
 def test_bad_p(xp, p):
     x = xp.ones((2, 2), dtype=np.float32)
     with pytest.raises(ValueError, match="p"):
-        cudrop.dropout(x, p, training=True)
+        cudrop.dropout(x, p)
     with pytest.raises(ValueError, match="p"):
         Fdrop.dropout(x, p)
     with pytest.raises(ValueError, match="p"):
@@ -134,3 +134,15 @@ def test_bad_dtype_and_seed(xp):
         Fdrop.dropout(xp.ones((2, 2), dtype=np.int32), 0.5)
     with pytest.raises(ValueError, match="seed"):
         Fdrop.dropout(xp.ones((2, 2)), 0.5, seed=-1)
+
+
+def test_layer_ids_are_positions_not_a_process_counter():
+    """Two models built alike in one process draw the same masks; explicit ids are kept."""
+    def build():
+        return nn.Sequential(nn.Linear(8, 8, rng=np.random.default_rng(0)), nn.Dropout(0.5), nn.Sequential(nn.Dropout(0.5)),
+                             nn.Dropout(0.5, layer_id=9))
+    m1, m2 = build(), build()
+    ids = [m.layer_id for m in m1.modules() if isinstance(m, nn.StochasticLayer)]
+    assert ids == [0, 1, 9]
+    x = cudrop.Tensor(_x(np, (16, 8), "float32"))
+    np.testing.assert_array_equal(_np(m1(x)), _np(m2(x)))

@@ -149,7 +149,7 @@ def test_gyro_forward_backward_equal_dense_formula(xp, tau, k, rest, p, step, sc
     kw = dict(num_subnets=8 * tau, co_scheduled=tau, period=2, schedule=schedule, seed=SEED,
               layer=LAYER, step=step, ragged=ragged)
     poison_pool(xp)
-    y = cudrop.gyro_dropout(x, p, training=True, **kw)
+    y = cudrop.gyro_dropout(x, p, **kw)
     subnets = gyro.scheduled_subnets(step, num_subnets=8 * tau, co_scheduled=tau, period=2,
                                      schedule=schedule, seed=SEED, layer=LAYER)
     dense = _ref_gyro_dense(shape, subnets, p, ax)
@@ -160,7 +160,7 @@ def test_gyro_forward_backward_equal_dense_formula(xp, tau, k, rest, p, step, sc
     mask = gyro.gyro_mask(shape[ax], p, step=step, num_subnets=8 * tau, co_scheduled=tau,
                           period=2, schedule=schedule, seed=SEED, layer=LAYER, xp=xp)
     assert np.array_equal(_np(mask.to_dense(shape, ragged=ragged)), dense)
-    cudrop.autograd.check_grad(lambda t: cudrop.gyro_dropout(t, p, training=True, **kw), x.data)
+    cudrop.autograd.check_grad(lambda t: cudrop.gyro_dropout(t, p, **kw), x.data)
 
 
 @given(m=st.integers(1, 300), k=st.integers(1, 100),
@@ -171,7 +171,7 @@ def test_blockwise_forward_backward_equal_dense_formula(xp, m, k, block, p, step
     kw = dict(num_subnets=4 * tau, co_scheduled=tau, period=3, seed=SEED, layer=LAYER)
     x = cudrop.Tensor(_x(xp, (m, k), step % 89), requires_grad=True)
     poison_pool(xp)
-    y = cudrop.blockwise_dropout(x, p, training=True, block=block, step=step, **kw)
+    y = cudrop.blockwise_dropout(x, p, block=block, step=step, **kw)
     ids = gyro.blockwise_row_ids(step, m, block=block, **kw)
     dense = _ref_block_dense((m, k), block, ids, p)
     np.testing.assert_allclose(_np(y), np.where(dense, _np(x) / (1 - p), 0.0), rtol=1e-14)
@@ -185,8 +185,8 @@ def test_blockwise_forward_backward_equal_dense_formula(xp, m, k, block, p, step
 def test_blockwise_gradcheck_and_leading_axes(xp):
     x = _x(xp, (3, 50, 40))  # (B, T, D): 150 token rows, ragged in both block axes
     kw = dict(block=(16, 8), num_subnets=8, co_scheduled=4, seed=SEED, layer=LAYER, step=5)
-    cudrop.autograd.check_grad(lambda t: cudrop.blockwise_dropout(t, 0.5, training=True, **kw), x)
-    y = cudrop.blockwise_dropout(x, 0.5, training=True, **kw)
+    cudrop.autograd.check_grad(lambda t: cudrop.blockwise_dropout(t, 0.5, **kw), x)
+    y = cudrop.blockwise_dropout(x, 0.5, **kw)
     ids = gyro.blockwise_row_ids(5, 150, **{k: v for k, v in kw.items() if k != "step"})
     dense = _ref_block_dense((150, 40), (16, 8), ids, 0.5).reshape(3, 50, 40)
     np.testing.assert_allclose(_np(y), np.where(dense, _np(x) * 2, 0.0), rtol=1e-14)
@@ -197,13 +197,13 @@ def test_low_precision_and_dropped_cells_are_exact_zeros(xp, dtype):
     x = _x(xp, (8, 64), dtype=dtype)
     x[:, :] = xp.inf
     mask = gyro.gyro_mask(64, 0.5, step=0, num_subnets=8, co_scheduled=4)
-    y, saved = Fg.gyro_dropout(x, gyro.GyroMask(xp.asarray(mask.keep), mask.subnets, 0.5))
+    y, saved = Fg.gyro_dropout(x, mask=gyro.GyroMask(xp.asarray(mask.keep), mask.subnets, 0.5))
     assert y.dtype == x.dtype
     keep = mask.to_dense((8, 64))
     assert (_np(y)[~keep] == 0).all() and np.isinf(_np(y)[keep]).all()
     bm = gyro.blockwise_mask((8, 64), 0.5, step=0, block=(4, 8), num_subnets=8, co_scheduled=4,
                              xp=xp)
-    yb, _ = Fg.blockwise_dropout(x, bm)
+    yb, _ = cudrop.functional.blockwise_dropout(x, mask=bm)
     keep = _np(bm.to_dense())
     assert yb.dtype == x.dtype and (_np(yb)[~keep] == 0).all() and np.isinf(_np(yb)[keep]).all()
 
@@ -228,7 +228,7 @@ def test_same_coordinates_same_mask_other_step_other_mask(xp):
 
     def mask(**over):
         a = {**kw, "seed": SEED, "layer": LAYER, "step": 10, **over}
-        return _np(cudrop.gyro_dropout(x, 0.5, training=True, **a)) != 0
+        return _np(cudrop.gyro_dropout(x, 0.5, **a)) != 0
 
     assert np.array_equal(mask(), mask())
     assert (mask() != mask(step=11)).mean() > 0.3
@@ -266,8 +266,6 @@ def test_layers_eval_identity_and_p_zero(xp):
         with cudrop.eval_mode():
             assert layer.train()(x) is x and layer.step == 0
     assert GyroDropout(0.0)(x) is x and BlockwiseDropout(0.0)(x) is x
-    assert cudrop.gyro_dropout(x, 0.5, training=False) is x
-    assert cudrop.blockwise_dropout(x, 0.5, training=False) is x
 
 
 def test_layers_match_the_functional_ops_across_set_changes(xp):
@@ -278,14 +276,14 @@ def test_layers_match_the_functional_ops_across_set_changes(xp):
     r = GyroDropout(0.5, layer_id=LAYER, schedule="random", **kw)
     x = cudrop.Tensor(_x(xp, (8, 40)))
     for t in range(7):
-        want = cudrop.gyro_dropout(x, 0.5, training=True, layer=LAYER, step=t, **kw)
+        want = cudrop.gyro_dropout(x, 0.5, layer=LAYER, step=t, **kw)
         assert np.array_equal(_np(g(x)), _np(want))
-        want = cudrop.blockwise_dropout(x, 0.5, training=True, layer=LAYER, step=t,
+        want = cudrop.blockwise_dropout(x, 0.5, layer=LAYER, step=t,
                                         block=(4, 8), **kw)
         got = b(x)
         assert np.array_equal(_np(got), _np(want))
         assert isinstance(b.last_mask, masks.BlockMask) and b.last_mask.shape == (8, 40)
-        want = cudrop.gyro_dropout(x, 0.5, training=True, layer=LAYER, step=t,
+        want = cudrop.gyro_dropout(x, 0.5, layer=LAYER, step=t,
                                    schedule="random", **kw)
         assert np.array_equal(_np(r(x)), _np(want))
     assert g.step == b.step == r.step == 7
@@ -313,9 +311,9 @@ def test_bad_p(xp, p):
     with pytest.raises(ValueError, match="p"):
         BlockwiseDropout(p)
     with pytest.raises(ValueError, match="p"):
-        cudrop.gyro_dropout(x, p, training=True)
+        cudrop.gyro_dropout(x, p)
     with pytest.raises(ValueError, match="p"):
-        cudrop.blockwise_dropout(x, p, training=False)
+        cudrop.blockwise_dropout(x, p)
     with pytest.raises(ValueError, match="p"):
         gyro.gyro_mask(8, p, step=0)
 
@@ -339,17 +337,17 @@ def test_bad_subnet_counts_and_period():
     with pytest.raises(ValueError, match="must be <= num_subnets"):
         gyro.scheduled_subnets(0, num_subnets=2, co_scheduled=3, schedule="random")
     with pytest.raises(ValueError, match="must divide num_subnets"):
-        cudrop.gyro_dropout(np.ones((6, 4)), 0.5, training=True, num_subnets=8, co_scheduled=3)
+        cudrop.gyro_dropout(np.ones((6, 4)), 0.5, num_subnets=8, co_scheduled=3)
 
 
 def test_batch_not_divisible_by_tau():
     x = np.ones((10, 4))
     with pytest.raises(ValueError, match=r"τ = 4\) must divide the batch size \(10\)"):
-        cudrop.gyro_dropout(x, 0.5, training=True, num_subnets=8, co_scheduled=4)
-    y = cudrop.gyro_dropout(x, 0.5, training=True, num_subnets=8, co_scheduled=4, ragged=True)
+        cudrop.gyro_dropout(x, 0.5, num_subnets=8, co_scheduled=4)
+    y = cudrop.gyro_dropout(x, 0.5, num_subnets=8, co_scheduled=4, ragged=True)
     assert y.shape == (10, 4)
     # block-wise needs no divisibility: ragged row blocks are partial
-    assert cudrop.blockwise_dropout(x, 0.5, training=True, block=(3, 3)).shape == (10, 4)
+    assert cudrop.blockwise_dropout(x, 0.5, block=(3, 3)).shape == (10, 4)
 
 
 @pytest.mark.parametrize("block", [(0, 32), (128, 0), (-1, 4), (2.5, 4), (128,), (1, 2, 3), 128,
@@ -358,25 +356,25 @@ def test_bad_block(block):
     with pytest.raises(ValueError, match="block"):
         BlockwiseDropout(0.5, block=block)
     with pytest.raises(ValueError, match="block"):
-        cudrop.blockwise_dropout(np.ones((4, 4)), 0.5, training=True, block=block)
+        cudrop.blockwise_dropout(np.ones((4, 4)), 0.5, block=block)
     with pytest.raises(ValueError, match="block"):
         gyro.blockwise_mask((4, 4), 0.5, step=0, block=block)
 
 
 def test_bad_shapes_and_masks(xp):
     with pytest.raises(ValueError, match="ndim >= 2"):
-        cudrop.gyro_dropout(xp.ones(8), 0.5, training=True, co_scheduled=1, num_subnets=1)
+        cudrop.gyro_dropout(xp.ones(8), 0.5, co_scheduled=1, num_subnets=1)
     with pytest.raises(ValueError, match="rows, units"):
-        cudrop.blockwise_dropout(xp.ones(8), 0.5, training=True)
+        cudrop.blockwise_dropout(xp.ones(8), 0.5)
     with pytest.raises(ValueError, match="unit_axis"):
-        cudrop.gyro_dropout(xp.ones((8, 4)), 0.5, training=True, unit_axis=0)
+        cudrop.gyro_dropout(xp.ones((8, 4)), 0.5, unit_axis=0)
     mask = gyro.gyro_mask(5, 0.5, step=0, num_subnets=8, co_scheduled=4, xp=xp)
     with pytest.raises(ValueError, match="units"):
-        Fg.gyro_dropout(xp.ones((8, 4)), mask)
+        Fg.gyro_dropout(xp.ones((8, 4)), mask=mask)
     bm = gyro.blockwise_mask((8, 4), 0.5, step=0, xp=xp)
     with pytest.raises(ValueError, match="shape"):
-        Fg.blockwise_dropout(xp.ones((8, 5)), bm)
-    with pytest.raises(TypeError, match="floating"):
-        Fg.blockwise_dropout(xp.ones((8, 4), dtype=np.int32), bm)
+        cudrop.functional.blockwise_dropout(xp.ones((8, 5)), mask=bm)
+    with pytest.raises(TypeError, match="float16"):
+        cudrop.functional.blockwise_dropout(xp.ones((8, 4), dtype=np.int32), mask=bm)
     with pytest.raises(TypeError, match="BlockMask"):
-        Fg.blockwise_dropout(xp.ones((8, 4)), mask)
+        cudrop.functional.blockwise_dropout(xp.ones((8, 4)), mask=mask)

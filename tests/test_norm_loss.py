@@ -68,23 +68,24 @@ def test_batch_norm_eval_forward_uses_running_stats(xp, shape, seed):
     bshape[1] = shape[1]
     want = ((xn - rm0.reshape(bshape)) / np.sqrt(rv0.reshape(bshape) + 1e-3)
             * gn.reshape(bshape) + bn.reshape(bshape))
-    with cudrop.eval_mode():  # training=None follows the global switch
-        y = cudrop.batch_norm(x, gamma, beta, rm, rv, eps=1e-3)
+    y = cudrop.batch_norm(x, gamma, beta, rm, rv, training=False, eps=1e-3)
     np.testing.assert_allclose(_np(y), want, rtol=1e-10, atol=1e-10)
     np.testing.assert_array_equal(_np(rm), rm0)
     np.testing.assert_array_equal(_np(rv), rv0)
 
 
-def test_batch_norm_training_none_follows_mode(xp):
-    x, gamma, beta, rm, rv = _bn_params(xp, 0, (4, 2))
-    rm0 = _np(rm).copy()
+def test_batch_norm_layer_follows_mode(xp):
+    """The layer decides train versus eval (the op takes ``training`` explicitly)."""
+    layer = cudrop.nn.BatchNorm1d(2, dtype=np.float64).to("gpu" if xp is not np else "cpu")
+    x = cudrop.Tensor(xp.asarray(np.random.default_rng(0).standard_normal((4, 2))))
+    rm0 = _np(layer.running_mean).copy()
     with cudrop.train_mode():
-        cudrop.batch_norm(x, gamma, beta, rm, rv)
-    assert not np.array_equal(_np(rm), rm0)
-    rm1 = _np(rm).copy()
+        layer(x)
+    assert not np.array_equal(_np(layer.running_mean), rm0)
+    rm1 = _np(layer.running_mean).copy()
     with cudrop.eval_mode():
-        cudrop.batch_norm(x, gamma, beta, rm, rv)
-    np.testing.assert_array_equal(_np(rm), rm1)
+        layer(x)
+    np.testing.assert_array_equal(_np(layer.running_mean), rm1)
 
 
 @given(shape=bn_shapes, seed=seeds, training=st.booleans(), affine=st.booleans())
@@ -271,7 +272,7 @@ def test_batch_norm_bad_inputs(xp):
     with pytest.raises(ValueError, match="momentum"):
         cudrop.batch_norm(x, gamma, beta, rm, rv, training=True, momentum=1.5)
     with pytest.raises(ValueError, match="eps"):
-        cudrop.batch_norm(x, gamma, beta, rm, rv, training=True, eps=0)
+        cudrop.batch_norm(x, gamma, beta, rm, rv, eps=0, training=True)
     with pytest.raises(ValueError, match="one value per channel"):
         cudrop.batch_norm(x[:1, :, :1], gamma, beta, rm, rv, training=True)
     with pytest.raises(TypeError, match="x"):

@@ -10,6 +10,7 @@ import cudrop
 from cudrop import backend, masks
 from cudrop import bsmm
 from cudrop.variants import sparsedrop as Fsd
+from cudrop import nn
 from cudrop.nn import Linear
 from cudrop.nn.sparsedrop import SparseDropLinear
 from conftest import poison_pool
@@ -48,7 +49,7 @@ def _check_all(xp, x, w, b, p, gy, **kw):
     y, saved = Fsd.sparsedrop_linear(x, w, b, p=p, **kw)
     poison_pool(xp)
     gx, gw, gb = Fsd.sparsedrop_linear_backward(gy, saved)
-    mask = saved["mask"]
+    mask = saved.mask
     keep = _np(mask.to_dense())
     ry, rgx, rgw, rgb = _reference(x, w, b, keep, p, gy)
     np.testing.assert_allclose(_np(y), ry, **TOL)
@@ -93,7 +94,7 @@ def test_p_zero_is_dense(xp):
     np.testing.assert_allclose(_np(gx), G @ W.T, **TOL)
     np.testing.assert_allclose(_np(gw), X.T @ G, **TOL)
     np.testing.assert_allclose(_np(gb), G.sum(0), **TOL)
-    t = cudrop.sparsedrop_linear(x, w, b, p=0.0, block=(4, 8), training=True)
+    t = cudrop.sparsedrop_linear(x, w, b, p=0.0, block=(4, 8))
     np.testing.assert_allclose(_np(t), X @ W + _np(b), **TOL)
 
 
@@ -135,7 +136,7 @@ def test_float32_keeps_dtype(xp):
     y, saved = Fsd.sparsedrop_linear(x, w, b, p=0.5, block=(2, 4), seed=1)
     grads = Fsd.sparsedrop_linear_backward(xp.ones_like(y), saved)
     assert y.dtype == np.float32 and all(g.dtype == np.float32 for g in grads)
-    keep = _np(saved["mask"].to_dense())
+    keep = _np(saved.mask.to_dense())
     ry = (_np(x) * keep / 0.5) @ _np(w) + _np(b)
     np.testing.assert_allclose(_np(y), ry, rtol=1e-5, atol=1e-5)
 
@@ -177,7 +178,7 @@ def test_gemm_work_equals_kept_blocks(gemm_log, shape):
         assert kept <= kept_blocks * block[0] * block[1]
         if shape == (32, 48):
             assert kept == kept_blocks * block[0] * block[1]
-        for product, a, c in ((Fsd.dsd, x, w), (Fsd.sdd, dy, w), (Fsd.dsd_t, x, dy)):
+        for product, a, c in ((bsmm.dsd, x, w), (bsmm.sdd, dy, w.T), (bsmm.dsd_t, x, dy)):
             product(a, c, mask, 2.0)
             assert _macs(gemm_log) == kept * n, (product.__name__, p)
         y, saved = Fsd.sparsedrop_linear(x, w, p=p, block=block, mask=mask)
@@ -209,7 +210,7 @@ def test_explicit_mask_equals_drawn(xp):
     y1, s1 = Fsd.sparsedrop_linear(x, w, b, seed=7, layer=3, step=11, **kw)
     mask = masks.block_mask((19, 23), (4, 8), 0.4, seed=7, layer=3, step=11, xp=xp)
     y2, s2 = Fsd.sparsedrop_linear(x, w, b, mask=mask, **kw)
-    assert s2["mask"] is mask
+    assert s2.mask is mask
     np.testing.assert_array_equal(_np(y1), _np(y2))
     g1s, g2s = (Fsd.sparsedrop_linear_backward(gy, s) for s in (s1, s2))
     for g1, g2 in zip(g1s, g2s):
@@ -227,8 +228,7 @@ def test_check_grad(xp, xshape, bias):
     args = (x, w, _arr(xp, (3,), 3)) if bias else (x, w)
 
     def fn(*t):
-        return cudrop.sparsedrop_linear(*t, p=0.4, block=(2, 4), seed=1, layer=2, step=3,
-                                        training=True)
+        return cudrop.sparsedrop_linear(*t, p=0.4, block=(2, 4), seed=1, layer=2, step=3)
     cudrop.check_grad(fn, *args)
 
 
@@ -238,7 +238,7 @@ def test_autograd_matches_functional(xp):
     b = cudrop.Tensor(_arr(xp, (4,), 3), requires_grad=True)
     gy = _arr(xp, (10, 4), 4)
     poison_pool(xp)
-    y = cudrop.sparsedrop_linear(x, w, b, p=0.5, block=(3, 4), seed=2, step=1, training=True)
+    y = cudrop.sparsedrop_linear(x, w, b, p=0.5, block=(3, 4), seed=2, step=1)
     y.backward(gy)
     ry, saved = Fsd.sparsedrop_linear(x.data, w.data, b.data, p=0.5, block=(3, 4), seed=2, step=1)
     np.testing.assert_array_equal(_np(y), _np(ry))
@@ -252,10 +252,12 @@ def test_eval_is_dense(xp):
     b = _arr(xp, (4,), 3)
     want = _np(x) @ _np(w) + _np(b)
     poison_pool(xp)
-    with cudrop.eval_mode():
-        y = cudrop.sparsedrop_linear(x, w, b, p=0.9, block=(2, 2), seed=1)
-    np.testing.assert_allclose(_np(y), want, **TOL)
-    y = cudrop.sparsedrop_linear(x, w, b, p=0.9, block=(2, 2), training=False)
+    layer = SparseDropLinear(9, 4, 0.9, block=(2, 2))
+    layer.weight.data, layer.bias.data = w.data, b
+    layer.weight = w
+    layer.eval()
+    y = layer(x)  # a layer in eval mode is the dense Linear and takes no step
+    assert layer.step == 0 and layer.last_mask is None
     np.testing.assert_allclose(_np(y), want, **TOL)
     y.backward(xp.ones(y.shape))
     np.testing.assert_allclose(_np(x.grad), np.ones((2, 6, 4)) @ _np(w).T, **TOL)
@@ -318,8 +320,9 @@ def test_layer_eval_dense_and_state_dict(xp):
 
 
 def test_layers_draw_different_masks():
-    a, b = (SparseDropLinear(16, 2, 0.5, block=(2, 2), dtype=np.float64) for _ in range(2))
-    assert a.layer_id != b.layer_id
+    a, b = nn.Sequential(*(SparseDropLinear(16, 2, 0.5, block=(2, 2), dtype=np.float64)
+                           for _ in range(2)))
+    assert (a.layer_id, b.layer_id) == (0, 1)
     x = _layer_input(np, (16, 16))
     a(x), b(x)
     assert not np.array_equal(a.last_mask.bits, b.last_mask.bits)
@@ -353,8 +356,6 @@ def test_errors_name_the_argument(xp):
     for p in (-0.1, 1.0, float("nan"), "0.5"):
         with pytest.raises(ValueError, match="p"):
             Fsd.sparsedrop_linear(x, w, p=p)
-        with pytest.raises(ValueError, match="p"):
-            cudrop.sparsedrop_linear(x, w, p=p, training=False)
         with pytest.raises(ValueError, match="p"):
             SparseDropLinear(8, 3, p)
     with pytest.raises(ValueError, match="block"):

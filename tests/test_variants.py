@@ -168,7 +168,7 @@ def test_blockwise_linear_prunes_its_output_and_equals_linear_act_drop(xp_name, 
         pytest.skip("no usable CUDA GPU")
     xp = np if xp_name == "numpy" else backend.cupy
     kw = dict(block=(16, 32), seed=3, layer_id=7, co_scheduled=2)
-    fused = nn.BlockwiseLinear(48, 72, 0.5, act=act, rng=np.random.default_rng(0),
+    fused = nn.BlockwiseLinear(48, 72, 0.5, mode="output", act=act, rng=np.random.default_rng(0),
                                dtype=np.float64, **kw)
     plain = nn.Linear(48, 72, rng=np.random.default_rng(0), dtype=np.float64)
     drop = nn.BlockwiseDropout(0.5, **kw)

@@ -8,15 +8,8 @@ from .mode import enable_grad, eval_mode, is_grad_enabled, is_training, no_grad,
 from .reduce import log_softmax, max, mean, softmax, sum, var
 from .shape import concat, getitem, reshape, stack, transpose
 from .tensor import Tensor, as_tensor, tensor
-from .conv import *  # noqa: F401,F403  conv2d, pooling
-from .depth import *  # noqa: F401,F403
-from .dropout import *  # noqa: F401,F403
-from .embedding import *  # noqa: F401,F403
-from .gyro_dropout import *  # noqa: F401,F403
-from .loss import *  # noqa: F401,F403
-from .norm import *  # noqa: F401,F403
-from .sliceout import *  # noqa: F401,F403
-from .sparsedrop import *  # noqa: F401,F403
+from .ops import *  # noqa: F401,F403  every functional pair as a Tensor op
+from .pair import differentiable
 
 # Functions and classes only: the submodules (conv, norm, loss, ...) stay out of
 # ``from cudrop.autograd import *`` and so out of the ``cudrop`` namespace.

@@ -12,9 +12,11 @@ class Function:
     """Subclasses implement ``forward(*arrays) -> array | tuple`` and
     ``backward(*grad_outputs) -> grad | tuple`` on raw NumPy/CuPy arrays.
 
-    Non-array arguments (axes, strides, probabilities) go to ``__init__``. ``backward`` returns
-    one gradient per forward input (``None`` where no gradient flows). It always receives
-    arrays: zeros for an output nobody used. Save what backward needs on ``self`` in ``forward``.
+    Non-array arguments (axes, strides, probabilities) go to ``__init__``. An input may be None
+    (an optional bias): ``forward`` receives None there, and it is no graph input. ``backward``
+    returns one gradient per forward input, None inputs included (``None`` where no gradient
+    flows). It always receives arrays: zeros for an output nobody used. Save what backward needs
+    on ``self`` in ``forward``.
     """
 
     generation = 0
@@ -22,17 +24,17 @@ class Function:
     def __call__(self, *inputs):
         from .tensor import Tensor, as_tensor
 
-        tensors = [x if isinstance(x, Tensor) else as_tensor(x) for x in inputs]
-        xs = [t.data for t in tensors]
+        tensors = [x if isinstance(x, Tensor) or x is None else as_tensor(x) for x in inputs]
+        xs = [None if t is None else t.data for t in tensors]
         backend.get_array_module(*xs)  # mixed NumPy/CuPy inputs raise TypeError here
         ys = self.forward(*xs)
         single = not isinstance(ys, tuple)
         if single:
             ys = (ys,)
         outputs = [Tensor(y) for y in ys]
-        if mode.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if mode.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             self.inputs = tensors
-            self.generation = max(t.generation for t in tensors)
+            self.generation = max(t.generation for t in tensors if t is not None)
             for o in outputs:
                 o.creator = self
                 o.requires_grad = True
@@ -95,7 +97,7 @@ def run_backward(root, grad, retain_graph=False):
             raise RuntimeError(f"{f!r}.backward returned {len(gxs)} gradients for "
                                f"{len(f.inputs)} inputs")
         for x, gx in zip(f.inputs, gxs):
-            if gx is None or not x.requires_grad:
+            if gx is None or x is None or not x.requires_grad:
                 continue
             if gx.shape != x.shape:
                 raise RuntimeError(f"{f!r}.backward gave a gradient of shape {gx.shape} for an "

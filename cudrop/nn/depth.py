@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, philox
-from ..autograd.depth import gather_rows, scatter_add_rows
+from ..autograd.ops import gather_rows, scatter_add_rows
 from ..autograd.tensor import Tensor
 from .dropout import Identity
 from .layers import BatchNorm2d, Conv2d, Linear, ReLU
@@ -66,14 +66,10 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
 
     def __init__(self, body, shortcut=None, p=0.5, activation=None, *, mode="batch", seed=0,
                  layer_id=None):
-        # Not ResidualUnit.__init__: its bare super().__init__() would reach StochasticLayer
-        # without seed/layer_id and spend a process-wide layer id.
-        StochasticLayer.__init__(self, seed, layer_id)
         if not isinstance(body, Module):
             raise TypeError(f"body must be a Module, got {type(body).__name__}")
-        self.body = body
-        self.shortcut = shortcut if shortcut is not None else Identity()
-        self.activation = activation if activation is not None else Identity()
+        ResidualUnit.__init__(self, body, shortcut, activation)
+        self.init_rng(seed, layer_id)
         self.p = philox.check_prob(p)
         self.mode = check_mode("mode", mode)
 

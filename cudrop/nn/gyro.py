@@ -28,7 +28,8 @@ from .stochastic import StochasticLayer
 class _GyroBase(StochasticLayer):
     def __init__(self, p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
                  layer_id):
-        super().__init__(seed, layer_id)
+        super().__init__()
+        self.init_rng(seed, layer_id)
         self.p = check_prob(p)
         self.num_subnets, self.co_scheduled = gyro.check_subnets(num_subnets, co_scheduled,
                                                                  schedule)
@@ -94,7 +95,7 @@ class GyroDropout(_GyroBase):
         keep = self._memoised(key, lambda: gyro.subnet_keep(
             ids, x.shape[ax], self.p, seed=self.seed, layer=self.layer_id, xp=xp))
         self.last_mask = gyro.GyroMask(keep, ids, self.p)
-        return ag.gyro_dropout_masked(x, self.last_mask, unit_axis=ax, ragged=self.ragged)
+        return ag.gyro_dropout(x, mask=self.last_mask, unit_axis=ax, ragged=self.ragged)
 
 
 class BlockwiseDropout(_GyroBase):
@@ -114,7 +115,7 @@ class BlockwiseDropout(_GyroBase):
 
     def forward(self, x):
         mask = self.next_mask(x)
-        return x if mask is None else ag.blockwise_dropout_masked(as_tensor(x), mask)
+        return x if mask is None else ag.blockwise_dropout(x, mask=mask)
 
     def next_mask(self, x, units=None):
         """Take a step and return its ``BlockMask`` over x viewed as (M, K), or None in eval
@@ -144,26 +145,38 @@ class BlockwiseDropout(_GyroBase):
 
 
 class BlockwiseLinear(Linear):
-    """``blockwise_drop(act(x @ W + b))``: a Linear (parameters named as a plain Linear's) whose
-    output units are block-wise gyro dropped, computed only on the kept blocks (output pruning:
-    the sdd GEMM forward, dsd/dsd_t backward). ``act`` is None or 'relu' (applied before the
-    drop, as Linear -> ReLU -> BlockwiseDropout). The schedule lives in ``drop`` (a
-    ``BlockwiseDropout``), its mask of the last forward in ``drop.last_mask``."""
+    """A Linear (parameters named and initialised as a plain Linear's) with block-wise gyro
+    dropout fused into its GEMMs, computed on the kept blocks only.
 
-    def __init__(self, in_features, out_features, p=0.5, act="relu", bias=True, rng=None,
-                 dtype=np.float32, **blockwise):
+    ``mode='input'``: its *input* units are dropped, ``(drop(x)) @ W + b`` (input pruning: the
+    dropped K-blocks are skipped by dsd forward, sdd and dsd_t backward). ``mode='output'``: its
+    *output* units are dropped after ``act`` (None or 'relu'), ``drop(act(x @ W + b))`` (output
+    pruning: sdd forward, dsd/dsd_t backward). The schedule lives in ``drop`` (a
+    ``BlockwiseDropout``; ``**blockwise`` are its options), its last mask in ``drop.last_mask``.
+    """
+
+    def __init__(self, in_features, out_features, p=0.5, mode="input", act=None, bias=True,
+                 rng=None, dtype=np.float32, **blockwise):
         super().__init__(in_features, out_features, bias=bias, rng=rng, dtype=dtype)
-        if act not in (None, "relu"):
-            raise ValueError(f"act must be None or 'relu', got {act!r}")
-        self.act = act
+        if mode not in ("input", "output"):
+            raise ValueError(f"mode must be 'input' or 'output', got {mode!r}")
+        if act not in (None, "relu") or (act is not None and mode == "input"):
+            raise ValueError(f"act must be None, or 'relu' with mode='output', got {act!r} with "
+                             f"mode={mode!r}")
+        self.mode, self.act = mode, act
         self.drop = BlockwiseDropout(p, **blockwise)
 
     def forward(self, x):
+        if self.mode == "input":
+            mask = self.drop.next_mask(x)
+            if mask is None:
+                return super().forward(x)
+            return ag.blockwise_linear(x, self.weight, self.bias, mask=mask)
         mask = self.drop.next_mask(x, self.out_features)
         if mask is None:
             y = super().forward(x)
             return ag.relu(y) if self.act == "relu" else y
-        return ag.pruned_linear(x, self.weight, self.bias, mask, self.act)
+        return ag.blockwise_linear_out(x, self.weight, self.bias, mask=mask, act=self.act)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, act={self.act!r}"
+        return f"{super().extra_repr()}, mode={self.mode!r}, act={self.act!r}"

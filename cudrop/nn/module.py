@@ -11,7 +11,6 @@ from ..autograd import mode
 from ..autograd.tensor import Tensor
 
 
-_COUNTER_NAMES = ("seed", "layer_id", "step", "period")  # RNG state; skipped when absent here
 
 
 class Parameter(Tensor):
@@ -29,6 +28,8 @@ class Module:
     ``training`` is per module; a layer behaves as in training only when its own flag and the
     global switch (``cudrop.eval_mode()``) both say so — see ``is_training``.
     """
+
+    _counter_names: set = set()  # every name ever registered as a counter (RNG state)
 
     def __init__(self):
         object.__setattr__(self, "_params", OrderedDict())
@@ -48,6 +49,15 @@ class Module:
         elif isinstance(value, Module):
             self._modules[name] = value
         object.__setattr__(self, name, value)
+        if isinstance(value, Module):
+            self._number_auto_layers()
+
+    def _number_auto_layers(self):
+        """Stochastic layers built without a ``layer_id`` take their position (0, 1, ...) among
+        this module's such layers; the outermost module, attached last, has the last word."""
+        auto = (m for m in self.modules() if getattr(m, "_auto_layer_id", False))
+        for i, m in enumerate(auto):
+            object.__setattr__(m, "layer_id", i)
 
     def register_buffer(self, name, array):
         object.__setattr__(self, name, array)
@@ -60,6 +70,7 @@ class Module:
         loading does not require them, so a checkpoint moves between dropout variants."""
         object.__setattr__(self, name, int(value))
         self._counters[name] = True
+        Module._counter_names.add(name)
 
     # ---- calling -----------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -152,7 +163,7 @@ class Module:
             known = set(targets) | set(bufs)
             missing = known - set(state)
             extra = {k for k in state if k not in known and k not in counters
-                     and not k.rsplit(".", 1)[-1] in _COUNTER_NAMES}
+                     and k.rsplit(".", 1)[-1] not in Module._counter_names}
             if missing or extra:
                 raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, "
                                f"unexpected {sorted(extra)}")

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import autograd as ag
 from ..variants import sliceout as F
-from ..philox import check_prob, check_seed
+from ..philox import check_prob
 from .attention import MultiHeadAttention
 from .layers import Conv2d, Linear
 from .stochastic import StochasticLayer
@@ -37,11 +37,7 @@ class _SliceMixin:
     """Shared by the layers: validated (p, align), the per-step draw, ``last_ranges``."""
 
     def _init_slice(self, p, align, seed, layer_id, n_units=None):
-        # The dense base's __init__ already ran StochasticLayer.__init__ with defaults (it is
-        # next in the MRO); set the caller's seed and layer id over them.
-        object.__setattr__(self, "seed", check_seed("seed", seed))
-        if layer_id is not None:
-            object.__setattr__(self, "layer_id", check_seed("layer_id", layer_id))
+        self.init_rng(seed, layer_id)
         self.p = check_prob(p)
         if align == "auto":
             align = None if n_units is None else F.auto_align(n_units)
@@ -66,7 +62,7 @@ class SliceOut(_SliceMixin, StochasticLayer):
     ``axis`` (default: 1 for 4-D NCHW inputs, else -1); ``q = keep / n``. Identity in eval."""
 
     def __init__(self, p=0.5, align=None, seed=0, layer_id=None, axis=None):
-        StochasticLayer.__init__(self, seed, layer_id)
+        StochasticLayer.__init__(self)
         self._init_slice(p, align, seed, layer_id)
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
             raise ValueError(f"axis must be an int or None, got {axis!r}")

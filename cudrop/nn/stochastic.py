@@ -1,26 +1,32 @@
 """Base class for layers whose randomness is a pure function of (seed, layer id, step)."""
 from __future__ import annotations
 
-import itertools
-
 from ..philox import check_seed, check_step
 from .module import Module
 
-_next_layer_id = itertools.count()
-
 
 class StochasticLayer(Module):
-    """Holds ``seed``, a ``layer_id`` (unique per process unless given, so masks differ between
+    """A layer that draws masks. It holds ``seed``, a ``layer_id`` (so masks differ between
     layers) and a ``step`` counter that each training-mode forward advances (so masks differ
-    between steps). All three are saved by ``state_dict``: a resumed run draws the same masks.
+    between steps); all three are saved by ``state_dict``, so a resumed run draws the same masks.
+
+    Only layers draw masks and decide train versus eval; the ops they call apply what they are
+    given. A subclass calls ``init_rng(seed, layer_id)`` in its ``__init__`` after its base's
+    ``__init__`` (explicitly: a stochastic Linear is ``Linear`` + ``init_rng``).
+
+    Layer ids. ``layer_id=None`` (the default) means "my position": the layer is numbered
+    0, 1, 2, ... in module order among the automatically numbered stochastic layers of the
+    outermost module it is attached to, renumbered each time a module is attached. Two models
+    built alike draw the same masks, whatever else the process built. An explicit ``layer_id``
+    is kept as given.
     """
 
-    def __init__(self, seed: int = 0, layer_id: int | None = None):
-        super().__init__()
+    def init_rng(self, seed: int = 0, layer_id: int | None = None) -> None:
         self.register_counter("seed", check_seed("seed", seed))
-        self.register_counter("layer_id", check_seed(
-            "layer_id", next(_next_layer_id) if layer_id is None else layer_id))
+        self.register_counter("layer_id", 0 if layer_id is None else
+                              check_seed("layer_id", layer_id))
         self.register_counter("step", 0)
+        object.__setattr__(self, "_auto_layer_id", layer_id is None)
 
     def next_step(self) -> int:
         """The step to draw this forward's mask with; advances the counter."""
@@ -41,9 +47,8 @@ def set_step(model: Module, step: int) -> None:
 
 
 def number_layers(model: Module, seed: int | None = None) -> Module:
-    """Give the stochastic layers of ``model`` the ids 0, 1, 2, ... in module order (and
-    ``seed`` when given). Model builders call this, so a model rebuilt in a new process draws
-    the same masks whatever else that process built first."""
+    """Give every stochastic layer of ``model`` (explicit ids too) the ids 0, 1, 2, ... in
+    module order, and ``seed`` when given."""
     for i, m in enumerate(m for m in model.modules() if isinstance(m, StochasticLayer)):
         object.__setattr__(m, "layer_id", i)
         if seed is not None:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import autograd as ag
 from ..philox import check_prob
 from .dropout import Dropout, Identity
-from .gyro import BlockwiseDropout, GyroDropout, _GyroBase
+from .gyro import BlockwiseDropout, BlockwiseLinear, GyroDropout, _GyroBase
 from .layers import Linear
 from .module import Module
 from .sliceout import SliceOut, SliceOutLinear
@@ -46,6 +45,15 @@ def make_dropout(kind, p) -> Module:
             "sparsedrop": lambda: SparseDrop(p)}[kind]()
 
 
+# The Linear that fuses each kind's drop of its input into its GEMMs (where work is skipped);
+# kinds not listed drop with their standalone module, then run a plain Linear.
+_FUSED_LINEAR = {
+    "sliceout": lambda i, o, p, kw: SliceOutLinear(i, o, p, mode="input", **kw),
+    "sparsedrop": lambda i, o, p, kw: SparseDropLinear(i, o, p, **kw),
+    "blockwise": lambda i, o, p, kw: BlockwiseLinear(i, o, p, mode="input", **kw),
+}
+
+
 def dropped_linear(kind, in_features, out_features, p, bias=True, rng=None,
                    dtype=np.float32) -> Module:
     """A Linear whose input units ``kind`` drops at rate ``p``; a plain Linear for 'none' or
@@ -54,18 +62,14 @@ def dropped_linear(kind, in_features, out_features, p, bias=True, rng=None,
     kw = dict(bias=bias, rng=rng, dtype=dtype)
     if kind == "none" or p == 0:
         return Linear(in_features, out_features, **kw)
-    if kind == "sliceout":
-        return SliceOutLinear(in_features, out_features, p, mode="input", **kw)
-    if kind == "sparsedrop":
-        return SparseDropLinear(in_features, out_features, p, **kw)
+    if kind in _FUSED_LINEAR:
+        return _FUSED_LINEAR[kind](in_features, out_features, p, kw)
     return DroppedLinear(in_features, out_features, make_dropout(kind, p), **kw)
 
 
 class DroppedLinear(Linear):
     """``Linear(drop(x))``: a Linear whose input passes a parameter-free dropout module first.
-    Its parameters are named as a plain Linear's, so checkpoints move between variants. A
-    ``BlockwiseDropout`` is fused: its mask prunes the Linear's GEMMs (dsd forward, sdd and
-    dsd_t backward) instead of being applied to x."""
+    Its parameters are named as a plain Linear's, so checkpoints move between variants."""
 
     def __init__(self, in_features, out_features, drop: Module, bias=True, rng=None,
                  dtype=np.float32):
@@ -73,12 +77,7 @@ class DroppedLinear(Linear):
         self.drop = drop
 
     def forward(self, x):
-        if not isinstance(self.drop, BlockwiseDropout):
-            return super().forward(self.drop(x))
-        mask = self.drop.next_mask(x)
-        if mask is None:
-            return super().forward(x)
-        return ag.sparsedrop_linear(x, self.weight, self.bias, mask=mask, training=True)
+        return super().forward(self.drop(x))
 
 
 def set_total_steps(model: Module, total_steps: int) -> Module:

@@ -1,59 +1,146 @@
-"""A Linear whose *output* is block-dropped, computed only where kept (output pruning, the gyro
-paper's block-wise dropout on a layer's output) on raw arrays:
+"""Block-wise gyro dropout (Lee et al., MLSys 2022) on raw arrays: gyro's sub-network masks at
+block granularity (rows in blocks of ``Mb`` = 128, units in blocks of ``Kb`` = 32), so the GEMMs
+skip the dropped blocks.
 
-    y = act(x @ w + b) ⊙ m / q        (sdd: dropped output blocks are never computed)
+- ``draw_mask``: the ``BlockMask`` of a step (row block ``r`` carries the unit-block mask of the
+  sub-network its slot runs; ``gyro_schedule``), a pure function of (seed, layer, step).
+- ``blockwise_dropout``: the mask alone, ``x ⊙ m / q``.
+- ``blockwise_linear``: input pruning, ``(x ⊙ m) @ w / q + b``: the dropped K-blocks of the
+  input are skipped in all three GEMMs (dsd forward, sdd and dsd_t backward).
+- ``blockwise_linear_out``: output pruning, ``act(x @ w + b) ⊙ m / q``: dropped output blocks
+  are never computed (sdd forward), and backward runs on the kept blocks only.
 
-with ``m`` a :class:`cudrop.masks.BlockMask` over the (M, N) output (leading axes of x are rows)
-and ``act`` None or 'relu'. Backward runs on the kept blocks only: with ``g = dy ⊙ m / q ⊙
-act'``, ``dx = g @ wᵀ`` skips g's dropped blocks along N (dsd) and ``dw = xᵀ @ g`` sums each
-column block of dw over its kept row blocks (dsd_t on gᵀ, written through a transposed view).
-The next layer can prune its input with the same mask (``sparsedrop_linear(y, w2, mask=m')``
-with ``m'`` the mask at p = 0, since y is already scaled).
+Backward convention: ``*_backward(grad_out, saved)`` returns one gradient per array input of
+the forward, in its order (None for a bias that was None).
 """
 from __future__ import annotations
 
-from .. import backend, masks
-from .. import bsmm
-from .gyro import blockwise_dropout_backward
+from typing import NamedTuple
 
-__all__ = ["pruned_linear", "pruned_linear_backward"]
+import numpy as np
+
+from .. import backend, bsmm, masks, philox
+from ..functional._block_linear import (apply_block_mask, block_masked, block_masked_backward,
+                                        block_masked_linear, block_masked_linear_backward,
+                                        check_block_mask, check_linear)
+from . import gyro_schedule as gyro
+
+__all__ = ["draw_mask", "blockwise_dropout", "blockwise_dropout_backward", "blockwise_linear",
+           "blockwise_linear_backward", "blockwise_linear_out", "blockwise_linear_out_backward"]
 
 _ACTS = (None, "relu")
 
 
-def pruned_linear(x, w, b, mask, act=None):
-    """``(y, saved)`` with ``y = act(x @ w + b) ⊙ m / q`` of shape (..., N)."""
+def draw_mask(shape, p, *, step, seed=0, layer=0, block=gyro.DEFAULT_BLOCK,
+              num_subnets=gyro.DEFAULT_NUM_SUBNETS, co_scheduled=gyro.DEFAULT_CO_SCHEDULED,
+              period=gyro.DEFAULT_PERIOD, schedule="consecutive", xp=np):
+    """The block-wise gyro mask of ``step`` over an (M, K) operand (a ``BlockMask``; one
+    launch on CuPy). Edge blocks are partial when the shape does not divide."""
+    return gyro.blockwise_mask(shape, philox.check_prob(p), step=step, seed=seed, layer=layer,
+                               block=block, num_subnets=num_subnets, co_scheduled=co_scheduled,
+                               period=period, schedule=schedule, xp=xp)
+
+
+def _mask_for(op, shape, xp, p, mask, draw):
+    if mask is not None:
+        return check_block_mask(op, mask)
+    if p is None:
+        raise TypeError(f"{op}: p is required when no mask is given")
+    return draw_mask(shape, p, xp=xp, **draw)
+
+
+def _rows(x):
+    return int(np.prod(x.shape[:-1], dtype=np.int64))
+
+
+def blockwise_dropout(x, p=None, *, mask=None, step=0, seed=0, layer=0,
+                      block=gyro.DEFAULT_BLOCK, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
+                      co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=gyro.DEFAULT_PERIOD,
+                      schedule="consecutive"):
+    """``(y, saved)``, ``y = x ⊙ m / q`` with ``x`` (..., K) viewed as (M, K) (every leading axis
+    a row, as a GEMM sees it) and ``m`` the given ``mask`` or the one :func:`draw_mask` draws.
+    Skips no work by itself: before a Linear use :func:`blockwise_linear`."""
+    if x.ndim < 2:
+        raise ValueError(f"blockwise_dropout needs x of shape (..., rows, units), got {x.shape}")
+    mask = _mask_for("blockwise_dropout", (_rows(x), x.shape[-1]), backend.get_array_module(x),
+                     p, mask, dict(step=step, seed=seed, layer=layer, block=block,
+                                   num_subnets=num_subnets, co_scheduled=co_scheduled,
+                                   period=period, schedule=schedule))
+    return block_masked(x, mask)
+
+
+blockwise_dropout_backward = block_masked_backward
+
+
+def blockwise_linear(x, w, b=None, p=None, *, mask=None, step=0, seed=0, layer=0,
+                     block=gyro.DEFAULT_BLOCK, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
+                     co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=gyro.DEFAULT_PERIOD,
+                     schedule="consecutive"):
+    """Input pruning: ``(y, saved)``, ``y = (x ⊙ m) @ w / q + b`` for ``x`` (..., K), ``w``
+    (K, N), ``b`` (N,) or None, ``m`` the block-wise mask over x as (M, K): the dropped blocks
+    are neither loaded nor multiplied, forward or backward."""
+    xp = backend.get_array_module(x, w, b)
+    mask = _mask_for("blockwise_linear", (_rows(x), x.shape[-1]), xp, p, mask,
+                     dict(step=step, seed=seed, layer=layer, block=block,
+                          num_subnets=num_subnets, co_scheduled=co_scheduled, period=period,
+                          schedule=schedule))
+    return block_masked_linear(x, w, b, mask)
+
+
+blockwise_linear_backward = block_masked_linear_backward
+
+
+class BlockwiseLinearOutSaved(NamedTuple):
+    """The (M, K) input, the weight, the masked output, the mask, the activation, whether there
+    was a bias and x's shape."""
+    x: object
+    w: object
+    y: object
+    mask: masks.BlockMask
+    act: str | None
+    has_bias: bool
+    x_shape: tuple
+
+
+def blockwise_linear_out(x, w, b=None, p=None, *, act=None, mask=None, step=0, seed=0,
+                         layer=0, block=gyro.DEFAULT_BLOCK, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
+                         co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=gyro.DEFAULT_PERIOD,
+                         schedule="consecutive"):
+    """Output pruning: ``(y, saved)``, ``y = act(x @ w + b) ⊙ m / q`` of shape (..., N), ``m``
+    the block-wise mask over the (M, N) output, ``act`` None or 'relu'. Dropped output blocks
+    are never computed (sdd), and the backward GEMMs skip them too."""
     if act not in _ACTS:
-        raise ValueError(f"pruned_linear: act must be None or 'relu', got {act!r}")
-    if not isinstance(mask, masks.BlockMask):
-        raise TypeError(f"pruned_linear: mask must be a cudrop.masks.BlockMask, got "
-                        f"{type(mask).__name__}")
-    backend.get_array_module(x, w, b, mask.bits)  # raises on mixed NumPy/CuPy
-    x2 = x.reshape(-1, x.shape[-1])
+        raise ValueError(f"blockwise_linear_out: act must be None or 'relu', got {act!r}")
+    backend.get_array_module(x, w, b, getattr(mask, "bits", None))  # raises on mixed devices
+    x2, w, b = check_linear("blockwise_linear_out", x, w, b)
+    mask = _mask_for("blockwise_linear_out", (x2.shape[0], w.shape[1]),
+                     backend.get_array_module(x), p, mask,
+                     dict(step=step, seed=seed, layer=layer, block=block,
+                          num_subnets=num_subnets, co_scheduled=co_scheduled, period=period,
+                          schedule=schedule))
     # the epilogue computes act(scale · acc + bias): fold 1/q into the bias (relu commutes
     # with a positive scale)
     scale = 1.0 / mask.q
     bias = None if b is None else (b * b.dtype.type(scale)).astype(b.dtype)
     y = bsmm.sdd(x2, w, mask, scale, bias=bias, act=act)
-    saved = {"x": x2, "w": w, "y": y, "mask": mask, "act": act, "bias": b is not None,
-             "x_shape": x.shape}
+    saved = BlockwiseLinearOutSaved(x2, w, y, mask, act, b is not None, x.shape)
     return y.reshape(x.shape[:-1] + (w.shape[1],)), saved
 
 
-def pruned_linear_backward(grad_out, saved):
+def blockwise_linear_out_backward(grad_out, saved):
     """``(gx, gw, gb)``; ``gb`` is None without a bias."""
-    x, w, y, mask = saved["x"], saved["w"], saved["y"], saved["mask"]
+    x, w, y, mask = saved.x, saved.w, saved.y, saved.mask
     xp = backend.get_array_module(grad_out, y)
     scale = 1.0 / mask.q
     g = grad_out.reshape(y.shape)
     # The GEMMs read only g's kept blocks and apply 1/q themselves; g needs masking only by the
     # activation (y > 0 exactly where kept and active) and, for the bias sum, by the mask.
-    if saved["act"] == "relu":
+    if saved.act == "relu":
         g = xp.where(y > 0, g, g.dtype.type(0))
-        gb = g.sum(axis=0) * g.dtype.type(scale) if saved["bias"] else None
+        gb = g.sum(axis=0) * g.dtype.type(scale) if saved.has_bias else None
     else:
-        gb = blockwise_dropout_backward(g, {"mask": mask}).sum(axis=0) if saved["bias"] else None
-    gx = bsmm.dsd(g, w.T, mask, scale).reshape(saved["x_shape"])
+        gb = apply_block_mask(g, mask).sum(axis=0) if saved.has_bias else None
+    gx = bsmm.dsd(g, w.T, mask, scale).reshape(saved.x_shape)
     gw = xp.empty(w.shape, w.dtype)
     bsmm.dsd_t(g, x, mask, scale, out=gw.T)
     return gx, gw, gb

@@ -7,12 +7,20 @@ backward one pass over the bits.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .. import backend, masks, philox
 from ..raw_kernels import cuda_type, launch
 
 _THREADS = 256
+
+
+class DropoutSaved(NamedTuple):
+    """What :func:`dropout_backward` needs: the packed keep bits (None at p = 0) and 1/q."""
+    mask: masks.ElementMask | None
+    scale: float
 
 
 def _check_x(x):
@@ -22,7 +30,12 @@ def _check_x(x):
 
 
 def dropout(x, p, *, seed=0, layer=0, step=0):
-    """``y = x * m / (1 - p)`` with ``m`` the element mask of (seed, layer, step).
+    """Inverted element dropout: ``y = x * m / (1 - p)``, ``m`` i.i.d. Bernoulli(1 - p) per
+    element, a pure function of (seed, layer, step) and the element's flat index.
+
+    ``x`` any shape, float16/bfloat16/float32/float64; ``p`` the drop probability in [0, 1).
+    Nothing is skipped (the baseline variant); on CuPy it is one fused pass that draws, scales
+    and packs the mask into bits, and backward reads only those bits.
 
     Returns ``(y, saved)``; ``saved`` holds the ``ElementMask`` (packed bits) for
     :func:`dropout_backward`. ``p == 0`` returns ``x`` itself. Non-contiguous inputs are copied.
@@ -32,7 +45,7 @@ def dropout(x, p, *, seed=0, layer=0, step=0):
     seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
     step = philox.check_step(step)
     if p == 0:
-        return x, {"mask": None, "scale": 1.0}
+        return x, DropoutSaved(None, 1.0)
     scale = 1.0 / (1.0 - p)
     xp = backend.get_array_module(x)
     if xp is np:
@@ -41,25 +54,25 @@ def dropout(x, p, *, seed=0, layer=0, step=0):
         y = np.where(keep, x * x.dtype.type(scale), x.dtype.type(0))
     else:
         y, mask = _dropout_gpu(xp, x, p, scale, seed, layer, step)
-    return y, {"mask": mask, "scale": scale}
+    return y, DropoutSaved(mask, scale)
 
 
 def dropout_backward(grad_out, saved):
     """``grad_out * m / (1 - p)`` from the saved bits."""
-    mask = saved["mask"]
+    mask = saved.mask
     if mask is None:
         return grad_out
     xp = backend.get_array_module(grad_out)
     if xp is np:
         keep = mask.to_dense().reshape(grad_out.shape)
-        return np.where(keep, grad_out * grad_out.dtype.type(saved["scale"]),
+        return np.where(keep, grad_out * grad_out.dtype.type(saved.scale),
                         grad_out.dtype.type(0))
     g = _aligned(xp, grad_out)
     gx = xp.empty_like(g)
     n = g.size
     if n:
         launch("dropout.cu", "dropout_bwd", g.dtype, (-(-n // (4 * _THREADS)),), (_THREADS,),
-               (g, mask.bits, gx, np.int64(n), np.float64(saved["scale"])))
+               (g, mask.bits, gx, np.int64(n), np.float64(saved.scale)))
     return gx
 
 

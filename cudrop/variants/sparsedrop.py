@@ -6,45 +6,56 @@
     dW = (X ⊙ m)ᵀ dY / q        (dsd_t: only kept row blocks of X feed each K-block of dW)
     db = Σ_rows dY
 
-The three products are the block-sparse GEMMs of :mod:`cudrop.functional.bsmm` (CUDA kernels
-on CuPy arrays that walk the mask's kept-block lists on the device, a gathering reference on
-NumPy): the multiply-adds are the kept elements of ``m`` times N, so the work falls with p.
+The three products are the block-sparse GEMMs of :mod:`cudrop.bsmm` (CUDA kernels on CuPy
+arrays that walk the mask's kept-block lists on the device, a gathering reference on NumPy),
+through the block-masked ops SparseDrop shares with block-wise dropout
+(``functional/_block_linear.py``): the multiply-adds are the kept elements of ``m`` times N.
+
+This module: the mask draw (``draw_mask``) and the pairs ``sparsedrop`` (the mask alone) and
+``sparsedrop_linear`` (the mask fused into a Linear's GEMMs).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import backend, masks, philox
-from .. import bsmm
+from ..functional._block_linear import (block_masked, block_masked_backward, block_masked_linear,
+                                        block_masked_linear_backward, check_block_mask)
 
-__all__ = ["sparsedrop_linear", "sparsedrop_linear_backward", "dsd", "sdd", "dsd_t"]
+__all__ = ["draw_mask", "sparsedrop", "sparsedrop_backward", "sparsedrop_linear",
+           "sparsedrop_linear_backward"]
 
-_FLOATS = ("float16", "bfloat16", "float32", "float64")
-
-
-# ---- the three products (bsmm's block-sparse GEMMs) ------------------------------------------
-
-def dsd(x, w, mask, scale, bias=None):
-    """``(x ⊙ m) @ w * scale + bias``: x (M, K), w (K, N) -> (M, N); dropped K-blocks are
-    skipped."""
-    return bsmm.dsd(x, w, mask, scale, bias=bias)
+DEFAULT_BLOCK = (128, 128)
 
 
-def sdd(dy, w, mask, scale):
-    """``(dy @ wᵀ) ⊙ m * scale``: dy (M, N), w (K, N) -> (M, K); only kept blocks are
-    computed, dropped ones are exact zeros."""
-    return bsmm.sdd(dy, w.T, mask, scale)
+def draw_mask(shape, p, *, block=DEFAULT_BLOCK, seed=0, layer=0, step=0, xp=np):
+    """SparseDrop's mask over an (M, K) operand: i.i.d. Bernoulli(1 - p) keep per ``block``
+    = (Mb, Kb) block, a pure function of (seed, layer, step); a ``cudrop.masks.BlockMask`` drawn,
+    packed and listed in one launch on CuPy (``xp=cupy``)."""
+    return masks.block_mask(shape, block, philox.check_prob(p), seed=seed, layer=layer,
+                            step=step, xp=xp)
 
 
-def dsd_t(x, dy, mask, scale):
-    """``(x ⊙ m)ᵀ @ dy * scale``: x (M, K), dy (M, N) -> (K, N); each K-block of dW sums over
-    its kept row blocks only (the transposed lists)."""
-    return bsmm.dsd_t(x, dy, mask, scale)
+def sparsedrop(x, p=None, *, mask=None, block=None, seed=0, layer=0, step=0):
+    """SparseDrop's mask on its own: ``(y, saved)`` with ``y = x ⊙ m / (1 - p)``, ``x`` (..., K)
+    viewed as (M, K) rows x units. ``mask`` (a BlockMask over (M, K)) or else one drawn by
+    :func:`draw_mask`. Skips no work by itself: before a Linear use :func:`sparsedrop_linear`."""
+    p, block = resolve_p_block(p, block, mask)
+    if mask is None:
+        shape = (int(np.prod(x.shape[:-1], dtype=np.int64)), x.shape[-1])
+        mask = draw_mask(shape, p, block=block, seed=seed, layer=layer, step=step,
+                         xp=backend.get_array_module(x))
+    else:
+        _check_mask(mask, mask.shape, block, p)
+    return block_masked(x, mask)
+
+
+sparsedrop_backward = block_masked_backward
 
 
 # ---- the functional pair ---------------------------------------------------------------------
 
-def sparsedrop_linear(x, w, b=None, *, p=None, block=None, seed=0, layer=0, step=0, mask=None):
+def sparsedrop_linear(x, w, b=None, p=None, *, mask=None, block=None, seed=0, layer=0, step=0):
     """SparseDrop linear: ``y = (x ⊙ m) @ w / (1 - p) + b``.
 
     ``x`` (..., K) (leading dimensions are flattened to M rows for the mask), ``w`` (K, N),
@@ -60,79 +71,39 @@ def sparsedrop_linear(x, w, b=None, *, p=None, block=None, seed=0, layer=0, step
     """
     xp = backend.get_array_module(x, w, b, getattr(mask, "bits", None))
     p, block = resolve_p_block(p, block, mask)
-    x2, w, b = _check_operands(x, w, b)
-    shape = x2.shape
     if mask is None:
-        mask = masks.block_mask(shape, block, p, seed=seed, layer=layer, step=step, xp=xp)
+        shape = (int(np.prod(x.shape[:-1], dtype=np.int64)), x.shape[-1])
+        mask = draw_mask(shape, p, block=block, seed=seed, layer=layer, step=step, xp=xp)
     else:
-        _check_mask(mask, shape, block, p)
-    scale = 1.0 / (1.0 - p)
-    y = dsd(x2, w, mask, scale, bias=b)
-    saved = {"mask": mask, "scale": scale, "x": x2, "w": w, "bias": b is not None,
-             "x_shape": x.shape}
-    return y.reshape(x.shape[:-1] + (w.shape[1],)), saved
+        _check_mask(mask, mask.shape, block, p)
+    return block_masked_linear(x, w, b, mask)
 
 
-def sparsedrop_linear_backward(grad_out, saved):
-    """``(gx, gw, gb)`` from the saved mask; ``gb`` is None when there was no bias. ``gx`` is
-    zero on every dropped block."""
-    x, w, mask, scale = saved["x"], saved["w"], saved["mask"], saved["scale"]
-    g = grad_out.reshape(x.shape[0], w.shape[1])
-    gx = sdd(g, w, mask, scale).reshape(saved["x_shape"])
-    gw = dsd_t(x, g, mask, scale)
-    gb = g.sum(axis=0) if saved["bias"] else None
-    return gx, gw, gb
+sparsedrop_linear_backward = block_masked_linear_backward
 
 
 # ---- helpers ---------------------------------------------------------------------------------
 
 def resolve_p_block(p, block, mask):
     """``(p, block)`` from the arguments, falling back to a given mask's."""
-    if mask is not None and not isinstance(mask, masks.BlockMask):
-        raise TypeError(f"sparsedrop_linear: mask must be a cudrop.masks.BlockMask or None, got "
-                        f"{type(mask).__name__}")
+    if mask is not None:
+        check_block_mask("sparsedrop", mask)
     if p is None:
         if mask is None:
-            raise TypeError("sparsedrop_linear: p is required when no mask is given")
+            raise TypeError("sparsedrop: p is required when no mask is given")
         p = mask.p
     if block is None:
-        block = mask.block if mask is not None else (128, 128)
+        block = mask.block if mask is not None else DEFAULT_BLOCK
     return philox.check_prob(p), masks.check_block(block)
-
-
-def _check_operands(x, w, b):
-    for name, a in (("x", x), ("w", w), ("b", b)):
-        if a is not None and not (hasattr(a, "ndim") and hasattr(a, "dtype")):
-            raise TypeError(f"sparsedrop_linear: {name} must be a NumPy or CuPy array, got "
-                            f"{type(a).__name__}")
-    if x.dtype.name not in _FLOATS:
-        raise TypeError(f"sparsedrop_linear: x must be a float16, bfloat16, float32 or float64 "
-                        f"array, got dtype {x.dtype}")
-    if x.ndim < 1:
-        raise ValueError("sparsedrop_linear: x must have shape (..., K), got a 0-d array")
-    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
-        raise ValueError(f"sparsedrop_linear: w must have shape (K, N) with K = {x.shape[-1]} "
-                         f"(the last axis of x), got shape {w.shape}")
-    if b is not None and b.shape != (w.shape[1],):
-        raise ValueError(f"sparsedrop_linear: b must have shape (N,) = ({w.shape[1]},), got "
-                         f"shape {b.shape}")
-    for name, a in (("w", w), ("b", b)):
-        if a is not None and a.dtype != x.dtype:
-            raise TypeError(f"sparsedrop_linear: {name} has dtype {a.dtype} but x has "
-                            f"{x.dtype}; the dtypes must be equal")
-    m = int(np.prod(x.shape[:-1], dtype=np.int64))
-    return x.reshape(m, x.shape[-1]), w, b
 
 
 def _check_mask(mask, shape, block, p):
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"sparsedrop_linear: mask covers shape {tuple(mask.shape)} but x is "
+        raise ValueError(f"sparsedrop: mask covers shape {tuple(mask.shape)} but x is "
                          f"{tuple(shape)} as (M, K) (leading axes flattened)")
     if tuple(mask.block) != tuple(block):
-        raise ValueError(f"sparsedrop_linear: mask has block {tuple(mask.block)} but "
+        raise ValueError(f"sparsedrop: mask has block {tuple(mask.block)} but "
                          f"block={tuple(block)}; pass the mask's block")
     if mask.p != p:
-        raise ValueError(f"sparsedrop_linear: mask was made with p={mask.p} but p={p}; the "
+        raise ValueError(f"sparsedrop: mask was made with p={mask.p} but p={p}; the "
                          "scale 1 / (1 - p) must match the mask")
-
-

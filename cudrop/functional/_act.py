@@ -1,0 +1,82 @@
+"""Activations and the dense Linear as functional pairs on raw arrays.
+
+Backward convention: ``*_backward(grad_out, saved)`` returns one gradient per array input of
+the forward, in its order (None for a bias that was None).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from .. import backend
+from ._matmul import matmul
+
+
+class ActSaved(NamedTuple):
+    """The input of the activation."""
+    x: object
+
+
+def relu(x):
+    """``(max(x, 0), saved)``."""
+    xp = backend.get_array_module(x)
+    return xp.maximum(x, x.dtype.type(0)), ActSaved(x)
+
+
+def relu_backward(grad_out, saved):
+    """``grad_out`` where the input was positive, 0 elsewhere."""
+    xp = backend.get_array_module(grad_out)
+    return xp.where(saved.x > 0, grad_out, grad_out.dtype.type(0))
+
+
+def _erf(xp, x):
+    if xp.__name__ == "numpy":
+        from scipy.special import erf
+        return erf(x)
+    from cupyx.scipy.special import erf
+    return erf(x)
+
+
+def gelu(x):
+    """``(x Φ(x), saved)`` with Φ the standard normal CDF (the exact GELU, not tanh's)."""
+    xp = backend.get_array_module(x)
+    y = 0.5 * x * (1 + _erf(xp, x / math.sqrt(2)))
+    return y.astype(x.dtype, copy=False), ActSaved(x)
+
+
+def gelu_backward(grad_out, saved):
+    """``grad_out (Φ(x) + x φ(x))``."""
+    xp = backend.get_array_module(grad_out)
+    x = saved.x
+    d = 0.5 * (1 + _erf(xp, x / math.sqrt(2))) + x * xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return (grad_out * d).astype(grad_out.dtype, copy=False)
+
+
+class LinearSaved(NamedTuple):
+    """The input as (M, K), the weight, whether there was a bias, the input's shape."""
+    x: object
+    w: object
+    has_bias: bool
+    x_shape: tuple
+
+
+def linear(x, w, b=None):
+    """``(x @ w + b, saved)``: ``x`` (..., K), ``w`` (K, N) (the K x N layout of the papers),
+    ``b`` (N,) or None; leading axes of x are rows of one GEMM."""
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"linear: x must be (..., K) and w (K, N); got x {x.shape}, w {w.shape}")
+    if b is not None and b.shape != (w.shape[1],):
+        raise ValueError(f"linear: b must have shape ({w.shape[1]},), got {b.shape}")
+    x2 = x.reshape(-1, x.shape[-1])
+    y = matmul(x2, w)
+    if b is not None:
+        y += b
+    return y.reshape(x.shape[:-1] + (w.shape[1],)), LinearSaved(x2, w, b is not None, x.shape)
+
+
+def linear_backward(grad_out, saved):
+    """``(gx, gw, gb)``."""
+    g = grad_out.reshape(-1, saved.w.shape[1])
+    gx = matmul(g, saved.w.T).reshape(saved.x_shape)
+    gw = matmul(saved.x.T, g)
+    return gx, gw, (g.sum(axis=0) if saved.has_bias else None)

@@ -1,0 +1,148 @@
+"""Ops on any ``BlockMask`` that SparseDrop and block-wise gyro dropout share (their masks
+differ; what is skipped is the same). Not a variant: the variants call these with their own
+masks.
+
+- ``block_masked(x, mask)``: ``x ⊙ m / q`` on an (..., K) array viewed as (M, K).
+- ``block_masked_linear(x, w, b, mask)``: ``(x ⊙ m) @ w / q + b`` on the block-sparse GEMMs
+  (``cudrop.bsmm``): dsd forward, ``dX = (dY Wᵀ) ⊙ m / q`` (sdd) and
+  ``dW = (X ⊙ m)ᵀ dY / q`` (dsd_t) backward, so dropped blocks cost no work.
+
+Backward convention: ``*_backward(grad_out, saved)`` returns one gradient per array input of
+the forward, in its order (None for a bias that was None).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import backend, bsmm, masks
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def check_block_mask(op, mask):
+    if not isinstance(mask, masks.BlockMask):
+        raise TypeError(f"{op}: mask must be a cudrop.masks.BlockMask, got "
+                        f"{type(mask).__name__}")
+    return mask
+
+
+def _check_float(op, name, a):
+    if not (hasattr(a, "ndim") and hasattr(a, "dtype")):
+        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
+    if a.dtype.name not in _FLOATS:
+        raise TypeError(f"{op}: {name} must be a float16, bfloat16, float32 or float64 array, "
+                        f"got dtype {a.dtype}")
+
+
+# ---- x ⊙ m / q ---------------------------------------------------------------------------------
+
+def _scale_and_zero(xp, src, dst, drop, scale):
+    """``dst = src * scale`` with ``dst[drop] = 0`` (exact zeros: an inf or NaN in a dropped
+    cell does not leak, as with a GEMM that skips the block); ``drop`` broadcasts."""
+    xp.multiply(src, scale, out=dst)
+    xp.copyto(dst, dst.dtype.type(0), where=drop)
+
+
+def apply_block_mask(x2, mask):
+    """``x2 * m / q`` for an (M, K) array. Expands the block grid along the units only, to
+    (nM, K) bools (1/Mb of x), broadcast over each row block's rows; no mask of x's size."""
+    xp = backend.get_array_module(x2, mask.bits)
+    if x2.ndim != 2 or tuple(x2.shape) != tuple(mask.shape):
+        raise ValueError(f"x has shape {tuple(x2.shape)} (as (M, K)) but the block mask is over "
+                         f"{tuple(mask.shape)}")
+    (m, k), (mb, kb) = mask.shape, mask.block
+    scale = x2.dtype.type(1.0 / mask.q)
+    drop = ~xp.repeat(mask.keep_blocks(), kb, axis=1)[:, :k]
+    y = xp.empty(x2.shape, x2.dtype)
+    full = m // mb  # whole row blocks; the last one is partial when mb does not divide m
+    if full:
+        rows = full * mb
+        _scale_and_zero(xp, x2[:rows].reshape(full, mb, k), y[:rows].reshape(full, mb, k),
+                        drop[:full, None, :], scale)
+    if full * mb < m:
+        _scale_and_zero(xp, x2[full * mb:], y[full * mb:], drop[full][None, :], scale)
+    return y
+
+
+class BlockMaskedSaved(NamedTuple):
+    """The BlockMask (bits and kept-block lists, never a float mask)."""
+    mask: masks.BlockMask
+
+
+def block_masked(x, mask):
+    """``(y, saved)``, ``y = x ⊙ m / q`` with ``x`` (..., K) viewed as (M, K) (every leading
+    axis a row) and ``m`` a BlockMask over (M, K)."""
+    _check_float("block_masked", "x", x)
+    check_block_mask("block_masked", mask)
+    y = apply_block_mask(x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x, mask)
+    return y.reshape(x.shape), BlockMaskedSaved(mask)
+
+
+def block_masked_backward(grad_out, saved):
+    """``grad_out ⊙ m / q``."""
+    _check_float("block_masked_backward", "grad_out", grad_out)
+    g2 = grad_out.reshape(-1, grad_out.shape[-1]) if grad_out.ndim != 2 else grad_out
+    return apply_block_mask(g2, saved.mask).reshape(grad_out.shape)
+
+
+# ---- (x ⊙ m) @ w / q + b -----------------------------------------------------------------------
+
+class BlockMaskedLinearSaved(NamedTuple):
+    """The mask, 1/q, the (M, K) input and the weight; whether there was a bias; x's shape."""
+    mask: masks.BlockMask
+    scale: float
+    x: object
+    w: object
+    has_bias: bool
+    x_shape: tuple
+
+
+def check_linear(op, x, w, b):
+    """``(x as (M, K), w, b)`` after checking shapes and dtypes (errors name ``op``)."""
+    _check_float(op, "x", x)
+    for name, a in (("w", w), ("b", b)):
+        if a is not None and not (hasattr(a, "ndim") and hasattr(a, "dtype")):
+            raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got "
+                            f"{type(a).__name__}")
+    if x.ndim < 1:
+        raise ValueError(f"{op}: x must have shape (..., K), got a 0-d array")
+    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: w must have shape (K, N) with K = {x.shape[-1]} (the last axis "
+                         f"of x), got shape {w.shape}")
+    if b is not None and b.shape != (w.shape[1],):
+        raise ValueError(f"{op}: b must have shape (N,) = ({w.shape[1]},), got shape {b.shape}")
+    for name, a in (("w", w), ("b", b)):
+        if a is not None and a.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {a.dtype} but x has {x.dtype}; the dtypes "
+                            "must be equal")
+    m = int(np.prod(x.shape[:-1], dtype=np.int64))
+    return x.reshape(m, x.shape[-1]), w, b
+
+
+def block_masked_linear(x, w, b, mask):
+    """``(y, saved)``, ``y = (x ⊙ m) @ w / q + b``: ``x`` (..., K) (leading axes are rows),
+    ``w`` (K, N), ``b`` (N,) or None, ``m`` a BlockMask over (M, K). Dropped K-blocks of each
+    row block are neither loaded nor multiplied."""
+    backend.get_array_module(x, w, b, getattr(mask, "bits", None))
+    x2, w, b = check_linear("block_masked_linear", x, w, b)
+    check_block_mask("block_masked_linear", mask)
+    if tuple(mask.shape) != tuple(x2.shape):
+        raise ValueError(f"block_masked_linear: mask covers shape {tuple(mask.shape)} but x is "
+                         f"{tuple(x2.shape)} as (M, K) (leading axes flattened)")
+    scale = 1.0 / mask.q
+    y = bsmm.dsd(x2, w, mask, scale, bias=b)
+    saved = BlockMaskedLinearSaved(mask, scale, x2, w, b is not None, x.shape)
+    return y.reshape(x.shape[:-1] + (w.shape[1],)), saved
+
+
+def block_masked_linear_backward(grad_out, saved):
+    """``(gx, gw, gb)``; ``gx`` is exact zeros on every dropped block, ``gb`` None without a
+    bias."""
+    x, w, mask, scale = saved.x, saved.w, saved.mask, saved.scale
+    g = grad_out.reshape(x.shape[0], w.shape[1])
+    gx = bsmm.sdd(g, w.T, mask, scale).reshape(saved.x_shape)
+    gw = bsmm.dsd_t(x, g, mask, scale)
+    gb = g.sum(axis=0) if saved.has_bias else None
+    return gx, gw, gb
