@@ -43,7 +43,6 @@ import numpy as np
 from .. import backend, philox
 from ..autograd.ops import gather_rows, scatter_add_rows
 from ..autograd.tensor import Tensor
-from .dropout import Identity
 from .layers import BatchNorm2d, Conv2d, Linear, ReLU
 from .module import Module, Sequential
 from .residual import ResidualUnit

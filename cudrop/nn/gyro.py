@@ -2,7 +2,7 @@
 
 Both are stochastic layers: each training forward takes one step from the counter
 (``next_step``), and the mask of that step is a pure function of ``(seed, layer_id, step)``
-and the schedule parameters (``cudrop.gyro``), so a run resumed from a state_dict (which saves
+and the schedule parameters (``cudrop.variants.gyro_schedule``), so a run resumed from a state_dict (which saves
 the counter) draws the same masks. Eval mode and ``p == 0`` are the identity.
 
 Each layer keeps the mask of its last forward in ``last_mask`` (a ``GyroMask`` or a
