@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from .. import autograd as ag
-from ..variants.sliceout import causal_bias
+from ..functional._attention import causal_bias
 from .layers import Linear
 from .module import Module
 

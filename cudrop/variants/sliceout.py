@@ -57,6 +57,7 @@ import numpy as np
 
 from .. import backend, philox
 from ..functional import _conv
+from ..functional._attention import causal_bias
 from ..functional._matmul import matmul
 
 __all__ = ["check_align", "keep_count", "auto_align", "num_starts", "slice_start", "slice_ranges",
@@ -453,22 +454,6 @@ def sliceout_conv2d_backward(gy, saved):
 
 
 # ---- multi-head attention -----------------------------------------------------------------
-
-_CAUSAL: dict = {}
-
-
-def causal_bias(xp, t, dtype):
-    """The (t, t) additive causal mask: 0 on and below the diagonal, a large finite negative
-    above it (the diagonal is always kept, and fp16 softmax stays free of inf - inf). Built and
-    uploaded once per (device, t, dtype): an upload per step would wait on the stream."""
-    dev = -1 if xp is np else xp.cuda.runtime.getDevice()
-    key = (dev, t, np.dtype(dtype).str)
-    bias = _CAUSAL.get(key)
-    if bias is None:
-        bias = _CAUSAL[key] = xp.asarray(
-            np.triu(np.full((t, t), np.finfo(dtype).min / 2, dtype=dtype), k=1))
-    return bias
-
 
 def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, ranges, scale=None,
                        causal=False):
