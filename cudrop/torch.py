@@ -3,14 +3,14 @@ cudrop's functional pairs (an optional extra: ``pip install torch``).
 
 Arrays cross through DLPack without a copy (CUDA tensors become CuPy arrays, CPU tensors NumPy
 arrays, and back), and cudrop's kernels and cuBLAS calls run on PyTorch's current CUDA stream
-(``cupy.cuda.ExternalStream``), so nothing synchronises. CPU tensors run cudrop's NumPy
+(wrapped as a CuPy external stream), so nothing synchronises. CPU tensors run cudrop's NumPy
 reference path, which is what ``torch.autograd.gradcheck`` checks in float64.
 
 Ops: ``dropout``, ``sparsedrop_linear``, ``sliceout_linear``, ``blockwise_linear``,
 ``blockwise_linear_out``, ``dsd``, ``sdd``, ``dsd_t`` -- the same names, arguments and
 semantics as ``cudrop.functional`` (arrays first, then ``p``, then keywords). Layers:
 ``Dropout``, ``SparseDropLinear``, ``SliceOutLinear``, ``BlockwiseLinear``: each draws its mask
-from (seed, layer_id, step) with a step counter that advances per training forward, exactly as
+from (seed, layer, step) with a step counter that advances per training forward, exactly as
 the ``cudrop.nn`` layer of the same name; in eval mode they are the identity or a plain Linear.
 """
 from __future__ import annotations
@@ -82,8 +82,12 @@ def _on_torch_stream(t):
         yield
         return
     cp = backend.cupy
-    stream = torch.cuda.current_stream(t.device)
-    with cp.cuda.Device(t.device.index), cp.cuda.ExternalStream(stream.cuda_stream):
+    handle = torch.cuda.current_stream(t.device).cuda_stream
+    # CuPy 14 deprecates ExternalStream for Stream.from_external; older CuPy has only the former.
+    from_external = getattr(cp.cuda.Stream, "from_external", None)
+    stream = (from_external(handle) if from_external is not None
+              else cp.cuda.ExternalStream(handle, t.device.index))
+    with cp.cuda.Device(t.device.index), stream:
         yield
 
 
@@ -145,15 +149,15 @@ _linear = _torch_op(_act.linear, _act.linear_backward, ("x", "w", "b"))
 # ---- layers ---------------------------------------------------------------------------------
 
 class _Stochastic(torch.nn.Module):
-    """seed, layer_id and a step counter (saved in state_dict as buffers, so a resumed run draws
+    """seed, layer and a step counter (saved in state_dict as buffers, so a resumed run draws
     the same masks); the step advances once per training forward."""
 
-    def __init__(self, p, seed, layer_id):
+    def __init__(self, p, seed, layer):
         super().__init__()
         from .philox import check_prob, check_seed
         self.p = check_prob(p)
         self.seed = check_seed("seed", seed)
-        self.layer_id = check_seed("layer_id", layer_id)
+        self.layer = check_seed("layer", layer)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64), persistent=True)
 
     def _next_step(self):
@@ -168,28 +172,28 @@ class _Stochastic(torch.nn.Module):
         return out
 
     def extra_repr(self):
-        return f"p={self.p}, seed={self.seed}, layer_id={self.layer_id}, step={int(self.step)}"
+        return f"p={self.p}, seed={self.seed}, layer={self.layer}, step={int(self.step)}"
 
 
 class Dropout(_Stochastic):
     """Inverted element dropout with cudrop's counter-based masks (one fused kernel on CUDA);
     the identity in eval mode."""
 
-    def __init__(self, p=0.5, seed=0, layer_id=0):
-        super().__init__(p, seed, layer_id)
+    def __init__(self, p=0.5, seed=0, layer=0):
+        super().__init__(p, seed, layer)
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        return dropout(x, self.p, seed=self.seed, layer=self.layer_id, step=self._next_step())
+        return dropout(x, self.p, seed=self.seed, layer=self.layer, step=self._next_step())
 
 
 class _LinearBase(_Stochastic):
     """A Linear whose weight is (in_features, out_features) -- cudrop's K x N layout -- with
     PyTorch's default initialisation (uniform in ±1/sqrt(in_features))."""
 
-    def __init__(self, in_features, out_features, p, bias, seed, layer_id, device, dtype):
-        super().__init__(p, seed, layer_id)
+    def __init__(self, in_features, out_features, p, bias, seed, layer, device, dtype):
+        super().__init__(p, seed, layer)
         self.in_features, self.out_features = int(in_features), int(out_features)
         bound = 1.0 / math.sqrt(self.in_features)
         kw = dict(device=device, dtype=dtype)
@@ -218,8 +222,8 @@ class SparseDropLinear(_LinearBase):
     flattened to rows), skipped in all three GEMMs; a plain Linear in eval mode."""
 
     def __init__(self, in_features, out_features, p, block=_sparsedrop.DEFAULT_BLOCK, bias=True,
-                 seed=0, layer_id=0, device=None, dtype=None):
-        super().__init__(in_features, out_features, p, bias, seed, layer_id, device, dtype)
+                 seed=0, layer=0, device=None, dtype=None):
+        super().__init__(in_features, out_features, p, bias, seed, layer, device, dtype)
         self.block = tuple(block)
 
     def forward(self, x):
@@ -228,7 +232,7 @@ class SparseDropLinear(_LinearBase):
             return self._dense(x)
         with _on_torch_stream(x):
             mask = _sparsedrop.draw_mask((self._rows(x), self.in_features), self.p,
-                                         block=self.block, seed=self.seed, layer=self.layer_id,
+                                         block=self.block, seed=self.seed, layer=self.layer,
                                          step=self._next_step(), xp=self._xp(x))
         return sparsedrop_linear(x, self.weight, self.bias, mask=mask)
 
@@ -238,8 +242,8 @@ class SliceOutLinear(_LinearBase):
     the GEMMs run on ``x[..., S] @ W[S]``; a plain Linear in eval mode."""
 
     def __init__(self, in_features, out_features, p=0.5, bias=True, align="auto", seed=0,
-                 layer_id=0, device=None, dtype=None):
-        super().__init__(in_features, out_features, p, bias, seed, layer_id, device, dtype)
+                 layer=0, device=None, dtype=None):
+        super().__init__(in_features, out_features, p, bias, seed, layer, device, dtype)
         self.align = _sliceout.auto_align(self.in_features) if align == "auto" else align
 
     def forward(self, x):
@@ -247,7 +251,7 @@ class SliceOutLinear(_LinearBase):
         if not self.training or self.p == 0:
             return self._dense(x)
         ranges = _sliceout.draw_slice(self.in_features, self.p, seed=self.seed,
-                                      layer=self.layer_id, step=self._next_step(),
+                                      layer=self.layer, step=self._next_step(),
                                       align=self.align)
         return sliceout_linear(x, self.weight, self.bias, ranges)
 
@@ -259,8 +263,8 @@ class BlockwiseLinear(_LinearBase):
     period, schedule (see ``cudrop.variants.blockwise.draw_mask``)."""
 
     def __init__(self, in_features, out_features, p=0.5, mode="input", act=None, bias=True,
-                 seed=0, layer_id=0, device=None, dtype=None, **schedule):
-        super().__init__(in_features, out_features, p, bias, seed, layer_id, device, dtype)
+                 seed=0, layer=0, device=None, dtype=None, **schedule):
+        super().__init__(in_features, out_features, p, bias, seed, layer, device, dtype)
         if mode not in ("input", "output"):
             raise ValueError(f"mode must be 'input' or 'output', got {mode!r}")
         if act not in (None, "relu") or (act is not None and mode == "input"):
@@ -275,7 +279,7 @@ class BlockwiseLinear(_LinearBase):
         units = self.in_features if self.mode == "input" else self.out_features
         with _on_torch_stream(x):
             mask = _blockwise.draw_mask((self._rows(x), units), self.p, step=self._next_step(),
-                                        seed=self.seed, layer=self.layer_id, xp=self._xp(x),
+                                        seed=self.seed, layer=self.layer, xp=self._xp(x),
                                         **self.schedule)
         if self.mode == "input":
             return blockwise_linear(x, self.weight, self.bias, mask=mask)

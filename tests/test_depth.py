@@ -43,12 +43,12 @@ def _dev(xp):
     return "cpu" if xp is np else "gpu"
 
 
-def _mlp_unit(cls, xp, p, mode="batch", seed=3, layer_id=7, width=5, bn=False):
+def _mlp_unit(cls, xp, p, mode="batch", seed=3, layer=7, width=5, bn=False):
     body = nn.Sequential(nn.Linear(width, width, rng=1), nn.Tanh(),
                          *( [nn.BatchNorm1d(width)] if bn else []),
                          nn.Linear(width, width, rng=2))
     short = linear_shortcut(width, width, rng=4) if cls is DepthDropout else None
-    u = cls(Recorder(body), short, p, nn.ReLU(), mode=mode, seed=seed, layer_id=layer_id)
+    u = cls(Recorder(body), short, p, nn.ReLU(), mode=mode, seed=seed, layer=layer)
     return u.to(_dev(xp), dtype=np.float64)
 
 
@@ -75,7 +75,7 @@ def test_batch_forward_matches_formula(xp, cls):
     u = _mlp_unit(cls, xp, p=0.5)
     x = _x(xp)
     for step in range(12):
-        a = philox.uniform(u.seed, u.layer_id, step, philox.TAG_DEPTH, 1)[0] >= u.p
+        a = philox.uniform(u.seed, u.layer, step, philox.TAG_DEPTH, 1)[0] >= u.p
         assert u.step == step
         y = u(x)
         with cd.no_grad():
@@ -104,10 +104,10 @@ def test_eval_keeps_every_body_unscaled_and_does_not_advance(xp, cls):
 
 
 def test_is_a_residual_unit_and_a_stochastic_layer():
-    u = StochasticDepth(nn.Linear(3, 3), None, 0.2, seed=1, layer_id=2)
+    u = StochasticDepth(nn.Linear(3, 3), None, 0.2, seed=1, layer=2)
     assert isinstance(u, nn.ResidualUnit) and isinstance(u, nn.stochastic.StochasticLayer)
     assert isinstance(u.shortcut, nn.Identity) and isinstance(u.activation, nn.Identity)
-    assert "p=0.2" in repr(u) and "layer_id=2" in repr(u)
+    assert "p=0.2" in repr(u) and "layer=2" in repr(u)
     assert [n for n, _ in u.named_parameters()] == ["body.weight", "body.bias"]
     assert u.scale == pytest.approx(1 / 0.8)
     assert DepthDropout(nn.Linear(3, 3), None, 0.2).scale == 1.0
@@ -144,11 +144,11 @@ def test_dropped_body_is_not_called_and_gets_no_gradient(xp, cls):
 @pytest.mark.parametrize("kept", [True, False])
 def test_batch_gradients(xp, cls, kept):
     rng = np.random.default_rng(1)
-    probe = cls(nn.Identity(), None, 0.5, seed=5, layer_id=9)
+    probe = cls(nn.Identity(), None, 0.5, seed=5, layer=9)
     step = _step_with(probe, kept)
 
     def fn(x, wf, wt):
-        u = cls(TanhLinear(wf), TanhLinear(wt), 0.5, nn.Tanh(), seed=5, layer_id=9)
+        u = cls(TanhLinear(wf), TanhLinear(wt), 0.5, nn.Tanh(), seed=5, layer=9)
         set_step(u, step)
         return u(x)
 
@@ -182,7 +182,7 @@ def test_sample_mode_gradients(xp, cls, bn):
 @pytest.mark.parametrize("mode", ["batch", "sample"])
 def test_keep_rate_within_binomial_bounds(mode):
     p, steps, n = 0.3, 2000, 4
-    u = StochasticDepth(nn.Identity(), None, p, mode=mode, seed=11, layer_id=1)
+    u = StochasticDepth(nn.Identity(), None, p, mode=mode, seed=11, layer=1)
     if mode == "batch":
         kept, trials = sum(u.keep_gate(s) for s in range(steps)), steps
     else:
@@ -192,7 +192,7 @@ def test_keep_rate_within_binomial_bounds(mode):
 
 
 def test_body_calls_follow_the_gate():
-    u = DepthDropout(Recorder(nn.Identity()), None, 0.6, seed=2, layer_id=4)
+    u = DepthDropout(Recorder(nn.Identity()), None, 0.6, seed=2, layer=4)
     x = cd.Tensor(np.ones((2, 3)))
     for _ in range(200):
         u(x)
@@ -248,9 +248,9 @@ def _decisions(unit, x, steps):
 
 def test_same_seed_layer_step_same_decision():
     x = cd.Tensor(np.ones((2, 3)))
-    a = DepthDropout(Recorder(nn.Identity()), None, 0.5, seed=8, layer_id=3)
-    b = DepthDropout(Recorder(nn.Identity()), None, 0.5, seed=8, layer_id=3)
-    c = DepthDropout(Recorder(nn.Identity()), None, 0.5, seed=8, layer_id=4)
+    a = DepthDropout(Recorder(nn.Identity()), None, 0.5, seed=8, layer=3)
+    b = DepthDropout(Recorder(nn.Identity()), None, 0.5, seed=8, layer=3)
+    c = DepthDropout(Recorder(nn.Identity()), None, 0.5, seed=8, layer=4)
     da, db, dc = (_decisions(u, x, 40) for u in (a, b, c))
     assert da == db and da != dc
     assert da == [a.keep_gate(s) for s in range(40)]
@@ -298,7 +298,7 @@ def test_sample_mode_runs_body_on_kept_rows_only(xp, cls):
     scale = 1 / (1 - u.p) if cls is StochasticDepth else 1.0
     partial = 0
     for step in range(10):
-        keep = philox.uniform(u.seed, u.layer_id, step, philox.TAG_SAMPLE, n) >= u.p
+        keep = philox.uniform(u.seed, u.layer, step, philox.TAG_SAMPLE, n) >= u.p
         calls = len(u.body.seen)
         y = _np(u(x))
         t = _np(u.shortcut(x))
@@ -317,7 +317,7 @@ def test_sample_mode_runs_body_on_kept_rows_only(xp, cls):
 
 
 def test_sample_mode_with_nothing_kept_never_calls_body():
-    u = StochasticDepth(Recorder(nn.Identity()), None, 0.9, mode="sample", seed=0, layer_id=0)
+    u = StochasticDepth(Recorder(nn.Identity()), None, 0.9, mode="sample", seed=0, layer=0)
     step = next(s for s in range(200) if not u.keep_samples(s, 2).any())
     set_step(u, step)
     x = cd.Tensor(np.ones((2, 3)), requires_grad=True)
@@ -327,7 +327,7 @@ def test_sample_mode_with_nothing_kept_never_calls_body():
 
 def test_sample_mode_batchnorm_sees_kept_samples_only():
     bn = nn.BatchNorm1d(3, momentum=1.0).to(dtype=np.float64)
-    u = StochasticDepth(bn, None, 0.5, mode="sample", seed=1, layer_id=1)
+    u = StochasticDepth(bn, None, 0.5, mode="sample", seed=1, layer=1)
     step = next(s for s in range(100) if 2 <= u.keep_samples(s, 6).sum() < 6)
     keep = u.keep_samples(step, 6)
     set_step(u, step)
@@ -386,7 +386,7 @@ def test_resnet_with_depth_options_trains(kw):
 def test_conv_unit_forward_matches_formula():
     unit = nn.basic_block(2, 3, 2, rng=0, dtype=np.float64)
     u = DepthDropout.from_unit(unit, 0.5, shortcut=conv_shortcut(2, 3, 2, rng=1, dtype=np.float64),
-                               seed=0, layer_id=0)
+                               seed=0, layer=0)
     assert u.downsamples and u.body is unit.body and u.activation is unit.activation
     x = cd.Tensor(np.random.default_rng(0).standard_normal((2, 2, 5, 5)))
     for step in range(4):

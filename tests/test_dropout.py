@@ -98,7 +98,7 @@ def test_p0_and_eval_are_identity(xp):
 
 def test_layer_advances_step_and_differs_per_layer(xp):
     a, b = nn.Sequential(nn.Dropout(0.5), nn.Dropout(0.5))  # ids by position: 0 and 1
-    assert (a.layer_id, b.layer_id) == (0, 1)
+    assert (a.layer, b.layer) == (0, 1)
     x = cudrop.Tensor(_x(xp, (32, 32), "float32"))
     y1, y2, z = _np(a(x)), _np(a(x)), _np(b(x))
     assert a.step == 2 and b.step == 1
@@ -108,12 +108,12 @@ def test_layer_advances_step_and_differs_per_layer(xp):
 
 
 def test_layer_step_is_restored_by_state_dict():
-    a = nn.Dropout(0.5, seed=4, layer_id=7)
+    a = nn.Dropout(0.5, seed=4, layer=7)
     x = cudrop.Tensor(_x(np, (16, 16), "float32"))
     a(x)
     state = a.state_dict()
     want = _np(a(x))
-    b = nn.Dropout(0.5, seed=4, layer_id=7)
+    b = nn.Dropout(0.5, seed=4, layer=7)
     b.load_state_dict(state)
     assert b.step == 1 and np.array_equal(_np(b(x)), want)
 
@@ -140,9 +140,9 @@ def test_layer_ids_are_positions_not_a_process_counter():
     """Two models built alike in one process draw the same masks; explicit ids are kept."""
     def build():
         return nn.Sequential(nn.Linear(8, 8, rng=np.random.default_rng(0)), nn.Dropout(0.5), nn.Sequential(nn.Dropout(0.5)),
-                             nn.Dropout(0.5, layer_id=9))
+                             nn.Dropout(0.5, layer=9))
     m1, m2 = build(), build()
-    ids = [m.layer_id for m in m1.modules() if isinstance(m, nn.StochasticLayer)]
+    ids = [m.layer for m in m1.modules() if isinstance(m, nn.StochasticLayer)]
     assert ids == [0, 1, 9]
     x = cudrop.Tensor(_x(np, (16, 8), "float32"))
     np.testing.assert_array_equal(_np(m1(x)), _np(m2(x)))

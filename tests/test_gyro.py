@@ -75,7 +75,7 @@ def test_layer_trains_exactly_sigma_distinct_masks_and_resumes(xp):
     sigma, tau, period, n, batch = 16, 4, 3, 64, 8
     total = sigma // tau * period
     layer = GyroDropout(0.5, num_subnets=sigma, co_scheduled=tau, total_steps=total, seed=SEED,
-                        layer_id=LAYER)
+                        layer=LAYER)
     assert layer.period == period  # total_steps * τ // Σ
     x = cudrop.Tensor(_x(xp, (batch, n)))
     outs, seen = [], {}
@@ -91,7 +91,7 @@ def test_layer_trains_exactly_sigma_distinct_masks_and_resumes(xp):
         assert ts == list(range(ts[0], ts[0] + period))
     # resume from a state_dict saved at step 5: the same masks from there on
     fresh = GyroDropout(0.5, num_subnets=sigma, co_scheduled=tau, total_steps=total, seed=SEED,
-                        layer_id=LAYER)
+                        layer=LAYER)
     set_step(layer, 5)
     fresh.load_state_dict(layer.state_dict())
     for t in range(5, total):
@@ -271,9 +271,9 @@ def test_layers_eval_identity_and_p_zero(xp):
 def test_layers_match_the_functional_ops_across_set_changes(xp):
     # the layers memoise a set's mask; that must never change a result
     kw = dict(num_subnets=16, co_scheduled=4, period=2, seed=SEED)
-    g = GyroDropout(0.5, layer_id=LAYER, **kw)
-    b = BlockwiseDropout(0.5, layer_id=LAYER, block=(4, 8), **kw)
-    r = GyroDropout(0.5, layer_id=LAYER, schedule="random", **kw)
+    g = GyroDropout(0.5, layer=LAYER, **kw)
+    b = BlockwiseDropout(0.5, layer=LAYER, block=(4, 8), **kw)
+    r = GyroDropout(0.5, layer=LAYER, schedule="random", **kw)
     x = cudrop.Tensor(_x(xp, (8, 40)))
     for t in range(7):
         want = cudrop.gyro_dropout(x, 0.5, layer=LAYER, step=t, **kw)
@@ -290,7 +290,7 @@ def test_layers_match_the_functional_ops_across_set_changes(xp):
 
 
 def test_conv_channels_are_units_and_ragged_batch(xp):
-    layer = GyroDropout(0.5, num_subnets=8, co_scheduled=2, seed=SEED, layer_id=LAYER)
+    layer = GyroDropout(0.5, num_subnets=8, co_scheduled=2, seed=SEED, layer=LAYER)
     y = _np(layer(cudrop.Tensor(_x(xp, (4, 6, 3, 3))))) != 0
     assert (y == y[:, :, :1, :1]).all()  # a channel is kept or dropped whole
     assert (y[0] == y[1]).all() and (y[2] == y[3]).all()

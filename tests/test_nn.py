@@ -211,7 +211,7 @@ def test_builders_number_stochastic_layers_deterministically():
     Dropout(0.1)  # consumes a process-wide id: must not shift the model's ids
     a = models.resnet20(in_channels=1, p=0.1, depth_dropout=0.5, seed=3)
     b = models.resnet20(in_channels=1, p=0.1, depth_dropout=0.5, seed=3)
-    ids = [(m.layer_id, m.seed) for m in a.modules() if isinstance(m, StochasticLayer)]
-    assert ids == [(m.layer_id, m.seed) for m in b.modules() if isinstance(m, StochasticLayer)]
+    ids = [(m.layer, m.seed) for m in a.modules() if isinstance(m, StochasticLayer)]
+    assert ids == [(m.layer, m.seed) for m in b.modules() if isinstance(m, StochasticLayer)]
     assert [i for i, _ in ids] == list(range(len(ids))) and len(ids) == 10
     assert all(s == 3 for _, s in ids)

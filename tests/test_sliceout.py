@@ -465,7 +465,7 @@ def _dev(xp):
 @pytest.mark.parametrize("mode", ["input", "output"])
 @pytest.mark.parametrize("align", [None, 4])
 def test_linear_layer_draws_per_step_and_eval_is_dense(xp, mode, align):
-    lin = SliceOutLinear(12, 10, p=0.5, mode=mode, align=align, seed=7, layer_id=3,
+    lin = SliceOutLinear(12, 10, p=0.5, mode=mode, align=align, seed=7, layer=3,
                          rng=0).to(_dev(xp), np.float64)
     dense = Linear(12, 10, rng=0).to(_dev(xp), np.float64)
     x = normal(xp, np.random.default_rng(0), (2, 3, 12))
@@ -486,10 +486,10 @@ def test_linear_layer_draws_per_step_and_eval_is_dense(xp, mode, align):
 
 
 def test_layer_step_resumes_from_state_dict():
-    a = SliceOutLinear(16, 4, p=0.5, layer_id=1)
+    a = SliceOutLinear(16, 4, p=0.5, layer=1)
     for _ in range(3):
         a(Tensor(np.ones((1, 16), np.float32)))
-    b = SliceOutLinear(16, 4, p=0.5, layer_id=1)
+    b = SliceOutLinear(16, 4, p=0.5, layer=1)
     b.load_state_dict(a.state_dict())
     a(Tensor(np.ones((1, 16), np.float32)))
     b(Tensor(np.ones((1, 16), np.float32)))
@@ -497,7 +497,7 @@ def test_layer_step_resumes_from_state_dict():
 
 
 def test_conv_layer_train_and_eval(xp):
-    conv = SliceOutConv2d(2, 6, 3, p=0.5, padding=1, seed=1, layer_id=2,
+    conv = SliceOutConv2d(2, 6, 3, p=0.5, padding=1, seed=1, layer=2,
                           rng=0).to(_dev(xp), np.float64)
     dense = Conv2d(2, 6, 3, padding=1, rng=0).to(_dev(xp), np.float64)
     x = normal(xp, np.random.default_rng(0), (2, 2, 4, 4))
@@ -510,7 +510,7 @@ def test_conv_layer_train_and_eval(xp):
 
 
 def test_attention_layer_train_and_eval(xp):
-    att = SliceOutMultiHeadAttention(8, 4, p=0.5, layer_id=5, rng=2).to(_dev(xp), np.float64)
+    att = SliceOutMultiHeadAttention(8, 4, p=0.5, layer=5, rng=2).to(_dev(xp), np.float64)
     ref = MultiHeadAttention(8, 4, rng=2).to(_dev(xp), np.float64)
     x = normal(xp, np.random.default_rng(0), (2, 3, 8))
     y = att(Tensor(x))
@@ -524,7 +524,7 @@ def test_attention_layer_train_and_eval(xp):
 
 
 def test_sliceout_layer_train_and_eval(xp):
-    layer = SliceOut(p=0.5, seed=2, layer_id=9)
+    layer = SliceOut(p=0.5, seed=2, layer=9)
     x = normal(xp, np.random.default_rng(0), (3, 10))
     y = layer(Tensor(x))
     ranges = F.draw_slice(10, 0.5, seed=2, layer=9, step=0)

@@ -280,7 +280,7 @@ def test_layer_parameters_like_linear():
 
 
 def test_layer_training_forward(xp):
-    layer = SparseDropLinear(10, 4, 0.5, block=(4, 2), seed=3, layer_id=8, dtype=np.float64)
+    layer = SparseDropLinear(10, 4, 0.5, block=(4, 2), seed=3, layer=8, dtype=np.float64)
     layer.to("gpu" if xp is not np else "cpu")
     x = _layer_input(xp)
     poison_pool(xp)
@@ -311,7 +311,7 @@ def test_layer_eval_dense_and_state_dict(xp):
     y = layer(x)
     assert layer.step == 2 and layer.last_mask is None
     np.testing.assert_allclose(_np(y), _np(x) @ _np(layer.weight) + _np(layer.bias), **TOL)
-    other = SparseDropLinear(10, 4, 0.7, block=(2, 2), seed=1, layer_id=layer.layer_id,
+    other = SparseDropLinear(10, 4, 0.7, block=(2, 2), seed=1, layer=layer.layer,
                              dtype=np.float64)
     other.to("gpu" if xp is not np else "cpu")
     other.load_state_dict(state)
@@ -322,7 +322,7 @@ def test_layer_eval_dense_and_state_dict(xp):
 def test_layers_draw_different_masks():
     a, b = nn.Sequential(*(SparseDropLinear(16, 2, 0.5, block=(2, 2), dtype=np.float64)
                            for _ in range(2)))
-    assert (a.layer_id, b.layer_id) == (0, 1)
+    assert (a.layer, b.layer) == (0, 1)
     x = _layer_input(np, (16, 16))
     a(x), b(x)
     assert not np.array_equal(a.last_mask.bits, b.last_mask.bits)

@@ -85,10 +85,10 @@ def test_layers_advance_steps_and_mlp_learns_digits(device):
     y = torch.tensor(d.target, device=device)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        ct.SparseDropLinear(64, 256, 0.3, block=(32, 16), layer_id=0, device=device), torch.nn.ReLU(),
-        ct.BlockwiseLinear(256, 256, 0.3, mode="input", layer_id=1, device=device,
+        ct.SparseDropLinear(64, 256, 0.3, block=(32, 16), layer=0, device=device), torch.nn.ReLU(),
+        ct.BlockwiseLinear(256, 256, 0.3, mode="input", layer=1, device=device,
                            block=(32, 32), co_scheduled=2), torch.nn.ReLU(),
-        ct.SliceOutLinear(256, 10, 0.3, layer_id=2, device=device))
+        ct.SliceOutLinear(256, 10, 0.3, layer=2, device=device))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for epoch in range(15):
         for i in range(0, 1500, 100):

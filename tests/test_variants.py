@@ -99,10 +99,10 @@ def test_gyro_period_follows_latest_total_steps_and_is_saved():
     fixed.set_total_steps(800)
     assert fixed.period == 3
     state = layer.state_dict()
-    assert int(state["period"]) == 10 and "seed" in state and "layer_id" in state
-    other = nn.GyroDropout(0.3, num_subnets=64, co_scheduled=8, seed=9, layer_id=99)
+    assert int(state["period"]) == 10 and "seed" in state and "layer" in state
+    other = nn.GyroDropout(0.3, num_subnets=64, co_scheduled=8, seed=9, layer=99)
     other.load_state_dict(state)
-    assert (other.period, other.seed, other.layer_id) == (10, layer.seed, layer.layer_id)
+    assert (other.period, other.seed, other.layer) == (10, layer.seed, layer.layer)
 
 
 def test_checkpoint_moves_between_variants():
@@ -138,7 +138,7 @@ def test_blockwise_linear_prunes_its_gemms_and_equals_drop_then_linear(xp_name):
                               dtype=np.float64)
     plain = nn.Linear(96, 40, rng=np.random.default_rng(0), dtype=np.float64)
     drop = nn.BlockwiseDropout(0.5, block=(16, 32), seed=fused.drop.seed,
-                               layer_id=fused.drop.layer_id)
+                               layer=fused.drop.layer)
     fused.drop.block = (16, 32)
     for layer in (fused, plain, drop):
         layer.to("gpu" if xp_name == "cupy" else "cpu")
@@ -167,7 +167,7 @@ def test_blockwise_linear_prunes_its_output_and_equals_linear_act_drop(xp_name, 
     if xp_name == "cupy" and not backend.gpu_available():
         pytest.skip("no usable CUDA GPU")
     xp = np if xp_name == "numpy" else backend.cupy
-    kw = dict(block=(16, 32), seed=3, layer_id=7, co_scheduled=2)
+    kw = dict(block=(16, 32), seed=3, layer=7, co_scheduled=2)
     fused = nn.BlockwiseLinear(48, 72, 0.5, mode="output", act=act, rng=np.random.default_rng(0),
                                dtype=np.float64, **kw)
     plain = nn.Linear(48, 72, rng=np.random.default_rng(0), dtype=np.float64)

@@ -21,14 +21,14 @@ training output and the same test-time network up to a reparameterisation of ``f
 scale (``f_inverted = q * f_huang``), so a model trained one way is the other's with its last
 layer in ``f`` rescaled.
 
-Randomness. Every draw is host-side Philox keyed by ``(seed, layer_id)`` at the unit's step
+Randomness. Every draw is host-side Philox keyed by ``(seed, layer)`` at the unit's step
 counter (one ``next_step()`` per training forward, none in eval): no GPU synchronisation, and a
-decision is a pure function of ``(seed, layer_id, step)``, so a run resumed from a state_dict
+decision is a pure function of ``(seed, layer, step)``, so a run resumed from a state_dict
 (which saves the counters) makes the same decisions.
 
 Modes. ``mode='batch'`` (the papers): one gate per unit per step, shared by the batch,
-``a = uniform(seed, layer_id, step, TAG_DEPTH, 1)[0] >= p``. ``mode='sample'``: one gate per
-sample, ``uniform(seed, layer_id, step, TAG_SAMPLE, n) >= p``; the kept rows are gathered, ``f``
+``a = uniform(seed, layer, step, TAG_DEPTH, 1)[0] >= p``. ``mode='sample'``: one gate per
+sample, ``uniform(seed, layer, step, TAG_SAMPLE, n) >= p``; the kept rows are gathered, ``f``
 runs on them only (work in proportion to the kept fraction) and its output is scatter-added onto
 the shortcut with ``s``. A BatchNorm inside ``f`` then normalises over (and updates its running
 statistics from) the kept samples only, so it needs more than one value per channel among
@@ -59,25 +59,25 @@ def check_mode(name, mode):
 
 class _GatedUnit(ResidualUnit, StochasticLayer):
     """A ResidualUnit (same ``body`` / ``shortcut`` / ``activation``) that is also a
-    StochasticLayer (``seed`` / ``layer_id`` / ``step``). Subclasses fix the scale."""
+    StochasticLayer (``seed`` / ``layer`` / ``step``). Subclasses fix the scale."""
 
     inverted = False
 
     def __init__(self, body, shortcut=None, p=0.5, activation=None, *, mode="batch", seed=0,
-                 layer_id=None):
+                 layer=None):
         if not isinstance(body, Module):
             raise TypeError(f"body must be a Module, got {type(body).__name__}")
         ResidualUnit.__init__(self, body, shortcut, activation)
-        self.init_rng(seed, layer_id)
+        self.init_rng(seed, layer)
         self.p = philox.check_prob(p)
         self.mode = check_mode("mode", mode)
 
     @classmethod
-    def from_unit(cls, unit, p, *, shortcut=None, mode="batch", seed=0, layer_id=None):
+    def from_unit(cls, unit, p, *, shortcut=None, mode="batch", seed=0, layer=None):
         """Wrap an existing ResidualUnit's body and activation (and its shortcut unless
         ``shortcut`` is given); keeps its ``downsamples`` flag."""
         new = cls(unit.body, unit.shortcut if shortcut is None else shortcut, p,
-                  unit.activation, mode=mode, seed=seed, layer_id=layer_id)
+                  unit.activation, mode=mode, seed=seed, layer=layer)
         if hasattr(unit, "downsamples"):
             new.downsamples = unit.downsamples
         return new
@@ -89,12 +89,12 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
 
     def keep_gate(self, step: int) -> bool:
         """Batch mode: is the body run at ``step``?"""
-        return bool(philox.uniform(self.seed, self.layer_id, step, philox.TAG_DEPTH, 1)[0]
+        return bool(philox.uniform(self.seed, self.layer, step, philox.TAG_DEPTH, 1)[0]
                     >= self.p)
 
     def keep_samples(self, step: int, n: int) -> np.ndarray:
         """Sample mode: boolean keep bit per sample at ``step`` (host NumPy)."""
-        return philox.uniform(self.seed, self.layer_id, step, philox.TAG_SAMPLE, n) >= self.p
+        return philox.uniform(self.seed, self.layer, step, philox.TAG_SAMPLE, n) >= self.p
 
     def forward(self, x):
         if not self.is_training:

@@ -11,17 +11,17 @@ from .stochastic import StochasticLayer
 class Dropout(StochasticLayer):
     """Inverted element-wise dropout (Srivastava et al. 2014) with drop probability ``p``; the
     identity in eval mode. The mask of each training forward is a pure function of
-    (seed, layer_id, step), drawn and applied in one fused pass; nothing is skipped."""
+    (seed, layer, step), drawn and applied in one fused pass; nothing is skipped."""
 
-    def __init__(self, p=0.5, seed=0, layer_id=None):
+    def __init__(self, p=0.5, seed=0, layer=None):
         super().__init__()
-        self.init_rng(seed, layer_id)
+        self.init_rng(seed, layer)
         self.p = check_prob(p)
 
     def forward(self, x):
         if not self.is_training or self.p == 0:
             return x
-        return ag.dropout(x, self.p, seed=self.seed, layer=self.layer_id, step=self.next_step())
+        return ag.dropout(x, self.p, seed=self.seed, layer=self.layer, step=self.next_step())
 
     def extra_repr(self):
         return f"p={self.p}, " + super().extra_repr()

@@ -1,7 +1,7 @@
 """Gyro dropout and block-wise gyro dropout layers (Lee et al., MLSys 2022).
 
 Both are stochastic layers: each training forward takes one step from the counter
-(``next_step``), and the mask of that step is a pure function of ``(seed, layer_id, step)``
+(``next_step``), and the mask of that step is a pure function of ``(seed, layer, step)``
 and the schedule parameters (``cudrop.variants.gyro_schedule``), so a run resumed from a state_dict (which saves
 the counter) draws the same masks. Eval mode and ``p == 0`` are the identity.
 
@@ -27,9 +27,9 @@ from .stochastic import StochasticLayer
 
 class _GyroBase(StochasticLayer):
     def __init__(self, p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
-                 layer_id):
+                 layer):
         super().__init__()
-        self.init_rng(seed, layer_id)
+        self.init_rng(seed, layer)
         self.p = check_prob(p)
         self.num_subnets, self.co_scheduled = gyro.check_subnets(num_subnets, co_scheduled,
                                                                  schedule)
@@ -50,7 +50,7 @@ class _GyroBase(StochasticLayer):
     def _sched(self):
         return dict(num_subnets=self.num_subnets, co_scheduled=self.co_scheduled,
                     period=self.period, schedule=self.schedule, seed=self.seed,
-                    layer=self.layer_id)
+                    layer=self.layer)
 
     def _memoised(self, key, draw):
         if self._memo[0] != key:
@@ -76,9 +76,9 @@ class GyroDropout(_GyroBase):
 
     def __init__(self, p=0.5, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
                  co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=None, total_steps=None,
-                 schedule="consecutive", seed=0, layer_id=None, unit_axis=None, ragged=False):
+                 schedule="consecutive", seed=0, layer=None, unit_axis=None, ragged=False):
         super().__init__(p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
-                         layer_id)
+                         layer)
         self.unit_axis = unit_axis
         self.ragged = bool(ragged)
 
@@ -91,9 +91,9 @@ class GyroDropout(_GyroBase):
         xp = backend.get_array_module(x.data)
         sched = self._sched()
         ids = tuple(int(i) for i in gyro.scheduled_subnets(step, **sched))
-        key = (ids, x.shape[ax], self.p, self.seed, self.layer_id, backend.device_of(x.data))
+        key = (ids, x.shape[ax], self.p, self.seed, self.layer, backend.device_of(x.data))
         keep = self._memoised(key, lambda: gyro.subnet_keep(
-            ids, x.shape[ax], self.p, seed=self.seed, layer=self.layer_id, xp=xp))
+            ids, x.shape[ax], self.p, seed=self.seed, layer=self.layer, xp=xp))
         self.last_mask = gyro.GyroMask(keep, ids, self.p)
         return ag.gyro_dropout(x, mask=self.last_mask, unit_axis=ax, ragged=self.ragged)
 
@@ -108,9 +108,9 @@ class BlockwiseDropout(_GyroBase):
 
     def __init__(self, p=0.5, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
                  co_scheduled=gyro.DEFAULT_CO_SCHEDULED, block=gyro.DEFAULT_BLOCK, period=None,
-                 total_steps=None, schedule="consecutive", seed=0, layer_id=None):
+                 total_steps=None, schedule="consecutive", seed=0, layer=None):
         super().__init__(p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
-                         layer_id)
+                         layer)
         self.block = gyro.check_block(block)
 
     def forward(self, x):
@@ -134,7 +134,7 @@ class BlockwiseDropout(_GyroBase):
         sched = self._sched()
         ids = tuple(int(i) for i in gyro.blockwise_row_ids(step, shape[0], block=self.block,
                                                             **sched))
-        key = (ids, shape, self.block, self.p, self.seed, self.layer_id,
+        key = (ids, shape, self.block, self.p, self.seed, self.layer,
                backend.device_of(data))
         self.last_mask = self._memoised(key, lambda: gyro.blockwise_mask(
             shape, self.p, step=step, block=self.block, xp=xp, **sched))

@@ -53,11 +53,11 @@ class Module:
             self._number_auto_layers()
 
     def _number_auto_layers(self):
-        """Stochastic layers built without a ``layer_id`` take their position (0, 1, ...) among
+        """Stochastic layers built without a ``layer`` take their position (0, 1, ...) among
         this module's such layers; the outermost module, attached last, has the last word."""
-        auto = (m for m in self.modules() if getattr(m, "_auto_layer_id", False))
+        auto = (m for m in self.modules() if getattr(m, "_auto_layer", False))
         for i, m in enumerate(auto):
-            object.__setattr__(m, "layer_id", i)
+            object.__setattr__(m, "layer", i)
 
     def register_buffer(self, name, array):
         object.__setattr__(self, name, array)

@@ -1,5 +1,5 @@
 """SliceOut layers: one contiguous slice of units (features, channels or heads) kept per training
-step, drawn from (seed, layer_id, step); the layers' products run on the kept slice only.
+step, drawn from (seed, layer, step); the layers' products run on the kept slice only.
 
 - ``SliceOut``: the standalone mask, ``x ⊙ m / q`` along the feature axis (-1), or the channel
   axis (1) of a 4-D NCHW input. It saves no compute by itself; it is the semantic form (and the
@@ -36,8 +36,8 @@ __all__ = ["SliceOut", "SliceOutLinear", "SliceOutConv2d", "SliceOutMultiHeadAtt
 class _SliceMixin:
     """Shared by the layers: validated (p, align), the per-step draw, ``last_ranges``."""
 
-    def _init_slice(self, p, align, seed, layer_id, n_units=None):
-        self.init_rng(seed, layer_id)
+    def _init_slice(self, p, align, seed, layer, n_units=None):
+        self.init_rng(seed, layer)
         self.p = check_prob(p)
         if align == "auto":
             align = None if n_units is None else F.auto_align(n_units)
@@ -47,7 +47,7 @@ class _SliceMixin:
         self.last_ranges = None
 
     def _draw(self, n_units):
-        ranges = F.draw_slice(n_units, self.p, seed=self.seed, layer=self.layer_id,
+        ranges = F.draw_slice(n_units, self.p, seed=self.seed, layer=self.layer,
                               step=self.next_step(), align=self.align)
         self.last_ranges = ranges
         return ranges
@@ -61,9 +61,9 @@ class SliceOut(_SliceMixin, StochasticLayer):
     """``x ⊙ m / q`` with ``m`` one contiguous slice of ``round((1 - p) n)`` units along
     ``axis`` (default: 1 for 4-D NCHW inputs, else -1); ``q = keep / n``. Identity in eval."""
 
-    def __init__(self, p=0.5, align=None, seed=0, layer_id=None, axis=None):
+    def __init__(self, p=0.5, align=None, seed=0, layer=None, axis=None):
         StochasticLayer.__init__(self)
-        self._init_slice(p, align, seed, layer_id)
+        self._init_slice(p, align, seed, layer)
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
             raise ValueError(f"axis must be an int or None, got {axis!r}")
         self.axis = axis
@@ -87,13 +87,13 @@ class SliceOutLinear(Linear, _SliceMixin, StochasticLayer):
     K) or its output units (``mode='output'``: the GEMM shrinks along N)."""
 
     def __init__(self, in_features, out_features, p=0.5, bias=True, mode="input", align="auto",
-                 seed=0, layer_id=None, rng=None, dtype=np.float32):
+                 seed=0, layer=None, rng=None, dtype=np.float32):
         if mode not in ("input", "output"):
             raise ValueError(f"mode must be 'input' or 'output', got {mode!r}")
         Linear.__init__(self, in_features, out_features, bias=bias, rng=rng, dtype=dtype)
         self.mode = mode
         n = self.in_features if mode == "input" else self.out_features
-        self._init_slice(p, align, seed, layer_id, n)
+        self._init_slice(p, align, seed, layer, n)
 
     def forward(self, x):
         if not self.is_training:
@@ -113,10 +113,10 @@ class SliceOutConv2d(Conv2d, _SliceMixin, StochasticLayer):
     """Conv2d with SliceOut on its output channels: only the kept filters are convolved."""
 
     def __init__(self, in_channels, out_channels, kernel_size, p=0.5, stride=1, padding=0,
-                 bias=True, align="auto", seed=0, layer_id=None, rng=None, dtype=np.float32):
+                 bias=True, align="auto", seed=0, layer=None, rng=None, dtype=np.float32):
         Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
                         padding=padding, bias=bias, rng=rng, dtype=dtype)
-        self._init_slice(p, align, seed, layer_id, self.out_channels)
+        self._init_slice(p, align, seed, layer, self.out_channels)
 
     def forward(self, x):
         if not self.is_training:
@@ -133,10 +133,10 @@ class SliceOutMultiHeadAttention(MultiHeadAttention, _SliceMixin, StochasticLaye
     a contiguous slice of heads and scaled by ``heads / kept`` before the output projection,
     and only the kept heads are computed. No attention-probability dropout."""
 
-    def __init__(self, dim, num_heads, p=0.5, causal=False, align=None, seed=0, layer_id=None,
+    def __init__(self, dim, num_heads, p=0.5, causal=False, align=None, seed=0, layer=None,
                  rng=None, dtype=np.float32):
         MultiHeadAttention.__init__(self, dim, num_heads, causal=causal, rng=rng, dtype=dtype)
-        self._init_slice(p, align, seed, layer_id, self.num_heads)
+        self._init_slice(p, align, seed, layer, self.num_heads)
 
     def forward(self, x):
         if not self.is_training:

@@ -17,15 +17,15 @@ __all__ = ["SparseDrop", "SparseDropLinear"]
 class _SparseDropMask:
     """The draw both layers share: one BlockMask over x viewed as (M, K) per training step."""
 
-    def _init_mask(self, p, block, seed, layer_id):
-        self.init_rng(seed, layer_id)
+    def _init_mask(self, p, block, seed, layer):
+        self.init_rng(seed, layer)
         self.p, self.block = check_prob(p), masks.check_block(block)
         self.last_mask = None
 
     def _draw(self, data):
         shape = (int(np.prod(data.shape[:-1], dtype=np.int64)), data.shape[-1])
         self.last_mask = V.draw_mask(shape, self.p, block=self.block, seed=self.seed,
-                                     layer=self.layer_id, step=self.next_step(),
+                                     layer=self.layer, step=self.next_step(),
                                      xp=backend.get_array_module(data))
         return self.last_mask
 
@@ -33,7 +33,7 @@ class _SparseDropMask:
 class SparseDropLinear(_SparseDropMask, Linear, StochasticLayer):
     """``y = (x ⊙ m) W / (1 - p) + b``, ``m`` keeping or dropping whole ``block = (Mb, Kb)``
     blocks of the input (leading axes flattened to rows), i.i.d. with keep probability
-    ``1 - p``, drawn from (seed, layer_id, step). Dropped blocks are skipped in all three GEMMs.
+    ``1 - p``, drawn from (seed, layer, step). Dropped blocks are skipped in all three GEMMs.
 
     Parameters ``weight`` (in, out) and ``bias`` (out,), initialised and named as ``Linear``'s.
     Each training forward takes one step and keeps its mask in ``last_mask`` (None after an eval
@@ -41,9 +41,9 @@ class SparseDropLinear(_SparseDropMask, Linear, StochasticLayer):
     """
 
     def __init__(self, in_features, out_features, p, block=V.DEFAULT_BLOCK, bias=True, seed=0,
-                 layer_id=None, rng=None, dtype=np.float32):
+                 layer=None, rng=None, dtype=np.float32):
         Linear.__init__(self, in_features, out_features, bias=bias, rng=rng, dtype=dtype)
-        self._init_mask(p, block, seed, layer_id)
+        self._init_mask(p, block, seed, layer)
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
@@ -65,9 +65,9 @@ class SparseDrop(_SparseDropMask, StochasticLayer):
     (M, K) (leading axes flattened), kept blocks scaled by 1/q; the identity in eval. Where the
     next op is a Linear, ``SparseDropLinear`` is the form that skips the dropped work."""
 
-    def __init__(self, p, block=V.DEFAULT_BLOCK, seed=0, layer_id=None):
+    def __init__(self, p, block=V.DEFAULT_BLOCK, seed=0, layer=None):
         StochasticLayer.__init__(self)
-        self._init_mask(p, block, seed, layer_id)
+        self._init_mask(p, block, seed, layer)
 
     def forward(self, x):
         if not self.is_training or self.p == 0:

@@ -6,27 +6,27 @@ from .module import Module
 
 
 class StochasticLayer(Module):
-    """A layer that draws masks. It holds ``seed``, a ``layer_id`` (so masks differ between
+    """A layer that draws masks. It holds ``seed``, a ``layer`` (so masks differ between
     layers) and a ``step`` counter that each training-mode forward advances (so masks differ
     between steps); all three are saved by ``state_dict``, so a resumed run draws the same masks.
 
     Only layers draw masks and decide train versus eval; the ops they call apply what they are
-    given. A subclass calls ``init_rng(seed, layer_id)`` in its ``__init__`` after its base's
+    given. A subclass calls ``init_rng(seed, layer)`` in its ``__init__`` after its base's
     ``__init__`` (explicitly: a stochastic Linear is ``Linear`` + ``init_rng``).
 
-    Layer ids. ``layer_id=None`` (the default) means "my position": the layer is numbered
+    Layer ids. ``layer=None`` (the default) means "my position": the layer is numbered
     0, 1, 2, ... in module order among the automatically numbered stochastic layers of the
     outermost module it is attached to, renumbered each time a module is attached. Two models
-    built alike draw the same masks, whatever else the process built. An explicit ``layer_id``
+    built alike draw the same masks, whatever else the process built. An explicit ``layer``
     is kept as given.
     """
 
-    def init_rng(self, seed: int = 0, layer_id: int | None = None) -> None:
+    def init_rng(self, seed: int = 0, layer: int | None = None) -> None:
         self.register_counter("seed", check_seed("seed", seed))
-        self.register_counter("layer_id", 0 if layer_id is None else
-                              check_seed("layer_id", layer_id))
+        self.register_counter("layer", 0 if layer is None else
+                              check_seed("layer", layer))
         self.register_counter("step", 0)
-        object.__setattr__(self, "_auto_layer_id", layer_id is None)
+        object.__setattr__(self, "_auto_layer", layer is None)
 
     def next_step(self) -> int:
         """The step to draw this forward's mask with; advances the counter."""
@@ -35,7 +35,7 @@ class StochasticLayer(Module):
         return s
 
     def extra_repr(self):
-        return f"seed={self.seed}, layer_id={self.layer_id}, step={self.step}"
+        return f"seed={self.seed}, layer={self.layer}, step={self.step}"
 
 
 def set_step(model: Module, step: int) -> None:
@@ -50,7 +50,7 @@ def number_layers(model: Module, seed: int | None = None) -> Module:
     """Give every stochastic layer of ``model`` (explicit ids too) the ids 0, 1, 2, ... in
     module order, and ``seed`` when given."""
     for i, m in enumerate(m for m in model.modules() if isinstance(m, StochasticLayer)):
-        object.__setattr__(m, "layer_id", i)
+        object.__setattr__(m, "layer", i)
         if seed is not None:
             object.__setattr__(m, "seed", check_seed("seed", seed))
     return model
