@@ -5,7 +5,8 @@ Two flat namespaces: the Tensor ops with gradients at the top level (``cudrop.dr
 arrays as ``(out, saved)`` / ``_backward`` pairs in ``cudrop.functional``. Layers in
 ``cudrop.nn``; ``cudrop.optim``, ``cudrop.models``, ``cudrop.data``; the block-sparse GEMMs on
 raw arrays in ``cudrop.bsmm``; masks in ``cudrop.masks`` and each variant's draw in
-``cudrop.variants``. Submodules load on first use.
+``cudrop.variants``; ``cudrop.save`` / ``cudrop.load`` checkpoint a whole training state.
+Submodules load on first use.
 """
 import importlib as _importlib
 
@@ -13,13 +14,14 @@ __version__ = "0.1.0"
 
 from . import backend
 from ._memo import clear_caches
+from .checkpoint import load, save
 from .autograd import *  # noqa: F401,F403
 from .autograd import Function, Tensor, eval_mode, no_grad, tensor, train_mode
 
 _SUBMODULES = ("autograd", "bsmm", "data", "functional", "masks", "models", "nn", "optim",
                "philox", "variants")
 
-__all__ = sorted(set(autograd.__all__) | {"clear_caches", "__version__"})  # noqa: F405
+__all__ = sorted(set(autograd.__all__) | {"clear_caches", "load", "save", "__version__"})  # noqa: F405
 
 
 def __getattr__(name):

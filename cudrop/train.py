@@ -1,7 +1,16 @@
-"""Training loops behind ``cudrop train``: image classification and character language
-modelling, with per-epoch metrics and step timing."""
+"""Training loops behind ``cudrop train``: a task (image classification or character language
+modelling) gives batches and metrics, a :class:`Trainer` runs the steps, shows the loss without
+a host sync per step, stops on a non-finite loss, and checkpoints and resumes the whole state.
+
+A resumed run is the uninterrupted run: the data order is a function of (seed, epoch), every
+stochastic layer's masks of (seed, layer, step) with its step in the checkpoint, and the
+optimizer and schedule state travel with it, so the losses and weights come out the same.
+"""
 from __future__ import annotations
 
+import itertools
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -9,7 +18,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import autograd as ag
-from . import backend
+from . import backend, checkpoint
+
+__all__ = ["History", "ClassifierTask", "LanguageTask", "Trainer", "NonFiniteLoss"]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite; the run stops (the last checkpoint stays)."""
 
 
 @dataclass
@@ -26,94 +41,240 @@ def _sync(xp):
         xp.cuda.get_current_stream().synchronize()
 
 
-def evaluate_classifier(model, x, y, batch_size, device):
-    """(mean loss, accuracy) over x, y in eval mode without building a graph."""
-    from .data import batches
-    model.eval()
-    total, correct, loss_sum = 0, 0, 0.0  # sums stay on the device until the end
-    with ag.no_grad():
-        for xb, yb in batches(x, y, batch_size=batch_size, shuffle=False, device=device):
-            logits = model(ag.Tensor(xb))
-            loss_sum = loss_sum + ag.cross_entropy(logits, yb, reduction="sum").data
-            correct = correct + (logits.data.argmax(axis=-1) == yb).sum()
-            total += len(yb)
-    model.train()
-    return float(loss_sum) / total, int(correct) / total
+class ClassifierTask:
+    """Image classification: an epoch is the (seed, epoch) permutation of the training set, cut
+    to ``steps_per_epoch`` batches if given; metrics are loss and accuracy."""
+
+    def __init__(self, data, batch_size, device, steps_per_epoch=None):
+        from .data import num_batches
+        self.batch_size, self.device = batch_size, device
+        # The data sets fit on the device: move them once, so batches are gathered there.
+        self.arrays = {k: backend.to_device(getattr(data, k), device)
+                       for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        full = num_batches(len(data.x_train), batch_size)
+        self.steps_per_epoch = full if steps_per_epoch is None else min(steps_per_epoch, full)
+
+    def batches(self, seed, epoch, start):
+        from .data import batches
+        a = self.arrays
+        it = batches(a["x_train"], a["y_train"], batch_size=self.batch_size, shuffle=True,
+                     seed=seed, epoch=epoch, device=self.device, start=start)
+        return itertools.islice(it, self.steps_per_epoch - start)
+
+    def evaluate(self, model, split):
+        """``{split_loss, split_acc}`` over the split in eval mode, without a graph."""
+        from .data import batches
+        x, y = self.arrays[f"x_{split}"], self.arrays[f"y_{split}"]
+        model.eval()
+        total, correct, loss_sum = 0, 0, 0.0  # sums stay on the device until the end
+        with ag.no_grad():
+            for xb, yb in batches(x, y, batch_size=512, shuffle=False, device=self.device):
+                logits = model(ag.Tensor(xb))
+                loss_sum = loss_sum + ag.cross_entropy(logits, yb, reduction="sum").data
+                correct = correct + (logits.data.argmax(axis=-1) == yb).sum()
+                total += len(yb)
+        model.train()
+        return {f"{split}_loss": float(loss_sum) / total, f"{split}_acc": int(correct) / total}
 
 
-def _train_epoch(model, opt, schedule, batch_iter, total, desc, progress):
-    """One pass of SGD steps; returns (mean training loss, mean step seconds)."""
-    model.train()
-    xp, loss_acc, n, t0 = None, None, 0, time.perf_counter()
-    bar = tqdm(batch_iter, total=total, desc=desc, leave=False, disable=not progress)
-    for i, (xb, yb) in enumerate(bar):
-        x = xb if xb.dtype.kind in "iu" else ag.Tensor(xb)  # token ids stay raw
-        loss = ag.cross_entropy(model(x), yb)
-        model.zero_grad()
-        loss.backward()
-        opt.step()
-        if schedule is not None:
-            schedule.step()
-        # Keep the running loss on the device: a .item() per step would stall the GPU; the
-        # progress bar reads one every 50 steps.
-        loss_acc = loss.data if loss_acc is None else loss_acc + loss.data
-        n += 1
-        xp = backend.get_array_module(loss.data)
-        if progress and i % 50 == 0:
-            bar.set_postfix(loss=f"{float(loss.data):.4f}")
-    _sync(xp)
-    return float(loss_acc) / n, (time.perf_counter() - t0) / max(n, 1)
+class LanguageTask:
+    """Next-character prediction: an epoch is ``steps_per_epoch`` batches of random windows,
+    drawn from (seed, step); the metric is the loss over 20 fixed batches of the split."""
+
+    def __init__(self, data, batch_size, device, block_size, steps_per_epoch=200):
+        self.data, self.batch_size, self.device = data, batch_size, device
+        self.block_size, self.steps_per_epoch = block_size, steps_per_epoch
+
+    def batches(self, seed, epoch, start):
+        from .data import text_batches
+        spe = self.steps_per_epoch
+        return text_batches(self.data.train, self.block_size, self.batch_size, steps=spe - start,
+                            seed=seed, start_step=epoch * spe + start, device=self.device)
+
+    def evaluate(self, model, split):
+        from .data import text_batches
+        model.eval()
+        losses = []
+        with ag.no_grad():
+            for xb, yb in text_batches(getattr(self.data, split), self.block_size,
+                                       self.batch_size, steps=20, seed=1234, device=self.device):
+                losses.append(ag.cross_entropy(model(xb), yb).data)
+        model.train()
+        return {f"{split}_loss": float(sum(losses)) / len(losses)}
+
+
+class _LossReader:
+    """The loss shown while training: a copy started every ``interval`` steps and read once it
+    has landed (``backend.HostCopy``), so the shown loss is at most two intervals old and no
+    step waits for the device. A non-finite value raises :class:`NonFiniteLoss`."""
+
+    def __init__(self, interval):
+        self.interval, self.pending, self.last = interval, None, None
+
+    def update(self, step, loss):
+        if self.pending is not None and self.pending[1].ready():
+            self._take()
+        if self.pending is None and step % self.interval == 0:
+            self.pending = (step, backend.HostCopy(loss))
+
+    def _take(self):
+        step, copy = self.pending
+        self.pending, self.last = None, (step, copy.value())
+        if not math.isfinite(self.last[1]):
+            raise NonFiniteLoss(f"the training loss became {self.last[1]} at step {step}: "
+                                "lower the learning rate (--lr) or check the data")
+
+    def flush(self):
+        if self.pending is not None:
+            self._take()
+
+
+class Trainer:
+    """Runs ``epochs`` of ``task`` on ``model`` with ``optimizer`` (and ``schedule``, stepped
+    once per optimizer step).
+
+    ``save``: a checkpoint path, written at the end of every epoch, every ``save_every`` steps
+    and at the end (atomically: an interrupted run leaves the last complete checkpoint).
+    ``config``: JSON-able settings stored in the checkpoint. ``progress``: a tqdm bar on a
+    terminal, plain lines otherwise. ``log``: where epoch lines go.
+    """
+
+    def __init__(self, model, optimizer, task, *, schedule=None, seed=0, progress=True,
+                 log=print, save=None, save_every=None, config=None):
+        self.model, self.optimizer, self.task, self.schedule = model, optimizer, task, schedule
+        self.seed, self.progress, self.log = seed, progress, log
+        self.save_path, self.save_every, self.config = save, save_every, config or {}
+        self.step = 0                 # optimizer steps taken over the whole run
+        self.history = History()
+        self._epoch_loss = None       # running sum of this epoch's losses (on the device)
+        self._epoch_steps = 0
+        self._epoch_time = 0.0        # seconds spent in this epoch's steps, across a resume
+
+    # ---- checkpoints -----------------------------------------------------------------
+    def save(self, path):
+        """Checkpoint the whole state (model, optimizer, schedule, loop position)."""
+        loss = None if self._epoch_loss is None else float(self._epoch_loss)
+        checkpoint.save(path, self.model, self.optimizer, self.schedule, step=self.step,
+                        epoch_loss=loss, epoch_steps=self._epoch_steps,
+                        epoch_time=self._epoch_time, history=self.history.epochs,
+                        config=self.config)
+
+    def resume(self, path):
+        """Restore everything :meth:`save` wrote; :meth:`fit` then continues from there."""
+        state = checkpoint.load(path, self.model, self.optimizer, self.schedule)
+        self.step, self._epoch_steps = int(state["step"]), int(state["epoch_steps"])
+        self._epoch_time = float(state["epoch_time"])
+        self.history = History(list(state["history"]))
+        self._epoch_loss = state["epoch_loss"]
+        return state
+
+    # ---- the loop --------------------------------------------------------------------
+    def fit(self, epochs):
+        """Train to the end of epoch ``epochs``; returns ``(history, final test metrics)``."""
+        spe = self.task.steps_per_epoch
+        for epoch in range(self.step // spe, epochs):
+            start = self.step - epoch * spe
+            if start == 0:
+                self._epoch_loss, self._epoch_steps, self._epoch_time = None, 0, 0.0
+            self._run_epoch(epoch, epochs, start)
+            self._end_epoch(epoch)
+        final = self.task.evaluate(self.model, "test")
+        if self.save_path:
+            self.save(self.save_path)
+        return self.history, final
+
+    def _run_epoch(self, epoch, epochs, start):
+        spe = self.task.steps_per_epoch
+        model, opt, schedule = self.model, self.optimizer, self.schedule
+        model.train()
+        interval = max(1, min(50, spe // 10))
+        reader = _LossReader(interval)
+        show = _Progress(self.progress, spe, start, f"epoch {epoch + 1}/{epochs}")
+        xp, t0 = np, time.perf_counter()
+        for i, (xb, yb) in enumerate(self.task.batches(self.seed, epoch, start), start):
+            x = xb if xb.dtype.kind in "iu" else ag.Tensor(xb)  # token ids stay raw
+            loss = ag.cross_entropy(model(x), yb)
+            model.zero_grad()
+            loss.backward()
+            opt.step()
+            if schedule is not None:
+                schedule.step()
+            xp = backend.get_array_module(loss.data)
+            self._add_loss(xp, loss.data)
+            self.step += 1
+            reader.update(i, loss.data)
+            show.update(i + 1, reader.last)
+            if self.save_path and self.save_every and self.step % self.save_every == 0:
+                _sync(xp)
+                self._epoch_time += time.perf_counter() - t0
+                self.save(self.save_path)
+                t0 = time.perf_counter()
+        _sync(xp)
+        self._epoch_time += time.perf_counter() - t0
+        reader.flush()
+        show.close()
+
+    def _add_loss(self, xp, value):
+        acc = self._epoch_loss
+        if acc is not None and not hasattr(acc, "dtype"):  # restored from a checkpoint
+            acc = xp.asarray(acc, dtype=value.dtype)
+        self._epoch_loss = value if acc is None else acc + value
+        self._epoch_steps += 1
+
+    def _end_epoch(self, epoch):
+        n = max(self._epoch_steps, 1)
+        train_loss = float(self._epoch_loss) / n if self._epoch_loss is not None else math.nan
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"the training loss of epoch {epoch + 1} is {train_loss}: "
+                                "lower the learning rate (--lr) or check the data")
+        metrics = self.task.evaluate(self.model, "val")
+        row = self.history.add(epoch=epoch + 1, train_loss=train_loss, **metrics,
+                               step_time_ms=self._epoch_time / n * 1e3)
+        self.log(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f}  "
+                 + "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
+                 + f"  step {row['step_time_ms']:.2f} ms")
+        if self.save_path:
+            self.save(self.save_path)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain lines (about ten an epoch) when output is a file or
+    pipe, so logs hold no carriage-return frames; nothing when disabled."""
+
+    def __init__(self, enabled, total, start, desc):
+        self.total, self.desc = total, desc
+        self.tty = enabled and sys.stderr.isatty()
+        self.lines = enabled and not self.tty
+        self.every = max(1, total // 10)
+        self.bar = tqdm(total=total, initial=start, desc=desc, leave=False) if self.tty else None
+
+    def update(self, done, last):
+        loss = "" if last is None else f"loss {last[1]:.4f} (step {last[0] + 1})"
+        if self.bar is not None:
+            self.bar.update(1)
+            if last is not None:
+                self.bar.set_postfix_str(loss, refresh=False)
+        elif self.lines and (done % self.every == 0 or done == self.total):
+            print(f"{self.desc} {done}/{self.total} {loss}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def fit_classifier(model, data, opt, epochs, batch_size, device, seed=0, schedule=None,
                    progress=True, log=print):
-    from .data import batches, num_batches
-    hist = History()
-    steps = num_batches(len(data.x_train), batch_size)
-    # The data sets fit on the device: move them once, so batches are gathered there.
-    x_train, y_train, x_val, y_val, x_test, y_test = (
-        backend.to_device(a, device) for a in (data.x_train, data.y_train, data.x_val,
-                                                data.y_val, data.x_test, data.y_test))
-    for epoch in range(epochs):
-        it = batches(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed,
-                     epoch=epoch, device=device)
-        train_loss, step = _train_epoch(model, opt, schedule, it, steps,
-                                        f"epoch {epoch + 1}/{epochs}", progress)
-        val_loss, val_acc = evaluate_classifier(model, x_val, y_val, 512, device)
-        hist.add(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
-                 step_time_ms=step * 1e3)
-        log(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-            f"val acc {val_acc:.4f}  step {step * 1e3:.2f} ms")
-    test_loss, test_acc = evaluate_classifier(model, x_test, y_test, 512, device)
-    return hist, {"test_loss": test_loss, "test_acc": test_acc}
-
-
-def evaluate_lm(model, tokens, block_size, batch_size, device, steps=20, seed=1234):
-    from .data import text_batches
-    model.eval()
-    losses = []
-    with ag.no_grad():
-        for xb, yb in text_batches(tokens, block_size, batch_size, steps=steps, seed=seed,
-                                   device=device):
-            losses.append(float(ag.cross_entropy(model(xb), yb).data))
-    model.train()
-    return float(np.mean(losses))
+    """Train an image classifier for ``epochs`` (a :class:`Trainer` over a
+    :class:`ClassifierTask`); returns ``(history, {test_loss, test_acc})``."""
+    task = ClassifierTask(data, batch_size, device)
+    return Trainer(model, opt, task, schedule=schedule, seed=seed, progress=progress,
+                   log=log).fit(epochs)
 
 
 def fit_lm(model, data, opt, epochs, batch_size, device, steps_per_epoch=200, seed=0,
            schedule=None, progress=True, log=print):
-    from .data import text_batches
-    hist = History()
-    block = model.block_size
-    for epoch in range(epochs):
-        it = text_batches(data.train, block, batch_size, steps=steps_per_epoch, seed=seed,
-                          start_step=epoch * steps_per_epoch, device=device)
-        train_loss, step = _train_epoch(model, opt, schedule, it, steps_per_epoch,
-                                        f"epoch {epoch + 1}/{epochs}", progress)
-        val_loss = evaluate_lm(model, data.val, block, batch_size, device)
-        hist.add(epoch=epoch + 1, train_loss=train_loss, val_loss=val_loss,
-                 step_time_ms=step * 1e3)
-        log(f"epoch {epoch + 1:3d}  train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-            f"step {step * 1e3:.2f} ms")
-    test_loss = evaluate_lm(model, data.test, block, batch_size, device)
-    return hist, {"test_loss": test_loss}
+    """Train a character language model (a :class:`Trainer` over a :class:`LanguageTask`);
+    returns ``(history, {test_loss})``."""
+    task = LanguageTask(data, batch_size, device, model.block_size, steps_per_epoch)
+    return Trainer(model, opt, task, schedule=schedule, seed=seed, progress=progress,
+                   log=log).fit(epochs)

@@ -28,10 +28,11 @@ def _take(a, idx, device):
 
 
 def batches(x, y=None, batch_size: int = 64, shuffle: bool = True, seed: int = 0,
-            epoch: int = 0, device: str = "cpu", drop_last: bool = False):
+            epoch: int = 0, device: str = "cpu", drop_last: bool = False, start: int = 0):
     """Yield ``(xb, yb)`` raw arrays on ``device`` ('cpu', 'gpu', 'auto'); ``yb`` is None
     without ``y``. Each epoch visits every sample once (the last batch may be short unless
-    ``drop_last``); the order is a permutation drawn from ``(seed, epoch)``.
+    ``drop_last``); the order is a permutation drawn from ``(seed, epoch)``. ``start`` skips
+    the epoch's first batches without gathering them (a run resumed mid-epoch).
 
     Batches are gathered where ``x`` lives and then copied: for small data, move ``x`` and
     ``y`` to the GPU once (backend.to_device) so the gather runs there.
@@ -44,9 +45,10 @@ def batches(x, y=None, batch_size: int = 64, shuffle: bool = True, seed: int = 0
     order = (np.random.default_rng([int(seed), int(epoch)]).permutation(n) if shuffle
              else np.arange(n))
     stop = num_batches(n, batch_size, drop_last) * batch_size
+    start = _check_int("start", start, 0)
 
     def gen():
-        for i in range(0, stop, batch_size):
+        for i in range(start * batch_size, stop, batch_size):
             idx = order[i:i + batch_size]
             yield _take(x, idx, device), (None if y is None else _take(y, idx, device))
     return gen()

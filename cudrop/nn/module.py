@@ -188,12 +188,15 @@ class Module:
                 object.__setattr__(*bufs[name], new)
 
     def save(self, path):
-        """Write ``state_dict()`` to an .npz file."""
-        np.savez(path, **self.state_dict())
+        """Write this model alone as a checkpoint at exactly ``path`` (``cudrop.save(path,
+        model)``; use that to include the optimizer and schedule)."""
+        from ..checkpoint import save
+        return save(path, self)
 
-    def load(self, path, strict: bool = True):
-        with np.load(path) as f:
-            self.load_state_dict({k: f[k] for k in f.files}, strict=strict)
+    def load(self, path):
+        """Restore this model from a checkpoint written by :meth:`save` or ``cudrop.save``."""
+        from ..checkpoint import load
+        load(path, self)
         return self
 
     def __repr__(self):
