@@ -9,6 +9,7 @@ raw arrays in ``cudrop.bsmm``; masks in ``cudrop.masks`` and each variant's draw
 """
 import importlib as _importlib
 
+#: The package version, a PEP 440 string.
 __version__ = "0.1.0"
 
 from . import backend
