@@ -10,6 +10,7 @@ Submodules load on first use.
 """
 import importlib as _importlib
 
+#: The package version, a PEP 440 string.
 __version__ = "0.1.0"
 
 from . import backend

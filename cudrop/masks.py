@@ -143,6 +143,8 @@ class BlockMask:
 
 
 def grid_shape(shape, block):
+    """Blocks per axis of ``shape`` cut into ``block``s: ``ceil(s / b)`` for each pair, e.g.
+    ``(nM, nK)`` for an (M, K) array and (Mb, Kb) blocks (edge blocks may be partial)."""
     return tuple(-(-s // b) for s, b in zip(shape, block))
 
 

@@ -61,6 +61,8 @@ SKIPPED = {"cudrop.torch": "it needs PyTorch, and this file must not depend on w
                            "is installed; read it with `help(cudrop.torch)`"}
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# "<module 'numpy' from '/site-packages/...'>": where NumPy lives differs between machines.
+_MODULE_PATH = re.compile(r" from '[^']*'>")
 _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|mod|data|obj|exc|const):`~?([^`]+)`")
 
 
@@ -181,7 +183,7 @@ def signature(obj) -> str:
         sig = str(inspect.signature(obj))
     except (TypeError, ValueError):
         sig = "(...)"
-    return _ADDRESS.sub("", sig)
+    return _MODULE_PATH.sub(">", _ADDRESS.sub("", sig))
 
 
 def _value(obj) -> str:

@@ -17,5 +17,8 @@ class MatMul(Function):
 
 
 def matmul(a, b):
+    """``a @ b`` for tensors of at least 2 dimensions (no 1-D vector case, unlike
+    ``np.matmul``) and one dtype, broadcasting the leading (batch) dimensions; a broadcast
+    operand's gradient is summed back to its shape. Same as ``a @ b`` on Tensors."""
     from .math import _pair
     return MatMul()(*_pair(a, b))

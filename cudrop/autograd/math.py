@@ -167,24 +167,76 @@ class AsType(Function):
         return g.astype(self.src)
 
 
-def add(a, b): return Add()(*_pair(a, b))
-def sub(a, b): return Sub()(*_pair(a, b))
-def mul(a, b): return Mul()(*_pair(a, b))
-def div(a, b): return Div()(*_pair(a, b))
-def neg(a): return Neg()(a)
+def add(a, b):
+    """``a + b`` with NumPy broadcasting; the gradient of a broadcast operand is summed back to
+    its shape. Either operand may be a Python/NumPy scalar: it takes the other's device and dtype
+    (promoted only where needed, so an int tensor + 0.5 is float)."""
+    return Add()(*_pair(a, b))
+
+
+def sub(a, b):
+    """``a - b``, broadcasting and scalars as in :func:`add`."""
+    return Sub()(*_pair(a, b))
+
+
+def mul(a, b):
+    """``a * b`` element-wise (not a matrix product: see :func:`matmul`), broadcasting and
+    scalars as in :func:`add`."""
+    return Mul()(*_pair(a, b))
+
+
+def div(a, b):
+    """``a / b`` (true division), broadcasting and scalars as in :func:`add`."""
+    return Div()(*_pair(a, b))
+
+
+def neg(a):
+    """``-a``."""
+    return Neg()(a)
 
 
 def pow(a, c):
+    """``a ** c`` for a constant Python-number exponent ``c`` (gradient ``c * a ** (c - 1)``,
+    0 for ``c == 0``). A Tensor exponent raises TypeError: write ``exp(c * log(a))``."""
     if isinstance(c, Tensor):
         raise TypeError("pow: the exponent must be a Python number; for a tensor exponent "
                         "use exp(c * log(a))")
     return Pow(c)(a)
 
 
-def exp(a): return Exp()(a)
-def log(a): return Log()(a)
-def tanh(a): return Tanh()(a)
-def sigmoid(a): return Sigmoid()(a)
-def relu(a): return ReLU()(a)
-def gelu(a): return GELU()(a)
-def astype(a, dtype): return AsType(dtype)(a)
+def exp(a):
+    """``e ** a`` element-wise, like ``np.exp``."""
+    return Exp()(a)
+
+
+def log(a):
+    """Natural logarithm element-wise, like ``np.log`` (gradient ``1 / a``; no clamping at 0)."""
+    return Log()(a)
+
+
+def tanh(a):
+    """Hyperbolic tangent element-wise."""
+    return Tanh()(a)
+
+
+def sigmoid(a):
+    """Logistic sigmoid ``1 / (1 + e ** -a)``, computed as ``tanh(a / 2) / 2 + 1 / 2`` so large
+    ``|a|`` raise no overflow warning; keeps ``a``'s dtype."""
+    return Sigmoid()(a)
+
+
+def relu(a):
+    """``max(a, 0)`` element-wise; the gradient is 0 at ``a == 0``."""
+    return ReLU()(a)
+
+
+def gelu(a):
+    """GELU with the tanh approximation (GPT-2/BERT; PyTorch's ``gelu(x, approximate='tanh')``):
+    ``0.5 * a * (1 + tanh(sqrt(2 / pi) * (a + 0.044715 * a ** 3)))``."""
+    return GELU()(a)
+
+
+def astype(a, dtype):
+    """``a`` cast to ``dtype``; the gradient is cast back to ``a``'s dtype. Same as
+    ``Tensor.astype``."""
+    return AsType(dtype)(a)

@@ -18,14 +18,19 @@ _state = _State()
 
 
 def is_grad_enabled() -> bool:
+    """Whether operations record the graph now (False inside ``no_grad()``); per thread."""
     return _state.grad_enabled
 
 
 def is_training() -> bool:
+    """The global training flag (False inside ``eval_mode()``); per thread. A layer trains only
+    when this and its own ``Module.training`` are both True."""
     return _state.training
 
 
 def set_training(flag: bool) -> None:
+    """Set the global training flag for this thread until changed again (not a context
+    manager: see ``eval_mode()`` / ``train_mode()``)."""
     _state.training = bool(flag)
 
 
@@ -45,6 +50,7 @@ def no_grad():
 
 
 def enable_grad():
+    """Context manager: operations inside record the graph again, e.g. within ``no_grad()``."""
     return _using("grad_enabled", True)
 
 
@@ -54,4 +60,6 @@ def eval_mode():
 
 
 def train_mode():
+    """Context manager: sets the global training flag inside (e.g. within ``eval_mode()``);
+    a layer whose own ``training`` is False still behaves as at test time."""
     return _using("training", True)

@@ -130,9 +130,37 @@ class LogSoftmax(Function):
         return g - xp.exp(self.y) * g.sum(axis=self.axis, keepdims=True)
 
 
-def sum(a, axis=None, keepdims=False): return Sum(axis, keepdims)(a)
-def mean(a, axis=None, keepdims=False): return Mean(axis, keepdims)(a)
-def max(a, axis=None, keepdims=False): return Max(axis, keepdims)(a)
-def var(a, axis=None, keepdims=False): return Var(axis, keepdims)(a)
-def softmax(a, axis=-1): return Softmax(axis)(a)
-def log_softmax(a, axis=-1): return LogSoftmax(axis)(a)
+def sum(a, axis=None, keepdims=False):
+    """Sum over ``axis`` (an int, a tuple, or None for all axes), like ``np.sum``;
+    ``keepdims`` keeps the reduced axes with size 1."""
+    return Sum(axis, keepdims)(a)
+
+
+def mean(a, axis=None, keepdims=False):
+    """Mean over ``axis``, arguments as in :func:`sum`. float16 inputs accumulate in float32
+    (``ndarray.mean``), so large reductions do not overflow."""
+    return Mean(axis, keepdims)(a)
+
+
+def max(a, axis=None, keepdims=False):
+    """Maximum over ``axis``, arguments as in :func:`sum`. The gradient is split equally
+    between tied maxima (PyTorch's ``amax`` convention)."""
+    return Max(axis, keepdims)(a)
+
+
+def var(a, axis=None, keepdims=False):
+    """Population variance (``ddof=0``, as batch norm uses) over ``axis``, arguments as in
+    :func:`sum`; ``np.var``'s default, not ``torch.var``'s (unbiased)."""
+    return Var(axis, keepdims)(a)
+
+
+def softmax(a, axis=-1):
+    """``exp(a) / sum(exp(a))`` along ``axis`` (default the last), computed after subtracting
+    the maximum so large inputs do not overflow."""
+    return Softmax(axis)(a)
+
+
+def log_softmax(a, axis=-1):
+    """``log(softmax(a))`` along ``axis``, computed directly (``s - log(sum(exp(s)))`` with
+    ``s = a - max(a)``): finite where ``softmax`` underflows to 0."""
+    return LogSoftmax(axis)(a)

@@ -102,18 +102,36 @@ def _unwrap_index(idx):
     return idx.data if isinstance(idx, Tensor) else idx
 
 
-def reshape(a, shape): return Reshape(shape)(a)
-def transpose(a, axes=None): return Transpose(axes)(a)
-def getitem(a, index): return GetItem(_unwrap_index(index))(a)
+def reshape(a, shape):
+    """``a`` with a new ``shape`` (an int or a tuple; one entry may be -1), like
+    ``np.reshape``; the gradient is reshaped back."""
+    return Reshape(shape)(a)
+
+
+def transpose(a, axes=None):
+    """``a`` with its axes permuted by ``axes``, or reversed when ``axes`` is None, like
+    ``np.transpose``."""
+    return Transpose(axes)(a)
+
+
+def getitem(a, index):
+    """``a[index]`` with NumPy basic or advanced indexing (Tensors in ``index`` are used as
+    their arrays). The gradient is scattered back with ``add.at`` for advanced indices, so
+    repeated integer indices accumulate. Same as ``a[index]`` on a Tensor."""
+    return GetItem(_unwrap_index(index))(a)
 
 
 def concat(tensors, axis=0):
+    """Join a non-empty sequence of tensors along an existing ``axis``, like
+    ``np.concatenate``; each input gets its slice of the gradient."""
     if len(tensors) == 0:
         raise ValueError("concat needs at least one tensor")
     return Concat(axis)(*tensors)
 
 
 def stack(tensors, axis=0):
+    """Join a non-empty sequence of same-shaped tensors along a new ``axis``, like
+    ``np.stack``."""
     if len(tensors) == 0:
         raise ValueError("stack needs at least one tensor")
     return Stack(axis)(*tensors)

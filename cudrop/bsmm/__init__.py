@@ -29,6 +29,8 @@ from .dispatch import KERNELS
 
 __all__ = ["dsd", "dsd_t", "sdd", "use_kernel", "ACTIVATIONS", "KERNELS"]
 
+#: The ``act=`` values of ``dsd`` and ``sdd`` (None, 'relu', 'gelu'), mapped to the kernels'
+#: activation codes. 'gelu' is the exact erf form, not the tanh approximation of ``cudrop.gelu``.
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
 # a ContextVar, not a module flag: each thread and asyncio task sees its own choice
 _KERNEL: contextvars.ContextVar = contextvars.ContextVar("cudrop_bsmm_kernel", default=None)

@@ -20,6 +20,9 @@ from .. import backend, raw_kernels
 from .._memo import Memo
 from . import tma as tma_mod
 
+#: The CuPy kernel names ``use_kernel`` accepts: 'simple' (any dtype and shape), 'mma'
+#: (fp16/bf16 tensor cores, sm_80+; float32 with ``CUPY_TF32=1``), 'sm90' and 'tma' (Hopper,
+#: fp16/bf16). Unforced, the first of tma, sm90, mma whose preconditions hold runs, else simple.
 KERNELS = ("simple", "mma", "sm90", "tma")
 _HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
 # float32 on TF32: one tile, BK = 16 floats (the 64-byte rows of the 16-bit tiles)

@@ -15,6 +15,8 @@ __all__ = ["Dataset", "DatasetNotFound", "load_digits", "load_mnist", "load_fash
            "read_idx", "FASHION_MNIST_CLASSES"]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+#: Fashion-MNIST's class names, indexed by label 0-9 (``load_fashion_mnist``'s
+#: ``Dataset.class_names``).
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 

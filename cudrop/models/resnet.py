@@ -80,8 +80,13 @@ class ResNet(nn.Module):
 
 
 def resnet20(**kw):
+    """``ResNet(20, **kw)``: 3 stages of 3 basic blocks (widths 16/32/64), 0.27M parameters for
+    10 classes; (N, in_channels, H, W) images (CIFAR: 3x32x32) -> (N, num_classes) logits.
+    Keywords as :class:`ResNet`."""
     return ResNet(20, **kw)
 
 
 def resnet56(**kw):
+    """``ResNet(56, **kw)``: 3 stages of 9 basic blocks (widths 16/32/64), 0.86M parameters for
+    10 classes. Keywords as :class:`ResNet`."""
     return ResNet(56, **kw)

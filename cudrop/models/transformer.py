@@ -21,6 +21,12 @@ def _elementwise(kind):
 
 
 class TransformerBlock(nn.Module):
+    """Pre-LN block on (B, T, dim): ``x = x + attn(ln1(x))``, then ``x + mlp(ln2(x))``, with
+    ``heads`` attention heads (``causal`` hides future positions) and ``mlp`` = Linear(dim,
+    mlp_ratio * dim), GELU, Linear back to dim. Every ``dropout`` kind drops the MLP's hidden
+    units; 'dropout' also the attention probabilities and both residual branches, 'sliceout'
+    (p > 0) also whole attention heads."""
+
     def __init__(self, dim, heads, causal, mlp_ratio=4, dropout="dropout", p=0.0, rng=None,
                  dtype=np.float32):
         super().__init__()

@@ -43,6 +43,11 @@ class Linear(Module):
 
 
 class Embedding(Module):
+    """Lookup table, like ``torch.nn.Embedding``: integer ``idx`` of any shape (array or
+    Tensor) -> ``weight[idx]`` of shape ``idx.shape + (dim,)``. ``weight`` is
+    (num_embeddings, dim), initialised N(0, std**2) with ``std=0.02`` (GPT-2's, not PyTorch's
+    N(0, 1)); repeated indices accumulate their gradients."""
+
     def __init__(self, num_embeddings, dim, rng=None, dtype=np.float32, std=0.02):
         super().__init__()
         self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
@@ -57,6 +62,11 @@ class Embedding(Module):
 
 
 class Conv2d(Module):
+    """2-D convolution on NCHW input, like ``torch.nn.Conv2d`` (no dilation or groups).
+    ``weight`` (out_channels, in_channels, kh, kw) and ``bias`` (out_channels,) both
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels * kh * kw (PyTorch's default
+    init). ``kernel_size``, ``stride``, ``padding``: an int or an (h, w) pair."""
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  rng=None, dtype=np.float32):
         super().__init__()
@@ -78,6 +88,10 @@ class Conv2d(Module):
 
 
 class MaxPool2d(Module):
+    """Max pooling over (N, C, H, W), like ``torch.nn.MaxPool2d``; ``stride`` defaults to
+    ``kernel_size`` and padding counts as -inf. On ties the gradient goes to the window's first
+    maximum."""
+
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
         self.args = (kernel_size, stride, padding)
@@ -87,16 +101,24 @@ class MaxPool2d(Module):
 
 
 class AvgPool2d(MaxPool2d):
+    """Average pooling over (N, C, H, W), arguments as :class:`MaxPool2d`. Zero padding counts
+    in the mean (PyTorch's ``count_include_pad=True``)."""
+
     def forward(self, x):
         return ag.avg_pool2d(x, *self.args)
 
 
 class GlobalAvgPool2d(Module):
+    """Mean over the spatial axes: (N, C, H, W) -> (N, C), like
+    ``torch.nn.AdaptiveAvgPool2d(1)`` followed by a flatten."""
+
     def forward(self, x):
         return ag.global_avg_pool2d(x)
 
 
 class Flatten(Module):
+    """(N, ...) -> (N, prod(...)), keeping the batch axis, like ``torch.nn.Flatten()``."""
+
     def forward(self, x):
         return ag.reshape(x, (x.shape[0], -1))
 
@@ -127,14 +149,24 @@ class _BatchNorm(Module):
 
 
 class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of (N, C) input over the batch, like ``torch.nn.BatchNorm1d``
+    (without its (N, C, L) form). ``weight`` ones and ``bias`` zeros of shape (C,); float32
+    buffers ``running_mean`` / ``running_var`` are updated with ``momentum`` in training and
+    normalise in eval."""
     _ndims = (2,)
 
 
 class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of (N, C, H, W) input per channel over N, H and W, like
+    ``torch.nn.BatchNorm2d``; parameters, buffers and modes as :class:`BatchNorm1d`."""
     _ndims = (4,)
 
 
 class LayerNorm(Module):
+    """Layer normalisation over the last axis, of size ``dim``, like
+    ``torch.nn.LayerNorm(dim)``; ``weight`` ones and ``bias`` zeros of shape (dim,).
+    Statistics are computed in float32 at least for half-precision inputs."""
+
     def __init__(self, dim, eps=1e-5, dtype=np.float32):
         super().__init__()
         self.dim, self.eps = _positive_int("dim", dim), eps
@@ -149,15 +181,22 @@ class LayerNorm(Module):
 
 
 class ReLU(Module):
+    """``max(x, 0)`` element-wise (:func:`cudrop.relu`)."""
+
     def forward(self, x):
         return ag.relu(x)
 
 
 class GELU(Module):
+    """GELU, tanh approximation (:func:`cudrop.gelu`): ``torch.nn.GELU(approximate='tanh')``,
+    not PyTorch's default erf form."""
+
     def forward(self, x):
         return ag.gelu(x)
 
 
 class Tanh(Module):
+    """Hyperbolic tangent element-wise (:func:`cudrop.tanh`)."""
+
     def forward(self, x):
         return ag.tanh(x)

@@ -210,6 +210,10 @@ class Module:
 
 
 class Sequential(Module):
+    """Runs its modules in order, like ``torch.nn.Sequential``; they are registered as
+    attributes "0", "1", ... (the ``state_dict`` keys). Supports ``len``, iteration and
+    indexing (a slice gives a list, not a Sequential)."""
+
     def __init__(self, *layers):
         super().__init__()
         for i, layer in enumerate(layers):

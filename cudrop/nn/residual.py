@@ -13,6 +13,10 @@ from .module import Module, Sequential
 
 
 class ResidualUnit(Module):
+    """``activation(body(x) + shortcut(x))``; ``shortcut`` and ``activation`` default to
+    Identity. The body is its own module so that depth dropout and stochastic depth can skip it
+    and keep the shortcut. :func:`basic_block` builds the CIFAR ResNet one."""
+
     def __init__(self, body: Module, shortcut: Module | None = None, activation: Module | None = None):
         super().__init__()
         self.body = body

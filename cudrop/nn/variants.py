@@ -21,6 +21,8 @@ from .module import Module
 from .sliceout import SliceOut, SliceOutLinear
 from .sparsedrop import SparseDrop, SparseDropLinear
 
+#: The names ``make_dropout``, ``dropped_linear``, the model builders' ``dropout=`` and
+#: ``cudrop train --dropout`` accept; 'none' (or None) means no dropout.
 DROPOUT_KINDS = ("none", "dropout", "sliceout", "gyro", "blockwise", "sparsedrop")
 
 

@@ -13,6 +13,11 @@ __all__ = ["LRSchedule", "StepLR", "CosineLR", "LinearWarmup"]
 
 
 class LRSchedule:
+    """Base class: a subclass defines ``lr_at(t)``. On creation it records the optimizer's
+    ``lr`` as ``base_lr`` and writes ``lr_at(0)``; each ``step()`` advances ``last_step`` and
+    writes ``lr_at(last_step)`` to ``optimizer.lr``. ``state_dict`` holds base_lr and
+    last_step."""
+
     def __init__(self, optimizer: Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a cudrop.optim.Optimizer, got "
