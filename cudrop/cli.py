@@ -1,8 +1,13 @@
-"""The ``cudrop`` command: ``cudrop info`` and ``cudrop train``."""
+"""The ``cudrop`` command: ``cudrop info`` and ``cudrop train``.
+
+Every flag is checked before training starts (paths included), a flag that does not apply to
+the chosen model is an error, and errors name the flag.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -20,161 +25,291 @@ DEFAULTS = {
     "vit": dict(epochs=20, batch_size=64, lr=3e-3, optimizer="adamw"),
     "gpt": dict(epochs=5, batch_size=32, lr=1e-3, optimizer="adamw"),
 }
+# Flags that define the run: a resumed run takes them from its checkpoint.
+RUN_FLAGS = ("model", "data", "dropout", "p", "depth_dropout", "stochastic_depth",
+             "stochastic_depth_mode", "drop_downsampling", "epochs", "batch_size", "lr",
+             "optimizer", "warmup", "seed", "steps_per_epoch")
+GLOBAL_DEFAULTS = dict(model="mlp", dropout="dropout", p=0.1, depth_dropout=0.0,
+                       stochastic_depth=0.0, stochastic_depth_mode="batch",
+                       drop_downsampling=False, seed=0, warmup=0)
+
+
+class UsageError(Exception):
+    """A bad flag, reported as ``cudrop train: error: ...`` with exit code 2."""
+
+
+def _defaults_table():
+    rows = ["per-model defaults (a flag overrides them):"]
+    for m, d in DEFAULTS.items():
+        rows.append(f"  {m:9s} " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items()))
+    rows.append("  gpt trains on shakespeare with --steps-per-epoch 200; the other models on "
+                "digits, one full pass per epoch")
+    return "\n".join(rows)
 
 
 def _parser():
+    from . import __version__
     from .nn import DROPOUT_KINDS
-    p = argparse.ArgumentParser(prog="cudrop", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="cudrop", description="Structured dropout that skips the "
+                                "dropped work: train models, show the installation.")
+    p.add_argument("--version", action="version", version=f"cudrop {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{info,train}")
     sub.add_parser("info", help="versions, backend, GPU and kernel cache")
     t = sub.add_parser("train", help="train a model on a real data set",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--model", choices=MODELS, default="mlp")
-    t.add_argument("--data", choices=DATASETS, default=None,
-                   help="default: digits, or shakespeare for --model gpt")
-    t.add_argument("--dropout", choices=DROPOUT_KINDS, default="dropout",
-                   help="variant that drops hidden units (see README)")
-    t.add_argument("--p", type=float, default=0.1, help="drop probability, in [0, 1)")
-    t.add_argument("--depth-dropout", type=float, default=0.0, metavar="P",
-                   help="ResNets: drop each residual branch with probability P (Guo & Gould; "
-                        "trainable 1x1 shortcuts)")
-    t.add_argument("--stochastic-depth", type=float, default=0.0, metavar="P_L",
-                   help="ResNets: stochastic depth, last unit dropped with probability P_L")
-    t.add_argument("--stochastic-depth-mode", choices=("batch", "sample"), default="batch")
-    t.add_argument("--drop-downsampling", action="store_true",
-                   help="ResNets: let depth variants drop the stride-2 units too")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--optimizer", choices=("sgd", "adam", "adamw", "rmsprop"), default=None)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    t.add_argument("--steps-per-epoch", type=int, default=200, help="text models only")
-    t.add_argument("--json", metavar="PATH", help="write config and metrics as JSON")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+                       description="Train a model with a dropout variant. Defaults in "
+                       "brackets; per-model defaults below.", epilog=_defaults_table(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = t.add_argument
+    a("--model", choices=MODELS, help="architecture [mlp]")
+    a("--data", choices=DATASETS, help="data set [digits; shakespeare for gpt]")
+    a("--dropout", choices=DROPOUT_KINDS, help="variant that drops hidden units (README) [dropout]")
+    a("--p", type=float, help="drop probability of --dropout, in [0, 1) [0.1]")
+    a("--depth-dropout", type=float, metavar="P", help="resnets: drop each residual branch with "
+      "probability P (Guo & Gould; trainable 1x1 shortcuts) [0]")
+    a("--stochastic-depth", type=float, metavar="P_L", help="resnets: stochastic depth, last "
+      "unit dropped with probability P_L, linear decay [0]")
+    a("--stochastic-depth-mode", choices=("batch", "sample"),
+      help="with --stochastic-depth: one gate per batch or per sample [batch]")
+    a("--drop-downsampling", action="store_true", default=None,
+      help="with --depth-dropout or --stochastic-depth: let the stride-2 units be dropped too")
+    a("--epochs", type=int, help="passes over the data [per model]")
+    a("--steps-per-epoch", type=int, metavar="N", help="cap each epoch at N steps "
+      "[gpt: 200; others: the whole training set]")
+    a("--batch-size", type=int, help="[per model]")
+    a("--lr", type=float, help="peak learning rate, cosine decay to 0 [per model]")
+    a("--warmup", type=int, metavar="STEPS", help="linear learning-rate warm-up steps, then "
+      "the cosine decay [0]")
+    a("--optimizer", choices=("sgd", "adam", "adamw", "rmsprop"), help="[per model]")
+    a("--seed", type=int, help="seed of the weights, data order and masks [0]")
+    a("--device", choices=("auto", "cpu", "gpu"), default="auto",
+      help="auto: the GPU when CuPy sees one [auto]")
+    a("--save", metavar="PATH", help="checkpoint the whole training state to PATH at each "
+      "epoch's end (atomically: an interrupted run leaves the last complete one)")
+    a("--save-every", type=int, metavar="N", help="with --save: also every N steps")
+    a("--resume", metavar="PATH", help="continue the run saved at PATH (its flags are used; "
+      "giving a different value is an error)")
+    a("--json", metavar="PATH", help="write config and metrics as JSON to PATH")
+    a("--no-progress", action="store_true", help="no progress bar or progress lines")
     return p
 
 
 def cmd_info(_args):
     from . import __version__, backend
-    from .raw_kernels import cache_dir
     info = backend.info()
-    rows = [("cudrop", __version__), ("numpy", info["numpy"]), ("cupy", info["cupy"] or "not installed"),
-            ("backend", info["backend"]), ("gpu", info["gpu"] or "none"),
-            ("cuda", info["cuda"] or "-"), ("kernel cache", cache_dir())]
+    rows = [("cudrop", __version__), ("numpy", info["numpy"]),
+            ("cupy", info["cupy"] or "not installed"), ("backend", info["backend"]),
+            ("gpu", info["gpu"] or "none")]
+    if info["cupy"]:  # the CUDA facts mean nothing without CuPy
+        from .raw_kernels import cache_dir
+        rows += [("cuda", info["cuda"] or "-"), ("kernel cache", cache_dir())]
     for k, v in rows:
         print(f"{k:13s} {v}")
     return 0
 
 
-def _check_positive(name, v):
-    if v is not None and v <= 0:
-        raise SystemExit(f"cudrop train: error: {name} must be positive, got {v}")
+# ---- cudrop train: flags -> a checked config -------------------------------------------------
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _check_writable(flag, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{flag}: directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"{flag}: directory {directory!r} is not writable")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path!r} is a directory; give a file name")
+
+
+def _run_config(args):
+    """The run's settings: per-model defaults, then the checkpoint's (with --resume), then the
+    flags given; every value checked and every inapplicable flag refused, naming the flag."""
+    given = {k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k) is not None}
+    if args.resume:
+        from .checkpoint import read_meta
+        if not os.path.isfile(args.resume):
+            raise UsageError(f"--resume: no checkpoint at {args.resume!r}")
+        try:
+            saved = read_meta(args.resume)["state"].get("config")
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--resume: {e}")
+        if not saved:
+            raise UsageError(f"--resume: {args.resume!r} was not written by cudrop train")
+        clash = {k: v for k, v in given.items() if saved.get(k) != v}
+        if clash:
+            raise UsageError("--resume: " + "; ".join(
+                f"{_flag(k)} {v} differs from the checkpoint's {saved.get(k)}"
+                for k, v in clash.items()) + " (a resumed run keeps its flags)")
+        return dict(saved)
+    cfg = dict(GLOBAL_DEFAULTS)
+    cfg.update(given)
+    cfg = dict(DEFAULTS[cfg["model"]], **cfg)
+    model = cfg["model"]
+    cfg.setdefault("data", "shakespeare" if model == "gpt" else "digits")
+    if (model == "gpt") != (cfg["data"] == "shakespeare"):
+        raise UsageError(f"--model {model} does not fit --data {cfg['data']} (gpt trains on "
+                         f"shakespeare; the others on {', '.join(IMAGE_DATA)})")
+    cfg.setdefault("steps_per_epoch", 200 if model == "gpt" else None)
+
+    from .nn import make_dropout
+    from .philox import check_prob
+    if cfg["dropout"] == "none" and "p" in given:
+        raise UsageError("--p applies to a dropout variant; --dropout none drops nothing")
+    try:
+        make_dropout(cfg["dropout"], cfg["p"])
+    except ValueError as e:
+        raise UsageError(f"--p: {e}")
+    for k in ("depth_dropout", "stochastic_depth"):
+        try:
+            check_prob(cfg[k], _flag(k))
+        except ValueError as e:
+            raise UsageError(str(e))
+    resnet = model.startswith("resnet")
+    for k in ("depth_dropout", "stochastic_depth", "stochastic_depth_mode", "drop_downsampling"):
+        if k in given and not resnet:
+            raise UsageError(f"{_flag(k)} applies to --model resnet20/resnet56, not {model}")
+    if cfg["depth_dropout"] and cfg["stochastic_depth"]:
+        raise UsageError("--depth-dropout and --stochastic-depth are alternatives; give one")
+    if "stochastic_depth_mode" in given and not cfg["stochastic_depth"]:
+        raise UsageError("--stochastic-depth-mode needs --stochastic-depth above 0")
+    if "drop_downsampling" in given and not (cfg["depth_dropout"] or cfg["stochastic_depth"]):
+        raise UsageError("--drop-downsampling needs --depth-dropout or --stochastic-depth")
+    for k in ("epochs", "batch_size", "lr", "steps_per_epoch"):
+        if cfg[k] is not None and cfg[k] <= 0:
+            raise UsageError(f"{_flag(k)} must be positive, got {cfg[k]}")
+    if cfg["warmup"] < 0:
+        raise UsageError(f"--warmup must be >= 0, got {cfg['warmup']}")
+    if not 0 <= cfg["seed"] < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {cfg['seed']}")
+    return cfg
+
+
+def _check_paths(args):
+    if args.save_every is not None:
+        if not args.save:
+            raise UsageError("--save-every needs --save PATH")
+        if args.save_every <= 0:
+            raise UsageError(f"--save-every must be positive, got {args.save_every}")
+    for flag, path in (("--json", args.json), ("--save", args.save)):
+        if path:
+            _check_writable(flag, path)
+
+
+def _build(cfg, ds):
+    from . import models
+    kw = dict(dropout=cfg["dropout"], p=cfg["p"], seed=cfg["seed"])
+    if cfg["model"] == "gpt":
+        return models.GPT(len(ds.vocab), **kw)
+    if cfg["model"] == "mlp":
+        return models.mlp(ds.input_shape, ds.num_classes, **kw)
+    if cfg["model"] == "vit":
+        c, h, _ = ds.input_shape
+        # Few, large patches learn fastest on these small images: 8x8 -> 4 tokens, 28x28 -> 16.
+        return models.ViT(image_size=h, patch_size=4 if h <= 16 else 7, in_channels=c,
+                          num_classes=ds.num_classes, **kw)
+    return models.ResNet(int(cfg["model"][6:]), num_classes=ds.num_classes,
+                         in_channels=ds.input_shape[0], depth_dropout=cfg["depth_dropout"],
+                         stochastic_depth=cfg["stochastic_depth"],
+                         stochastic_depth_mode=cfg["stochastic_depth_mode"],
+                         keep_downsampling=not cfg["drop_downsampling"], **kw)
+
+
+def _optimizer(cfg, params, total):
+    from . import optim
+    lr = cfg["lr"]
+    opt = {"sgd": lambda: optim.SGD(params, lr, momentum=0.9, nesterov=True, weight_decay=5e-4),
+           "adam": lambda: optim.Adam(params, lr),
+           "adamw": lambda: optim.AdamW(params, lr),
+           "rmsprop": lambda: optim.RMSprop(params, lr)}[cfg["optimizer"]]()
+    warm = min(cfg["warmup"], total - 1)
+    if warm > 0:
+        sched = optim.LinearWarmup(opt, warm, after=optim.CosineLR(opt, total_steps=total - warm))
+    else:
+        sched = optim.CosineLR(opt, total_steps=total)
+    return opt, sched
 
 
 def cmd_train(args):
-    from . import backend, models, optim
-    from .nn import make_dropout, set_total_steps
+    from . import backend
+    from .nn import set_total_steps
+    from .train import ClassifierTask, LanguageTask, NonFiniteLoss, Trainer
 
-    data_name = args.data or ("shakespeare" if args.model == "gpt" else "digits")
-    if (args.model == "gpt") != (data_name == "shakespeare"):
-        raise SystemExit(f"cudrop train: error: --model {args.model} does not fit --data "
-                         f"{data_name} (gpt trains on shakespeare; the others on "
-                         f"{', '.join(IMAGE_DATA)})")
-    try:
-        make_dropout(args.dropout, args.p)
-    except ValueError as e:
-        raise SystemExit(f"cudrop train: error: --p: {e}")
-    depth_flags = args.depth_dropout or args.stochastic_depth
-    if depth_flags and not args.model.startswith("resnet"):
-        raise SystemExit("cudrop train: error: --depth-dropout and --stochastic-depth apply to "
-                         f"--model resnet20/resnet56, not {args.model}")
-    cfg = dict(DEFAULTS[args.model])
-    for k in ("epochs", "batch_size", "lr", "optimizer"):
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
-    for k in ("epochs", "batch_size", "lr"):
-        _check_positive("--" + k.replace("_", "-"), cfg[k])
-    _check_positive("--steps-per-epoch", args.steps_per_epoch)
-    if not 0 <= args.seed < 2 ** 32:
-        raise SystemExit(f"cudrop train: error: --seed must be in [0, 2**32), got {args.seed}")
+    cfg = _run_config(args)
+    _check_paths(args)
     try:
         device = backend.resolve_device(args.device)
     except RuntimeError as e:
-        raise SystemExit(f"cudrop train: error: --device gpu: {e}")
+        raise UsageError(f"--device {args.device}: {e}")
 
     from . import data as D
     loader = {"digits": D.load_digits, "mnist": D.load_mnist, "fashion": D.load_fashion_mnist,
-              "shakespeare": D.load_shakespeare}[data_name]
+              "shakespeare": D.load_shakespeare}[cfg["data"]]
     try:
         ds = loader()
     except D.DatasetNotFound as e:
-        raise SystemExit(f"cudrop train: error: {e}")
+        raise UsageError(f"--data {cfg['data']}: {e}")
 
-    kw = dict(dropout=args.dropout, p=args.p, seed=args.seed)
-    if args.model == "gpt":
-        model = models.GPT(len(ds.vocab), **kw)
-    elif args.model == "mlp":
-        model = models.mlp(ds.input_shape, ds.num_classes, **kw)
-    elif args.model == "vit":
-        c, h, _ = ds.input_shape
-        # Few, large patches learn fastest on these small images: 8x8 -> 4 tokens, 28x28 -> 16.
-        model = models.ViT(image_size=h, patch_size=4 if h <= 16 else 7, in_channels=c,
-                           num_classes=ds.num_classes, **kw)
+    model = _build(cfg, ds).to(device)
+    if cfg["model"] == "gpt":
+        task = LanguageTask(ds, cfg["batch_size"], device, model.block_size,
+                            cfg["steps_per_epoch"])
     else:
-        try:
-            model = models.ResNet(int(args.model[6:]), num_classes=ds.num_classes,
-                                  in_channels=ds.input_shape[0], depth_dropout=args.depth_dropout,
-                                  stochastic_depth=args.stochastic_depth,
-                                  stochastic_depth_mode=args.stochastic_depth_mode,
-                                  keep_downsampling=not args.drop_downsampling, **kw)
-        except ValueError as e:
-            raise SystemExit(f"cudrop train: error: {e}")
-    model.to(device)
-
-    params = model.parameters()
-    opt = {"sgd": lambda: optim.SGD(params, cfg["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4),
-           "adam": lambda: optim.Adam(params, cfg["lr"]),
-           "adamw": lambda: optim.AdamW(params, cfg["lr"]),
-           "rmsprop": lambda: optim.RMSprop(params, cfg["lr"])}[cfg["optimizer"]]()
-    if args.model == "gpt":
-        total = cfg["epochs"] * args.steps_per_epoch
-    else:
-        total = cfg["epochs"] * D.num_batches(len(ds.x_train), cfg["batch_size"])
-    schedule = optim.CosineLR(opt, total_steps=total)
+        task = ClassifierTask(ds, cfg["batch_size"], device, cfg["steps_per_epoch"])
+    total = cfg["epochs"] * task.steps_per_epoch
+    opt, schedule = _optimizer(cfg, model.parameters(), total)
     set_total_steps(model, total)  # gyro: each sub-network runs once over the run
+    trainer = Trainer(model, opt, task, schedule=schedule, seed=cfg["seed"],
+                      progress=not args.no_progress, save=args.save or args.resume,
+                      save_every=args.save_every, config=cfg)
+    if args.resume:
+        from .checkpoint import CheckpointError
+        try:
+            trainer.resume(args.resume)
+        except CheckpointError as e:
+            raise UsageError(f"--resume: {e}")
 
-    depth = (f", depth dropout {args.depth_dropout}" if args.depth_dropout else
-             f", stochastic depth {args.stochastic_depth} ({args.stochastic_depth_mode})"
-             if args.stochastic_depth else "")
-    print(f"training {args.model} on {data_name} ({device}), dropout={args.dropout} p={args.p}{depth}, "
-          f"{model.num_parameters():,} parameters, {cfg['optimizer']} lr={cfg['lr']}, "
-          f"batch {cfg['batch_size']}, {cfg['epochs']} epochs", flush=True)
-    from .train import fit_classifier, fit_lm
+    depth = (f", depth dropout {cfg['depth_dropout']}" if cfg["depth_dropout"] else
+             f", stochastic depth {cfg['stochastic_depth']} ({cfg['stochastic_depth_mode']})"
+             if cfg["stochastic_depth"] else "")
+    at = f", resumed at step {trainer.step}" if args.resume else ""
+    print(f"training {cfg['model']} on {cfg['data']} ({device}), dropout={cfg['dropout']} "
+          f"p={cfg['p']}{depth}, {model.num_parameters():,} parameters, {cfg['optimizer']} "
+          f"lr={cfg['lr']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs of "
+          f"{task.steps_per_epoch} steps{at}", flush=True)
     t0 = time.perf_counter()
-    common = dict(epochs=cfg["epochs"], batch_size=cfg["batch_size"], device=device,
-                  seed=args.seed, schedule=schedule, progress=not args.no_progress)
-    if args.model == "gpt":
-        hist, final = fit_lm(model, ds, opt, steps_per_epoch=args.steps_per_epoch, **common)
-    else:
-        hist, final = fit_classifier(model, ds, opt, **common)
+    try:
+        hist, final = trainer.fit(cfg["epochs"])
+    except NonFiniteLoss as e:
+        saved = f"; the last checkpoint at {trainer.save_path} is intact" if trainer.save_path else ""
+        print(f"cudrop train: stopped: {e}{saved}", file=sys.stderr)
+        return 1
     wall = time.perf_counter() - t0
     step_ms = float(np.mean([r["step_time_ms"] for r in hist.epochs]))
     metric = (f"test acc {final['test_acc']:.4f}" if "test_acc" in final
               else f"test loss {final['test_loss']:.4f}")
-    print(f"done: {args.model} on {data_name}, {metric}, {cfg['epochs']} epochs in {wall:.1f} s, "
-          f"mean step {step_ms:.2f} ms")
+    print(f"done: {cfg['model']} on {cfg['data']}, {metric}, {cfg['epochs']} epochs in "
+          f"{wall:.1f} s, mean step {step_ms:.2f} ms")
     if args.json:
-        out = dict(config=dict(vars(args), data=data_name, device=device, **cfg),
-                   epochs=hist.epochs, final=dict(final, wall_s=wall, mean_step_ms=step_ms))
+        out = dict(config=dict(cfg, device=device), epochs=hist.epochs,
+                   final=dict(final, wall_s=wall, mean_step_ms=step_ms))
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
-    return {"info": cmd_info, "train": cmd_train}[args.command](args)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return {"info": cmd_info, "train": cmd_train}[args.command](args)
+    except UsageError as e:
+        print(f"cudrop {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -27,16 +27,23 @@ class ResidualUnit(Module):
         return self.activation(self.body(x) + self.shortcut(x))
 
 
-def basic_block(in_channels, out_channels, stride=1, projection=None, rng=None, dtype=np.float32):
+def basic_block(in_channels, out_channels, stride=1, projection=None, rng=None, dtype=np.float32,
+                zero_init_residual=True):
     """The CIFAR ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus a shortcut, then ReLU.
 
     ``projection`` (default: only when the shape changes) makes the shortcut a 1x1 conv + BN.
+    ``zero_init_residual`` starts the branch's last BN scale at 0 (Goyal et al. 2017), so the
+    block starts as its shortcut: without it ResNet-56 at lr 0.1 diverged on digits (epoch-1
+    validation loss 1.3e6, 10 steps an epoch leave the BN running statistics far off); with it,
+    0.88 test accuracy after 3 epochs. ``torch.nn``'s ResNets have it as an option, off.
     """
     body = Sequential(
         Conv2d(in_channels, out_channels, 3, stride, 1, bias=False, rng=rng, dtype=dtype),
         BatchNorm2d(out_channels, dtype=dtype), ReLU(),
         Conv2d(out_channels, out_channels, 3, 1, 1, bias=False, rng=rng, dtype=dtype),
         BatchNorm2d(out_channels, dtype=dtype))
+    if zero_init_residual:
+        body[4].weight.data[...] = 0
     if projection is None:
         projection = stride != 1 or in_channels != out_channels
     if not projection and (stride != 1 or in_channels != out_channels):

@@ -1,0 +1,187 @@
+"""Checkpoints and resume: one file at the exact path, written atomically, checked before it
+changes anything; a resumed run (at an epoch's end or mid-epoch) equals the uninterrupted one
+for every variant, on NumPy and on the GPU."""
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import cudrop
+from cudrop import checkpoint, models, nn, optim
+from cudrop.nn import DROPOUT_KINDS, set_total_steps
+from cudrop.train import ClassifierTask, NonFiniteLoss, Trainer
+
+
+def _data(n=96, classes=4, shape=(1, 8, 8), seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes,) + shape).astype(np.float32)
+    y = rng.integers(0, classes, size=3 * n)
+    x = (centers[y] + 0.5 * rng.normal(size=(3 * n,) + shape)).astype(np.float32)
+    return SimpleNamespace(x_train=x[:n], y_train=y[:n], x_val=x[n:2 * n], y_val=y[n:2 * n],
+                           x_test=x[2 * n:], y_test=y[2 * n:], input_shape=shape,
+                           num_classes=classes)
+
+
+def _setup(kind, device, data, epochs=2, batch=16, save=None, save_every=None):
+    """A fresh run: model, optimizer, schedule and trainer, all from seed 0."""
+    if kind in ("depth", "stochastic"):
+        model = models.ResNet(8, num_classes=data.num_classes, in_channels=1, widths=(4, 8, 8),
+                              p=0.0, seed=0, depth_dropout=0.5 if kind == "depth" else 0.0,
+                              stochastic_depth=0.5 if kind == "stochastic" else 0.0)
+        opt = optim.SGD(model.parameters(), 0.05, momentum=0.9)
+    else:
+        model = models.mlp(data.input_shape, data.num_classes, hidden=(64, 64), dropout=kind,
+                           p=0.0 if kind == "none" else 0.5, seed=0)
+        opt = optim.Adam(model.parameters(), 1e-3)
+    model.to(device)
+    task = ClassifierTask(data, batch, device)
+    total = epochs * task.steps_per_epoch
+    sched = optim.LinearWarmup(opt, 3, after=optim.CosineLR(opt, total_steps=total))
+    set_total_steps(model, total)
+    trainer = Trainer(model, opt, task, schedule=sched, progress=False, log=lambda s: None,
+                      save=save, save_every=save_every)
+    return trainer
+
+
+def _params(model):
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def _device(xp):
+    return "cpu" if xp is np else "gpu"
+
+
+class _Interrupt(Exception):
+    pass
+
+
+KINDS = [k for k in DROPOUT_KINDS] + ["depth", "stochastic"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resumed_run_equals_uninterrupted(kind, xp, tmp_path):
+    data, dev = _data(), _device(xp)
+    ref = _setup(kind, dev, data)
+    hist_ref, final_ref = ref.fit(2)
+
+    # Run 1: killed mid-epoch 2 (step 9 of 12), after the step-8 checkpoint.
+    path = tmp_path / "run.ckpt"
+    run = _setup(kind, dev, data, save=path, save_every=4)
+    batches = run.task.batches
+
+    def dying(seed, epoch, start):
+        for i, b in enumerate(batches(seed, epoch, start), start):
+            if epoch * run.task.steps_per_epoch + i == 9:
+                raise _Interrupt
+            yield b
+    run.task.batches = dying
+    with pytest.raises(_Interrupt):
+        run.fit(2)
+    assert os.listdir(tmp_path) == ["run.ckpt"]  # exact name, no temporary left behind
+
+    # Run 2: fresh objects, resumed from the checkpoint of step 8.
+    again = _setup(kind, dev, data, save=path)
+    again.resume(path)
+    assert again.step == 8
+    hist, final = again.fit(2)
+    assert [r["train_loss"] for r in hist.epochs] == [r["train_loss"] for r in hist_ref.epochs]
+    assert [r["val_loss"] for r in hist.epochs] == [r["val_loss"] for r in hist_ref.epochs]
+    assert final == final_ref
+    want, got = _params(ref.model), _params(again.model)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_checkpoint_round_trip_at_the_exact_path(tmp_path):
+    run = _setup("sparsedrop", "cpu", _data())
+    run.fit(1)
+    path = tmp_path / "ckpt"  # no suffix added
+    cudrop.save(path, run.model, run.optimizer, run.schedule, epoch=1, note="x")
+    assert os.listdir(tmp_path) == ["ckpt"]
+    other = _setup("sparsedrop", "cpu", _data())
+    extra = cudrop.load(path, other.model, other.optimizer, other.schedule)
+    assert extra == {"epoch": 1, "note": "x"}
+    for k, v in _params(run.model).items():
+        np.testing.assert_array_equal(_params(other.model)[k], v)
+    assert other.optimizer.steps == run.optimizer.steps
+    assert other.optimizer.lr == run.optimizer.lr
+    assert other.schedule.last_step == run.schedule.last_step
+    # Module.save / Module.load use the same format and path.
+    run.model.save(tmp_path / "model.ckpt")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "model.ckpt"]
+    other.model.load(tmp_path / "model.ckpt")
+
+
+def test_a_write_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    run = _setup("dropout", "cpu", _data())
+    path = tmp_path / "run.ckpt"
+    cudrop.save(path, run.model, step=1)
+    before = path.read_bytes()
+
+    def killed(f, **arrays):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoint.np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cudrop.save(path, run.model, step=2)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["run.ckpt"]
+    monkeypatch.undo()
+    assert checkpoint.read_meta(path)["state"] == {"step": 1}
+
+
+def test_loading_another_model_names_the_difference_and_changes_nothing(tmp_path):
+    path = tmp_path / "a.ckpt"
+    small = models.mlp((1, 8, 8), 4, hidden=(64, 64), seed=0)
+    cudrop.save(path, small)
+    wide = models.mlp((1, 8, 8), 4, hidden=(32, 64), seed=1)
+    before = _params(wide)
+    with pytest.raises(checkpoint.CheckpointError, match=r"1\.weight has shape \(64, 64\) in "
+                       r"the checkpoint, \(64, 32\)|shape"):
+        cudrop.load(path, wide)
+    for k, v in before.items():
+        np.testing.assert_array_equal(_params(wide)[k], v)
+    resnet = models.ResNet(8, num_classes=4, in_channels=1, widths=(4, 8, 8))
+    with pytest.raises(checkpoint.CheckpointError, match="holds a Sequential, the model is a "
+                                                        "ResNet"):
+        cudrop.load(path, resnet)
+
+
+def test_optimizer_schedule_and_version_mismatches_are_named(tmp_path, monkeypatch):
+    run = _setup("dropout", "cpu", _data())
+    path = tmp_path / "a.ckpt"
+    cudrop.save(path, run.model, run.optimizer, run.schedule)
+    sgd = optim.SGD(run.model.parameters(), 0.1)
+    with pytest.raises(checkpoint.CheckpointError, match="holds a Adam optimizer, not a SGD"):
+        cudrop.load(path, run.model, sgd)
+    with pytest.raises(checkpoint.CheckpointError, match="LinearWarmup schedule, not a StepLR"):
+        cudrop.load(path, run.model, run.optimizer, optim.StepLR(run.optimizer, 5))
+    monkeypatch.setattr(cudrop, "__version__", "9.9.9")
+    with pytest.raises(checkpoint.CheckpointError, match=r"written by cudrop 0\.1\.0, this is "
+                                                        r"cudrop 9\.9\.9"):
+        cudrop.load(path, run.model)
+    cudrop.load(path, run.model, check_version=False)
+
+
+def test_foreign_and_missing_files_get_clear_errors(tmp_path):
+    m = models.mlp((1, 8, 8), 4, hidden=(8,))
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    with pytest.raises(checkpoint.CheckpointError, match="not a cudrop checkpoint"):
+        cudrop.load(tmp_path / "plain.npz", m)
+    (tmp_path / "junk").write_bytes(b"not a zip")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        cudrop.load(tmp_path / "junk", m)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        cudrop.load(tmp_path / "nothing", m)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cudrop.save(tmp_path / "no" / "dir" / "x", m)
+
+
+def test_non_finite_loss_stops_the_run():
+    data = _data()
+    data.x_train[5] = np.nan
+    run = _setup("none", "cpu", data)
+    with pytest.raises(NonFiniteLoss, match="the training loss became nan"):
+        run.fit(1)
