@@ -185,3 +185,16 @@ def test_non_finite_loss_stops_the_run():
     run = _setup("none", "cpu", data)
     with pytest.raises(NonFiniteLoss, match="the training loss became nan"):
         run.fit(1)
+
+
+def test_a_batch_of_another_dtype_names_the_layer_and_the_fix():
+    m = models.mlp((1, 8, 8), 4, hidden=(16,))
+    x = np.zeros((2, 1, 8, 8), np.float64)
+    with pytest.raises(TypeError, match=r"Linear\(64, 16, bias=True\) got a float64 input but "
+                                        r"its weight is float32: cast the batch "
+                                        r"\(x.astype\('float32'\)\) or the model"):
+        m(cudrop.Tensor(x))
+    conv = models.ResNet(8, num_classes=4, in_channels=1, widths=(4, 8, 8))
+    with pytest.raises(TypeError, match="Conv2d.* got a float64 input"):
+        conv(cudrop.Tensor(x))
+    assert m(cudrop.Tensor(x.astype(np.float32))).shape == (2, 4)

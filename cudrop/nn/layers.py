@@ -17,6 +17,7 @@ def _positive_int(name, v):
 class Linear(Module):
     """y = x W + b with W of shape (in_features, out_features): the K x N layout of the dropout
     papers, so a kept slice of input units is a row slice of W."""
+    checks_input_dtype = True
 
     def __init__(self, in_features, out_features, bias=True, rng=None, dtype=np.float32):
         super().__init__()
@@ -66,6 +67,7 @@ class Conv2d(Module):
     ``weight`` (out_channels, in_channels, kh, kw) and ``bias`` (out_channels,) both
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in_channels * kh * kw (PyTorch's default
     init). ``kernel_size``, ``stride``, ``padding``: an int or an (h, w) pair."""
+    checks_input_dtype = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  rng=None, dtype=np.float32):

@@ -73,8 +73,22 @@ class Module:
         Module._counter_names.add(name)
 
     # ---- calling -----------------------------------------------------------------------
+    #: Layers whose first input must have their weight's dtype (Linear, Conv2d and their
+    #: variants): a mismatch is reported here, naming the layer, not deep in a product.
+    checks_input_dtype = False
+
     def __call__(self, *args, **kwargs):
+        if self.checks_input_dtype and args:
+            self._check_input_dtype(args[0])
         return self.forward(*args, **kwargs)
+
+    def _check_input_dtype(self, x):
+        have = getattr(getattr(x, "data", x), "dtype", None)
+        want = self.weight.data.dtype
+        if have is not None and have != want:
+            raise TypeError(f"{type(self).__name__}({self.extra_repr()}) got a {have} input but "
+                            f"its weight is {want}: cast the batch (x.astype({want.name!r})) or "
+                            f"the model (model.to(dtype={have.name!r}))")
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
