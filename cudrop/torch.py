@@ -244,16 +244,18 @@ class SliceOutLinear(_LinearBase):
     def __init__(self, in_features, out_features, p=0.5, bias=True, align="auto", seed=0,
                  layer=0, device=None, dtype=None):
         super().__init__(in_features, out_features, p, bias, seed, layer, device, dtype)
-        self.align = _sliceout.auto_align(self.in_features) if align == "auto" else align
+        self.align = _sliceout.check_align(_sliceout.auto_align(self.in_features)
+                                           if align == "auto" else align)
+        n = self.in_features  # fail at construction, not at the first training step
+        _sliceout.num_starts(n, _sliceout.keep_count(n, self.p, self.align), self.align)
 
     def forward(self, x):
         self._check(x)
         if not self.training or self.p == 0:
             return self._dense(x)
-        ranges = _sliceout.draw_slice(self.in_features, self.p, seed=self.seed,
-                                      layer=self.layer, step=self._next_step(),
-                                      align=self.align)
-        return sliceout_linear(x, self.weight, self.bias, ranges)
+        mask = _sliceout.draw_mask(self.in_features, self.p, seed=self.seed, layer=self.layer,
+                                   step=self._next_step(), align=self.align)
+        return sliceout_linear(x, self.weight, self.bias, mask=mask)
 
 
 class BlockwiseLinear(_LinearBase):

@@ -1,7 +1,8 @@
 """SliceOut: the slice draw (keep count, wrap-around and aligned starts, determinism), every op
 against the dense formula with the materialised mask (forward and all gradients, exact zeros in
-the dropped parts of the parameter gradients), the skipping itself (the products that run and
-their FLOPs), the layers (train vs eval, step counter) and the argument errors.
+the dropped parts of the parameter gradients), the op convention (drawing inside the op equals
+passing draw_mask's mask; p, mask and unit-count checks), the skipping itself (the products
+that run and their FLOPs), the layers (train vs eval, step counter) and the argument errors.
 
 Every array test takes the ``xp`` fixture, so it also runs on CuPy on a GPU machine.
 """
@@ -30,17 +31,22 @@ FIXED = [(10, ((7, 10), (0, 3))), (10, ((4, 9),)), (6, ((0, 6),)), (7, ((6, 7),)
          (7, ((5, 7), (0, 1)))]
 
 
+def mk(n, ranges):
+    """The SliceMask keeping ``ranges`` of ``n`` units."""
+    return F.SliceMask.from_ranges(n, ranges)
+
+
 @st.composite
 def slices(draw, max_n=8):
-    """(n, ranges): a wrapped slice (two ranges), one interior range, or every unit."""
+    """A SliceMask: a wrapped slice (two ranges), one interior range, or every unit."""
     n = draw(st.integers(1, max_n))
     kinds = ["wrap", "range", "all"][(n < 3) + (n < 2):]
     kind = draw(st.sampled_from(kinds))
     if kind == "all":
-        return n, F.slice_ranges(n, n, draw(st.integers(0, n - 1)))
+        return mk(n, F.slice_ranges(n, n, draw(st.integers(0, n - 1))))
     keep = draw(st.integers(2 if kind == "wrap" else 1, n - 1))
     start = draw(st.integers(n - keep + 1, n - 1) if kind == "wrap" else st.integers(0, n - keep))
-    return n, F.slice_ranges(n, keep, start)
+    return mk(n, F.slice_ranges(n, keep, start))
 
 
 # 0.999 quantiles of chi-square with 1..10 degrees of freedom (no SciPy on the GPU machine).
@@ -58,10 +64,10 @@ def normal(xp, rng, shape):
     return xp.asarray(rng.standard_normal(shape))
 
 
-def scaled_mask(xp, n, ranges):
-    """The materialised m / q with q = keep / n."""
-    m = F.slice_mask(n, ranges, np, np.float64)
-    return xp.asarray(m * n / m.sum())
+def scaled_mask(xp, mask):
+    """The materialised m / q with q = keep / n, in float64 (counted here, not mask.scale)."""
+    m = mask.to_dense(np, np.float64)
+    return xp.asarray(m * mask.n_units / m.sum())
 
 
 def close(a, b, rtol=1e-10, atol=1e-12):
@@ -94,8 +100,12 @@ def opt(*arrays):
     return [a for a in arrays if a is not None]
 
 
-def dropped(n, ranges):
-    return ~F.slice_mask(n, ranges)
+def dropped(mask):
+    return ~mask.to_dense()
+
+
+def draw_ranges(n, p, **coords):
+    return F.draw_mask(n, p, **coords).ranges
 
 
 # ---- the slice draw -----------------------------------------------------------------------
@@ -104,9 +114,10 @@ def dropped(n, ranges):
 def test_keep_count_is_rounded_keep_fraction(n, p):
     keep = F.keep_count(n, p)
     assert keep == min(n, max(1, math.floor((1 - p) * n + 0.5)))
-    ranges = F.draw_slice(n, p, seed=1, layer=2, step=3)
-    assert sum(hi - lo for lo, hi in ranges) == keep
-    assert F.slice_mask(n, ranges).sum() == keep
+    mask = F.draw_mask(n, p, seed=1, layer=2, step=3)
+    assert sum(hi - lo for lo, hi in mask.ranges) == keep == mask.keep
+    assert mask.to_dense().sum() == keep and mask.scale == n / keep
+    assert (mask.n_units, mask.p, mask.align) == (n, p, None)
 
 
 def test_keep_count_examples():
@@ -145,7 +156,7 @@ def test_wrap_starts_are_uniform_and_units_kept_keep_over_n():
     # Each unit is kept with probability exactly keep / n under wrap-around.
     kept = np.zeros(n)
     for s in starts:
-        kept += F.slice_mask(n, F.slice_ranges(n, keep, s))
+        kept += mk(n, F.slice_ranges(n, keep, s)).to_dense()
     assert uniform_counts(kept)
     assert np.allclose(kept / steps, keep / n, atol=0.03)
 
@@ -157,11 +168,12 @@ def test_aligned_slices_wrap_blockwise_and_keep_units_uniformly(n, align, p):
     steps = 400 * (n // align)
     starts, kept = [], np.zeros(n)
     for s in range(steps):
-        ranges = F.draw_slice(n, p, seed=3, layer=7, step=s, align=align)
+        mask = F.draw_mask(n, p, seed=3, layer=7, step=s, align=align)
+        ranges = mask.ranges
         assert all(lo % align == 0 and hi % align == 0 for lo, hi in ranges)
         assert sum(hi - lo for lo, hi in ranges) == keep
         starts.append(ranges[0][0])
-        kept += F.slice_mask(n, ranges)
+        kept += mask.to_dense()
     values, counts = np.unique(starts, return_counts=True)
     assert values.tolist() == list(range(0, n, align)) and uniform_counts(counts)
     assert np.allclose(kept / steps, keep / n, atol=0.04)  # unbiased per unit
@@ -178,7 +190,7 @@ def test_aligned_starts_are_uniform_multiples_without_wrap(n, align, p, valid):
     assert F.num_starts(n, keep, align) == len(valid)
     seen = []
     for s in range(200 * len(valid)):
-        ranges = F.draw_slice(n, p, seed=3, layer=7, step=s, align=align)
+        ranges = draw_ranges(n, p, seed=3, layer=7, step=s, align=align)
         assert len(ranges) == 1
         (lo, hi), = ranges
         assert lo % align == 0 and hi - lo == keep and hi <= n
@@ -200,7 +212,7 @@ def test_aligned_keep_counts_and_auto_align():
 
 def test_same_coordinates_same_slice_and_steps_differ():
     n = 16
-    draw = lambda seed=0, layer=0, step=0: F.draw_slice(n, 0.5, seed=seed, layer=layer, step=step)
+    draw = lambda seed=0, layer=0, step=0: draw_ranges(n, 0.5, seed=seed, layer=layer, step=step)
     assert all(draw(step=s) == draw(step=s) for s in range(20))
     per_step = [draw(step=s) for s in range(400)]
     assert np.mean([a == b for a, b in zip(per_step, per_step[1:])]) < 0.15  # expect 1/16
@@ -213,14 +225,14 @@ def test_same_coordinates_same_slice_and_steps_differ():
 @given(sl=slices(), lead=st.sampled_from([(3,), (1,), (2, 3), ()]),
        axis=st.sampled_from(["last", "first"]), seed=st.integers(0, 2**16))
 def test_sliceout_is_mask_times_x(xp, sl, lead, axis, seed):
-    n, ranges = sl
+    n = sl.n_units
     rng = np.random.default_rng(seed)
     shape, ax = (lead + (n,), -1) if axis == "last" else ((n,) + lead, 0)
     x = normal(xp, rng, shape)
-    mq = scaled_mask(xp, n, ranges).reshape((n,) + (1,) * len(lead) if ax == 0 else (n,))
-    fn = lambda x_: ag.sliceout(x_, ranges, ax)
+    mq = scaled_mask(xp, sl).reshape((n,) + (1,) * len(lead) if ax == 0 else (n,))
+    fn = lambda x_: ag.sliceout(x_, mask=sl, axis=ax)
     y, (gx,) = compare(xp, rng, fn, lambda x_: x_ * mq, [x])
-    off = dropped(n, ranges)
+    off = dropped(sl)
     assert (np.moveaxis(host(y), ax, 0)[off] == 0).all()
     assert (np.moveaxis(host(gx), ax, 0)[off] == 0).all()
     check_grad(fn, x)
@@ -229,24 +241,25 @@ def test_sliceout_is_mask_times_x(xp, sl, lead, axis, seed):
 @pytest.mark.parametrize("n, ranges", FIXED)
 def test_sliceout_channels_of_nchw(xp, n, ranges):
     x = normal(xp, np.random.default_rng(0), (2, n, 3, 2))
-    y = ag.sliceout(x, ranges, 1)
-    close(y, x * scaled_mask(xp, n, ranges)[None, :, None, None])
-    assert (host(y.data)[:, dropped(n, ranges)] == 0).all()
+    mask = mk(n, ranges)
+    y = ag.sliceout(x, mask=mask, axis=1)
+    close(y, x * scaled_mask(xp, mask)[None, :, None, None])
+    assert (host(y.data)[:, dropped(mask)] == 0).all()
 
 
 @given(sl=slices(), m=st.integers(1, 4), n_out=st.integers(1, 5), bias=st.booleans(),
        three_d=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_input_slicing_matches_dense(xp, sl, m, n_out, bias, three_d, seed):
-    k, ranges = sl
+    k = sl.n_units
     rng = np.random.default_rng(seed)
     x = normal(xp, rng, (2, m, k) if three_d else (m, k))
     w = normal(xp, rng, (k, n_out))
     b = normal(xp, rng, (n_out,)) if bias else None
-    mq = scaled_mask(xp, k, ranges)
-    fn = lambda x_, w_, *b_: ag.sliceout_linear(x_, w_, b_[0] if b_ else None, ranges)
+    mq = scaled_mask(xp, sl)
+    fn = lambda x_, w_, *b_: ag.sliceout_linear(x_, w_, b_[0] if b_ else None, mask=sl)
     dense = lambda x_, w_, *b_: ((x_ * mq) @ w_ + b_[0]) if b_ else (x_ * mq) @ w_
     _, (gx, gw, *_) = compare(xp, rng, fn, dense, opt(x, w, b))
-    off = dropped(k, ranges)
+    off = dropped(sl)
     assert (host(gw)[off] == 0).all()  # exact zeros, not just small
     assert (host(gx)[..., off] == 0).all()
     check_grad(fn, *opt(x, w, b))
@@ -255,16 +268,16 @@ def test_linear_input_slicing_matches_dense(xp, sl, m, n_out, bias, three_d, see
 @given(sl=slices(), m=st.integers(1, 4), k=st.integers(1, 5), bias=st.booleans(),
        three_d=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_output_slicing_matches_dense(xp, sl, m, k, bias, three_d, seed):
-    n, ranges = sl
+    n = sl.n_units
     rng = np.random.default_rng(seed)
     x = normal(xp, rng, (2, m, k) if three_d else (m, k))
     w = normal(xp, rng, (k, n))
     b = normal(xp, rng, (n,)) if bias else None
-    mq = scaled_mask(xp, n, ranges)
-    fn = lambda x_, w_, *b_: ag.sliceout_linear_out(x_, w_, b_[0] if b_ else None, ranges)
+    mq = scaled_mask(xp, sl)
+    fn = lambda x_, w_, *b_: ag.sliceout_linear_out(x_, w_, b_[0] if b_ else None, mask=sl)
     dense = lambda x_, w_, *b_: ((x_ @ w_ + b_[0]) * mq) if b_ else (x_ @ w_) * mq
     y, (gx, gw, *gb) = compare(xp, rng, fn, dense, opt(x, w, b))
-    off = dropped(n, ranges)
+    off = dropped(sl)
     assert (host(y)[..., off] == 0).all()
     assert (host(gw)[:, off] == 0).all()
     if bias:
@@ -277,17 +290,17 @@ def test_linear_output_slicing_matches_dense(xp, sl, m, k, bias, three_d, seed):
        bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_conv2d_output_channel_slicing_matches_dense(xp, sl, nb, c, hw, ksize, stride, padding,
                                                      bias, seed):
-    o, ranges = sl
+    o = sl.n_units
     rng = np.random.default_rng(seed)
     x = normal(xp, rng, (nb, c, hw, hw + 1))
     w = normal(xp, rng, (o, c, ksize, ksize))
     b = normal(xp, rng, (o,)) if bias else None
-    mq = scaled_mask(xp, o, ranges)[None, :, None, None]
-    fn = lambda x_, w_, *b_: ag.sliceout_conv2d(x_, w_, b_[0] if b_ else None, ranges,
+    mq = scaled_mask(xp, sl)[None, :, None, None]
+    fn = lambda x_, w_, *b_: ag.sliceout_conv2d(x_, w_, b_[0] if b_ else None, mask=sl,
                                                 stride=stride, padding=padding)
     dense = lambda x_, w_, *b_: ag.conv2d(x_, w_, b_[0] if b_ else None, stride, padding) * mq
     y, (gx, gw, *gb) = compare(xp, rng, fn, dense, opt(x, w, b))
-    off = dropped(o, ranges)
+    off = dropped(sl)
     assert (host(y)[:, off] == 0).all()
     assert (host(gw)[off] == 0).all()
     if bias:
@@ -298,15 +311,16 @@ def test_conv2d_output_channel_slicing_matches_dense(xp, sl, nb, c, hw, ksize, s
 @pytest.mark.parametrize("n, ranges", FIXED)
 def test_hand_picked_slices_match_dense(xp, n, ranges):
     rng = np.random.default_rng(n)
-    mq = scaled_mask(xp, n, ranges)
+    mask = mk(n, ranges)
+    mq = scaled_mask(xp, mask)
     args = [normal(xp, rng, s) for s in ((3, n), (n, 4), (4,))]
-    compare(xp, rng, lambda x, w, b: ag.sliceout_linear(x, w, b, ranges),
+    compare(xp, rng, lambda x, w, b: ag.sliceout_linear(x, w, b, mask=mask),
             lambda x, w, b: (x * mq) @ w + b, args)
     args = [normal(xp, rng, s) for s in ((3, 4), (4, n), (n,))]
-    compare(xp, rng, lambda x, w, b: ag.sliceout_linear_out(x, w, b, ranges),
+    compare(xp, rng, lambda x, w, b: ag.sliceout_linear_out(x, w, b, mask=mask),
             lambda x, w, b: (x @ w + b) * mq, args)
     args = [normal(xp, rng, s) for s in ((2, 3, 4, 4), (n, 3, 3, 3), (n,))]
-    compare(xp, rng, lambda x, w, b: ag.sliceout_conv2d(x, w, b, ranges, padding=1),
+    compare(xp, rng, lambda x, w, b: ag.sliceout_conv2d(x, w, b, mask=mask, padding=1),
             lambda x, w, b: ag.conv2d(x, w, b, 1, 1) * mq[None, :, None, None], args)
 
 
@@ -328,23 +342,23 @@ def dense_attention(x, wq, bq, wp, bp, heads, head_mq, causal):
 @given(sl=slices(max_n=4), bsz=st.integers(1, 2), t=st.integers(1, 4), hd=st.integers(1, 3),
        causal=st.booleans(), biases=st.booleans(), seed=st.integers(0, 2**16))
 def test_attention_head_slicing_matches_dense(xp, sl, bsz, t, hd, causal, biases, seed):
-    heads, ranges = sl
+    heads = sl.n_units
     d = heads * hd
     rng = np.random.default_rng(seed)
     x = normal(xp, rng, (bsz, t, d))
     wq, wp = normal(xp, rng, (d, 3 * d)), normal(xp, rng, (d, d))
     bq = normal(xp, rng, (3 * d,)) if biases else None
     bp = normal(xp, rng, (d,)) if biases else None
-    mq = scaled_mask(xp, heads, ranges)
+    mq = scaled_mask(xp, sl)
 
     def split(a):
         return (a[0], a[1], a[2], a[3], a[4]) if biases else (a[0], a[1], None, a[2], None)
 
-    fn = lambda *a: ag.sliceout_attention(*split(a), heads, ranges, causal=causal)
+    fn = lambda *a: ag.sliceout_attention(*split(a), mask=sl, causal=causal)
     dense = lambda *a: dense_attention(*split(a), heads, mq, causal)
     _, grads = compare(xp, rng, fn, dense, opt(x, wq, bq, wp, bp))
     gwq, gwp = host(grads[1]), host(grads[3 if biases else 2])
-    off_heads = dropped(heads, ranges)
+    off_heads = dropped(sl)
     off = np.repeat(off_heads, hd)  # per feature of one of q, k, v
     assert (gwq[:, np.tile(off, 3)] == 0).all()
     assert (gwp[off] == 0).all()
@@ -360,7 +374,7 @@ def test_attention_layer_keeping_every_head_is_multi_head_attention(xp):
         ref = MultiHeadAttention(8, 4, causal=causal, rng=3).to(dev, np.float64)
         x = normal(xp, np.random.default_rng(1), (2, 5, 8))
         close(so(Tensor(x)), ref(Tensor(x)))
-        assert so.last_ranges == ((0, 4),)
+        assert so.last_mask.ranges == ((0, 4),)
 
 
 # ---- the skipping -------------------------------------------------------------------------
@@ -400,12 +414,12 @@ def _fwd_bwd(fn, *arrays):
 @pytest.mark.parametrize("align", [None, 8])
 def test_linear_input_gemms_run_on_kept_rows_only(xp, rec, align):
     m, k, n, p = 6, 40, 5, 0.5
-    ranges = F.draw_slice(k, p, seed=0, layer=0, step=1, align=align)
+    mask = F.draw_mask(k, p, seed=0, layer=0, step=1, align=align)
     if align is None:
-        ranges = ((30, 40), (0, 10))  # force a wrapped slice: two pieces
-    keep = sum(hi - lo for lo, hi in ranges)
+        mask = mk(k, ((30, 40), (0, 10)))  # force a wrapped slice: two pieces
+    keep = mask.keep
     rng = np.random.default_rng(0)
-    _fwd_bwd(lambda x, w: ag.sliceout_linear(x, w, None, ranges),
+    _fwd_bwd(lambda x, w: ag.sliceout_linear(x, w, None, mask=mask),
              normal(xp, rng, (m, k)), normal(xp, rng, (k, n)))
     # Forward x_S @ w_S, backward g @ w_S^T and x_S^T @ g: each on the kept K only, one GEMM
     # per product even for a wrapped slice (its pieces are gathered into one operand).
@@ -419,7 +433,7 @@ def test_linear_output_gemms_run_on_kept_columns_only(xp, rec, ranges):
     m, k, n = 4, 7, 12
     keep = sum(hi - lo for lo, hi in ranges)
     rng = np.random.default_rng(0)
-    _fwd_bwd(lambda x, w, b: ag.sliceout_linear_out(x, w, b, ranges),
+    _fwd_bwd(lambda x, w, b: ag.sliceout_linear_out(x, w, b, mask=mk(n, ranges)),
              normal(xp, rng, (m, k)), normal(xp, rng, (k, n)), normal(xp, rng, (n,)))
     assert rec.flops() == 3 * 2 * m * k * keep
     assert all(n not in sa + sb for sa, sb in rec.shapes)  # no product sees the full N
@@ -432,7 +446,7 @@ def test_conv_gemms_run_on_kept_channels_only(xp, monkeypatch, ranges):
     nb, c, o, hw, ks = 2, 3, 8, 5, 3
     keep = sum(hi - lo for lo, hi in ranges)
     rng = np.random.default_rng(0)
-    _fwd_bwd(lambda x, w: ag.sliceout_conv2d(x, w, None, ranges, padding=1),
+    _fwd_bwd(lambda x, w: ag.sliceout_conv2d(x, w, None, mask=mk(o, ranges), padding=1),
              normal(xp, rng, (nb, c, hw, hw)), normal(xp, rng, (o, c, ks, ks)))
     # One im2col GEMM per pass even for a wrapped slice; each has the kept channels as one side.
     assert len(r.shapes) == 3
@@ -446,7 +460,7 @@ def test_attention_runs_only_kept_heads(xp, rec, ranges):
     bsz, t, heads, hd = 2, 5, 4, 3
     d, kh = heads * hd, sum(hi - lo for lo, hi in ranges)
     rng = np.random.default_rng(0)
-    _fwd_bwd(lambda *a: ag.sliceout_attention(*a, heads, ranges),
+    _fwd_bwd(lambda *a: ag.sliceout_attention(*a, mask=mk(heads, ranges)),
              normal(xp, rng, (bsz, t, d)), normal(xp, rng, (d, 3 * d)),
              normal(xp, rng, (3 * d,)), normal(xp, rng, (d, d)), normal(xp, rng, (d,)))
     dense_fwd = (2 * bsz * t * d * 3 * d + 2 * 2 * bsz * heads * t * t * hd
@@ -473,9 +487,9 @@ def test_linear_layer_draws_per_step_and_eval_is_dense(xp, mode, align):
     op = F.sliceout_linear if mode == "input" else F.sliceout_linear_out
     for step in range(4):
         y = lin(Tensor(x))
-        ranges = F.draw_slice(n, 0.5, seed=7, layer=3, step=step, align=align)
-        assert lin.last_ranges == ranges and lin.step == step + 1
-        close(y, op(x, lin.weight.data, lin.bias.data, ranges)[0])
+        mask = F.draw_mask(n, 0.5, seed=7, layer=3, step=step, align=align)
+        assert lin.last_mask == mask and lin.step == step + 1
+        close(y, op(x, lin.weight.data, lin.bias.data, mask=mask)[0])
     lin.eval()
     close(lin(Tensor(x)), dense(Tensor(x)))
     assert lin.step == 4
@@ -493,7 +507,7 @@ def test_layer_step_resumes_from_state_dict():
     b.load_state_dict(a.state_dict())
     a(Tensor(np.ones((1, 16), np.float32)))
     b(Tensor(np.ones((1, 16), np.float32)))
-    assert b.step == 4 and a.last_ranges == b.last_ranges
+    assert b.step == 4 and a.last_mask == b.last_mask
 
 
 def test_conv_layer_train_and_eval(xp):
@@ -502,9 +516,9 @@ def test_conv_layer_train_and_eval(xp):
     dense = Conv2d(2, 6, 3, padding=1, rng=0).to(_dev(xp), np.float64)
     x = normal(xp, np.random.default_rng(0), (2, 2, 4, 4))
     y = conv(Tensor(x))
-    ranges = F.draw_slice(6, 0.5, seed=1, layer=2, step=0)
-    assert conv.last_ranges == ranges
-    close(y, dense(Tensor(x)) * scaled_mask(xp, 6, ranges)[None, :, None, None])
+    mask = F.draw_mask(6, 0.5, seed=1, layer=2, step=0, align=conv.align)
+    assert conv.last_mask == mask
+    close(y, dense(Tensor(x)) * scaled_mask(xp, mask)[None, :, None, None])
     conv.eval()
     close(conv(Tensor(x)), dense(Tensor(x)))
 
@@ -514,9 +528,9 @@ def test_attention_layer_train_and_eval(xp):
     ref = MultiHeadAttention(8, 4, rng=2).to(_dev(xp), np.float64)
     x = normal(xp, np.random.default_rng(0), (2, 3, 8))
     y = att(Tensor(x))
-    ranges = F.draw_slice(4, 0.5, seed=0, layer=5, step=0)
-    assert att.last_ranges == ranges
-    mq = scaled_mask(xp, 4, ranges)
+    mask = F.draw_mask(4, 0.5, seed=0, layer=5, step=0)
+    assert att.last_mask == mask
+    mq = scaled_mask(xp, mask)
     close(y, dense_attention(Tensor(x), ref.qkv.weight, ref.qkv.bias, ref.proj.weight,
                              ref.proj.bias, 4, mq, False))
     att.eval()
@@ -527,12 +541,11 @@ def test_sliceout_layer_train_and_eval(xp):
     layer = SliceOut(p=0.5, seed=2, layer=9)
     x = normal(xp, np.random.default_rng(0), (3, 10))
     y = layer(Tensor(x))
-    ranges = F.draw_slice(10, 0.5, seed=2, layer=9, step=0)
-    close(y, x * scaled_mask(xp, 10, ranges))
+    close(y, x * scaled_mask(xp, F.draw_mask(10, 0.5, seed=2, layer=9, step=0)))
     x4 = Tensor(normal(xp, np.random.default_rng(1), (2, 6, 3, 3)))
     y4 = layer(x4)  # channels of NCHW
-    ranges = F.draw_slice(6, 0.5, seed=2, layer=9, step=1)
-    close(y4, x4.data * scaled_mask(xp, 6, ranges)[None, :, None, None])
+    mask = F.draw_mask(6, 0.5, seed=2, layer=9, step=1)
+    close(y4, x4.data * scaled_mask(xp, mask)[None, :, None, None])
     layer.eval()
     t = Tensor(x)
     assert layer(t) is t and layer.step == 2
@@ -588,28 +601,131 @@ def test_bad_mode_and_coordinates_are_rejected():
 def test_bad_ranges_are_rejected(ranges):
     x, w = np.ones((2, 8)), np.ones((8, 3))
     with pytest.raises(ValueError, match="ranges"):
-        F.sliceout_linear(x, w, None, ranges)
+        F.sliceout_linear(x, w, None, mask=F.SliceMask(8, 0.5, ranges))
+    with pytest.raises(ValueError, match="ranges"):
+        F.SliceMask.from_ranges(8, ranges)
 
 
 def test_mismatched_shapes_are_rejected():
     r = ((0, 2),)
     with pytest.raises(ValueError, match="x has 5 features"):
-        F.sliceout_linear(np.ones((2, 5)), np.ones((4, 3)), None, r)
+        F.sliceout_linear(np.ones((2, 5)), np.ones((4, 3)), None, mask=mk(4, r))
     with pytest.raises(ValueError, match="b must have shape"):
-        F.sliceout_linear_out(np.ones((2, 4)), np.ones((4, 3)), np.ones(4), r)
+        F.sliceout_linear_out(np.ones((2, 4)), np.ones((4, 3)), np.ones(4), mask=mk(3, r))
     with pytest.raises(ValueError, match="b must have shape"):
-        F.sliceout_conv2d(np.ones((1, 2, 4, 4)), np.ones((3, 2, 3, 3)), np.ones(2), r)
+        F.sliceout_conv2d(np.ones((1, 2, 4, 4)), np.ones((3, 2, 3, 3)), np.ones(2), mask=mk(3, r))
     with pytest.raises(ValueError, match="channels"):
-        F.sliceout_conv2d(np.ones((1, 3, 4, 4)), np.ones((3, 2, 3, 3)), None, r)
+        F.sliceout_conv2d(np.ones((1, 3, 4, 4)), np.ones((3, 2, 3, 3)), None, mask=mk(3, r))
     with pytest.raises(ValueError, match="divisible"):
         F.sliceout_attention(np.ones((1, 2, 6)), np.ones((6, 18)), None, np.ones((6, 6)), None,
-                             4, r)
+                             mask=mk(4, r))
     with pytest.raises(ValueError, match="w_proj"):
         F.sliceout_attention(np.ones((1, 2, 6)), np.ones((6, 18)), None, np.ones((6, 5)), None,
-                             2, r)
-    with pytest.raises(ValueError, match="scale"):
-        F.sliceout_linear(np.ones((2, 4)), np.ones((4, 3)), None, r, scale=-1.0)
+                             mask=mk(2, r))
     with pytest.raises(ValueError, match="axis"):
-        F.sliceout(np.ones((2, 4)), r, axis=2)
+        F.sliceout(np.ones((2, 4)), mask=mk(4, r), axis=2)
     with pytest.raises(ValueError, match="12 features"):
         SliceOutLinear(12, 3)(Tensor(np.ones((2, 5), np.float32)))
+
+
+# ---- the op convention: op(arrays..., p=None, *, mask=None, seed, layer, step, align, ...) ----
+
+def op_cases(xp, rng):
+    """(name, forward, backward, arrays, unit count, options) for every SliceOut op."""
+    n = lambda *s: normal(xp, rng, s)
+    return [
+        ("sliceout", F.sliceout, F.sliceout_backward, (n(3, 8, 2),), 8, dict(axis=1)),
+        ("sliceout_linear", F.sliceout_linear, F.sliceout_linear_backward,
+         (n(2, 3, 16), n(16, 5), n(5)), 16, {}),
+        ("sliceout_linear_out", F.sliceout_linear_out, F.sliceout_linear_out_backward,
+         (n(4, 6), n(6, 16), n(16)), 16, {}),
+        ("sliceout_conv2d", F.sliceout_conv2d, F.sliceout_conv2d_backward,
+         (n(2, 3, 5, 5), n(8, 3, 3, 3), n(8)), 8, dict(stride=2, padding=1)),
+        ("sliceout_attention", F.sliceout_attention, F.sliceout_attention_backward,
+         (n(2, 3, 8), n(8, 24), n(24), n(8, 8), n(8)), 4, dict(num_heads=4, causal=True)),
+    ]
+
+
+def _equal(a, b):
+    if a is None or b is None:
+        assert a is None and b is None
+    else:
+        np.testing.assert_array_equal(host(a), host(b))
+
+
+@pytest.mark.parametrize("align", [None, 4])
+def test_drawing_inside_the_op_equals_passing_draw_mask(xp, align):
+    rng = np.random.default_rng(0)
+    for name, fwd, bwd, arrays, units, options in op_cases(xp, rng):
+        for step in range(3):
+            coords = dict(seed=5, layer=2, step=step, align=align)
+            mask = F.draw_mask(units, 0.5, **coords)
+            y1, s1 = fwd(*arrays, 0.5, **coords, **options)
+            y2, s2 = fwd(*arrays, mask=mask, **options)
+            y3, _ = fwd(*arrays, 0.5, mask=mask, align=align, **options)  # p, align matching
+            assert s1.mask == s2.mask == mask, name
+            _equal(y1, y2)
+            _equal(y1, y3)
+            g = normal(xp, rng, y1.shape)
+            g1, g2 = bwd(g, s1), bwd(g, s2)
+            for a, b in zip(g1 if isinstance(g1, tuple) else (g1,),
+                            g2 if isinstance(g2, tuple) else (g2,)):
+                _equal(a, b)
+
+
+def test_saved_is_a_named_tuple_holding_the_mask():
+    rng = np.random.default_rng(0)
+    kinds = {"sliceout": F.SliceOutSaved, "sliceout_linear": F.SliceOutLinearSaved,
+             "sliceout_linear_out": F.SliceOutLinearOutSaved,
+             "sliceout_conv2d": F.SliceOutConv2dSaved,
+             "sliceout_attention": F.SliceOutAttentionSaved}
+    for name, fwd, _, arrays, units, options in op_cases(np, rng):
+        mask = F.draw_mask(units, 0.25, seed=1, step=4)
+        _, saved = fwd(*arrays, mask=mask, **options)
+        assert type(saved) is kinds[name] and saved.mask == mask
+        assert type(saved).__doc__ and "mask" in type(saved)._fields
+
+
+def test_mask_scale_is_n_over_keep():
+    mask = F.draw_mask(10, 0.35, seed=0, step=3)  # keep round(6.5) = 7
+    assert mask.keep == 7 and mask.scale == 10 / 7
+    y, _ = F.sliceout(np.ones((1, 10)), mask=mask)
+    assert set(np.unique(y).tolist()) == {0.0, 10 / 7}
+    assert F.SliceMask.from_ranges(10, ((8, 10), (0, 2))).p == 0.6
+
+
+def test_p_is_required_without_a_mask():
+    rng = np.random.default_rng(0)
+    for name, fwd, _, arrays, _, options in op_cases(np, rng):
+        with pytest.raises(TypeError, match=rf"^{name}: p is required when no mask is given"):
+            fwd(*arrays, seed=1, step=2, **options)
+    x, wq, bq, wp, bp = op_cases(np, rng)[-1][3]
+    with pytest.raises(TypeError, match="sliceout_attention: num_heads is required"):
+        F.sliceout_attention(x, wq, bq, wp, bp, 0.5)
+
+
+def test_mask_and_p_or_align_must_agree():
+    rng = np.random.default_rng(0)
+    for name, fwd, _, arrays, units, options in op_cases(np, rng):
+        mask = F.draw_mask(units, 0.5, seed=1, step=2, align=2)
+        with pytest.raises(ValueError, match=rf"{name}: mask was drawn with p=0.5 but p=0.25"):
+            fwd(*arrays, 0.25, mask=mask, **options)
+        with pytest.raises(ValueError, match=rf"{name}: mask was drawn with align=2 but align=4"):
+            fwd(*arrays, mask=mask, align=4, **options)
+        with pytest.raises(TypeError, match=rf"{name}: mask must be a SliceMask"):
+            fwd(*arrays, mask=mask.ranges, **options)
+
+
+def test_mask_over_the_wrong_unit_count_is_rejected():
+    rng = np.random.default_rng(0)
+    where = {"sliceout": "x has 8 units along axis 1", "sliceout_linear": "x and w have 16 input",
+             "sliceout_linear_out": "w has 16 output units", "sliceout_conv2d": "w has 8 output",
+             "sliceout_attention": "num_heads is 4"}
+    for name, fwd, _, arrays, units, options in op_cases(np, rng):
+        mask = F.draw_mask(units // 2, 0.5, seed=1, step=2)
+        with pytest.raises(ValueError, match=rf"{name}: mask.n_units is {units // 2} but "
+                                             rf"{where[name]}"):
+            fwd(*arrays, mask=mask, **options)
+    x, wq, bq, wp, bp = op_cases(np, rng)[-1][3]
+    with pytest.raises(ValueError, match="divisible"):  # num_heads from a 3-unit mask
+        F.sliceout_attention(x, wq, bq, wp, bp, mask=F.draw_mask(3, 0.5))

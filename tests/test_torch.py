@@ -50,10 +50,10 @@ def test_dropout_and_sliceout_match_dense_math(device):
     y.sum().backward()
     torch.testing.assert_close(x.grad, keep * 2)
     w = _t((32, 8), 6, device)
-    ranges = sliceout.draw_slice(32, 0.5, seed=0, layer=0, step=1, align=8)
-    m = torch.from_numpy(sliceout.slice_mask(32, ranges, np, np.float64)).to(device)
+    mask = sliceout.draw_mask(32, 0.5, seed=0, layer=0, step=1, align=8)
+    m = torch.from_numpy(mask.to_dense(np, np.float64)).to(device)
     x.grad = None
-    y = ct.sliceout_linear(x, w, None, ranges)
+    y = ct.sliceout_linear(x, w, None, mask=mask)
     torch.testing.assert_close(y, (x.detach() * m * 2) @ w.detach())
 
 

@@ -11,12 +11,14 @@ step, drawn from (seed, layer, step); the layers' products run on the kept slice
 - ``SliceOutMultiHeadAttention``: drops heads; only the kept heads are projected, attended and
   projected back.
 
-Each calls ``next_step()`` once per training forward and records the kept ranges in
-``last_ranges``. In eval mode they are the plain dense layer (or the identity), with no scaling,
-and the step does not advance. Wrap-around vs aligned slices: see
-``cudrop.functional.sliceout``; ``SliceOutLinear`` and ``SliceOutConv2d`` default to
-``align='auto'`` (``functional.sliceout.auto_align``: 32 units for wide layers), the standalone
-mask and the attention heads to wrap mode. The layer classes subclass the dense ones, so parameter names and
+Each training forward draws the step's mask with ``cudrop.variants.sliceout.draw_mask`` at
+``(seed, layer, next_step())``, keeps it in ``last_mask`` (a ``SliceMask``: its ``ranges`` are
+the kept units) and passes it to the op as ``mask=``. The layers alone decide train versus eval:
+in eval mode they are the plain dense layer (or the identity), with no scaling, and the step
+does not advance. Wrap-around vs aligned slices: see ``cudrop.variants.sliceout``;
+``SliceOutLinear`` and ``SliceOutConv2d`` default to ``align='auto'``
+(``variants.sliceout.auto_align``: 32 units for wide layers), the standalone mask and the
+attention heads to wrap mode. The layer classes subclass the dense ones, so parameter names and
 initialisation are those of ``Linear``, ``Conv2d`` and ``MultiHeadAttention``.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ __all__ = ["SliceOut", "SliceOutLinear", "SliceOutConv2d", "SliceOutMultiHeadAtt
 
 
 class _SliceMixin:
-    """Shared by the layers: validated (p, align), the per-step draw, ``last_ranges``."""
+    """Shared by the layers: validated (p, align), the per-step draw, ``last_mask``."""
 
     def _init_slice(self, p, align, seed, layer, n_units=None):
         self.init_rng(seed, layer)
@@ -44,13 +46,12 @@ class _SliceMixin:
         self.align = F.check_align(align)
         if n_units is not None:  # fail at construction, not at the first training step
             F.num_starts(n_units, F.keep_count(n_units, self.p, self.align), self.align)
-        self.last_ranges = None
+        self.last_mask = None
 
     def _draw(self, n_units):
-        ranges = F.draw_slice(n_units, self.p, seed=self.seed, layer=self.layer,
-                              step=self.next_step(), align=self.align)
-        self.last_ranges = ranges
-        return ranges
+        self.last_mask = F.draw_mask(n_units, self.p, seed=self.seed, layer=self.layer,
+                                     step=self.next_step(), align=self.align)
+        return self.last_mask
 
     def _slice_repr(self):
         align = "" if self.align is None else f", align={self.align}"
@@ -75,8 +76,7 @@ class SliceOut(_SliceMixin, StochasticLayer):
         if not -x.ndim <= axis < x.ndim:
             raise ValueError(f"SliceOut: axis {axis} is out of range for input of shape "
                              f"{x.shape}")
-        ranges = self._draw(x.shape[axis])
-        return ag.sliceout(x, ranges, axis)
+        return ag.sliceout(x, mask=self._draw(x.shape[axis]), axis=axis)
 
     def extra_repr(self):
         return self._slice_repr()
@@ -102,8 +102,10 @@ class SliceOutLinear(Linear, _SliceMixin, StochasticLayer):
             raise ValueError(f"SliceOutLinear expects inputs with {self.in_features} features "
                              f"in the last axis, got shape {x.shape}")
         if self.mode == "input":
-            return ag.sliceout_linear(x, self.weight, self.bias, self._draw(self.in_features))
-        return ag.sliceout_linear_out(x, self.weight, self.bias, self._draw(self.out_features))
+            return ag.sliceout_linear(x, self.weight, self.bias,
+                                      mask=self._draw(self.in_features))
+        return ag.sliceout_linear_out(x, self.weight, self.bias,
+                                      mask=self._draw(self.out_features))
 
     def extra_repr(self):
         return f"{Linear.extra_repr(self)}, mode={self.mode!r}, {self._slice_repr()}"
@@ -121,7 +123,7 @@ class SliceOutConv2d(Conv2d, _SliceMixin, StochasticLayer):
     def forward(self, x):
         if not self.is_training:
             return Conv2d.forward(self, x)
-        return ag.sliceout_conv2d(x, self.weight, self.bias, self._draw(self.out_channels),
+        return ag.sliceout_conv2d(x, self.weight, self.bias, mask=self._draw(self.out_channels),
                                   stride=self.stride, padding=self.padding)
 
     def extra_repr(self):
@@ -145,8 +147,8 @@ class SliceOutMultiHeadAttention(MultiHeadAttention, _SliceMixin, StochasticLaye
             raise ValueError(f"SliceOutMultiHeadAttention expects (batch, time, {self.dim}), "
                              f"got {x.shape}")
         return ag.sliceout_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight,
-                                     self.proj.bias, self.num_heads,
-                                     self._draw(self.num_heads), causal=self.causal)
+                                     self.proj.bias, mask=self._draw(self.num_heads),
+                                     num_heads=self.num_heads, causal=self.causal)
 
     def extra_repr(self):
         return f"{MultiHeadAttention.extra_repr(self)}, {self._slice_repr()}"

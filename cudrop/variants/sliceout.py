@@ -26,14 +26,20 @@ exact. Two modes:
   start is uniform over all multiples of ``a`` and the slice wraps block-wise: every unit is kept
   with probability exactly ``keep / n``, as in wrap mode. Otherwise the start is uniform over the
   multiples of ``a`` with ``start + keep <= n`` (one range, no wrap), so units near the end are
-  kept less often (biased: prefer an ``a`` that divides ``n``).
-  No wrap, so units near the end are kept less often than ``keep / n`` (the price of alignment;
-  the scale is still ``n / keep``). ``a > n`` raises, and so does a configuration whose only
+  kept less often than ``keep / n`` (biased: prefer an ``a`` that divides ``n``; the scale is
+  still ``n / keep``). ``a > n`` raises, and so does a configuration whose only
   valid start is 0 while ``keep < n``: it would drop the same units at every step, which is
   pruning, not dropout.
 
+The mask of one step is a :class:`SliceMask` (``n_units``, ``p``, the kept ``ranges``,
+``align``), drawn by :func:`draw_mask`. Every op is ``op(arrays..., p=None, *, mask=None,
+seed=0, layer=0, step=0, align=None, <options>)``: it applies ``mask`` when given (``p``
+defaults to the mask's and must match it; the mask's ``n_units`` must be the op's unit count)
+and otherwise draws one from ``(p, seed, layer, step, align)``, so ``p`` is then required. The
+scale is always the mask's ``n / keep``.
+
 Ops (each a pair ``op(...) -> (out, saved)`` and ``op_backward(grad_out, saved) -> grads`` on raw
-NumPy/CuPy arrays; ``saved`` holds the ranges, never a mask array):
+NumPy/CuPy arrays; ``saved`` is a NamedTuple holding the SliceMask, never a mask array):
 
 - ``sliceout``: the semantic form, ``x * m / q`` along one axis (features or channels).
 - ``sliceout_linear``: *input*-unit SliceOut of a Linear layer, ``(x ⊙ m / q) @ W + b``: the GEMM
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,11 +67,12 @@ from ..functional import _conv
 from ..functional._attention import causal_bias
 from ..functional._matmul import matmul
 
-__all__ = ["check_align", "keep_count", "auto_align", "num_starts", "slice_start", "slice_ranges",
-           "draw_slice", "slice_mask", "check_ranges", "sliceout", "sliceout_backward",
-           "sliceout_linear", "sliceout_linear_backward", "sliceout_linear_out",
-           "sliceout_linear_out_backward", "sliceout_conv2d", "sliceout_conv2d_backward",
-           "sliceout_attention", "sliceout_attention_backward"]
+__all__ = ["SliceMask", "draw_mask", "check_align", "keep_count", "auto_align", "num_starts",
+           "slice_start", "slice_ranges", "check_ranges", "sliceout", "sliceout_backward",
+           "SliceOutSaved", "sliceout_linear", "sliceout_linear_backward", "SliceOutLinearSaved",
+           "sliceout_linear_out", "sliceout_linear_out_backward", "SliceOutLinearOutSaved",
+           "sliceout_conv2d", "sliceout_conv2d_backward", "SliceOutConv2dSaved",
+           "sliceout_attention", "sliceout_attention_backward", "SliceOutAttentionSaved"]
 
 
 # ---- the slice: counts, starts, ranges -----------------------------------------------------
@@ -160,13 +168,6 @@ def slice_ranges(n_units, keep, start) -> tuple:
     return ((start, n), (0, start + keep - n))
 
 
-def draw_slice(n_units, p, *, seed, layer, step, align=None) -> tuple:
-    """The kept ranges of one step: ``keep_count`` + ``slice_start`` + ``slice_ranges``."""
-    keep = keep_count(n_units, p, align)
-    start = slice_start(n_units, keep, seed=seed, layer=layer, step=step, align=align)
-    return slice_ranges(n_units, keep, start)
-
-
 def check_ranges(ranges, n_units, name="ranges") -> tuple:
     """Validate kept ranges over ``n_units`` units: a non-empty tuple of disjoint ``(lo, hi)``
     int pairs with ``0 <= lo < hi <= n_units``. Returns them as a tuple of int pairs."""
@@ -192,16 +193,6 @@ def _kept(ranges):
     return sum(hi - lo for lo, hi in ranges)
 
 
-def _scale(scale, n_units, ranges):
-    if scale is None:
-        return n_units / _kept(ranges)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (
-            math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number or None (n / keep), "
-                         f"got {scale!r}")
-    return float(scale)
-
-
 def _pieces(ranges, unit=1, base=0):
     """``(lo, hi, off)`` per range in element units: ``[lo, hi)`` of the full axis is
     ``[off, off + hi - lo)`` of the compact (kept-only) axis."""
@@ -212,14 +203,85 @@ def _pieces(ranges, unit=1, base=0):
     return out
 
 
-def slice_mask(n_units, ranges, xp=np, dtype=bool):
-    """The materialised 0/1 mask over ``n_units`` units (for references and tests; the ops never
-    build it)."""
-    ranges = check_ranges(ranges, n_units)
-    m = np.zeros(n_units, dtype=dtype)
-    for lo, hi in ranges:
-        m[lo:hi] = 1
-    return xp.asarray(m)
+# ---- the mask ----------------------------------------------------------------------------------
+
+class SliceMask(NamedTuple):
+    """The kept slice of one step over ``n_units`` units: ``ranges``, one or two half-open
+    ``(lo, hi)`` intervals (two when the slice wraps past the last unit), drawn at drop
+    probability ``p`` with ``align`` (None: wrap mode). Host-side ints only: the ops slice views
+    with it and never build a mask array. Made by :func:`draw_mask`, or by
+    :meth:`from_ranges` for a hand-picked kept set."""
+    n_units: int
+    p: float
+    ranges: tuple
+    align: int | None = None
+
+    @property
+    def keep(self) -> int:
+        """How many units are kept: the total width of ``ranges``."""
+        return _kept(self.ranges)
+
+    @property
+    def scale(self) -> float:
+        """The inverted-dropout scale ``n_units / keep`` (the realised keep fraction's inverse,
+        see the module docstring)."""
+        return self.n_units / self.keep
+
+    def to_dense(self, xp=np, dtype=bool):
+        """The materialised 0/1 mask of shape (n_units,) (for references and tests; the ops never
+        build it)."""
+        ranges = check_ranges(self.ranges, self.n_units, "mask.ranges")
+        m = np.zeros(self.n_units, dtype=dtype)
+        for lo, hi in ranges:
+            m[lo:hi] = 1
+        return xp.asarray(m)
+
+    @classmethod
+    def from_ranges(cls, n_units, ranges, align=None) -> "SliceMask":
+        """A mask keeping the given ``ranges`` of ``n_units`` units (validated by
+        :func:`check_ranges`); its ``p`` is ``1 - keep / n_units``, the realised drop
+        fraction."""
+        n = _int("n_units", n_units, 1)
+        ranges = check_ranges(ranges, n)
+        return cls(n, 1.0 - _kept(ranges) / n, ranges, check_align(align))
+
+
+def draw_mask(n_units, p, *, seed=0, layer=0, step=0, align=None) -> SliceMask:
+    """The :class:`SliceMask` of one step: ``keep_count`` units from the start
+    :func:`slice_start` draws at ``(seed, layer, step)``, wrapping past the last unit
+    (``slice_ranges``). A pure function of its arguments; host-side, no device work."""
+    n = _int("n_units", n_units, 1)
+    p = philox.check_prob(p)
+    align = check_align(align)
+    keep = keep_count(n, p, align)
+    start = slice_start(n, keep, seed=seed, layer=layer, step=step, align=align)
+    return SliceMask(n, p, slice_ranges(n, keep, start), align)
+
+
+def _resolve_mask(op, p, mask, draw, n_units, units):
+    """The mask an op applies: ``mask`` checked against the op's ``n_units`` (``units`` says
+    where that count comes from, for the error: "w has 7 output units (N)"), ``p`` and
+    ``align``; or, without one, the mask :func:`draw_mask` draws from ``p`` and ``draw`` =
+    (seed, layer, step, align)."""
+    seed, layer, step, align = draw
+    align = check_align(align)
+    if mask is None:
+        if p is None:
+            raise TypeError(f"{op}: p is required when no mask is given")
+        return draw_mask(n_units, p, seed=seed, layer=layer, step=step, align=align)
+    if not isinstance(mask, SliceMask):
+        raise TypeError(f"{op}: mask must be a SliceMask (from draw_mask), got "
+                        f"{type(mask).__name__}")
+    if mask.n_units != n_units:
+        raise ValueError(f"{op}: mask.n_units is {mask.n_units} but {units}; draw the mask "
+                         "over the op's units")
+    if p is not None and philox.check_prob(p) != mask.p:
+        raise ValueError(f"{op}: mask was drawn with p={mask.p} but p={p}; pass the mask's p "
+                         "or leave p out")
+    if align is not None and align != mask.align:
+        raise ValueError(f"{op}: mask was drawn with align={mask.align} but align={align}; "
+                         "pass the mask's align or leave align out")
+    return mask._replace(ranges=check_ranges(mask.ranges, n_units, "mask.ranges"))
 
 
 def _array(a, name, op):
@@ -243,31 +305,45 @@ def _axis(x, axis, op):
     return int(axis) % x.ndim
 
 
-def sliceout(x, ranges, axis=-1, scale=None):
-    """``x ⊙ m / q`` with ``m`` the slice mask along ``axis`` (features: -1; channels of NCHW: 1).
+class SliceOutSaved(NamedTuple):
+    """What :func:`sliceout_backward` needs: the mask and the (non-negative) units axis."""
+    mask: SliceMask
+    axis: int
 
-    Only the kept slices are read and scaled; the output is dense (exact zeros elsewhere) so any
-    layer can follow. Returns ``(y, saved)`` for :func:`sliceout_backward`.
-    """
-    op = "sliceout"
-    _array(x, "x", op)
+
+def _apply_slice(x, ranges, axis, scale):
     xp = backend.get_array_module(x)
-    axis = _axis(x, axis, op)
-    n = x.shape[axis]
-    ranges = check_ranges(ranges, n)
-    scale = _scale(scale, n, ranges)
     y = xp.zeros_like(x)
     lead = (slice(None),) * axis
     for lo, hi in ranges:
         idx = lead + (slice(lo, hi),)
         y[idx] = x[idx] * scale
-    return y, (ranges, axis, scale)
+    return y
+
+
+def sliceout(x, p=None, *, mask=None, seed=0, layer=0, step=0, align=None, axis=-1):
+    """``x ⊙ m / q`` with ``m`` the slice mask along ``axis`` (features: -1; channels of NCHW: 1).
+
+    ``mask`` (a :class:`SliceMask` over ``x.shape[axis]`` units) or else the one
+    :func:`draw_mask` draws from ``(p, seed, layer, step, align)``. Only the kept slices are
+    read and scaled (by the mask's ``n / keep``); the output is dense (exact zeros elsewhere) so
+    any layer can follow. Returns ``(y, saved)`` for :func:`sliceout_backward`.
+    """
+    op = "sliceout"
+    _array(x, "x", op)
+    axis = _axis(x, axis, op)
+    mask = _resolve_mask(op, p, mask, (seed, layer, step, align), x.shape[axis],
+                         f"x has {x.shape[axis]} units along axis {axis}")
+    return _apply_slice(x, mask.ranges, axis, mask.scale), SliceOutSaved(mask, axis)
 
 
 def sliceout_backward(gy, saved):
     """Gradient of :func:`sliceout`: the same slice of ``gy``, scaled; zeros elsewhere."""
-    g, _ = sliceout(gy, saved[0], saved[1], saved[2])
-    return g
+    n = saved.mask.n_units
+    if gy.ndim <= saved.axis or gy.shape[saved.axis] != n:
+        raise ValueError(f"sliceout_backward: gy must have {n} units along axis {saved.axis}, "
+                         f"got shape {gy.shape}")
+    return _apply_slice(gy, saved.mask.ranges, saved.axis, saved.mask.scale)
 
 
 # ---- Linear -------------------------------------------------------------------------------
@@ -290,18 +366,30 @@ def _linear_args(x, w, b, op):
     return xp, x.reshape(-1, w.shape[0])
 
 
-def sliceout_linear(x, w, b, ranges, scale=None):
-    """Input-unit SliceOut of ``x @ w + b``: ``y = (x ⊙ m / q) @ w + b`` computed as
-    ``x[..., S] @ w[S]`` on kept-size copies of the pieces of S, times ``scale``, plus ``b``.
+class SliceOutLinearSaved(NamedTuple):
+    """What :func:`sliceout_linear_backward` needs: the kept, scaled input columns ``xs``
+    (M, keep), the weight, whether there was a bias, the mask and x's shape."""
+    xs: object
+    w: object
+    has_bias: bool
+    mask: SliceMask
+    x_shape: tuple
 
-    ``x`` (..., K), ``w`` (K, N), ``b`` (N,) or None; ``ranges`` over the K input units;
-    ``scale`` defaults to ``K / keep``. Returns ``(y, saved)``, ``y`` of shape (..., N).
+
+def sliceout_linear(x, w, b=None, p=None, *, mask=None, seed=0, layer=0, step=0, align=None):
+    """Input-unit SliceOut of ``x @ w + b``: ``y = (x ⊙ m / q) @ w + b`` computed as
+    ``x[..., S] @ w[S]`` on kept-size copies of the pieces of S, times ``K / keep``, plus ``b``.
+
+    ``x`` (..., K), ``w`` (K, N), ``b`` (N,) or None; ``mask`` a :class:`SliceMask` over the K
+    input units, or else the one :func:`draw_mask` draws from ``(p, seed, layer, step, align)``.
+    Returns ``(y, saved)``, ``y`` of shape (..., N).
     """
     op = "sliceout_linear"
     xp, x2 = _linear_args(x, w, b, op)
     k, n = w.shape
-    ranges = check_ranges(ranges, k)
-    scale = _scale(scale, k, ranges)
+    mask = _resolve_mask(op, p, mask, (seed, layer, step, align), k,
+                         f"x and w have {k} input units (K)")
+    ranges, scale = mask.ranges, mask.scale
     # The kept units become one contiguous operand of fixed shape (M, keep), scaled on the
     # way: one GEMM whose shape does not change from step to step (a wrapped slice's pieces vary
     # in width, and new shapes cost cuBLAS planning and allocator misses: measured 2x slower
@@ -311,14 +399,16 @@ def sliceout_linear(x, w, b, ranges, scale=None):
     y = matmul(xs, _compact(w, ranges, 0, xp))
     if b is not None:
         y += b
-    return y.reshape(x.shape[:-1] + (n,)), (xs, w, b is not None, ranges, scale, x.shape)
+    return y.reshape(x.shape[:-1] + (n,)), SliceOutLinearSaved(xs, w, b is not None, mask,
+                                                               x.shape)
 
 
 def sliceout_linear_backward(gy, saved):
     """Gradients ``(gx, gw, gb)`` of :func:`sliceout_linear`. ``gx`` is dense (the previous layer
     needs it) with zeros outside the kept input units; ``gw`` has exact zero rows outside them;
     only the kept-size products run. ``gb`` is None without a bias."""
-    xs, w, has_b, ranges, scale, x_shape = saved
+    xs, w, has_b, mask, x_shape = saved
+    ranges, scale = mask.ranges, mask.scale
     xp = backend.get_array_module(gy, w)
     k, n = w.shape
     if gy.shape != x_shape[:-1] + (n,):
@@ -334,32 +424,47 @@ def sliceout_linear_backward(gy, saved):
     return gx.reshape(x_shape), gw, gb
 
 
-def sliceout_linear_out(x, w, b, ranges, scale=None):
+class SliceOutLinearOutSaved(NamedTuple):
+    """What :func:`sliceout_linear_out_backward` needs: x as (M, K), the kept weight columns
+    ``ws`` (K, keep), w's shape, whether there was a bias, the mask and x's shape."""
+    x: object
+    ws: object
+    w_shape: tuple
+    has_bias: bool
+    mask: SliceMask
+    x_shape: tuple
+
+
+def sliceout_linear_out(x, w, b=None, p=None, *, mask=None, seed=0, layer=0, step=0,
+                        align=None):
     """Output-unit SliceOut of ``x @ w + b``: ``y = (x @ w + b) ⊙ m / q``. Only the kept
     columns ``x @ w[:, lo:hi]`` are computed; the other columns of ``y`` are exact zeros.
 
-    ``ranges`` are over the N output units; ``scale`` defaults to ``N / keep``. Returns
-    ``(y, saved)``, ``y`` of shape (..., N).
+    ``x`` (..., K), ``w`` (K, N), ``b`` (N,) or None; ``mask`` a :class:`SliceMask` over the N
+    output units, or else the one :func:`draw_mask` draws from ``(p, seed, layer, step,
+    align)``; the scale is ``N / keep``. Returns ``(y, saved)``, ``y`` of shape (..., N).
     """
     op = "sliceout_linear_out"
     xp, x2 = _linear_args(x, w, b, op)
     k, n = w.shape
-    ranges = check_ranges(ranges, n)
-    scale = _scale(scale, n, ranges)
+    mask = _resolve_mask(op, p, mask, (seed, layer, step, align), n,
+                         f"w has {n} output units (N)")
+    ranges, scale = mask.ranges, mask.scale
     s_ = x.dtype.type(scale)
     ws = _compact(w, ranges, 1, xp)  # (K, keep): one fixed-shape GEMM, see sliceout_linear
     part = matmul(x2, ws * s_)
     if b is not None:
         part += _compact(b, ranges, 0, xp) * s_
     y = _scatter(part, ranges, 1, (x2.shape[0], n), xp)
-    return y.reshape(x.shape[:-1] + (n,)), (x2, ws, w.shape, b is not None, ranges, scale,
-                                            x.shape)
+    return y.reshape(x.shape[:-1] + (n,)), SliceOutLinearOutSaved(x2, ws, w.shape, b is not None,
+                                                                  mask, x.shape)
 
 
 def sliceout_linear_out_backward(gy, saved):
     """Gradients ``(gx, gw, gb)`` of :func:`sliceout_linear_out`: ``gw`` and ``gb`` are exact
     zeros outside the kept columns; ``gx`` sums the kept-column products."""
-    x2, ws, w_shape, has_b, ranges, scale, x_shape = saved
+    x2, ws, w_shape, has_b, mask, x_shape = saved
+    ranges, scale = mask.ranges, mask.scale
     xp = backend.get_array_module(gy, x2)
     k, n = w_shape
     if gy.shape != x_shape[:-1] + (n,):
@@ -408,12 +513,23 @@ def _gather(a, ranges, axis, xp):
     return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=axis)
 
 
-def sliceout_conv2d(x, w, b, ranges, scale=None, stride=1, padding=0):
+class SliceOutConv2dSaved(NamedTuple):
+    """What :func:`sliceout_conv2d_backward` needs: the kept channels' convolution's own saved
+    state (``functional._conv.conv2d``), the mask, w's shape and whether there was a bias."""
+    conv: object
+    mask: SliceMask
+    w_shape: tuple
+    has_bias: bool
+
+
+def sliceout_conv2d(x, w, b=None, p=None, *, mask=None, seed=0, layer=0, step=0, align=None,
+                    stride=1, padding=0):
     """Output-channel SliceOut of ``conv2d(x, w, b)``: ``y = conv2d(x, w, b) ⊙ m / q`` over the
     O output channels. Only ``w[S]`` is convolved; the other channels of ``y`` are exact zeros.
 
-    ``x`` (N, C, H, W), ``w`` (O, C, kh, kw), ``b`` (O,) or None, ``ranges`` over O; ``scale``
-    defaults to ``O / keep``. Returns ``(y, saved)``.
+    ``x`` (N, C, H, W), ``w`` (O, C, kh, kw), ``b`` (O,) or None; ``mask`` a :class:`SliceMask`
+    over the O output channels, or else the one :func:`draw_mask` draws from ``(p, seed, layer,
+    step, align)``; the scale is ``O / keep``. Returns ``(y, saved)``.
     """
     op = "sliceout_conv2d"
     _conv.check_4d(w, "w", "(O, C, kh, kw)", op)
@@ -422,8 +538,9 @@ def sliceout_conv2d(x, w, b, ranges, scale=None, stride=1, padding=0):
     if b is not None and (not hasattr(b, "shape") or b.shape != (o,)):
         raise ValueError(f"{op}: b must have shape (O,) = ({o},) to match w, "
                          f"got {getattr(b, 'shape', type(b).__name__)}")
-    ranges = check_ranges(ranges, o)
-    scale = _scale(scale, o, ranges)
+    mask = _resolve_mask(op, p, mask, (seed, layer, step, align), o,
+                         f"w has {o} output channels (O)")
+    ranges, scale = mask.ranges, mask.scale
     ws = _gather(w, ranges, 0, xp)
     bs = None if b is None else _gather(b, ranges, 0, xp)
     ys, conv_saved = _conv.conv2d(x, ws, bs, stride, padding)
@@ -431,13 +548,14 @@ def sliceout_conv2d(x, w, b, ranges, scale=None, stride=1, padding=0):
     y = xp.zeros((ys.shape[0], o) + ys.shape[2:], dtype=ys.dtype)
     for lo, hi, off in _pieces(ranges):
         y[:, lo:hi] = ys[:, off:off + hi - lo]
-    return y, (conv_saved, ranges, scale, w.shape, b is not None)
+    return y, SliceOutConv2dSaved(conv_saved, mask, w.shape, b is not None)
 
 
 def sliceout_conv2d_backward(gy, saved):
     """Gradients ``(gx, gw, gb)`` of :func:`sliceout_conv2d`; ``gw``/``gb`` are exact zeros
     outside the kept output channels, and only the kept channels' products run."""
-    conv_saved, ranges, scale, w_shape, has_b = saved
+    conv_saved, mask, w_shape, has_b = saved
+    ranges, scale = mask.ranges, mask.scale
     xp = backend.get_array_module(gy)
     o = w_shape[0]
     if gy.ndim != 4 or gy.shape[1] != o:
@@ -455,12 +573,31 @@ def sliceout_conv2d_backward(gy, saved):
 
 # ---- multi-head attention -----------------------------------------------------------------
 
-def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, ranges, scale=None,
-                       causal=False):
+class SliceOutAttentionSaved(NamedTuple):
+    """What :func:`sliceout_attention_backward` needs: x as (B*T, D), the two weights, whether
+    each bias was given, the head mask, x's shape, the kept heads' q, k, v (B, kept, T, hd), the
+    attention probabilities ``a`` (B, kept, T, T) and the concatenated kept head outputs ``oc``
+    (B*T, kept*hd)."""
+    x: object
+    w_qkv: object
+    w_proj: object
+    has_qkv_bias: bool
+    has_proj_bias: bool
+    mask: SliceMask
+    x_shape: tuple
+    q: object
+    k: object
+    v: object
+    a: object
+    oc: object
+
+
+def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj=None, p=None, *, mask=None, seed=0,
+                       layer=0, step=0, align=None, num_heads=None, causal=False):
     """Head SliceOut of multi-head self-attention (the math of ``nn.MultiHeadAttention``
     without attention-probability dropout): the concatenated head outputs are multiplied by the
-    head mask over ``num_heads`` heads and by ``scale`` (default ``heads / kept heads``) before
-    the output projection: ``y = (concat_h(attn_h) ⊙ m / q) @ w_proj + b_proj``.
+    head mask over ``num_heads`` heads and by ``heads / kept heads`` before the output
+    projection: ``y = (concat_h(attn_h) ⊙ m / q) @ w_proj + b_proj``.
 
     Only kept heads are computed: the qkv projection runs on the kept heads' columns of
     ``w_qkv`` (views), the attention products on ``(B, kept, T, T)``, and the output projection
@@ -468,12 +605,18 @@ def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, ranges, scale
 
     ``x`` (B, T, D), ``w_qkv`` (D, 3D) with columns ordered (q|k|v, head, head_dim) as in
     ``nn.MultiHeadAttention``, ``b_qkv`` (3D,) or None, ``w_proj`` (D, D), ``b_proj`` (D,) or
-    None; ``ranges`` over the heads. Returns ``(y, saved)``, ``y`` of shape (B, T, D).
+    None. ``mask`` a :class:`SliceMask` over the heads, or else the one :func:`draw_mask` draws
+    from ``(p, seed, layer, step, align)``; ``num_heads`` defaults to the mask's ``n_units``
+    (required without a mask). Returns ``(y, saved)``, ``y`` of shape (B, T, D).
     """
     op = "sliceout_attention"
     for name, a in (("x", x), ("w_qkv", w_qkv), ("w_proj", w_proj)):
         _array(a, name, op)
     xp = backend.get_array_module(x, w_qkv, b_qkv, w_proj, b_proj)
+    if num_heads is None:
+        if not isinstance(mask, SliceMask):
+            raise TypeError(f"{op}: num_heads is required when no mask is given")
+        num_heads = mask.n_units
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
         raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
     if x.ndim != 3:
@@ -488,8 +631,10 @@ def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, ranges, scale
             raise ValueError(f"{op}: {name} must have shape {shape} for x of shape {x.shape}, "
                              f"got {getattr(a, 'shape', type(a).__name__)}")
     _same_dtype(op, x, w_qkv=w_qkv, b_qkv=b_qkv, w_proj=w_proj, b_proj=b_proj)
-    ranges = check_ranges(ranges, num_heads)
-    scale = _scale(scale, num_heads, ranges)
+    num_heads = int(num_heads)
+    mask = _resolve_mask(op, p, mask, (seed, layer, step, align), num_heads,
+                         f"num_heads is {num_heads}")
+    ranges, scale = mask.ranges, mask.scale
     hd = d // num_heads
     kh = _kept(ranges)
     kw = kh * hd
@@ -524,8 +669,8 @@ def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj, num_heads, ranges, scale
     y *= scale
     if b_proj is not None:
         y += b_proj
-    saved = (x2, w_qkv, w_proj, b_qkv is not None, b_proj is not None, num_heads, ranges,
-             scale, x.shape, q, k, v, a, oc)
+    saved = SliceOutAttentionSaved(x2, w_qkv, w_proj, b_qkv is not None, b_proj is not None,
+                                   mask, x.shape, q, k, v, a, oc)
     return y.reshape(bsz, t, d), saved
 
 
@@ -533,8 +678,8 @@ def sliceout_attention_backward(gy, saved):
     """Gradients ``(gx, gw_qkv, gb_qkv, gw_proj, gb_proj)`` of :func:`sliceout_attention`
     (bias gradients None where there was no bias). Parameter gradients are exact zeros outside
     the kept heads' columns (qkv) and rows (proj); every product runs on the kept heads only."""
-    (x2, w_qkv, w_proj, has_bq, has_bp, num_heads, ranges, scale, x_shape,
-     q, k, v, a, oc) = saved
+    x2, w_qkv, w_proj, has_bq, has_bp, mask, x_shape, q, k, v, a, oc = saved
+    num_heads, ranges, scale = mask.n_units, mask.ranges, mask.scale
     xp = backend.get_array_module(gy, w_qkv)
     bsz, t, d = x_shape
     if gy.shape != x_shape:
