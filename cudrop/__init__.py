@@ -20,7 +20,7 @@ from .autograd import *  # noqa: F401,F403
 from .autograd import Function, Tensor, eval_mode, no_grad, tensor, train_mode
 
 _SUBMODULES = ("autograd", "bsmm", "data", "functional", "masks", "models", "nn", "optim",
-               "philox", "variants")
+               "philox", "random", "variants")
 
 __all__ = sorted(set(autograd.__all__) | {"clear_caches", "load", "save", "__version__"})  # noqa: F405
 

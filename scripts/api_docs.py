@@ -55,6 +55,7 @@ NAMESPACES = [
     ("cudrop.data", "data sets and batch iterators"),
     ("cudrop.bsmm", "block-sparse matrix products on raw arrays"),
     ("cudrop.masks", "element and block masks"),
+    ("cudrop.random", "the global generator of ops called without a seed"),
 ]
 # Not documented, on purpose (see the module docstring): needs PyTorch.
 SKIPPED = {"cudrop.torch": "it needs PyTorch, and this file must not depend on whether PyTorch "

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend, bsmm, masks, philox
+from .. import backend, bsmm, masks, philox, random
 from ..functional._block_linear import (apply_block_mask, block_masked, block_masked_backward,
                                         block_masked_linear, block_masked_linear_backward,
                                         check_block_mask, check_linear)
@@ -31,11 +31,13 @@ __all__ = ["draw_mask", "blockwise_dropout", "blockwise_dropout_backward", "bloc
 _ACTS = (None, "relu")
 
 
-def draw_mask(shape, p, *, step, seed=0, layer=0, block=gyro.DEFAULT_BLOCK,
+def draw_mask(shape, p, *, seed=None, layer=0, step=None, block=gyro.DEFAULT_BLOCK,
               num_subnets=gyro.DEFAULT_NUM_SUBNETS, co_scheduled=gyro.DEFAULT_CO_SCHEDULED,
               period=gyro.DEFAULT_PERIOD, schedule="consecutive", xp=np):
     """The block-wise gyro mask of ``step`` over an (M, K) operand (a ``BlockMask``; one
-    launch on CuPy). Edge blocks are partial when the shape does not divide."""
+    launch on CuPy). Edge blocks are partial when the shape does not divide. ``seed=None``: the
+    global generator (``cudrop.random``)."""
+    seed, step = random.resolve(seed, step)
     return gyro.blockwise_mask(shape, philox.check_prob(p), step=step, seed=seed, layer=layer,
                                block=block, num_subnets=num_subnets, co_scheduled=co_scheduled,
                                period=period, schedule=schedule, xp=xp)
@@ -53,7 +55,7 @@ def _rows(x):
     return int(np.prod(x.shape[:-1], dtype=np.int64))
 
 
-def blockwise_dropout(x, p=None, *, mask=None, step=0, seed=0, layer=0,
+def blockwise_dropout(x, p=None, *, mask=None, seed=None, layer=0, step=None,
                       block=gyro.DEFAULT_BLOCK, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
                       co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=gyro.DEFAULT_PERIOD,
                       schedule="consecutive"):
@@ -63,7 +65,7 @@ def blockwise_dropout(x, p=None, *, mask=None, step=0, seed=0, layer=0,
     if x.ndim < 2:
         raise ValueError(f"blockwise_dropout needs x of shape (..., rows, units), got {x.shape}")
     mask = _mask_for("blockwise_dropout", (_rows(x), x.shape[-1]), backend.get_array_module(x),
-                     p, mask, dict(step=step, seed=seed, layer=layer, block=block,
+                     p, mask, dict(seed=seed, layer=layer, step=step, block=block,
                                    num_subnets=num_subnets, co_scheduled=co_scheduled,
                                    period=period, schedule=schedule))
     return block_masked(x, mask)
@@ -72,7 +74,7 @@ def blockwise_dropout(x, p=None, *, mask=None, step=0, seed=0, layer=0,
 blockwise_dropout_backward = block_masked_backward
 
 
-def blockwise_linear(x, w, b=None, p=None, *, mask=None, step=0, seed=0, layer=0,
+def blockwise_linear(x, w, b=None, p=None, *, mask=None, seed=None, layer=0, step=None,
                      block=gyro.DEFAULT_BLOCK, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
                      co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=gyro.DEFAULT_PERIOD,
                      schedule="consecutive"):
@@ -81,7 +83,7 @@ def blockwise_linear(x, w, b=None, p=None, *, mask=None, step=0, seed=0, layer=0
     are neither loaded nor multiplied, forward or backward."""
     xp = backend.get_array_module(x, w, b)
     mask = _mask_for("blockwise_linear", (_rows(x), x.shape[-1]), xp, p, mask,
-                     dict(step=step, seed=seed, layer=layer, block=block,
+                     dict(seed=seed, layer=layer, step=step, block=block,
                           num_subnets=num_subnets, co_scheduled=co_scheduled, period=period,
                           schedule=schedule))
     return block_masked_linear(x, w, b, mask)
@@ -102,8 +104,8 @@ class BlockwiseLinearOutSaved(NamedTuple):
     x_shape: tuple
 
 
-def blockwise_linear_out(x, w, b=None, p=None, *, act=None, mask=None, step=0, seed=0,
-                         layer=0, block=gyro.DEFAULT_BLOCK, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
+def blockwise_linear_out(x, w, b=None, p=None, *, act=None, mask=None, seed=None, layer=0,
+                         step=None, block=gyro.DEFAULT_BLOCK, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
                          co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=gyro.DEFAULT_PERIOD,
                          schedule="consecutive"):
     """Output pruning: ``(y, saved)``, ``y = act(x @ w + b) ⊙ m / q`` of shape (..., N), ``m``
@@ -115,7 +117,7 @@ def blockwise_linear_out(x, w, b=None, p=None, *, act=None, mask=None, step=0, s
     x2, w, b = check_linear("blockwise_linear_out", x, w, b)
     mask = _mask_for("blockwise_linear_out", (x2.shape[0], w.shape[1]),
                      backend.get_array_module(x), p, mask,
-                     dict(step=step, seed=seed, layer=layer, block=block,
+                     dict(seed=seed, layer=layer, step=step, block=block,
                           num_subnets=num_subnets, co_scheduled=co_scheduled, period=period,
                           schedule=schedule))
     # the epilogue computes act(scale · acc + bias): fold 1/q into the bias (relu commutes

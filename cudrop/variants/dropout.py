@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend, masks, philox
+from .. import backend, masks, philox, random
 from ..raw_kernels import cuda_type, launch
 
 _THREADS = 256
@@ -29,7 +29,7 @@ def _check_x(x):
                         f"{x.dtype}")
 
 
-def dropout(x, p, *, seed=0, layer=0, step=0):
+def dropout(x, p, *, seed=None, layer=0, step=None):
     """Inverted element dropout: ``y = x * m / (1 - p)``, ``m`` i.i.d. Bernoulli(1 - p) per
     element, a pure function of (seed, layer, step) and the element's flat index.
 
@@ -42,8 +42,8 @@ def dropout(x, p, *, seed=0, layer=0, step=0):
     """
     p = philox.check_prob(p)
     _check_x(x)
-    seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
-    step = philox.check_step(step)
+    seed, step = random.resolve(seed, step)
+    layer = philox.check_seed("layer", layer)
     if p == 0:
         return x, DropoutSaved(None, 1.0)
     scale = 1.0 / (1.0 - p)

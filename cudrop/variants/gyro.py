@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend
+from .. import backend, random
 from ..functional._block_linear import _scale_and_zero
 from . import gyro_schedule as gyro
 
@@ -54,16 +54,18 @@ class GyroDropoutSaved(NamedTuple):
     shape: tuple
 
 
-def draw_mask(n_units, p, *, step, seed=0, layer=0, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
+def draw_mask(n_units, p, *, seed=None, layer=0, step=None, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
               co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=gyro.DEFAULT_PERIOD,
               schedule="consecutive", xp=np):
     """The gyro mask of ``step`` over ``n_units`` units: the τ scheduled sub-networks' unit
-    masks (a ``GyroMask``), a pure function of (seed, layer, step) and the schedule."""
+    masks (a ``GyroMask``), a pure function of (seed, layer, step) and the schedule.
+    ``seed=None``: the global generator (``cudrop.random``)."""
+    seed, step = random.resolve(seed, step)
     return gyro.gyro_mask(n_units, p, step=step, seed=seed, layer=layer, num_subnets=num_subnets,
                           co_scheduled=co_scheduled, period=period, schedule=schedule, xp=xp)
 
 
-def gyro_dropout(x, p=None, *, mask=None, seed=0, layer=0, step=0,
+def gyro_dropout(x, p=None, *, mask=None, seed=None, layer=0, step=None,
                  num_subnets=gyro.DEFAULT_NUM_SUBNETS, co_scheduled=gyro.DEFAULT_CO_SCHEDULED,
                  period=gyro.DEFAULT_PERIOD, schedule="consecutive", unit_axis=None,
                  ragged=False):

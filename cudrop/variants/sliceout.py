@@ -33,7 +33,7 @@ exact. Two modes:
 
 The mask of one step is a :class:`SliceMask` (``n_units``, ``p``, the kept ``ranges``,
 ``align``), drawn by :func:`draw_mask`. Every op is ``op(arrays..., p=None, *, mask=None,
-seed=0, layer=0, step=0, align=None, <options>)``: it applies ``mask`` when given (``p``
+seed=None, layer=0, step=None, align=None, <options>)``: it applies ``mask`` when given (``p``
 defaults to the mask's and must match it; the mask's ``n_units`` must be the op's unit count)
 and otherwise draws one from ``(p, seed, layer, step, align)``, so ``p`` is then required. The
 scale is always the mask's ``n / keep``.
@@ -62,7 +62,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend, philox
+from .. import backend, philox, random
 from ..functional import _conv
 from ..functional._attention import causal_bias
 from ..functional._matmul import matmul
@@ -246,10 +246,12 @@ class SliceMask(NamedTuple):
         return cls(n, 1.0 - _kept(ranges) / n, ranges, check_align(align))
 
 
-def draw_mask(n_units, p, *, seed=0, layer=0, step=0, align=None) -> SliceMask:
+def draw_mask(n_units, p, *, seed=None, layer=0, step=None, align=None) -> SliceMask:
     """The :class:`SliceMask` of one step: ``keep_count`` units from the start
     :func:`slice_start` draws at ``(seed, layer, step)``, wrapping past the last unit
-    (``slice_ranges``). A pure function of its arguments; host-side, no device work."""
+    (``slice_ranges``). A pure function of its arguments; host-side, no device work.
+    ``seed=None``: the global generator (``cudrop.random``)."""
+    seed, step = random.resolve(seed, step)
     n = _int("n_units", n_units, 1)
     p = philox.check_prob(p)
     align = check_align(align)
@@ -321,7 +323,7 @@ def _apply_slice(x, ranges, axis, scale):
     return y
 
 
-def sliceout(x, p=None, *, mask=None, seed=0, layer=0, step=0, align=None, axis=-1):
+def sliceout(x, p=None, *, mask=None, seed=None, layer=0, step=None, align=None, axis=-1):
     """``x ⊙ m / q`` with ``m`` the slice mask along ``axis`` (features: -1; channels of NCHW: 1).
 
     ``mask`` (a :class:`SliceMask` over ``x.shape[axis]`` units) or else the one
@@ -376,7 +378,7 @@ class SliceOutLinearSaved(NamedTuple):
     x_shape: tuple
 
 
-def sliceout_linear(x, w, b=None, p=None, *, mask=None, seed=0, layer=0, step=0, align=None):
+def sliceout_linear(x, w, b=None, p=None, *, mask=None, seed=None, layer=0, step=None, align=None):
     """Input-unit SliceOut of ``x @ w + b``: ``y = (x ⊙ m / q) @ w + b`` computed as
     ``x[..., S] @ w[S]`` on kept-size copies of the pieces of S, times ``K / keep``, plus ``b``.
 
@@ -435,7 +437,7 @@ class SliceOutLinearOutSaved(NamedTuple):
     x_shape: tuple
 
 
-def sliceout_linear_out(x, w, b=None, p=None, *, mask=None, seed=0, layer=0, step=0,
+def sliceout_linear_out(x, w, b=None, p=None, *, mask=None, seed=None, layer=0, step=None,
                         align=None):
     """Output-unit SliceOut of ``x @ w + b``: ``y = (x @ w + b) ⊙ m / q``. Only the kept
     columns ``x @ w[:, lo:hi]`` are computed; the other columns of ``y`` are exact zeros.
@@ -522,7 +524,7 @@ class SliceOutConv2dSaved(NamedTuple):
     has_bias: bool
 
 
-def sliceout_conv2d(x, w, b=None, p=None, *, mask=None, seed=0, layer=0, step=0, align=None,
+def sliceout_conv2d(x, w, b=None, p=None, *, mask=None, seed=None, layer=0, step=None, align=None,
                     stride=1, padding=0):
     """Output-channel SliceOut of ``conv2d(x, w, b)``: ``y = conv2d(x, w, b) ⊙ m / q`` over the
     O output channels. Only ``w[S]`` is convolved; the other channels of ``y`` are exact zeros.
@@ -592,8 +594,8 @@ class SliceOutAttentionSaved(NamedTuple):
     oc: object
 
 
-def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj=None, p=None, *, mask=None, seed=0,
-                       layer=0, step=0, align=None, num_heads=None, causal=False):
+def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj=None, p=None, *, mask=None, seed=None,
+                       layer=0, step=None, align=None, num_heads=None, causal=False):
     """Head SliceOut of multi-head self-attention (the math of ``nn.MultiHeadAttention``
     without attention-probability dropout): the concatenated head outputs are multiplied by the
     head mask over ``num_heads`` heads and by ``heads / kept heads`` before the output

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, masks, philox
+from .. import backend, masks, philox, random
 from ..functional._block_linear import (block_masked, block_masked_backward, block_masked_linear,
                                         block_masked_linear_backward, check_block_mask)
 
@@ -28,15 +28,17 @@ __all__ = ["draw_mask", "sparsedrop", "sparsedrop_backward", "sparsedrop_linear"
 DEFAULT_BLOCK = (128, 128)
 
 
-def draw_mask(shape, p, *, block=DEFAULT_BLOCK, seed=0, layer=0, step=0, xp=np):
+def draw_mask(shape, p, *, block=DEFAULT_BLOCK, seed=None, layer=0, step=None, xp=np):
     """SparseDrop's mask over an (M, K) operand: i.i.d. Bernoulli(1 - p) keep per ``block``
     = (Mb, Kb) block, a pure function of (seed, layer, step); a ``cudrop.masks.BlockMask`` drawn,
-    packed and listed in one launch on CuPy (``xp=cupy``)."""
+    packed and listed in one launch on CuPy (``xp=cupy``). ``seed=None``: the global generator
+    (``cudrop.random``)."""
+    seed, step = random.resolve(seed, step)
     return masks.block_mask(shape, block, philox.check_prob(p), seed=seed, layer=layer,
                             step=step, xp=xp)
 
 
-def sparsedrop(x, p=None, *, mask=None, block=None, seed=0, layer=0, step=0):
+def sparsedrop(x, p=None, *, mask=None, block=None, seed=None, layer=0, step=None):
     """SparseDrop's mask on its own: ``(y, saved)`` with ``y = x ⊙ m / (1 - p)``, ``x`` (..., K)
     viewed as (M, K) rows x units. ``mask`` (a BlockMask over (M, K)) or else one drawn by
     :func:`draw_mask`. Skips no work by itself: before a Linear use :func:`sparsedrop_linear`."""
@@ -55,7 +57,8 @@ sparsedrop_backward = block_masked_backward
 
 # ---- the functional pair ---------------------------------------------------------------------
 
-def sparsedrop_linear(x, w, b=None, p=None, *, mask=None, block=None, seed=0, layer=0, step=0):
+def sparsedrop_linear(x, w, b=None, p=None, *, mask=None, block=None, seed=None, layer=0,
+                      step=None):
     """SparseDrop linear: ``y = (x ⊙ m) @ w / (1 - p) + b``.
 
     ``x`` (..., K) (leading dimensions are flattened to M rows for the mask), ``w`` (K, N),
