@@ -91,6 +91,7 @@ def test_generator_links_reexports_to_their_first_entry(monkeypatch):
 
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 _GPU = re.compile(r"#\s*gpu\b")
+_NEEDS = re.compile(r"#\s*needs:\s*([\w.]+)")  # "# needs: torch": skipped where torch is absent
 
 
 def readme_blocks():
@@ -122,8 +123,16 @@ class _Runner:
     def run_upto(self, index):
         for i, line, code, gpu in self.blocks[:index + 1]:
             if i not in self.results:
-                self.results[i] = "gpu" if gpu else self._exec(line, code)
+                self.results[i] = "gpu" if gpu else self._missing(code) or self._exec(line, code)
         return self.results[index]
+
+    @staticmethod
+    def _missing(code):
+        """"needs X" when the block's first line asks for a package that is not installed."""
+        m = _NEEDS.match(code.strip().splitlines()[0]) if code.strip() else None
+        if m and importlib.util.find_spec(m.group(1)) is None:
+            return f"needs {m.group(1)}"
+        return None
 
     def _exec(self, line, code):
         # Pad so that tracebacks give README.md's own line numbers.
@@ -166,9 +175,13 @@ def test_readme_block_runs(block):
     if result == "gpu":
         pytest.skip(f"README block {i + 1} (line {line}) is marked '# gpu': GPU-only, not run on "
                     "the CPU")
+    if result is not None and result.startswith("needs "):
+        pytest.skip(f"README block {i + 1} (line {line}) {result}, which is not installed")
     if result is not None:
         earlier = [f"block {j + 1} (line {ln}): {_RUNNER.results[j]}"
-                   for j, ln, _, _ in _BLOCKS[:i] if _RUNNER.results.get(j) not in (None, "gpu")]
+                   for j, ln, _, _ in _BLOCKS[:i]
+                   if _RUNNER.results.get(j) not in (None, "gpu")
+                   and not _RUNNER.results[j].startswith("needs ")]
         skipped = [f"block {j + 1} (line {ln})" for j, ln, _, _ in _BLOCKS[:i]
                    if _RUNNER.results.get(j) == "gpu"]
         msg = f"README block {i + 1} (line {line}) failed: {result}"
