@@ -75,6 +75,17 @@ def _to_tensor(a):
     return None if a is None else torch.from_dlpack(a)
 
 
+class _StreamProtocol:
+    """A raw ``cudaStream_t`` behind the CUDA stream protocol (``__cuda_stream__`` ->
+    (version 0, handle)) that ``cupy.cuda.Stream.from_external`` reads."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return 0, self.handle
+
+
 @contextlib.contextmanager
 def _on_torch_stream(t):
     """Run cudrop's launches on PyTorch's current stream of ``t``'s device."""
@@ -83,9 +94,10 @@ def _on_torch_stream(t):
         return
     cp = backend.cupy
     handle = torch.cuda.current_stream(t.device).cuda_stream
-    # CuPy 14 deprecates ExternalStream for Stream.from_external; older CuPy has only the former.
+    # CuPy 14 deprecates ExternalStream for Stream.from_external, which takes an object with the
+    # CUDA stream protocol (measured: a bare int raises TypeError); older CuPy has only the former.
     from_external = getattr(cp.cuda.Stream, "from_external", None)
-    stream = (from_external(handle) if from_external is not None
+    stream = (from_external(_StreamProtocol(handle)) if from_external is not None
               else cp.cuda.ExternalStream(handle, t.device.index))
     with cp.cuda.Device(t.device.index), stream:
         yield
