@@ -9,6 +9,7 @@ import math
 from typing import NamedTuple
 
 from .. import backend
+from . import _gemm
 from ._matmul import matmul
 
 
@@ -68,9 +69,12 @@ def linear(x, w, b=None):
     if b is not None and b.shape != (w.shape[1],):
         raise ValueError(f"linear: b must have shape ({w.shape[1]},), got {b.shape}")
     x2 = x.reshape(-1, x.shape[-1])
-    y = matmul(x2, w)
-    if b is not None:
-        y += b
+    if b is not None and backend.is_gpu_array(x2) and _gemm.available():
+        y = _gemm.gemm(x2, w, bias=b)  # the bias add in the GEMM's epilogue
+    else:
+        y = matmul(x2, w)
+        if b is not None:
+            y += b
     return y.reshape(x.shape[:-1] + (w.shape[1],)), LinearSaved(x2, w, b is not None, x.shape)
 
 

@@ -1,4 +1,6 @@
-"""Matrix product on raw arrays, with a tensor-core batched path for fp16/bf16 on the GPU.
+"""Matrix product on raw arrays. On CuPy it goes through cuBLASLt (``_gemm``: capturable in
+CUDA graphs) when nvmath-python is installed; otherwise through CuPy, with a tensor-core batched
+path for fp16/bf16.
 
 CuPy 14 computes batched (>2-D) float16 matmul by casting to float32 and fails for bfloat16
 (DESIGN.md §4); attention needs batched half-precision products, so batched fp16/bf16 goes
@@ -9,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
+from . import _gemm
 
 _CUDA_R = {"float16": 2, "bfloat16": 14}  # cudaDataType_t
 _CUBLAS_COMPUTE_32F = 68
@@ -28,6 +31,8 @@ def matmul(a, b):
                          f"{a.shape[-1]} != {b.shape[-2]}")
     if a.dtype != b.dtype:
         raise TypeError(f"matmul dtypes differ: {a.dtype} and {b.dtype}")
+    if xp is not np and _gemm.available():
+        return _gemm.gemm(a, b)
     if xp is np or (a.ndim == 2 and b.ndim == 2) or a.dtype.name not in _CUDA_R:
         return xp.matmul(a, b)
     return _batched_half(xp, a, b)

@@ -1,0 +1,206 @@
+"""Dense GEMMs on CuPy arrays through cuBLASLt, capturable in CUDA graphs.
+
+CuPy refuses its own cuBLAS calls while a stream is being captured (its wrapper raises
+NotImplementedError), so a training step that multiplies through ``cupy.matmul`` cannot be a
+CUDA graph. This module calls cuBLASLt through nvmath-python's thin bindings
+(``nvmath.bindings.cublasLt``: one C call per Python call, no planning objects): the algorithm is
+chosen once per shape, dtype, transposes, epilogue and operand alignment (memoised plans, before
+any capture, since capture replays the first call's choice), the workspace is one 32 MiB
+buffer per device allocated on first use, and every call runs on CuPy's current stream, so the
+same code runs eagerly and inside a capture.
+
+Row-major C (M, N) = A (M, K) B (K, N) is computed as cuBLASLt's column-major
+Cᵀ (N, M) = Bᵀ (N, K) Aᵀ (K, M): a C-contiguous operand is its transpose in column-major order
+with no copy, and a transposed view (F-contiguous, e.g. ``w.T`` in backward) is passed with
+cuBLASLt's transpose flag, also without a copy. Epilogues: ``bias`` (N,) added to every row
+(cuBLASLt's BIAS, per row of Cᵀ) and optionally ReLU/GELU after it.
+
+Precision: float32 is exact (CUBLAS_COMPUTE_32F) unless TF32 is asked for with CuPy's own
+switch ``CUPY_TF32=1``; float16/bfloat16 accumulate in float32; float64 in float64.
+Without nvmath-python (the ``cuda13`` / ``cuda12`` extras install it) :func:`available` is
+False and ``functional.matmul`` keeps CuPy's cuBLAS path, which cannot be captured.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import backend
+from .._memo import memoize
+
+try:
+    from nvmath.bindings import cublasLt as _lt
+except Exception:  # pragma: no cover - nvmath-python missing, or no CUDA libraries
+    _lt = None
+
+WORKSPACE_BYTES = 32 << 20  # NVIDIA's recommendation for Hopper
+
+# cudaDataType_t and cublasComputeType_t values (library_types.h, cublas_api.h).
+_DATA_TYPE = {"float16": 2, "bfloat16": 14, "float32": 0, "float64": 1}
+_COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
+_EPILOGUE = {None: "DEFAULT", "bias": "BIAS", "relu": "RELU", "gelu": "GELU",
+             "bias_relu": "RELU_BIAS", "bias_gelu": "GELU_BIAS"}
+
+
+def available() -> bool:
+    """True when cuBLASLt can be called (nvmath-python importable with its CUDA libraries)."""
+    return _lt is not None
+
+
+def _tf32() -> bool:
+    return os.environ.get("CUPY_TF32", "0") == "1"
+
+
+@memoize
+def _handle(device_id):
+    return _lt.create()
+
+
+@memoize
+def _workspace(device_id):
+    return backend.cupy.empty(WORKSPACE_BYTES, np.uint8)
+
+
+def _set(setter, dtype_of, obj, attr, value):
+    buf = np.array(value, dtype=dtype_of(attr))
+    setter(obj, attr, buf.ctypes.data, buf.nbytes)
+
+
+def _alignment(ptr) -> int:
+    return min(256, ptr & -ptr) if ptr else 256
+
+
+class _Plan:
+    """cuBLASLt descriptors and the chosen algorithm for one problem; kept for the process
+    (``cudrop.clear_caches`` drops them)."""
+
+    def __init__(self, device_id, dtype, n, m, k, trans_a, trans_b, ld_a, ld_b, batch,
+                 strides, epilogue, aligns, bias_dtype):
+        lt = _lt
+        t = _DATA_TYPE[dtype]
+        if dtype == "float64":
+            compute, scale = _COMPUTE_64F, _DATA_TYPE["float64"]
+        else:
+            compute = _COMPUTE_32F_FAST_TF32 if dtype == "float32" and _tf32() else _COMPUTE_32F
+            scale = _DATA_TYPE["float32"]
+        self.scale_dtype = np.float64 if dtype == "float64" else np.float32
+        self.alpha = np.ones((), self.scale_dtype)
+        self.beta = np.zeros((), self.scale_dtype)
+        desc_set = (lt.matmul_desc_set_attribute, lt.get_matmul_desc_attribute_dtype)
+        self.desc = lt.matmul_desc_create(compute, scale)
+        A = lt.MatmulDescAttribute
+        _set(*desc_set, self.desc, A.TRANSA, 1 if trans_a else 0)
+        _set(*desc_set, self.desc, A.TRANSB, 1 if trans_b else 0)
+        _set(*desc_set, self.desc, A.EPILOGUE, int(getattr(lt.Epilogue, _EPILOGUE[epilogue])))
+        if bias_dtype is not None:
+            _set(*desc_set, self.desc, A.BIAS_DATA_TYPE, _DATA_TYPE[bias_dtype])
+        # Column-major layouts: "A" is Bᵀ (N x K), "B" is Aᵀ (K x M), D is Cᵀ (N x M).
+        rows_a, cols_a = (k, n) if trans_a else (n, k)
+        rows_b, cols_b = (m, k) if trans_b else (k, m)
+        self.layouts = [lt.matrix_layout_create(t, rows_a, cols_a, ld_a),
+                        lt.matrix_layout_create(t, rows_b, cols_b, ld_b),
+                        lt.matrix_layout_create(t, n, m, n)]
+        L = lt.MatrixLayoutAttribute
+        if batch > 1:
+            for layout, stride in zip(self.layouts, strides):
+                _set(lt.matrix_layout_set_attribute, lt.get_matrix_layout_attribute_dtype,
+                     layout, L.BATCH_COUNT, batch)
+                _set(lt.matrix_layout_set_attribute, lt.get_matrix_layout_attribute_dtype,
+                     layout, L.STRIDED_BATCH_OFFSET, stride)
+        pref = lt.matmul_preference_create()
+        P = lt.MatmulPreferenceAttribute
+        pref_set = (lt.matmul_preference_set_attribute, lt.get_matmul_preference_attribute_dtype)
+        _set(*pref_set, pref, P.MAX_WORKSPACE_BYTES, WORKSPACE_BYTES - 16)
+        for attr, align in zip((P.MIN_ALIGNMENT_A_BYTES, P.MIN_ALIGNMENT_B_BYTES,
+                                P.MIN_ALIGNMENT_C_BYTES, P.MIN_ALIGNMENT_D_BYTES), aligns):
+            _set(*pref_set, pref, attr, align)
+        self.heuristic = lt.MatmulHeuristicResult(1)
+        count = np.zeros(1, np.int32)
+        a_l, b_l, d_l = self.layouts
+        lt.matmul_algo_get_heuristic(_handle(device_id), self.desc, a_l, b_l, d_l, d_l, pref, 1,
+                                     self.heuristic.ptr, count.ctypes.data)
+        lt.matmul_preference_destroy(pref)
+        if count[0] == 0:
+            raise RuntimeError(f"cuBLASLt found no algorithm for a {dtype} GEMM of "
+                               f"(M, N, K) = ({m}, {n}, {k}), epilogue {epilogue}")
+
+    def __del__(self):  # pragma: no cover - process teardown order is not guaranteed
+        try:
+            for layout in self.layouts:
+                _lt.matrix_layout_destroy(layout)
+            _lt.matmul_desc_destroy(self.desc)
+        except Exception:
+            pass
+
+
+_plan = memoize(_Plan)
+
+
+def _operand(x):
+    """``(array, transposed, ld, batch stride)`` of a row-major (batch..., R, C) operand as
+    cuBLASLt sees it, without a copy when it is C- or F-contiguous in its last two axes."""
+    cp = backend.cupy
+    r, c = x.shape[-2:]
+    s_r, s_c = (s // x.itemsize for s in x.strides[-2:])
+    batch_ok = x.ndim == 2 or all(s % x.itemsize == 0 for s in x.strides[:-2])
+    if batch_ok and (s_c == 1 or c == 1) and s_r >= max(c, 1):
+        return x, False, s_r
+    if batch_ok and (s_r == 1 or r == 1) and s_c >= max(r, 1):
+        return x, True, s_c
+    x = cp.ascontiguousarray(x)
+    return x, False, c
+
+
+def gemm(a, b, *, bias=None, act=None, out=None):
+    """``act(a @ b + bias)`` on CuPy arrays through cuBLASLt: ``a`` (..., M, K), ``b`` (..., K, N)
+    (leading axes broadcast; a broadcast operand is read with batch stride 0), ``bias`` (N,) or
+    None, ``act`` None, 'relu' or 'gelu' (tanh form, cuBLASLt's). One dtype throughout.
+    ``out``: a C-contiguous (..., M, N) array to write into. Capturable in a CUDA graph once
+    the same problem has run eagerly (its plan is then cached)."""
+    cp = backend.cupy
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = int(np.prod(lead, dtype=np.int64))
+    if out is None:
+        out = cp.empty(lead + (m, n), a.dtype)
+    if out.size == 0:
+        return out
+    if k == 0:
+        out.fill(0)
+        if bias is not None:
+            out += bias
+        return cp.maximum(out, 0, out=out) if act == "relu" else out
+
+    def batched(x, rows, cols):
+        # One leading batch, or one shared matrix (stride 0); other broadcasts materialise.
+        if x.ndim > 2 and int(np.prod(x.shape[:-2], dtype=np.int64)) == 1:
+            x = x.reshape(rows, cols)
+        if x.ndim == 2:
+            arr, tr, ld = _operand(x)
+            return arr, tr, ld, 0
+        x = cp.broadcast_to(x, lead + (rows, cols)).reshape(batch, rows, cols)
+        arr, tr, ld = _operand(x)
+        if arr.strides[0] < rows * cols * arr.itemsize:  # overlapping batches: materialise
+            arr, tr, ld = cp.ascontiguousarray(arr), False, cols
+        return arr, tr, ld, arr.strides[0] // arr.itemsize
+
+    # cuBLASLt's "A" is b (as Bᵀ), its "B" is a (as Aᵀ).
+    b_, tr_b, ld_b, sb = batched(b, k, n)
+    a_, tr_a, ld_a, sa = batched(a, m, k)
+    epilogue = ("bias_" + act if act else "bias") if bias is not None else act
+    dev = out.device.id
+    aligns = tuple(_alignment(x.data.ptr) for x in (b_, a_, out, out))
+    plan = _plan(dev, a.dtype.name, n, m, k, tr_b, tr_a, ld_b, ld_a, batch, (sb, sa, m * n),
+                 epilogue, aligns, None if bias is None else bias.dtype.name)
+    if bias is not None:
+        bias = cp.ascontiguousarray(bias)
+        _set(_lt.matmul_desc_set_attribute, _lt.get_matmul_desc_attribute_dtype, plan.desc,
+             _lt.MatmulDescAttribute.BIAS_POINTER, bias.data.ptr)
+    ws = _workspace(dev)
+    a_l, b_l, d_l = plan.layouts
+    _lt.matmul(_handle(dev), plan.desc, plan.alpha.ctypes.data, b_.data.ptr, a_l, a_.data.ptr,
+               b_l, plan.beta.ctypes.data, out.data.ptr, d_l, out.data.ptr, d_l,
+               plan.heuristic.ptr, ws.data.ptr, WORKSPACE_BYTES,
+               cp.cuda.get_current_stream().ptr)
+    return out

@@ -1,0 +1,113 @@
+"""cuBLASLt GEMMs (functional/_gemm.py) against float64 NumPy on drawn shapes, ragged edges,
+transposed views, broadcast batches, bias/ReLU/GELU epilogues, every dtype; output poisoned
+first; and captured in a CUDA graph, replayed on new inputs."""
+import numpy as np
+import pytest
+
+from cudrop import backend
+from cudrop.functional import _gemm
+from cudrop.functional._matmul import matmul
+
+from conftest import low_precision_dtype
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not backend.gpu_available(), reason="no usable CUDA GPU"),
+              pytest.mark.skipif(not _gemm.available(), reason="nvmath-python not installed")]
+
+TOL = {"float16": 2e-2, "bfloat16": 6e-2, "float32": 1e-5, "float64": 1e-12}
+
+
+def _ref(a, b, bias=None, act=None):
+    y = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    if act == "relu":
+        y = np.maximum(y, 0)
+    elif act == "gelu":
+        y = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
+    return y
+
+
+def _close(got, want, dtype):
+    got = backend.asnumpy(got).astype(np.float64)
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+def _arrays(cp, dt, *shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    host = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    return host, [cp.asarray(h).astype(dt) for h in host]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (33, 17, 65), (128, 256, 64), (257, 129, 511)])
+def test_gemm_matches_float64(dtype, m, k, n):
+    cp = backend.cupy
+    dt = low_precision_dtype(cp, dtype)
+    (a, b), (da, db) = _arrays(cp, dt, (m, k), (k, n))
+    out = cp.full((m, n), np.nan, dt)  # poisoned: every element must be written
+    _gemm.gemm(da, db, out=out)
+    _close(out, _ref(a.astype(dt), b.astype(dt)), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_transposed_views_are_read_without_copies(dtype):
+    cp = backend.cupy
+    dt = low_precision_dtype(cp, dtype)
+    (a, b), (da, db) = _arrays(cp, dt, (70, 40), (90, 70))  # a.T (40, 70) @ b.T (70, 90)
+    got = matmul(da.T, db.T)
+    _close(got, _ref(a.astype(dt).T, b.astype(dt).T), dtype)
+    got = matmul(da.T, da)  # the backward's xᵀ g shape pattern
+    _close(got, _ref(a.astype(dt).T, a.astype(dt)), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_batched_and_broadcast(dtype):
+    cp = backend.cupy
+    dt = low_precision_dtype(cp, dtype)
+    (a, b, w), (da, db, dw) = _arrays(cp, dt, (3, 2, 31, 24), (3, 2, 24, 17), (24, 9))
+    _close(matmul(da, db), _ref(a.astype(dt), b.astype(dt)), dtype)
+    _close(matmul(da, dw), _ref(a.astype(dt), w.astype(dt)), dtype)  # shared matrix, stride 0
+    # attention's q kᵀ: a transposed batched view
+    _close(matmul(da, da.swapaxes(-1, -2)),
+           _ref(a.astype(dt), a.astype(dt).swapaxes(-1, -2)), dtype)
+    (c,), (dc,) = _arrays(cp, dt, (1, 2, 24, 5), seed=3)  # partial broadcast of the batch
+    _close(matmul(da, dc), _ref(a.astype(dt), c.astype(dt)), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+def test_bias_and_activation_epilogues(dtype, act):
+    cp = backend.cupy
+    dt = low_precision_dtype(cp, dtype)
+    (a, b, bias), (da, db, dbias) = _arrays(cp, dt, (100, 48), (48, 72), (72,))
+    got = _gemm.gemm(da, db, bias=dbias, act=act)
+    _close(got, _ref(a.astype(dt), b.astype(dt), bias.astype(dt), act), dtype)
+
+
+def test_gemm_is_captured_and_replayed_on_new_inputs():
+    cp = backend.cupy
+    (a, b, bias), (da, db, dbias) = _arrays(cp, np.float32, (256, 128), (128, 64), (64,))
+    out = cp.empty((256, 64), np.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        _gemm.gemm(da, db, bias=dbias, out=out)  # eager first: the plan is chosen here
+        s.begin_capture()
+        _gemm.gemm(da, db, bias=dbias, out=out)
+        g = s.end_capture()
+        for seed in (5, 6):
+            (a2,), (da2,) = _arrays(cp, np.float32, (256, 128), seed=seed)
+            da[...] = da2
+            out.fill(np.nan)
+            g.launch(s)
+            s.synchronize()
+            _close(out, _ref(a2, b, bias), "float32")
+
+
+def test_fp32_is_exact_not_tf32():
+    """Without CUPY_TF32 the float32 product keeps float32 accuracy (TF32 would lose ~3
+    decimal digits: this product's relative error would exceed 1e-4)."""
+    cp = backend.cupy
+    (a, b), (da, db) = _arrays(cp, np.float32, (512, 1024), (1024, 256))
+    _close(matmul(da, db), _ref(a, b), "float32")
