@@ -19,8 +19,8 @@ from .checkpoint import load, save
 from .autograd import *  # noqa: F401,F403
 from .autograd import Function, Tensor, eval_mode, no_grad, tensor, train_mode
 
-_SUBMODULES = ("autograd", "bsmm", "data", "functional", "masks", "models", "nn", "optim",
-               "philox", "random", "variants")
+_SUBMODULES = ("autograd", "bsmm", "data", "functional", "graph", "masks", "models", "nn",
+               "optim", "philox", "random", "variants")
 
 __all__ = sorted(set(autograd.__all__) | {"clear_caches", "load", "save", "__version__"})  # noqa: F405
 

@@ -153,6 +153,13 @@ def asnumpy(a):
     return cupy.asnumpy(a) if is_gpu_array(a) else np.asarray(a)
 
 
+def pinned_empty(n, dtype):
+    """A NumPy array of ``n`` elements in page-locked host memory (CuPy's pinned pool), the
+    source a host-to-device copy needs to be asynchronous."""
+    import cupyx
+    return cupyx.empty_pinned((n,), dtype)
+
+
 class HostCopy:
     """A device scalar copied to the host without waiting for it: ``ready()`` polls (never
     blocks), ``value()`` returns the number (waiting only if the copy is still in flight). On

@@ -21,7 +21,7 @@ class Dropout(StochasticLayer):
     def forward(self, x):
         if not self.is_training or self.p == 0:
             return x
-        return ag.dropout(x, self.p, seed=self.seed, layer=self.layer, step=self.next_step())
+        return ag.dropout(x, self.p, seed=self.seed, layer=self.layer, step=self.next_step(device=True))
 
     def extra_repr(self):
         return f"p={self.p}, " + super().extra_repr()

@@ -25,7 +25,7 @@ class _SparseDropMask:
     def _draw(self, data):
         shape = (int(np.prod(data.shape[:-1], dtype=np.int64)), data.shape[-1])
         self.last_mask = V.draw_mask(shape, self.p, block=self.block, seed=self.seed,
-                                     layer=self.layer, step=self.next_step(),
+                                     layer=self.layer, step=self.next_step(device=True),
                                      xp=backend.get_array_module(data))
         return self.last_mask
 

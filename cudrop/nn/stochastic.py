@@ -1,6 +1,9 @@
 """Base class for layers whose randomness is a pure function of (seed, layer id, step)."""
 from __future__ import annotations
 
+import numpy as np
+
+from .. import graph
 from ..philox import check_seed, check_step
 from .module import Module
 
@@ -28,11 +31,18 @@ class StochasticLayer(Module):
         self.register_counter("step", 0)
         object.__setattr__(self, "_auto_layer", layer is None)
 
-    def next_step(self) -> int:
-        """The step to draw this forward's mask with; advances the counter."""
+    def next_step(self, device: bool = False):
+        """The step to draw this forward's mask with; advances the counter.
+
+        ``device=True``: the layer's mask kernels read the step from device memory, so inside a
+        CUDA-graph capture (``cudrop.graph``) the step is a device scalar that each replay
+        refreshes; eagerly it is the int either way. Layers that decide their mask on the host
+        (``device=False``) cannot be captured and say so."""
         s = self.step
+        if not device:
+            graph.refuse_capture(f"{type(self).__name__}(layer {self.layer})")
         object.__setattr__(self, "step", s + 1)
-        return s
+        return graph.scalar(s, lambda: self.step, np.uint32) if device else s
 
     def extra_repr(self):
         return f"seed={self.seed}, layer={self.layer}, step={self.step}"

@@ -1,6 +1,7 @@
 """Adam (L2 penalty added to the gradient) and AdamW (decoupled weight decay)."""
 from __future__ import annotations
 
+from .. import graph
 from .optimizer import Optimizer, check_number
 
 __all__ = ["Adam", "AdamW"]
@@ -29,12 +30,24 @@ class Adam(Optimizer):
         self.eps = check_number("eps", self.eps, low=0.0)
         self.weight_decay = check_number("weight_decay", self.weight_decay, low=0.0)
 
+    def _scalars(self, t):
+        """The step's scalars at Adam step ``t``: lr / (1 - b1^t), sqrt(1 - b2^t) and the
+        decoupled decay factor 1 - lr wd."""
+        b1, b2 = self.betas
+        return (self.lr / (1.0 - b1 ** t), (1.0 - b2 ** t) ** 0.5,
+                1.0 - self.lr * self.weight_decay)
+
     def _update(self, w, g, state, xp):
         b1, b2 = self.betas
-        t = state["step"]
+        # Per-step numbers are graph scalars: device values that a captured step's replays
+        # refresh (from the next step t + 1), plain floats eagerly.
+        values = self._scalars(state["step"])
+        step_size, bc2_sqrt, decay = (
+            graph.scalar(v, lambda i=i: self._scalars(state.get("step", 0) + 1)[i], w.dtype)
+            for i, v in enumerate(values))
         if self.weight_decay:
             if self._decoupled:
-                w *= 1.0 - self.lr * self.weight_decay
+                w *= decay
             else:
                 g = g + self.weight_decay * w
         m = state.get("exp_avg")
@@ -47,12 +60,10 @@ class Adam(Optimizer):
         m += (1.0 - b1) * g
         v *= b2
         v += (1.0 - b2) * (g * g)
-        bc1 = 1.0 - b1 ** t
-        bc2_sqrt = (1.0 - b2 ** t) ** 0.5
         denom = xp.sqrt(v)
         denom /= bc2_sqrt
         denom += self.eps
-        w -= (self.lr / bc1) * (m / denom)
+        w -= step_size * (m / denom)
 
 
 class AdamW(Adam):

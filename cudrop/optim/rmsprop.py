@@ -1,6 +1,7 @@
 """RMSprop, PyTorch semantics (not centered)."""
 from __future__ import annotations
 
+from .. import graph
 from .optimizer import Optimizer, check_number
 
 __all__ = ["RMSprop"]
@@ -42,4 +43,4 @@ class RMSprop(Optimizer):
             buf *= self.momentum
             buf += d
             d = buf
-        w -= self.lr * d
+        w -= graph.scalar(self.lr, lambda: self.lr, w.dtype) * d  # a device value in a captured step

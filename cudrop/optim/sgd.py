@@ -1,6 +1,7 @@
 """Stochastic gradient descent with optional (Nesterov) momentum, PyTorch semantics."""
 from __future__ import annotations
 
+from .. import graph
 from .optimizer import Optimizer, check_number
 
 __all__ = ["SGD"]
@@ -37,4 +38,4 @@ class SGD(Optimizer):
                 buf *= mu
                 buf += g
             g = g + mu * buf if self.nesterov else buf
-        w -= self.lr * g
+        w -= graph.scalar(self.lr, lambda: self.lr, w.dtype) * g  # a device value in a captured step

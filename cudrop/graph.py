@@ -1,0 +1,260 @@
+"""Whole training steps as CUDA graphs: ``step = cudrop.graph.capture(train_step, model=...,
+optimizer=..., schedule=...)``, then ``loss = step(x, y)`` for every batch.
+
+``train_step(*arrays)`` is ordinary eager code (forward, backward, ``optimizer.step()``, maybe
+``schedule.step()``) returning the loss. The first ``warmup`` calls run it eagerly (real
+training steps, which also fill a private memory pool); the next call records it once into a
+CUDA graph on a side stream, and from then on each call copies the batch into the graph's static
+input buffers and replays it: one launch for the whole step, no Python per op.
+
+What changes from step to step without a re-capture:
+
+- masks: a stochastic layer's step reaches the mask kernels as a device scalar
+  (``StochasticLayer.next_step(device=True)``), so every replay draws the mask eager mode would
+  draw at that step, bit for bit;
+- optimizer scalars (learning rate, Adam's bias corrections) are device scalars too, so
+  schedules keep working;
+- before each replay the host computes all those scalars from its own counters (which it
+  advances as the eager step would: layer steps, optimizer steps, schedule position) and copies
+  them to the device in one transfer from pinned memory (a ring of buffers, so a copy never
+  overwrites values the GPU has not read yet).
+
+Layers that decide their structure on the host (SliceOut's slice, gyro's and block-wise's
+sub-network schedule, depth dropout's gates) cannot be captured yet: they raise
+:class:`CaptureError` while capturing, and the step falls back to eager mode with one warning
+naming the layer, never a wrong result. The same fallback happens for anything else that cannot
+be captured (a host read of a device value, CuPy's own cuBLAS without nvmath-python), and for a
+batch whose shapes differ from the captured ones (a short last batch runs eagerly).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from . import backend
+
+__all__ = ["capture", "CapturedStep", "CaptureError", "scalar", "is_capturing",
+           "refuse_capture"]
+
+_SLOTS = 4096  # device scalars per graph, per dtype
+_RING = 4      # pinned staging buffers in flight
+_DTYPES = (np.dtype(np.uint32), np.dtype(np.float32), np.dtype(np.float64))
+
+_recorder = None  # the capture in progress, or None
+
+
+class CaptureError(RuntimeError):
+    """Something in the step cannot be recorded into a CUDA graph."""
+
+
+def is_capturing() -> bool:
+    """True while :class:`CapturedStep` records a step."""
+    return _recorder is not None
+
+
+def refuse_capture(what: str) -> None:
+    """Raise :class:`CaptureError` naming ``what`` when called during a capture (a layer whose
+    mask structure is decided on the host calls this before deciding)."""
+    if _recorder is not None:
+        raise CaptureError(f"{what} decides its mask on the host, which a CUDA graph would "
+                           "freeze at the captured step")
+
+
+def scalar(value, provider, dtype):
+    """A per-step number: ``value`` itself eagerly; during a capture a 0-d device array of
+    ``dtype`` that each replay fills with ``provider()``, evaluated on the host state *before*
+    that step's host updates (e.g. a layer's step counter before it advances)."""
+    if _recorder is None:
+        return value
+    return _recorder.slot(provider, np.dtype(dtype))
+
+
+class _Recorder:
+    """Device scalars of one graph: a device buffer per dtype, their providers, and a ring of
+    pinned host buffers the values are staged in."""
+
+    def __init__(self, cp):
+        self.cp = cp
+        self.device = {dt: cp.zeros(_SLOTS, dt) for dt in _DTYPES}
+        self.providers = {dt: [] for dt in _DTYPES}
+        self.ring = [({dt: backend.pinned_empty(_SLOTS, dt) for dt in _DTYPES}, None)
+                     for _ in range(_RING)]
+        self.next = 0
+
+    def slot(self, provider, dt):
+        if dt not in self.providers:
+            raise TypeError(f"cudrop.graph.scalar: dtype must be one of "
+                            f"{[d.name for d in _DTYPES]}, got {dt}")
+        i = len(self.providers[dt])
+        if i == _SLOTS:
+            raise CaptureError(f"more than {_SLOTS} {dt} scalars in one step")
+        self.providers[dt].append(provider)
+        return self.device[dt][i]  # a view: no kernel, nothing recorded
+
+    def upload(self, stream):
+        """Stage every provider's value and copy them to the device on ``stream``."""
+        host, event = self.ring[self.next]
+        if event is not None:
+            event.synchronize()  # only waits when the GPU is _RING replays behind
+        for dt, fns in self.providers.items():
+            if fns:
+                buf = host[dt]
+                for i, fn in enumerate(fns):
+                    buf[i] = fn()
+                self.device[dt][:len(fns)].set(buf[:len(fns)], stream=stream)
+        event = self.cp.cuda.Event(disable_timing=True)
+        event.record(stream)
+        self.ring[self.next] = (host, event)
+        self.next = (self.next + 1) % _RING
+
+
+class _HostState:
+    """The host counters a step advances: every module counter (layer steps, gyro periods),
+    the optimizer's step counts, the schedule's position."""
+
+    def __init__(self, model, optimizer, schedule):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+
+    def snapshot(self):
+        counters = {n: getattr(m, c) for n, m, c in self.model._named_counters()}
+        opt = None
+        if self.optimizer is not None:
+            opt = (self.optimizer.steps, [st.get("step") for st in self.optimizer.state],
+                   self.optimizer.lr)
+        sched = None if self.schedule is None else self.schedule.state_dict()
+        return counters, opt, sched
+
+    def restore(self, snap):
+        counters, opt, sched = snap
+        for n, m, c in self.model._named_counters():
+            object.__setattr__(m, c, counters[n])
+        if opt is not None:
+            self.optimizer.steps = opt[0]
+            for st, s in zip(self.optimizer.state, opt[1]):
+                if s is None:
+                    st.pop("step", None)
+                else:
+                    st["step"] = s
+            self.optimizer.lr = opt[2]
+        if sched is not None:
+            self.schedule.load_state_dict(sched)
+            self.optimizer.lr = opt[2]  # the schedule rewrote it from its own position
+
+    def delta(self, before, after):
+        """What one step adds: per-counter increments, optimizer step increments, schedule
+        steps."""
+        counters = {n: after[0][n] - v for n, v in before[0].items() if after[0][n] != v}
+        opt = None
+        if before[1] is not None:
+            opt = (after[1][0] - before[1][0],
+                   [(a or 0) - (b or 0) for a, b in zip(after[1][1], before[1][1])])
+        sched = None if before[2] is None else after[2]["last_step"] - before[2]["last_step"]
+        return counters, opt, sched
+
+    def advance(self, delta):
+        counters, opt, sched = delta
+        if counters:
+            for n, m, c in self.model._named_counters():
+                if n in counters:
+                    object.__setattr__(m, c, getattr(m, c) + counters[n])
+        if opt is not None:
+            self.optimizer.steps += opt[0]
+            for st, d in zip(self.optimizer.state, opt[1]):
+                if d:
+                    st["step"] = st.get("step", 0) + d
+        for _ in range(sched or 0):
+            self.schedule.step()
+
+
+class CapturedStep:
+    """A training step replayed from a CUDA graph (see the module docstring); built by
+    :func:`capture`."""
+
+    def __init__(self, fn, model, optimizer=None, schedule=None, warmup=2):
+        cp = backend.cupy
+        if cp is None or not backend.gpu_available():
+            raise RuntimeError("cudrop.graph.capture needs CuPy and a CUDA GPU")
+        self.fn, self.warmup = fn, int(warmup)
+        self.state = _HostState(model, optimizer, schedule)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.pool = cp.cuda.MemoryPool()
+        self.graph = None
+        self.failed = None  # why capturing failed: then every call is eager
+        self.calls = 0
+        self.static_in = self.static_out = self.recorder = self.delta = None
+
+    # ---- running on the side stream with the private pool -------------------------------
+    def _on_stream(self, body):
+        cp = backend.cupy
+        caller = cp.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())
+        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
+            out = body()
+        caller.wait_event(self.stream.record())
+        return out
+
+    def _shapes(self, inputs):
+        return tuple((a.shape, a.dtype) for a in inputs)
+
+    def __call__(self, *inputs):
+        self.calls += 1
+        if self.failed is not None or self.calls <= self.warmup:
+            return self._on_stream(lambda: self.fn(*inputs))
+        if self.graph is None:
+            self._capture(inputs)
+            if self.failed is not None:
+                return self._on_stream(lambda: self.fn(*inputs))
+        if self._shapes(inputs) != self._shapes(self.static_in):
+            return self.fn(*inputs)  # another batch shape: eager, on the default pool
+        return self._on_stream(lambda: self._replay(inputs))
+
+    def _capture(self, inputs):
+        global _recorder
+        cp = backend.cupy
+        self.static_in = [cp.array(a, copy=True) for a in inputs]
+        before = self.state.snapshot()
+        self.recorder = _Recorder(cp)
+        mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", 2)
+
+        def record():
+            global _recorder
+            _recorder = self.recorder
+            self.stream.begin_capture(mode)
+            try:
+                out = self.fn(*self.static_in)
+            finally:
+                _recorder = None
+                graph = self.stream.end_capture()
+            return out, graph
+
+        try:
+            self.static_out, self.graph = self._on_stream(record)
+        except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
+            self.state.restore(before)
+            self.graph, self.failed = None, e
+            warnings.warn(f"cudrop.graph: this step cannot be captured ({type(e).__name__}: "
+                          f"{e}); it runs eagerly from now on", RuntimeWarning, stacklevel=3)
+            return
+        after = self.state.snapshot()
+        self.delta = self.state.delta(before, after)
+        self.state.restore(before)
+
+    def _replay(self, inputs):
+        for dst, src in zip(self.static_in, inputs):
+            dst[...] = src
+        self.recorder.upload(self.stream)
+        self.graph.launch(self.stream)
+        self.state.advance(self.delta)
+        return self.static_out
+
+
+def capture(fn, *, model, optimizer=None, schedule=None, warmup=2):
+    """Wrap ``fn(*arrays) -> loss`` (one eager training step of ``model`` with ``optimizer``
+    and ``schedule``) so that after ``warmup`` eager calls it is recorded once into a CUDA graph
+    and replayed for every later batch of the same shapes. Returns a :class:`CapturedStep`;
+    calling it returns ``fn``'s output (from the replay: a buffer that the next call
+    overwrites; copy it to keep it). Masks, learning rates and optimizer state evolve exactly as
+    in eager mode. Falls back to eager mode, with one warning, when the step cannot be captured.
+    """
+    return CapturedStep(fn, model, optimizer, schedule, warmup)

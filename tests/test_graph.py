@@ -1,0 +1,113 @@
+"""Whole training steps captured as CUDA graphs (cudrop.graph): replays equal eager steps
+(losses, weights, optimizer state, layer counters) for the capturable variants, schedules keep
+working, and what cannot be captured falls back to eager with one warning, never a wrong
+result."""
+import warnings
+
+import numpy as np
+import pytest
+
+import cudrop
+from cudrop import backend, graph, models, optim
+from cudrop.functional import _gemm
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not backend.gpu_available(), reason="no usable CUDA GPU"),
+              pytest.mark.skipif(not _gemm.available(),
+                                 reason="nvmath-python (capturable GEMMs) not installed")]
+
+
+def _batches(steps, batch=128, features=64, classes=10, seed=0, shape=None):
+    cp = backend.cupy
+    rng = np.random.default_rng(seed)
+    shape = shape or (features,)
+    return [(cp.asarray(rng.standard_normal((batch,) + shape, dtype=np.float32)),
+             cp.asarray(rng.integers(0, classes, batch))) for _ in range(steps)]
+
+
+def _run(build, make_opt, batches, captured):
+    model = build().to("gpu")
+    opt = make_opt(model.parameters())
+    sched = optim.LinearWarmup(opt, 3, after=optim.CosineLR(opt, total_steps=len(batches)))
+
+    def step(x, y):
+        loss = cudrop.cross_entropy(model(cudrop.Tensor(x)), y)
+        model.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss
+
+    run = graph.capture(step, model=model, optimizer=opt, schedule=sched) if captured else step
+    losses = [float(run(x, y).data) for x, y in batches]
+    return run, losses, model, opt
+
+
+def _same(a, b):
+    run_a, losses_a, model_a, opt_a = a
+    run_b, losses_b, model_b, opt_b = b
+    np.testing.assert_allclose(losses_b, losses_a, rtol=1e-6, atol=1e-7)
+    sa, sb = model_a.state_dict(), model_b.state_dict()  # weights and every layer counter
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        np.testing.assert_allclose(sb[k], sa[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert opt_b.steps == opt_a.steps and opt_b.lr == opt_a.lr
+
+
+@pytest.mark.parametrize("kind", ["none", "dropout", "sparsedrop"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_captured_mlp_steps_equal_eager(kind, opt):
+    def build():
+        return models.mlp((64,), 10, hidden=(256, 256), dropout=kind, p=0.3, seed=0)
+
+    make_opt = {"sgd": lambda p: optim.SGD(p, 0.05, momentum=0.9, nesterov=True,
+                                           weight_decay=1e-4),
+                "adam": lambda p: optim.AdamW(p, 1e-3)}[opt]
+    batches = _batches(12)
+    eager = _run(build, make_opt, batches, captured=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager would warn: fail instead
+        captured = _run(build, make_opt, batches, captured=True)
+    run = captured[0]
+    assert run.graph is not None and run.failed is None
+    _same(eager, captured)
+
+
+def test_captured_resnet_step_equals_eager():
+    def build():
+        return models.ResNet(8, num_classes=10, in_channels=1, widths=(8, 16, 16), seed=0)
+
+    make_opt = lambda p: optim.SGD(p, 0.05, momentum=0.9)  # noqa: E731
+    batches = _batches(8, batch=32, shape=(1, 8, 8))
+    eager = _run(build, make_opt, batches, captured=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        captured = _run(build, make_opt, batches, captured=True)
+    assert captured[0].graph is not None
+    _same(eager, captured)
+
+
+def test_host_decided_layers_fall_back_to_eager_with_one_warning():
+    def build():
+        return models.mlp((64,), 10, hidden=(256, 256), dropout="sliceout", p=0.3, seed=0)
+
+    make_opt = lambda p: optim.SGD(p, 0.05)  # noqa: E731
+    batches = _batches(6)
+    eager = _run(build, make_opt, batches, captured=False)
+    with pytest.warns(RuntimeWarning, match=r"SliceOutLinear\(layer \d+\) decides its mask on "
+                                            r"the host") as rec:
+        captured = _run(build, make_opt, batches, captured=True)
+    assert len(rec) == 1 and captured[0].failed is not None
+    _same(eager, captured)
+
+
+def test_a_batch_of_another_shape_runs_eagerly_between_replays():
+    def build():
+        return models.mlp((64,), 10, hidden=(128,), dropout="dropout", p=0.3, seed=0)
+
+    make_opt = lambda p: optim.Adam(p, 1e-3)  # noqa: E731
+    batches = _batches(6)
+    batches.insert(4, _batches(1, batch=40, seed=9)[0])  # a short batch mid-run
+    batches += _batches(3, seed=4)
+    _same(_run(build, make_opt, batches, captured=False),
+          _run(build, make_opt, batches, captured=True))
