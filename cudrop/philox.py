@@ -134,8 +134,9 @@ def _type_name(v):
 def _check_device_step(step, xp):
     # only dtype and shape are looked at: both are host metadata, no device read
     if xp is np or not backend.is_gpu_array(step):
-        raise TypeError(f"step as a device array needs CuPy inputs (a 0-d uint32 CuPy array); "
-                        f"got a {_type_name(step)} for an op on NumPy arrays: pass an int")
+        where = " for an op on NumPy arrays: pass an int" if xp is np else ""
+        raise TypeError(f"step as a device array needs CuPy inputs and a 0-d uint32 CuPy array; "
+                        f"got a {_type_name(step)}{where}")
     if step.dtype != np.uint32 or step.shape != ():
         raise TypeError(f"step as a device array must be a 0-d uint32 CuPy array, got dtype "
                         f"{step.dtype} and shape {step.shape}")

@@ -20,8 +20,8 @@ __global__ void dropout_fwd(const T* __restrict__ x, T* __restrict__ y,
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long i0 = 4 * t;
     // one uniform branch; every thread of a warp loads the same word (one broadcast load)
-    const unsigned int s = step_ptr ? *step_ptr : step;
-    const cd_u4 r = cd_philox((unsigned int)t, 0u, s, CD_TAG_ELEMENT, seed, layer);
+    const unsigned int step_now = step_ptr ? *step_ptr : step;
+    const cd_u4 r = cd_philox((unsigned int)t, 0u, step_now, CD_TAG_ELEMENT, seed, layer);
     const bool k0 = i0 < n && r.x >= thresh, k1 = i0 + 1 < n && r.y >= thresh;
     const bool k2 = i0 + 2 < n && r.z >= thresh, k3 = i0 + 3 < n && r.w >= thresh;
     if (i0 + 3 < n) {

@@ -16,7 +16,7 @@ extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
                                       const unsigned int* __restrict__ step_ptr, unsigned int tag,
                                       unsigned int thresh) {
     // read once per thread, before the loop: a uniform branch and one broadcast load
-    const unsigned int s = step_ptr ? *step_ptr : step;
+    const unsigned int step_now = step_ptr ? *step_ptr : step;
     __shared__ int warp_sums[8];
     __shared__ int running;
     const bool is_row = blockIdx.x < (unsigned int)nM;
@@ -32,7 +32,7 @@ extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
         if (t < len) {
             const int r = is_row ? line : t, c = is_row ? t : line;
             const unsigned int rid = row_ids ? row_ids[r] : (unsigned int)r;
-            keep = cd_mask_word(seed, layer, s, tag, rid, (unsigned long long)c) >= thresh;
+            keep = cd_mask_word(seed, layer, step_now, tag, rid, (unsigned long long)c) >= thresh;
         }
         const unsigned int b = __ballot_sync(0xffffffffu, keep);
         if (is_row && lane == 0) {
