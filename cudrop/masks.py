@@ -168,11 +168,13 @@ def block_mask(shape, block, p, *, seed, layer, step, xp=np, row_ids=None,
                tag=philox.TAG_BLOCK) -> BlockMask:
     """I.i.d. Bernoulli(1 - p) keep per block of an (M, K) array, as a pure function of
     (seed, layer, step). ``row_ids`` (length nM) replaces the row-block coordinate of the draw:
-    gyro dropout gives the sub-network id there, so rows with one sub-network share a mask."""
+    gyro dropout gives the sub-network id there, so rows with one sub-network share a mask.
+    ``step`` an int, or with ``xp=cupy`` a device step (a 0-d uint32 CuPy array, read by the
+    kernel when it runs; ``philox.check_step``)."""
     shape, block = _check_shape_block(shape, block)
     t = philox.threshold(p)
     seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
-    step = philox.check_step(step)
+    step = philox.check_step(step, xp)
     nm, nk = grid_shape(shape, block)
     if row_ids is not None and len(row_ids) != nm:
         raise ValueError(f"row_ids has {len(row_ids)} entries, expected one per row block ({nm})")
@@ -190,8 +192,10 @@ def _block_mask_gpu(cp, shape, block, p, t, seed, layer, step, tag, row_ids):
     rc, ri = cp.empty(nm, np.int32), cp.empty((nm, nk), np.int32)
     cc, ci = cp.empty(nk, np.int32), cp.empty((nk, nm), np.int32)
     ids = 0 if row_ids is None else cp.asarray(row_ids, dtype=np.uint32)
+    step_value, step_ptr = philox.step_args(step)
     kernel("masks.cu", "block_mask")(
         (nm + nk,), (_BLOCK_THREADS,),
         (bits, rc, ri, cc, ci, ids, np.int32(nm), np.int32(nk), np.int64(2 * words),
-         np.uint32(seed), np.uint32(layer), np.uint32(step), np.uint32(tag), np.uint32(t)))
+         np.uint32(seed), np.uint32(layer), step_value, step_ptr, np.uint32(tag),
+         np.uint32(t)))
     return BlockMask(shape, block, p, bits, rc, ri, cc, ci)

@@ -16,6 +16,8 @@ import numbers
 
 import numpy as np
 
+from . import backend
+
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 
@@ -103,9 +105,53 @@ def check_prob(p, name: str = "p") -> float:
     return float(p)
 
 
-def check_step(step) -> int:
-    """A step counter: an int in [0, 2**32), the width of its Philox counter word."""
+def check_step(step, xp=np):
+    """A step counter: an int in [0, 2**32), the width of its Philox counter word, returned as
+    an int; or, on the GPU path, a *device step*: a 0-d uint32 CuPy array that the kernels read
+    at run time, returned as is (reading it here would be a host sync, and a captured CUDA graph
+    replays with whatever the host wrote there since). ``xp`` is the path: ``numpy`` (the
+    default; a device step is then a TypeError), ``cupy``, or None where the op has not chosen
+    its path yet (``random.resolve``). Never reads a device step's value."""
+    if isinstance(step, np.ndarray) or backend.is_gpu_array(step):
+        return _check_device_step(step, xp)
     return check_seed("step", step)
+
+
+def check_host_step(step, op: str) -> int:
+    """``check_step`` for a draw decided on the host (a slice start, a gyro schedule): the step
+    must be an int there, since a device step would have to be read back (a host sync)."""
+    if isinstance(step, np.ndarray) or backend.is_gpu_array(step):
+        raise TypeError(f"{op}: step must be an int: this draw is decided on the host, where a "
+                        f"device step ({_type_name(step)}) cannot be read without a sync; "
+                        "device steps work with dropout, block masks and sparsedrop")
+    return check_seed("step", step)
+
+
+def _type_name(v):
+    return f"{type(v).__module__}.{type(v).__name__}"
+
+
+def _check_device_step(step, xp):
+    # only dtype and shape are looked at: both are host metadata, no device read
+    if xp is np or not backend.is_gpu_array(step):
+        where = " for an op on NumPy arrays: pass an int" if xp is np else ""
+        raise TypeError(f"step as a device array needs CuPy inputs and a 0-d uint32 CuPy array; "
+                        f"got a {_type_name(step)}{where}")
+    if step.dtype != np.uint32 or step.shape != ():
+        raise TypeError(f"step as a device array must be a 0-d uint32 CuPy array, got dtype "
+                        f"{step.dtype} and shape {step.shape}")
+    return step
+
+
+def step_args(step):
+    """The kernels' two step parameters ``(step, step_ptr)`` for a checked step. An int goes by
+    value with a null pointer (CuPy passes None as a null pointer); a device step goes as its
+    pointer, which the kernel reads at run time (the by-value word is then unused). One runtime
+    pointer test in the kernel costs one uniform branch and, for a device step, one broadcast
+    load per thread: cheaper than compiling and dispatching a second variant of each kernel."""
+    if backend.is_gpu_array(step):
+        return np.uint32(0), step
+    return np.uint32(step), None
 
 
 def threshold(p: float) -> int:

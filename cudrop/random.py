@@ -8,7 +8,7 @@ their own seed, layer id and step.
 """
 from __future__ import annotations
 
-from .philox import check_seed
+from .philox import check_seed, check_step
 
 __all__ = ["seed", "get_state", "set_state", "resolve"]
 
@@ -32,13 +32,15 @@ def set_state(state) -> None:
     _seed, _offset = check_seed("seed", s), check_seed("offset", off)
 
 
-def resolve(seed=None, step=None) -> tuple:
+def resolve(seed=None, step=None, xp=None) -> tuple:
     """The ``(seed, step)`` a draw uses. ``seed=None``: the global seed, and as step the global
     offset (advanced by one) unless ``step`` is given. Otherwise ``seed`` itself, with ``step``
-    or 0; both checked."""
+    or 0; both checked. A device step (a 0-d uint32 CuPy array, ``philox.check_step``) passes
+    through unchanged and unread; ``xp``, the op's array module where it is known, rejects one
+    on NumPy."""
     global _offset
     if seed is None:
         seed = _seed
         if step is None:
             step, _offset = _offset, (_offset + 1) % 2 ** 32
-    return check_seed("seed", seed), check_seed("step", 0 if step is None else step)
+    return check_seed("seed", seed), check_step(0 if step is None else step, xp)

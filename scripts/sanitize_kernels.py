@@ -16,9 +16,12 @@ for n in (1, 31, 127, 129, 1000, 70000):
         x = cp.ones(n, dt)
         y, saved = F.dropout(x, 0.3, seed=1, layer=2, step=n)
         F.dropout_backward(y, saved)
+        F.dropout(x, 0.3, seed=1, layer=2, step=cp.asarray(n, dtype=np.uint32))  # device step
 for shape, block in [((1, 1), (1, 1)), ((130, 70), (128, 32)), ((700, 300), (1, 1)),
                      ((5, 3000), (2, 3))]:
     masks.block_mask(shape, block, 0.5, seed=0, layer=0, step=0, xp=cp)
+    masks.block_mask(shape, block, 0.5, seed=0, layer=0, step=cp.asarray(1, dtype=np.uint32),
+                     xp=cp)
 # conv2d (im2col, swap01, col2im) and batch norm (stats, fwd, backward sums and apply) on ragged
 # shapes: strides and paddings that leave edge windows partial, odd channel counts, (N, C) input.
 try:

@@ -8,15 +8,20 @@ template <typename T> struct alignas(4 * sizeof(T)) cd_vec4 { T v[4]; };
 // Thread t owns elements 4t .. 4t + 3: one Philox call (counter t), one vector load and store.
 // The four keep bits form a nibble; eight lanes OR their shifted nibbles into one 32-bit half of
 // the little-endian uint64 bit array (word t / 8). Launch 16 * ceil(n / 64) threads so every
-// bit word, padding included, is written.
+// bit word, padding included, is written. A non-null step_ptr (a device step) replaces the
+// by-value step: read when the kernel runs, so a replayed CUDA graph draws the step the host
+// wrote there last.
 template <typename T>
 __global__ void dropout_fwd(const T* __restrict__ x, T* __restrict__ y,
                             unsigned int* __restrict__ bits, long long n, long long n_words32,
                             unsigned int seed, unsigned int layer, unsigned int step,
+                            const unsigned int* __restrict__ step_ptr,
                             unsigned int thresh, double scale) {
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long i0 = 4 * t;
-    const cd_u4 r = cd_philox((unsigned int)t, 0u, step, CD_TAG_ELEMENT, seed, layer);
+    // one uniform branch; every thread of a warp loads the same word (one broadcast load)
+    const unsigned int step_now = step_ptr ? *step_ptr : step;
+    const cd_u4 r = cd_philox((unsigned int)t, 0u, step_now, CD_TAG_ELEMENT, seed, layer);
     const bool k0 = i0 < n && r.x >= thresh, k1 = i0 + 1 < n && r.y >= thresh;
     const bool k2 = i0 + 2 < n && r.z >= thresh, k3 = i0 + 3 < n && r.w >= thresh;
     if (i0 + 3 < n) {
@@ -59,7 +64,7 @@ __global__ void dropout_bwd(const T* __restrict__ gy, const unsigned int* __rest
 #ifdef CUDROP_INSTANTIATE  // explicit instances for the nvcc compile check (NVRTC uses name_expressions)
 #define CD_INST(T) \
     template __global__ void dropout_fwd<T>(const T*, T*, unsigned int*, long long, long long, \
-        unsigned int, unsigned int, unsigned int, unsigned int, double); \
+        unsigned int, unsigned int, unsigned int, const unsigned int*, unsigned int, double); \
     template __global__ void dropout_bwd<T>(const T*, const unsigned int*, T*, long long, double);
 CD_INST(float) CD_INST(double) CD_INST(cd_f16) CD_INST(cd_bf16)
 #endif

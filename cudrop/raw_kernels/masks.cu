@@ -2,7 +2,9 @@
 // per-row lists of kept K-blocks and the per-column lists of kept row blocks. CTAs [0, nM) own a
 // row, CTAs [nM, nM + nK) a column; a column CTA redraws its cells instead of waiting for the
 // rows, which a counter-based generator makes free of coordination. Lists are ELL: line i's
-// kept indices ascending in index[i, :count[i]], the rest -1. blockDim must be 256.
+// kept indices ascending in index[i, :count[i]], the rest -1. blockDim must be 256. A non-null
+// step_ptr (a device step) replaces the by-value step, read when the kernel runs (CUDA graph
+// replays draw the step the host wrote there last).
 #include "philox.cuh"
 
 extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
@@ -10,8 +12,11 @@ extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
                                       int* __restrict__ col_count, int* __restrict__ col_index,
                                       const unsigned int* __restrict__ row_ids, int nM, int nK,
                                       long long words32_per_row, unsigned int seed,
-                                      unsigned int layer, unsigned int step, unsigned int tag,
+                                      unsigned int layer, unsigned int step,
+                                      const unsigned int* __restrict__ step_ptr, unsigned int tag,
                                       unsigned int thresh) {
+    // read once per thread, before the loop: a uniform branch and one broadcast load
+    const unsigned int step_now = step_ptr ? *step_ptr : step;
     __shared__ int warp_sums[8];
     __shared__ int running;
     const bool is_row = blockIdx.x < (unsigned int)nM;
@@ -27,7 +32,7 @@ extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
         if (t < len) {
             const int r = is_row ? line : t, c = is_row ? t : line;
             const unsigned int rid = row_ids ? row_ids[r] : (unsigned int)r;
-            keep = cd_mask_word(seed, layer, step, tag, rid, (unsigned long long)c) >= thresh;
+            keep = cd_mask_word(seed, layer, step_now, tag, rid, (unsigned long long)c) >= thresh;
         }
         const unsigned int b = __ballot_sync(0xffffffffu, keep);
         if (is_row && lane == 0) {

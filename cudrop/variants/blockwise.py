@@ -38,6 +38,7 @@ def draw_mask(shape, p, *, seed=None, layer=0, step=None, block=gyro.DEFAULT_BLO
     launch on CuPy). Edge blocks are partial when the shape does not divide. ``seed=None``: the
     global generator (``cudrop.random``)."""
     seed, step = random.resolve(seed, step)
+    step = philox.check_host_step(step, "blockwise gyro dropout")
     return gyro.blockwise_mask(shape, philox.check_prob(p), step=step, seed=seed, layer=layer,
                                block=block, num_subnets=num_subnets, co_scheduled=co_scheduled,
                                period=period, schedule=schedule, xp=xp)

@@ -34,6 +34,8 @@ def dropout(x, p, *, seed=None, layer=0, step=None):
     element, a pure function of (seed, layer, step) and the element's flat index.
 
     ``x`` any shape, float16/bfloat16/float32/float64; ``p`` the drop probability in [0, 1).
+    ``step`` an int, or on CuPy a device step (a 0-d uint32 CuPy array, read by the kernel when
+    it runs: a captured CUDA graph draws a new mask per replay once the host writes the step).
     Nothing is skipped (the baseline variant); on CuPy it is one fused pass that draws, scales
     and packs the mask into bits, and backward reads only those bits.
 
@@ -42,12 +44,12 @@ def dropout(x, p, *, seed=None, layer=0, step=None):
     """
     p = philox.check_prob(p)
     _check_x(x)
-    seed, step = random.resolve(seed, step)
+    xp = backend.get_array_module(x)
+    seed, step = random.resolve(seed, step, xp)
     layer = philox.check_seed("layer", layer)
     if p == 0:
         return x, DropoutSaved(None, 1.0)
     scale = 1.0 / (1.0 - p)
-    xp = backend.get_array_module(x)
     if xp is np:
         mask = masks.element_mask(x.size, p, seed=seed, layer=layer, step=step)
         keep = mask.to_dense().reshape(x.shape)
@@ -91,7 +93,8 @@ def _dropout_gpu(cp, x, p, scale, seed, layer, step):
     bits = cp.empty((1, max(words, 1)), np.uint64)
     if n:
         threads = 16 * words  # one per 4 elements, and enough to write every bit word
+        step_value, step_ptr = philox.step_args(step)
         launch("dropout.cu", "dropout_fwd", x.dtype, (-(-threads // _THREADS),), (_THREADS,),
             (x, y, bits, np.int64(n), np.int64(2 * words), np.uint32(seed), np.uint32(layer),
-             np.uint32(step), np.uint32(philox.threshold(p)), np.float64(scale)))
+             step_value, step_ptr, np.uint32(philox.threshold(p)), np.float64(scale)))
     return y, masks.ElementMask(n, p, bits)

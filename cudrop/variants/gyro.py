@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend, random
+from .. import backend, philox, random
 from ..functional._block_linear import _scale_and_zero
 from . import gyro_schedule as gyro
 
@@ -61,6 +61,7 @@ def draw_mask(n_units, p, *, seed=None, layer=0, step=None, num_subnets=gyro.DEF
     masks (a ``GyroMask``), a pure function of (seed, layer, step) and the schedule.
     ``seed=None``: the global generator (``cudrop.random``)."""
     seed, step = random.resolve(seed, step)
+    step = philox.check_host_step(step, "gyro_dropout")
     return gyro.gyro_mask(n_units, p, step=step, seed=seed, layer=layer, num_subnets=num_subnets,
                           co_scheduled=co_scheduled, period=period, schedule=schedule, xp=xp)
 

@@ -252,6 +252,7 @@ def draw_mask(n_units, p, *, seed=None, layer=0, step=None, align=None) -> Slice
     (``slice_ranges``). A pure function of its arguments; host-side, no device work.
     ``seed=None``: the global generator (``cudrop.random``)."""
     seed, step = random.resolve(seed, step)
+    step = philox.check_host_step(step, "sliceout")
     n = _int("n_units", n_units, 1)
     p = philox.check_prob(p)
     align = check_align(align)

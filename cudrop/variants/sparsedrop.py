@@ -32,7 +32,8 @@ def draw_mask(shape, p, *, block=DEFAULT_BLOCK, seed=None, layer=0, step=None, x
     """SparseDrop's mask over an (M, K) operand: i.i.d. Bernoulli(1 - p) keep per ``block``
     = (Mb, Kb) block, a pure function of (seed, layer, step); a ``cudrop.masks.BlockMask`` drawn,
     packed and listed in one launch on CuPy (``xp=cupy``). ``seed=None``: the global generator
-    (``cudrop.random``)."""
+    (``cudrop.random``). On CuPy ``step`` may be a device step (a 0-d uint32 CuPy array, read by
+    the kernel when it runs; ``masks.block_mask``)."""
     seed, step = random.resolve(seed, step)
     return masks.block_mask(shape, block, philox.check_prob(p), seed=seed, layer=layer,
                             step=step, xp=xp)
