@@ -6,6 +6,8 @@ arrays as ``(out, saved)`` / ``_backward`` pairs in ``cudrop.functional``. Layer
 ``cudrop.nn``; ``cudrop.optim``, ``cudrop.models``, ``cudrop.data``; the block-sparse GEMMs on
 raw arrays in ``cudrop.bsmm``; masks in ``cudrop.masks`` and each variant's draw in
 ``cudrop.variants``; ``cudrop.save`` / ``cudrop.load`` checkpoint a whole training state.
+On the GPU, ops never read device values back to check them: a bad index is raised at the next
+check point (``cudrop.check_errors``; see ``cudrop._checks`` for the rule).
 Submodules load on first use.
 """
 import importlib as _importlib
@@ -15,6 +17,7 @@ __version__ = "0.1.0"
 
 from . import backend
 from ._memo import clear_caches
+from ._checks import IndexRangeError, check_errors
 from .checkpoint import load, save
 from .autograd import *  # noqa: F401,F403
 from .autograd import Function, Tensor, eval_mode, no_grad, tensor, train_mode
@@ -22,7 +25,8 @@ from .autograd import Function, Tensor, eval_mode, no_grad, tensor, train_mode
 _SUBMODULES = ("autograd", "bsmm", "data", "functional", "graph", "masks", "models", "nn",
                "optim", "philox", "random", "variants")
 
-__all__ = sorted(set(autograd.__all__) | {"clear_caches", "load", "save", "__version__"})  # noqa: F405
+__all__ = sorted(set(autograd.__all__) | {"IndexRangeError", "check_errors", "clear_caches",  # noqa: F405
+                                          "load", "save", "__version__"})
 
 
 def __getattr__(name):

@@ -141,14 +141,6 @@ def to_device(a, device: str):
     return cupy.asnumpy(a) if is_gpu_array(a) else np.asarray(a)
 
 
-def index_range(a):
-    """``(min, max)`` of a non-empty integer array as Python ints, in one device-to-host
-    transfer on the GPU (the validation of indices costs one sync, not two)."""
-    xp = get_array_module(a)
-    lo, hi = (int(v) for v in asnumpy(xp.stack([a.min(), a.max()])))
-    return lo, hi
-
-
 def asnumpy(a):
     return cupy.asnumpy(a) if is_gpu_array(a) else np.asarray(a)
 
@@ -161,30 +153,35 @@ def pinned_empty(n, dtype):
 
 
 class HostCopy:
-    """A device scalar copied to the host without waiting for it: ``ready()`` polls (never
-    blocks), ``value()`` returns the number (waiting only if the copy is still in flight). On
-    NumPy the value is there at once. The training loop reads its loss this way, so showing
-    the loss costs no host sync per step."""
+    """A device array (a scalar, or a small record) copied to the host without waiting for it:
+    ``ready()`` polls (never blocks), ``value()`` returns the number and ``array()`` the host
+    array (both waiting only if the copy is still in flight). On NumPy the data is there at
+    once. The training loop reads its loss this way, so showing the loss costs no host sync per
+    step, and cudrop's device error record (``cudrop.check_errors``) rides along."""
 
     def __init__(self, a):
         self._event = None
         if is_gpu_array(a):
             import cupyx
-            self._host = cupyx.empty_pinned((), a.dtype)
+            self._host = cupyx.empty_pinned(a.shape, a.dtype)
             stream = cupy.cuda.get_current_stream()
-            a.reshape(()).get(stream=stream, out=self._host, blocking=False)
+            a.get(stream=stream, out=self._host, blocking=False)
             self._event = cupy.cuda.Event(disable_timing=True)
             self._event.record(stream)
         else:
-            self._host = np.asarray(a).reshape(())
+            self._host = np.asarray(a)
 
     def ready(self) -> bool:
         return self._event is None or self._event.done
 
-    def value(self) -> float:
+    def array(self):
+        """The host copy (a NumPy array of the device array's shape and dtype)."""
         if self._event is not None:
             self._event.synchronize()
-        return float(self._host)
+        return self._host
+
+    def value(self) -> float:
+        return float(self.array().reshape(()))
 
 
 def info() -> dict:

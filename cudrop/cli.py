@@ -235,6 +235,7 @@ def cmd_train(args):
     from . import backend
     from .nn import set_total_steps
     from .train import ClassifierTask, LanguageTask, NonFiniteLoss, Trainer
+    from ._checks import IndexRangeError
 
     cfg = _run_config(args)
     _check_paths(args)
@@ -281,7 +282,7 @@ def cmd_train(args):
     t0 = time.perf_counter()
     try:
         hist, final = trainer.fit(cfg["epochs"])
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, IndexRangeError) as e:  # a diverged run, or a bad label in the data
         saved = f"; the last checkpoint at {trainer.save_path} is intact" if trainer.save_path else ""
         print(f"cudrop train: stopped: {e}{saved}", file=sys.stderr)
         return 1

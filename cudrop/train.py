@@ -1,6 +1,8 @@
 """Training loops behind ``cudrop train``: a task (image classification or character language
 modelling) gives batches and metrics, a :class:`Trainer` runs the steps, shows the loss without
-a host sync per step, stops on a non-finite loss, and checkpoints and resumes the whole state.
+a host sync per step, stops on a non-finite loss or a bad index (``cudrop.check_errors``: on the
+GPU an op's index check is read back only where the loop reads the loss, at the end of an epoch,
+in evaluation and before a checkpoint), and checkpoints and resumes the whole state.
 
 A resumed run is the uninterrupted run: the data order is a function of (seed, epoch), every
 stochastic layer's masks of (seed, layer, step) with its step in the checkpoint, and the
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import autograd as ag
 from . import backend, checkpoint
+from ._checks import ErrorSnapshot, check_errors
 
 __all__ = ["History", "ClassifierTask", "LanguageTask", "Trainer", "NonFiniteLoss"]
 
@@ -74,6 +77,7 @@ class ClassifierTask:
                 correct = correct + (logits.data.argmax(axis=-1) == yb).sum()
                 total += len(yb)
         model.train()
+        check_errors()  # a bad label of the split, before its garbage becomes a metric
         return {f"{split}_loss": float(loss_sum) / total, f"{split}_acc": int(correct) / total}
 
 
@@ -100,13 +104,16 @@ class LanguageTask:
                                        self.batch_size, steps=20, seed=1234, device=self.device):
                 losses.append(ag.cross_entropy(model(xb), yb).data)
         model.train()
+        check_errors()
         return {f"{split}_loss": float(sum(losses)) / len(losses)}
 
 
 class _LossReader:
     """The loss shown while training: a copy started every ``interval`` steps and read once it
     has landed (``backend.HostCopy``), so the shown loss is at most two intervals old and no
-    step waits for the device. A non-finite value raises :class:`NonFiniteLoss`."""
+    step waits for the device. The device error record is copied just before it and checked
+    when the loss lands (``cudrop.check_errors``'s error, e.g. a bad label, is raised then); a
+    non-finite value raises :class:`NonFiniteLoss`."""
 
     def __init__(self, interval):
         self.interval, self.pending, self.last = interval, None, None
@@ -115,11 +122,15 @@ class _LossReader:
         if self.pending is not None and self.pending[1].ready():
             self._take()
         if self.pending is None and step % self.interval == 0:
-            self.pending = (step, backend.HostCopy(loss))
+            # errors first: the loss copy's landing then implies the errors' (one stream)
+            errors = ErrorSnapshot()
+            self.pending = (step, backend.HostCopy(loss), errors)
 
     def _take(self):
-        step, copy = self.pending
-        self.pending, self.last = None, (step, copy.value())
+        step, copy, errors = self.pending
+        self.pending = None
+        errors.check()  # a bad index explains a garbage loss: report it first
+        self.last = (step, copy.value())
         if not math.isfinite(self.last[1]):
             raise NonFiniteLoss(f"the training loss became {self.last[1]} at step {step}: "
                                 "lower the learning rate (--lr) or check the data")
@@ -152,7 +163,9 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------
     def save(self, path):
-        """Checkpoint the whole state (model, optimizer, schedule, loop position)."""
+        """Checkpoint the whole state (model, optimizer, schedule, loop position). A failure
+        recorded by a device-side check is raised first, so no checkpoint holds its garbage."""
+        check_errors()
         loss = None if self._epoch_loss is None else float(self._epoch_loss)
         checkpoint.save(path, self.model, self.optimizer, self.schedule, step=self.step,
                         epoch_loss=loss, epoch_steps=self._epoch_steps,
@@ -212,6 +225,7 @@ class Trainer:
         _sync(xp)
         self._epoch_time += time.perf_counter() - t0
         reader.flush()
+        check_errors()  # the steps after the last loss copy
         show.close()
 
     def _add_loss(self, xp, value):

@@ -82,5 +82,42 @@ for dt in bf16:  # CuPy's own bfloat16 ops (casts, sums) may lag: report, do not
         conv_and_norm(dt)
     except Exception as e:
         print(f"bfloat16 conv/norm launches stopped: {type(e).__name__}: {e}")
+
+
+def index_checks():
+    """checks.cu on ragged sizes and index dtypes, and the ops that consume a bad index (CuPy's
+    wrapping take / take_along_axis / add.at): memcheck shows that nothing is read or written
+    outside the arrays while the failure waits for its check point."""
+    import cudrop
+    from cudrop import _checks
+    from cudrop.functional import _embedding as Femb, _loss as Floss
+
+    def expect_failure():
+        try:
+            cudrop.check_errors()
+        except cudrop.IndexRangeError:
+            return
+        raise AssertionError("a bad index was not recorded")
+
+    for n in (1, 255, 4096, 4097, 70000):
+        for dt in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint32, np.uint64):
+            a = cp.zeros(n, dt)
+            _checks.check_index_range("a", a, 0, 10, op="sanitize")
+            a[n - 1] = 100
+            _checks.check_index_range("a", a, 0, 10, op="sanitize")
+            expect_failure()
+    logits = cp.ones((7, 5), np.float32)
+    t = cp.asarray([0, 5, -1, 4, 1000, 2, -(1 << 40)])
+    loss, saved = Floss.cross_entropy(logits, t, reduction="none")
+    Floss.cross_entropy_backward(cp.ones_like(loss), saved)
+    expect_failure()
+    w = cp.ones((5, 3), np.float32)
+    i = cp.asarray([[0, 5], [-7, 1 << 40]])
+    out, saved = Femb.embedding(i, w)
+    Femb.embedding_backward(cp.ones_like(out), saved)
+    expect_failure()
+
+
+index_checks()
 cp.cuda.Device().synchronize()
 print("sanitize run ok")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from cudrop import backend
+import cudrop
+from cudrop import _checks, backend
 
 # ``xp`` is a module, the same for every example, so a function-scoped fixture is safe here.
 _ok = [HealthCheck.function_scoped_fixture]
@@ -22,6 +23,33 @@ def xp(request):
     if request.param == "numpy":
         return np
     return backend.cupy
+
+
+@pytest.fixture(autouse=True)
+def _no_unreported_device_error():
+    """A test that leaves a failure in a device error record fails here (instead of the next
+    test that reaches a check point): a test of a bad index must consume it with
+    ``cudrop.check_errors()`` (see :func:`raises_at_check`)."""
+    yield
+    if _checks._RECORDS:
+        try:
+            cudrop.check_errors()
+        except cudrop.IndexRangeError as e:
+            pytest.fail(f"the test left an unreported device error: {e}")
+
+
+def raises_at_check(xp, match, fn):
+    """``fn()`` (an op given a bad index) raises IndexRangeError matching ``match``: at once on
+    NumPy; on CuPy it returns, and the next ``cudrop.check_errors()`` raises. Returns what
+    ``fn`` returned on CuPy (None on NumPy)."""
+    if xp is np:
+        with pytest.raises(cudrop.IndexRangeError, match=match):
+            fn()
+        return None
+    out = fn()
+    with pytest.raises(cudrop.IndexRangeError, match=match):
+        cudrop.check_errors()
+    return out
 
 
 def pytest_collection_modifyitems(config, items):

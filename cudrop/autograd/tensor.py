@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
+from .._checks import check_errors
 
 
 class Tensor:
@@ -45,10 +46,20 @@ class Tensor:
 
     # ---- conversions -------------------------------------------------------------------
     def numpy(self):
-        return backend.asnumpy(self.data)
+        """The data as a NumPy array. From the GPU this waits for the device, so it is also a
+        check point: a failure recorded by a device-side check is raised here
+        (``cudrop.check_errors``)."""
+        out = backend.asnumpy(self.data)
+        if backend.is_gpu_array(self.data):
+            check_errors()
+        return out
 
     def item(self):
-        return self.data.item()
+        """The single element as a Python number; a check point on the GPU, as ``numpy()``."""
+        out = self.data.item()
+        if backend.is_gpu_array(self.data):
+            check_errors()
+        return out
 
     def to(self, device: str) -> "Tensor":
         """A leaf copy on 'cpu' or 'gpu' (the graph does not cross devices)."""

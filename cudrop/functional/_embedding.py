@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import backend
+from .._checks import check_index_range
 from ._norm import compute_dtype
 
 Array = Any  # a NumPy or CuPy array
@@ -24,7 +25,9 @@ class EmbeddingSaved(NamedTuple):
 
 def embedding(indices, weight):
     """``weight[indices]``: rows of the (V, D) table ``weight`` for integer ``indices`` of any
-    shape; the output has shape ``indices.shape + (D,)``.
+    shape; the output has shape ``indices.shape + (D,)``. An index outside [0, V) raises
+    ``cudrop.IndexRangeError``: at once on NumPy, at the next ``cudrop.check_errors()`` on the
+    GPU (the call itself never waits for the device; its rows are garbage then).
     Returns ``(out, saved)`` (an :class:`EmbeddingSaved`) for :func:`embedding_backward`."""
     backend.get_array_module(indices, weight)
     if not hasattr(indices, "dtype") or indices.dtype.kind not in "iu":
@@ -35,10 +38,11 @@ def embedding(indices, weight):
                          f"{tuple(weight.shape)}")
     v = weight.shape[0]
     if indices.size:
-        lo, hi = backend.index_range(indices)
-        if lo < 0 or hi >= v:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"indices must lie in [0, {v}) (the rows of weight), found {bad}")
+        if v == 0:  # CuPy would wrap the indices modulo 0 rows
+            raise ValueError("weight has 0 rows: there is nothing to look up")
+        # No host read on the GPU: a bad index is raised at the next check point, and until
+        # then CuPy's take (and add.at in the backward) wraps it into the rows of weight.
+        check_index_range("indices", indices, 0, v, op="embedding")
     out = weight[indices]
     saved = EmbeddingSaved(indices, weight.shape, weight.dtype)
     return out, saved

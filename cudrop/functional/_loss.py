@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import backend
+from .._checks import check_index_range
 from ._norm import compute_dtype
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -56,8 +57,10 @@ def cross_entropy(logits, targets, reduction="mean"):
     """Softmax cross entropy ``-log softmax(logits)[target]``.
 
     ``logits`` has shape (..., C); ``targets`` holds integer class indices in [0, C) with shape
-    ``logits.shape[:-1]``. Returns ``(loss, saved)`` (a :class:`CrossEntropySaved`) for
-    :func:`cross_entropy_backward`.
+    ``logits.shape[:-1]``. A target outside [0, C) raises ``cudrop.IndexRangeError``: at once on
+    NumPy, at the next ``cudrop.check_errors()`` on the GPU (the call itself never waits for
+    the device; its loss is garbage then). Returns ``(loss, saved)`` (a
+    :class:`CrossEntropySaved`) for :func:`cross_entropy_backward`.
     """
     xp = backend.get_array_module(logits, targets)
     _check_reduction(reduction)
@@ -75,11 +78,9 @@ def cross_entropy(logits, targets, reduction="mean"):
     if targets.size:
         if c == 0:
             raise ValueError("logits has 0 classes on its last axis")
-        lo, hi = backend.index_range(targets)
-        if lo < 0 or hi >= c:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"targets must lie in [0, {c}) (the {c} classes of logits), "
-                             f"found {bad}")
+        # No host read on the GPU: a bad target is raised at the next check point, and until
+        # then take_along_axis wraps it into the classes (CuPy's indexing), so it reads logits.
+        check_index_range("targets", targets, 0, c, op="cross_entropy")
     cdt = compute_dtype(logits.dtype)
     z = logits.astype(cdt, copy=False)
     shifted = z - z.max(axis=-1, keepdims=True) if c else z
