@@ -223,10 +223,15 @@ class CapturedStep:
             self.stream.begin_capture(mode)
             try:
                 out = self.fn(*self.static_in)
-            finally:
+            except BaseException:
                 _recorder = None
-                graph = self.stream.end_capture()
-            return out, graph
+                try:  # end the (possibly invalidated) capture; the step's own error is the report
+                    self.stream.end_capture()
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+            _recorder = None
+            return out, self.stream.end_capture()
 
         try:
             self.static_out, self.graph = self._on_stream(record)
