@@ -161,8 +161,16 @@ _linear = _torch_op(_act.linear, _act.linear_backward, ("x", "w", "b"))
 # ---- layers ---------------------------------------------------------------------------------
 
 class _Stochastic(torch.nn.Module):
-    """seed, layer and a step counter (saved in state_dict as buffers, so a resumed run draws
-    the same masks); the step advances once per training forward."""
+    """seed, layer and a step counter (an int32 buffer in state_dict, so a resumed run draws
+    the same masks); the step advances once per training forward.
+
+    Layers whose masks are drawn by kernels (Dropout, SparseDropLinear) keep the step on the
+    module's device: the mask kernel reads it from device memory and a PyTorch op advances it,
+    so nothing synchronises and a step captured with ``torch.cuda.graph`` draws a new mask on
+    every replay. Layers that decide their mask on the host (SliceOut's slice, block-wise's
+    schedule) keep it on the CPU and cannot be captured."""
+
+    _device_step = False
 
     def __init__(self, p, seed, layer):
         super().__init__()
@@ -170,9 +178,22 @@ class _Stochastic(torch.nn.Module):
         self.p = check_prob(p)
         self.seed = check_seed("seed", seed)
         self.layer = check_seed("layer", layer)
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64), persistent=True)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int32), persistent=True)
 
-    def _next_step(self):
+    def _next_step(self, x):
+        """This forward's step for input ``x``: an int, or for a CUDA ``x`` in a layer with a
+        device step, a 0-d uint32 CuPy view of the buffer (read by the kernel when it runs)."""
+        if x.device.type == "cuda" and self._device_step:
+            if self.step.device != x.device:
+                self.step = self.step.to(x.device)
+            # This step's value in its own buffer (the kernel reads it later on the same
+            # stream), then the counter advances: two tiny PyTorch ops, captured like any other.
+            current = self.step.clone()
+            self.step.add_(1)
+            return backend.cupy.from_dlpack(current).view(np.uint32)
+        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{type(self).__name__} decides its mask on the host and cannot "
+                               "be captured in a CUDA graph (its mask would be frozen)")
         s = int(self.step)  # a host-side count: the buffer lives on the CPU
         self.step.fill_(s + 1)
         return s
@@ -180,7 +201,8 @@ class _Stochastic(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):
         step = self.step
         out = super()._apply(fn, *args, **kwargs)
-        self.step = step  # the counter stays on the host: reading it must not synchronise
+        if not self._device_step:
+            self.step = step  # the counter stays on the host: reading it must not synchronise
         return out
 
     def extra_repr(self):
@@ -191,13 +213,17 @@ class Dropout(_Stochastic):
     """Inverted element dropout with cudrop's counter-based masks (one fused kernel on CUDA);
     the identity in eval mode."""
 
+    _device_step = True
+
     def __init__(self, p=0.5, seed=0, layer=0):
         super().__init__(p, seed, layer)
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        return dropout(x, self.p, seed=self.seed, layer=self.layer, step=self._next_step())
+        with _on_torch_stream(x):
+            step = self._next_step(x)
+        return dropout(x, self.p, seed=self.seed, layer=self.layer, step=step)
 
 
 class _LinearBase(_Stochastic):
@@ -233,6 +259,8 @@ class SparseDropLinear(_LinearBase):
     """SparseDrop on the input of a Linear: i.i.d. dropped (Mb, Kb) blocks of x (leading axes
     flattened to rows), skipped in all three GEMMs; a plain Linear in eval mode."""
 
+    _device_step = True
+
     def __init__(self, in_features, out_features, p, block=_sparsedrop.DEFAULT_BLOCK, bias=True,
                  seed=0, layer=0, device=None, dtype=None):
         super().__init__(in_features, out_features, p, bias, seed, layer, device, dtype)
@@ -245,7 +273,7 @@ class SparseDropLinear(_LinearBase):
         with _on_torch_stream(x):
             mask = _sparsedrop.draw_mask((self._rows(x), self.in_features), self.p,
                                          block=self.block, seed=self.seed, layer=self.layer,
-                                         step=self._next_step(), xp=self._xp(x))
+                                         step=self._next_step(x), xp=self._xp(x))
         return sparsedrop_linear(x, self.weight, self.bias, mask=mask)
 
 
@@ -266,7 +294,7 @@ class SliceOutLinear(_LinearBase):
         if not self.training or self.p == 0:
             return self._dense(x)
         mask = _sliceout.draw_mask(self.in_features, self.p, seed=self.seed, layer=self.layer,
-                                   step=self._next_step(), align=self.align)
+                                   step=self._next_step(x), align=self.align)
         return sliceout_linear(x, self.weight, self.bias, mask=mask)
 
 
@@ -292,7 +320,7 @@ class BlockwiseLinear(_LinearBase):
             return torch.relu(y) if self.act == "relu" else y
         units = self.in_features if self.mode == "input" else self.out_features
         with _on_torch_stream(x):
-            mask = _blockwise.draw_mask((self._rows(x), units), self.p, step=self._next_step(),
+            mask = _blockwise.draw_mask((self._rows(x), units), self.p, step=self._next_step(x),
                                         seed=self.seed, layer=self.layer, xp=self._xp(x),
                                         **self.schedule)
         if self.mode == "input":

@@ -102,3 +102,60 @@ def test_layers_advance_steps_and_mlp_learns_digits(device):
         acc = (model(x[1500:]).argmax(1) == y[1500:]).float().mean().item()
     # a plain torch.nn MLP of the same shape reaches 0.92 on this split (chance: 0.1)
     assert int(model[0].step) == 15 * 15 and acc > 0.85, acc
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.gpu_available(), reason="no usable CUDA GPU")
+def test_a_pytorch_step_with_cudrop_layers_is_captured_by_torch_cuda_graph():
+    """Dropout and SparseDropLinear keep their step on the device: a step captured with
+    torch.cuda.graph and replayed equals the same steps run eagerly (new masks every replay)."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                   ct.Dropout(0.3, seed=1, layer=0),
+                                   ct.SparseDropLinear(256, 10, p=0.3, block=(32, 32), seed=1,
+                                                       layer=1)).cuda()
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [(torch.randn(128, 64, device="cuda", generator=g),
+                torch.randint(0, 10, (128,), device="cuda", generator=g)) for _ in range(8)]
+
+    def run(model, opt, x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    eager = build()
+    opt_e = torch.optim.SGD(eager.parameters(), 0.1, momentum=0.9)
+    want = [float(run(eager, opt_e, x, y)) for x, y in batches]
+
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+    got = []
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for x, y in batches[:3]:  # warm-up steps are real steps
+            got.append(float(run(model, opt, x, y)))
+    torch.cuda.current_stream().wait_stream(s)
+    sx, sy = batches[3][0].clone(), batches[3][1].clone()
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss = torch.nn.functional.cross_entropy(model(sx), sy)
+        loss.backward()
+        opt.step()
+    # The capture recorded step 3 without running it: the device counters did not move.
+    assert int(model[2].step) == int(model[3].step) == 3
+    for x, y in batches[3:]:
+        sx.copy_(x)
+        sy.copy_(y)
+        graph.replay()
+        got.append(float(loss))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert int(model[2].step) == int(eager[2].step) == len(batches)
+    for (n, a), (_, b) in zip(eager.named_parameters(), model.named_parameters()):
+        np.testing.assert_allclose(b.detach().cpu().numpy(), a.detach().cpu().numpy(),
+                                   rtol=1e-4, atol=1e-5, err_msg=n)
