@@ -341,3 +341,28 @@ def test_optimizer_trains_a_tiny_regression():
         opt.step()
         sched.step()
     np.testing.assert_allclose(w.data, w_true, atol=1e-2)
+
+
+@pytest.mark.parametrize("opt_cls", ["sgd", "adam"])
+def test_half_precision_parameters_train_through_a_float32_master_copy(xp, opt_cls):
+    """Updates below half a float16 ulp accumulate in the float32 master and reach the
+    parameter once they add up; the parameter is always the master's rounding."""
+    p = Tensor(xp.ones(4, dtype=np.float16))
+    opt = SGD([p], lr=1e-4) if opt_cls == "sgd" else Adam([p], lr=1e-4)
+    master = np.ones(4, np.float32)
+    m = v = np.zeros(4, np.float32)
+    for t in range(1, 11):
+        p.grad = xp.ones(4, dtype=np.float16)
+        opt.step()
+        g = np.ones(4, np.float32)
+        if opt_cls == "sgd":
+            master -= np.float32(1e-4) * g
+        else:
+            m = np.float32(0.9) * m + np.float32(0.1) * g
+            v = np.float32(0.999) * v + np.float32(0.001) * g * g
+            denom = np.sqrt(v) / np.float32((1 - 0.999 ** t) ** 0.5) + np.float32(1e-8)
+            master -= np.float32(1e-4 / (1 - 0.9 ** t)) * (m / denom)
+    state = opt.state[0]
+    np.testing.assert_allclose(backend.asnumpy(state["master"]), master, rtol=1e-6)
+    np.testing.assert_array_equal(backend.asnumpy(p.data), master.astype(np.float16))
+    assert backend.asnumpy(p.data)[0] < 1.0  # without the master copy it would stay at 1.0

@@ -40,10 +40,11 @@ def check_number(name: str, value, low=None, high=None, low_open=False, high_ope
 def state_dtype(dtype):
     """The dtype optimizer state and update arithmetic use for parameters of ``dtype``.
 
-    Half-precision moments underflow (v ~ g**2 is below float16's range for typical grads), so
-    float16/bfloat16 parameters get float32 state; the update is written back rounded. There is
-    no float32 master copy of the weights yet: an update below half a unit in the last place of
-    a half-precision weight is lost, so train in float32 (the default) unless that is acceptable.
+    float16/bfloat16 parameters train in mixed precision: the optimizer keeps a float32 master
+    copy of each (state ``"master"``), applies every update to it in float32 and writes the
+    rounded result back to the parameter, so updates below half a unit in the last place of the
+    half-precision weight accumulate instead of being lost; moments are float32 too (v ~ g**2
+    underflows float16).
     """
     if dtype.itemsize <= 2:
         return np.dtype(np.float32)
@@ -119,8 +120,13 @@ class Optimizer:
                 raise ValueError(f"params[{i}].grad has shape {g.shape}, expected "
                                  f"{p.data.shape}")
             sdt = state_dtype(p.data.dtype)
-            w = p.data if p.data.dtype == sdt else p.data.astype(sdt)
             st = self.state[i]
+            if p.data.dtype == sdt:
+                w = p.data
+            else:  # the float32 master copy is what trains; the parameter is its rounding
+                w = st.get("master")
+                if w is None:
+                    w = st["master"] = p.data.astype(sdt)
             st["step"] = st.get("step", 0) + 1
             self._update(w, g.astype(sdt, copy=False), st, xp)
             if w is not p.data:
