@@ -28,10 +28,10 @@ DEFAULTS = {
 # Flags that define the run: a resumed run takes them from its checkpoint.
 RUN_FLAGS = ("model", "data", "dropout", "p", "depth_dropout", "stochastic_depth",
              "stochastic_depth_mode", "drop_downsampling", "epochs", "batch_size", "lr",
-             "optimizer", "warmup", "seed", "steps_per_epoch")
+             "optimizer", "warmup", "seed", "steps_per_epoch", "precision")
 GLOBAL_DEFAULTS = dict(model="mlp", dropout="dropout", p=0.1, depth_dropout=0.0,
                        stochastic_depth=0.0, stochastic_depth_mode="batch",
-                       drop_downsampling=False, seed=0, warmup=0)
+                       drop_downsampling=False, seed=0, warmup=0, precision="auto")
 
 
 class UsageError(Exception):
@@ -83,6 +83,10 @@ def _parser():
     a("--seed", type=int, help="seed of the weights, data order and masks [0]")
     a("--device", choices=("auto", "cpu", "gpu"), default="auto",
       help="auto: the GPU when CuPy sees one [auto]")
+    a("--precision", choices=("auto", "fp32", "tf32", "bf16"),
+      help="fp32: exact float32; tf32: float32 weights, TF32 tensor-core products; bf16: "
+      "bfloat16 compute with float32 master weights and float32 softmax/norm statistics "
+      "(GPU only). auto: bf16 on a GPU with bfloat16 tensor cores (sm_80+), else fp32 [auto]")
     a("--save", metavar="PATH", help="checkpoint the whole training state to PATH at each "
       "epoch's end (atomically: an interrupted run leaves the last complete one)")
     a("--save-every", type=int, metavar="N", help="with --save: also every N steps")
@@ -231,6 +235,23 @@ def _optimizer(cfg, params, total):
     return opt, sched
 
 
+def _precision(name, device):
+    """The parameter dtype of ``--precision`` on ``device`` (tf32 also switches the float32
+    GEMMs to TF32 tensor cores, through CuPy's own switch)."""
+    if name == "auto":
+        from . import backend
+        cc = backend.info().get("compute_capability") if device == "gpu" else None
+        name = "bf16" if cc and int(str(cc)[:1]) >= 8 else "fp32"
+    if name == "bf16":
+        if device != "gpu":
+            raise UsageError("--precision bf16 needs --device gpu (NumPy has no bfloat16 math)")
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    if name == "tf32":
+        os.environ["CUPY_TF32"] = "1"
+    return np.dtype(np.float32)
+
+
 def cmd_train(args):
     from . import backend
     from .nn import set_total_steps
@@ -244,6 +265,7 @@ def cmd_train(args):
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}")
 
+    dtype = _precision(cfg["precision"], device)
     from . import data as D
     loader = {"digits": D.load_digits, "mnist": D.load_mnist, "fashion": D.load_fashion_mnist,
               "shakespeare": D.load_shakespeare}[cfg["data"]]
@@ -252,12 +274,12 @@ def cmd_train(args):
     except D.DatasetNotFound as e:
         raise UsageError(f"--data {cfg['data']}: {e}")
 
-    model = _build(cfg, ds).to(device)
+    model = _build(cfg, ds).to(device, dtype=dtype)
     if cfg["model"] == "gpt":
         task = LanguageTask(ds, cfg["batch_size"], device, model.block_size,
                             cfg["steps_per_epoch"])
     else:
-        task = ClassifierTask(ds, cfg["batch_size"], device, cfg["steps_per_epoch"])
+        task = ClassifierTask(ds, cfg["batch_size"], device, cfg["steps_per_epoch"], dtype=dtype)
     total = cfg["epochs"] * task.steps_per_epoch
     opt, schedule = _optimizer(cfg, model.parameters(), total)
     set_total_steps(model, total)  # gyro: each sub-network runs once over the run
@@ -275,7 +297,8 @@ def cmd_train(args):
              f", stochastic depth {cfg['stochastic_depth']} ({cfg['stochastic_depth_mode']})"
              if cfg["stochastic_depth"] else "")
     at = f", resumed at step {trainer.step}" if args.resume else ""
-    print(f"training {cfg['model']} on {cfg['data']} ({device}), dropout={cfg['dropout']} "
+    print(f"training {cfg['model']} on {cfg['data']} ({device}, {np.dtype(dtype).name}), "
+          f"dropout={cfg['dropout']} "
           f"p={cfg['p']}{depth}, {model.num_parameters():,} parameters, {cfg['optimizer']} "
           f"lr={cfg['lr']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs of "
           f"{task.steps_per_epoch} steps{at}", flush=True)

@@ -48,12 +48,16 @@ class ClassifierTask:
     """Image classification: an epoch is the (seed, epoch) permutation of the training set, cut
     to ``steps_per_epoch`` batches if given; metrics are loss and accuracy."""
 
-    def __init__(self, data, batch_size, device, steps_per_epoch=None):
+    def __init__(self, data, batch_size, device, steps_per_epoch=None, dtype=None):
         from .data import num_batches
         self.batch_size, self.device = batch_size, device
-        # The data sets fit on the device: move them once, so batches are gathered there.
+        # The data sets fit on the device: move them once (images in the model's ``dtype``),
+        # so batches are gathered there.
         self.arrays = {k: backend.to_device(getattr(data, k), device)
                        for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")}
+        if dtype is not None:
+            for k in ("x_train", "x_val", "x_test"):
+                self.arrays[k] = self.arrays[k].astype(dtype)
         full = num_batches(len(data.x_train), batch_size)
         self.steps_per_epoch = full if steps_per_epoch is None else min(steps_per_epoch, full)
 

@@ -162,3 +162,13 @@ def test_fit_lm_reduces_loss_on_repetitive_text():
     hist, final = fit_lm(m, ds, opt, epochs=2, batch_size=8, device="cpu", steps_per_epoch=40,
                          progress=False, log=lambda s: None)
     assert final["test_loss"] < 0.5 * np.log(len(vocab))
+
+
+def test_precision_flag(tmp_path, capsys):
+    assert cli.main(["train", "--precision", "bf16", "--device", "cpu"]) == 2
+    assert "--precision bf16 needs --device gpu" in capsys.readouterr().err
+    out = tmp_path / "p.json"
+    assert cli.main(["train", "--epochs", "1", "--steps-per-epoch", "3", "--no-progress",
+                     "--device", "cpu", "--json", str(out)]) == 0
+    assert "(cpu, float32)" in capsys.readouterr().out  # auto: fp32 on the CPU
+    assert json.loads(out.read_text())["config"]["precision"] == "auto"

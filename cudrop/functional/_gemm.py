@@ -76,13 +76,13 @@ class _Plan:
     (``cudrop.clear_caches`` drops them)."""
 
     def __init__(self, device_id, dtype, n, m, k, trans_a, trans_b, ld_a, ld_b, batch,
-                 strides, epilogue, aligns, bias_dtype):
+                 strides, epilogue, aligns, bias_dtype, tf32):
         lt = _lt
         t = _DATA_TYPE[dtype]
         if dtype == "float64":
             compute, scale = _COMPUTE_64F, _DATA_TYPE["float64"]
         else:
-            compute = _COMPUTE_32F_FAST_TF32 if dtype == "float32" and _tf32() else _COMPUTE_32F
+            compute = _COMPUTE_32F_FAST_TF32 if dtype == "float32" and tf32 else _COMPUTE_32F
             scale = _DATA_TYPE["float32"]
         self.scale_dtype = np.float64 if dtype == "float64" else np.float32
         self.alpha = np.ones((), self.scale_dtype)
@@ -192,7 +192,7 @@ def gemm(a, b, *, bias=None, act=None, out=None):
     dev = out.device.id
     aligns = tuple(_alignment(x.data.ptr) for x in (b_, a_, out, out))
     plan = _plan(dev, a.dtype.name, n, m, k, tr_b, tr_a, ld_b, ld_a, batch, (sb, sa, m * n),
-                 epilogue, aligns, None if bias is None else bias.dtype.name)
+                 epilogue, aligns, None if bias is None else bias.dtype.name, _tf32())
     if bias is not None:
         bias = cp.ascontiguousarray(bias)
         _set(_lt.matmul_desc_set_attribute, _lt.get_matmul_desc_attribute_dtype, plan.desc,
