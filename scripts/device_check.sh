@@ -20,7 +20,7 @@ if [ -z "${NO_SANITIZE:-}" ]; then
       | tail -n 2 | tee -a "$OUT/sanitize.log"
   done
 fi
-for b in ${BENCHES-gemm graph_step}; do
+for b in ${BENCHES-gemm graph_step host_overhead}; do
   timeout 240 python3 benchmarks/$b.py > "$OUT/$b.log" 2>&1
   tail -n 20 "$OUT/$b.log"
 done
