@@ -709,10 +709,13 @@ def _gyro_report(results, quick, plot):
                  plot(f"table4_{m}_{data}_curves", _curves(curves, "val_acc",
                                                            f"{m} on {data}"))]
         out += [link for link in links if link]
-    sched = [r for r in results if r["config"]["model_kw"].get("gyro")
-             and r["config"]["dropout"] == "gyro" and r["config"]["mlp"] == "mlp3"]
-    if sched:
-        data = sched[0]["config"]["data"]
+    # Tables 6 and 1 run on Table 4's first data set only; its main gyro runs join them
+    side = [r for r in results if r["config"]["dropout"] == "gyro"
+            and not _is_main_gyro(r["config"], models)]
+    if side:
+        data = side[0]["config"]["data"]
+        sched = [r for r in results if r["config"]["dropout"] == "gyro"
+                 and r["config"]["mlp"] == "mlp3" and r["config"]["data"] == data]
         cells = _group(sched, lambda c: (c["model_kw"]["gyro"]["schedule"],
                                          c["model_kw"]["gyro"]["num_subnets"],
                                          c["model_kw"]["gyro"]["co_scheduled"]))
