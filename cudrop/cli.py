@@ -1,4 +1,4 @@
-"""The ``cudrop`` command: ``cudrop info`` and ``cudrop train``.
+"""The ``cudrop`` command: ``cudrop info``, ``cudrop train`` and ``cudrop repro``.
 
 Every flag is checked before training starts (paths included), a flag that does not apply to
 the chosen model is an error, and errors name the flag.
@@ -53,7 +53,7 @@ def _parser():
     p = argparse.ArgumentParser(prog="cudrop", description="Structured dropout that skips the "
                                 "dropped work: train models, show the installation.")
     p.add_argument("--version", action="version", version=f"cudrop {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,train}")
+    sub = p.add_subparsers(dest="command", metavar="{info,train,repro}")
     sub.add_parser("info", help="versions, backend, GPU and kernel cache")
     t = sub.add_parser("train", help="train a model on a real data set",
                        description="Train a model with a dropout variant. Defaults in "
@@ -94,6 +94,23 @@ def _parser():
       "giving a different value is an error)")
     a("--json", metavar="PATH", help="write config and metrics as JSON to PATH")
     a("--no-progress", action="store_true", help="no progress bar or progress lines")
+    r = sub.add_parser("repro", help="reproduce a source paper's table, with plots",
+                       description="Run an experiment's grid (one JSON per run; a rerun skips "
+                       "finished runs and continues an interrupted one), then write report.md "
+                       "with the paper's numbers beside ours and PNG plots.")
+    r.add_argument("experiment", nargs="?", metavar="EXPERIMENT",
+                   help="sparsedrop, gyro, depth or sliceout (--list describes them)")
+    r.add_argument("--list", action="store_true", help="describe the experiments and exit")
+    r.add_argument("--quick", action="store_true", help="a tiny grid on the CPU in under two "
+                   "minutes, on stand-in data (digits, a synthetic text): a smoke test")
+    r.add_argument("--seeds", type=int, metavar="N", help="seeds per config (overrides the "
+                   "paper's count)")
+    r.add_argument("--out", metavar="DIR", help="results folder [repro-results/EXPERIMENT, "
+                   "with -quick for --quick]")
+    r.add_argument("--device", choices=("auto", "cpu", "gpu"),
+                   help="auto: the GPU when CuPy sees one [auto; cpu with --quick]")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar; one line per "
+                   "finished run")
     return p
 
 
@@ -323,6 +340,31 @@ def cmd_train(args):
     return 0
 
 
+def cmd_repro(args):
+    from . import repro
+    if args.list:
+        print(repro.describe())
+        return 0
+    if args.experiment is None:
+        raise UsageError("give an EXPERIMENT (" + ", ".join(repro.EXPERIMENTS)
+                         + ") or --list")
+    if args.seeds is not None and args.seeds < 1:
+        raise UsageError(f"--seeds must be a positive integer, got {args.seeds}")
+    device = args.device or ("cpu" if args.quick else "auto")
+    command = "cudrop repro " + " ".join(
+        [args.experiment] + (["--quick"] if args.quick else [])
+        + ([f"--seeds {args.seeds}"] if args.seeds else [])
+        + ([f"--device {args.device}"] if args.device else []))
+    try:
+        res = repro.run(args.experiment, quick=args.quick, seeds=args.seeds, out=args.out,
+                        device=device, progress=not args.no_progress, command=command)
+    except repro.ReproError as e:
+        raise UsageError(str(e))
+    print(f"{res['ran']} run(s) done, {res['skipped']} skipped (already in {res['out']}); "
+          f"report: {res['report']}")
+    return 0
+
+
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
@@ -330,7 +372,7 @@ def main(argv=None):
         parser.print_help()
         return 0
     try:
-        return {"info": cmd_info, "train": cmd_train}[args.command](args)
+        return {"info": cmd_info, "train": cmd_train, "repro": cmd_repro}[args.command](args)
     except UsageError as e:
         print(f"cudrop {args.command}: error: {e}", file=sys.stderr)
         return 2

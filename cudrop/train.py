@@ -23,7 +23,8 @@ from . import autograd as ag
 from . import backend, checkpoint
 from ._checks import ErrorSnapshot, check_errors
 
-__all__ = ["History", "ClassifierTask", "LanguageTask", "Trainer", "NonFiniteLoss"]
+__all__ = ["History", "ClassifierTask", "LanguageTask", "Trainer", "NonFiniteLoss",
+           "EarlyStopping"]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -37,6 +38,57 @@ class History:
     def add(self, **row):
         self.epochs.append(row)
         return row
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop training when the validation metric ``monitor`` (a key of the task's validation
+    metrics: ``'val_acc'``, ``'val_loss'``) has not improved for ``patience`` consecutive
+    validation checks (the Trainer checks at every epoch's end). ``mode``: ``'max'`` or
+    ``'min'``; ``'auto'`` maximises ``*_acc`` and minimises anything else. An improvement must
+    beat the best so far by more than ``min_delta``.
+
+    The decision is a function of the history alone, so a resumed run (whose checkpoint holds
+    the history) stops where the uninterrupted run stops.
+    """
+
+    monitor: str = "val_loss"
+    patience: int = 5
+    mode: str = "auto"
+    min_delta: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) \
+                or self.patience < 1:
+            raise ValueError(f"patience must be a positive int, got {self.patience!r}")
+        if self.mode not in ("auto", "max", "min"):
+            raise ValueError(f"mode must be 'auto', 'max' or 'min', got {self.mode!r}")
+        if not self.min_delta >= 0:
+            raise ValueError(f"min_delta must be >= 0, got {self.min_delta!r}")
+
+    @property
+    def maximise(self) -> bool:
+        """Whether a larger ``monitor`` is better."""
+        return self.mode == "max" or (self.mode == "auto" and self.monitor.endswith("_acc"))
+
+    def best(self, rows):
+        """Index of the best epoch row of ``rows`` (the first to reach the best value), or
+        None for no rows."""
+        best, best_i = None, None
+        for i, row in enumerate(rows):
+            if self.monitor not in row:
+                raise KeyError(f"EarlyStopping: monitor {self.monitor!r} is not a validation "
+                               f"metric of this task (it has {sorted(row)})")
+            v = row[self.monitor]
+            if best is None or (v > best + self.min_delta if self.maximise
+                                else v < best - self.min_delta):
+                best, best_i = v, i
+        return best_i
+
+    def should_stop(self, rows) -> bool:
+        """True when the last ``patience`` rows brought no improvement."""
+        i = self.best(rows)
+        return i is not None and len(rows) - 1 - i >= self.patience
 
 
 def _sync(xp):
@@ -151,14 +203,17 @@ class Trainer:
     ``save``: a checkpoint path, written at the end of every epoch, every ``save_every`` steps
     and at the end (atomically: an interrupted run leaves the last complete checkpoint).
     ``config``: JSON-able settings stored in the checkpoint. ``progress``: a tqdm bar on a
-    terminal, plain lines otherwise. ``log``: where epoch lines go.
+    terminal, plain lines otherwise. ``log``: where epoch lines go. ``early_stop``: an
+    :class:`EarlyStopping` checked after every epoch (``fit`` then ends before ``epochs``;
+    ``stopped_early`` says so).
     """
 
     def __init__(self, model, optimizer, task, *, schedule=None, seed=0, progress=True,
-                 log=print, save=None, save_every=None, config=None):
+                 log=print, save=None, save_every=None, config=None, early_stop=None):
         self.model, self.optimizer, self.task, self.schedule = model, optimizer, task, schedule
         self.seed, self.progress, self.log = seed, progress, log
         self.save_path, self.save_every, self.config = save, save_every, config or {}
+        self.early_stop, self.stopped_early = early_stop, False
         self.step = 0                 # optimizer steps taken over the whole run
         self.history = History()
         self._epoch_loss = None       # running sum of this epoch's losses (on the device)
@@ -190,6 +245,10 @@ class Trainer:
         """Train to the end of epoch ``epochs``; returns ``(history, final test metrics)``."""
         spe = self.task.steps_per_epoch
         for epoch in range(self.step // spe, epochs):
+            # checked before the epoch, so a run resumed after its stopping epoch stops too
+            if self.early_stop is not None and self.early_stop.should_stop(self.history.epochs):
+                self.stopped_early = True
+                break
             start = self.step - epoch * spe
             if start == 0:
                 self._epoch_loss, self._epoch_steps, self._epoch_time = None, 0, 0.0

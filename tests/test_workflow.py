@@ -10,7 +10,7 @@ import pytest
 import cudrop
 from cudrop import checkpoint, models, nn, optim
 from cudrop.nn import DROPOUT_KINDS, set_total_steps
-from cudrop.train import ClassifierTask, NonFiniteLoss, Trainer
+from cudrop.train import ClassifierTask, EarlyStopping, NonFiniteLoss, Trainer
 
 
 def _data(n=96, classes=4, shape=(1, 8, 8), seed=0):
@@ -92,6 +92,43 @@ def test_resumed_run_equals_uninterrupted(kind, xp, tmp_path):
     assert want.keys() == got.keys()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_early_stopping_decides_from_the_history():
+    stop = EarlyStopping("val_acc", patience=2)
+    assert stop.maximise and not EarlyStopping("val_loss").maximise
+    rows = [{"val_acc": a} for a in (0.5, 0.7, 0.7, 0.6)]
+    assert stop.best(rows) == 1                       # the first to reach the best
+    assert not stop.should_stop(rows[:3]) and stop.should_stop(rows)
+    assert EarlyStopping("val_acc", 2, min_delta=0.25).best(rows) == 0
+    with pytest.raises(KeyError, match="val_acc"):
+        stop.best([{"val_loss": 1.0}])
+    for bad in (dict(patience=0), dict(mode="up"), dict(min_delta=-1)):
+        with pytest.raises(ValueError):
+            EarlyStopping("val_acc", **bad)
+
+
+def test_early_stopped_run_resumes_to_the_same_stop(tmp_path, monkeypatch):
+    """Patience 1 on a validation loss forced to rise after epoch 2: the run ends after epoch
+    3, and a run resumed from its final checkpoint trains no further epoch."""
+    data = _data()
+    losses = iter([1.0, 0.5, 0.6, 0.7, 0.8])
+    real = ClassifierTask.evaluate
+
+    def evaluate(self, model, split):
+        m = real(self, model, split)
+        return dict(m, val_loss=next(losses)) if split == "val" else m
+    monkeypatch.setattr(ClassifierTask, "evaluate", evaluate)
+    path = tmp_path / "run.ckpt"
+    run = _setup("dropout", "cpu", data, epochs=5, save=path)
+    run.early_stop = EarlyStopping("val_loss", patience=1)
+    hist, _ = run.fit(5)
+    assert [r["epoch"] for r in hist.epochs] == [1, 2, 3] and run.stopped_early
+    again = _setup("dropout", "cpu", data, epochs=5, save=path)
+    again.early_stop = EarlyStopping("val_loss", patience=1)
+    again.resume(path)
+    hist, _ = again.fit(5)
+    assert len(hist.epochs) == 3 and again.stopped_early and again.step == run.step
 
 
 def test_checkpoint_round_trip_at_the_exact_path(tmp_path):
