@@ -111,8 +111,11 @@ class _Pair(torch.autograd.Function):
     def forward(ctx, spec, *tensors):
         fwd, bwd, names, options = spec
         ref = _check_tensors(fwd.__name__, zip(names, tensors))
-        arrays = {n: _to_array(t) for n, t in zip(names, tensors)}
+        # Inside the stream context, so that DLPack's exchange names PyTorch's stream: from the
+        # legacy stream, __dlpack__ makes it wait on PyTorch's, which a capture forbids
+        # (cudaErrorStreamCaptureImplicit, seen on the H200 machine).
         with _on_torch_stream(ref):
+            arrays = {n: _to_array(t) for n, t in zip(names, tensors)}
             y, saved = fwd(**arrays, **options)
         ctx.spec, ctx.saved, ctx.ref = spec, saved, ref
         return _to_tensor(y)
