@@ -63,7 +63,7 @@ def save(path, model, optimizer=None, schedule=None, **state):
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"cudrop.save: directory {directory!r} of {path!r} does not exist")
-    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
+    arrays = {f"model/{k}": np.asarray(v) for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "cudrop": _version(), "model": _describe_model(model),
             "state": state}
     if optimizer is not None:
@@ -80,6 +80,10 @@ def save(path, model, optimizer=None, schedule=None, **state):
                              "num_params": len(optimizer.params)}
     if schedule is not None:
         meta["schedule"] = {"type": type(schedule).__name__, "state": schedule.state_dict()}
+    # .npz keeps only NumPy's own dtypes: bfloat16 arrays travel as their uint16 bits.
+    meta["bfloat16"] = sorted(k for k, v in arrays.items() if v.dtype.name == "bfloat16")
+    for k in meta["bfloat16"]:
+        arrays[k] = arrays[k].view(np.uint16)
     arrays["meta"] = np.frombuffer(json.dumps(meta, default=_json_default).encode(), np.uint8)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
@@ -108,6 +112,10 @@ def _read(path):
         raise CheckpointError(f"cudrop.load: {path!r} is an .npz archive but not a cudrop "
                               "checkpoint (no meta entry; write checkpoints with cudrop.save)")
     meta = json.loads(arrays.pop("meta").tobytes().decode())
+    if meta.get("bfloat16"):
+        import ml_dtypes
+        for k in meta["bfloat16"]:
+            arrays[k] = arrays[k].view(ml_dtypes.bfloat16)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"cudrop.load: {path!r} has checkpoint format "
                               f"{meta.get('format')}, this cudrop reads format {FORMAT}")

@@ -235,3 +235,17 @@ def test_a_batch_of_another_dtype_names_the_layer_and_the_fix():
     with pytest.raises(TypeError, match="Conv2d.* got a float64 input"):
         conv(cudrop.Tensor(x))
     assert m(cudrop.Tensor(x.astype(np.float32))).shape == (2, 4)
+
+
+def test_bfloat16_parameters_survive_a_checkpoint(tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    model = models.mlp((1, 8, 8), 4, hidden=(16,), seed=0).to(dtype=bf16)
+    cudrop.save(tmp_path / "bf16.ckpt", model)
+    other = models.mlp((1, 8, 8), 4, hidden=(16,), seed=1).to(dtype=bf16)
+    cudrop.load(tmp_path / "bf16.ckpt", other)
+    for k, v in model.state_dict().items():
+        got = other.state_dict()[k]
+        assert got.dtype == v.dtype
+        np.testing.assert_array_equal(got.view(np.uint16) if v.dtype == bf16 else got,
+                                      v.view(np.uint16) if v.dtype == bf16 else v)
