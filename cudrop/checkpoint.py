@@ -23,7 +23,7 @@ import numpy as np
 
 from . import backend
 
-__all__ = ["save", "load", "read_meta", "CheckpointError"]
+__all__ = ["save", "load", "read_meta", "write_atomically", "CheckpointError"]
 
 FORMAT = 1
 
@@ -85,10 +85,19 @@ def save(path, model, optimizer=None, schedule=None, **state):
     for k in meta["bfloat16"]:
         arrays[k] = arrays[k].view(np.uint16)
     arrays["meta"] = np.frombuffer(json.dumps(meta, default=_json_default).encode(), np.uint8)
+    return write_atomically(path, lambda f: np.savez(f, **arrays), binary=True)
+
+
+def write_atomically(path, write, binary=False):
+    """Call ``write(f)`` on a temporary file beside ``path``, flush it to disk and rename it
+    over ``path``: a reader (or a rerun after a kill) sees the old file or the whole new one,
+    never a part. Returns ``path``. Checkpoints, run JSON and reports are written this way."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

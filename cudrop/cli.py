@@ -271,6 +271,7 @@ def _precision(name, device):
 
 def cmd_train(args):
     from . import backend
+    from .checkpoint import write_atomically
     from .nn import set_total_steps
     from .train import ClassifierTask, LanguageTask, NonFiniteLoss, Trainer
     from ._checks import IndexRangeError
@@ -335,8 +336,7 @@ def cmd_train(args):
     if args.json:
         out = dict(config=dict(cfg, device=device), epochs=hist.epochs,
                    final=dict(final, wall_s=wall, mean_step_ms=step_ms))
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_atomically(args.json, lambda f: json.dump(out, f, indent=2))
     return 0
 
 

@@ -129,6 +129,8 @@ class _HostState:
         counters, opt, sched = snap
         for n, m, c in self.model._named_counters():
             object.__setattr__(m, c, counters[n])
+        if sched is not None:
+            self.schedule.load_state_dict(sched)  # before the lr below, which it would rewrite
         if opt is not None:
             self.optimizer.steps = opt[0]
             for st, s in zip(self.optimizer.state, opt[1]):
@@ -137,9 +139,6 @@ class _HostState:
                 else:
                     st["step"] = s
             self.optimizer.lr = opt[2]
-        if sched is not None:
-            self.schedule.load_state_dict(sched)
-            self.optimizer.lr = opt[2]  # the schedule rewrote it from its own position
 
     def delta(self, before, after):
         """What one step adds: per-counter increments, optimizer step increments, schedule

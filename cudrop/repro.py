@@ -28,11 +28,12 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .checkpoint import write_atomically
 
 __all__ = ["EXPERIMENTS", "Experiment", "ReproError", "RunConflict", "run", "describe",
            "load_results", "write_report", "write_json_atomic"]
@@ -380,22 +381,9 @@ def _train_one(rid, cfg, ds, device, dtype, ckpt):
 
 
 def write_json_atomic(path, obj):
-    """Write ``obj`` as JSON to ``path`` through a temporary file in the same directory,
-    flushed and renamed over ``path``: a reader sees the old file or the whole new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    """Write ``obj`` as JSON to ``path`` atomically (``checkpoint.write_atomically``): a reader
+    sees the old file or the whole new one."""
+    return write_atomically(path, lambda f: json.dump(obj, f, indent=1))
 
 
 def _read_json(path):
@@ -1106,10 +1094,7 @@ def write_report(exp, results, out, *, quick=False, command=None) -> str:
     sections.append("## Differences from the paper's protocol\n\n"
                     + "\n".join(f"- {n}" for n in exp.notes))
     path = os.path.join(out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n\n".join(sections) + "\n")
-    os.replace(path + ".tmp", path)
-    return path
+    return write_atomically(path, lambda f: f.write("\n\n".join(sections) + "\n"))
 
 
 def _plan(exp, grid, out, quick):
