@@ -3,7 +3,8 @@ cudrop's functional pairs (an optional extra: ``pip install torch``).
 
 Arrays cross through DLPack without a copy (CUDA tensors become CuPy arrays, CPU tensors NumPy
 arrays, and back), and cudrop's kernels and cuBLAS calls run on PyTorch's current CUDA stream
-(wrapped as a CuPy external stream), so nothing synchronises. CPU tensors run cudrop's NumPy
+(wrapped as a CuPy external stream), so nothing synchronises; their temporaries come from
+PyTorch's caching allocator, so a ``torch.cuda.graph`` capture keeps them in its pool. CPU tensors run cudrop's NumPy
 reference path, which is what ``torch.autograd.gradcheck`` checks in float64.
 
 Ops: ``dropout``, ``sparsedrop_linear``, ``sliceout_linear``, ``blockwise_linear``,
@@ -99,8 +100,34 @@ def _on_torch_stream(t):
     from_external = getattr(cp.cuda.Stream, "from_external", None)
     stream = (from_external(_StreamProtocol(handle)) if from_external is not None
               else cp.cuda.ExternalStream(handle, t.device.index))
-    with cp.cuda.Device(t.device.index), stream:
+    with cp.cuda.Device(t.device.index), stream, cp.cuda.using_allocator(_torch_malloc):
         yield
+
+
+class _TorchBlock:
+    """Owns one block of PyTorch's caching allocator for the CuPy array that wraps it; the
+    block goes back to PyTorch when the array (and every view of it) is gone."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def __del__(self):
+        torch.cuda.caching_allocator_delete(self.ptr)
+
+
+def _torch_malloc(size):
+    """CuPy's allocator inside ``_on_torch_stream``: cudrop's temporaries come from PyTorch's
+    caching allocator on PyTorch's stream, so under ``torch.cuda.graph`` they land in the
+    graph's private pool (CuPy's own pool would call cudaMalloc inside the capture and hand the
+    same memory to work outside it)."""
+    cp = backend.cupy
+    dev = cp.cuda.runtime.getDevice()
+    size = max(int(size), 1)
+    ptr = torch.cuda.caching_allocator_alloc(size, dev, torch.cuda.current_stream(dev))
+    mem = cp.cuda.UnownedMemory(ptr, size, _TorchBlock(ptr), dev)
+    return cp.cuda.MemoryPointer(mem, 0)
 
 
 class _Pair(torch.autograd.Function):

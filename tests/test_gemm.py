@@ -111,3 +111,42 @@ def test_fp32_is_exact_not_tf32():
     cp = backend.cupy
     (a, b), (da, db) = _arrays(cp, np.float32, (512, 1024), (1024, 256))
     _close(matmul(da, db), _ref(a, b), "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_repeated_calls_take_the_direct_path_and_stay_right(dtype):
+    """After a signature's first call, calls skip planning (one dict probe): new arrays, a
+    different bias of the same shape, transposed and batched views must still be right."""
+    cp = backend.cupy
+    dt = low_precision_dtype(cp, dtype)
+    seen = None
+    for seed in range(3):
+        (a, b, bias, c), (da, db, dbias, dc) = _arrays(cp, dt, (96, 40), (40, 72), (72,),
+                                                       (2, 72, 40), seed=seed)
+        a, b, bias, c = (h.astype(dt) for h in (a, b, bias, c))
+        _close(_gemm.gemm(da, db, bias=dbias, act="relu"), _ref(a, b, bias, "relu"), dtype)
+        _close(_gemm.gemm(da, db), _ref(a, b), dtype)
+        _close(_gemm.gemm(db.T, da.T), _ref(b.T, a.T), dtype)
+        _close(_gemm.gemm(dc, db), _ref(c, b), dtype)
+        if seen is None:
+            seen = len(_gemm._CALLS)
+    assert len(_gemm._CALLS) == seen  # later rounds added no signature
+
+
+def test_every_proposed_algorithm_gives_the_product():
+    """benchmarks/gemm.py times cuBLASLt's other proposals through ``_Plan.choose``: each one
+    computes the same product."""
+    cp = backend.cupy
+    (a, b, bias), (da, db, dbias) = _arrays(cp, np.float16, (512, 384), (384, 256), (256,))
+    a, b, bias = (h.astype(np.float16) for h in (a, b, bias))
+    _gemm.gemm(da, db, bias=dbias)
+    plan = next(c.plan for k, c in _gemm._CALLS.items()
+                if k[0] == da.shape and k[3] == db.shape and k[7] is not None)
+    assert plan.count >= 1
+    try:
+        for i in range(plan.count):
+            plan.choose(i)
+            out = cp.full((512, 256), np.nan, np.float16)
+            _close(_gemm.gemm(da, db, bias=dbias, out=out), _ref(a, b, bias), "float16")
+    finally:
+        plan.choose(0)

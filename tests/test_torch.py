@@ -105,7 +105,28 @@ def test_layers_advance_steps_and_mlp_learns_digits(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not backend.gpu_available(), reason="no usable CUDA GPU")
+@_cuda
+def test_cudrop_temporaries_inside_torch_ops_come_from_torch_allocator():
+    """Inside a cudrop.torch op CuPy allocates from PyTorch's caching allocator (so a
+    torch.cuda.graph capture keeps them in its pool), and the memory goes back when freed."""
+    cp = backend.cupy
+    x = torch.randn(256, 1024, device="cuda")
+    pool_before = cp.get_default_memory_pool().used_bytes()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with ct._on_torch_stream(x):
+        tmp = cp.empty((1 << 20,), dtype=cp.float32)
+        assert torch.cuda.memory_allocated() - before >= tmp.nbytes
+    assert cp.get_default_memory_pool().used_bytes() == pool_before
+    del tmp
+    assert torch.cuda.memory_allocated() == before
+    y = ct.dropout(x.requires_grad_(), 0.5, seed=0, layer=0, step=0)
+    y.sum().backward()
+    assert cp.get_default_memory_pool().used_bytes() == pool_before
+
+
+@pytest.mark.gpu
+@_cuda
 def test_a_pytorch_step_with_cudrop_layers_is_captured_by_torch_cuda_graph():
     """Dropout and SparseDropLinear keep their step on the device: a step captured with
     torch.cuda.graph and replayed equals the same steps run eagerly (new masks every replay)."""
