@@ -138,22 +138,23 @@ class _Pair(torch.autograd.Function):
     def forward(ctx, spec, *tensors):
         fwd, bwd, names, options = spec
         ref = _check_tensors(fwd.__name__, zip(names, tensors))
-        # Inside the stream context, so that DLPack's exchange names PyTorch's stream: from the
-        # legacy stream, __dlpack__ makes it wait on PyTorch's, which a capture forbids
-        # (cudaErrorStreamCaptureImplicit, seen on the H200 machine).
+        # Both crossings inside the stream context, so that DLPack's exchange names one stream
+        # on both sides: otherwise CuPy makes one stream wait on the other, which a capture
+        # forbids (cudaErrorStreamCaptureImplicit going in and cudaErrorStreamCaptureIsolation
+        # coming out, both seen on the H200 machine).
         with _on_torch_stream(ref):
             arrays = {n: _to_array(t) for n, t in zip(names, tensors)}
             y, saved = fwd(**arrays, **options)
-        ctx.spec, ctx.saved, ctx.ref = spec, saved, ref
-        return _to_tensor(y)
+            ctx.spec, ctx.saved, ctx.ref = spec, saved, ref
+            return _to_tensor(y)
 
     @staticmethod
     def backward(ctx, grad):
         _, bwd, names, _ = ctx.spec
         with _on_torch_stream(ctx.ref):
             grads = bwd(_to_array(grad.contiguous()), ctx.saved)
-        grads = grads if isinstance(grads, tuple) else (grads,)
-        return (None,) + tuple(_to_tensor(g) for g in grads)
+            grads = grads if isinstance(grads, tuple) else (grads,)
+            return (None,) + tuple(_to_tensor(g) for g in grads)
 
 
 def _torch_op(forward, backward, inputs):

@@ -150,3 +150,29 @@ def test_every_proposed_algorithm_gives_the_product():
             _close(_gemm.gemm(da, db, bias=dbias, out=out), _ref(a, b, bias), "float16")
     finally:
         plan.choose(0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("m, k, n", [(40, 96, 72), (129, 257, 33), (7, 1, 5)])
+def test_bias_gradient_epilogue(dtype, m, k, n):
+    """``gemm(xᵀ, g, bias_grad=gb)``: the weight gradient and the bias gradient (column sums of
+    g) in one call, as Linear's backward uses it; outputs poisoned first."""
+    cp = backend.cupy
+    dt = low_precision_dtype(cp, dtype)
+    (x, g), (dx, dg) = _arrays(cp, dt, (k, m), (k, n))  # x (rows, in), g (rows, out)
+    x, g = x.astype(dt), g.astype(dt)
+    gb = cp.full(n, np.nan, dt)
+    out = cp.full((m, n), np.nan, dt)
+    for _ in range(2):  # planned, then the direct path
+        _gemm.gemm(dx.T, dg, bias_grad=gb, out=out)
+        _close(out, _ref(x.T, g), dtype)
+        _close(gb, g.astype(np.float64).sum(axis=0), dtype)
+
+
+def test_bias_gradient_checks_its_arguments():
+    cp = backend.cupy
+    a, b = cp.ones((4, 3), np.float32), cp.ones((3, 5), np.float32)
+    with pytest.raises(ValueError, match="bias_grad must be a contiguous \\(5,\\) array"):
+        _gemm.gemm(a, b, bias_grad=cp.ones(4, np.float32))
+    with pytest.raises(ValueError, match="without bias or act"):
+        _gemm.gemm(a, b, act="relu", bias_grad=cp.ones(5, np.float32))

@@ -43,7 +43,7 @@ CANDIDATES = 8  # algorithms asked of cuBLASLt's heuristic per problem
 _DATA_TYPE = {"float16": 2, "bfloat16": 14, "float32": 0, "float64": 1}
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
 _EPILOGUE = {None: "DEFAULT", "bias": "BIAS", "relu": "RELU", "gelu": "GELU",
-             "bias_relu": "RELU_BIAS", "bias_gelu": "GELU_BIAS"}
+             "bias_relu": "RELU_BIAS", "bias_gelu": "GELU_BIAS", "bias_grad": "BGRADA"}
 
 
 def available() -> bool:
@@ -191,14 +191,26 @@ class _Call(NamedTuple):
 # H200 before this path existed: ~35 µs of host time per 1024² cuBLASLt call, cupy.matmul ~19).
 _CALL_MEMO = Memo(maxsize=4096)
 _CALLS = _CALL_MEMO.data
+# problems for which cuBLASLt proposed no bias-gradient (BGRADA) algorithm
+_NO_BIAS_GRAD = Memo().data
 
 
-def gemm(a, b, *, bias=None, act=None, out=None):
+def gemm(a, b, *, bias=None, act=None, out=None, bias_grad=None):
     """``act(a @ b + bias)`` on CuPy arrays through cuBLASLt: ``a`` (..., M, K), ``b`` (..., K, N)
     (leading axes broadcast; a broadcast operand is read with batch stride 0), ``bias`` (N,) or
     None, ``act`` None, 'relu' or 'gelu' (tanh form, cuBLASLt's). One dtype throughout.
-    ``out``: a C-contiguous (..., M, N) array to write into. Capturable in a CUDA graph once
-    the same problem has run eagerly (its plan is then cached)."""
+    ``out``: a C-contiguous (..., M, N) array to write into. ``bias_grad``: a contiguous (N,)
+    array that receives the column sums of a 2-D ``b`` in the same call (a Linear's bias
+    gradient, with ``a = xᵀ`` and ``b`` the output gradient); not with ``bias`` or ``act``.
+    Capturable in a CUDA graph once the same problem has run eagerly (its plan is then
+    cached)."""
+    if bias_grad is not None:
+        if bias is not None or act is not None or b.ndim != 2 or a.ndim != 2:
+            raise ValueError("gemm: bias_grad goes with 2-D a and b and without bias or act")
+        if bias_grad.shape != (b.shape[1],) or not bias_grad.flags.c_contiguous:
+            raise ValueError(f"gemm: bias_grad must be a contiguous ({b.shape[1]},) array, got "
+                             f"shape {bias_grad.shape}")
+        bias, act = bias_grad, "grad"
     key = (a.shape, a.strides, a.data.ptr & 255, b.shape, b.strides, b.data.ptr & 255, a.dtype,
            None if bias is None else (bias.dtype, bias.strides), act,
            None if out is None else (out.shape, out.strides, out.data.ptr & 255),
@@ -229,6 +241,10 @@ def _gemm_planned(a, b, bias, act, out, key):
     batch = int(np.prod(lead, dtype=np.int64))
     if out is None:
         out = cp.empty(lead + (m, n), a.dtype)
+    if act == "grad" and (out.size == 0 or k == 0):
+        bias[...] = b.sum(axis=0)
+        out.fill(0)
+        return out
     if out.size == 0:
         return out
     if k == 0:
@@ -256,8 +272,22 @@ def _gemm_planned(a, b, bias, act, out, key):
     epilogue = ("bias_" + act if act else "bias") if bias is not None else act
     dev = out.device.id
     aligns = tuple(_alignment(x.data.ptr) for x in (b_, a_, out, out))
-    plan = _plan(dev, a.dtype.name, n, m, k, tr_b, tr_a, ld_b, ld_a, batch, (sb, sa, m * n),
-                 epilogue, aligns, None if bias is None else bias.dtype.name, _tf32())
+    args = (dev, a.dtype.name, n, m, k, tr_b, tr_a, ld_b, ld_a, batch, (sb, sa, m * n))
+    bias_dtype = None if bias is None else bias.dtype.name
+    if epilogue == "bias_grad" and (args, aligns) in _NO_BIAS_GRAD:
+        plan = None
+    else:
+        try:
+            plan = _plan(*args, epilogue, aligns, bias_dtype, _tf32())
+        except RuntimeError:
+            if epilogue != "bias_grad":
+                raise
+            _NO_BIAS_GRAD[(args, aligns)] = True
+            plan = None
+    if plan is None:  # cuBLASLt has no bias-gradient algorithm here: the GEMM, then a sum
+        gemm(a, b, out=out)
+        cp.sum(b, axis=0, out=bias)
+        return out
     if key is not None:
         direct = (b_.data.ptr == b.data.ptr and a_.data.ptr == a.data.ptr
                   and (bias is None or bias.flags.c_contiguous) and aligns[2] >= 256)
