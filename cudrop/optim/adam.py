@@ -1,8 +1,10 @@
 """Adam (L2 penalty added to the gradient) and AdamW (decoupled weight decay)."""
 from __future__ import annotations
 
-from .. import graph
-from .optimizer import Optimizer, check_number
+import numpy as np
+
+from .. import backend, graph
+from .optimizer import Optimizer, check_number, launch_fused, null_or, step_scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -64,6 +66,25 @@ class Adam(Optimizer):
         denom /= bc2_sqrt
         denom += self.eps
         w -= step_size * (m / denom)
+
+
+    def _fused_update(self, p, master, g, state):
+        w = p if master is None else master
+        b1, b2 = self.betas
+        values = self._scalars(state["step"])
+        scalars = ()
+        for i, v in enumerate(values):
+            scalars += step_scalar(graph.scalar(
+                v, lambda i=i: self._scalars(state.get("step", 0) + 1)[i], w.dtype))
+        m = state.get("exp_avg")
+        if m is None:
+            m = state["exp_avg"] = backend.cupy.zeros(p.shape, w.dtype)
+            state["exp_avg_sq"] = backend.cupy.zeros(p.shape, w.dtype)
+        launch_fused("adam_step", p, (p, null_or(master), g, m, state["exp_avg_sq"],
+                                      np.int64(p.size)) + scalars
+                     + tuple(np.float64(x) for x in (b1, b2, 1.0 - b1, 1.0 - b2, self.eps,
+                                                     self.weight_decay))
+                     + (np.int32(self._decoupled),))
 
 
 class AdamW(Adam):

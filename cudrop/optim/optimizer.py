@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, raw_kernels
 
 __all__ = ["Optimizer"]
 
@@ -128,6 +128,9 @@ class Optimizer:
                 if w is None:
                     w = st["master"] = p.data.astype(sdt)
             st["step"] = st.get("step", 0) + 1
+            if xp is not np and self._fuses(p.data, g):
+                self._fused_update(p.data, None if w is p.data else w, g, st)
+                continue
             self._update(w, g.astype(sdt, copy=False), st, xp)
             if w is not p.data:
                 p.data[...] = w
@@ -135,6 +138,14 @@ class Optimizer:
 
     def _update(self, w, g, state, xp):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # An optimizer whose update is one kernel (raw_kernels/optim.cu) on CuPy arrays defines
+    # _fused_update(p, master, g, state): master is the float32 copy of a 16-bit p, or None.
+    _fused_update = None
+
+    def _fuses(self, p, g):
+        return (self._fused_update is not None and g.dtype == p.dtype and p.flags.c_contiguous
+                and g.flags.c_contiguous)
 
     # ---- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -180,3 +191,28 @@ class Optimizer:
             raise
         self.state = new_state
         self.steps = int(sd.get("steps", 0))
+
+
+_NULL = np.uintp(0)
+
+
+def null_or(a):
+    """A kernel's pointer argument: the array, or null for None."""
+    return _NULL if a is None else a
+
+
+def step_scalar(value):
+    """A per-step number as the fused kernels take it: (device pointer or null, value)."""
+    if isinstance(value, float):
+        return _NULL, np.float64(value)
+    return value, np.float64(0.0)
+
+
+def launch_fused(fn, p, args):
+    """Launch optim.cu's ``fn`` over the n elements of parameter ``p`` (grid-stride)."""
+    n = p.size
+    if n:
+        # --fmad=false: no multiply-add contraction, so the fused update rounds exactly as the
+        # unfused CuPy expressions do
+        raw_kernels.launch("optim.cu", fn, p.dtype, (min(-(-n // 256), 8192),), (256,), args,
+                           ("--fmad=false",))

@@ -1,8 +1,10 @@
 """Stochastic gradient descent with optional (Nesterov) momentum, PyTorch semantics."""
 from __future__ import annotations
 
-from .. import graph
-from .optimizer import Optimizer, check_number
+from .. import backend, graph
+import numpy as np
+
+from .optimizer import Optimizer, check_number, launch_fused, null_or, step_scalar
 
 __all__ = ["SGD"]
 
@@ -39,3 +41,15 @@ class SGD(Optimizer):
                 buf += g
             g = g + mu * buf if self.nesterov else buf
         w -= graph.scalar(self.lr, lambda: self.lr, w.dtype) * g  # a device value in a captured step
+
+    def _fused_update(self, p, master, g, state):
+        w = p if master is None else master
+        buf, first = (state.get("momentum_buffer") if self.momentum else None), False
+        if self.momentum and buf is None:
+            buf, first = backend.cupy.empty(p.shape, w.dtype), True
+            state["momentum_buffer"] = buf
+        lr = step_scalar(graph.scalar(self.lr, lambda: self.lr, w.dtype))
+        launch_fused("sgd_step", p, (p, null_or(master), g, null_or(buf), np.int32(first),
+                                     np.int64(p.size)) + lr
+                     + (np.float64(self.momentum), np.float64(self.weight_decay),
+                        np.int32(self.nesterov)))

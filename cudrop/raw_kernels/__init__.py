@@ -90,12 +90,13 @@ def cuda_type(dtype):
         return t
 
 
-def launch(source: str, fn: str, dtype, grid, block, args):
-    """Launch ``fn<T>`` of ``source`` with ``T`` the template argument of ``dtype``; the handle
-    is memoised per (source, fn, dtype, device) in a plain dict."""
-    key = (source, fn, dtype, backend_cupy().cuda.runtime.getDevice())
+def launch(source: str, fn: str, dtype, grid, block, args, options: tuple = ()):
+    """Launch ``fn<T>`` of ``source`` with ``T`` the template argument of ``dtype`` (NVRTC
+    ``options`` added to the compile); the handle is memoised per (source, fn, dtype, options,
+    device) in a plain dict."""
+    key = (source, fn, dtype, options, backend_cupy().cuda.runtime.getDevice())
     f = _FUNCS.get(key)
     if f is None:
         names = tuple(f"{fn}<{t}>" for t in CUDA_TYPES.values())
-        f = _FUNCS[key] = kernel(source, f"{fn}<{cuda_type(dtype)}>", names)
+        f = _FUNCS[key] = kernel(source, f"{fn}<{cuda_type(dtype)}>", names, options)
     f(grid, block, args)
