@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
 
 import cudrop
+import cudrop.functional as F
 from cudrop import backend
 from cudrop.autograd import (Function, Tensor, check_grad, concat, enable_grad, eval_mode,
                              getitem, is_grad_enabled, is_training, log_softmax, no_grad,
@@ -319,6 +320,24 @@ def test_relu_gradient_mask(xp):
     x = Tensor(xp.asarray([-2.0, -0.5, 0.5, 3.0]), requires_grad=True)
     cudrop.relu(x).sum().backward()
     close(x.grad, [0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_relu_backward_keeps_dtype_and_shape(xp, dtype):
+    """One pass on the GPU (raw_kernels/act.cu): the gradient in the input's dtype (bfloat16
+    gradients once came back float32), non-contiguous and odd-sized inputs included."""
+    from conftest import low_precision_dtype
+    dt = low_precision_dtype(xp, dtype)
+    rng = np.random.default_rng(1)
+    x0 = rng.standard_normal((37, 9)).astype(np.float32)
+    g0 = rng.standard_normal((9, 37)).astype(np.float32)
+    x = xp.asarray(x0).astype(dt)
+    g = xp.asarray(g0).astype(dt).T  # a transposed view
+    y, saved = F.relu(x)
+    gx = F.relu_backward(g, saved)
+    assert gx.dtype == dt and gx.shape == (37, 9)
+    want = np.where(x0.astype(dt).astype(np.float64) > 0, g0.T.astype(dt).astype(np.float64), 0)
+    np.testing.assert_array_equal(host(gx).astype(np.float64), want)
 
 
 def test_astype_roundtrip_grad(xp):

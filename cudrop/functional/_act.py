@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .. import backend
+import numpy as np
+
+from .. import backend, raw_kernels
 from . import _gemm
 from ._matmul import matmul
 
@@ -18,16 +20,30 @@ class ActSaved(NamedTuple):
     x: object
 
 
+class ReluSaved(NamedTuple):
+    """The output of the ReLU: positive exactly where the input was (and shared with the next
+    layer's saved input, so the ReLU keeps no array of its own alive)."""
+    y: object
+
+
 def relu(x):
     """``(max(x, 0), saved)``."""
     xp = backend.get_array_module(x)
-    return xp.maximum(x, x.dtype.type(0)), ActSaved(x)
+    y = xp.maximum(x, x.dtype.type(0))
+    return y, ReluSaved(y)
 
 
 def relu_backward(grad_out, saved):
     """``grad_out`` where the input was positive, 0 elsewhere."""
     xp = backend.get_array_module(grad_out)
-    return xp.where(saved.x > 0, grad_out, grad_out.dtype.type(0))
+    if xp is np:
+        return np.where(saved.y > 0, grad_out, grad_out.dtype.type(0))
+    y, g = xp.ascontiguousarray(saved.y), xp.ascontiguousarray(grad_out)
+    gx = xp.empty_like(g)
+    if g.size:
+        raw_kernels.launch("act.cu", "relu_bwd", g.dtype, (min(-(-g.size // 256), 8192),),
+                           (256,), (y, g, gx, np.int64(g.size)))
+    return gx.reshape(grad_out.shape)
 
 
 def _erf(xp, x):
