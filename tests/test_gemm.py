@@ -176,3 +176,19 @@ def test_bias_gradient_checks_its_arguments():
         _gemm.gemm(a, b, bias_grad=cp.ones(4, np.float32))
     with pytest.raises(ValueError, match="without bias or act"):
         _gemm.gemm(a, b, act="relu", bias_grad=cp.ones(5, np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("trans", [False, True])
+def test_long_k_products_split_into_chunks_are_right(dtype, trans):
+    """A long-K, small-output product (a convolution's weight gradient) runs as chunks of K in
+    a strided batch and a sum; both operand layouts, planned and direct calls."""
+    cp = backend.cupy
+    m, k, n = 16, 16384, 144
+    assert _gemm.split_k(m, n, k, np.dtype(dtype)) > 1
+    (a, bt), (da, dbt) = _arrays(cp, np.dtype(dtype), (m, k), (n, k))
+    db = dbt.T if trans else cp.ascontiguousarray(dbt.T)  # the conv's colsᵀ is a view
+    for _ in range(2):
+        out = cp.full((m, n), np.nan, dtype)
+        _gemm.gemm(da, db, out=out)
+        _close(out, _ref(a, bt.T), dtype)

@@ -185,6 +185,7 @@ class _Call(NamedTuple):
     plan: _Plan
     out_shape: tuple
     direct: bool  # no operand needs a copy, a reshape or a broadcast first
+    split: int  # chunks of K (split_k), 1 for none
 
 
 # Call signatures seen: one dict probe per call instead of the planning below (measured on the
@@ -225,10 +226,7 @@ def gemm(a, b, *, bias=None, act=None, out=None, bias_grad=None):
     plan = call.plan
     if bias is not None:
         plan.set_bias(bias.data.ptr)
-    a_l, b_l, d_l = plan.layouts
-    _lt.matmul(plan.handle, plan.desc, plan.alpha_ptr, b.data.ptr, a_l, a.data.ptr, b_l,
-               plan.beta_ptr, out.data.ptr, d_l, out.data.ptr, d_l, plan.algo, plan.ws,
-               WORKSPACE_BYTES, backend.cupy.cuda.get_current_stream().ptr)
+    _run(plan, a, b, out, call.split)
     return out
 
 
@@ -272,7 +270,13 @@ def _gemm_planned(a, b, bias, act, out, key):
     epilogue = ("bias_" + act if act else "bias") if bias is not None else act
     dev = out.device.id
     aligns = tuple(_alignment(x.data.ptr) for x in (b_, a_, out, out))
-    args = (dev, a.dtype.name, n, m, k, tr_b, tr_a, ld_b, ld_a, batch, (sb, sa, m * n))
+    split = split_k(m, n, k, a.dtype) if batch == 1 and epilogue is None else 1
+    if split > 1:  # chunks of K as a strided batch (K offsets in each operand's layout)
+        kc = k // split
+        sb, sa = kc * (1 if tr_b else ld_b), kc * (ld_a if tr_a else 1)
+        args = (dev, a.dtype.name, n, m, kc, tr_b, tr_a, ld_b, ld_a, split, (sb, sa, m * n))
+    else:
+        args = (dev, a.dtype.name, n, m, k, tr_b, tr_a, ld_b, ld_a, batch, (sb, sa, m * n))
     bias_dtype = None if bias is None else bias.dtype.name
     if epilogue == "bias_grad" and (args, aligns) in _NO_BIAS_GRAD:
         plan = None
@@ -291,11 +295,42 @@ def _gemm_planned(a, b, bias, act, out, key):
     if key is not None:
         direct = (b_.data.ptr == b.data.ptr and a_.data.ptr == a.data.ptr
                   and (bias is None or bias.flags.c_contiguous) and aligns[2] >= 256)
-        _CALL_MEMO.put(key, _Call(plan, out.shape, direct))
+        _CALL_MEMO.put(key, _Call(plan, out.shape, direct, split))
     if bias is not None:
         plan.set_bias(cp.ascontiguousarray(bias).data.ptr)
-    a_l, b_l, d_l = plan.layouts
-    _lt.matmul(plan.handle, plan.desc, plan.alpha_ptr, b_.data.ptr, a_l, a_.data.ptr, b_l,
-               plan.beta_ptr, out.data.ptr, d_l, out.data.ptr, d_l, plan.algo, plan.ws,
-               WORKSPACE_BYTES, cp.cuda.get_current_stream().ptr)
+    _run(plan, a_, b_, out, split)
     return out
+
+
+def _run(plan, a, b, out, split):
+    """The cuBLASLt call; with ``split`` > 1 into split partial products, then their sum."""
+    cp = backend.cupy
+    target = out if split == 1 else cp.empty((split,) + out.shape, out.dtype)
+    a_l, b_l, d_l = plan.layouts
+    _lt.matmul(plan.handle, plan.desc, plan.alpha_ptr, b.data.ptr, a_l, a.data.ptr, b_l,
+               plan.beta_ptr, target.data.ptr, d_l, target.data.ptr, d_l, plan.algo, plan.ws,
+               WORKSPACE_BYTES, cp.cuda.get_current_stream().ptr)
+    if split > 1:
+        cp.sum(target, axis=0, out=out)
+
+
+@memoize
+def _sm_count(device_id):
+    return backend.cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def split_k(m, n, k, dtype):
+    """Chunks of K to run a long-K, small-output float32/float64 product as (a strided batch,
+    then a sum): as many as keep 2 waves of 128 x 128 output tiles on the SMs with >= 1024 of K
+    each (power-of-two chunks that divide K). 1: no split. Motivation: the weight gradients of
+    ResNet-56's convolutions ((16, 131072) @ (131072, 144) and alike) ran cuBLASLt's own choice
+    at ~270 µs a call on the H200, 8 of the step's 22.6 ms of kernels (scripts/profile_step.py).
+    16-bit types are left to cuBLASLt, whose own split-K reduces in float32."""
+    if dtype.itemsize < 4 or k < 8192:
+        return 1
+    tiles = -(-m // 128) * -(-n // 128)
+    sms = _sm_count(backend.cupy.cuda.runtime.getDevice())
+    s = 1
+    while k % (2 * s) == 0 and k // (2 * s) >= 1024 and 2 * s * tiles <= 2 * sms:
+        s *= 2
+    return s
