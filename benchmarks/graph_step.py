@@ -3,7 +3,8 @@ PyTorch eager and PyTorch CUDA graphs (issue 10). SGD with momentum in both libr
 
 Cases: the MLP 1024 -> 4096 x3 -> 10, batch 1024, drop p = 0.5 as none / dropout / sparsedrop
 (PyTorch: nn.Dropout for both variants), in fp32 and bf16 (parameters in bf16 in both);
-ResNet-56, batch 128, 3x32x32, fp32. Time: CUDA events around 30 steps after 5 warm-up steps
+ResNet-56, batch 128, 3x32x32, fp32 (PyTorch: the same network written out, cuDNN
+convolutions). Time: CUDA events around 30 steps after 5 warm-up steps
 (the step rate a training loop sees), median of 5 such runs. JSON: $OUT/graph_step.json; a
 table last.
 """
@@ -61,10 +62,9 @@ def _cudrop(build, shape, classes, dtype, captured):
 
 def _torch(kind, shape, classes, dtype, captured):
     import torch
-    cp = backend.cupy
     tdt = {np.dtype(np.float32): torch.float32}.get(np.dtype(dtype), torch.bfloat16)
     if kind == "resnet56":
-        return None  # no torchvision CIFAR ResNet-56 here; the MLP carries the comparison
+        return _torch_rate(_torch_resnet56(torch).cuda().to(tdt), shape, classes, tdt, captured)
     layers, width = [torch.nn.Flatten()], shape[1]
     for i, h in enumerate((4096, 4096, 4096)):
         if i and kind != "none":
@@ -75,6 +75,41 @@ def _torch(kind, shape, classes, dtype, captured):
         layers.append(torch.nn.Dropout(0.5))
     layers.append(torch.nn.Linear(width, classes))
     model = torch.nn.Sequential(*layers).cuda().to(tdt)
+    return _torch_rate(model, shape, classes, tdt, captured)
+
+
+def _torch_resnet56(torch):
+    """cudrop.models.resnet56's twin: 3x3 stem, three stages of 9 basic blocks (16/32/64
+    channels), 1x1 conv + BN projections where the shape changes, last BN of each branch
+    zero-initialised, global average pool, Linear."""
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                                      nn.BatchNorm2d(cout), nn.ReLU(),
+                                      nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                      nn.BatchNorm2d(cout))
+            nn.init.zeros_(self.body[4].weight)
+            self.short = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                        nn.BatchNorm2d(cout))
+                          if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.short(x))
+
+    layers, c = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    for stage, w in enumerate((16, 32, 64)):
+        for i in range(9):
+            layers.append(Block(c, w, 2 if stage and not i else 1))
+            c = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
+    return nn.Sequential(*layers)
+
+
+def _torch_rate(model, shape, classes, tdt, captured):
+    import torch
     opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9)
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = [(torch.randn(shape, device="cuda", generator=g).to(tdt),
@@ -124,7 +159,6 @@ def _torch(kind, shape, classes, dtype, captured):
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / STEPS)
-    del cp
     return statistics.median(times)
 
 
