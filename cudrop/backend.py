@@ -32,6 +32,43 @@ def gpu_available() -> bool:
     return _gpu_checked
 
 
+def nccl():
+    """CuPy's NCCL bindings (``cupy.cuda.nccl``: ``NcclCommunicator``, ``get_unique_id``, the
+    ``NCCL_*`` constants), or RuntimeError saying what to install."""
+    if cupy is None:
+        raise RuntimeError("data-parallel training needs CuPy with NCCL: install cupy-cuda13x "
+                           "(or cupy-cuda12x) and the NCCL wheel of the same CUDA "
+                           "(nvidia-nccl-cu13 or nvidia-nccl-cu12)")
+    try:
+        from cupy.cuda import nccl as module
+    except ImportError as e:  # pragma: no cover - depends on the CuPy build
+        raise RuntimeError(f"this CuPy has no NCCL bindings ({e}): install a CuPy wheel "
+                           "(cupy-cuda13x or cupy-cuda12x), which has them") from None
+    if not getattr(module, "available", False):
+        raise RuntimeError("CuPy found no NCCL library: install the NCCL wheel of your CUDA "
+                           "(pip install nvidia-nccl-cu13, or nvidia-nccl-cu12 for CUDA 12)")
+    return module
+
+
+def nccl_available() -> bool:
+    """True when :func:`nccl` would return CuPy's NCCL bindings and a GPU is usable. Never
+    raises."""
+    if not gpu_available():
+        return False
+    try:
+        nccl()
+    except RuntimeError:
+        return False
+    return True
+
+
+def gpu_count() -> int:
+    """The number of CUDA devices this process sees (0 without CuPy or a driver)."""
+    if not gpu_available():
+        return 0
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
 def is_gpu_array(a) -> bool:
     return cupy is not None and isinstance(a, cupy.ndarray)
 

@@ -1,7 +1,13 @@
-"""The ``cudrop`` command: ``cudrop info``, ``cudrop train`` and ``cudrop repro``.
+"""The ``cudrop`` command: ``cudrop info``, ``cudrop train``, ``cudrop repro`` and
+``cudrop launch``.
 
 Every flag is checked before training starts (paths included), a flag that does not apply to
 the chosen model is an error, and errors name the flag.
+
+``cudrop train`` started by a launcher with more than one rank (torchrun, ``cudrop launch``,
+mpirun, srun: ``cudrop.distributed.env``) trains data-parallel: each rank on its GPU
+``LOCAL_RANK``, ``--batch-size`` per rank, gradients averaged over NCCL; only rank 0 prints and
+writes ``--save`` / ``--json``.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ def _parser():
     p = argparse.ArgumentParser(prog="cudrop", description="Structured dropout that skips the "
                                 "dropped work: train models, show the installation.")
     p.add_argument("--version", action="version", version=f"cudrop {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,train,repro}")
+    sub = p.add_subparsers(dest="command", metavar="{info,train,repro,launch}")
     sub.add_parser("info", help="versions, backend, GPU and kernel cache")
     t = sub.add_parser("train", help="train a model on a real data set",
                        description="Train a model with a dropout variant. Defaults in "
@@ -75,7 +81,7 @@ def _parser():
     a("--epochs", type=int, help="passes over the data [per model]")
     a("--steps-per-epoch", type=int, metavar="N", help="cap each epoch at N steps "
       "[gpt: 200; others: the whole training set]")
-    a("--batch-size", type=int, help="[per model]")
+    a("--batch-size", type=int, help="per rank in a data-parallel run [per model]")
     a("--lr", type=float, help="peak learning rate, cosine decay to 0 [per model]")
     a("--warmup", type=int, metavar="STEPS", help="linear learning-rate warm-up steps, then "
       "the cosine decay [0]")
@@ -111,6 +117,18 @@ def _parser():
                    help="auto: the GPU when CuPy sees one [auto; cpu with --quick]")
     r.add_argument("--no-progress", action="store_true", help="no progress bar; one line per "
                    "finished run")
+    n = sub.add_parser("launch", help="run a command as N data-parallel ranks on this host",
+                       usage="cudrop launch -n N [--port P] -- COMMAND ...",
+                       description="Start N processes of COMMAND with RANK, WORLD_SIZE, "
+                       "LOCAL_RANK, MASTER_ADDR and MASTER_PORT set (as torchrun does). COMMAND "
+                       "is a cudrop command (train ...), a Python script or a program. Signals "
+                       "are forwarded; when a rank fails the others are stopped and the "
+                       "launcher exits with its status.")
+    n.add_argument("-n", "--nproc", type=int, required=True, metavar="N",
+                   help="number of ranks (one per GPU)")
+    n.add_argument("--port", type=int, metavar="P", help="MASTER_PORT [a free port]")
+    n.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND",
+                   help="after --: what each rank runs, e.g. train --model mlp")
     return p
 
 
@@ -269,19 +287,56 @@ def _precision(name, device):
     return np.dtype(np.float32)
 
 
+def _join(args):
+    """``(rank, world_size)``: a launcher's job of several ranks is joined (NCCL, GPU
+    ``LOCAL_RANK``); a single process needs nothing."""
+    from . import distributed as dist
+    try:
+        env = dist.read_env()
+    except ValueError as e:
+        raise UsageError(f"the launcher's variables: {e}")
+    if env.world_size == 1:
+        return 0, 1
+    if args.device == "cpu":
+        raise UsageError(f"--device cpu: this is rank {env.rank} of {env.world_size}, and "
+                         "data-parallel training runs over NCCL on GPUs (--device gpu)")
+    try:
+        dist.init()
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"rank {env.rank} of {env.world_size}: {e}")
+    return env.rank, env.world_size
+
+
 def cmd_train(args):
     from . import backend
-    from .checkpoint import write_atomically
-    from .nn import set_total_steps
-    from .train import ClassifierTask, LanguageTask, NonFiniteLoss, Trainer
-    from ._checks import IndexRangeError
+    from . import distributed as dist
 
     cfg = _run_config(args)
     _check_paths(args)
+    rank, world = _join(args)
     try:
-        device = backend.resolve_device(args.device)
+        device = backend.resolve_device("gpu" if world > 1 else args.device)
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}")
+    try:
+        return _train(args, cfg, device, rank, world)
+    except dist.DistributedError as e:
+        print(f"cudrop train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.destroy()
+
+
+def _train(args, cfg, device, rank, world):
+    from . import distributed as dist
+    from .checkpoint import write_atomically
+    from .nn import set_shard, set_total_steps
+    from .train import ClassifierTask, LanguageTask, NonFiniteLoss, Trainer
+    from ._checks import IndexRangeError
+
+    def say(*a, **k):
+        if rank == 0:
+            print(*a, **k)
 
     dtype = _precision(cfg["precision"], device)
     from . import data as D
@@ -293,17 +348,25 @@ def cmd_train(args):
         raise UsageError(f"--data {cfg['data']}: {e}")
 
     model = _build(cfg, ds).to(device, dtype=dtype)
+    shard = dict(rank=rank, world_size=world)
     if cfg["model"] == "gpt":
         task = LanguageTask(ds, cfg["batch_size"], device, model.block_size,
-                            cfg["steps_per_epoch"])
+                            cfg["steps_per_epoch"], **shard)
     else:
-        task = ClassifierTask(ds, cfg["batch_size"], device, cfg["steps_per_epoch"], dtype=dtype)
+        task = ClassifierTask(ds, cfg["batch_size"], device, cfg["steps_per_epoch"], dtype=dtype,
+                              **shard)
     total = cfg["epochs"] * task.steps_per_epoch
     opt, schedule = _optimizer(cfg, model.parameters(), total)
     set_total_steps(model, total)  # gyro: each sub-network runs once over the run
+    reducer = None
+    if world > 1:
+        set_shard(model, rank, world)       # per-row masks: this rank's rows of the global batch
+        dist.broadcast_parameters(model)    # every rank starts from rank 0's weights
+        reducer = dist.GradientReducer(model.parameters())
     trainer = Trainer(model, opt, task, schedule=schedule, seed=cfg["seed"],
-                      progress=not args.no_progress, save=args.save or args.resume,
-                      save_every=args.save_every, config=cfg)
+                      progress=not args.no_progress and rank == 0,
+                      log=say, save=args.save or args.resume,
+                      save_every=args.save_every, config=cfg, reducer=reducer)
     if args.resume:
         from .checkpoint import CheckpointError
         try:
@@ -315,26 +378,28 @@ def cmd_train(args):
              f", stochastic depth {cfg['stochastic_depth']} ({cfg['stochastic_depth_mode']})"
              if cfg["stochastic_depth"] else "")
     at = f", resumed at step {trainer.step}" if args.resume else ""
-    print(f"training {cfg['model']} on {cfg['data']} ({device}, {np.dtype(dtype).name}), "
-          f"dropout={cfg['dropout']} "
-          f"p={cfg['p']}{depth}, {model.num_parameters():,} parameters, {cfg['optimizer']} "
-          f"lr={cfg['lr']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs of "
-          f"{task.steps_per_epoch} steps{at}", flush=True)
+    ranks = f" x {world} ranks (global batch {cfg['batch_size'] * world})" if world > 1 else ""
+    say(f"training {cfg['model']} on {cfg['data']} ({device}, {np.dtype(dtype).name}), "
+        f"dropout={cfg['dropout']} "
+        f"p={cfg['p']}{depth}, {model.num_parameters():,} parameters, {cfg['optimizer']} "
+        f"lr={cfg['lr']}, batch {cfg['batch_size']}{ranks}, {cfg['epochs']} epochs of "
+        f"{task.steps_per_epoch} steps{at}", flush=True)
     t0 = time.perf_counter()
     try:
         hist, final = trainer.fit(cfg["epochs"])
     except (NonFiniteLoss, IndexRangeError) as e:  # a diverged run, or a bad label in the data
         saved = f"; the last checkpoint at {trainer.save_path} is intact" if trainer.save_path else ""
-        print(f"cudrop train: stopped: {e}{saved}", file=sys.stderr)
+        who = f"rank {rank}: " if world > 1 else ""
+        print(f"cudrop train: stopped: {who}{e}{saved}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - t0
     step_ms = float(np.mean([r["step_time_ms"] for r in hist.epochs]))
     metric = (f"test acc {final['test_acc']:.4f}" if "test_acc" in final
               else f"test loss {final['test_loss']:.4f}")
-    print(f"done: {cfg['model']} on {cfg['data']}, {metric}, {cfg['epochs']} epochs in "
-          f"{wall:.1f} s, mean step {step_ms:.2f} ms")
-    if args.json:
-        out = dict(config=dict(cfg, device=device), epochs=hist.epochs,
+    say(f"done: {cfg['model']} on {cfg['data']}, {metric}, {cfg['epochs']} epochs in "
+        f"{wall:.1f} s, mean step {step_ms:.2f} ms")
+    if args.json and rank == 0:
+        out = dict(config=dict(cfg, device=device, world_size=world), epochs=hist.epochs,
                    final=dict(final, wall_s=wall, mean_step_ms=step_ms))
         write_atomically(args.json, lambda f: json.dump(out, f, indent=2))
     return 0
@@ -365,6 +430,20 @@ def cmd_repro(args):
     return 0
 
 
+def cmd_launch(args):
+    from .distributed import launch
+    command = list(args.argv)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise UsageError("give the command each rank runs after --, e.g. "
+                         "cudrop launch -n 2 -- train --model mlp")
+    try:
+        return launch(args.nproc, command, port=args.port)
+    except ValueError as e:
+        raise UsageError(str(e).removeprefix("cudrop launch: "))
+
+
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
@@ -372,7 +451,8 @@ def main(argv=None):
         parser.print_help()
         return 0
     try:
-        return {"info": cmd_info, "train": cmd_train, "repro": cmd_repro}[args.command](args)
+        return {"info": cmd_info, "train": cmd_train, "repro": cmd_repro,
+                "launch": cmd_launch}[args.command](args)
     except UsageError as e:
         print(f"cudrop {args.command}: error: {e}", file=sys.stderr)
         return 2

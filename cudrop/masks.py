@@ -83,13 +83,30 @@ class ElementMask:
         return unpack_bits(self.bits, self.n)[0]
 
 
-def element_mask(n, p, *, seed, layer, step, xp=np) -> ElementMask:
+def element_mask(n, p, *, seed, layer, step, offset=0, xp=np) -> ElementMask:
     """The element mask cudrop's dropout uses for ``n`` elements (NumPy reference; on the GPU
-    the fused dropout kernel draws the same bits while it scales)."""
+    the fused dropout kernel draws the same bits while it scales). ``offset``: the flat index of
+    the first element in a larger array (a data-parallel rank's rows of the global batch), so
+    the mask is elements ``[offset, offset + n)`` of that array's mask."""
     t = philox.threshold(p)
     w = philox.grid_words(philox.check_seed("seed", seed), philox.check_seed("layer", layer),
-                          philox.check_step(step), philox.TAG_ELEMENT, 1, n)[0]
+                          philox.check_step(step), philox.TAG_ELEMENT, 1, n,
+                          col_offset=check_offset(offset, n))[0]
     return ElementMask(n, float(p), xp.asarray(pack_bits((w >= np.uint32(t))[None, :])))
+
+
+#: Flat element indices of a mask's counters: four columns per 32-bit counter word.
+MAX_ELEMENTS = 2 ** 34
+
+
+def check_offset(offset, n=0, limit=MAX_ELEMENTS, name="offset"):
+    """``offset`` as an int with ``0 <= offset`` and ``offset + n <= limit`` (the coordinate
+    must fit its Philox counter word), or ValueError naming it."""
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {offset!r}")
+    if int(offset) + int(n) > limit:
+        raise ValueError(f"{name} {offset} + {n} elements exceed the {limit} a mask can address")
+    return int(offset)
 
 
 @dataclass(frozen=True)
@@ -165,10 +182,13 @@ def _check_shape_block(shape, block):
 
 
 def block_mask(shape, block, p, *, seed, layer, step, xp=np, row_ids=None,
-               tag=philox.TAG_BLOCK) -> BlockMask:
+               tag=philox.TAG_BLOCK, row_offset=0) -> BlockMask:
     """I.i.d. Bernoulli(1 - p) keep per block of an (M, K) array, as a pure function of
     (seed, layer, step). ``row_ids`` (length nM) replaces the row-block coordinate of the draw:
     gyro dropout gives the sub-network id there, so rows with one sub-network share a mask.
+    ``row_offset`` (without ``row_ids``) shifts the row-block coordinate: the mask is row blocks
+    ``[row_offset, row_offset + nM)`` of a taller array's (a data-parallel rank's part of the
+    global batch).
     ``step`` an int, or with ``xp=cupy`` a device step (a 0-d uint32 CuPy array, read by the
     kernel when it runs; ``philox.check_step``)."""
     shape, block = _check_shape_block(shape, block)
@@ -178,13 +198,17 @@ def block_mask(shape, block, p, *, seed, layer, step, xp=np, row_ids=None,
     nm, nk = grid_shape(shape, block)
     if row_ids is not None and len(row_ids) != nm:
         raise ValueError(f"row_ids has {len(row_ids)} entries, expected one per row block ({nm})")
+    row_offset = check_offset(row_offset, nm, 2 ** 32, "row_offset")
     if xp is np:
+        if row_ids is None and row_offset:
+            row_ids = np.arange(row_offset, row_offset + nm, dtype=np.uint64)
         keep = philox.keep_grid(seed, layer, step, tag, nm, nk, p, row_ids)
         return BlockMask.from_blocks(keep, shape, block, p)
-    return _block_mask_gpu(xp, shape, block, float(p), t, seed, layer, step, tag, row_ids)
+    return _block_mask_gpu(xp, shape, block, float(p), t, seed, layer, step, tag, row_ids,
+                           row_offset)
 
 
-def _block_mask_gpu(cp, shape, block, p, t, seed, layer, step, tag, row_ids):
+def _block_mask_gpu(cp, shape, block, p, t, seed, layer, step, tag, row_ids, row_offset=0):
     from .raw_kernels import kernel
     nm, nk = grid_shape(shape, block)
     words = -(-nk // 64)
@@ -197,5 +221,5 @@ def _block_mask_gpu(cp, shape, block, p, t, seed, layer, step, tag, row_ids):
         (nm + nk,), (_BLOCK_THREADS,),
         (bits, rc, ri, cc, ci, ids, np.int32(nm), np.int32(nk), np.int64(2 * words),
          np.uint32(seed), np.uint32(layer), step_value, step_ptr, np.uint32(tag),
-         np.uint32(t)))
+         np.uint32(t), np.uint32(row_offset)))
     return BlockMask(shape, block, p, bits, rc, ri, cc, ci)

@@ -171,15 +171,20 @@ def words(seed, layer, step, tag, rows, cols):
     return np.choose(which, out) if which.ndim else out[int(which)]
 
 
-def grid_words(seed, layer, step, tag, n_rows, n_cols, row_ids=None):
+def grid_words(seed, layer, step, tag, n_rows, n_cols, row_ids=None, col_offset=0):
     """Words over an (n_rows, n_cols) grid; ``row_ids`` replaces the row coordinate (gyro uses
-    the sub-network id there). One Philox call per four columns, its four words laid side by
-    side (``words`` on the same grid computes the same values four times slower)."""
+    the sub-network id there), ``col_offset`` shifts the column coordinate (the grid is columns
+    ``[col_offset, col_offset + n_cols)`` of a wider one: a data-parallel rank's part of the
+    global batch). One Philox call per four columns, its four words laid side by side (``words``
+    on the same grid computes the same values four times slower)."""
     r = np.arange(n_rows, dtype=np.uint32) if row_ids is None else np.asarray(row_ids, np.uint32)
-    c4 = -(-int(n_cols) // 4)
-    ins = [np.arange(c4, dtype=np.uint32)[None, :], r[:, None], np.asarray(step), np.asarray(tag)]
+    col_offset = int(col_offset)
+    lead, first = col_offset & 3, col_offset >> 2
+    c4 = -(-(int(n_cols) + lead) // 4)
+    ins = [np.arange(first, first + c4, dtype=np.uint64).astype(np.uint32)[None, :], r[:, None],
+           np.asarray(step), np.asarray(tag)]
     w = _philox_words(ins, (len(r), c4), seed, layer)
-    return w.reshape(len(r), 4 * c4)[:, :n_cols]
+    return w.reshape(len(r), 4 * c4)[:, lead:lead + n_cols]
 
 
 def keep_grid(seed, layer, step, tag, n_rows, n_cols, p, row_ids=None):
@@ -187,9 +192,12 @@ def keep_grid(seed, layer, step, tag, n_rows, n_cols, p, row_ids=None):
     return grid_words(seed, layer, step, tag, n_rows, n_cols, row_ids) >= np.uint32(threshold(p))
 
 
-def uniform(seed, layer, step, tag, n):
-    """``n`` floats in [0, 1) for host-side decisions (slice starts, depth gates, schedules)."""
-    if n <= 16:  # host decisions are mostly one draw: plain ints beat array set-up
-        w = [v for c in range(-(-n // 4)) for v in philox4x32_scalar(c, 0, step, tag, seed, layer)]
-        return np.array(w[:n], dtype=np.float64) / 2.0 ** 32
-    return grid_words(seed, layer, step, tag, 1, n)[0].astype(np.float64) / 2.0 ** 32
+def uniform(seed, layer, step, tag, n, offset=0):
+    """``n`` floats in [0, 1) for host-side decisions (slice starts, depth gates, schedules):
+    draws ``offset .. offset + n - 1`` of the sequence (a rank's samples of a global batch)."""
+    if n + offset <= 16:  # host decisions are mostly one draw: plain ints beat array set-up
+        w = [v for c in range(-(-(n + offset) // 4))
+             for v in philox4x32_scalar(c, 0, step, tag, seed, layer)]
+        return np.array(w[offset:offset + n], dtype=np.float64) / 2.0 ** 32
+    return grid_words(seed, layer, step, tag, 1, n, col_offset=offset)[0].astype(np.float64) \
+        / 2.0 ** 32

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import autograd as ag
-from . import backend, checkpoint
+from . import backend, checkpoint, distributed
 from ._checks import ErrorSnapshot, check_errors
 
 __all__ = ["History", "ClassifierTask", "LanguageTask", "Trainer", "NonFiniteLoss",
@@ -92,17 +92,27 @@ class EarlyStopping:
 
 
 def _sync(xp):
-    if xp is not np:
+    if xp is np:
+        return
+    if distributed.is_initialized():  # bounded by the timeout: a dead rank raises, not hangs
+        distributed.synchronize("this epoch's training steps")
+    else:
         xp.cuda.get_current_stream().synchronize()
 
 
 class ClassifierTask:
     """Image classification: an epoch is the (seed, epoch) permutation of the training set, cut
-    to ``steps_per_epoch`` batches if given; metrics are loss and accuracy."""
+    to ``steps_per_epoch`` batches if given; metrics are loss and accuracy.
 
-    def __init__(self, data, batch_size, device, steps_per_epoch=None, dtype=None):
+    Data parallelism: ``batch_size`` is per rank; rank ``rank`` of ``world_size`` takes its
+    rows of every global batch of ``batch_size * world_size`` (``cudrop.data.batches``).
+    Evaluation runs on the whole split on every rank."""
+
+    def __init__(self, data, batch_size, device, steps_per_epoch=None, dtype=None, rank=0,
+                 world_size=1):
         from .data import num_batches
         self.batch_size, self.device = batch_size, device
+        self.rank, self.world_size = rank, world_size
         # The data sets fit on the device: move them once (images in the model's ``dtype``),
         # so batches are gathered there.
         self.arrays = {k: backend.to_device(getattr(data, k), device)
@@ -110,14 +120,15 @@ class ClassifierTask:
         if dtype is not None:
             for k in ("x_train", "x_val", "x_test"):
                 self.arrays[k] = self.arrays[k].astype(dtype)
-        full = num_batches(len(data.x_train), batch_size)
+        full = num_batches(len(data.x_train), batch_size * world_size, world_size=world_size)
         self.steps_per_epoch = full if steps_per_epoch is None else min(steps_per_epoch, full)
 
     def batches(self, seed, epoch, start):
         from .data import batches
         a = self.arrays
-        it = batches(a["x_train"], a["y_train"], batch_size=self.batch_size, shuffle=True,
-                     seed=seed, epoch=epoch, device=self.device, start=start)
+        it = batches(a["x_train"], a["y_train"], batch_size=self.batch_size * self.world_size,
+                     shuffle=True, seed=seed, epoch=epoch, device=self.device, start=start,
+                     rank=self.rank, world_size=self.world_size)
         return itertools.islice(it, self.steps_per_epoch - start)
 
     def evaluate(self, model, split):
@@ -139,17 +150,21 @@ class ClassifierTask:
 
 class LanguageTask:
     """Next-character prediction: an epoch is ``steps_per_epoch`` batches of random windows,
-    drawn from (seed, step); the metric is the loss over 20 fixed batches of the split."""
+    drawn from (seed, step); the metric is the loss over 20 fixed batches of the split.
+    ``batch_size`` is per rank, as in :class:`ClassifierTask`."""
 
-    def __init__(self, data, batch_size, device, block_size, steps_per_epoch=200):
+    def __init__(self, data, batch_size, device, block_size, steps_per_epoch=200, rank=0,
+                 world_size=1):
         self.data, self.batch_size, self.device = data, batch_size, device
+        self.rank, self.world_size = rank, world_size
         self.block_size, self.steps_per_epoch = block_size, steps_per_epoch
 
     def batches(self, seed, epoch, start):
         from .data import text_batches
         spe = self.steps_per_epoch
-        return text_batches(self.data.train, self.block_size, self.batch_size, steps=spe - start,
-                            seed=seed, start_step=epoch * spe + start, device=self.device)
+        return text_batches(self.data.train, self.block_size, self.batch_size * self.world_size,
+                            steps=spe - start, seed=seed, start_step=epoch * spe + start,
+                            device=self.device, rank=self.rank, world_size=self.world_size)
 
     def evaluate(self, model, split):
         from .data import text_batches
@@ -206,14 +221,21 @@ class Trainer:
     terminal, plain lines otherwise. ``log``: where epoch lines go. ``early_stop``: an
     :class:`EarlyStopping` checked after every epoch (``fit`` then ends before ``epochs``;
     ``stopped_early`` says so).
+
+    Data parallelism: ``reducer`` (a ``cudrop.distributed.GradientReducer``) averages the
+    gradients between backward and the optimizer step; with ``cudrop.distributed`` initialized
+    the epoch's training loss is averaged over the ranks, and checkpoints are written by rank 0
+    (``cudrop.distributed.save``). Give ``log`` and ``progress`` to rank 0 only.
     """
 
     def __init__(self, model, optimizer, task, *, schedule=None, seed=0, progress=True,
-                 log=print, save=None, save_every=None, config=None, early_stop=None):
+                 log=print, save=None, save_every=None, config=None, early_stop=None,
+                 reducer=None):
         self.model, self.optimizer, self.task, self.schedule = model, optimizer, task, schedule
         self.seed, self.progress, self.log = seed, progress, log
         self.save_path, self.save_every, self.config = save, save_every, config or {}
         self.early_stop, self.stopped_early = early_stop, False
+        self.reducer = reducer
         self.step = 0                 # optimizer steps taken over the whole run
         self.history = History()
         self._epoch_loss = None       # running sum of this epoch's losses (on the device)
@@ -225,15 +247,26 @@ class Trainer:
         """Checkpoint the whole state (model, optimizer, schedule, loop position). A failure
         recorded by a device-side check is raised first, so no checkpoint holds its garbage."""
         check_errors()
-        loss = None if self._epoch_loss is None else float(self._epoch_loss)
-        checkpoint.save(path, self.model, self.optimizer, self.schedule, step=self.step,
-                        epoch_loss=loss, epoch_steps=self._epoch_steps,
-                        epoch_time=self._epoch_time, history=self.history.epochs,
-                        config=self.config)
+        loss = self._global_loss()
+        write = distributed.save if distributed.is_initialized() else checkpoint.save
+        write(path, self.model, self.optimizer, self.schedule, step=self.step,
+              epoch_loss=loss, epoch_steps=self._epoch_steps, epoch_time=self._epoch_time,
+              history=self.history.epochs, config=self.config)
+
+    def _global_loss(self):
+        """The epoch's loss sum as a float: averaged over the ranks in a data-parallel run."""
+        acc = self._epoch_loss
+        if acc is None:
+            return None
+        if distributed.is_initialized() and hasattr(acc, "dtype") and backend.is_gpu_array(acc):
+            acc = distributed.all_reduce(acc.astype(np.float64).reshape(1), "avg")
+            distributed.synchronize("averaging the epoch's loss")
+        return float(acc.reshape(()) if hasattr(acc, "reshape") else acc)
 
     def resume(self, path):
         """Restore everything :meth:`save` wrote; :meth:`fit` then continues from there."""
-        state = checkpoint.load(path, self.model, self.optimizer, self.schedule)
+        read = distributed.load if distributed.is_initialized() else checkpoint.load
+        state = read(path, self.model, self.optimizer, self.schedule)
         self.step, self._epoch_steps = int(state["step"]), int(state["epoch_steps"])
         self._epoch_time = float(state["epoch_time"])
         self.history = History(list(state["history"]))
@@ -272,6 +305,8 @@ class Trainer:
             loss = ag.cross_entropy(model(x), yb)
             model.zero_grad()
             loss.backward()
+            if self.reducer is not None:
+                self.reducer.finish()
             opt.step()
             if schedule is not None:
                 schedule.step()
@@ -300,7 +335,8 @@ class Trainer:
 
     def _end_epoch(self, epoch):
         n = max(self._epoch_steps, 1)
-        train_loss = float(self._epoch_loss) / n if self._epoch_loss is not None else math.nan
+        total = self._global_loss()
+        train_loss = total / n if total is not None else math.nan
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"the training loss of epoch {epoch + 1} is {train_loss}: "
                                 "lower the learning rate (--lr) or check the data")

@@ -57,6 +57,7 @@ NAMESPACES = [
     ("cudrop.masks", "element and block masks"),
     ("cudrop.random", "the global generator of ops called without a seed"),
     ("cudrop.graph", "whole training steps captured as CUDA graphs"),
+    ("cudrop.distributed", "data-parallel training over NCCL"),
 ]
 # Not documented, on purpose (see the module docstring): needs PyTorch.
 SKIPPED = {"cudrop.torch": "it needs PyTorch, and this file must not depend on whether PyTorch "

@@ -55,15 +55,28 @@ class Function:
         return f"<{type(self).__name__}>"
 
 
+#: Leaves with grad-ready hooks (``Tensor.register_grad_ready_hook``): while it is empty,
+#: ``run_backward`` skips counting each leaf's uses, so a backward without hooks costs nothing more.
+_hooked = weakref.WeakSet()
+
+
 def run_backward(root, grad, retain_graph=False):
     """Reverse-mode sweep from ``root`` seeded with ``grad``.
 
     Gradients of intermediate tensors live in a local table; only leaves that require a
     gradient accumulate into ``.grad`` (so two backward calls add up, as users expect).
+
+    Grad-ready hooks: when some leaf has hooks, a first pass over the graph counts, for each
+    hooked leaf, the edges into it; each processed edge counts down, and at zero (no further
+    contribution can arrive) the leaf's hooks run with the leaf, its ``.grad`` final for this
+    pass. A hooked leaf that got a gradient but still had uncounted edges (an op returned None
+    for a path) has its hooks run at the end of the pass. Leaves that got no gradient at all are
+    not called.
     """
     grads = {id(root): grad}
     keep = {id(root): root}  # ids are only unique while the objects live
     heap, seen = [], set()
+    pending = _count_hooked_uses(root) if _hooked else None
 
     def push(f):
         if f is not None and id(f) not in seen:
@@ -72,6 +85,7 @@ def run_backward(root, grad, retain_graph=False):
 
     if root.creator is None:
         _accumulate_leaf(root, grad)
+        _run_hooks(root)
         return
     push(root.creator)
     while heap:
@@ -97,14 +111,17 @@ def run_backward(root, grad, retain_graph=False):
             raise RuntimeError(f"{f!r}.backward returned {len(gxs)} gradients for "
                                f"{len(f.inputs)} inputs")
         for x, gx in zip(f.inputs, gxs):
-            if gx is None or x is None or not x.requires_grad:
+            if x is None or not x.requires_grad:
                 continue
-            if gx.shape != x.shape:
+            if gx is not None and gx.shape != x.shape:
                 raise RuntimeError(f"{f!r}.backward gave a gradient of shape {gx.shape} for an "
                                    f"input of shape {x.shape}")
             if x.creator is None:
-                _accumulate_leaf(x, gx)
-            else:
+                if gx is not None:
+                    _accumulate_leaf(x, gx)
+                if pending is not None:
+                    _count_down(x, pending)
+            elif gx is not None:
                 prev = grads.get(id(x))
                 grads[id(x)] = gx if prev is None else prev + gx
                 keep[id(x)] = x
@@ -112,6 +129,47 @@ def run_backward(root, grad, retain_graph=False):
         if not retain_graph:
             # Drop arrays the op saved for backward; the graph is single-use by default.
             f.__dict__ = {"inputs": (), "outputs": [], "generation": f.generation}
+    if pending:
+        for _, leaf in pending.values():  # edges on paths that carried no gradient
+            if leaf.grad is not None:
+                _run_hooks(leaf)
+
+
+def _count_hooked_uses(root):
+    """``{id(leaf): [edges into it, leaf]}`` for the hooked leaves of ``root``'s graph."""
+    counts = {}
+    if root.creator is None:
+        return counts
+    stack, seen = [root.creator], {id(root.creator)}
+    while stack:
+        f = stack.pop()
+        for x in getattr(f, "inputs", ()):
+            if x is None or not x.requires_grad:
+                continue
+            if x.creator is None:
+                if x._grad_hooks:
+                    entry = counts.setdefault(id(x), [0, x])
+                    entry[0] += 1
+            elif id(x.creator) not in seen:
+                seen.add(id(x.creator))
+                stack.append(x.creator)
+    return counts
+
+
+def _count_down(leaf, pending):
+    entry = pending.get(id(leaf))
+    if entry is None:
+        return
+    entry[0] -= 1
+    if entry[0] == 0:
+        del pending[id(leaf)]
+        if leaf.grad is not None:
+            _run_hooks(leaf)
+
+
+def _run_hooks(leaf):
+    for fn in tuple(leaf._grad_hooks or ()):
+        fn(leaf)
 
 
 def _accumulate_leaf(t, g):

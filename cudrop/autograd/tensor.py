@@ -16,6 +16,7 @@ class Tensor:
     """
 
     __array_priority__ = 200  # make ndarray (op) Tensor defer to Tensor's reflected operators
+    _grad_hooks = None  # grad-ready hooks (register_grad_ready_hook); a list once one is added
 
     def __init__(self, data, requires_grad: bool = False, name: str | None = None):
         if isinstance(data, Tensor):
@@ -104,6 +105,23 @@ class Tensor:
     def zero_grad(self):
         self.grad = None
 
+    def register_grad_ready_hook(self, fn) -> "HookHandle":
+        """Call ``fn(self)`` in every backward pass as soon as this leaf's ``.grad`` is final
+        for the pass: after its last contribution, while backward goes on through the rest of
+        the graph (data-parallel training starts a bucket's all-reduce there, so communication
+        overlaps the remaining backward). Called once per pass that gives the leaf a gradient,
+        never for a pass that does not reach it. Only leaves (tensors made by the user, such as
+        parameters) have their hooks called. Returns a handle whose ``remove()`` unregisters
+        ``fn``."""
+        if not callable(fn):
+            raise TypeError(f"register_grad_ready_hook: fn must be callable, got {fn!r}")
+        if self._grad_hooks is None:
+            self._grad_hooks = []
+        self._grad_hooks.append(fn)
+        from .function import _hooked
+        _hooked.add(self)
+        return HookHandle(self, fn)
+
     # ---- operators (the ops live in math/shape/reduce/linalg) ---------------------------
     def __add__(self, o): return _m.add(self, o)
     def __radd__(self, o): return _m.add(o, self)
@@ -146,6 +164,23 @@ class Tensor:
     def tanh(self): return _m.tanh(self)
     def sigmoid(self): return _m.sigmoid(self)
     def relu(self): return _m.relu(self)
+
+
+class HookHandle:
+    """What :meth:`Tensor.register_grad_ready_hook` returns: ``remove()`` unregisters the hook
+    (a second call does nothing)."""
+
+    def __init__(self, tensor, fn):
+        self.tensor, self.fn = tensor, fn
+
+    def remove(self):
+        """Unregister the hook."""
+        hooks = self.tensor._grad_hooks
+        if hooks and self.fn in hooks:
+            hooks.remove(self.fn)
+        if not hooks:
+            from .function import _hooked
+            _hooked.discard(self.tensor)
 
 
 def as_tensor(x, like: Tensor | None = None) -> Tensor:

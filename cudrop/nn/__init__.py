@@ -10,10 +10,10 @@ from .module import Module, ModuleList, Parameter, Sequential
 from .residual import ResidualUnit, basic_block
 from .sliceout import SliceOut, SliceOutConv2d, SliceOutLinear, SliceOutMultiHeadAttention
 from .sparsedrop import SparseDrop, SparseDropLinear
-from .stochastic import StochasticLayer, number_layers, set_step
+from .stochastic import Shard, StochasticLayer, number_layers, set_shard, set_step
 from .variants import (DROPOUT_KINDS, dropped_linear, make_dropout,
                        set_total_steps)
 
 __all__ = [n for n in dir() if not n.startswith("_") and n[0].isupper() or n in (
     "conv_shortcut", "linear_shortcut", "stochastic_depth_probs", "basic_block", "number_layers",
-    "set_step", "dropped_linear", "make_dropout", "set_total_steps", "DROPOUT_KINDS")]
+    "set_step", "set_shard", "dropped_linear", "make_dropout", "set_total_steps", "DROPOUT_KINDS")]

@@ -34,6 +34,12 @@ the shortcut with ``s``. A BatchNorm inside ``f`` then normalises over (and upda
 statistics from) the kept samples only, so it needs more than one value per channel among
 them (one kept sample is enough for conv maps larger than 1x1). If no sample is kept, ``f`` is
 not called at all.
+
+Data parallelism (``cudrop.distributed``): the batch-mode gate is the same on every rank
+(``(seed, layer, step)`` only); per-sample gates are addressed by the sample's index in the
+global batch, so the ranks' gates together are one process's gates for the global batch. A rank
+that keeps none of its samples while another rank keeps some runs ``f`` on one sample scaled by
+0, so that every rank's optimizer updates the same parameters.
 """
 from __future__ import annotations
 
@@ -92,9 +98,11 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
         return bool(philox.uniform(self.seed, self.layer, step, philox.TAG_DEPTH, 1)[0]
                     >= self.p)
 
-    def keep_samples(self, step: int, n: int) -> np.ndarray:
-        """Sample mode: boolean keep bit per sample at ``step`` (host NumPy)."""
-        return philox.uniform(self.seed, self.layer, step, philox.TAG_SAMPLE, n) >= self.p
+    def keep_samples(self, step: int, n: int, offset: int = 0) -> np.ndarray:
+        """Sample mode: boolean keep bit per sample at ``step`` (host NumPy), for samples
+        ``offset .. offset + n - 1`` of the (global) batch."""
+        return philox.uniform(self.seed, self.layer, step, philox.TAG_SAMPLE, n, offset) \
+            >= self.p
 
     def forward(self, x):
         if not self.is_training:
@@ -104,15 +112,22 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
         if self.mode == "batch":
             kept = self.keep_gate(step)
             return self.activation(self._scaled(self.body(x)) + t if kept else t)
-        keep = self.keep_samples(step, x.shape[0])
+        offset, total = self.global_rows(x.shape[0])
+        keep = self.keep_samples(step, x.shape[0], offset)
         if keep.all():  # no gather/scatter copies when every sample survives
             return self.activation(self._scaled(self.body(x)) + t)
+        scale = self.scale
         if not keep.any():
-            return self.activation(t)
+            if total == x.shape[0] or not self.keep_samples(step, total).any():
+                return self.activation(t)
+            # Another rank keeps samples of this unit: its body's parameters get gradients
+            # there, so they must get (zero) gradients here too, or the ranks' optimizers
+            # would update different sets of parameters. Run the body on one row, scaled by 0.
+            keep[0], scale = True, 0.0
         xp = backend.get_array_module(x.data if isinstance(x, Tensor) else x)
         idx = xp.asarray(np.flatnonzero(keep))  # built on the host, strictly increasing by construction; one small upload
         fk = self.body(gather_rows(x, idx))
-        return self.activation(scatter_add_rows(t, fk, idx, self.scale))
+        return self.activation(scatter_add_rows(t, fk, idx, scale))
 
     def _scaled(self, y):
         s = self.scale

@@ -21,7 +21,15 @@ class Dropout(StochasticLayer):
     def forward(self, x):
         if not self.is_training or self.p == 0:
             return x
-        return ag.dropout(x, self.p, seed=self.seed, layer=self.layer, step=self.next_step(device=True))
+        return ag.dropout(x, self.p, seed=self.seed, layer=self.layer,
+                          step=self.next_step(device=True), offset=self.element_offset(x.size))
+
+    def element_offset(self, n):
+        """Flat index of this rank's first element in the global batch (0 on one process).
+        Four elements share a Philox counter: when ``n`` is not a multiple of 4 the ranks take
+        ``ceil(n / 4) * 4`` each, still disjoint (independent masks) but no longer the global
+        batch's mask."""
+        return self.shard.rank * (-(-int(n) // 4) * 4)
 
     def extra_repr(self):
         return f"p={self.p}, " + super().extra_repr()

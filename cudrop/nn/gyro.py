@@ -94,7 +94,8 @@ class GyroDropout(_GyroBase):
         key = (ids, x.shape[ax], self.p, self.seed, self.layer, backend.device_of(x.data))
         keep = self._memoised(key, lambda: gyro.subnet_keep(
             ids, x.shape[ax], self.p, seed=self.seed, layer=self.layer, xp=xp))
-        self.last_mask = gyro.GyroMask(keep, ids, self.p)
+        rows = self.global_rows(x.shape[0]) if self.shard.world_size > 1 else None
+        self.last_mask = gyro.GyroMask(keep, ids, self.p, rows)
         return ag.gyro_dropout(x, mask=self.last_mask, unit_axis=ax, ragged=self.ragged)
 
 
@@ -132,6 +133,9 @@ class BlockwiseDropout(_GyroBase):
             shape = (shape[0], units)
         xp = backend.get_array_module(data)
         sched = self._sched()
+        # this rank's row blocks of the global batch (the slot rule reads global indices)
+        off, total = self.global_rows(-(-shape[0] // self.block[0]))
+        sched.update(row_block_offset=off, total_row_blocks=total)
         ids = tuple(int(i) for i in gyro.blockwise_row_ids(step, shape[0], block=self.block,
                                                             **sched))
         key = (ids, shape, self.block, self.p, self.seed, self.layer,

@@ -24,9 +24,12 @@ class _SparseDropMask:
 
     def _draw(self, data):
         shape = (int(np.prod(data.shape[:-1], dtype=np.int64)), data.shape[-1])
+        # this rank's row blocks of the global batch's grid (exactly the global batch's mask
+        # when the block height divides the local rows)
+        row_offset, _ = self.global_rows(-(-shape[0] // self.block[0]))
         self.last_mask = V.draw_mask(shape, self.p, block=self.block, seed=self.seed,
                                      layer=self.layer, step=self.next_step(device=True),
-                                     xp=backend.get_array_module(data))
+                                     xp=backend.get_array_module(data), row_offset=row_offset)
         return self.last_mask
 
 

@@ -1,5 +1,6 @@
 // Fused element dropout: draw (Philox), scale, and pack the keep bits in one pass; backward
-// reads only the bits. x is viewed flat as mask row 0 of n columns (cudrop/masks.py).
+// reads only the bits. x is viewed flat as mask row 0 of n columns (cudrop/masks.py), starting
+// at column 4 * ctr0 (a data-parallel rank's elements of the global batch; 0 otherwise).
 #include "philox.cuh"
 #include "dtypes.cuh"
 
@@ -16,12 +17,12 @@ __global__ void dropout_fwd(const T* __restrict__ x, T* __restrict__ y,
                             unsigned int* __restrict__ bits, long long n, long long n_words32,
                             unsigned int seed, unsigned int layer, unsigned int step,
                             const unsigned int* __restrict__ step_ptr,
-                            unsigned int thresh, double scale) {
+                            unsigned int thresh, double scale, long long ctr0) {
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long i0 = 4 * t;
     // one uniform branch; every thread of a warp loads the same word (one broadcast load)
     const unsigned int step_now = step_ptr ? *step_ptr : step;
-    const cd_u4 r = cd_philox((unsigned int)t, 0u, step_now, CD_TAG_ELEMENT, seed, layer);
+    const cd_u4 r = cd_philox((unsigned int)(t + ctr0), 0u, step_now, CD_TAG_ELEMENT, seed, layer);
     const bool k0 = i0 < n && r.x >= thresh, k1 = i0 + 1 < n && r.y >= thresh;
     const bool k2 = i0 + 2 < n && r.z >= thresh, k3 = i0 + 3 < n && r.w >= thresh;
     if (i0 + 3 < n) {
@@ -64,7 +65,8 @@ __global__ void dropout_bwd(const T* __restrict__ gy, const unsigned int* __rest
 #ifdef CUDROP_INSTANTIATE  // explicit instances for the nvcc compile check (NVRTC uses name_expressions)
 #define CD_INST(T) \
     template __global__ void dropout_fwd<T>(const T*, T*, unsigned int*, long long, long long, \
-        unsigned int, unsigned int, unsigned int, const unsigned int*, unsigned int, double); \
+        unsigned int, unsigned int, unsigned int, const unsigned int*, unsigned int, double, \
+        long long); \
     template __global__ void dropout_bwd<T>(const T*, const unsigned int*, T*, long long, double);
 CD_INST(float) CD_INST(double) CD_INST(cd_f16) CD_INST(cd_bf16)
 #endif

@@ -4,7 +4,8 @@
 // rows, which a counter-based generator makes free of coordination. Lists are ELL: line i's
 // kept indices ascending in index[i, :count[i]], the rest -1. blockDim must be 256. A non-null
 // step_ptr (a device step) replaces the by-value step, read when the kernel runs (CUDA graph
-// replays draw the step the host wrote there last).
+// replays draw the step the host wrote there last). Without row_ids the row coordinate is
+// r + row_offset (a data-parallel rank's row blocks of the global batch).
 #include "philox.cuh"
 
 extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
@@ -14,7 +15,7 @@ extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
                                       long long words32_per_row, unsigned int seed,
                                       unsigned int layer, unsigned int step,
                                       const unsigned int* __restrict__ step_ptr, unsigned int tag,
-                                      unsigned int thresh) {
+                                      unsigned int thresh, unsigned int row_offset) {
     // read once per thread, before the loop: a uniform branch and one broadcast load
     const unsigned int step_now = step_ptr ? *step_ptr : step;
     __shared__ int warp_sums[8];
@@ -31,7 +32,7 @@ extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
         bool keep = false;
         if (t < len) {
             const int r = is_row ? line : t, c = is_row ? t : line;
-            const unsigned int rid = row_ids ? row_ids[r] : (unsigned int)r;
+            const unsigned int rid = row_ids ? row_ids[r] : (unsigned int)r + row_offset;
             keep = cd_mask_word(seed, layer, step_now, tag, rid, (unsigned long long)c) >= thresh;
         }
         const unsigned int b = __ballot_sync(0xffffffffu, keep);

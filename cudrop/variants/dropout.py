@@ -29,7 +29,7 @@ def _check_x(x):
                         f"{x.dtype}")
 
 
-def dropout(x, p, *, seed=None, layer=0, step=None):
+def dropout(x, p, *, seed=None, layer=0, step=None, offset=0):
     """Inverted element dropout: ``y = x * m / (1 - p)``, ``m`` i.i.d. Bernoulli(1 - p) per
     element, a pure function of (seed, layer, step) and the element's flat index.
 
@@ -37,7 +37,9 @@ def dropout(x, p, *, seed=None, layer=0, step=None):
     ``step`` an int, or on CuPy a device step (a 0-d uint32 CuPy array, read by the kernel when
     it runs: a captured CUDA graph draws a new mask per replay once the host writes the step).
     Nothing is skipped (the baseline variant); on CuPy it is one fused pass that draws, scales
-    and packs the mask into bits, and backward reads only those bits.
+    and packs the mask into bits, and backward reads only those bits. ``offset`` (a multiple of
+    4): the flat index of x's first element in a larger array whose mask x takes its part of
+    (a data-parallel rank's rows of the global batch, ``cudrop.distributed``).
 
     Returns ``(y, saved)``; ``saved`` holds the ``ElementMask`` (packed bits) for
     :func:`dropout_backward`. ``p == 0`` returns ``x`` itself. Non-contiguous inputs are copied.
@@ -47,15 +49,19 @@ def dropout(x, p, *, seed=None, layer=0, step=None):
     xp = backend.get_array_module(x)
     seed, step = random.resolve(seed, step, xp)
     layer = philox.check_seed("layer", layer)
+    offset = masks.check_offset(offset, x.size)
+    if offset % 4:
+        raise ValueError(f"dropout: offset must be a multiple of 4 (four elements share a "
+                         f"Philox counter), got {offset}")
     if p == 0:
         return x, DropoutSaved(None, 1.0)
     scale = 1.0 / (1.0 - p)
     if xp is np:
-        mask = masks.element_mask(x.size, p, seed=seed, layer=layer, step=step)
+        mask = masks.element_mask(x.size, p, seed=seed, layer=layer, step=step, offset=offset)
         keep = mask.to_dense().reshape(x.shape)
         y = np.where(keep, x * x.dtype.type(scale), x.dtype.type(0))
     else:
-        y, mask = _dropout_gpu(xp, x, p, scale, seed, layer, step)
+        y, mask = _dropout_gpu(xp, x, p, scale, seed, layer, step, offset)
     return y, DropoutSaved(mask, scale)
 
 
@@ -85,7 +91,7 @@ def _aligned(cp, a):
     return a if a.data.ptr % (4 * a.itemsize) == 0 else a.copy()
 
 
-def _dropout_gpu(cp, x, p, scale, seed, layer, step):
+def _dropout_gpu(cp, x, p, scale, seed, layer, step, offset=0):
     x = _aligned(cp, x)
     n = x.size
     y = cp.empty_like(x)
@@ -96,5 +102,6 @@ def _dropout_gpu(cp, x, p, scale, seed, layer, step):
         step_value, step_ptr = philox.step_args(step)
         launch("dropout.cu", "dropout_fwd", x.dtype, (-(-threads // _THREADS),), (_THREADS,),
             (x, y, bits, np.int64(n), np.int64(2 * words), np.uint32(seed), np.uint32(layer),
-             step_value, step_ptr, np.uint32(philox.threshold(p)), np.float64(scale)))
+             step_value, step_ptr, np.uint32(philox.threshold(p)), np.float64(scale),
+             np.int64(offset // 4)))
     return y, masks.ElementMask(n, p, bits)

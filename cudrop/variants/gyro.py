@@ -35,11 +35,11 @@ def _apply_gyro(x, mask, ax, ragged):
     row_shape = [1] * (x.ndim - 1)
     row_shape[ax - 1] = n
     drop = ~mask.keep
-    if x.shape[0] % tau == 0:
+    if mask.rows is None and x.shape[0] % tau == 0:
         grouped = (tau, x.shape[0] // tau) + tuple(x.shape[1:])
         _scale_and_zero(xp, x.reshape(grouped), y.reshape(grouped),
                         drop.reshape([tau, 1] + row_shape), scale)
-    else:  # ragged groups (sizes differ by one): one slice per group
+    else:  # ragged groups (sizes differ by one) or a rank's part: one slice per group
         for t, (a, b) in enumerate(bounds):
             if b > a:
                 _scale_and_zero(xp, x[a:b], y[a:b], drop[t].reshape(row_shape), scale)

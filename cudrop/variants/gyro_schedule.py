@@ -123,11 +123,14 @@ def subnet_keep(subnets, n_blocks, p, *, seed, layer, xp=np):
     return m.keep_blocks()
 
 
-def row_block_subnets(step, n_row_blocks, subnets):
-    """Sub-network id per row block: row block ``r`` runs slot ``(step * n + r) mod τ``."""
+def row_block_subnets(step, n_row_blocks, subnets, offset=0, total=None):
+    """Sub-network id per row block: row block ``r`` runs slot ``(step * n + r) mod τ``. With a
+    data-parallel shard the ``n_row_blocks`` are blocks ``offset ..`` of a global batch of
+    ``total`` row blocks, whose ``n`` and ``r`` the rule reads."""
     subnets = np.asarray(subnets, dtype=np.int64)
     tau = len(subnets)
-    first = (int(step) * int(n_row_blocks)) % tau  # Python ints: no overflow at large steps
+    total = int(n_row_blocks) if total is None else int(total)
+    first = (int(step) * total + int(offset)) % tau  # Python ints: no overflow at large steps
     return subnets[(first + np.arange(n_row_blocks)) % tau]
 
 
@@ -139,6 +142,9 @@ class GyroMask:
     keep: object       # (τ, N) bool
     subnets: tuple     # (τ,) host ints
     p: float
+    #: ``(offset, total)``: the batch is rows ``offset ..`` of a global batch of ``total`` rows
+    #: whose row groups the slots follow (data parallelism); None: the batch is the whole.
+    rows: tuple | None = None
 
     @property
     def q(self):
@@ -155,13 +161,25 @@ class GyroMask:
     def row_bounds(self, batch, ragged=False):
         """``[(start, stop)]`` of the τ contiguous row groups of a batch of ``batch`` rows.
         Unless ``ragged``, τ must divide the batch; with ``ragged`` the groups' sizes differ by
-        at most one (group ``t`` is rows ``[t B // τ, (t+1) B // τ)``, empty when B < τ)."""
+        at most one (group ``t`` is rows ``[t B // τ, (t+1) B // τ)``, empty when B < τ). With
+        ``rows = (offset, total)`` the groups are those of the global batch of ``total`` rows,
+        cut to this batch's rows ``[offset, offset + batch)`` and counted from its first row."""
         tau = self.co_scheduled
-        if batch % tau and not ragged:
-            raise ValueError(f"co_scheduled (τ = {tau}) must divide the batch size ({batch}) for "
+        offset, total = (0, batch) if self.rows is None else self.rows
+        if offset + batch > total:
+            raise ValueError(f"rows {offset}..{offset + batch} of a batch lie outside the "
+                             f"global batch of {total} rows")
+        if total % tau and not ragged:
+            what = "batch size" if self.rows is None else "global batch size (all ranks)"
+            raise ValueError(f"co_scheduled (τ = {tau}) must divide the {what} ({total}) for "
                              "gyro dropout's row groups; use a batch size that τ divides, "
                              "drop_last=True, or ragged=True")
-        return [(t * batch // tau, (t + 1) * batch // tau) for t in range(tau)]
+        out = []
+        for t in range(tau):
+            a = min(max(t * total // tau - offset, 0), batch)
+            b = min(max((t + 1) * total // tau - offset, 0), batch)
+            out.append((a, max(a, b)))
+        return out
 
     def to_dense(self, shape, unit_axis=None, ragged=False):
         """Bool array of ``shape`` (for tests and reference paths)."""
@@ -217,26 +235,32 @@ def gyro_mask(n_units, p, *, step, seed=0, layer=0, num_subnets=DEFAULT_NUM_SUBN
 
 def blockwise_row_ids(step, n_rows, *, block=DEFAULT_BLOCK, num_subnets=DEFAULT_NUM_SUBNETS,
                       co_scheduled=DEFAULT_CO_SCHEDULED, period=DEFAULT_PERIOD,
-                      schedule="consecutive", seed=0, layer=0):
-    """Sub-network id of each row block of an ``n_rows``-row batch at ``step``."""
+                      schedule="consecutive", seed=0, layer=0, row_block_offset=0,
+                      total_row_blocks=None):
+    """Sub-network id of each row block of an ``n_rows``-row batch at ``step``; with a
+    data-parallel shard, of row blocks ``row_block_offset ..`` of a global batch of
+    ``total_row_blocks`` (``row_block_subnets``)."""
     mb, _ = check_block(block)
     n_row_blocks = -(-_check_int("n_rows", n_rows, 1) // mb)
     ids = scheduled_subnets(step, num_subnets=num_subnets, co_scheduled=co_scheduled,
                             period=period, schedule=schedule, seed=seed, layer=layer)
-    return row_block_subnets(step, n_row_blocks, ids)
+    return row_block_subnets(step, n_row_blocks, ids, row_block_offset, total_row_blocks)
 
 
 def blockwise_mask(shape, p, *, step, seed=0, layer=0, block=DEFAULT_BLOCK,
                    num_subnets=DEFAULT_NUM_SUBNETS, co_scheduled=DEFAULT_CO_SCHEDULED,
-                   period=DEFAULT_PERIOD, schedule="consecutive", xp=np) -> masks.BlockMask:
+                   period=DEFAULT_PERIOD, schedule="consecutive", xp=np, row_block_offset=0,
+                   total_row_blocks=None) -> masks.BlockMask:
     """The block-wise gyro mask of ``step`` over an (M, K) operand, as a ``BlockMask`` (bits
     and kept-block lists, one launch on CuPy): row block ``r`` carries the unit-block mask of
-    its sub-network. Edge blocks are partial when the shape does not divide."""
+    its sub-network. Edge blocks are partial when the shape does not divide. A data-parallel
+    rank passes its ``row_block_offset`` in the global batch of ``total_row_blocks``."""
     block = check_block(block)
     if len(shape) != 2:
         raise ValueError(f"shape must be (M, K), got {tuple(shape)}")
     ids = blockwise_row_ids(step, shape[0], block=block, num_subnets=num_subnets,
                             co_scheduled=co_scheduled, period=period, schedule=schedule,
-                            seed=seed, layer=layer)
+                            seed=seed, layer=layer, row_block_offset=row_block_offset,
+                            total_row_blocks=total_row_blocks)
     return masks.block_mask(shape, block, p, seed=seed, layer=layer, step=0, xp=xp,
                             row_ids=ids, tag=philox.TAG_GYRO)

@@ -28,15 +28,17 @@ __all__ = ["draw_mask", "sparsedrop", "sparsedrop_backward", "sparsedrop_linear"
 DEFAULT_BLOCK = (128, 128)
 
 
-def draw_mask(shape, p, *, block=DEFAULT_BLOCK, seed=None, layer=0, step=None, xp=np):
+def draw_mask(shape, p, *, block=DEFAULT_BLOCK, seed=None, layer=0, step=None, xp=np,
+              row_offset=0):
     """SparseDrop's mask over an (M, K) operand: i.i.d. Bernoulli(1 - p) keep per ``block``
     = (Mb, Kb) block, a pure function of (seed, layer, step); a ``cudrop.masks.BlockMask`` drawn,
     packed and listed in one launch on CuPy (``xp=cupy``). ``seed=None``: the global generator
     (``cudrop.random``). On CuPy ``step`` may be a device step (a 0-d uint32 CuPy array, read by
-    the kernel when it runs; ``masks.block_mask``)."""
+    the kernel when it runs; ``masks.block_mask``). ``row_offset``: the first row block's index
+    in a taller operand (a data-parallel rank's rows of the global batch)."""
     seed, step = random.resolve(seed, step)
     return masks.block_mask(shape, block, philox.check_prob(p), seed=seed, layer=layer,
-                            step=step, xp=xp)
+                            step=step, xp=xp, row_offset=row_offset)
 
 
 def sparsedrop(x, p=None, *, mask=None, block=None, seed=None, layer=0, step=None):
