@@ -118,6 +118,26 @@ def index_checks():
     expect_failure()
 
 
+
+def optimizers_and_relu():
+    """optim.cu (fused SGD / Adam, with and without a master copy) and act.cu's ReLU backward on ragged sizes (the grid-stride tails)."""
+    from cudrop.autograd import Tensor
+    from cudrop.functional import _act
+    from cudrop.optim import SGD, Adam
+    for n in (1, 255, 257, 70001):
+        for dt in [np.float32, np.float64, np.float16] + bf16:
+            x = cp.asarray(np.linspace(-1, 1, n)).astype(dt)
+            y, saved = _act.relu(x)
+            _act.relu_backward(cp.ones_like(y), saved)
+            for opt in (SGD, Adam):
+                p = Tensor(cp.ones(n, dt), requires_grad=True)
+                o = opt([p], lr=0.1, **({"momentum": 0.9} if opt is SGD else {}))
+                for _ in range(2):
+                    p.grad = cp.ones(n, dt)
+                    o.step()
+
+
 index_checks()
+optimizers_and_relu()
 cp.cuda.Device().synchronize()
 print("sanitize run ok")
