@@ -118,9 +118,9 @@ def index_checks():
     expect_failure()
 
 
-
 def optimizers_and_relu():
-    """optim.cu (fused SGD / Adam, with and without a master copy) and act.cu's ReLU backward on ragged sizes (the grid-stride tails)."""
+    """optim.cu (fused SGD / Adam, with and without a master copy) and act.cu's ReLU backward
+    on ragged sizes (the grid-stride tails)."""
     from cudrop.autograd import Tensor
     from cudrop.functional import _act
     from cudrop.optim import SGD, Adam
