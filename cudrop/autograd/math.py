@@ -4,6 +4,7 @@ from __future__ import annotations
 import math as _pymath
 
 from .. import backend
+from ..functional import _act
 from .function import Function
 from .tensor import Tensor, as_tensor
 
@@ -127,11 +128,11 @@ class Sigmoid(Function):
 
 class ReLU(Function):
     def forward(self, a):
-        self.mask = a > 0
-        return backend.get_array_module(a).maximum(a, 0)  # not a * mask: -inf * 0 is NaN
+        y, self.saved = _act.relu(a)
+        return y
 
     def backward(self, g):
-        return backend.get_array_module(g).where(self.mask, g, 0)
+        return _act.relu_backward(g, self.saved)
 
 
 _SQRT_2_OVER_PI = _pymath.sqrt(2.0 / _pymath.pi)

@@ -100,7 +100,10 @@ def init(backend_name: str = "nccl", *, timeout: float = DEFAULT_TIMEOUT,
     try:
         uid = _id_to_bytes(nccl.get_unique_id()) if env.rank == 0 else None
         uid = exchange(env, uid, timeout)
-        group.comm = nccl.NcclCommunicator(env.world_size, _id_from_bytes(uid), env.rank)
+        try:
+            group.comm = nccl.NcclCommunicator(env.world_size, bytes(uid), env.rank)
+        except TypeError:  # CuPy before 14 takes NCCL's id as a tuple of signed chars
+            group.comm = nccl.NcclCommunicator(env.world_size, _id_from_bytes(uid), env.rank)
     except BaseException:
         group.watchdog.stop()
         raise

@@ -36,8 +36,8 @@ def relu(x):
 def relu_backward(grad_out, saved):
     """``grad_out`` where the input was positive, 0 elsewhere."""
     xp = backend.get_array_module(grad_out)
-    if xp is np:
-        return np.where(saved.y > 0, grad_out, grad_out.dtype.type(0))
+    if xp is np or raw_kernels.cuda_type(grad_out.dtype) is None:
+        return xp.where(saved.y > 0, grad_out, grad_out.dtype.type(0))
     y, g = xp.ascontiguousarray(saved.y), xp.ascontiguousarray(grad_out)
     gx = xp.empty_like(g)
     if g.size:
