@@ -22,8 +22,12 @@ for shape, block in [((1, 1), (1, 1)), ((130, 70), (128, 32)), ((700, 300), (1, 
     masks.block_mask(shape, block, 0.5, seed=0, layer=0, step=0, xp=cp)
     masks.block_mask(shape, block, 0.5, seed=0, layer=0, step=cp.asarray(1, dtype=np.uint32),
                      xp=cp)
-# conv2d (im2col, swap01, col2im) and batch norm (stats, fwd, backward sums and apply) on ragged
-# shapes: strides and paddings that leave edge windows partial, odd channel counts, (N, C) input.
+# conv2d (im2col, swap01, col2im) and batch norm (stats, fwd, backward sums and apply, and the
+# merges of split reductions) on ragged shapes: strides and paddings that leave edge windows
+# partial, odd channel counts, (N, C) input. The reductions split each channel over S CTAs
+# where C is small: the host's rule (S = N on the small-N shapes, 53 and 14 on 132 SMs for
+# (300, 5) and (40, 20, 9)), then S forced to 3 (N not a multiple of S); S = 1 where C alone
+# fills the GPU, (4, 600).
 try:
     import ml_dtypes
     bf16 = [ml_dtypes.bfloat16]
@@ -41,16 +45,23 @@ def conv_and_norm(dt):
         w = cp.asarray(np.random.default_rng(1).standard_normal(ws)).astype(dt)
         y, saved = Fconv.conv2d(x, w, w[:, 0, 0, 0].copy(), stride, pad)
         Fconv.conv2d_backward(y, saved)
-    for shape in [(2, 1), (3, 5), (2, 3, 7), (5, 3, 7, 3), (4, 17, 33, 35), (16, 3, 33, 35)]:
+    rule = Fnorm._bn_split
+    for shape in [(2, 1), (3, 5), (2, 3, 7), (5, 3, 7, 3), (4, 17, 33, 35), (16, 3, 33, 35),
+                  (300, 5), (40, 20, 9), (4, 600)]:
         x = cp.asarray(np.random.default_rng(2).standard_normal(shape)).astype(dt)
         c = shape[1]
         gamma, beta = cp.ones(c, dt), cp.zeros(c, dt)
-        for training in (True, False):
-            rm, rv = cp.zeros(c, np.float32), cp.ones(c, np.float32)
-            y, saved = Fnorm.batch_norm(x, gamma, beta, rm, rv, training)
-            Fnorm.batch_norm_backward(y, saved)
-        y, saved = Fnorm.batch_norm(x, None, None, None, None, True)
-        Fnorm.batch_norm_backward(y, saved)
+        for split in (rule, lambda nb, c: min(3, nb)):
+            Fnorm._bn_split = split
+            try:
+                for training in (True, False):
+                    rm, rv = cp.zeros(c, np.float32), cp.ones(c, np.float32)
+                    y, saved = Fnorm.batch_norm(x, gamma, beta, rm, rv, training)
+                    Fnorm.batch_norm_backward(y, saved)
+                y, saved = Fnorm.batch_norm(x, None, None, None, None, True)
+                Fnorm.batch_norm_backward(y, saved)
+            finally:
+                Fnorm._bn_split = rule
 
 
 def block_sparse_gemms(dt, kernel):

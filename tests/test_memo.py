@@ -36,11 +36,12 @@ def test_memo_maxsize_starts_over():
 
 
 def test_the_library_caches_are_registered():
-    """The module caches of the kernel loader, the bsmm dispatcher and the tensor maps are
-    emptied by clear_caches (filled here by hand: there is no GPU on the CPU suite)."""
+    """The module caches of the kernel loader (dtypes, functions, device facts), the bsmm
+    dispatcher and the tensor maps are emptied by clear_caches (filled here by hand: there is
+    no GPU on the CPU suite)."""
     import numpy as np
     raw_kernels.cuda_type(np.dtype(np.float32))
-    dicts = (raw_kernels._TYPE_OF, raw_kernels._FUNCS, dispatch._DEVICE, dispatch._PLANS,
+    dicts = (raw_kernels._TYPE_OF, raw_kernels._FUNCS, raw_kernels._DEVICE, dispatch._PLANS,
              tma._maps)
     for d in dicts[1:]:
         d["probe"] = object()

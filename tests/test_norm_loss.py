@@ -149,6 +149,106 @@ def test_batch_norm_low_precision_matches_float64(xp, dtype, tol, shape, trainin
         np.testing.assert_allclose(_np(a), ref, rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
 
 
+def _bn_float64_reference(x, gamma, beta, rm, rv, g, training, momentum, eps):
+    """Batch norm written out in float64 NumPy: ``(y, gx, ggamma, gbeta, running_mean,
+    running_var, inv_std)``; ``gamma``/``beta`` None for no affine map."""
+    x, g = x.astype(np.float64), g.astype(np.float64)
+    c = x.shape[1]
+    axes = (0,) + tuple(range(2, x.ndim))
+    bshape = (1, c) + (1,) * (x.ndim - 2)
+    n = x.size // c
+    mu, var = (x.mean(axis=axes), x.var(axis=axes)) if training else (rm, rv)
+    inv = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mu.reshape(bshape)) * inv.reshape(bshape)
+    gam = np.ones(c) if gamma is None else gamma.astype(np.float64)
+    y = xhat * gam.reshape(bshape)
+    if beta is not None:
+        y = y + beta.astype(np.float64).reshape(bshape)
+    gbeta, ggamma = g.sum(axis=axes), (g * xhat).sum(axis=axes)
+    k = (gam * inv).reshape(bshape)
+    if training:
+        gx = k / n * (n * g - gbeta.reshape(bshape) - xhat * ggamma.reshape(bshape))
+        rm = (1 - momentum) * rm + momentum * mu
+        rv = (1 - momentum) * rv + momentum * x.var(axis=axes, ddof=1)
+    else:
+        gx = g * k
+    return y, gx, ggamma, gbeta, rm, rv, inv
+
+
+def test_batch_norm_split_rule(monkeypatch):
+    """S (CTAs per channel in the GPU reductions) for an H200's 132 SMs: C * S reaches 264,
+    capped by N; 1 once C reaches 264. Host arithmetic only: runs without a GPU."""
+    monkeypatch.setattr(Fnorm, "device_facts", lambda: (132, True))
+    for (nb, c), want in [((128, 16), 17), ((128, 32), 9), ((128, 64), 5), ((37, 3), 37),
+                          ((300, 5), 53), ((2, 1), 2), ((1, 3), 1), ((4, 263), 2),
+                          ((4, 264), 1), ((4, 600), 1)]:
+        assert Fnorm._bn_split(nb, c) == want, (nb, c)
+
+
+# (N, C, ...) shapes for the split reductions: S > 1 with N not a multiple of S (37 samples;
+# 128 x 16 x 32 x 32, the ResNet-56 CIFAR layer the split was made for, S = 17 on 132 SMs), the
+# smallest training input (2, 1, 1), (N, C) input, N = 1 (S = 1 whatever the GPU) and a channel
+# count that fills the GPU alone (S = 1 below 300 SMs).
+BN_SPLIT_SHAPES = [(37, 3, 5, 7), (128, 16, 32, 32), (2, 1, 1), (300, 5), (2, 1), (1, 3, 4, 5),
+                   (4, 600)]
+
+
+@pytest.mark.parametrize("shape", BN_SPLIT_SHAPES)
+@pytest.mark.parametrize("split", [None, 5])
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-6)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_split_reductions_match_float64(xp, monkeypatch, shape, split, dtype, tol,
+                                                   training, affine):
+    """The reductions with each channel spread over S CTAs: forward, inverse std, running
+    statistics and the gradients against float64 math written out here, outputs and
+    workspaces allocated from a NaN-poisoned pool. ``split`` None keeps the host's rule (S > 1
+    wherever C is below twice the SM count); 5 forces S = min(5, N) on any GPU, so every
+    shape with N > 5 has N not a multiple of S. Two identical calls give identical bits."""
+    if xp is np and split is not None:
+        pytest.skip("the split exists only on the GPU kernels' path")
+    if split is not None:
+        monkeypatch.setattr(Fnorm, "_bn_split", lambda nb, c: min(split, nb))
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    c = shape[1]
+    x = rng.normal(0.5, 2.0, shape).astype(dt)
+    gamma, beta = rng.normal(1.0, 0.5, c).astype(dt), rng.normal(0.0, 1.0, c).astype(dt)
+    if not affine:
+        gamma = beta = None
+    g = rng.standard_normal(shape).astype(dt)
+    rm0 = rng.standard_normal(c).astype(dt)
+    rv0 = rng.uniform(0.5, 2, c).astype(dt)
+    want = _bn_float64_reference(x, gamma, beta, rm0.astype(np.float64), rv0.astype(np.float64),
+                                 g, training, 0.3, 1e-5)
+    runs = []
+    for _ in range(2):
+        rm, rv = xp.asarray(rm0.copy()), xp.asarray(rv0.copy())  # updated in place
+        poison_pool(xp)
+        gb = [None if a is None else xp.asarray(a) for a in (gamma, beta)]
+        y, saved = Fnorm.batch_norm(xp.asarray(x), *gb, rm, rv, training, momentum=0.3)
+        poison_pool(xp)
+        grads = Fnorm.batch_norm_backward(xp.asarray(g), saved)
+        outs = (y,) + grads + (rm, rv, saved.inv_std)
+        runs.append([None if a is None else _np(a) for a in outs])
+    names = ("y", "gx", "ggamma", "gbeta", "running_mean", "running_var", "inv_std")
+    for name, a, b, ref in zip(names, *runs, want):
+        if not affine and name in ("ggamma", "gbeta"):
+            assert a is None and b is None, name
+            continue
+        assert a.shape == ref.shape, name
+        assert a.dtype == (dt if name != "inv_std" else Fnorm.compute_dtype(dt)), name
+        assert np.isfinite(a).all(), name
+        np.testing.assert_array_equal(a, b, err_msg=f"{name}: two identical calls differ")
+        # per element, relative to the array's scale; gx in training is a difference of terms
+        # of the size of g * gamma * inv_std that may cancel almost exactly (N * P = 2: gx is
+        # zero but for eps), so its scale is theirs
+        scale = np.abs(ref).max()
+        if name == "gx":
+            scale = np.abs(g).max() * np.abs(want[6] * (1 if gamma is None else gamma)).max()
+        np.testing.assert_allclose(a, ref, rtol=0, atol=tol * scale, err_msg=name)
+
+
 # ---- layer norm ---------------------------------------------------------------------------
 
 @given(lead=lead_shapes, d=st.integers(2, 5), seed=seeds)

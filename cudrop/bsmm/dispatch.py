@@ -101,20 +101,6 @@ def _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists):
     return lists is None or kblk % e == 0
 
 
-_DEVICE = Memo().data  # the plain dict: probed at dict speed
-
-
-def _device():
-    """(SM count, is sm_90) of the current device, queried once: the attribute query costs
-    more host time than a small GEMM."""
-    dev = backend.cupy.cuda.runtime.getDevice()
-    info = _DEVICE.get(dev)
-    if info is None:
-        d = backend.cupy.cuda.Device(dev)
-        info = _DEVICE[dev] = (d.attributes["MultiProcessorCount"], d.compute_capability == "90")
-    return info
-
-
 class _Plan:
     """Everything about a launch that follows from the call's signature (shapes, strides,
     dtype, alignment, mask geometry, epilogue): the kernel, its grid and the scalar arguments.
@@ -146,7 +132,7 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
     if choice not in KERNELS + ("auto",):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {choice!r}")
     tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
-    sms, is_sm90 = _device()
+    sms, is_sm90 = raw_kernels.device_facts()
     half = a.dtype.name in _HALF
     # the Hopper kernels store rows of C in 4-byte pairs: row-major, 4-byte aligned C
     hopper = tc_ok and half and is_sm90 and ldcn == 1 and c_ptr % 4 == 0
@@ -201,7 +187,8 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
             # dense: a persistent grid (one CTA per SM walks the tiles, the producer fetching the
             # next tile under the epilogue); pruned: one CTA per tile, as their work differs
             tiles = cdim(bm, bn)
-            pl.grid = (min(_device()[0], tiles[0] * tiles[1]),) if not masked else tiles
+            sms = raw_kernels.device_facts()[0]
+            pl.grid = (min(sms, tiles[0] * tiles[1]),) if not masked else tiles
             pl.tma = (m, n, k, a_lay, b_lay, bm, bn)
             src = "bsmm_tma.cu"
         else:

@@ -80,6 +80,21 @@ _TYPE_OF = Memo().data
 _FUNCS = Memo().data
 
 
+_DEVICE = Memo().data  # device id -> (SM count, is sm_90), a plain dict probed per launch
+
+
+def device_facts():
+    """``(SM count, is sm_90)`` of the current device, queried once per device: the attribute
+    query costs more host time than a small kernel. Launch code sizes its grids with it (the
+    block-sparse GEMMs' tiles, batch norm's split of a channel over several CTAs)."""
+    dev = backend_cupy().cuda.runtime.getDevice()
+    info = _DEVICE.get(dev)
+    if info is None:
+        d = backend_cupy().cuda.Device(dev)
+        info = _DEVICE[dev] = (d.attributes["MultiProcessorCount"], d.compute_capability == "90")
+    return info
+
+
 def cuda_type(dtype):
     """The template argument for ``dtype``, or None where no kernel exists. A dict probe: the
     per-call host cost is what the GPU paths save, and ``dtype.name`` is a slow property."""
