@@ -5,7 +5,9 @@ Cases: the MLP 1024 -> 4096 x3 -> 10, batch 1024, drop p = 0.5 as none / dropout
 (PyTorch: nn.Dropout for both variants), in fp32 and bf16 (parameters in bf16 in both);
 ResNet-56, batch 128, 3x32x32, fp32 (PyTorch: the same network written out, cuDNN
 convolutions). Time: CUDA events around 30 steps after 5 warm-up steps
-(the step rate a training loop sees), median of 5 such runs. JSON: $OUT/graph_step.json; a
+(the step rate a training loop sees), median of 5 such runs. Memory: what CuPy's pool (and a
+captured step's private pool) holds after the timed steps, in MiB (target: captured <= 1.1x
+eager). JSON: $OUT/graph_step.json; a
 table last.
 """
 from __future__ import annotations
@@ -41,6 +43,8 @@ def _rate(cp, step, batches):
 
 def _cudrop(build, shape, classes, dtype, captured):
     cp = backend.cupy
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
     model = build().to("gpu", dtype=dtype)
     opt = optim.SGD(model.parameters(), 0.01, momentum=0.9)
     rng = np.random.default_rng(0)
@@ -57,7 +61,11 @@ def _cudrop(build, shape, classes, dtype, captured):
     run = graph.capture(step, model=model, optimizer=opt) if captured else step
     ms = _rate(cp, run, batches)
     ok = (not captured) or (run.graph is not None and run.failed is None)
-    return ms, ok
+    # Memory held for training: CuPy's pool keeps the eager step's peak cached; a captured
+    # step adds its private pool.
+    held = pool.total_bytes() + (run.pool.total_bytes() if captured else 0)
+    del model, opt, run, batches
+    return ms, ok, held / 2**20
 
 
 def _torch(kind, shape, classes, dtype, captured):
@@ -180,28 +188,31 @@ def main():
                   (128, 3, 32, 32), 10, np.dtype(np.float32)))
     rows = []
     for name, kind, build, shape, classes, dtype in cases:
-        eager, _ = _cudrop(build, shape, classes, dtype, False)
-        cap, ok = _cudrop(build, shape, classes, dtype, True)
+        eager, _, eager_mb = _cudrop(build, shape, classes, dtype, False)
+        cap, ok, cap_mb = _cudrop(build, shape, classes, dtype, True)
         t_eager = t_graph = None
         if have_torch:
             t_eager = _torch(kind, shape, classes, dtype, False)
             t_graph = _torch(kind, shape, classes, dtype, True)
         row = dict(case=name, dtype=dtype.name, batch=shape[0], cudrop_eager_ms=eager,
                    cudrop_graph_ms=cap, captured=ok, torch_eager_ms=t_eager,
-                   torch_graph_ms=t_graph)
+                   torch_graph_ms=t_graph, cudrop_eager_mb=eager_mb, cudrop_graph_mb=cap_mb,
+                   graph_memory_ratio=cap_mb / eager_mb)
         rows.append(row)
         print(row, flush=True)
     write_json("graph_step.json", rows)
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     print(f"{'case':16s} {'dtype':9s} {'cd eager':>9s} {'cd graph':>9s} {'pt eager':>9s} "
-          f"{'pt graph':>9s} {'graph/pt eager':>14s} {'graph/pt graph':>14s}")
+          f"{'pt graph':>9s} {'graph/pt eager':>14s} {'graph/pt graph':>14s} "
+          f"{'memory graph/eager':>18s}")
     for r in rows:
         ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
         print(f"{r['case']:16s} {r['dtype']:9s} {f(r['cudrop_eager_ms']):>9s} "
               f"{f(r['cudrop_graph_ms']):>9s}{'' if r['captured'] else '*'} "
               f"{f(r['torch_eager_ms']):>9s} {f(r['torch_graph_ms']):>9s} "
               f"{ratio(r['cudrop_graph_ms'], r['torch_eager_ms']):>14s} "
-              f"{ratio(r['cudrop_graph_ms'], r['torch_graph_ms']):>14s}")
+              f"{ratio(r['cudrop_graph_ms'], r['torch_graph_ms']):>14s} "
+              f"{r['graph_memory_ratio']:>18.2f}")
     print("* the captured step fell back to eager (see the warning)")
 
 
