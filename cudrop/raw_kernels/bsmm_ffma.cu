@@ -190,7 +190,8 @@ struct cd_kcursor {
 };
 
 template <bool A_KMAJ, bool B_KMAJ, int BM, int BN, bool VEC>
-__global__ void __launch_bounds__(BM * BN / 64, 32768 / (BM * BN)) bsmm_ffma(CD_BSMM_PARAMS(float)) {
+__global__ void __launch_bounds__(BM * BN / 64, 32768 / (BM * BN))
+    bsmm_ffma(CD_BSMM_PARAMS(float)) {
     constexpr int BK = 8, THREADS = BM * BN / 64, WN = BN / 64;
     constexpr int LDA = BM + 4, LDB = BN + 4;
     static_assert(BM % 32 == 0 && BN % 64 == 0, "warp tiles are 32 x 64");
