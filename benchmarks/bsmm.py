@@ -9,18 +9,24 @@
 3. The papers' configurations: block-wise dropout forward, batch 256 x 1024 x 1024 (mask block
    128 x 32, the gyro paper's) at drop 10/25/50/75%; SparseDrop forward+backward at 1024³ over
    sparsity 0-0.9.
+4. Exact float32 (issue 11): dsd, sdd, dsd_t on the ffma kernel at M x K x N in FP32_SHAPES,
+   every block kept and drop 0.5 (mask block 128 x 128), against cuBLAS SGEMM (``cupy.matmul``
+   in float32 with TF32 off: CUPY_TF32 is removed from the environment before CuPy's first
+   float32 product); the target is >= 0.8x SGEMM's throughput with every block kept. At the
+   first shape the simple kernel (the float32 path before ffma) is timed too.
 
 At 1024 and for the block-wise layer, Python's launch overhead (tens of µs per call, for CuPy's
 cuBLAS too) exceeds the device time, so those rows also carry graph-replay times: cudrop's ops
 captured in CUDA graphs (which also proves they never synchronise with the host), dense cuBLAS
 through PyTorch's CUDA graphs (CuPy refuses to capture cuBLAS).
 
-Usage: python benchmarks/bsmm.py [--quick] [--sizes 1024 4096] ; JSON to $OUT/bsmm.json, a table
-last.
+Usage: python benchmarks/bsmm.py [--quick] [--fp32] [--sizes 1024 4096] ; JSON to $OUT/bsmm.json,
+a table last. --fp32 runs table 4 only.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -34,6 +40,8 @@ from cudrop.variants import dropout as Fdrop, sparsedrop as Fsd  # noqa: E402
 SIZES = (1024, 4096, 8192)
 SPARSITIES = (0.0, 0.25, 0.5, 0.75)
 BLOCK = (128, 128)
+# (M, K, N) of the float32 table: the MLP layer of issue 11's table, then square
+FP32_SHAPES = ((1024, 4096, 4096), (4096, 4096, 4096), (8192, 8192, 8192))
 
 
 def _dtype(name):
@@ -204,15 +212,51 @@ def blockwise_forward(cp, rows, dtype):
                          graph_speedup=dense_g / g if g and dense_g else None))
 
 
+def bench_fp32(cp, rows):
+    """Exact float32: each form on the ffma kernel against SGEMM of the same product shape
+    (M x K) @ (K x N). ``ratio`` is SGEMM's time over the kernel's (with every block kept, the
+    kernel's throughput relative to SGEMM's); ``rate_ratio`` the kernel's rate on the kept
+    multiply-adds relative to SGEMM's."""
+    f32 = np.dtype(np.float32)
+    for si, (m, k, n) in enumerate(FP32_SHAPES):
+        size = max(m, k, n)
+        sgemm = _time(cp.matmul, _sets(cp, [(m, k), (k, n)], f32), size)
+        for s in (0.0, 0.5):
+            mk, mo, mt = _mask(cp, (m, k), s), _mask(cp, (m, n), s), _mask(cp, (k, m), s)
+            forms = {  # operand shapes, the call, its mask
+                "dsd": ([(m, k), (k, n)], lambda a, b: bsmm.dsd(a, b, mk), mk),
+                "sdd": ([(m, k), (k, n)], lambda a, b: bsmm.sdd(a, b, mo), mo),
+                "dsd_t": ([(k, m), (k, n)], lambda a, b: bsmm.dsd_t(a, b, mt), mt)}
+            for form, (shapes, f, mask) in forms.items():
+                kept = float(cp.asnumpy(mask.row_count).sum()) / (mask.grid[0] * mask.grid[1])
+                sets = _sets(cp, shapes, f32)
+                # the float32 path before ffma, once, where issue 11 measured it
+                kernels = ("ffma", "simple") if (si, s, form) == (0, 0.0, "dsd") else ("ffma",)
+                for kernel in kernels:
+                    with bsmm.use_kernel(kernel):
+                        t = _time(f, sets, size)
+                    rows.append(dict(table="fp32", form=form, kernel=kernel, m=m, k=k, n=n,
+                                     dtype="float32", sparsity=s, kept=kept, ms=t,
+                                     sgemm_ms=sgemm, ratio=sgemm / t, rate_ratio=kept * sgemm / t,
+                                     target=0.8 if s == 0.0 else None,
+                                     tflops=2 * m * k * n * kept / t / 1e9,
+                                     sgemm_tflops=2 * m * k * n / sgemm / 1e9))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="4096 fp16 only")
+    ap.add_argument("--fp32", action="store_true", help="the exact float32 table only")
     ap.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
     args = ap.parse_args()
+    if os.environ.pop("CUPY_TF32", "0") != "0":  # CuPy reads it at its first float32 product
+        print("CUPY_TF32 removed from the environment: the float32 rows compare with exact SGEMM")
     import cupy as cp
-    dtypes = ["float16"] if args.quick else ["float16", "bfloat16"]
+    dtypes = [] if args.fp32 else ["float16"] if args.quick else ["float16", "bfloat16"]
     sizes = [4096] if args.quick else args.sizes
     rows = []
+    if not args.quick:
+        bench_fp32(cp, rows)
     for name in dtypes:
         dt = _dtype(name)
         for size in sizes:
@@ -220,7 +264,7 @@ def main():
             for p in SPARSITIES:
                 linear_fwd_bwd(cp, size, dt, p, rows)
         blockwise_forward(cp, rows, dt)
-    for p in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
+    for p in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9) if dtypes else ():
         linear_fwd_bwd(cp, 1024, _dtype("float16"), p, rows, table="sweep1024", baselines=False)
     path = write_json("bsmm.json", dict(device=cp.cuda.runtime.getDeviceProperties(0)["name"]
                                         .decode(), rows=rows))
@@ -251,6 +295,15 @@ def _print(rows):
                   f"{ms(r['dense_ms'])} | {ms(r.get('naive_ms'))} | {ms(r.get('fused_ms'))} | "
                   f"{ms(r.get('torch_ms'))} | {vs('fused_ms')} | {vs('torch_ms')} | "
                   f"{ms(r.get('sparsedrop_graph_ms'))} | {ms(r.get('dense_graph_ms'))} |")
+    print("\n| float32 | kernel | M x K x N | drop | ms | SGEMM ms | vs SGEMM | rate vs SGEMM | "
+          "target | TFLOP/s | SGEMM TFLOP/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r["table"] == "fp32":
+            tgt = "-" if r["target"] is None else f">= {r['target']:.1f}x"
+            print(f"| {r['form']} | {r['kernel']} | {r['m']}x{r['k']}x{r['n']} | {r['sparsity']} "
+                  f"| {ms(r['ms'])} | {ms(r['sgemm_ms'])} | {r['ratio']:.2f}x | "
+                  f"{r['rate_ratio']:.2f}x | {tgt} | {r['tflops']:.1f} | {r['sgemm_tflops']:.1f} |")
     print("\n| block-wise fwd 256x1024x1024 | dtype | drop | ms | dense ms | speedup | graph ms "
           "| dense graph ms | graph speedup |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -83,9 +83,39 @@ def block_sparse_gemms(dt, kernel):
                 bsmm.sdd(dy, b.T, mk, 2.0)
 
 
+def ffma_gemms():
+    """The exact float32 kernel (ffma) on ragged edges: M, N, K not multiples of its tiles or of
+    4 (one-float loads), kept blocks 13 wide (not multiples of its k-step of 8), a transposed
+    operand, the tile skip of sdd and a partially kept tile; and on aligned extents (float4
+    loads). The masked calls run the 64-row tiles (small problems); the 128x128 tile is forced
+    on a dense product, aligned and ragged."""
+    from cudrop import bsmm
+    from cudrop.bsmm import dispatch
+    rng = np.random.default_rng(4)
+    for m, k, n, block in [(201, 77, 130, (128, 13)), (136, 64, 72, (64, 64))]:
+        a = cp.asarray(rng.standard_normal((m, k)), np.float32)
+        b = cp.asarray(rng.standard_normal((n, k)), np.float32).T  # K-major view
+        dy = cp.asarray(rng.standard_normal((m, n)), np.float32)
+        for p in (0.0, 0.5):
+            mk = masks.block_mask((m, k), block, p, seed=6, layer=0, step=1, xp=cp)
+            mo = masks.block_mask((m, k), block, p, seed=7, layer=0, step=1, xp=cp)  # sdd's out
+            with bsmm.use_kernel("ffma"):
+                bsmm.dsd(a, b, mk, 2.0, bias=cp.ones(n, np.float32), act="gelu")
+                bsmm.sdd(dy, b.T, mo, 2.0, bias=cp.ones(k, np.float32), act="relu")
+                bsmm.dsd_t(a, dy, masks.block_mask((m, k), block[::-1], p, seed=8, layer=0,
+                                                   step=1, xp=cp), 2.0)
+    for m, k, n in [(1032, 36, 264), (1030, 37, 259)]:
+        a = cp.asarray(rng.standard_normal((m, k)), np.float32)
+        b = cp.asarray(rng.standard_normal((k, n)), np.float32)
+        dispatch.launch(a, b, cp.empty((m, n), np.float32), None, None, 1, 1, 1, 1.0, None, 0,
+                        kernel="ffma", tile=(128, 128))
+
+
 for dt in [np.float16, np.float32, np.float64]:
     conv_and_norm(dt)
     block_sparse_gemms(dt, "simple")
+block_sparse_gemms(np.float32, "ffma")
+ffma_gemms()
 for dt in [np.float16] + bf16:
     block_sparse_gemms(dt, None)
 for dt in bf16:  # CuPy's own bfloat16 ops (casts, sums) may lag: report, do not stop

@@ -120,8 +120,8 @@ def _gpu_or_skip(kernel):
 
 # the smallest tile rows of each kernel (a tile's rows lie in one row block of the mask) and the
 # multiple of the kept blocks' width along K it needs
-MIN_BM = {"simple": 1, "mma": 64, "sm90": 128, "tma": 64}
-KBLK = {"simple": 1, "mma": 8, "sm90": 8, "tma": 64}
+MIN_BM = {"simple": 1, "ffma": 64, "mma": 64, "sm90": 128, "tma": 64}
+KBLK = {"simple": 1, "ffma": 1, "mma": 8, "sm90": 8, "tma": 64}
 
 
 @gpu
@@ -157,15 +157,16 @@ def test_gpu_float32_on_tf32_when_opted_in(form, m, k, n, block, p, tb, seed, mo
 
 @gpu
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("kernel", ["simple", "mma", "sm90", "tma"])
+@pytest.mark.parametrize("kernel", ["simple", "ffma", "mma", "sm90", "tma"])
 def test_gpu_rows_with_every_block_dropped(form, kernel):
     cp = _gpu_or_skip(kernel)
+    dtype = "float32" if kernel == "ffma" else "float16"
     keep = np.array([[0, 0, 0], [1, 0, 1], [0, 0, 0], [1, 1, 1]], bool)
     m, k = 4 * 128 - 24, 3 * 128 - 8  # ragged last blocks
     if form == "sdd":
-        check(cp, form, m, 72, k, (128, 128), 0.5, "float16", kernel=kernel, keep=keep)
+        check(cp, form, m, 72, k, (128, 128), 0.5, dtype, kernel=kernel, keep=keep)
     else:
-        check(cp, form, m, k, 40, (128, 128), 0.5, "float16", kernel=kernel, keep=keep,
+        check(cp, form, m, k, 40, (128, 128), 0.5, dtype, kernel=kernel, keep=keep,
               bias=form == "dsd")
 
 
@@ -178,6 +179,132 @@ def test_gpu_large_tiles(dtype, form, kernel):
     cp = _gpu_or_skip(kernel)
     for m, k, n in ((1032, 520, 2056), (512, 1024, 512)):
         check(cp, form, m, k, n, (128, 128), 0.5, dtype, kernel=kernel)
+
+
+# ---- the exact float32 kernel (ffma) ----------------------------------------------------------
+
+# any extent, or multiples of 4 (the float4 path: dispatch._ffma_vec)
+ffma_dims = st.one_of(st.integers(1, 300), st.integers(1, 75).map(lambda i: 4 * i))
+
+
+@gpu
+@given(form=st.sampled_from(FORMS), m=ffma_dims, k=ffma_dims, n=ffma_dims,
+       rblk=st.sampled_from([64, 128, 192, 256]),
+       other=st.sampled_from([1, 3, 5, 8, 13, 32, 40, 64, 128, 200]), p=probs, ta=st.booleans(),
+       tb=st.booleans(), bias=st.booleans(), act=st.sampled_from([None, "relu", "gelu"]),
+       seed=st.integers(0, 2**16))
+def test_gpu_ffma_float32(form, m, k, n, rblk, other, p, ta, tb, bias, act, seed):
+    """The exact float32 kernel forced, every layout (a and b either major order), ragged
+    M, N, K, kept blocks of widths that are not multiples of its k-step of 8 (block splitting cuts
+    the last step of each block), bias and ReLU/GELU, against float64 at float32 tolerance."""
+    cp = _gpu_or_skip("ffma")
+    # the row blocks (of the output: Kb for dsd_t) in multiples of 64, any other block side
+    block = (other, rblk) if form == "dsd_t" else (rblk, other)
+    check(cp, form, m, k, n, block, p, "float32", seed=seed, kernel="ffma", trans_a=ta,
+          trans_b=tb, bias=bias, act=act)
+
+
+@pytest.fixture
+def ffma_tile(monkeypatch):
+    """``ffma_tile(tile)`` makes the dispatcher's ffma tile list that one tile; launch plans are
+    cleared around it so that no plan of another tile is reused or left behind."""
+    def force(tile):
+        bsmm_gpu._PLAN_MEMO.clear()
+        monkeypatch.setattr(bsmm_gpu, "FFMA_TILES", (tile,))
+    yield force
+    bsmm_gpu._PLAN_MEMO.clear()
+
+
+@gpu
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("tile", bsmm_gpu.FFMA_TILES)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_gpu_ffma_each_tile(form, tile, aligned, ffma_tile):
+    """Each ffma tile on a problem of more than 8 tile rows (the grouped CTA order's partial
+    last group), with the float4 loads (extents multiples of 4) and without (ragged extents and
+    a kept-block width of 13)."""
+    cp = _gpu_or_skip("ffma")
+    ffma_tile(tile)
+    m, k, n = (1100, 200, 260) if aligned else (1101, 203, 259)
+    other = 64 if aligned else 13
+    if form == "dsd_t":  # the product's rows are the masked operand's columns
+        m, k = k, m
+    block = (other, 128) if form == "dsd_t" else (128, other)
+    check(cp, form, m, k, n, block, 0.3, "float32", kernel="ffma", bias=form != "dsd_t",
+          act="relu")
+    check(cp, form, m, k, n, block, 0.3, "float32", kernel="ffma", trans_a=True, trans_b=True)
+
+
+@gpu
+def test_gpu_ffma_unaligned_operand_views():
+    """Operands as views one float into a buffer (4-byte aligned, leading dimensions not
+    multiples of 4): the ffma kernel takes them with one-float loads, no copy."""
+    cp = _gpu_or_skip("ffma")
+    rng = np.random.default_rng(11)
+    m, k, n = 200, 136, 264
+    abuf = cp.asarray(rng.standard_normal((m, k + 1)), np.float32)
+    bbuf = cp.asarray(rng.standard_normal((k, n + 1)), np.float32)
+    a, b = abuf[:, 1:], bbuf[:, 1:]
+    mask = masks.block_mask((m, k), (128, 64), 0.5, seed=2, layer=0, step=1, xp=cp)
+    out = cp.full((m, n), np.nan, np.float32)
+    with bsmm.use_kernel("ffma"):
+        bsmm.dsd(a, b, mask, 2.0, out=out)
+    ref = 2.0 * (cp.asnumpy(a).astype(np.float64) * backend.asnumpy(mask.to_dense())) \
+        @ cp.asnumpy(b).astype(np.float64)
+    got = cp.asnumpy(out).astype(np.float64)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < TOL["float32"]
+
+
+def _fake(dtype, ptr=0):
+    """What the dispatcher's choice reads of an operand: dtype, itemsize, device pointer."""
+    from types import SimpleNamespace
+    dt = np.dtype(dtype)
+    return SimpleNamespace(dtype=dt, itemsize=dt.itemsize, data=SimpleNamespace(ptr=ptr))
+
+
+def test_float32_goes_to_ffma_where_a_tile_fits(monkeypatch):
+    """float32 without TF32: the ffma kernel wherever its tile's rows fit the mask's row blocks,
+    else simple; float64 stays on simple; with CUPY_TF32=1 the TF32 kernel first, ffma where it
+    cannot take the operands."""
+    monkeypatch.setattr(bsmm_gpu, "_device", lambda: (132, False))
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+
+    def choose(dtype, m, n, k, rblk=1, kblk=1, masked=False, choice="auto", ptr=0):
+        a, b = _fake(dtype, ptr), _fake(dtype)
+        lists = (None, None) if masked else None
+        return bsmm_gpu._choose(choice, a, b, (True, k), (False, n), m, n, k, rblk, kblk, lists,
+                                masked, None, 1, 1, 0, None)
+
+    assert choose("float32", 1024, 4096, 4096) == ("ffma", (128, 128))
+    assert choose("float32", 8192, 8192, 8192, 128, 128, True) == ("ffma", (128, 128))
+    assert choose("float32", 1024, 1024, 1024, 128, 128, True) == ("ffma", (64, 64))
+    assert choose("float32", 256, 1024, 1024, 128, 32, True) == ("ffma", (64, 64))
+    assert choose("float32", 1024, 1024, 1024, 32, 32, True) == ("simple", None)
+    with pytest.raises(ValueError, match="ffma kernel does not take.*multiples of 64"):
+        choose("float32", 1024, 1024, 1024, 32, 32, True, choice="ffma")
+    assert choose("float64", 1024, 1024, 1024) == ("simple", None)
+    with pytest.raises(ValueError, match="ffma kernel does not take"):
+        choose("float64", 1024, 1024, 1024, choice="ffma")
+    assert choose("float16", 1024, 1024, 1024)[0] == "mma"
+    monkeypatch.setenv("CUPY_TF32", "1")
+    assert choose("float32", 1024, 1024, 1024)[0] == "mma"
+    assert choose("float32", 1024, 1024, 1024, ptr=4) == ("ffma", (64, 64))  # unaligned
+    assert choose("float32", 1024, 1024, 1024, choice="ffma") == ("ffma", (64, 64))
+
+
+def test_ffma_float4_loads_only_where_every_chunk_is_whole():
+    vec = bsmm_gpu._ffma_vec
+    k_major, n_major = (True, 4096), (False, 4096)
+    assert vec(0, 0, k_major, n_major, 1024, 4096, 4096, 1, None)
+    assert vec(0, 0, k_major, n_major, 1024, 4096, 4096, 128, ([0], [0]))
+    assert not vec(4, 0, k_major, n_major, 1024, 4096, 4096, 1, None)  # 4-byte aligned base
+    assert not vec(0, 0, (True, 4097), n_major, 1024, 4096, 4096, 1, None)  # lda
+    assert not vec(0, 0, k_major, n_major, 1024, 4096, 4094, 1, None)  # K of a K-major operand
+    assert not vec(0, 0, k_major, n_major, 1024, 4096, 4096, 13, ([0], [0]))  # kept width
+    assert not vec(0, 0, k_major, (False, 4096), 1024, 4094, 4096, 1, None)  # N of N-major b
+    # M-major a and N-major b (dsd_t): K and the kept width are not along a contiguous axis
+    assert vec(0, 0, (False, 1024), n_major, 1024, 4096, 4093, 13, ([0], [0]))
+    assert not vec(0, 0, (False, 1024), n_major, 1022, 4096, 4096, 1, None)
 
 
 def test_pick_tile_respects_row_blocks():
@@ -217,50 +344,53 @@ def test_errors(xp):
 
 
 @gpu
-@pytest.mark.parametrize("kernel", ["simple", "mma", "sm90", "tma"])
+@pytest.mark.parametrize("kernel", ["simple", "ffma", "mma", "sm90", "tma"])
 def test_gpu_dense_launch_without_mask(kernel):
     """The kernels with neither lists nor bits (a plain GEMM; the tma kernel then runs a
     persistent grid, one CTA per SM walking several tiles: 17 x 17 tiles here) against float64
     math."""
     cp = _gpu_or_skip(kernel)
+    dtype = np.float32 if kernel == "ffma" else np.float16
     rng = np.random.default_rng(7)
     for m, k, n in ((2056, 264, 4104), (136, 64, 264)):
-        a = cp.asarray(rng.standard_normal((m, k))).astype(np.float16)
-        b = cp.asarray(rng.standard_normal((k, n))).astype(np.float16)
-        out = cp.full((m, n), np.nan, np.float16)
+        a = cp.asarray(rng.standard_normal((m, k))).astype(dtype)
+        b = cp.asarray(rng.standard_normal((k, n))).astype(dtype)
+        out = cp.full((m, n), np.nan, dtype)
         bsmm_gpu.launch(a, b, out, None, None, 1, 1, 1, 0.5, None, 0, kernel=kernel)
         ref = 0.5 * cp.asnumpy(a).astype(np.float64) @ cp.asnumpy(b).astype(np.float64)
         got = cp.asnumpy(out).astype(np.float64)
         assert not np.isnan(got).any()
-        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < TOL["float16"]
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < TOL[np.dtype(dtype).name]
 
 
 @gpu
-def test_gpu_output_views_odd_offset_and_transposed():
-    """``out`` as a view: a column offset of one element (2-byte aligned rows) and a transposed
-    view; every kernel the dispatcher picks must write exactly the view."""
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_gpu_output_views_odd_offset_and_transposed(dtype):
+    """``out`` as a view: a column offset of one element (rows aligned to one element only) and
+    a transposed view; every kernel the dispatcher picks (float32: ffma) must write exactly the
+    view."""
     cp = _gpu_or_skip("simple")
     rng = np.random.default_rng(9)
     m, k, n = 264, 136, 200
-    a = cp.asarray(rng.standard_normal((m, k))).astype(np.float16)
-    b = cp.asarray(rng.standard_normal((k, n))).astype(np.float16)
+    a = cp.asarray(rng.standard_normal((m, k))).astype(dtype)
+    b = cp.asarray(rng.standard_normal((k, n))).astype(dtype)
     mask = masks.block_mask((m, k), (128, 64), 0.5, seed=1, layer=2, step=3, xp=cp)
     ref = (cp.asnumpy(a).astype(np.float64) * backend.asnumpy(mask.to_dense())) \
         @ cp.asnumpy(b).astype(np.float64)
-    big = cp.full((m, n + 1), np.nan, np.float16)
+    big = cp.full((m, n + 1), np.nan, dtype)
     bsmm.dsd(a, b, mask, out=big[:, 1:])
-    tbig = cp.full((n, m), np.nan, np.float16)
+    tbig = cp.full((n, m), np.nan, dtype)
     bsmm.dsd(a, b, mask, out=tbig.T)
     for got in (big[:, 1:], tbig.T):
         g = cp.asnumpy(got).astype(np.float64)
-        assert np.linalg.norm(g - ref) / np.linalg.norm(ref) < TOL["float16"]
+        assert np.linalg.norm(g - ref) / np.linalg.norm(ref) < TOL[dtype]
     assert cp.isnan(big[:, 0]).all()  # the column outside the view is untouched
 
 
 def test_use_kernel_validates_and_restores():
     assert bsmm._KERNEL.get() is None
-    with pytest.raises(ValueError, match=r"use_kernel: name must be one of 'simple', 'mma', "
-                                         r"'sm90', 'tma' or None, got 'fast'"):
+    with pytest.raises(ValueError, match=r"use_kernel: name must be one of 'simple', 'ffma', "
+                                         r"'mma', 'sm90', 'tma' or None, got 'fast'"):
         bsmm.use_kernel("fast")
     with bsmm.use_kernel("mma"):
         assert bsmm._KERNEL.get() == "mma"

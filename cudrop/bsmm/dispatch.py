@@ -1,14 +1,15 @@
 """Kernel choice and launch for the block-sparse GEMMs (``bsmm.py``'s CuPy path).
 
-Four kernels share one contract (``raw_kernels/bsmm.cuh``): ``simple`` (every dtype, any
-shape, exact float32), ``mma`` (fp16/bf16 tensor cores, sm_80+; float32 on TF32 when
-``CUPY_TF32=1``, CuPy's switch for the same trade), and on Hopper (fp16/bf16) ``tma`` (wgmma fed
-by TMA from a producer warp walking the kept-block list; needs kept blocks of multiples of 64
-along K) and ``sm90`` (wgmma fed by cp.async, any block of multiples of 8). The
-fastest kernel whose preconditions hold runs; ``kernel=`` (or ``cudrop.bsmm.use_kernel``) forces
-one, which tests use to check each against float64 math. Tiles come from :func:`pick_tile`: the
-mask's block and the GEMM's tile are independent (block splitting), except that a tile's rows
-must lie in one row block of the mask.
+Five kernels share one contract (``raw_kernels/bsmm.cuh``): ``simple`` (every dtype, any
+shape; the float64 path and the fallback), ``ffma`` (exact float32 on the FP32 pipes,
+register-tiled; needs the mask's row blocks in multiples of 64 rows), ``mma`` (fp16/bf16 tensor
+cores, sm_80+; float32 on TF32 when ``CUPY_TF32=1``, CuPy's switch for the same trade), and on
+Hopper (fp16/bf16) ``tma`` (wgmma fed by TMA from a producer warp walking the kept-block list;
+needs kept blocks of multiples of 64 along K) and ``sm90`` (wgmma fed by cp.async, any block of
+multiples of 8). The fastest kernel whose preconditions hold runs; ``kernel=`` (or
+``cudrop.bsmm.use_kernel``) forces one, which tests use to check each against float64 math.
+Tiles come from :func:`pick_tile`: the mask's block and the GEMM's tile are independent (block
+splitting), except that a tile's rows must lie in one row block of the mask.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from .. import backend, raw_kernels
 from .._memo import Memo
 from . import tma as tma_mod
 
-#: The CuPy kernel names ``use_kernel`` accepts: 'simple' (any dtype and shape), 'mma'
-#: (fp16/bf16 tensor cores, sm_80+; float32 with ``CUPY_TF32=1``), 'sm90' and 'tma' (Hopper,
-#: fp16/bf16). Unforced, the first of tma, sm90, mma whose preconditions hold runs, else simple.
-KERNELS = ("simple", "mma", "sm90", "tma")
+#: The CuPy kernel names ``use_kernel`` accepts: 'simple' (any dtype and shape), 'ffma' (exact
+#: float32, register-tiled FFMA), 'mma' (fp16/bf16 tensor cores, sm_80+; float32 with
+#: ``CUPY_TF32=1``), 'sm90' and 'tma' (Hopper, fp16/bf16). Unforced, the first of tma, sm90, mma,
+#: ffma whose preconditions hold runs, else simple.
+KERNELS = ("simple", "ffma", "mma", "sm90", "tma")
 _HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
 # float32 on TF32: one tile, BK = 16 floats (the 64-byte rows of the 16-bit tiles)
 TF32_TILES = ((64, 128, 16, 2, 2, 4),)
@@ -35,6 +37,11 @@ MMA_TILES = ((64, 128, 32, 2, 2, 4), (128, 128, 64, 2, 4, 3), (128, 128, 32, 2, 
 SM90_TILES = ((128, 256, 4, 64), (128, 128, 6, 64))
 # (BM, BN, stages) of bsmm_tma.cu (BK = 64); 64-row tiles fill the SMs on small problems
 TMA_TILES = ((128, 256, 4), (128, 128, 6), (64, 128, 6))
+# (BM, BN) of bsmm_ffma.cu (BK = 8, BM * BN / 64 threads, each an 8 x 8 block of the tile), in
+# order of preference: 128 x 128 (256 threads, two CTAs per SM at 128 registers) where it gives
+# every SM a tile; on small problems (M or N <= 1024) the 64-row tiles give 2x or 4x the CTAs.
+# Not yet tuned on a GPU.
+FFMA_TILES = ((128, 128), (64, 128), (64, 64))
 _NULL = np.uintp(0)
 
 
@@ -101,6 +108,17 @@ def _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists):
     return lists is None or kblk % e == 0
 
 
+def _ffma_vec(a_ptr, b_ptr, a_lay, b_lay, m, n, k, kblk, lists):
+    """The ffma kernel's float4 loads are safe: every 4-float chunk along an operand's contiguous
+    axis is 16-byte aligned and wholly inside or outside the matrix and each k-step (else it
+    loads one float at a time)."""
+    if (a_ptr | b_ptr) % 16 or a_lay[1] % 4 or b_lay[1] % 4:
+        return False
+    if (a_lay[0] or b_lay[0]) and (k % 4 or (lists is not None and kblk % 4)):
+        return False
+    return not ((not a_lay[0] and m % 4) or (not b_lay[0] and n % 4))
+
+
 class _Plan:
     """Everything about a launch that follows from the call's signature (shapes, strides,
     dtype, alignment, mask geometry, epilogue): the kernel, its grid and the scalar arguments.
@@ -123,6 +141,8 @@ _NEEDS = {
             "one row block, a row-major 4-byte aligned output",
     "mma": "float16/bfloat16 (float32 with CUPY_TF32=1), 16-byte aligned operands, rows of the "
            "tile inside one row block",
+    "ffma": "float32, rows of the tile inside one row block (the mask's row blocks in multiples "
+            "of 64 rows)",
 }
 
 
@@ -141,13 +161,15 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
          and (lists is None or kblk % tma_mod.BK == 0)),
         ("sm90", SM90_TILES, hopper),
         ("mma", MMA_TILES if half else TF32_TILES, tc_ok),
+        # exact float32; also where TF32 is allowed but the mma kernel cannot take the operands
+        ("ffma", FFMA_TILES, a.dtype.name == "float32"),
     )
     for kind, tiles, ok in candidates:
         if choice not in ("auto", kind):
             continue
         tile = None
         if ok:
-            tile = (tile_override if kind == "mma" and tile_override else
+            tile = (tile_override if kind in ("mma", "ffma") and tile_override else
                     pick_tile(m, n, rblk, masked, sms, tiles, cblk if bits is not None else None))
         if tile:
             return kind, tile
@@ -200,7 +222,14 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
     else:
         pl.mid = dims + (np.int64(ldcm), np.int64(ldcn), np.float64(scale), np.int32(act))
         t = raw_kernels.cuda_type(a.dtype)
-        if pl.kind == "mma":
+        if pl.kind == "ffma":
+            bm, bn = tile
+            vec = _ffma_vec(a.data.ptr, b.data.ptr, a_lay, b_lay, m, n, k, kblk, lists)
+            name = f"bsmm_ffma<{_b(a_lay[0])}, {_b(b_lay[0])}, {bm}, {bn}, {_b(vec)}>"
+            tiles = cdim(bm, bn)
+            pl.smem, pl.block, pl.grid = 0, (bm * bn // 64,), (tiles[0] * tiles[1],)
+            src = "bsmm_ffma.cu"
+        elif pl.kind == "mma":
             bm, bn, bk, wm, wn, stages = tile
             name = (f"bsmm_mma<{t}, {_b(a_lay[0])}, {_b(b_lay[0])}, {bm}, {bn}, {bk}, {wm}, "
                     f"{wn}, {stages}>")
@@ -217,7 +246,8 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
 def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None, tile=None):
     """``out = act(scale · a @ b + bias)`` with the reduction pruned by ``lists`` (count, index)
     and the output by ``bits``; a (M, K) and b (K, N) may be transposed views. ``tile`` (one
-    of ``MMA_TILES``) overrides the mma kernel's tile choice, for tuning."""
+    of ``MMA_TILES`` or ``FFMA_TILES``) overrides the mma or ffma kernel's tile choice, for tuning
+    and tests (unchecked: under a mask, the mask's row blocks must be multiples of its rows)."""
     if out.size == 0:
         return out
     choice = kernel or "auto"
