@@ -266,7 +266,7 @@ def test_float32_goes_to_ffma_where_a_tile_fits(monkeypatch):
     """float32 without TF32: the ffma kernel wherever its tile's rows fit the mask's row blocks,
     else simple; float64 stays on simple; with CUPY_TF32=1 the TF32 kernel first, ffma where it
     cannot take the operands."""
-    monkeypatch.setattr(bsmm_gpu, "_device", lambda: (132, False))
+    monkeypatch.setattr(bsmm_gpu.raw_kernels, "device_facts", lambda: (132, False))
     monkeypatch.delenv("CUPY_TF32", raising=False)
 
     def choose(dtype, m, n, k, rblk=1, kblk=1, masked=False, choice="auto", ptr=0):

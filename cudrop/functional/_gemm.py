@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
-from .. import backend
 from typing import NamedTuple
 
+import numpy as np
+
+from .. import backend, raw_kernels
 from .._memo import Memo, memoize
 
 try:
@@ -314,11 +314,6 @@ def _run(plan, a, b, out, split):
         cp.sum(target, axis=0, out=out)
 
 
-@memoize
-def _sm_count(device_id):
-    return backend.cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-
-
 def split_k(m, n, k, dtype):
     """Chunks of K to run a long-K, small-output float32/float64 product as (a strided batch,
     then a sum): as many as keep 2 waves of 128 x 128 output tiles on the SMs with >= 1024 of K
@@ -329,7 +324,7 @@ def split_k(m, n, k, dtype):
     if dtype.itemsize < 4 or k < 8192:
         return 1
     tiles = -(-m // 128) * -(-n // 128)
-    sms = _sm_count(backend.cupy.cuda.runtime.getDevice())
+    sms = raw_kernels.device_facts()[0]
     s = 1
     while k % (2 * s) == 0 and k // (2 * s) >= 1024 and 2 * s * tiles <= 2 * sms:
         s *= 2
