@@ -23,7 +23,6 @@ False and ``functional.matmul`` keeps CuPy's cuBLAS path, which cannot be captur
 from __future__ import annotations
 
 import os
-
 from typing import NamedTuple
 
 import numpy as np
