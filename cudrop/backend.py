@@ -69,6 +69,11 @@ def gpu_count() -> int:
     return int(cupy.cuda.runtime.getDeviceCount())
 
 
+def is_floating(dtype) -> bool:
+    """A floating dtype, bfloat16 included (ml_dtypes' bfloat16 has NumPy kind 'V')."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 def is_gpu_array(a) -> bool:
     return cupy is not None and isinstance(a, cupy.ndarray)
 

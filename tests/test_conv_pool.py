@@ -349,3 +349,32 @@ def test_pool_saved_are_named_tuples_and_backward_is_one_array(xp):
         assert isinstance(saved, cls) and saved.x_shape == x.shape
         gx = bwd(xp.ones_like(y), saved)
         assert gx.shape == x.shape  # one array input: a single array, not a tuple
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pooling_takes_16_bit_floats(xp, dtype):
+    """bfloat16 (NumPy kind 'V' through ml_dtypes) is a floating dtype for the pools, so a bf16
+    ResNet runs; the global mean sums in float32 and rounds once."""
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+        if xp is np:
+            import ml_dtypes
+            dt = np.dtype(ml_dtypes.bfloat16)
+        else:
+            dt = low_precision_dtype(xp, dtype)
+    else:
+        dt = np.dtype(dtype)
+    x0 = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    x = xp.asarray(x0.astype(dt))
+    y, _ = Fpool.global_avg_pool2d(x)
+    assert y.dtype == dt
+    want = x0.astype(dt).astype(np.float64).mean(axis=(2, 3))
+    ulp = 2.0 ** (-8 if dtype == "bfloat16" else -11)  # one rounding to the 16-bit type
+    np.testing.assert_allclose(backend.asnumpy(y).astype(np.float64), want, rtol=ulp,
+                               atol=ulp)
+    m, _ = Fpool.max_pool2d(x, 2)
+    np.testing.assert_array_equal(
+        backend.asnumpy(m).astype(np.float64),
+        x0.astype(dt).astype(np.float64).reshape(2, 3, 4, 2, 4, 2).max(axis=(3, 5)))
+    a, _ = Fpool.avg_pool2d(x, 2)
+    assert a.dtype == dt

@@ -81,7 +81,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
     op = "max_pool2d"
     (kh, kw), (sh, sw), (ph, pw), (ho, wo) = _geometry(op, x, kernel_size, stride, padding)
     xp = backend.get_array_module(x)
-    if x.dtype.kind == "f":
+    if backend.is_floating(x.dtype):
         fill = -np.inf
     elif x.dtype.kind in "iu":
         fill = np.iinfo(x.dtype).min
@@ -98,7 +98,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
             v = window(xpad, i, j, ho, wo, sh, sw)
             # Strict '>' keeps the first maximum; 'v != v' lets a NaN win and then stay.
             better = v > y
-            if x.dtype.kind == "f":
+            if backend.is_floating(x.dtype):
                 better |= v != v
             xp.copyto(y, v, where=better)
             xp.copyto(arg, arg.dtype.type(i * kw + j), where=better)
@@ -132,7 +132,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0):
     PyTorch's ``count_include_pad=True``). Returns ``(y, saved)``."""
     op = "avg_pool2d"
     (kh, kw), (sh, sw), (ph, pw), (ho, wo) = _geometry(op, x, kernel_size, stride, padding)
-    if x.dtype.kind != "f":
+    if not backend.is_floating(x.dtype):
         raise TypeError(f"{op}: x must be a floating array, got {x.dtype}")
     xpad = pad_cn(x, ph, pw)
     y = window(xpad, 0, 0, ho, wo, sh, sw).copy()
@@ -167,11 +167,14 @@ def avg_pool2d_backward(gy, saved: AvgPool2dSaved):
 def global_avg_pool2d(x):
     """Mean over the spatial axes: (N, C, H, W) -> (N, C). Returns ``(y, saved)``."""
     check_4d(x, "x", "(N, C, H, W)", "global_avg_pool2d")
-    if x.dtype.kind != "f":
+    if not backend.is_floating(x.dtype):
         raise TypeError(f"global_avg_pool2d: x must be a floating array, got {x.dtype}")
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"global_avg_pool2d: x must have a non-empty spatial extent, "
                          f"got shape {x.shape}")
+    if x.dtype.itemsize < 4:  # 16-bit floats: sum in float32, round once
+        return (x.mean(axis=(2, 3), dtype=np.float32).astype(x.dtype),
+                GlobalAvgPool2dSaved(x.shape))
     return x.mean(axis=(2, 3)), GlobalAvgPool2dSaved(x.shape)
 
 

@@ -51,10 +51,6 @@ def state_dtype(dtype):
     return dtype
 
 
-def _is_float(dtype) -> bool:
-    return dtype.kind == "f" or dtype.name == "bfloat16"
-
-
 class Optimizer:
     """Base class. ``params``: an iterable of Tensors (duplicates are dropped); ``lr``: the
     learning rate, a plain attribute that schedules rewrite between steps."""
@@ -68,7 +64,7 @@ class Optimizer:
         for i, p in enumerate(params):
             if not (hasattr(p, "data") and hasattr(p, "grad")):
                 raise TypeError(f"params[{i}] must be a Tensor, got {type(p).__name__}")
-            if not _is_float(p.data.dtype):
+            if not backend.is_floating(p.data.dtype):
                 raise TypeError(f"params[{i}] has dtype {p.data.dtype}; only floating-point "
                                 "tensors can be optimized")
             if id(p) not in seen:
