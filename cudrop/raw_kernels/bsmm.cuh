@@ -72,3 +72,14 @@ __device__ __forceinline__ bool cd_tile_kept(const unsigned long long* bits, int
         any |= cd_bit(bits, bits_stride, r, c);
     return __syncthreads_or(any);
 }
+
+// The output tile of CTA blockIdx.x on a 1-D grid of ceil(M/BM) * ceil(N/BN) CTAs, in grouped
+// order: consecutive CTAs walk 8 tile rows down one tile column before the next column, so CTAs
+// that run together share their A rows and B columns in L2.
+__device__ __forceinline__ void cd_grouped_tile(int M, int N, int BM, int BN, int& m0, int& n0) {
+    const int grid_n = (N + BN - 1) / BN, grid_m = (M + BM - 1) / BM;
+    const int width = 8 * grid_n, pid = blockIdx.x % width;
+    const int first_m = blockIdx.x / width * 8, group = min(grid_m - first_m, 8);
+    m0 = (first_m + pid % group) * BM;
+    n0 = pid / group * BN;
+}

@@ -198,10 +198,8 @@ __global__ void __launch_bounds__(BM * BN / 64, 32768 / (BM * BN))
     __shared__ __align__(16) float As[2][BK * LDA];
     __shared__ __align__(16) float Bs[2][BK * LDB];
 
-    const int grid_n = (N + BN - 1) / BN, grid_m = (M + BM - 1) / BM;
-    const int width = 8 * grid_n, pid = blockIdx.x % width;
-    const int first_m = blockIdx.x / width * 8, group = min(grid_m - first_m, 8);
-    const int m0 = (first_m + pid % group) * BM, n0 = pid / group * BN;
+    int m0, n0;
+    cd_grouped_tile(M, N, BM, BN, m0, n0);
     const int r = (count || bits) ? m0 / rblk : 0;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // this thread's rows tm + {0..3, 16..19} and columns tn + {0..3, 32..35} of the tile

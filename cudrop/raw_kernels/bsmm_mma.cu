@@ -93,10 +93,8 @@ __global__ void __launch_bounds__(WM * WN * 32) bsmm_mma(CD_BSMM_PARAMS(T)) {
     unsigned char* As = cd_smem;
     unsigned char* Bs = cd_smem + STAGES * A_BYTES;
 
-    const int grid_n = (N + BN - 1) / BN, grid_m = (M + BM - 1) / BM;
-    const int width = 8 * grid_n, pid = blockIdx.x % width;
-    const int first_m = blockIdx.x / width * 8, group = min(grid_m - first_m, 8);
-    const int m0 = (first_m + pid % group) * BM, n0 = pid / group * BN;
+    int m0, n0;
+    cd_grouped_tile(M, N, BM, BN, m0, n0);
     const int r = (count || bits) ? m0 / rblk : 0;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm0 = warp / WN * TM, wn0 = warp % WN * TN;
