@@ -144,6 +144,13 @@ def _kernel(dtype, dev):
     return f
 
 
+def error_record(dev):
+    """The device's error record (word 0 is nonzero once a check failed), or None while no
+    check has run there. The fused optimizers read it to skip an update computed from a step
+    that saw a bad index."""
+    return _RECORDS.get(dev)
+
+
 def _record(dev):
     rec = _RECORDS.get(dev)
     if rec is None:

@@ -229,3 +229,38 @@ def test_trainer_stops_on_a_bad_label(xp, bad_split, tmp_path):
     assert trainer.history.epochs == []  # stopped in epoch 1, before its row
     assert not ckpt.exists()  # no checkpoint holds the garbage
     cudrop.check_errors()  # the Trainer consumed the failure
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opt_cls, kw", [(optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                         (optim.Adam, dict(lr=0.01))])
+def test_a_step_that_saw_a_bad_label_leaves_parameters_and_state_untouched(opt_cls, kw):
+    """On the GPU the bad label is raised later, at the check point; the fused optimizer reads
+    the device's error record and skips the update, so nothing is half-updated meanwhile."""
+    from cudrop import backend
+    if not backend.gpu_available():
+        pytest.skip("no usable CUDA GPU")
+    cp = backend.cupy
+    model = models.mlp((8,), 10, hidden=(16,), seed=0).to("gpu")
+    opt = opt_cls(model.parameters(), **kw)
+    x = cp.asarray(np.random.default_rng(0).standard_normal((20, 8)), np.float32)
+
+    def step(targets):
+        loss = cudrop.cross_entropy(model(cudrop.Tensor(x)), targets)
+        model.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step(_targets(cp))  # a good step: state exists, parameters moved
+    before = [p.data.copy() for p in model.parameters()]
+    state = [{k: v.copy() for k, v in st.items() if hasattr(v, "shape")} for st in opt.state]
+    step(_targets(cp, bad={17: 12}))
+    for b, p in zip(before, model.parameters()):
+        np.testing.assert_array_equal(cp.asnumpy(p.data), cp.asnumpy(b))
+    for old, st in zip(state, opt.state):
+        for k, v in old.items():
+            np.testing.assert_array_equal(cp.asnumpy(st[k]), cp.asnumpy(v), err_msg=k)
+    with pytest.raises(cudrop.IndexRangeError, match=CE_17):
+        cudrop.check_errors()
+    step(_targets(cp))  # after the check point cleared the record, steps update again
+    assert any(not cp.array_equal(b, p.data) for b, p in zip(before, model.parameters()))

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .. import backend, raw_kernels
+from .. import _checks, backend, raw_kernels
 
 __all__ = ["Optimizer"]
 
@@ -205,9 +205,13 @@ def step_scalar(value):
 
 
 def launch_fused(fn, p, args):
-    """Launch optim.cu's ``fn`` over the n elements of parameter ``p`` (grid-stride)."""
+    """Launch optim.cu's ``fn`` over the n elements of parameter ``p`` (grid-stride). The
+    kernel skips the update when the device's error record holds a failure (a bad label or
+    index earlier in the step: its gradients are garbage), so nothing is half-updated when the
+    host raises the error at its next check point."""
     n = p.size
     if n:
+        args += (null_or(_checks.error_record(backend.cupy.cuda.runtime.getDevice())),)
         # --fmad=false: no multiply-add contraction, so the fused update rounds exactly as the
         # unfused CuPy expressions do
         raw_kernels.launch("optim.cu", fn, p.dtype, (min(-(-n // 256), 8192),), (256,), args,

@@ -6,6 +6,9 @@
 // multiply-add is contracted: results are bit-identical to the CuPy expressions in sgd.py and
 // adam.py. Per-step scalars (lr, Adam's bias corrections) come as a device pointer (a captured
 // step's graph scalar, read when the kernel runs) or, when the pointer is null, by value.
+// `error`: word 0 of the device's error record (raw_kernels/checks.cu), or null: when a check
+// earlier in the stream recorded a bad index, the step's gradients are garbage and the update is
+// skipped, so the parameters and the state stay as they were until the host raises the error.
 // Launch: any 1-D grid (grid-stride loop).
 #include "accum.cuh"
 
@@ -20,8 +23,10 @@ template <typename T>
 __global__ void sgd_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict__ master,
                          const T* __restrict__ grad, typename cd_acc<T>::type* __restrict__ buf,
                          int first, long long n, const typename cd_acc<T>::type* __restrict__ lr_ptr,
-                         double lr_value, double momentum, double weight_decay, int nesterov) {
+                         double lr_value, double momentum, double weight_decay, int nesterov,
+                         const unsigned long long* __restrict__ error) {
     typedef typename cd_acc<T>::type S;
+    if (error && *error) return;
     const S lr = cd_step_scalar(lr_ptr, lr_value), mu = (S)momentum, wd = (S)weight_decay;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
@@ -50,8 +55,10 @@ __global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restric
                           const typename cd_acc<T>::type* __restrict__ bc2_ptr, double bc2_value,
                           const typename cd_acc<T>::type* __restrict__ decay_ptr,
                           double decay_value, double beta1, double beta2, double c1, double c2,
-                          double eps, double weight_decay, int decoupled) {
+                          double eps, double weight_decay, int decoupled,
+                          const unsigned long long* __restrict__ error) {
     typedef typename cd_acc<T>::type S;
+    if (error && *error) return;
     const S step_size = cd_step_scalar(step_size_ptr, step_size_value);
     const S bc2 = cd_step_scalar(bc2_ptr, bc2_value);
     const S decay = cd_step_scalar(decay_ptr, decay_value);
@@ -82,12 +89,13 @@ __global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restric
 #define CD_INST(T)                                                                              \
     template __global__ void sgd_step<T>(T*, cd_acc<T>::type*, const T*, cd_acc<T>::type*,     \
                                          int, long long, const cd_acc<T>::type*, double, double,   \
-                                         double, int);                                         \
+                                         double, int, const unsigned long long*);              \
     template __global__ void adam_step<T>(T*, cd_acc<T>::type*, const T*, cd_acc<T>::type*,    \
                                           cd_acc<T>::type*, long long, const cd_acc<T>::type*, \
                                           double, const cd_acc<T>::type*, double,              \
                                           const cd_acc<T>::type*, double, double, double,      \
-                                          double, double, double, double, int);
+                                          double, double, double, double, int,                 \
+                                          const unsigned long long*);
 CD_INST(float)
 CD_INST(double)
 CD_INST(cd_f16)
