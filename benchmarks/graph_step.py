@@ -1,19 +1,25 @@
 """Training-step time, same process and batch: cudrop eager, cudrop captured (cudrop.graph),
 PyTorch eager and PyTorch CUDA graphs (issue 10). SGD with momentum in both libraries.
 
-Cases: the MLP 1024 -> 4096 x3 -> 10, batch 1024, drop p = 0.5 as none / dropout / sparsedrop
-(PyTorch: nn.Dropout for both variants), in fp32 and bf16 (parameters in bf16 in both);
-ResNet-56, batch 128, 3x32x32, fp32 (PyTorch: the same network written out, cuDNN
-convolutions). Time: CUDA events around 30 steps after 5 warm-up steps
-(the step rate a training loop sees), median of 5 such runs. Memory: what CuPy's pool (and a
-captured step's private pool) holds after the timed steps, in MiB (target: captured <= 1.1x
-eager). JSON: $OUT/graph_step.json; a
-table last.
+Cases (PyTorch runs the same network written out; parameters in the step's dtype in both):
+- MLP 1024 -> 4096 x3 -> 10, batch 1024, drop p = 0.5 as none / dropout / sparsedrop (PyTorch:
+  nn.Dropout for both variants), fp32 and bf16;
+- ResNet-56, batch 128, 3x32x32, fp32 (PyTorch: cuDNN convolutions);
+- GPT: 4 pre-LN blocks, d = 1024, 16 heads, context 256, batch 32, 65 tokens, bf16 (PyTorch:
+  ``scaled_dot_product_attention``, tanh GELU as cudrop's);
+- ViT: 2 blocks, d = 1024, 16 heads, MLP ratio 4, patch 2 on 1x28x28 images, batch 128, bf16.
+Time: CUDA events around 30 steps after 5 warm-up steps (the step rate a training loop sees),
+median of 5 such runs. Memory: what CuPy's pool (and a captured step's private pool) holds after
+the timed steps, in MiB (target: captured <= 1.1x eager). A case that fails in one library is
+recorded with its error and the run goes on. JSON: $OUT/graph_step.json; a table last.
+
+    python benchmarks/graph_step.py [case-prefix ...]    (e.g. "gpt vit": only those)
 """
 from __future__ import annotations
 
 import statistics
 import sys
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -25,41 +31,83 @@ from cudrop import backend, graph, models, optim  # noqa: E402
 STEPS, RUNS = 30, 5
 
 
-def _rate(cp, step, batches):
+class Case(NamedTuple):
+    name: str
+    dtype: np.dtype
+    cudrop: Callable  # () -> cudrop model
+    torch: Callable  # (torch) -> torch.nn.Module
+    shape: tuple  # of one input batch
+    classes: int
+    tokens: bool = False  # inputs are token ids and every position has a target
+
+
+def _cases():
+    import ml_dtypes
+    f32, bf16 = np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)
+    cases = []
+    for dtype in (f32, bf16):
+        for kind in ("none", "dropout", "sparsedrop"):
+            cases.append(Case(f"mlp-{kind}", dtype, lambda k=kind: models.mlp(
+                (1024,), 10, hidden=(4096, 4096, 4096), dropout=k, p=0.5, seed=0),
+                lambda torch, k=kind: _torch_mlp(torch, k), (1024, 1024), 10))
+    cases.append(Case("resnet56", f32, lambda: models.resnet56(in_channels=3), _torch_resnet56,
+                      (128, 3, 32, 32), 10))
+    cases.append(Case("gpt", bf16, lambda: models.GPT(65, block_size=256, dim=1024, depth=4,
+                                                       heads=16, dropout="none"),
+                      lambda torch: _torch_transformer(torch, 1024, 16, 4, 4, True, vocab=65,
+                                                       context=256), (32, 256), 65, True))
+    cases.append(Case("vit", bf16, lambda: models.ViT(image_size=28, patch_size=2, in_channels=1,
+                                                       dim=1024, depth=2, heads=16, mlp_ratio=4,
+                                                       dropout="none"),
+                      lambda torch: _torch_transformer(torch, 1024, 16, 2, 4, False,
+                                                       patches=(1, 28, 2), classes=10),
+                      (128, 1, 28, 28), 10))
+    return cases
+
+
+def _batches(xp, case, rng, cast):
+    if case.tokens:
+        return [(xp.asarray(rng.integers(0, case.classes, case.shape)),
+                 xp.asarray(rng.integers(0, case.classes, case.shape))) for _ in range(3)]
+    return [(cast(xp.asarray(rng.standard_normal(case.shape, dtype=np.float32))),
+             xp.asarray(rng.integers(0, case.classes, case.shape[0]))) for _ in range(3)]
+
+
+def _rate(sync, event, elapsed, run, batches):
+    """Median ms per step over RUNS runs of STEPS steps, after 5 warm-up steps."""
     for i in range(5):
-        step(*batches[i % len(batches)])
-    cp.cuda.Device().synchronize()
+        run(*batches[i % len(batches)])
+    sync()
     times = []
     for _ in range(RUNS):
-        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start, end = event(), event()
         start.record()
         for i in range(STEPS):
-            step(*batches[i % len(batches)])
+            run(*batches[i % len(batches)])
         end.record()
         end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) / STEPS)
+        times.append(elapsed(start, end) / STEPS)
     return statistics.median(times)
 
 
-def _cudrop(build, shape, classes, dtype, captured):
+def _cudrop(case, captured):
     cp = backend.cupy
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
-    model = build().to("gpu", dtype=dtype)
+    model = case.cudrop().to("gpu", dtype=case.dtype)
     opt = optim.SGD(model.parameters(), 0.01, momentum=0.9)
-    rng = np.random.default_rng(0)
-    batches = [(cp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype),
-                cp.asarray(rng.integers(0, classes, shape[0]))) for _ in range(3)]
+    batches = _batches(cp, case, np.random.default_rng(0), lambda a: a.astype(case.dtype))
 
     def step(x, y):
-        loss = cd.cross_entropy(model(cd.Tensor(x)), y)
+        loss = cd.cross_entropy(model(x if case.tokens else cd.Tensor(x)), y)
         model.zero_grad()
         loss.backward()
         opt.step()
         return loss
 
     run = graph.capture(step, model=model, optimizer=opt) if captured else step
-    ms = _rate(cp, run, batches)
+    ms = _rate(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time, run,
+               batches)
     ok = (not captured) or (run.graph is not None and run.failed is None)
     # Memory held for training: CuPy's pool keeps the eager step's peak cached; a captured
     # step adds its private pool.
@@ -68,12 +116,60 @@ def _cudrop(build, shape, classes, dtype, captured):
     return ms, ok, held / 2**20
 
 
-def _torch(kind, shape, classes, dtype, captured):
+def _torch(case, captured):
     import torch
-    tdt = {np.dtype(np.float32): torch.float32}.get(np.dtype(dtype), torch.bfloat16)
-    if kind == "resnet56":
-        return _torch_rate(_torch_resnet56(torch).cuda().to(tdt), shape, classes, tdt, captured)
-    layers, width = [torch.nn.Flatten()], shape[1]
+    tdt = torch.float32 if case.dtype == np.float32 else torch.bfloat16
+    model = case.torch(torch).cuda().to(tdt)
+    opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    if case.tokens:
+        batches = [(torch.randint(0, case.classes, case.shape, device="cuda", generator=g),
+                    torch.randint(0, case.classes, case.shape, device="cuda", generator=g))
+                   for _ in range(3)]
+    else:
+        batches = [(torch.randn(case.shape, device="cuda", generator=g).to(tdt),
+                    torch.randint(0, case.classes, (case.shape[0],), device="cuda",
+                                  generator=g)) for _ in range(3)]
+
+    def loss_of(x, y):
+        out = model(x)
+        return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(x, y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    run = step
+    if captured:
+        sx, sy = batches[0][0].clone(), batches[0][1].clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                step(sx, sy)
+        torch.cuda.current_stream().wait_stream(s)
+        cg = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(cg):
+            loss = loss_of(sx, sy)
+            loss.backward()
+            opt.step()
+
+        def run(x, y):
+            sx.copy_(x)
+            sy.copy_(y)
+            cg.replay()
+            return loss
+    # Time on PyTorch's stream with PyTorch's events (CuPy's would mix streams).
+    return _rate(torch.cuda.synchronize, lambda: torch.cuda.Event(enable_timing=True),
+                 lambda a, b: a.elapsed_time(b), run, batches)
+
+
+def _torch_mlp(torch, kind):
+    layers, width = [torch.nn.Flatten()], 1024
     for i, h in enumerate((4096, 4096, 4096)):
         if i and kind != "none":
             layers.append(torch.nn.Dropout(0.5))
@@ -81,9 +177,8 @@ def _torch(kind, shape, classes, dtype, captured):
         width = h
     if kind != "none":
         layers.append(torch.nn.Dropout(0.5))
-    layers.append(torch.nn.Linear(width, classes))
-    model = torch.nn.Sequential(*layers).cuda().to(tdt)
-    return _torch_rate(model, shape, classes, tdt, captured)
+    layers.append(torch.nn.Linear(width, 10))
+    return torch.nn.Sequential(*layers)
 
 
 def _torch_resnet56(torch):
@@ -116,104 +211,108 @@ def _torch_resnet56(torch):
     return nn.Sequential(*layers)
 
 
-def _torch_rate(model, shape, classes, tdt, captured):
-    import torch
-    opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    batches = [(torch.randn(shape, device="cuda", generator=g).to(tdt),
-                torch.randint(0, classes, (shape[0],), device="cuda", generator=g))
-               for _ in range(3)]
+def _torch_transformer(torch, dim, heads, depth, mlp_ratio, causal, *, vocab=None, context=None,
+                       patches=None, classes=None):
+    """cudrop.models.GPT / ViT's twin: pre-LN blocks (qkv Linear, attention, projection; Linear,
+    tanh GELU, Linear), final LayerNorm; GPT: token + position embeddings and a bias-free head
+    over every position; ViT: patch Linear, class token, position embeddings, head on the class
+    token."""
+    nn, F = torch.nn, torch.nn.functional
 
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU("tanh"),
+                                     nn.Linear(mlp_ratio * dim, dim))
 
-    if captured:
-        sx, sy = batches[0][0].clone(), batches[0][1].clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step(sx, sy)
-        torch.cuda.current_stream().wait_stream(s)
-        cg = torch.cuda.CUDAGraph()
-        opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(cg):
-            loss = torch.nn.functional.cross_entropy(model(sx), sy)
-            loss.backward()
-            opt.step()
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, heads, dim // heads).unbind(2)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), is_causal=causal)
+            x = x + self.proj(a.transpose(1, 2).reshape(b, t, dim))
+            return x + self.mlp(self.ln2(x))
 
-        def replay(x, y):
-            sx.copy_(x)
-            sy.copy_(y)
-            cg.replay()
-            return loss
-        run = replay
-    else:
-        run = step
-    # Time on PyTorch's stream with CuPy events would mix streams: use torch's events.
-    for i in range(5):
-        run(*batches[i % 3])
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(RUNS):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for i in range(STEPS):
-            run(*batches[i % 3])
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / STEPS)
-    return statistics.median(times)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
+            self.ln = nn.LayerNorm(dim)
+            if vocab:
+                self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+                self.head = nn.Linear(dim, vocab, bias=False)
+            else:
+                c, size, p = patches
+                self.p, n = p, (size // p) ** 2
+                self.embed = nn.Linear(c * p * p, dim)
+                self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+                self.pos = nn.Parameter(torch.zeros(1, n + 1, dim))
+                self.head = nn.Linear(dim, classes)
+
+        def forward(self, x):
+            if vocab:
+                z = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
+                return self.head(self.ln(self.blocks(z)))
+            b, c, h, w = x.shape
+            p = self.p
+            x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+            z = self.embed(x.reshape(b, (h // p) * (w // p), c * p * p))
+            z = torch.cat([self.cls.expand(b, -1, -1), z], 1) + self.pos
+            return self.head(self.ln(self.blocks(z))[:, 0])
+
+    return Net()
+
+
+def _guarded(fn, *args):
+    """``fn(*args)``, or the error's text when the case fails in that library."""
+    try:
+        return fn(*args), None
+    except Exception as e:  # noqa: BLE001 - recorded in the JSON, the run goes on
+        return None, f"{type(e).__name__}: {e}"[:300]
 
 
 def main():
-    import ml_dtypes
     try:
         import torch  # noqa: F401
         have_torch = True
     except ImportError:
         have_torch = False
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    cases = []
-    for dtype in (np.dtype(np.float32), bf16):
-        for kind in ("none", "dropout", "sparsedrop"):
-            cases.append((f"mlp-{kind}", kind, lambda k=kind: models.mlp(
-                (1024,), 10, hidden=(4096, 4096, 4096), dropout=k, p=0.5, seed=0),
-                (1024, 1024), 10, dtype))
-    cases.append(("resnet56", "resnet56", lambda: models.resnet56(in_channels=3),
-                  (128, 3, 32, 32), 10, np.dtype(np.float32)))
+    wanted = sys.argv[1:]
     rows = []
-    for name, kind, build, shape, classes, dtype in cases:
-        eager, _, eager_mb = _cudrop(build, shape, classes, dtype, False)
-        cap, ok, cap_mb = _cudrop(build, shape, classes, dtype, True)
-        t_eager = t_graph = None
+    for case in _cases():
+        if wanted and not any(case.name.startswith(w) for w in wanted):
+            continue
+        eager, err_e = _guarded(_cudrop, case, False)
+        cap, err_c = _guarded(_cudrop, case, True)
+        t_eager = t_graph = err_t = None
         if have_torch:
-            t_eager = _torch(kind, shape, classes, dtype, False)
-            t_graph = _torch(kind, shape, classes, dtype, True)
-        row = dict(case=name, dtype=dtype.name, batch=shape[0], cudrop_eager_ms=eager,
-                   cudrop_graph_ms=cap, captured=ok, torch_eager_ms=t_eager,
-                   torch_graph_ms=t_graph, cudrop_eager_mb=eager_mb, cudrop_graph_mb=cap_mb,
-                   graph_memory_ratio=cap_mb / eager_mb)
+            t_eager, err_t = _guarded(_torch, case, False)
+            t_graph, err_tg = _guarded(_torch, case, True)
+            err_t = err_t or err_tg
+        row = dict(case=case.name, dtype=case.dtype.name, batch=case.shape[0],
+                   cudrop_eager_ms=eager and eager[0], cudrop_graph_ms=cap and cap[0],
+                   captured=bool(cap and cap[1]), torch_eager_ms=t_eager, torch_graph_ms=t_graph,
+                   cudrop_eager_mb=eager and eager[2], cudrop_graph_mb=cap and cap[2],
+                   cudrop_error=err_e or err_c, torch_error=err_t)
+        row["graph_memory_ratio"] = (cap[2] / eager[2]) if cap and eager else None
         rows.append(row)
         print(row, flush=True)
     write_json("graph_step.json", rows)
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
     print(f"{'case':16s} {'dtype':9s} {'cd eager':>9s} {'cd graph':>9s} {'pt eager':>9s} "
           f"{'pt graph':>9s} {'graph/pt eager':>14s} {'graph/pt graph':>14s} "
           f"{'memory graph/eager':>18s}")
     for r in rows:
-        ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
         print(f"{r['case']:16s} {r['dtype']:9s} {f(r['cudrop_eager_ms']):>9s} "
               f"{f(r['cudrop_graph_ms']):>9s}{'' if r['captured'] else '*'} "
               f"{f(r['torch_eager_ms']):>9s} {f(r['torch_graph_ms']):>9s} "
               f"{ratio(r['cudrop_graph_ms'], r['torch_eager_ms']):>14s} "
               f"{ratio(r['cudrop_graph_ms'], r['torch_graph_ms']):>14s} "
-              f"{r['graph_memory_ratio']:>18.2f}")
-    print("* the captured step fell back to eager (see the warning)")
+              f"{f(r['graph_memory_ratio']):>18s}")
+    print("* not captured (fell back to eager, or failed: see cudrop_error in the JSON)")
 
 
 if __name__ == "__main__":
