@@ -407,3 +407,29 @@ def test_use_kernel_validates_and_restores():
 def test_use_kernel_leaves_the_numpy_reference_alone():
     """NumPy operands run the reference whatever the choice."""
     check(np, "dsd", 40, 24, 16, (8, 8), 0.5, "float64", kernel="tma", bias=True, act="relu")
+
+
+def test_16_bit_products_the_tensor_cores_refuse_are_copied_into_a_layout_they_take():
+    """A 10-class head (N = 10) in bf16: the mma kernel's 16-byte chunks do not fit an extent of
+    10 along a contiguous axis. The automatic choice copies the cheapest operand(s) into the
+    other major order instead of falling to the 16x16 simple kernel: forward copies the small
+    weight, dX copies both small operands, the weight gradient copies x transposed."""
+    from types import SimpleNamespace
+
+    def fake(shape):
+        return SimpleNamespace(dtype=np.dtype(np.float16), itemsize=2, size=int(np.prod(shape)),
+                               data=SimpleNamespace(ptr=0))
+
+    m, k, n = 1024, 4096, 10
+    # dsd: x (m, k) K-major, w (k, n) N-major (row-major w: ld n)
+    assert bsmm_gpu._relayout(fake((m, k)), fake((k, n)), (True, k), (False, n), m, n, k, 128,
+                              ("c", "i")) == (None, True)
+    # sdd for dX: g (m, n) K-major over K = n, wᵀ (n, k) viewed K-major with ld n
+    assert bsmm_gpu._relayout(fake((m, n)), fake((n, k)), (True, n), (True, n), m, k, n, 1,
+                              None) == (False, False)
+    # dsd_t for dW: xᵀ (k, m) M-major (ld k), g (m, n) N-major (ld n)
+    assert bsmm_gpu._relayout(fake((k, m)), fake((m, n)), (False, k), (False, n), k, n, m, 128,
+                              ("c", "i")) == (True, True)
+    # no copy helps kept blocks 3 wide along K (the lists need multiples of 8)
+    assert bsmm_gpu._relayout(fake((m, 3)), fake((3, n)), (True, 3), (False, n), m, n, 3, 3,
+                              ("c", "i")) is None

@@ -62,13 +62,55 @@ def _major(x, kdim):
     return None
 
 
-def _operand(x, kdim):
-    lay = _major(x, kdim)
-    if lay is None:  # neither axis contiguous: one copy, then K-major
-        x = backend.cupy.ascontiguousarray(x if kdim == 1 else x.T)
-        x = x if kdim == 1 else x.T
-        lay = _major(x, kdim)
-    return x, lay
+def _contiguous(x, kdim, k_major):
+    """A contiguous copy of the 2-D view ``x`` whose innermost axis is the reduction axis
+    ``kdim`` (``k_major``) or the other one."""
+    cp = backend.cupy
+    return cp.ascontiguousarray(x) if (kdim == 1) == k_major else cp.ascontiguousarray(x.T).T
+
+
+def _operand(x, kdim, copy=None):
+    """``(x, layout)``, ``x`` copied first when ``copy`` says so (True: K-major, False: the
+    other axis innermost) or when neither axis is contiguous (then K-major)."""
+    if copy is None and _major(x, kdim) is None:
+        copy = True
+    if copy is not None:
+        x = _contiguous(x, kdim, copy)
+    return x, _major(x, kdim)
+
+
+def _relayout(a, b, a_lay, b_lay, m, n, k, kblk, lists):
+    """``(copy_a, copy_b)`` (None: as it is; True / False: K-major / other-major copy) that
+    lets the tensor-core kernels take a 16-bit product whose layout they refuse (an extent not a
+    multiple of 8 along a contiguous axis: a 10-class head's N = 10), copying the fewest
+    elements; None when no copy helps. A transposing copy reads and writes the operand once,
+    against the 16x16 simple kernel at several times the tensor cores' time."""
+    options = []
+    for ca in (None, True, False):  # a same-major copy still fixes an unaligned view
+        for cb in (None, True, False):
+            if ca is None and cb is None:
+                continue
+            # a fresh copy is 256-byte aligned and contiguous: its ld is the inner extent
+            la = a_lay if ca is None else (ca, k if ca else m)
+            lb = b_lay if cb is None else (cb, k if cb else n)
+            fa = a if ca is None else _Aligned(a.dtype)
+            fb = b if cb is None else _Aligned(b.dtype)
+            if _mma_ok(fa, fb, la, lb, m, n, k, kblk, lists):
+                options.append(((ca is not None) * a.size + (cb is not None) * b.size, ca, cb))
+    return min(options, key=lambda o: o[0])[1:] if options else None
+
+
+class _Aligned:
+    """What ``_mma_ok`` reads of an operand's fresh copy: its dtype and a 256-byte aligned
+    pointer."""
+
+    class _Data:
+        ptr = 0
+
+    data = _Data()
+
+    def __init__(self, dtype):
+        self.dtype, self.itemsize = dtype, dtype.itemsize
 
 
 def pick_tile(m, n, rblk, masked, sms, tiles=MMA_TILES, cblk=None):
@@ -183,10 +225,20 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
     m, k = a.shape
     n = b.shape[1]
     pl = _Plan()
-    a_lay, b_lay = _major(a, 1), _major(b, 0)
-    pl.copy_a, pl.copy_b = a_lay is None, b_lay is None
-    a, a_lay = _operand(a, 1)
-    b, b_lay = _operand(b, 0)
+    pl.copy_a = True if _major(a, 1) is None else None
+    pl.copy_b = True if _major(b, 0) is None else None
+    a, a_lay = _operand(a, 1, pl.copy_a)
+    b, b_lay = _operand(b, 0, pl.copy_b)
+    if (choice == "auto" and a.dtype.name in _HALF
+            and not _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)):
+        fix = _relayout(a, b, a_lay, b_lay, m, n, k, kblk, lists)
+        if fix is not None:
+            if fix[0] is not None:
+                pl.copy_a = fix[0]
+                a, a_lay = _operand(a, 1, fix[0])
+            if fix[1] is not None:
+                pl.copy_b = fix[1]
+                b, b_lay = _operand(b, 0, fix[1])
     it = out.itemsize
     ldcm, ldcn = out.strides[0] // it, out.strides[1] // it
     masked = lists is not None or bits is not None
@@ -259,10 +311,10 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
     if pl is None:
         pl = _PLAN_MEMO.put(key, _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act,
                                        choice, tile))
-    if pl.copy_a:
-        a = _operand(a, 1)[0]
-    if pl.copy_b:
-        b = _operand(b, 0)[0]
+    if pl.copy_a is not None:
+        a = _contiguous(a, 1, pl.copy_a)
+    if pl.copy_b is not None:
+        b = _contiguous(b, 0, pl.copy_b)
     if bias is not None and not bias.flags.c_contiguous:
         bias = backend.cupy.ascontiguousarray(bias)
     count, index = lists if lists is not None else (None, None)
