@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import autograd as ag
-from .. import backend
+from .. import backend, graph
 from ..variants import sliceout as F
 from ..philox import check_prob
 from .attention import MultiHeadAttention
@@ -59,7 +59,10 @@ class _SliceMixin:
     _device_slices = False
 
     def _draw(self, n_units, x=None):
-        device = self._device_slices and backend.is_gpu_array(getattr(x, "data", x))
+        data = getattr(x, "data", x)
+        device = self._device_slices and backend.is_gpu_array(data)
+        if device and not graph.is_capturing():
+            F.load_device_kernels(data.dtype)  # before a capture needs them: see its docstring
         self.last_mask = F.draw_mask(n_units, self.p, seed=self.seed, layer=self.layer,
                                      step=self.next_step(device=device), align=self.align)
         return self.last_mask

@@ -77,10 +77,11 @@ from .. import backend, philox, random
 from ..functional import _conv
 from ..functional._attention import causal_bias
 from ..functional._matmul import matmul
-from ..raw_kernels import launch
+from ..raw_kernels import launch, load
 
-__all__ = ["SliceMask", "SliceDraw", "draw_mask", "check_align", "keep_count", "auto_align", "num_starts",
-           "slice_start", "slice_ranges", "check_ranges", "sliceout", "sliceout_backward",
+__all__ = ["SliceMask", "SliceDraw", "draw_mask", "check_align", "keep_count", "auto_align",
+           "num_starts", "slice_start", "slice_ranges", "check_ranges", "load_device_kernels",
+           "sliceout", "sliceout_backward",
            "SliceOutSaved", "sliceout_linear", "sliceout_linear_backward", "SliceOutLinearSaved",
            "sliceout_linear_out", "sliceout_linear_out_backward", "SliceOutLinearOutSaved",
            "sliceout_conv2d", "sliceout_conv2d_backward", "SliceOutConv2dSaved",
@@ -646,6 +647,15 @@ def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra):
            (src, dst, np.int64(outer), np.int64(n), np.int64(inner), np.int64(keep),
             np.uint32(seed), np.uint32(layer), step_value, step_ptr,
             np.int64(num_starts(n, keep, mask.align)), np.int64(mask.align or 1)) + extra)
+
+
+def load_device_kernels(dtype) -> None:
+    """Compile and load the kernels that apply a slice decided on the device to arrays of
+    ``dtype`` (memoised by the one loader, ``raw_kernels``). A layer calls it in its eager steps
+    on CuPy, so that a later CUDA-graph capture, whose step first takes the device path, does
+    not compile or load a module while the stream is capturing."""
+    for fn in ("slice_gather", "slice_scatter"):
+        load("slice.cu", fn, dtype)
 
 
 def _device_starts(n_units, p, *, seed, layer, steps, align=None):
