@@ -4,7 +4,8 @@ and scatter the kept units; results equal the int step's bit for bit.
 
 On the CPU: the kernels' integer arithmetic (``slice.cuh``, compiled for the host with the
 system C++ compiler) against ``slice_start`` / ``slice_ranges`` over many (n, keep, align, step)
-combinations; the mask's Python side; the argument errors. On a GPU: the start kernel against
+combinations; the Python side of the launches (``_take`` / ``_put`` with the kernels emulated
+in NumPy) against the host path's slicing; the mask's Python side; the argument errors. On a GPU: the start kernel against
 ``slice_start``, and ``sliceout_linear`` / ``sliceout_linear_out`` forward and backward with a
 device step against the int step, bit for bit (the captured-step test is in test_graph.py).
 """
@@ -190,8 +191,10 @@ def _same_bits(got, want, what):
     np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=what)
 
 
-# (M, K, N, align): ragged sizes (no multiple of anything), wrap and aligned, a 3-D input
-SHAPES = [((37, 53, 29), None), ((64, 256, 96), 32), ((5, 21, 3), 8), ((2, 7, 11, 40), None),
+# ((..., K, N), align): ragged sizes, wrap mode, aligned mode where align divides the units
+# (block-wise wrap) and where it does not (no wrap), a 3-D input; at p = 0.4 the six steps below
+# draw several starts in each, wrapped and unwrapped slices both (checked on the host)
+SHAPES = [((37, 53, 29), None), ((64, 256, 96), 32), ((5, 21, 3), 4), ((2, 7, 11, 40), None),
           ((130, 100, 70), 4)]
 
 
@@ -204,6 +207,9 @@ def test_linear_ops_with_a_device_step_equal_the_int_step(dtype, shape, align, m
     cp = backend.cupy
     dt = low_precision_dtype(cp, dtype)
     *lead, k, n = shape
+    units = k if mode == "input" else n
+    if units < (align or 1):
+        pytest.skip(f"align {align} exceeds the {units} units")
     rng = np.random.default_rng(0)
     x = cp.asarray(rng.standard_normal(tuple(lead) + (k,))).astype(dt)
     w = cp.asarray(rng.standard_normal((k, n))).astype(dt)
@@ -248,3 +254,50 @@ def test_the_linear_layer_stays_on_the_host_path_eagerly():
     x = cudrop.Tensor(backend.cupy.ones((3, 40), np.float32))
     layer(x)
     assert not layer.last_mask.on_device and layer.step == 1  # eager: the int step
+
+
+def _emulated_launch(source, fn, dtype, grid, block, args):
+    """slice.cu's gather and scatter in NumPy, reading the arguments in the kernels' order (the
+    index arithmetic itself is slice.cuh's, checked above): catches a mistake in how the Python
+    side lays out the launch before any GPU run."""
+    assert source == "slice.cu" and fn in ("slice_gather", "slice_scatter")
+    src, dst, outer, n, inner, keep, seed, layer, step, step_ptr, count, unit = args[:12]
+    assert step_ptr is None and all(isinstance(v, np.int64) for v in (outer, n, inner, keep,
+                                                                       count, unit))
+    word = int(philox.words(int(seed), int(layer), int(step), philox.TAG_SLICE, 0, 0))
+    start = 0 if keep == n else ((word * int(count)) >> 32) * int(unit)
+    units = (start + np.arange(int(keep))) % int(n)
+    s3 = src.reshape(int(outer), -1, int(inner))
+    d3 = dst.reshape(int(outer), -1, int(inner))
+    if fn == "slice_gather":
+        scale, scaled = args[12:]
+        v = s3[:, units, :]
+        if scaled:
+            v = (v.astype(np.float64) * scale).astype(dst.dtype) if dst.dtype == np.float64 \
+                else (v.astype(np.float32) * np.float32(scale)).astype(dst.dtype)
+        d3[...] = v
+    else:
+        d3[...] = 0
+        d3[:, units, :] = s3
+
+
+@pytest.mark.parametrize("n, p, align", [(53, 0.5, None), (100, 0.3, None), (21, 0.4, 4),
+                                         (96, 0.5, 16), (7, 0.0, None)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_device_take_and_put_lay_out_the_launch_as_the_host_path_slices(monkeypatch, n, p, align,
+                                                                        dtype):
+    monkeypatch.setattr(F, "launch", _emulated_launch)
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((6, n, 5)).astype(dtype)
+    for step in range(8):
+        host = F.draw_mask(n, p, seed=4, layer=1, step=step, align=align)
+        dev = F.SliceMask(n, p, None, align, F.SliceDraw(4, 1, step))  # an int stands in
+        for axis, arr in ((1, a), (0, a[0].copy()), (1, a[:, :, 0].copy()), (0, a[0, :, 0])):
+            for s in (None, arr.dtype.type(host.scale)):
+                got = F._take(arr, dev, axis, np, s)
+                want = F._take(arr, host, axis, np, s)
+                _same_bits(got, want, f"take axis {axis} step {step}")
+            shape = arr.shape
+            got = F._put(F._take(arr, dev, axis, np), dev, axis, shape, np)
+            _same_bits(got, F._put(F._take(arr, host, axis, np), host, axis, shape, np),
+                       f"put axis {axis} step {step}")
