@@ -89,10 +89,11 @@ def _parser():
     a("--seed", type=int, help="seed of the weights, data order and masks [0]")
     a("--device", choices=("auto", "cpu", "gpu"), default="auto",
       help="auto: the GPU when CuPy sees one [auto]")
-    a("--precision", choices=("auto", "fp32", "tf32", "bf16"),
+    a("--precision", choices=("auto", "fp32", "tf32", "bf16", "fp16"),
       help="fp32: exact float32; tf32: float32 weights, TF32 tensor-core products; bf16: "
       "bfloat16 compute with float32 master weights and float32 softmax/norm statistics "
-      "(GPU only; verified for the MLPs, not yet for the ResNets). auto: fp32 [auto]")
+      "(GPU only; verified for the MLPs, not yet for the ResNets); fp16: float16 compute, "
+      "float32 master weights and dynamic loss scaling. auto: fp32 [auto]")
     a("--save", metavar="PATH", help="checkpoint the whole training state to PATH at each "
       "epoch's end (atomically: an interrupted run leaves the last complete one)")
     a("--save-every", type=int, metavar="N", help="with --save: also every N steps")
@@ -284,6 +285,8 @@ def _precision(name, device):
         return np.dtype(ml_dtypes.bfloat16)
     if name == "tf32":
         os.environ["CUPY_TF32"] = "1"
+    if name == "fp16":
+        return np.dtype(np.float16)
     return np.dtype(np.float32)
 
 
@@ -363,10 +366,12 @@ def _train(args, cfg, device, rank, world):
         set_shard(model, rank, world)       # per-row masks: this rank's rows of the global batch
         dist.broadcast_parameters(model)    # every rank starts from rank 0's weights
         reducer = dist.GradientReducer(model.parameters())
+    from .optim import LossScaler
     trainer = Trainer(model, opt, task, schedule=schedule, seed=cfg["seed"],
                       progress=not args.no_progress and rank == 0,
                       log=say, save=args.save or args.resume,
-                      save_every=args.save_every, config=cfg, reducer=reducer)
+                      save_every=args.save_every, config=cfg, reducer=reducer,
+                      scaler=LossScaler() if dtype == np.float16 else None)
     if args.resume:
         from .checkpoint import CheckpointError
         try:

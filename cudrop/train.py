@@ -222,6 +222,9 @@ class Trainer:
     :class:`EarlyStopping` checked after every epoch (``fit`` then ends before ``epochs``;
     ``stopped_early`` says so).
 
+    ``scaler``: a :class:`cudrop.optim.LossScaler` for float16 training (backward from the
+    scaled loss, the optimizer step through the scaler; its scale is checkpointed).
+
     Data parallelism: ``reducer`` (a ``cudrop.distributed.GradientReducer``) averages the
     gradients between backward and the optimizer step; with ``cudrop.distributed`` initialized
     the epoch's training loss is averaged over the ranks, and checkpoints are written by rank 0
@@ -230,8 +233,9 @@ class Trainer:
 
     def __init__(self, model, optimizer, task, *, schedule=None, seed=0, progress=True,
                  log=print, save=None, save_every=None, config=None, early_stop=None,
-                 reducer=None):
+                 reducer=None, scaler=None):
         self.model, self.optimizer, self.task, self.schedule = model, optimizer, task, schedule
+        self.scaler = scaler
         self.seed, self.progress, self.log = seed, progress, log
         self.save_path, self.save_every, self.config = save, save_every, config or {}
         self.early_stop, self.stopped_early = early_stop, False
@@ -251,7 +255,8 @@ class Trainer:
         write = distributed.save if distributed.is_initialized() else checkpoint.save
         write(path, self.model, self.optimizer, self.schedule, step=self.step,
               epoch_loss=loss, epoch_steps=self._epoch_steps, epoch_time=self._epoch_time,
-              history=self.history.epochs, config=self.config)
+              history=self.history.epochs, config=self.config,
+              scaler=None if self.scaler is None else self.scaler.state_dict())
 
     def _global_loss(self):
         """The epoch's loss sum as a float: averaged over the ranks in a data-parallel run."""
@@ -271,6 +276,8 @@ class Trainer:
         self._epoch_time = float(state["epoch_time"])
         self.history = History(list(state["history"]))
         self._epoch_loss = state["epoch_loss"]
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         return state
 
     # ---- the loop --------------------------------------------------------------------
@@ -304,10 +311,16 @@ class Trainer:
             x = xb if xb.dtype.kind in "iu" else ag.Tensor(xb)  # token ids stay raw
             loss = ag.cross_entropy(model(x), yb)
             model.zero_grad()
-            loss.backward()
+            if self.scaler is not None:
+                self.scaler.backward(loss)
+            else:
+                loss.backward()
             if self.reducer is not None:
                 self.reducer.finish()
-            opt.step()
+            if self.scaler is not None:
+                self.scaler.step(opt)
+            else:
+                opt.step()
             if schedule is not None:
                 schedule.step()
             xp = backend.get_array_module(loss.data)

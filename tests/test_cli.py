@@ -172,3 +172,30 @@ def test_precision_flag(tmp_path, capsys):
                      "--device", "cpu", "--json", str(out)]) == 0
     assert "(cpu, float32)" in capsys.readouterr().out  # auto: fp32 on the CPU
     assert json.loads(out.read_text())["config"]["precision"] == "auto"
+
+
+def test_fp16_trains_with_loss_scaling_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """--precision fp16: float16 compute, float32 master weights, a dynamic loss scale that the
+    checkpoint carries, so an interrupted run resumes to the uninterrupted one's numbers."""
+    from cudrop import train
+    flags = ["train", "--precision", "fp16", "--device", "cpu", "--epochs", "2",
+             "--steps-per-epoch", "5", "--no-progress"]
+    assert cli.main(flags + ["--json", str(tmp_path / "full.json")]) == 0
+    assert "(cpu, float16)" in capsys.readouterr().out
+    end_epoch = train.Trainer._end_epoch
+
+    def killed_after_first_epoch(self, epoch):
+        end_epoch(self, epoch)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.Trainer, "_end_epoch", killed_after_first_epoch)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(flags + ["--save", str(ckpt)])
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", str(ckpt), "--no-progress",
+                     "--json", str(tmp_path / "resumed.json")]) == 0
+    full = json.loads((tmp_path / "full.json").read_text())
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert [r["train_loss"] for r in resumed["epochs"]] == [r["train_loss"]
+                                                           for r in full["epochs"]]
+    assert all(np.isfinite(r["train_loss"]) for r in full["epochs"])

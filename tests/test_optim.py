@@ -376,7 +376,8 @@ def test_half_precision_parameters_train_through_a_float32_master_copy(xp, opt_c
                                                   weight_decay=0.01)),
     (SGD, dict(lr=0.1)), (Adam, dict(lr=0.01, weight_decay=0.01)),
     (AdamW, dict(lr=0.01, weight_decay=0.1))])
-def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw, scaled):
     """On CuPy SGD and Adam run one kernel per parameter (raw_kernels/optim.cu); it rounds
     exactly as the unfused CuPy expressions: parameters, master copies and state bit-identical
     over several steps (odd sizes: the grid-stride tail)."""
@@ -392,9 +393,10 @@ def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw):
         opt = cls([p], **kw)
         if not fused:
             opt._fused_update = None
+        inv = cp.asarray(np.float32(1 / 1024)) if scaled else None  # a loss scaler's unscale
         for g in grads:
-            p.grad = cp.asarray(g).astype(dt)
-            opt.step()
+            p.grad = cp.asarray(g * (1024 if scaled else 1)).astype(dt)
+            opt.step(inv_scale=inv)
         return p.data, opt.state[0]
 
     (pf, sf), (pu, su) = run(True), run(False)
@@ -403,3 +405,118 @@ def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw):
     for k, v in su.items():
         if hasattr(v, "shape"):
             np.testing.assert_array_equal(cp.asnumpy(sf[k]), cp.asnumpy(v), err_msg=k)
+
+
+# ---- loss scaling (float16) -------------------------------------------------------------
+
+host = backend.asnumpy
+
+
+def _fp16_param(xp, values):
+    return Tensor(xp.asarray(np.asarray(values, np.float16)), requires_grad=True)
+
+
+@pytest.mark.parametrize("cls, kw", [(SGD, dict(lr=0.1, momentum=0.9)), (Adam, dict(lr=0.01)),
+                                     (RMSprop, dict(lr=0.01, momentum=0.5))])
+def test_step_skip_leaves_parameters_and_state_untouched(xp, cls, kw):
+    """``step(skip=flag)``: where the device flag is set nothing changes (the fused kernels on
+    the GPU, a put-back for the unfused ones, a plain skip on NumPy); counters still advance."""
+    p = Tensor(xp.asarray([1.0, -2.0, 3.0], np.float32), requires_grad=True)
+    opt = cls([p], **kw)
+    p.grad = xp.asarray([0.5, 0.5, -1.0], np.float32)
+    opt.step()
+    before = host(p.data).copy()
+    state = {k: host(v).copy() for k, v in opt.state[0].items() if hasattr(v, "shape")}
+    p.grad = xp.asarray([np.inf, 1.0, 1.0], np.float32)
+    opt.step(skip=xp.asarray(1, np.uint64))
+    np.testing.assert_array_equal(host(p.data), before)
+    for k, v in state.items():
+        np.testing.assert_array_equal(host(opt.state[0][k]), v, err_msg=k)
+    assert opt.state[0]["step"] == 2 and opt.steps == 2
+    p.grad = xp.asarray([1.0, 1.0, 1.0], np.float32)
+    opt.step(skip=xp.asarray(0, np.uint64))  # an unset flag updates
+    assert not np.array_equal(host(p.data), before)
+
+
+@pytest.mark.parametrize("cls, kw", [(SGD, dict(lr=0.1, momentum=0.9)), (Adam, dict(lr=0.01))])
+def test_first_step_skipped_then_taken_equals_one_step(xp, cls, kw):
+    """A skipped first step leaves state that the next step treats as fresh."""
+    def run(skip_first):
+        p = Tensor(xp.asarray([1.0, -2.0, 3.0], np.float32), requires_grad=True)
+        opt = cls([p], **kw)
+        if skip_first:
+            p.grad = xp.asarray([np.nan, 1.0, 1.0], np.float32)
+            opt.step(skip=xp.asarray(1, np.uint64))
+        p.grad = xp.asarray([0.5, 0.5, -1.0], np.float32)
+        opt.step()
+        return host(p.data)
+    if cls is Adam:  # Adam's bias correction counts the skipped step: compare SGD only
+        return
+    np.testing.assert_array_equal(run(True), run(False))
+
+
+def test_loss_scaler_unscales_skips_overflow_and_adapts(xp):
+    """float16 parameters with float32 master weights: the update uses grad / scale; a step
+    with an inf gradient is skipped and halves the scale; growth_interval finite steps double
+    it."""
+    from cudrop.optim import LossScaler
+    p = _fp16_param(xp, [1.0, -1.0])
+    opt = SGD([p], lr=0.5)
+    scaler = LossScaler(init_scale=1024.0, growth_interval=2)
+
+    def step(g):
+        p.grad = xp.asarray(np.asarray(g, np.float16))
+        scaler.step(opt)
+        return host(opt.state[0]["master"]).astype(np.float64), float(host(scaler.scale))
+
+    w, s = step([1024.0, 512.0])  # the true gradient is (1, 0.5)
+    np.testing.assert_allclose(w, [0.5, -1.25])
+    assert s == 1024.0
+    w2, s = step([np.inf, 1.0])  # overflow: skipped, scale halves
+    np.testing.assert_array_equal(w2, w)
+    assert s == 512.0
+    w3, s = step([512.0, 0.0])  # one good step at scale 512: grad (1, 0)
+    np.testing.assert_allclose(w3, [0.0, -1.25])
+    assert s == 512.0
+    _, s = step([0.0, 0.0])  # the second good step in a row: scale doubles
+    assert s == 1024.0
+    assert scaler.state_dict() == {"scale": 1024.0, "good_steps": 0}
+
+
+def test_loss_scaler_backward_seeds_with_the_scale_capped_for_float16(xp):
+    from cudrop.optim import LossScaler
+    x = _fp16_param(xp, [0.25, 0.5])
+    loss = (x * x).sum()
+    LossScaler(init_scale=2.0 ** 20).backward(loss)  # float16 holds 2**15 at most
+    np.testing.assert_array_equal(host(x.grad).astype(np.float64), [2.0 ** 14, 2.0 ** 15])
+
+
+def test_loss_scaler_checks_its_arguments():
+    from cudrop.optim import LossScaler
+    with pytest.raises(ValueError, match="init_scale must be > 0"):
+        LossScaler(init_scale=0)
+    with pytest.raises(ValueError, match="backoff_factor must be in"):
+        LossScaler(backoff_factor=1.5)
+    with pytest.raises(ValueError, match="growth_interval must be a positive int"):
+        LossScaler(growth_interval=0)
+
+
+def test_loss_scaler_state_round_trip(xp):
+    from cudrop.optim import LossScaler
+    a = LossScaler(init_scale=256.0, growth_interval=3)
+    p = _fp16_param(xp, [1.0])
+    opt = SGD([p], lr=0.1)
+    p.grad = xp.asarray(np.asarray([np.inf], np.float16))
+    a.step(opt)
+    p.grad = xp.asarray(np.asarray([1.0], np.float16))
+    a.step(opt)
+    sd = a.state_dict()
+    assert sd == {"scale": 128.0, "good_steps": 1}
+    b = LossScaler(growth_interval=3)
+    b.load_state_dict(sd)
+    assert b.state_dict() == sd
+    for s in (a, b):  # two more good steps: both grow at the same step
+        for _ in range(2):
+            p.grad = xp.asarray(np.asarray([1.0], np.float16))
+            s.step(opt)
+    assert a.state_dict() == b.state_dict() == {"scale": 256.0, "good_steps": 0}

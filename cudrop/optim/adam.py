@@ -68,7 +68,7 @@ class Adam(Optimizer):
         w -= step_size * (m / denom)
 
 
-    def _fused_update(self, p, master, g, state):
+    def _fused_update(self, p, master, g, state, guard):
         w = p if master is None else master
         b1, b2 = self.betas
         values = self._scalars(state["step"])
@@ -84,7 +84,7 @@ class Adam(Optimizer):
                                       np.int64(p.size)) + scalars
                      + tuple(np.float64(x) for x in (b1, b2, 1.0 - b1, 1.0 - b2, self.eps,
                                                      self.weight_decay))
-                     + (np.int32(self._decoupled),))
+                     + (np.int32(self._decoupled),), guard)
 
 
 class AdamW(Adam):

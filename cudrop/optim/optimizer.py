@@ -102,11 +102,18 @@ class Optimizer:
         for p in self.params:
             p.grad = None
 
-    def step(self):
+    def step(self, *, skip=None, inv_scale=None):
         """Update every parameter that has a gradient, in place on ``p.data``.
 
         ``p.grad`` is never written: autograd may hand the same array to several leaves.
+        ``skip`` (None or a 0-d array on the parameters' device): where it is nonzero the update
+        is skipped -- decided on the device, without a host read, so parameters, master copies
+        and moments keep their values; the step counters still advance. ``inv_scale`` (None or
+        a 0-d float32 array): each gradient is multiplied by it, in the state's precision, as it
+        is read. :class:`~cudrop.optim.LossScaler` passes both. On the GPU a failure recorded
+        by a device-side check (a bad label earlier in the step) skips the update the same way.
         """
+        guard = None  # (skip flag, inv_scale) for the fused kernels, made once per step
         for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
@@ -124,19 +131,46 @@ class Optimizer:
                 if w is None:
                     w = st["master"] = p.data.astype(sdt)
             st["step"] = st.get("step", 0) + 1
-            if xp is not np and self._fuses(p.data, g):
-                self._fused_update(p.data, None if w is p.data else w, g, st)
+            if xp is np:
+                if skip is not None and bool(skip):
+                    continue
+            elif self._fuses(p.data, g):
+                if guard is None:
+                    guard = (_device_flag(skip), null_or(inv_scale))
+                self._fused_update(p.data, None if w is p.data else w, g, st, guard)
                 continue
-            self._update(w, g.astype(sdt, copy=False), st, xp)
+            g = g.astype(sdt, copy=False)
+            if inv_scale is not None:
+                g = g * inv_scale.astype(sdt)
+            if skip is not None and xp is not np:
+                self._update_unless(skip, w, g, st, xp)
+            else:
+                self._update(w, g, st, xp)
             if w is not p.data:
                 p.data[...] = w
         self.steps += 1
+
+    def _update_unless(self, skip, w, g, state, xp):
+        """``_update``, then every array it changed put back where ``skip`` is set, on the
+        device (the unfused optimizers' skip: a copy of the weight and the state per step)."""
+        old = {k: v.copy() for k, v in state.items() if hasattr(v, "shape")}
+        w_old = w.copy()
+        self._update(w, g, state, xp)
+        cond = skip != 0
+        xp.copyto(w, w_old, where=cond)
+        for k, v in state.items():
+            if hasattr(v, "shape"):
+                if k in old:
+                    xp.copyto(v, old[k], where=cond)
+                else:  # created by this step: as if never created (zeros start the same)
+                    xp.copyto(v, xp.zeros((), v.dtype), where=cond)
 
     def _update(self, w, g, state, xp):  # pragma: no cover - abstract
         raise NotImplementedError
 
     # An optimizer whose update is one kernel (raw_kernels/optim.cu) on CuPy arrays defines
-    # _fused_update(p, master, g, state): master is the float32 copy of a 16-bit p, or None.
+    # _fused_update(p, master, g, state, guard): master is the float32 copy of a 16-bit p, or
+    # None; guard goes to launch_fused.
     _fused_update = None
 
     def _fuses(self, p, g):
@@ -204,14 +238,25 @@ def step_scalar(value):
     return value, np.float64(0.0)
 
 
-def launch_fused(fn, p, args):
-    """Launch optim.cu's ``fn`` over the n elements of parameter ``p`` (grid-stride). The
-    kernel skips the update when the device's error record holds a failure (a bad label or
-    index earlier in the step: its gradients are garbage), so nothing is half-updated when the
-    host raises the error at its next check point."""
+def _device_flag(skip):
+    """The skip flag the fused kernels read: a nonzero first word when the device's error
+    record holds a failure (a bad label or index earlier in the step: its gradients are
+    garbage) or ``skip`` is set; null when neither can be."""
+    rec = _checks.error_record(backend.cupy.cuda.runtime.getDevice())
+    if skip is None:
+        return null_or(rec)
+    skip = skip.astype(np.uint64, copy=False)
+    return skip if rec is None else backend.cupy.bitwise_or(rec[0], skip)
+
+
+def launch_fused(fn, p, args, guard):
+    """Launch optim.cu's ``fn`` over the n elements of parameter ``p`` (grid-stride), with
+    ``guard`` = (skip flag, inv_scale) from :meth:`Optimizer.step`: the kernel leaves everything
+    untouched when the flag is set, so nothing is half-updated when the host raises a recorded
+    error at its next check point or a loss scaler skips an overflowed step."""
     n = p.size
     if n:
-        args += (null_or(_checks.error_record(backend.cupy.cuda.runtime.getDevice())),)
+        args += guard
         # --fmad=false: no multiply-add contraction, so the fused update rounds exactly as the
         # unfused CuPy expressions do
         raw_kernels.launch("optim.cu", fn, p.dtype, (min(-(-n // 256), 8192),), (256,), args,

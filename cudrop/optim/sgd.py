@@ -42,14 +42,14 @@ class SGD(Optimizer):
             g = g + mu * buf if self.nesterov else buf
         w -= graph.scalar(self.lr, lambda: self.lr, w.dtype) * g  # a device value in a captured step
 
-    def _fused_update(self, p, master, g, state):
+    def _fused_update(self, p, master, g, state, guard):
         w = p if master is None else master
         buf, first = (state.get("momentum_buffer") if self.momentum else None), False
-        if self.momentum and buf is None:
-            buf, first = backend.cupy.empty(p.shape, w.dtype), True
+        if self.momentum and buf is None:  # zeros: a skipped first step leaves a valid buffer
+            buf, first = backend.cupy.zeros(p.shape, w.dtype), True
             state["momentum_buffer"] = buf
         lr = step_scalar(graph.scalar(self.lr, lambda: self.lr, w.dtype))
         launch_fused("sgd_step", p, (p, null_or(master), g, null_or(buf), np.int32(first),
                                      np.int64(p.size)) + lr
                      + (np.float64(self.momentum), np.float64(self.weight_decay),
-                        np.int32(self.nesterov)))
+                        np.int32(self.nesterov)), guard)

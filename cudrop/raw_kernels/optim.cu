@@ -9,6 +9,9 @@
 // `error`: word 0 of the device's error record (raw_kernels/checks.cu), or null: when a check
 // earlier in the stream recorded a bad index, the step's gradients are garbage and the update is
 // skipped, so the parameters and the state stay as they were until the host raises the error.
+// (A loss scaler passes its overflow flag here instead, combined with the record.)
+// `inv_scale`: null, or 1 / loss scale, multiplied into each gradient as it is read (the
+// unfused update's g.astype(S) * inv_scale: float16 gradients are unscaled in float32).
 // Launch: any 1-D grid (grid-stride loop).
 #include "accum.cuh"
 
@@ -24,14 +27,17 @@ __global__ void sgd_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict
                          const T* __restrict__ grad, typename cd_acc<T>::type* __restrict__ buf,
                          int first, long long n, const typename cd_acc<T>::type* __restrict__ lr_ptr,
                          double lr_value, double momentum, double weight_decay, int nesterov,
-                         const unsigned long long* __restrict__ error) {
+                         const unsigned long long* __restrict__ error,
+                         const float* __restrict__ inv_scale) {
     typedef typename cd_acc<T>::type S;
     if (error && *error) return;
     const S lr = cd_step_scalar(lr_ptr, lr_value), mu = (S)momentum, wd = (S)weight_decay;
+    const S inv = inv_scale ? (S)*inv_scale : S(1);
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         S w = master ? master[i] : cd_load(p[i]);
         S g = cd_load(grad[i]);
+        if (inv_scale) g = g * inv;
         if (weight_decay != 0.0) g = g + wd * w;
         if (buf) {
             const S b = first ? g : mu * buf[i] + g;
@@ -56,9 +62,11 @@ __global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restric
                           const typename cd_acc<T>::type* __restrict__ decay_ptr,
                           double decay_value, double beta1, double beta2, double c1, double c2,
                           double eps, double weight_decay, int decoupled,
-                          const unsigned long long* __restrict__ error) {
+                          const unsigned long long* __restrict__ error,
+                          const float* __restrict__ inv_scale) {
     typedef typename cd_acc<T>::type S;
     if (error && *error) return;
+    const S inv = inv_scale ? (S)*inv_scale : S(1);
     const S step_size = cd_step_scalar(step_size_ptr, step_size_value);
     const S bc2 = cd_step_scalar(bc2_ptr, bc2_value);
     const S decay = cd_step_scalar(decay_ptr, decay_value);
@@ -68,6 +76,7 @@ __global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restric
          i += (long long)gridDim.x * blockDim.x) {
         S w = master ? master[i] : cd_load(p[i]);
         S g = cd_load(grad[i]);
+        if (inv_scale) g = g * inv;
         if (weight_decay != 0.0) {
             if (decoupled) w = w * decay;
             else g = g + wd * w;
@@ -89,13 +98,13 @@ __global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restric
 #define CD_INST(T)                                                                              \
     template __global__ void sgd_step<T>(T*, cd_acc<T>::type*, const T*, cd_acc<T>::type*,     \
                                          int, long long, const cd_acc<T>::type*, double, double,   \
-                                         double, int, const unsigned long long*);              \
+                                         double, int, const unsigned long long*, const float*); \
     template __global__ void adam_step<T>(T*, cd_acc<T>::type*, const T*, cd_acc<T>::type*,    \
                                           cd_acc<T>::type*, long long, const cd_acc<T>::type*, \
                                           double, const cd_acc<T>::type*, double,              \
                                           const cd_acc<T>::type*, double, double, double,      \
                                           double, double, double, double, int,                 \
-                                          const unsigned long long*);
+                                          const unsigned long long*, const float*);
 CD_INST(float)
 CD_INST(double)
 CD_INST(cd_f16)
