@@ -6,7 +6,8 @@ arrays as ``(out, saved)`` / ``_backward`` pairs in ``cudrop.functional``. Layer
 ``cudrop.nn``; ``cudrop.optim``, ``cudrop.models``, ``cudrop.data``; the block-sparse GEMMs on
 raw arrays in ``cudrop.bsmm``; masks in ``cudrop.masks`` and each variant's draw in
 ``cudrop.variants``; ``cudrop.save`` / ``cudrop.load`` checkpoint a whole training state;
-``cudrop.distributed`` trains data-parallel over NCCL.
+``cudrop.distributed`` trains data-parallel over NCCL; ``cudrop.flops.count()`` counts the
+matrix products' work (to see the dropped work skipped).
 On the GPU, ops never read device values back to check them: a bad index is raised at the next
 check point (``cudrop.check_errors``; see ``cudrop._checks`` for the rule).
 Submodules load on first use.
@@ -23,8 +24,8 @@ from .checkpoint import load, save
 from .autograd import *  # noqa: F401,F403
 from .autograd import Function, Tensor, eval_mode, no_grad, tensor, train_mode
 
-_SUBMODULES = ("autograd", "bsmm", "data", "distributed", "functional", "graph", "masks",
-               "models", "nn", "optim", "philox", "random", "variants")
+_SUBMODULES = ("autograd", "bsmm", "data", "distributed", "flops", "functional", "graph",
+               "masks", "models", "nn", "optim", "philox", "random", "variants")
 
 __all__ = sorted(set(autograd.__all__) | {"IndexRangeError", "check_errors", "clear_caches",  # noqa: F405
                                           "load", "save", "__version__"})

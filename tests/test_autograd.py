@@ -1007,3 +1007,33 @@ def test_leaves_own_their_gradients_without_needless_copies(xp):
     c = Tensor(xp.ones(3), requires_grad=True)
     c.backward(seed)  # a leaf as the root: the seed itself is never kept
     assert c.grad is not seed
+
+
+def test_backward_skips_gradients_nobody_needs(xp):
+    """Linear and conv2d are told which inputs need a gradient: a first layer's input gradient
+    (a whole GEMM, and a col2im for a convolution) is not computed; the others are unchanged."""
+    from cudrop.functional import _conv
+    from cudrop import flops
+    rng = np.random.default_rng(0)
+    x = xp.asarray(rng.standard_normal((6, 5)))
+    w, b = xp.asarray(rng.standard_normal((5, 4))), xp.asarray(rng.standard_normal(4))
+    y, saved = F.linear(x, w, b)
+    g = xp.ones_like(y)
+    full = F.linear_backward(g, saved)
+    part = F.linear_backward(g, saved, needs=(False, True, True))
+    assert part[0] is None
+    close(part[1], host(full[1]))
+    close(part[2], host(full[2]))
+    img = xp.asarray(rng.standard_normal((2, 3, 5, 5)))
+    k = xp.asarray(rng.standard_normal((4, 3, 3, 3)))
+    y, saved = _conv.conv2d(img, k, None, 1, 1)
+    full = _conv.conv2d_backward(xp.ones_like(y), saved)
+    part = _conv.conv2d_backward(xp.ones_like(y), saved, needs=(False, True, False))
+    assert part[0] is None
+    close(part[1], host(full[1]))
+    # through autograd: an input without requires_grad costs no input-gradient product
+    wt, bt = Tensor(w, requires_grad=True), Tensor(b, requires_grad=True)
+    with flops.count() as c:
+        cudrop.linear(Tensor(x), wt, bt).sum().backward()
+    assert c.total == 2 * (2 * 6 * 5 * 4)  # the forward and the weight gradient only
+    assert wt.grad is not None and bt.grad is not None

@@ -17,17 +17,24 @@ from .function import Function
 
 
 class PairFunction(Function):
-    """A Function that runs a functional pair; ``options`` are the pair's non-array arguments."""
+    """A Function that runs a functional pair; ``options`` are the pair's non-array arguments.
+    A backward that takes ``needs`` (one bool per array input) is told which gradients the
+    graph wants, so it can skip the others' work (a first layer's input gradient)."""
 
-    def __init__(self, forward, backward, names, options):
+    def __init__(self, forward, backward, names, options, takes_needs=False):
         self.pair, self.names, self.options = (forward, backward), names, options
+        self.takes_needs = takes_needs
 
     def forward(self, *xs):
         y, self.saved = self.pair[0](**dict(zip(self.names, xs)), **self.options)
         return y
 
     def backward(self, g):
-        gxs = self.pair[1](g, self.saved)
+        if self.takes_needs:
+            needs = tuple(x is not None and x.requires_grad for x in self.inputs)
+            gxs = self.pair[1](g, self.saved, needs=needs)
+        else:
+            gxs = self.pair[1](g, self.saved)
         return gxs if isinstance(gxs, tuple) else (gxs,)
 
     def __repr__(self):
@@ -44,6 +51,7 @@ def differentiable(forward, backward, inputs):
     unknown = set(inputs) - set(names)
     if unknown:
         raise ValueError(f"differentiable: {forward.__name__} has no parameters {sorted(unknown)}")
+    takes_needs = "needs" in inspect.signature(backward).parameters
 
     @functools.wraps(forward)
     def op(*args, **kwargs):
@@ -52,7 +60,7 @@ def differentiable(forward, backward, inputs):
                 raise TypeError(f"{forward.__name__}() got multiple values for argument {name!r}")
             kwargs[name] = value
         arrays = [kwargs.pop(name, None) for name in inputs]
-        return PairFunction(forward, backward, inputs, kwargs)(*arrays)
+        return PairFunction(forward, backward, inputs, kwargs, takes_needs)(*arrays)
 
     op.__doc__ = (f"Tensor form of ``cudrop.functional.{forward.__name__}`` (gradients to "
                   f"{', '.join(inputs)}).\n\n" + (inspect.getdoc(forward) or ""))

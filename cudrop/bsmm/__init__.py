@@ -23,7 +23,7 @@ import contextvars
 
 import numpy as np
 
-from .. import backend
+from .. import backend, flops
 from ..functional._matmul import matmul
 from .dispatch import KERNELS
 
@@ -124,6 +124,9 @@ def _run(form, a, b, lists, bits, rblk, kblk, cblk, scale, bias, act, out, mask)
     if xp is np:
         _reference(form, a, b, mask, scale, bias, act, out)
     else:
+        if flops.active():  # the kept elements of the masked operand (sdd: of the output)
+            kept = int(backend.asnumpy(mask.to_dense()).sum())
+            flops.add(form, 2 * kept * (a.shape[1] if form == "sdd" else n))
         from . import dispatch as bsmm_gpu
         bsmm_gpu.launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias,
                         ACTIVATIONS[act], kernel=_KERNEL.get())

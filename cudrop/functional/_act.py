@@ -94,16 +94,23 @@ def linear(x, w, b=None):
     return y.reshape(x.shape[:-1] + (w.shape[1],)), LinearSaved(x2, w, b is not None, x.shape)
 
 
-def linear_backward(grad_out, saved):
-    """``(gx, gw, gb)``."""
+def linear_backward(grad_out, saved, needs=(True, True, True)):
+    """``(gx, gw, gb)``; a gradient whose entry of ``needs`` is False is not computed (None):
+    a first layer's input gradient is a whole GEMM nobody reads."""
     g = grad_out.reshape(-1, saved.w.shape[1])
-    gx = matmul(g, saved.w.T).reshape(saved.x_shape)
-    if saved.has_bias and _epilogues(g):
+    need_x, need_w, need_b = needs
+    need_b = need_b and saved.has_bias
+    gx = matmul(g, saved.w.T).reshape(saved.x_shape) if need_x else None
+    gw = gb = None
+    if need_w and need_b and _epilogues(g):
         gb = backend.cupy.empty(g.shape[1], g.dtype)
         gw = _gemm.gemm(saved.x.T, g, bias_grad=gb)  # the bias gradient in the GEMM's epilogue
         return gx, gw, gb
-    gw = matmul(saved.x.T, g)
-    return gx, gw, (g.sum(axis=0) if saved.has_bias else None)
+    if need_w:
+        gw = matmul(saved.x.T, g)
+    if need_b:
+        gb = g.sum(axis=0)
+    return gx, gw, gb
 
 
 def _epilogues(x):

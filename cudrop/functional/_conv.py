@@ -180,10 +180,11 @@ def _conv2d(x, w, b, stride, padding, kernels):
     return y, saved
 
 
-def conv2d_backward(gy, saved: Conv2dSaved):
+def conv2d_backward(gy, saved: Conv2dSaved, needs=(True, True, True)):
     """Gradients ``(gx, gw, gb)`` of ``conv2d`` for the output gradient ``gy`` (N, O, Ho, Wo);
-    ``gb`` is None when ``conv2d`` had no bias."""
-    return _conv2d_backward(gy, saved, kernels=True)
+    ``gb`` is None when ``conv2d`` had no bias, ``gx`` when ``needs[0]`` is False (a stem
+    convolution's input: its GEMM and col2im are skipped)."""
+    return _conv2d_backward(gy, saved, kernels=True, need_x=needs[0])
 
 
 def _conv2d_backward_arrays(gy, saved: Conv2dSaved):
@@ -192,7 +193,7 @@ def _conv2d_backward_arrays(gy, saved: Conv2dSaved):
     return _conv2d_backward(gy, saved, kernels=False)
 
 
-def _conv2d_backward(gy, saved, kernels):
+def _conv2d_backward(gy, saved, kernels, need_x=True):
     kind, data, w, has_b, x_shape = saved.kind, saved.data, saved.w, saved.has_bias, saved.x_shape
     (sh, sw), (ph, pw) = saved.stride, saved.padding
     xp = backend.get_array_module(gy, w)
@@ -205,17 +206,20 @@ def _conv2d_backward(gy, saved, kernels):
     if kind == "gemm":  # 1x1, stride 1, no padding: data is x
         gy3 = gy.reshape(n, o, ho * wo)
         gb = gy3.sum(axis=(0, 2)) if has_b else None
-        gx = matmul(w.reshape(o, c).T, gy3).reshape(x_shape)
+        gx = matmul(w.reshape(o, c).T, gy3).reshape(x_shape) if need_x else None
         gyt = xp.ascontiguousarray(gy3.transpose(1, 0, 2)).reshape(o, n * ho * wo)
         xt = xp.ascontiguousarray(data.reshape(n, c, h * wd).transpose(1, 0, 2))
         gw = matmul(gyt, xt.reshape(c, n * h * wd).T).reshape(w.shape)
         return gx, gw, gb
     cols = data
     if kernels and _gpu_path(xp, gy, w, x_shape, (o, ho, wo), (kh, kw)):
-        return _conv2d_backward_gpu(gy, cols, w, has_b, x_shape, (sh, sw), (ph, pw), (ho, wo))
+        return _conv2d_backward_gpu(gy, cols, w, has_b, x_shape, (sh, sw), (ph, pw), (ho, wo),
+                                    need_x)
     gy2 = gy.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)
     gb = gy2.sum(axis=1) if has_b else None
     gw = matmul(gy2, cols.T).reshape(w.shape)
+    if not need_x:
+        return None, gw, gb
     gcols = matmul(w.reshape(o, c * kh * kw).T, gy2).reshape(c, kh, kw, n, ho, wo)
     gxpad = xp.zeros((c, n, h + 2 * ph, wd + 2 * pw), dtype=gy.dtype)
     for i in range(kh):
@@ -280,7 +284,7 @@ def _conv2d_gpu(x, w, b, stride, padding, out_hw):
     return y, saved
 
 
-def _conv2d_backward_gpu(gy, cols, w, has_b, x_shape, stride, padding, out_hw):
+def _conv2d_backward_gpu(gy, cols, w, has_b, x_shape, stride, padding, out_hw, need_x=True):
     cp = backend.cupy
     n, c, h, wd = x_shape
     o, _, kh, kw = w.shape
@@ -288,6 +292,8 @@ def _conv2d_backward_gpu(gy, cols, w, has_b, x_shape, stride, padding, out_hw):
     gy2 = _swap01(cp, cp.ascontiguousarray(gy), n, o, ho * wo, (o, n * ho * wo))
     gb = gy2.sum(axis=1) if has_b else None
     gw = matmul(gy2, cols.T).reshape(w.shape)
+    if not need_x:
+        return None, gw, gb
     gcols = matmul(cp.ascontiguousarray(w).reshape(o, c * kh * kw).T, gy2)
     gx = cp.empty(x_shape, dtype=gy.dtype)
     t = _threads(h * wd)

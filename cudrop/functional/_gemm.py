@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend, raw_kernels
+from .. import backend, flops, raw_kernels
 from .._memo import Memo, memoize
 
 try:
@@ -211,6 +211,7 @@ def gemm(a, b, *, bias=None, act=None, out=None, bias_grad=None):
             raise ValueError(f"gemm: bias_grad must be a contiguous ({b.shape[1]},) array, got "
                              f"shape {bias_grad.shape}")
         bias, act = bias_grad, "grad"
+    flops.add_product("gemm", a.shape, b.shape)
     key = (a.shape, a.strides, a.data.ptr & 255, b.shape, b.strides, b.data.ptr & 255, a.dtype,
            None if bias is None else (bias.dtype, bias.strides), act,
            None if out is None else (out.shape, out.strides, out.data.ptr & 255),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, flops
 from . import _gemm
 
 _CUDA_R = {"float16": 2, "bfloat16": 14}  # cudaDataType_t
@@ -32,7 +32,8 @@ def matmul(a, b):
     if a.dtype != b.dtype:
         raise TypeError(f"matmul dtypes differ: {a.dtype} and {b.dtype}")
     if xp is not np and _gemm.available():
-        return _gemm.gemm(a, b)
+        return _gemm.gemm(a, b)  # counts its FLOPs itself
+    flops.add_product("matmul", a.shape, b.shape)
     if xp is np or (a.ndim == 2 and b.ndim == 2) or a.dtype.name not in _CUDA_R:
         return xp.matmul(a, b)
     return _batched_half(xp, a, b)
