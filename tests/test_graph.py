@@ -73,6 +73,60 @@ def test_captured_mlp_steps_equal_eager(kind, opt):
     _same(eager, captured)
 
 
+@pytest.mark.parametrize("kind", ["dropout", "sparsedrop"])
+def test_100_captured_steps_draw_the_eager_masks(kind):
+    """Over 100 steps (issue 10's bar) the replays draw the masks of the eager steps: every
+    loss agrees, and the layers' step counters and weights end equal."""
+    def build():
+        return models.mlp((64,), 10, hidden=(128, 128), dropout=kind, p=0.5, seed=3)
+
+    make_opt = lambda p: optim.SGD(p, 0.02, momentum=0.9)  # noqa: E731
+    batches = _batches(100, batch=64)
+    eager = _run(build, make_opt, batches, captured=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        captured = _run(build, make_opt, batches, captured=True)
+    assert captured[0].graph is not None
+    _same(eager, captured)
+
+
+def test_captured_fp16_step_with_loss_scaling_equals_eager():
+    """float16 with LossScaler: the scale, the overflow flag and the skip live on the device, so
+    the step is captured; replays match eager steps, an overflowing step included."""
+    cp = backend.cupy
+
+    def run(captured):
+        model = models.mlp((64,), 10, hidden=(128,), dropout="dropout", p=0.3, seed=0)
+        model = model.to("gpu", dtype=np.float16)
+        opt = optim.SGD(model.parameters(), 0.05, momentum=0.9)
+        scaler = optim.LossScaler(init_scale=2.0 ** 15, growth_interval=3)
+
+        def step(x, y):
+            loss = cudrop.cross_entropy(model(cudrop.Tensor(x)), y)
+            model.zero_grad()
+            scaler.backward(loss)
+            scaler.step(opt)
+            return loss
+
+        fn = graph.capture(step, model=model, optimizer=opt) if captured else step
+        losses, scales = [], []
+        for i, (x, y) in enumerate(_batches(10, batch=64)):
+            x = x.astype(np.float16) * np.float16(6e4 if i == 5 else 1)  # step 5 overflows
+            losses.append(float(fn(x, y).data))
+            scales.append(float(scaler.scale))
+        return losses, scales, model.state_dict(), fn
+
+    l_e, s_e, w_e, _ = run(False)
+    l_c, s_c, w_c, fn = run(True)
+    assert fn.graph is not None and fn.failed is None
+    assert s_c == s_e and min(s_e) < 2.0 ** 15  # the overflow halved the scale in both
+    np.testing.assert_allclose(l_c, l_e, rtol=1e-3)
+    for k in w_e:
+        np.testing.assert_allclose(cp.asnumpy(cp.asarray(w_c[k])).astype(np.float64),
+                                   cp.asnumpy(cp.asarray(w_e[k])).astype(np.float64),
+                                   rtol=1e-3, atol=1e-3, err_msg=k)
+
+
 def test_captured_resnet_step_equals_eager():
     def build():
         return models.ResNet(8, num_classes=10, in_channels=1, widths=(8, 16, 16), seed=0)
