@@ -157,6 +157,19 @@ def _check_model(path, meta, model):
                               + "; ".join(problems[:8]))
 
 
+def _check_kind(path, meta, what, obj):
+    """The checkpoint's entry for ``what`` ('optimizer' or 'schedule'), checked to exist and
+    to be of ``obj``'s type when ``obj`` is given."""
+    entry = meta.get(what)
+    if obj is not None:
+        if entry is None:
+            raise CheckpointError(f"cudrop.load: {path!r} holds no {what} state")
+        if entry["type"] != type(obj).__name__:
+            raise CheckpointError(f"cudrop.load: {path!r} holds a {entry['type']} {what}, "
+                                  f"not a {type(obj).__name__}")
+    return entry
+
+
 def load(path, model, optimizer=None, schedule=None, *, check_version=True) -> dict:
     """Restore ``model`` (and ``optimizer``, ``schedule``) from ``path``; returns the extra
     state given to :func:`save`. Everything is checked before anything changes.
@@ -171,23 +184,12 @@ def load(path, model, optimizer=None, schedule=None, *, check_version=True) -> d
                               f"this is cudrop {_version()}; pass check_version=False to load "
                               "it anyway")
     _check_model(path, meta, model)
-    opt_meta, sched_meta = meta.get("optimizer"), meta.get("schedule")
-    if optimizer is not None:
-        if opt_meta is None:
-            raise CheckpointError(f"cudrop.load: {path!r} holds no optimizer state")
-        if opt_meta["type"] != type(optimizer).__name__:
-            raise CheckpointError(f"cudrop.load: {path!r} holds a {opt_meta['type']} optimizer, "
-                                  f"not a {type(optimizer).__name__}")
-        if opt_meta["num_params"] != len(optimizer.params):
-            raise CheckpointError(f"cudrop.load: {path!r} holds an optimizer over "
-                                  f"{opt_meta['num_params']} parameters, this one has "
-                                  f"{len(optimizer.params)}")
-    if schedule is not None:
-        if sched_meta is None:
-            raise CheckpointError(f"cudrop.load: {path!r} holds no schedule state")
-        if sched_meta["type"] != type(schedule).__name__:
-            raise CheckpointError(f"cudrop.load: {path!r} holds a {sched_meta['type']} "
-                                  f"schedule, not a {type(schedule).__name__}")
+    opt_meta = _check_kind(path, meta, "optimizer", optimizer)
+    sched_meta = _check_kind(path, meta, "schedule", schedule)
+    if optimizer is not None and opt_meta["num_params"] != len(optimizer.params):
+        raise CheckpointError(f"cudrop.load: {path!r} holds an optimizer over "
+                              f"{opt_meta['num_params']} parameters, this one has "
+                              f"{len(optimizer.params)}")
     model.load_state_dict({k[len("model/"):]: v for k, v in arrays.items()
                            if k.startswith("model/")})
     if optimizer is not None:

@@ -102,11 +102,10 @@ def test_train_help_shows_every_flag_and_per_model_defaults(capsys):
     assert "resnet56  --epochs 10, --batch-size 128, --lr 0.1, --optimizer sgd" in text
 
 
-def test_cli_resume_continues_the_run_and_keeps_its_flags(tmp_path, monkeypatch, capsys):
+def _interrupted_run(flags, tmp_path, monkeypatch):
+    """``cudrop train`` with ``flags`` and ``--save``, killed after its first epoch; the path
+    of the checkpoint it left."""
     from cudrop import train
-    flags = ["train", "--dropout", "sparsedrop", "--p", "0.3", "--epochs", "2",
-             "--steps-per-epoch", "6", "--no-progress"]
-    assert cli.main(flags + ["--json", str(tmp_path / "full.json")]) == 0
     end_epoch = train.Trainer._end_epoch
 
     def killed_after_first_epoch(self, epoch):
@@ -117,6 +116,14 @@ def test_cli_resume_continues_the_run_and_keeps_its_flags(tmp_path, monkeypatch,
     with pytest.raises(KeyboardInterrupt):
         cli.main(flags + ["--save", str(ckpt)])
     monkeypatch.undo()
+    return ckpt
+
+
+def test_cli_resume_continues_the_run_and_keeps_its_flags(tmp_path, monkeypatch, capsys):
+    flags = ["train", "--dropout", "sparsedrop", "--p", "0.3", "--epochs", "2",
+             "--steps-per-epoch", "6", "--no-progress"]
+    assert cli.main(flags + ["--json", str(tmp_path / "full.json")]) == 0
+    ckpt = _interrupted_run(flags, tmp_path, monkeypatch)
     assert cli.main(["train", "--resume", str(ckpt), "--p", "0.5"]) == 2
     assert "--p 0.5 differs from the checkpoint's 0.3" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(ckpt), "--no-progress",
@@ -177,21 +184,11 @@ def test_precision_flag(tmp_path, capsys):
 def test_fp16_trains_with_loss_scaling_and_resumes_exactly(tmp_path, monkeypatch, capsys):
     """--precision fp16: float16 compute, float32 master weights, a dynamic loss scale that the
     checkpoint carries, so an interrupted run resumes to the uninterrupted one's numbers."""
-    from cudrop import train
     flags = ["train", "--precision", "fp16", "--device", "cpu", "--epochs", "2",
              "--steps-per-epoch", "5", "--no-progress"]
     assert cli.main(flags + ["--json", str(tmp_path / "full.json")]) == 0
     assert "(cpu, float16)" in capsys.readouterr().out
-    end_epoch = train.Trainer._end_epoch
-
-    def killed_after_first_epoch(self, epoch):
-        end_epoch(self, epoch)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train.Trainer, "_end_epoch", killed_after_first_epoch)
-    ckpt = tmp_path / "run.ckpt"
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(flags + ["--save", str(ckpt)])
-    monkeypatch.undo()
+    ckpt = _interrupted_run(flags, tmp_path, monkeypatch)
     assert cli.main(["train", "--resume", str(ckpt), "--no-progress",
                      "--json", str(tmp_path / "resumed.json")]) == 0
     full = json.loads((tmp_path / "full.json").read_text())

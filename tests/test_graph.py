@@ -54,6 +54,18 @@ def _same(a, b):
     assert opt_b.steps == opt_a.steps and opt_b.lr == opt_a.lr
 
 
+def _captured_equals_eager(build, make_opt, batches):
+    """The same run eagerly and captured (no fallback to eager allowed) gives the same losses,
+    weights, counters and optimizer state."""
+    eager = _run(build, make_opt, batches, captured=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager would warn: fail instead
+        captured = _run(build, make_opt, batches, captured=True)
+    run = captured[0]
+    assert run.graph is not None and run.failed is None
+    _same(eager, captured)
+
+
 @pytest.mark.parametrize("kind", ["none", "dropout", "sparsedrop"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_captured_mlp_steps_equal_eager(kind, opt):
@@ -63,14 +75,7 @@ def test_captured_mlp_steps_equal_eager(kind, opt):
     make_opt = {"sgd": lambda p: optim.SGD(p, 0.05, momentum=0.9, nesterov=True,
                                            weight_decay=1e-4),
                 "adam": lambda p: optim.AdamW(p, 1e-3)}[opt]
-    batches = _batches(12)
-    eager = _run(build, make_opt, batches, captured=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a fallback to eager would warn: fail instead
-        captured = _run(build, make_opt, batches, captured=True)
-    run = captured[0]
-    assert run.graph is not None and run.failed is None
-    _same(eager, captured)
+    _captured_equals_eager(build, make_opt, _batches(12))
 
 
 @pytest.mark.parametrize("kind", ["dropout", "sparsedrop"])
@@ -82,12 +87,7 @@ def test_100_captured_steps_draw_the_eager_masks(kind):
 
     make_opt = lambda p: optim.SGD(p, 0.02, momentum=0.9)  # noqa: E731
     batches = _batches(100, batch=64)
-    eager = _run(build, make_opt, batches, captured=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        captured = _run(build, make_opt, batches, captured=True)
-    assert captured[0].graph is not None
-    _same(eager, captured)
+    _captured_equals_eager(build, make_opt, batches)
 
 
 def test_captured_fp16_step_with_loss_scaling_equals_eager():
@@ -133,12 +133,7 @@ def test_captured_resnet_step_equals_eager():
 
     make_opt = lambda p: optim.SGD(p, 0.05, momentum=0.9)  # noqa: E731
     batches = _batches(8, batch=32, shape=(1, 8, 8))
-    eager = _run(build, make_opt, batches, captured=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        captured = _run(build, make_opt, batches, captured=True)
-    assert captured[0].graph is not None
-    _same(eager, captured)
+    _captured_equals_eager(build, make_opt, batches)
 
 
 def test_host_decided_layers_fall_back_to_eager_with_one_warning():
