@@ -209,7 +209,7 @@ def all_reduce(array, op: str = "avg", *, stream=None):
     n = g.nccl
     s = _stream(stream)
     scale = op == "avg" and g.version < _NCCL_2_10
-    if scale and array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+    if scale and not backend.is_floating(array.dtype):
         raise TypeError(f"op='avg' on {array.dtype} needs NCCL >= 2.10")
     code = {"sum": n.NCCL_SUM, "max": n.NCCL_MAX, "min": n.NCCL_MIN, "prod": n.NCCL_PROD,
             "avg": n.NCCL_SUM if scale else getattr(n, "NCCL_AVG", 4)}[op]

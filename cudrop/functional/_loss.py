@@ -39,7 +39,7 @@ def _check_reduction(reduction):
 
 
 def _check_float(name, a):
-    if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+    if not backend.is_floating(a.dtype):
         raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
 
 

@@ -70,9 +70,7 @@ def compute_dtype(dtype):
 
 
 def _check_float(name, a):
-    kind = a.dtype.kind
-    # bfloat16 (ml_dtypes) reports kind 'V'; accept it by name
-    if kind != "f" and a.dtype.name != "bfloat16":
+    if not backend.is_floating(a.dtype):
         raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
 
 

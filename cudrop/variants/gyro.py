@@ -20,7 +20,7 @@ __all__ = ["draw_mask", "gyro_dropout", "gyro_dropout_backward"]
 
 
 def _check_x(x, what="x"):
-    if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
+    if not backend.is_floating(x.dtype):
         raise TypeError(f"{what} must be a floating array, got dtype {x.dtype}")
 
 
