@@ -19,8 +19,13 @@ What changes from step to step without a re-capture:
   them to the device in one transfer from pinned memory (a ring of buffers, so a copy never
   overwrites values the GPU has not read yet).
 
-Layers that decide their structure on the host (SliceOut's slice, gyro's and block-wise's
-sub-network schedule, depth dropout's gates) cannot be captured yet: they raise
+SliceOut's Linear layers (``SliceOutLinear``, the MLP models' SliceOut) are captured too:
+their slice start is decided on the device from the replay's step (``raw_kernels/slice.cu``),
+the slice eager mode draws at that step, and the kept units are gathered into fixed-size
+buffers, so every shape in the graph stays fixed.
+
+Layers that decide their structure on the host (the other SliceOut layers, gyro's and
+block-wise's sub-network schedule, depth dropout's gates) cannot be captured yet: they raise
 :class:`CaptureError` while capturing, and the step falls back to eager mode with one warning
 naming the layer, never a wrong result. The same fallback happens for anything else that cannot
 be captured (a host read of a device value, CuPy's own cuBLAS without nvmath-python), and for a

@@ -178,7 +178,41 @@ def optimizers_and_relu():
                     o.step()
 
 
+def slices_on_the_device():
+    """slice.cu: SliceOut's gather and scatter with the start decided on the device, on ragged
+    shapes (wrap mode over odd unit counts, aligned mode, slices that wrap, keep == n, a single
+    unit), forward and backward of both Linear forms, and the start kernel."""
+    from cudrop.variants import sliceout as S
+    rng = np.random.default_rng(5)
+
+    def valid(units, p, align):
+        try:
+            S.num_starts(units, S.keep_count(units, p, align), align)
+            return True
+        except ValueError:
+            return False
+
+    for (m, k, n), p, align in [((1, 1, 1), 0.5, None), ((37, 53, 29), 0.5, None),
+                                ((5, 21, 3), 0.5, 8), ((130, 100, 70), 0.0, None),
+                                ((3, 1000, 7), 0.999, None), ((64, 256, 96), 0.3, 32)]:
+        for dt in [np.float16, np.float32, np.float64] + bf16:
+            x = cp.asarray(rng.standard_normal((m, k))).astype(dt)
+            w = cp.asarray(rng.standard_normal((k, n))).astype(dt)
+            b = cp.asarray(rng.standard_normal(n)).astype(dt)
+            for step in (0, 7):
+                d = cp.asarray(step, dtype=np.uint32)
+                y, saved = S.sliceout_linear(x, w, b, p, seed=1, layer=2, step=d, align=align)
+                S.sliceout_linear_backward(y, saved)
+                if valid(m, p, align):  # the output form slices the m units of x.T
+                    y, saved = S.sliceout_linear_out(w.T.copy(), x.T.copy(), None, p, seed=1,
+                                                     layer=2, step=d, align=align)
+                    S.sliceout_linear_out_backward(y, saved)
+        S._device_starts(k, p, seed=1, layer=2, steps=cp.arange(300, dtype=np.uint32),
+                         align=align)
+
+
 index_checks()
 optimizers_and_relu()
+slices_on_the_device()
 cp.cuda.Device().synchronize()
 print("sanitize run ok")

@@ -2,7 +2,8 @@
 they run, so a captured CUDA graph draws a new mask per replay once the host writes the step.
 On CuPy the draws equal those of the int step bit for bit and follow a rewrite of the array;
 on NumPy an array step is a TypeError, as is a device step of the wrong dtype or shape, or one
-given to a draw decided on the host."""
+given to a draw decided on the host (gyro's schedule; SliceOut's slice is decided on the device
+from one, test_sliceout_device.py)."""
 import numpy as np
 import pytest
 
@@ -49,8 +50,21 @@ def _draw_sparsedrop_linear(xp, step):
     return {"y": y, **_mask_arrays(saved.mask)}
 
 
+def _draw_sliceout_linear(xp, step):
+    # wrap mode over 53 input units (slices (6, 33) at step 7, (11, 38) at step 8), and the
+    # output-unit form; forward and backward
+    x, w, gy = _x(xp, (37, 53), 1), _x(xp, (53, 29), 2), _x(xp, (37, 29), 3)
+    y, saved = sliceout.sliceout_linear(x, w, None, 0.5, seed=3, layer=1, step=step)
+    gx, gw, _ = sliceout.sliceout_linear_backward(gy, saved)
+    yo, saved = sliceout.sliceout_linear_out(w.T.copy(), x.T.copy(), None, 0.3, seed=3, layer=1,
+                                             step=step)
+    gxo, gwo, _ = sliceout.sliceout_linear_out_backward(_x(xp, (29, 37), 4), saved)
+    return {"y": y, "gx": gx, "gw": gw, "yo": yo, "gxo": gxo, "gwo": gwo}
+
+
 DRAWS = {"dropout": _draw_dropout, "dropout_tensor": _draw_dropout_tensor,
-         "block_mask": _draw_block_mask, "sparsedrop_linear": _draw_sparsedrop_linear}
+         "block_mask": _draw_block_mask, "sparsedrop_linear": _draw_sparsedrop_linear,
+         "sliceout_linear": _draw_sliceout_linear}
 
 
 def _assert_same(got, want):
@@ -94,8 +108,16 @@ def test_host_decided_draws_refuse_a_device_step(xp):
         gyro.draw_mask(64, 0.5, seed=1, step=d, xp=xp)
     with pytest.raises(TypeError, match="step"):
         blockwise.draw_mask((256, 64), 0.5, seed=1, step=d, xp=xp)
-    with pytest.raises(TypeError, match="step"):
-        sliceout.draw_mask(64, 0.5, seed=1, step=d)
+    # SliceOut's slice is decided on the device with one (test_sliceout_device.py); its ops that
+    # slice on the host refuse such a mask
+    if xp is np:
+        with pytest.raises(TypeError, match="step"):
+            sliceout.draw_mask(64, 0.5, seed=1, step=d)
+    else:
+        mask = sliceout.draw_mask(64, 0.5, seed=1, step=d)
+        assert mask.on_device and mask.draw.step is d
+        with pytest.raises(TypeError, match="decides its slice on the host"):
+            sliceout.sliceout(_x(xp, (8, 64)), mask=mask)
     with pytest.raises(TypeError, match="step"):
         F.gyro_dropout(_x(xp, (8, 64)), 0.5, seed=1, step=d)
 

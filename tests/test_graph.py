@@ -66,7 +66,7 @@ def _captured_equals_eager(build, make_opt, batches):
     _same(eager, captured)
 
 
-@pytest.mark.parametrize("kind", ["none", "dropout", "sparsedrop"])
+@pytest.mark.parametrize("kind", ["none", "dropout", "sparsedrop", "sliceout"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_captured_mlp_steps_equal_eager(kind, opt):
     def build():
@@ -136,14 +136,31 @@ def test_captured_resnet_step_equals_eager():
     _captured_equals_eager(build, make_opt, batches)
 
 
+def test_captured_sliceout_linear_steps_equal_eager_in_both_modes_and_wrap_mode():
+    """SliceOutLinear's slice decided on the device at every replay: output-unit and input-unit
+    SliceOut, wrap mode over 100 units (ragged, slices that wrap past the last unit), aligned
+    mode over 96; replays equal eager steps (losses, weights, layer steps)."""
+    from cudrop import nn
+
+    def build():
+        rng = np.random.default_rng(0)
+        return nn.number_layers(nn.Sequential(
+            nn.SliceOutLinear(64, 100, 0.3, mode="output", align=None, rng=rng), nn.ReLU(),
+            nn.SliceOutLinear(100, 96, 0.5, mode="input", align=None, rng=rng), nn.ReLU(),
+            nn.SliceOutLinear(96, 10, 0.25, mode="input", align=16, rng=rng)), seed=3)
+
+    make_opt = lambda p: optim.SGD(p, 0.05, momentum=0.9)  # noqa: E731
+    _captured_equals_eager(build, make_opt, _batches(8, batch=48))
+
+
 def test_host_decided_layers_fall_back_to_eager_with_one_warning():
     def build():
-        return models.mlp((64,), 10, hidden=(256, 256), dropout="sliceout", p=0.3, seed=0)
+        return models.mlp((64,), 10, hidden=(256, 256), dropout="gyro", p=0.3, seed=0)
 
     make_opt = lambda p: optim.SGD(p, 0.05)  # noqa: E731
     batches = _batches(6)
     eager = _run(build, make_opt, batches, captured=False)
-    with pytest.warns(RuntimeWarning, match=r"SliceOutLinear\(layer \d+\) decides its mask on "
+    with pytest.warns(RuntimeWarning, match=r"GyroDropout\(layer \d+\) decides its mask on "
                                             r"the host") as rec:
         captured = _run(build, make_opt, batches, captured=True)
     assert len(rec) == 1 and captured[0].failed is not None

@@ -13,7 +13,11 @@ step, drawn from (seed, layer, step); the layers' products run on the kept slice
 
 Each training forward draws the step's mask with ``cudrop.variants.sliceout.draw_mask`` at
 ``(seed, layer, next_step())``, keeps it in ``last_mask`` (a ``SliceMask``: its ``ranges`` are
-the kept units) and passes it to the op as ``mask=``. The layers alone decide train versus eval:
+the kept units) and passes it to the op as ``mask=``. ``SliceOutLinear`` on CuPy inputs asks
+for ``next_step(device=True)``: eagerly that is the same int, and inside a CUDA-graph capture a
+device step, so the mask's slice is decided on the device at every replay (``last_mask`` is then
+the captured mask, ``ranges=None``); the other layers decide their slice on the host and refuse
+a capture. The layers alone decide train versus eval:
 in eval mode they are the plain dense layer (or the identity), with no scaling, and the step
 does not advance. Wrap-around vs aligned slices: see ``cudrop.variants.sliceout``;
 ``SliceOutLinear`` and ``SliceOutConv2d`` default to ``align='auto'``
@@ -26,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import autograd as ag
+from .. import backend, graph
 from ..variants import sliceout as F
 from ..philox import check_prob
 from .attention import MultiHeadAttention
@@ -48,9 +53,18 @@ class _SliceMixin:
             F.num_starts(n_units, F.keep_count(n_units, self.p, self.align), self.align)
         self.last_mask = None
 
-    def _draw(self, n_units):
+    # Whether the layer's op takes a slice decided on the device (sliceout_linear and
+    # sliceout_linear_out do: raw_kernels/slice.cu); the others decide it on the host and so
+    # refuse a CUDA-graph capture (StochasticLayer.next_step).
+    _device_slices = False
+
+    def _draw(self, n_units, x=None):
+        data = getattr(x, "data", x)
+        device = self._device_slices and backend.is_gpu_array(data)
+        if device and not graph.is_capturing():
+            F.load_device_kernels(data.dtype)  # before a capture needs them: see its docstring
         self.last_mask = F.draw_mask(n_units, self.p, seed=self.seed, layer=self.layer,
-                                     step=self.next_step(), align=self.align)
+                                     step=self.next_step(device=device), align=self.align)
         return self.last_mask
 
     def _slice_repr(self):
@@ -84,7 +98,11 @@ class SliceOut(_SliceMixin, StochasticLayer):
 
 class SliceOutLinear(Linear, _SliceMixin, StochasticLayer):
     """Linear layer with SliceOut on its input units (``mode='input'``: the GEMM shrinks along
-    K) or its output units (``mode='output'``: the GEMM shrinks along N)."""
+    K) or its output units (``mode='output'``: the GEMM shrinks along N). On CuPy inputs it can
+    be captured in a CUDA graph (``cudrop.graph``): there its slice is decided on the device
+    from the replay's step, the slice eager mode draws at that step."""
+
+    _device_slices = True
 
     def __init__(self, in_features, out_features, p=0.5, bias=True, mode="input", align="auto",
                  seed=0, layer=None, rng=None, dtype=np.float32):
@@ -103,9 +121,9 @@ class SliceOutLinear(Linear, _SliceMixin, StochasticLayer):
                              f"in the last axis, got shape {x.shape}")
         if self.mode == "input":
             return ag.sliceout_linear(x, self.weight, self.bias,
-                                      mask=self._draw(self.in_features))
+                                      mask=self._draw(self.in_features, x))
         return ag.sliceout_linear_out(x, self.weight, self.bias,
-                                      mask=self._draw(self.out_features))
+                                      mask=self._draw(self.out_features, x))
 
     def extra_repr(self):
         return f"{Linear.extra_repr(self)}, mode={self.mode!r}, {self._slice_repr()}"

@@ -105,13 +105,20 @@ def cuda_type(dtype):
         return t
 
 
-def launch(source: str, fn: str, dtype, grid, block, args, options: tuple = ()):
-    """Launch ``fn<T>`` of ``source`` with ``T`` the template argument of ``dtype`` (NVRTC
-    ``options`` added to the compile); the handle is memoised per (source, fn, dtype, options,
-    device) in a plain dict."""
+def load(source: str, fn: str, dtype, options: tuple = ()):
+    """The compiled and loaded ``fn<T>`` of ``source`` with ``T`` the template argument of
+    ``dtype`` (NVRTC ``options`` added to the compile); the handle is memoised per (source, fn,
+    dtype, options, device) in a plain dict. Code that first launches a kernel inside a CUDA-graph
+    capture calls this beforehand, so that compiling and loading happen outside the capture."""
     key = (source, fn, dtype, options, backend_cupy().cuda.runtime.getDevice())
     f = _FUNCS.get(key)
     if f is None:
         names = tuple(f"{fn}<{t}>" for t in CUDA_TYPES.values())
         f = _FUNCS[key] = kernel(source, f"{fn}<{cuda_type(dtype)}>", names, options)
-    f(grid, block, args)
+    return f
+
+
+def launch(source: str, fn: str, dtype, grid, block, args, options: tuple = ()):
+    """Launch ``fn<T>`` of ``source`` with ``T`` the template argument of ``dtype`` (see
+    :func:`load`)."""
+    load(source, fn, dtype, options)(grid, block, args)

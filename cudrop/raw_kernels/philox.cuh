@@ -4,6 +4,7 @@
 
 #define CD_TAG_ELEMENT 0u
 #define CD_TAG_BLOCK 1u
+#define CD_TAG_SLICE 5u  // philox.TAG_SLICE: the tags are cudrop/philox.py's, in its order
 
 struct cd_u4 { unsigned int x, y, z, w; };
 

@@ -32,7 +32,18 @@ exact. Two modes:
   pruning, not dropout.
 
 The mask of one step is a :class:`SliceMask` (``n_units``, ``p``, the kept ``ranges``,
-``align``), drawn by :func:`draw_mask`. Every op is ``op(arrays..., p=None, *, mask=None,
+``align``), drawn by :func:`draw_mask`.
+
+Slices decided on the device. With a *device step* (a 0-d uint32 CuPy array, as a captured CUDA
+graph's layers get from ``StochasticLayer.next_step(device=True)``) the start cannot be known on
+the host without a sync, so :func:`draw_mask` returns a mask with ``ranges=None`` and ``draw`` =
+:class:`SliceDraw` ``(seed, layer, step)``: the kernels of ``raw_kernels/slice.cu`` compute the
+start from it when they run, with the same integer arithmetic as :func:`slice_start`, gather the
+kept units into kept-size buffers and scatter gradients back. ``keep`` and the scale depend only
+on ``(n_units, p, align)``, so every shape stays fixed and the GEMMs are the ones the host path
+runs, on the same operands: the results are bit-identical to the int step's. ``sliceout_linear``
+and ``sliceout_linear_out`` take such masks (so ``SliceOutLinear`` can be captured);
+``sliceout``, ``sliceout_conv2d`` and ``sliceout_attention`` raise TypeError for them. Every op is ``op(arrays..., p=None, *, mask=None,
 seed=None, layer=0, step=None, align=None, <options>)``: it applies ``mask`` when given (``p``
 defaults to the mask's and must match it; the mask's ``n_units`` must be the op's unit count)
 and otherwise draws one from ``(p, seed, layer, step, align)``, so ``p`` is then required. The
@@ -66,9 +77,11 @@ from .. import backend, philox, random
 from ..functional import _conv
 from ..functional._attention import causal_bias
 from ..functional._matmul import matmul
+from ..raw_kernels import launch, load
 
-__all__ = ["SliceMask", "draw_mask", "check_align", "keep_count", "auto_align", "num_starts",
-           "slice_start", "slice_ranges", "check_ranges", "sliceout", "sliceout_backward",
+__all__ = ["SliceMask", "SliceDraw", "draw_mask", "check_align", "keep_count", "auto_align",
+           "num_starts", "slice_start", "slice_ranges", "check_ranges", "load_device_kernels",
+           "sliceout", "sliceout_backward",
            "SliceOutSaved", "sliceout_linear", "sliceout_linear_backward", "SliceOutLinearSaved",
            "sliceout_linear_out", "sliceout_linear_out_backward", "SliceOutLinearOutSaved",
            "sliceout_conv2d", "sliceout_conv2d_backward", "SliceOutConv2dSaved",
@@ -205,21 +218,52 @@ def _pieces(ranges, unit=1, base=0):
 
 # ---- the mask ----------------------------------------------------------------------------------
 
+class SliceDraw(NamedTuple):
+    """Where a slice decided on the device comes from: the Philox key ``(seed, layer)`` and the
+    device ``step`` (a 0-d uint32 CuPy array, read by the kernels when they run)."""
+    seed: int
+    layer: int
+    step: object
+
+
 class SliceMask(NamedTuple):
     """The kept slice of one step over ``n_units`` units: ``ranges``, one or two half-open
     ``(lo, hi)`` intervals (two when the slice wraps past the last unit), drawn at drop
     probability ``p`` with ``align`` (None: wrap mode). Host-side ints only: the ops slice views
     with it and never build a mask array. Made by :func:`draw_mask`, or by
-    :meth:`from_ranges` for a hand-picked kept set."""
+    :meth:`from_ranges` for a hand-picked kept set.
+
+    A slice decided on the device (:func:`draw_mask` with a device step) has ``ranges=None``
+    and ``draw``, a :class:`SliceDraw`: the kernels compute the start from it (see the module
+    docstring); :meth:`host` turns it into the host form by reading the step."""
     n_units: int
     p: float
-    ranges: tuple
+    ranges: tuple | None
     align: int | None = None
+    draw: SliceDraw | None = None
+
+    @property
+    def on_device(self) -> bool:
+        """True when the start is decided on the device (``ranges`` is None)."""
+        return self.ranges is None
 
     @property
     def keep(self) -> int:
-        """How many units are kept: the total width of ``ranges``."""
+        """How many units are kept: the total width of ``ranges`` (for a slice decided on the
+        device, ``keep_count(n_units, p, align)``, the width it will have)."""
+        if self.ranges is None:
+            return keep_count(self.n_units, self.p, self.align)
         return _kept(self.ranges)
+
+    def host(self) -> "SliceMask":
+        """This mask with its ``ranges`` decided on the host: itself when they are, else the
+        mask :func:`draw_mask` draws at the int value of the device step (reading it waits for
+        the device: for references and tests, never inside a captured step)."""
+        if self.ranges is not None:
+            return self
+        seed, layer, step = self.draw
+        return draw_mask(self.n_units, self.p, seed=seed, layer=layer, step=int(step),
+                         align=self.align)
 
     @property
     def scale(self) -> float:
@@ -229,8 +273,8 @@ class SliceMask(NamedTuple):
 
     def to_dense(self, xp=np, dtype=bool):
         """The materialised 0/1 mask of shape (n_units,) (for references and tests; the ops never
-        build it)."""
-        ranges = check_ranges(self.ranges, self.n_units, "mask.ranges")
+        build it; a slice decided on the device is read back first, :meth:`host`)."""
+        ranges = check_ranges(self.host().ranges, self.n_units, "mask.ranges")
         m = np.zeros(self.n_units, dtype=dtype)
         for lo, hi in ranges:
             m[lo:hi] = 1
@@ -250,13 +294,24 @@ def draw_mask(n_units, p, *, seed=None, layer=0, step=None, align=None) -> Slice
     """The :class:`SliceMask` of one step: ``keep_count`` units from the start
     :func:`slice_start` draws at ``(seed, layer, step)``, wrapping past the last unit
     (``slice_ranges``). A pure function of its arguments; host-side, no device work.
-    ``seed=None``: the global generator (``cudrop.random``)."""
+    ``seed=None``: the global generator (``cudrop.random``).
+
+    ``step`` a device step (a 0-d uint32 CuPy array): the start is left to the kernels, which
+    read the step when they run; the mask has ``ranges=None`` and ``draw=SliceDraw(seed, layer,
+    step)`` (see :class:`SliceMask`). Every argument is still checked here."""
     seed, step = random.resolve(seed, step)
-    step = philox.check_host_step(step, "sliceout")
     n = _int("n_units", n_units, 1)
     p = philox.check_prob(p)
     align = check_align(align)
     keep = keep_count(n, p, align)
+    if backend.is_gpu_array(step):
+        layer = philox.check_seed("layer", layer)
+        num_starts(n, keep, align)  # the same argument errors as the host draw
+        if n >= 2 ** 31:  # the kernels' start arithmetic (slice.cuh) assumes it
+            raise ValueError(f"sliceout: a slice decided on the device needs fewer than 2**31 "
+                             f"units, got {n}")
+        return SliceMask(n, p, None, align, SliceDraw(seed, layer, step))
+    step = philox.check_host_step(step, "sliceout")
     start = slice_start(n, keep, seed=seed, layer=layer, step=step, align=align)
     return SliceMask(n, p, slice_ranges(n, keep, start), align)
 
@@ -284,7 +339,30 @@ def _resolve_mask(op, p, mask, draw, n_units, units):
     if align is not None and align != mask.align:
         raise ValueError(f"{op}: mask was drawn with align={mask.align} but align={align}; "
                          "pass the mask's align or leave align out")
+    if mask.ranges is None:
+        if not isinstance(mask.draw, SliceDraw):
+            raise ValueError(f"{op}: a mask with ranges=None must carry its draw (a "
+                             "SliceDraw: draw_mask with a device step makes one)")
+        return mask
     return mask._replace(ranges=check_ranges(mask.ranges, n_units, "mask.ranges"))
+
+
+def _host_only(op, mask):
+    """The host ranges of ``mask`` for an op that slices on the host; TypeError for a slice
+    decided on the device (that op has no kernels for it)."""
+    if mask.ranges is None:
+        raise TypeError(f"{op}: this op decides its slice on the host; a mask drawn with a device "
+                        "step (ranges=None) works with sliceout_linear and sliceout_linear_out "
+                        "only: draw with an int step")
+    return mask.ranges
+
+
+def _device_xp(op, mask, xp):
+    """``xp`` checked against ``mask``: a slice decided on the device needs CuPy arrays."""
+    if mask.ranges is None and xp is np:
+        raise TypeError(f"{op}: the mask's slice is decided on the device (drawn with a device "
+                        "step) but the arrays are NumPy arrays: pass CuPy arrays, or draw with "
+                        "an int step")
 
 
 def _array(a, name, op):
@@ -337,7 +415,7 @@ def sliceout(x, p=None, *, mask=None, seed=None, layer=0, step=None, align=None,
     axis = _axis(x, axis, op)
     mask = _resolve_mask(op, p, mask, (seed, layer, step, align), x.shape[axis],
                          f"x has {x.shape[axis]} units along axis {axis}")
-    return _apply_slice(x, mask.ranges, axis, mask.scale), SliceOutSaved(mask, axis)
+    return _apply_slice(x, _host_only(op, mask), axis, mask.scale), SliceOutSaved(mask, axis)
 
 
 def sliceout_backward(gy, saved):
@@ -392,14 +470,14 @@ def sliceout_linear(x, w, b=None, p=None, *, mask=None, seed=None, layer=0, step
     k, n = w.shape
     mask = _resolve_mask(op, p, mask, (seed, layer, step, align), k,
                          f"x and w have {k} input units (K)")
-    ranges, scale = mask.ranges, mask.scale
+    _device_xp(op, mask, xp)
     # The kept units become one contiguous operand of fixed shape (M, keep), scaled on the
     # way: one GEMM whose shape does not change from step to step (a wrapped slice's pieces vary
     # in width, and new shapes cost cuBLAS planning and allocator misses: measured 2x slower
     # than dense at keep 0.5, fp16 4096^2, H200), no strided-view operand, the scale pass folded
     # into the copy, and the copy is what dW needs in backward.
-    xs = _compact_scaled(x2, ranges, 1, xp, x.dtype.type(scale))
-    y = matmul(xs, _compact(w, ranges, 0, xp))
+    xs = _take(x2, mask, 1, xp, x.dtype.type(mask.scale))
+    y = matmul(xs, _take(w, mask, 0, xp))
     if b is not None:
         y += b
     return y.reshape(x.shape[:-1] + (n,)), SliceOutLinearSaved(xs, w, b is not None, mask,
@@ -411,18 +489,17 @@ def sliceout_linear_backward(gy, saved):
     needs it) with zeros outside the kept input units; ``gw`` has exact zero rows outside them;
     only the kept-size products run. ``gb`` is None without a bias."""
     xs, w, has_b, mask, x_shape = saved
-    ranges, scale = mask.ranges, mask.scale
     xp = backend.get_array_module(gy, w)
     k, n = w.shape
     if gy.shape != x_shape[:-1] + (n,):
         raise ValueError(f"sliceout_linear_backward: gy must have the output's shape "
                          f"{x_shape[:-1] + (n,)}, got {gy.shape}")
     g2 = gy.reshape(-1, n)
-    gxs = matmul(g2, _compact(w, ranges, 0, xp).T)
-    gxs *= scale
+    gxs = matmul(g2, _take(w, mask, 0, xp).T)
+    gxs *= mask.scale
     gws = matmul(xs.T, g2)  # xs already carries the scale
-    gx = _scatter(gxs, ranges, 1, (g2.shape[0], k), xp)
-    gw = _scatter(gws, ranges, 0, w.shape, xp)
+    gx = _put(gxs, mask, 1, (g2.shape[0], k), xp)
+    gw = _put(gws, mask, 0, w.shape, xp)
     gb = g2.sum(axis=0) if has_b else None
     return gx.reshape(x_shape), gw, gb
 
@@ -452,13 +529,13 @@ def sliceout_linear_out(x, w, b=None, p=None, *, mask=None, seed=None, layer=0, 
     k, n = w.shape
     mask = _resolve_mask(op, p, mask, (seed, layer, step, align), n,
                          f"w has {n} output units (N)")
-    ranges, scale = mask.ranges, mask.scale
-    s_ = x.dtype.type(scale)
-    ws = _compact(w, ranges, 1, xp)  # (K, keep): one fixed-shape GEMM, see sliceout_linear
+    _device_xp(op, mask, xp)
+    s_ = x.dtype.type(mask.scale)
+    ws = _take(w, mask, 1, xp)  # (K, keep): one fixed-shape GEMM, see sliceout_linear
     part = matmul(x2, ws * s_)
     if b is not None:
-        part += _compact(b, ranges, 0, xp) * s_
-    y = _scatter(part, ranges, 1, (x2.shape[0], n), xp)
+        part += _take(b, mask, 0, xp) * s_
+    y = _put(part, mask, 1, (x2.shape[0], n), xp)
     return y.reshape(x.shape[:-1] + (n,)), SliceOutLinearOutSaved(x2, ws, w.shape, b is not None,
                                                                   mask, x.shape)
 
@@ -467,17 +544,16 @@ def sliceout_linear_out_backward(gy, saved):
     """Gradients ``(gx, gw, gb)`` of :func:`sliceout_linear_out`: ``gw`` and ``gb`` are exact
     zeros outside the kept columns; ``gx`` sums the kept-column products."""
     x2, ws, w_shape, has_b, mask, x_shape = saved
-    ranges, scale = mask.ranges, mask.scale
     xp = backend.get_array_module(gy, x2)
     k, n = w_shape
     if gy.shape != x_shape[:-1] + (n,):
         raise ValueError(f"sliceout_linear_out_backward: gy must have the output's shape "
                          f"{x_shape[:-1] + (n,)}, got {gy.shape}")
     g2 = gy.reshape(-1, n)
-    gs = _compact_scaled(g2, ranges, 1, xp, gy.dtype.type(scale))
+    gs = _take(g2, mask, 1, xp, gy.dtype.type(mask.scale))
     gx = matmul(gs, ws.T)
-    gw = _scatter(matmul(x2.T, gs), ranges, 1, w_shape, xp)
-    gb = _scatter(gs.sum(axis=0), ranges, 0, (n,), xp) if has_b else None
+    gw = _put(matmul(x2.T, gs), mask, 1, w_shape, xp)
+    gb = _put(gs.sum(axis=0), mask, 0, (n,), xp) if has_b else None
     return gx.reshape(x_shape), gw, gb
 
 
@@ -516,6 +592,88 @@ def _gather(a, ranges, axis, xp):
     return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=axis)
 
 
+def _take(a, mask, axis, xp, s=None):
+    """The kept units of ``a`` along ``axis`` as one C-contiguous kept-size array, times the
+    dtype scalar ``s`` when given: ``_compact`` / ``_compact_scaled`` on the host ranges, the
+    gather kernel for a slice decided on the device (the same values bit for bit: the same
+    elements, in the same order, times the same dtype-rounded scale)."""
+    if mask.ranges is not None:
+        if s is None:
+            return _compact(a, mask.ranges, axis, xp)
+        return xp.ascontiguousarray(_compact_scaled(a, mask.ranges, axis, xp, s))
+    a = xp.ascontiguousarray(a)
+    outer, n, inner = _split(a.shape, axis)
+    keep = mask.keep
+    out = xp.empty(a.shape[:axis] + (keep,) + a.shape[axis + 1:], dtype=a.dtype)
+    _launch_slice("slice_gather", out.size, a, out, outer, n, inner, mask,
+                  (np.float64(1.0 if s is None else s), np.int32(s is not None)))
+    return out
+
+
+def _put(part, mask, axis, shape, xp):
+    """Zeros of ``shape`` with the kept-size ``part`` written back at the kept units along
+    ``axis``: ``_scatter`` on the host ranges, the scatter kernel (which writes every element,
+    +0 at the dropped units) for a slice decided on the device."""
+    if mask.ranges is not None:
+        return _scatter(part, mask.ranges, axis, shape, xp)
+    part = xp.ascontiguousarray(part)
+    outer, n, inner = _split(shape, axis)
+    out = xp.empty(shape, dtype=part.dtype)
+    _launch_slice("slice_scatter", out.size, part, out, outer, n, inner, mask, ())
+    return out
+
+
+def _split(shape, axis):
+    """``(outer, n, inner)``: ``shape`` viewed as three axes around ``axis``."""
+    return (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
+
+
+_THREADS = 256
+# Enough 256-thread blocks to fill any current GPU several times over; each thread computes the
+# slice start once (one Philox call) and walks several elements when the array is larger.
+_MAX_BLOCKS = 4096
+
+
+def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra):
+    """Launch ``slice.cu``'s ``fn`` over ``total`` elements with the slice arguments of
+    ``mask`` (a slice decided on the device) and ``extra`` after them."""
+    if total == 0:
+        return
+    seed, layer, step = mask.draw
+    step_value, step_ptr = philox.step_args(step)
+    keep = mask.keep
+    blocks = min(-(-total // _THREADS), _MAX_BLOCKS)
+    launch("slice.cu", fn, src.dtype, (blocks,), (_THREADS,),
+           (src, dst, np.int64(outer), np.int64(n), np.int64(inner), np.int64(keep),
+            np.uint32(seed), np.uint32(layer), step_value, step_ptr,
+            np.int64(num_starts(n, keep, mask.align)), np.int64(mask.align or 1)) + extra)
+
+
+def load_device_kernels(dtype) -> None:
+    """Compile and load the kernels that apply a slice decided on the device to arrays of
+    ``dtype`` (memoised by the one loader, ``raw_kernels``). A layer calls it in its eager steps
+    on CuPy, so that a later CUDA-graph capture, whose step first takes the device path, does
+    not compile or load a module while the stream is capturing."""
+    for fn in ("slice_gather", "slice_scatter"):
+        load("slice.cu", fn, dtype)
+
+
+def _device_starts(n_units, p, *, seed, layer, steps, align=None):
+    """The slice start at each of ``steps`` (a uint32 CuPy vector) as the kernels compute it:
+    a (len(steps),) int64 CuPy array (tests compare it with :func:`slice_start`)."""
+    cp = backend.cupy
+    n = _int("n_units", n_units, 1)
+    keep = keep_count(n, philox.check_prob(p), check_align(align))
+    steps = cp.ascontiguousarray(steps, dtype=np.uint32)
+    out = cp.empty(steps.size, np.int64)
+    if steps.size:
+        launch("slice.cu", "slice_starts", np.dtype(np.float32), (-(-steps.size // _THREADS),),
+               (_THREADS,), (steps, out, np.int64(steps.size), np.uint32(seed), np.uint32(layer),
+                             np.int64(n), np.int64(keep), np.int64(num_starts(n, keep, align)),
+                             np.int64(align or 1)))
+    return out
+
+
 class SliceOutConv2dSaved(NamedTuple):
     """What :func:`sliceout_conv2d_backward` needs: the kept channels' convolution's own saved
     state (``functional._conv.conv2d``), the mask, w's shape and whether there was a bias."""
@@ -543,7 +701,7 @@ def sliceout_conv2d(x, w, b=None, p=None, *, mask=None, seed=None, layer=0, step
                          f"got {getattr(b, 'shape', type(b).__name__)}")
     mask = _resolve_mask(op, p, mask, (seed, layer, step, align), o,
                          f"w has {o} output channels (O)")
-    ranges, scale = mask.ranges, mask.scale
+    ranges, scale = _host_only(op, mask), mask.scale
     ws = _gather(w, ranges, 0, xp)
     bs = None if b is None else _gather(b, ranges, 0, xp)
     ys, conv_saved = _conv.conv2d(x, ws, bs, stride, padding)
@@ -637,7 +795,7 @@ def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj=None, p=None, *, mask=Non
     num_heads = int(num_heads)
     mask = _resolve_mask(op, p, mask, (seed, layer, step, align), num_heads,
                          f"num_heads is {num_heads}")
-    ranges, scale = mask.ranges, mask.scale
+    ranges, scale = _host_only(op, mask), mask.scale
     hd = d // num_heads
     kh = _kept(ranges)
     kw = kh * hd
