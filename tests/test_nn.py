@@ -215,3 +215,36 @@ def test_builders_number_stochastic_layers_deterministically():
     assert ids == [(m.layer, m.seed) for m in b.modules() if isinstance(m, StochasticLayer)]
     assert [i for i, _ in ids] == list(range(len(ids))) and len(ids) == 10
     assert all(s == 3 for _, s in ids)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["gpt", "vit"])
+def test_transformers_train_in_16_bit_like_float32(xp, name, dtype):
+    """A 16-bit transformer (causal mask, softmax, attention products, layer norm) gives the
+    float32 loss and gradients to 16-bit accuracy, every gradient in the parameters' dtype."""
+    from conftest import low_precision_dtype
+    dt = low_precision_dtype(xp, dtype)
+    rng = np.random.default_rng(0)
+    if name == "gpt":
+        build = lambda: models.GPT(13, block_size=8, dim=32, depth=1, heads=4,  # noqa: E731
+                                   dropout="none")
+        x, y = rng.integers(0, 13, (2, 8)), rng.integers(0, 13, (2, 8))
+    else:
+        build = lambda: models.ViT(image_size=8, patch_size=2, in_channels=1,  # noqa: E731
+                                   dim=32, depth=1, heads=4, dropout="none")
+        x, y = rng.standard_normal((4, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 4)
+    device = "cpu" if xp is np else "gpu"
+    results = []
+    for d in (np.float32, dt):
+        m = build().to(device, dtype=d)
+        inp = xp.asarray(x) if name == "gpt" else cd.Tensor(xp.asarray(x).astype(d))
+        loss = cd.cross_entropy(m(inp), xp.asarray(y))
+        loss.backward()
+        assert all(p.grad.dtype == d for p in m.parameters())
+        results.append((float(loss.data), [cd.backend.asnumpy(p.grad).astype(np.float64)
+                                           for p in m.parameters()]))
+    (l32, g32), (l16, g16) = results
+    assert abs(l16 - l32) < 0.02 * abs(l32)
+    for a, b in zip(g32, g16):
+        assert np.all(np.isfinite(b))
+        assert np.linalg.norm(b - a) <= 0.05 * np.linalg.norm(a) + 1e-3

@@ -6,6 +6,7 @@ import numbers
 import numpy as np
 
 from .. import backend
+from ..functional._norm import compute_dtype
 from .function import Function
 
 
@@ -100,34 +101,44 @@ class Var(Function):
 
 
 class Softmax(Function):
+    """16-bit inputs are exponentiated and summed in float32 (the result and the saved output
+    keep the input dtype, as attention stores its probabilities)."""
+
     def __init__(self, axis=-1):
         self.axis = axis
 
     def forward(self, a):
         xp = backend.get_array_module(a)
-        e = xp.exp(a - a.max(axis=self.axis, keepdims=True))
-        self.y = e / e.sum(axis=self.axis, keepdims=True)
+        x = a.astype(compute_dtype(a.dtype), copy=False)
+        e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
+        self.y = (e / e.sum(axis=self.axis, keepdims=True)).astype(a.dtype, copy=False)
         return self.y
 
     def backward(self, g):
-        y = self.y
-        return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
+        cdt = compute_dtype(g.dtype)
+        y, g32 = self.y.astype(cdt, copy=False), g.astype(cdt, copy=False)
+        return (y * (g32 - (g32 * y).sum(axis=self.axis, keepdims=True))).astype(g.dtype,
+                                                                                 copy=False)
 
 
 class LogSoftmax(Function):
+    """Computed in float32 for 16-bit inputs, like :class:`Softmax`."""
+
     def __init__(self, axis=-1):
         self.axis = axis
 
     def forward(self, a):
         xp = backend.get_array_module(a)
-        s = a - a.max(axis=self.axis, keepdims=True)
-        y = s - xp.log(xp.exp(s).sum(axis=self.axis, keepdims=True))
-        self.y = y
-        return y
+        x = a.astype(compute_dtype(a.dtype), copy=False)
+        s = x - x.max(axis=self.axis, keepdims=True)
+        self.y = s - xp.log(xp.exp(s).sum(axis=self.axis, keepdims=True))
+        return self.y.astype(a.dtype, copy=False)
 
     def backward(self, g):
         xp = backend.get_array_module(g)
-        return g - xp.exp(self.y) * g.sum(axis=self.axis, keepdims=True)
+        g32 = g.astype(self.y.dtype, copy=False)
+        return (g32 - xp.exp(self.y) * g32.sum(axis=self.axis, keepdims=True)).astype(
+            g.dtype, copy=False)
 
 
 def sum(a, axis=None, keepdims=False):

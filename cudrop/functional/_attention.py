@@ -7,9 +7,13 @@ from .._memo import memoize
 
 
 @memoize
-def _causal_bias(xp, dev, t, dtype_str):
-    dtype = np.dtype(dtype_str)
-    return xp.asarray(np.triu(np.full((t, t), np.finfo(dtype).min / 2, dtype=dtype), k=1))
+def _causal_bias(xp, dev, t, dtype):
+    if dtype.kind == "V":  # ml_dtypes' bfloat16, which NumPy's finfo refuses
+        import ml_dtypes
+        lowest = ml_dtypes.finfo(dtype).min
+    else:
+        lowest = np.finfo(dtype).min
+    return xp.asarray(np.triu(np.full((t, t), lowest / 2, dtype=dtype), k=1))
 
 
 def causal_bias(xp, t, dtype):
@@ -18,4 +22,4 @@ def causal_bias(xp, t, dtype):
     uploaded once per (device, t, dtype), in a cache ``cudrop.clear_caches()`` empties: an
     upload per step would wait on the stream."""
     dev = -1 if xp is np else xp.cuda.runtime.getDevice()
-    return _causal_bias(xp, dev, t, np.dtype(dtype).str)
+    return _causal_bias(xp, dev, t, np.dtype(dtype))

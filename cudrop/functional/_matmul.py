@@ -35,7 +35,7 @@ def matmul(a, b):
         return _gemm.gemm(a, b)  # counts its FLOPs itself
     flops.add_product("matmul", a.shape, b.shape)
     if xp is np or (a.ndim == 2 and b.ndim == 2) or a.dtype.name not in _CUDA_R:
-        return xp.matmul(a, b)
+        return xp.matmul(a, b).astype(a.dtype, copy=False)  # NumPy's bfloat16 gives float32
     return _batched_half(xp, a, b)
 
 
