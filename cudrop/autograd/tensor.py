@@ -194,8 +194,12 @@ def as_tensor(x, like: Tensor | None = None) -> Tensor:
     if like is not None and isinstance(x, (int, float, bool, np.generic)):
         if isinstance(x, np.generic):
             x = x.item()  # NumPy scalars (np.sqrt(d)) lift like Python scalars: weakly typed
-        # result_type, not like.dtype: an int tensor * 2.5 must not truncate 2.5 to 2.
-        return Tensor(like.xp.asarray(x, dtype=np.result_type(like.dtype, x)))
+        # A floating tensor keeps its dtype (bfloat16 included: NumPy's promotion of ml_dtypes'
+        # bfloat16 with a Python float gave float64 on the GPU machine); an int tensor takes
+        # result_type, so int * 2.5 does not truncate 2.5 to 2. Built on the host in that
+        # dtype, then uploaded: CuPy cannot cast a scalar to bfloat16 itself.
+        dtype = like.dtype if backend.is_floating(like.dtype) else np.result_type(like.dtype, x)
+        return Tensor(like.xp.asarray(np.asarray(x, dtype=dtype)))
     return Tensor(x)
 
 
