@@ -49,7 +49,8 @@ for e in ${REPRO:-}; do
     --out "benchmarks/repro/$e" > "$OUT/repro-$e.log" 2>&1
   tail -n 4 "$OUT/repro-$e.log"
 done
-[ -n "${REPRO:-}" ] && tar czf "$OUT/repro.tgz" benchmarks/repro
+# interrupted runs' checkpoints stay behind (an MLP's is tens of MB; 16 MiB come back a file)
+[ -n "${REPRO:-}" ] && tar czf "$OUT/repro.tgz" --exclude='*.ckpt' benchmarks/repro
 runs=$(mktemp -d)
 train() {  # name, then cudrop train arguments
   local name=$1; shift

@@ -5,6 +5,7 @@ import math as _pymath
 
 from .. import backend
 from ..functional import _act
+from ..functional._norm import compute_dtype
 from .function import Function
 from .tensor import Tensor, as_tensor
 
@@ -122,8 +123,8 @@ class Tanh(Function):
         self.y = backend.get_array_module(a).tanh(a)
         return self.y
 
-    def backward(self, g):
-        return g * (1 - self.y * self.y)
+    def backward(self, g):  # cast: CuPy computes bfloat16 with a Python scalar in float32
+        return (g * (1 - self.y * self.y)).astype(g.dtype, copy=False)
 
 
 class Sigmoid(Function):
@@ -134,7 +135,7 @@ class Sigmoid(Function):
         return self.y
 
     def backward(self, g):
-        return g * self.y * (1 - self.y)
+        return (g * self.y * (1 - self.y)).astype(g.dtype, copy=False)
 
 
 class ReLU(Function):
@@ -150,21 +151,24 @@ _SQRT_2_OVER_PI = _pymath.sqrt(2.0 / _pymath.pi)
 
 
 class GELU(Function):
-    """GELU, tanh approximation (as in GPT-2 and BERT)."""
+    """GELU, tanh approximation (as in GPT-2 and BERT). 16-bit inputs are computed in float32
+    (a ** 3 overflows float16 from |a| > 40) and the result cast back."""
 
     def forward(self, a):
         xp = backend.get_array_module(a)
         self.a = a
-        self.t = xp.tanh(_SQRT_2_OVER_PI * (a + 0.044715 * a ** 3))
-        return 0.5 * a * (1 + self.t)
+        x = a.astype(compute_dtype(a.dtype), copy=False)
+        self.t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+        return (0.5 * x * (1 + self.t)).astype(a.dtype, copy=False)
 
     def backward(self, g):
-        a, t = self.a, self.t
-        # Multiply a in one factor at a time: in float16 a * a overflows for |a| > 256, where
-        # 1 - t * t is exactly 0, and 0 * inf would make the gradient nan.
+        t = self.t
+        a = self.a.astype(t.dtype, copy=False)
+        # Multiply a in one factor at a time: a * a overflows for huge |a|, where 1 - t * t is
+        # exactly 0, and 0 * inf would make the gradient nan.
         u = (1 - t * t) * _SQRT_2_OVER_PI
         dt = u + (u * (3 * 0.044715) * a) * a
-        return g * (0.5 * (1 + t) + 0.5 * a * dt)
+        return (g * (0.5 * (1 + t) + 0.5 * a * dt)).astype(g.dtype, copy=False)
 
 
 class AsType(Function):
