@@ -122,6 +122,9 @@ def _parser():
                    help="auto: the GPU when CuPy sees one [auto; cpu with --quick]")
     r.add_argument("--no-progress", action="store_true", help="no progress bar; one line per "
                    "finished run")
+    r.add_argument("--report-only", action="store_true", help="train nothing: write the "
+                   "report of the runs already in --out (an unfinished grid's says what is "
+                   "missing)")
     n = sub.add_parser("launch", help="run a command as N data-parallel ranks on this host",
                        usage="cudrop launch -n N [--port P] -- COMMAND ...",
                        description="Start N processes of COMMAND with RANK, WORLD_SIZE, "
@@ -437,10 +440,12 @@ def cmd_repro(args):
     command = "cudrop repro " + " ".join(
         [args.experiment] + (["--quick"] if args.quick else [])
         + ([f"--seeds {args.seeds}"] if args.seeds else [])
-        + ([f"--device {args.device}"] if args.device else []))
+        + ([f"--device {args.device}"] if args.device else [])
+        + ([f"--out {args.out}"] if args.out else []))
     try:
         res = repro.run(args.experiment, quick=args.quick, seeds=args.seeds, out=args.out,
-                        device=device, progress=not args.no_progress, command=command)
+                        device=device, progress=not args.no_progress, command=command,
+                        report_only=args.report_only)
     except repro.ReproError as e:
         raise UsageError(str(e))
     print(f"{res['ran']} run(s) done, {res['skipped']} skipped (already in {res['out']}); "

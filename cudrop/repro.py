@@ -1072,8 +1072,26 @@ def load_results(out, run_ids=None) -> list:
             if os.path.exists(os.path.join(d, n + ".json"))]
 
 
-def write_report(exp, results, out, *, quick=False, command=None) -> str:
-    """Write ``out/report.md`` (and its plots) for ``results`` of ``exp``; returns its path."""
+def _steps_fact(results):
+    """How the runs' steps ran: replayed CUDA graphs or eager steps, per dropout kind, so a
+    reader can tell which step times compare like for like."""
+    kinds = {}
+    for r in results:
+        if "graph" in r:  # absent on the CPU-only records of older versions
+            kinds.setdefault(r["graph"], set()).add(r["config"]["dropout"])
+    if not kinds:
+        return []
+    parts = [f"{'CUDA-graph replays' if g else 'eager steps'} for {', '.join(sorted(k))}"
+             for g, k in sorted(kinds.items(), reverse=True)]
+    why = (" (a layer that decides its structure on the host cannot be captured yet, and the "
+           "depth experiment runs every step eagerly: eager steps are host-bound, not like for "
+           "like with replayed ones)" if False in kinds else "")
+    return ["- Steps: " + "; ".join(parts) + why]
+
+
+def write_report(exp, results, out, *, quick=False, command=None, planned=None) -> str:
+    """Write ``out/report.md`` (and its plots) for ``results`` of ``exp``; returns its path.
+    ``planned``: the grid's size, when ``results`` may be fewer (an unfinished grid)."""
     exp = _experiment(exp)
     plot = _plotter(out)
     sections = [f"# cudrop repro {exp.name}: {exp.title}"]
@@ -1086,9 +1104,13 @@ def write_report(exp, results, out, *, quick=False, command=None) -> str:
     dates = sorted(r["finished"] for r in results)
     facts = [f"- Paper: {exp.paper}",
              f"- Command: `{command or f'cudrop repro {exp.name}' + (' --quick' * quick)}`",
-             f"- Runs: {len(results)}, on {', '.join(devices) or '—'}; cudrop "
+             f"- Runs: {len(results)}"
+             + (f" of {planned} (unfinished: the command continues the grid)"
+                if planned and planned > len(results) else "")
+             + f", on {', '.join(devices) or '—'}; cudrop "
              f"{', '.join(sorted({r['cudrop'] for r in results})) or '—'}; finished "
              + (f"{dates[0]} to {dates[-1]}" if dates else "—")]
+    facts += _steps_fact(results)
     sections.append("\n".join(facts))
     seen = {}
     for r in results:
@@ -1173,10 +1195,12 @@ def _prepare(exp, grid, todo, device):
 
 
 def run(experiment, *, quick=False, seeds=None, out=None, device="auto", progress=True,
-        log=print, command=None) -> dict:
+        log=print, command=None, report_only=False) -> dict:
     """Run ``experiment``'s grid (a name from :data:`EXPERIMENTS`) into ``out`` (default
     ``repro-results/NAME[-quick]``): skip the runs whose JSON exists with the same config,
     continue an interrupted run from its checkpoint, then write ``report.md``.
+    ``report_only``: train nothing; write the report of the runs ``out`` holds (an unfinished
+    grid's report says how many runs are missing).
 
     Returns ``{'report', 'ran', 'skipped', 'out'}``. Raises :class:`ReproError` for bad
     input (unknown experiment, bad ``seeds``, missing data, a grid that does not fit its data,
@@ -1193,6 +1217,8 @@ def run(experiment, *, quick=False, seeds=None, out=None, device="auto", progres
     out = out or os.path.join("repro-results", exp.name + ("-quick" if quick else ""))
     grid = _grid(exp, quick, seeds)
     done, todo = _plan(exp, grid, out, quick)
+    if report_only:
+        todo = []
     if todo:
         datasets, dev, dtypes = _prepare(exp, grid, todo, device)
         rdir = os.path.join(out, RESULTS_DIR)
@@ -1233,5 +1259,5 @@ def run(experiment, *, quick=False, seeds=None, out=None, device="auto", progres
     elif not os.path.isdir(out):
         os.makedirs(out)
     report = write_report(exp, load_results(out, list(grid)), out, quick=quick,
-                          command=command)
+                          command=command, planned=len(grid))
     return {"report": report, "ran": len(todo), "skipped": len(done), "out": out}

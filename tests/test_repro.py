@@ -300,3 +300,23 @@ def test_quick_sparsedrop_end_to_end(tmp_path, count_trainings, one_blas_thread)
         assert "Plots skipped" in report
     assert _run("sparsedrop", tmp_path, quick=True)["ran"] == 0
     assert len(count_trainings) == 15
+
+
+def test_report_only_writes_an_unfinished_grids_report_without_training(tmp_path, monkeypatch):
+    """--report-only trains nothing (a training call would fail the test) and the report says
+    how many of the grid's runs exist."""
+    exp = repro.EXPERIMENTS["sliceout"]
+    monkeypatch.setattr(repro, "_plotter", lambda out: None)
+    monkeypatch.setattr(repro, "_train_one", lambda *a, **k: pytest.fail("trained"))
+    results = _fake_results(exp, True)[:3]
+    os.makedirs(tmp_path / repro.RESULTS_DIR)
+    repro.write_json_atomic(str(tmp_path / repro.MANIFEST),
+                            {"experiment": "sliceout", "quick": True})
+    for r in results:
+        r.update(format=repro.FORMAT, experiment="sliceout", quick=True)
+        repro.write_json_atomic(str(tmp_path / repro.RESULTS_DIR / (r["run_id"] + ".json")), r)
+    res = repro.run("sliceout", quick=True, out=str(tmp_path), progress=False,
+                    report_only=True)
+    planned = len(repro._grid(exp, True, None))
+    assert res["ran"] == 0 and planned > 3
+    assert f"Runs: 3 of {planned} (unfinished" in open(res["report"]).read()
