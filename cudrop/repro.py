@@ -329,6 +329,10 @@ def _diff(old, new):
             for k in keys if old.get(k) != new.get(k)]
 
 
+# Seconds between a run's checkpoints: an interruption costs at most this much work.
+_SAVE_INTERVAL = 30.0
+
+
 def _train_one(rid, cfg, ds, device, dtype, ckpt):
     """Train one config through a Trainer (resuming ``ckpt`` when it exists); the result
     record (without the run id and versions)."""
@@ -349,7 +353,8 @@ def _train_one(rid, cfg, ds, device, dtype, ckpt):
     set_total_steps(model, total)
     early = (EarlyStopping(cfg["monitor"], cfg["patience"]) if cfg.get("patience") else None)
     trainer = Trainer(model, opt, task, schedule=sched, seed=cfg["seed"], progress=False,
-                      log=lambda line: None, save=ckpt, config=cfg, early_stop=early,
+                      log=lambda line: None, save=ckpt, save_interval=_SAVE_INTERVAL,
+                      config=cfg, early_stop=early,
                       capture=device == "gpu" and cfg["graph"])
     resumed = os.path.exists(ckpt)
     if resumed:

@@ -100,6 +100,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch)
         if epoch == 1:
             raise KeyboardInterrupt
     monkeypatch.setattr(Trainer, "_end_epoch", dies_after_epoch_2)
+    monkeypatch.setattr(repro, "_SAVE_INTERVAL", 0.0)  # checkpoint at every epoch's end
     exp = _tiny(epochs=3, kinds=(("dropout", 0.3),))
     with pytest.raises(KeyboardInterrupt):
         _run(exp, tmp_path / "b")

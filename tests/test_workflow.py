@@ -131,6 +131,24 @@ def test_early_stopped_run_resumes_to_the_same_stop(tmp_path, monkeypatch):
     assert len(hist.epochs) == 3 and again.stopped_early and again.step == run.step
 
 
+@pytest.mark.parametrize("interval, saves", [(None, 4), (3600.0, 1)])
+def test_save_interval_skips_epoch_end_checkpoints_but_never_the_last(tmp_path, monkeypatch,
+                                                                      interval, saves):
+    """3 epochs: a checkpoint at each epoch's end plus the final one; with a long
+    ``save_interval`` only the final one, which holds the whole run."""
+    path = tmp_path / "run.ckpt"
+    run = _setup("dropout", "cpu", _data(), epochs=3, save=path)
+    run.save_interval = interval
+    calls = []
+    real = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self, p: (calls.append(p), real(self, p)))
+    run.fit(3)
+    assert len(calls) == saves
+    again = _setup("dropout", "cpu", _data(), epochs=3, save=path)
+    again.resume(path)
+    assert again.step == run.step and len(again.history.epochs) == 3
+
+
 def test_checkpoint_round_trip_at_the_exact_path(tmp_path):
     run = _setup("sparsedrop", "cpu", _data())
     run.fit(1)
