@@ -220,7 +220,7 @@ class Trainer:
     ``save_interval``: seconds; epoch-end checkpoints are then skipped until that long has
     passed since the last one: with short epochs a checkpoint per epoch can cost more than the
     epoch (45 MLP runs of ``cudrop repro sparsedrop`` on an H200 took 218 s, 33 s of it in
-    steps, the rest evaluation, compiles and ~2,700 epoch-end checkpoints of 25 MB; not split
+    steps, the rest evaluation, compiles and ~2,800 epoch-end checkpoints of 25 MB; not split
     further). A resumed run redoes at most that much work, drawing the same masks.
     ``config``: JSON-able settings stored in the checkpoint. ``progress``: a tqdm bar on a
     terminal, plain lines otherwise. ``log``: where epoch lines go. ``early_stop``: an
