@@ -21,15 +21,6 @@ def sum_to(g, shape):
     return out.reshape(shape)
 
 
-def _like(out, a, b):
-    """``out`` in the operands' dtype when they share a floating one: CuPy promotes two bfloat16 arrays
-    (NumPy kind 'V') to float64 (seen on the H200 with CuPy 14.2); a 16-bit model must stay
-    16-bit."""
-    if a.dtype == b.dtype != out.dtype and backend.is_floating(a.dtype):
-        return out.astype(a.dtype)
-    return out
-
-
 def _pair(a, b):
     """Lift Python scalars to tensors of the other operand's dtype and device."""
     if isinstance(a, Tensor):
@@ -40,7 +31,7 @@ def _pair(a, b):
 class Add(Function):
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
-        return _like(a + b, a, b)
+        return a + b
 
     def backward(self, g):
         return sum_to(g, self.shapes[0]), sum_to(g, self.shapes[1])
@@ -49,7 +40,7 @@ class Add(Function):
 class Sub(Function):
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
-        return _like(a - b, a, b)
+        return a - b
 
     def backward(self, g):
         return sum_to(g, self.shapes[0]), sum_to(-g, self.shapes[1])
@@ -58,22 +49,20 @@ class Sub(Function):
 class Mul(Function):
     def forward(self, a, b):
         self.a, self.b = a, b
-        return _like(a * b, a, b)
+        return a * b
 
     def backward(self, g):
-        a, b = self.a, self.b
-        return (sum_to(_like(g * b, g, b), a.shape), sum_to(_like(g * a, g, a), b.shape))
+        return sum_to(g * self.b, self.a.shape), sum_to(g * self.a, self.b.shape)
 
 
 class Div(Function):
     def forward(self, a, b):
         self.a, self.b = a, b
-        return _like(a / b, a, b)
+        return a / b
 
     def backward(self, g):
-        a, b = self.a, self.b
-        ga = _like(g / b, g, b)
-        return sum_to(ga, a.shape), sum_to(_like(_like(-ga * a, ga, a) / b, ga, b), b.shape)
+        ga = g / self.b
+        return sum_to(ga, self.a.shape), sum_to(-ga * self.a / self.b, self.b.shape)
 
 
 class Neg(Function):
