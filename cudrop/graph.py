@@ -1,5 +1,6 @@
 """Whole training steps as CUDA graphs: ``step = cudrop.graph.capture(train_step, model=...,
-optimizer=..., schedule=...)``, then ``loss = step(x, y)`` for every batch.
+optimizer=..., schedule=...)``, then ``loss = step(x, y)`` for every batch. ``cudrop train``
+(``--graph``, the default on one GPU) and ``cudrop.train.Trainer(capture=True)`` use it.
 
 ``train_step(*arrays)`` is ordinary eager code (forward, backward, ``optimizer.step()``, maybe
 ``schedule.step()``) returning the loss. The first ``warmup`` calls run it eagerly (real
