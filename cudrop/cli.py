@@ -342,6 +342,10 @@ def _use_graph(flag, device, world):
     run on several GPUs yet); an error on the CPU."""
     if flag and device != "gpu":
         raise UsageError("--graph needs the GPU (CUDA graphs); drop it or use --device gpu")
+    if flag and world > 1:
+        import warnings
+        warnings.warn("--graph with several ranks: a captured step's all-reduce has not run on "
+                      "several GPUs yet", RuntimeWarning, stacklevel=2)
     return device == "gpu" and world == 1 if flag is None else flag
 
 

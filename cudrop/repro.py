@@ -382,10 +382,24 @@ def _train_one(rid, cfg, ds, device, dtype, ckpt):
         "step_time_ms": float(np.median(step_ms)),
         "train_time_s": float(sum(step_ms) * steps / 1e3),
         "wall_s": wall, "resumed": resumed,
-        # whether the steps replayed a CUDA graph (else eager: a layer decided on the host)
-        "graph": getattr(trainer.captured_step, "graph", None) is not None,
+        **_graph_record(trainer.captured_step, device, cfg),
         "memory": memory, "parameters": int(model.num_parameters()),
     }
+
+
+def _graph_record(step, device, cfg):
+    """``graph``: whether this session's steps replayed a CUDA graph (None: too few steps to
+    capture, e.g. a resumed run near its end); ``eager_why`` when they did not."""
+    if step is None:
+        return {"graph": False, "eager_why": "cpu" if device != "gpu" else "config"}
+    if step.graph is not None:
+        return {"graph": True}
+    if step.failed is None:
+        return {"graph": None}
+    from .graph import CaptureError
+    return {"graph": False, "eager_why": ("host-decided layer" if isinstance(step.failed,
+                                                                          CaptureError)
+                                          else f"{type(step.failed).__name__}: {step.failed}")}
 
 
 def write_json_atomic(path, obj):
@@ -1077,21 +1091,35 @@ def load_results(out, run_ids=None) -> list:
             if os.path.exists(os.path.join(d, n + ".json"))]
 
 
+_EAGER_WHY = {"cpu": "on the CPU", "config": "eager by the experiment's config, for a like-for-"
+              "like comparison", "host-decided layer": "a layer decides its structure on the "
+              "host, which a CUDA graph cannot capture yet"}
+
+
 def _steps_fact(results):
-    """How the runs' steps ran: replayed CUDA graphs or eager steps, per dropout kind, so a
-    reader can tell which step times compare like for like."""
-    kinds = {}
+    """How the runs' steps ran, per model and variant: replayed CUDA graphs, or eager and why,
+    so a reader can tell which step times compare like for like."""
+    groups = {}
     for r in results:
-        if "graph" in r:  # absent on the CPU-only records of older versions
-            kinds.setdefault(r["graph"], set()).add(r["config"]["dropout"])
-    if not kinds:
+        if "graph" not in r:  # records of older versions
+            continue
+        cfg = r["config"]
+        why = r.get("eager_why") or (
+            # records from before eager_why: the config's switch, else a host-decided layer
+            None if r["graph"] else "config" if not cfg.get("graph", True)
+            else "host-decided layer")
+        key = (f"{cfg.get('net') or cfg['model']} {cfg.get('method') or cfg['dropout']}",
+               r["graph"], why)
+        groups.setdefault(key[1:], set()).add(key[0])
+    if not groups:
         return []
-    parts = [f"{'CUDA-graph replays' if g else 'eager steps'} for {', '.join(sorted(k))}"
-             for g, k in sorted(kinds.items(), reverse=True)]
-    why = (" (a layer that decides its structure on the host cannot be captured yet, and the "
-           "depth experiment runs every step eagerly: eager steps are host-bound, not like for "
-           "like with replayed ones)" if False in kinds else "")
-    return ["- Steps: " + "; ".join(parts) + why]
+    parts = []
+    for (graph, why), names in sorted(groups.items(), key=lambda kv: (kv[0][0] is not True,
+                                                                      str(kv[0][1]))):
+        what = ("CUDA-graph replays" if graph else "too few steps to capture" if graph is None
+                else f"eager ({_EAGER_WHY.get(why, why)})")
+        parts.append(f"{what}: {', '.join(sorted(names))}")
+    return ["- Steps: " + "; ".join(parts)]
 
 
 def write_report(exp, results, out, *, quick=False, command=None, planned=None) -> str:
@@ -1193,10 +1221,19 @@ def _prepare(exp, grid, todo, device):
         _check_fits(rid, grid[rid], datasets[name][0])
     try:
         dev = backend.resolve_device(device)
-        dtypes = {rid: _precision(grid[rid]["precision"], dev) for rid in todo}
-        return datasets, dev, dtypes
     except (RuntimeError, UsageError) as e:
         raise ReproError(f"--device {device}: {e}") from None
+    dtypes = {}
+    for rid in todo:
+        name = grid[rid]["precision"]
+        if name == "tf32":  # a process-wide switch (CUPY_TF32): it would leak into later runs
+            raise ReproError(f"run {rid}: precision tf32 cannot be set per run")
+        try:
+            dtypes[rid] = _precision(name, dev)
+        except UsageError:
+            raise ReproError(f"run {rid} trains in {name}, which needs a GPU (device {dev}); "
+                             "run the grid on a GPU, or --quick on the CPU") from None
+    return datasets, dev, dtypes
 
 
 def run(experiment, *, quick=False, seeds=None, out=None, device="auto", progress=True,
@@ -1221,6 +1258,9 @@ def run(experiment, *, quick=False, seeds=None, out=None, device="auto", progres
         raise ReproError(f"--seeds must be a positive integer, got {seeds!r}")
     out = out or os.path.join("repro-results", exp.name + ("-quick" if quick else ""))
     grid = _grid(exp, quick, seeds)
+    if report_only and not os.path.isdir(os.path.join(out, RESULTS_DIR)):
+        raise ReproError(f"--report-only: {out} holds no runs of {exp.name} (no "
+                         f"{RESULTS_DIR}/ folder)")
     done, todo = _plan(exp, grid, out, quick)
     if report_only:
         todo = []

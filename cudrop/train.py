@@ -218,10 +218,10 @@ class Trainer:
     ``save``: a checkpoint path, written at the end of every epoch, every ``save_every`` steps
     and at the end (atomically: an interrupted run leaves the last complete checkpoint).
     ``save_interval``: seconds; epoch-end checkpoints are then skipped until that long has
-    passed since the last one: with short epochs a checkpoint per epoch can cost more than the
+    passed since the last one (so at most that long plus one epoch apart): with short epochs a checkpoint per epoch can cost more than the
     epoch (45 MLP runs of ``cudrop repro sparsedrop`` on an H200 took 218 s, 33 s of it in
     steps, the rest evaluation, compiles and ~2,800 epoch-end checkpoints of 25 MB; not split
-    further). A resumed run redoes at most that much work, drawing the same masks.
+    further). A resumed run redoes that work, drawing the same masks.
     ``config``: JSON-able settings stored in the checkpoint. ``progress``: a tqdm bar on a
     terminal, plain lines otherwise. ``log``: where epoch lines go. ``early_stop``: an
     :class:`EarlyStopping` checked after every epoch (``fit`` then ends before ``epochs``;
@@ -365,11 +365,14 @@ class Trainer:
         return loss.data
 
     def _add_loss(self, xp, value):
+        # Summed in float32 at least: a bfloat16 sum has 8 significant bits, so 200 losses of
+        # 0.9 would average 0.97. astype also copies, which a captured step's loss buffer needs
+        # (the next replay overwrites it).
+        value = value.astype(np.promote_types(value.dtype, np.float32))
         acc = self._epoch_loss
         if acc is not None and not hasattr(acc, "dtype"):  # restored from a checkpoint
             acc = xp.asarray(acc, dtype=value.dtype)
-        # a copy: a captured step's loss buffer is overwritten by the next replay
-        self._epoch_loss = value.copy() if acc is None else acc + value
+        self._epoch_loss = value if acc is None else acc + value
         self._epoch_steps += 1
 
     def _end_epoch(self, epoch):

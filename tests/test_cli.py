@@ -196,3 +196,15 @@ def test_fp16_trains_with_loss_scaling_and_resumes_exactly(tmp_path, monkeypatch
     assert [r["train_loss"] for r in resumed["epochs"]] == [r["train_loss"]
                                                            for r in full["epochs"]]
     assert all(np.isfinite(r["train_loss"]) for r in full["epochs"])
+
+
+def test_graph_flag_defaults_on_for_one_gpu_only_and_refuses_the_cpu():
+    from cudrop.cli import UsageError, _use_graph
+    assert _use_graph(None, "gpu", 1) is True
+    assert _use_graph(None, "gpu", 2) is False  # data-parallel: eager unless asked
+    assert _use_graph(None, "cpu", 1) is False
+    assert _use_graph(False, "gpu", 1) is False
+    with pytest.raises(UsageError, match="--graph needs the GPU"):
+        _use_graph(True, "cpu", 1)
+    with pytest.warns(RuntimeWarning, match="several ranks"):
+        assert _use_graph(True, "gpu", 2) is True

@@ -321,3 +321,28 @@ def test_report_only_writes_an_unfinished_grids_report_without_training(tmp_path
     planned = len(repro._grid(exp, True, None))
     assert res["ran"] == 0 and planned > 3
     assert f"Runs: 3 of {planned} (unfinished" in open(res["report"]).read()
+
+
+def test_steps_fact_names_what_was_replayed_and_why_the_rest_was_eager():
+    def rec(model, kind, graph, why=None, cfg_graph=True):
+        r = {"config": {"model": model, "dropout": kind, "graph": cfg_graph}, "graph": graph}
+        return dict(r, eager_why=why) if why else r
+    fact = repro._steps_fact([rec("mlp", "dropout", True), rec("mlp", "gyro", False,
+                                                                  "host-decided layer"),
+                              rec("cnn", "none", False, cfg_graph=False),  # an older record
+                              rec("mlp", "none", None)])
+    assert fact == ["- Steps: CUDA-graph replays: mlp dropout; eager (eager by the experiment's "
+                    "config, for a like-for-like comparison): cnn none; eager (a layer decides "
+                    "its structure on the host, which a CUDA graph cannot capture yet): mlp "
+                    "gyro; too few steps to capture: mlp none"]
+    assert repro._steps_fact([{"config": {}}]) == []  # records without the field say nothing
+
+
+def test_report_only_needs_runs_and_bf16_runs_need_a_gpu(tmp_path):
+    with pytest.raises(repro.ReproError, match="holds no runs of gyro"):
+        repro.run("gyro", out=str(tmp_path / "none"), progress=False, report_only=True)
+    grid = {"vit-x": repro._cfg("vit", "digits", "none", 0.0, 0, epochs=1, batch_size=8,
+                                optimizer="adam", lr=1e-3, precision="bf16", patch_size=2)}
+    exp = repro.EXPERIMENTS["sparsedrop"]
+    with pytest.raises(repro.ReproError, match="run vit-x trains in bf16, which needs a GPU"):
+        repro._prepare(exp, grid, list(grid), "cpu")

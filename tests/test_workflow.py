@@ -267,3 +267,15 @@ def test_bfloat16_parameters_survive_a_checkpoint(tmp_path):
         assert got.dtype == v.dtype
         np.testing.assert_array_equal(got.view(np.uint16) if v.dtype == bf16 else got,
                                       v.view(np.uint16) if v.dtype == bf16 else v)
+
+
+def test_the_epoch_loss_of_16_bit_steps_is_summed_in_float32():
+    """200 bfloat16 losses of 0.9 average 0.898 (bfloat16's 0.9), not 0.97 as a bfloat16 sum
+    (8 significant bits) would give; a copy is kept, not the step's buffer."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    run = _setup("none", "cpu", _data())
+    loss = np.asarray(0.9, dtype=ml_dtypes.bfloat16)
+    for _ in range(200):
+        run._add_loss(np, loss)
+    assert run._epoch_loss is not loss and run._epoch_loss.dtype == np.float32
+    assert run._global_loss() / 200 == pytest.approx(float(loss), rel=1e-6)

@@ -5,7 +5,7 @@ import math as _pymath
 
 from .. import backend
 from ..functional import _act
-from ..functional._norm import compute_dtype
+from ..functional._norm import narrow, widen
 from .function import Function
 from .tensor import Tensor, as_tensor
 
@@ -146,18 +146,18 @@ class GELU(Function):
     def forward(self, a):
         xp = backend.get_array_module(a)
         self.a = a
-        x = a.astype(compute_dtype(a.dtype), copy=False)
+        x = widen(a)
         self.t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
-        return (0.5 * x * (1 + self.t)).astype(a.dtype, copy=False)
+        return narrow(0.5 * x * (1 + self.t), a.dtype)
 
     def backward(self, g):
         t = self.t
-        a = self.a.astype(t.dtype, copy=False)
+        a = widen(self.a)
         # Multiply a in one factor at a time: a * a overflows for huge |a|, where 1 - t * t is
         # exactly 0, and 0 * inf would make the gradient nan.
         u = (1 - t * t) * _SQRT_2_OVER_PI
         dt = u + (u * (3 * 0.044715) * a) * a
-        return (g * (0.5 * (1 + t) + 0.5 * a * dt)).astype(g.dtype, copy=False)
+        return narrow(g * (0.5 * (1 + t) + 0.5 * a * dt), g.dtype)
 
 
 class AsType(Function):

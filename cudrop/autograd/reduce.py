@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from .. import backend
-from ..functional._norm import compute_dtype
+from ..functional._norm import narrow, widen
 from .function import Function
 
 
@@ -109,16 +109,14 @@ class Softmax(Function):
 
     def forward(self, a):
         xp = backend.get_array_module(a)
-        x = a.astype(compute_dtype(a.dtype), copy=False)
+        x = widen(a)
         e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
-        self.y = (e / e.sum(axis=self.axis, keepdims=True)).astype(a.dtype, copy=False)
+        self.y = narrow(e / e.sum(axis=self.axis, keepdims=True), a.dtype)
         return self.y
 
     def backward(self, g):
-        cdt = compute_dtype(g.dtype)
-        y, g32 = self.y.astype(cdt, copy=False), g.astype(cdt, copy=False)
-        return (y * (g32 - (g32 * y).sum(axis=self.axis, keepdims=True))).astype(g.dtype,
-                                                                                 copy=False)
+        y, g32 = widen(self.y), widen(g)
+        return narrow(y * (g32 - (g32 * y).sum(axis=self.axis, keepdims=True)), g.dtype)
 
 
 class LogSoftmax(Function):
@@ -129,16 +127,15 @@ class LogSoftmax(Function):
 
     def forward(self, a):
         xp = backend.get_array_module(a)
-        x = a.astype(compute_dtype(a.dtype), copy=False)
+        x = widen(a)
         s = x - x.max(axis=self.axis, keepdims=True)
         self.y = s - xp.log(xp.exp(s).sum(axis=self.axis, keepdims=True))
-        return self.y.astype(a.dtype, copy=False)
+        return narrow(self.y, a.dtype)
 
     def backward(self, g):
         xp = backend.get_array_module(g)
-        g32 = g.astype(self.y.dtype, copy=False)
-        return (g32 - xp.exp(self.y) * g32.sum(axis=self.axis, keepdims=True)).astype(
-            g.dtype, copy=False)
+        g32 = widen(g)
+        return narrow(g32 - xp.exp(self.y) * g32.sum(axis=self.axis, keepdims=True), g.dtype)
 
 
 def sum(a, axis=None, keepdims=False):

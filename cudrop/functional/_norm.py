@@ -69,6 +69,18 @@ def compute_dtype(dtype):
     return np.dtype(np.float32)
 
 
+def widen(a):
+    """A floating array in its compute dtype (:func:`compute_dtype`); anything else as is (an
+    int input keeps NumPy's own promotion, e.g. ``exp(int64)`` -> float64)."""
+    return a.astype(compute_dtype(a.dtype), copy=False) if backend.is_floating(a.dtype) else a
+
+
+def narrow(y, dtype):
+    """A result of :func:`widen`'s computation back in the input's ``dtype`` when that is
+    floating (never cast to an int input's dtype)."""
+    return y.astype(dtype, copy=False) if backend.is_floating(dtype) else y
+
+
 def _check_float(name, a):
     if not backend.is_floating(a.dtype):
         raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
