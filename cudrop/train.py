@@ -366,13 +366,15 @@ class Trainer:
 
     def _add_loss(self, xp, value):
         # Summed in float32 at least: a bfloat16 sum has 8 significant bits, so 200 losses of
-        # 0.9 would average 0.97. astype also copies, which a captured step's loss buffer needs
-        # (the next replay overwrites it).
-        value = value.astype(np.promote_types(value.dtype, np.float32))
+        # 0.9 would average 0.97.
+        dtype = np.promote_types(value.dtype, np.float32)
         acc = self._epoch_loss
         if acc is not None and not hasattr(acc, "dtype"):  # restored from a checkpoint
-            acc = xp.asarray(acc, dtype=value.dtype)
-        self._epoch_loss = value if acc is None else acc + value
+            acc = xp.asarray(acc, dtype=dtype)
+        if acc is None:  # a copy: a captured step's loss buffer is overwritten by the next replay
+            self._epoch_loss = value.astype(dtype)
+        else:
+            self._epoch_loss = acc + value.astype(dtype, copy=False)
         self._epoch_steps += 1
 
     def _end_epoch(self, epoch):
