@@ -199,11 +199,11 @@ def test_every_grid_is_well_formed():
             if quick:
                 assert {cfg["data"] for cfg in grid.values()} <= {"digits", "markov-text"}
                 assert all(cfg["stands_for"] for cfg in grid.values())
-    # Table 1: Dense + 7 p's of two methods at 3 seeds for the MLP; Dense + 2 p's of two
+    # Table 1: Dense + 7 p's of two methods at 3 seeds for the MLP; Dense + p = 0.2 of two
     # methods at 1 seed for ViT and GPT (what fits one GPU session)
     sd = repro.EXPERIMENTS["sparsedrop"]
-    assert len(repro._grid(sd, False, None)) == 15 * 3 + 5 + 5
-    assert len(repro._grid(sd, False, 2)) == (15 + 5 + 5) * 2
+    assert len(repro._grid(sd, False, None)) == 15 * 3 + 3 + 3
+    assert len(repro._grid(sd, False, 2)) == (15 + 3 + 3) * 2
 
 
 def _fake_results(exp, quick):
