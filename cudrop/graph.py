@@ -23,10 +23,13 @@ What changes from step to step without a re-capture:
 SliceOut's Linear layers (``SliceOutLinear``, the MLP models' SliceOut) are captured too:
 their slice start is decided on the device from the replay's step (``raw_kernels/slice.cu``),
 the slice eager mode draws at that step, and the kept units are gathered into fixed-size
-buffers, so every shape in the graph stays fixed.
+buffers, so every shape in the graph stays fixed. So is element gyro dropout
+(``GyroDropout``, the models' ``dropout='gyro'``): one kernel derives the replay's step's
+sub-networks, each row's group (ragged groups included) and the keep bits
+(``raw_kernels/gyro.cu``), those eager mode applies at that step.
 
-Layers that decide their structure on the host (the other SliceOut layers, gyro's and
-block-wise's sub-network schedule, depth dropout's gates) cannot be captured yet: they raise
+Layers that decide their structure on the host (the other SliceOut layers, block-wise gyro's
+sub-network schedule and block lists, depth dropout's gates) cannot be captured yet: they raise
 :class:`CaptureError` while capturing, and the step falls back to eager mode with one warning
 naming the layer, never a wrong result. The same fallback happens for anything else that cannot
 be captured (a host read of a device value, CuPy's own cuBLAS without nvmath-python), and for a
@@ -59,11 +62,13 @@ def is_capturing() -> bool:
     return _recorder is not None
 
 
-def refuse_capture(what: str) -> None:
-    """Raise :class:`CaptureError` naming ``what`` when called during a capture (a layer whose
-    mask structure is decided on the host calls this before deciding)."""
+def refuse_capture(what: str, why: str = "") -> None:
+    """Raise :class:`CaptureError` naming ``what`` (and ``why``, when given) when called during
+    a capture (a layer whose mask structure is decided on the host calls this before
+    deciding)."""
     if _recorder is not None:
-        raise CaptureError(f"{what} decides its mask on the host, which a CUDA graph would "
+        why = f" ({why})" if why else ""
+        raise CaptureError(f"{what} decides its mask on the host{why}, which a CUDA graph would "
                            "freeze at the captured step")
 
 

@@ -211,8 +211,36 @@ def slices_on_the_device():
                          align=align)
 
 
+def gyro_on_the_device():
+    """gyro.cu: element gyro dropout with the sub-networks decided on the device, on ragged
+    shapes (ragged row groups, B < τ, a rank's rows of a global batch, units last and in the
+    middle, sizes that leave a partial last vector), both schedules, forward and backward, and
+    a contiguous view at an odd offset (copied for the vector loads)."""
+    from dataclasses import replace
+    from cudrop.variants import gyro as G, gyro_schedule
+    rng = np.random.default_rng(6)
+    kw = dict(seed=1, layer=2, num_subnets=64, co_scheduled=4, period=3)
+    for shape, axis, ragged, rows in [((1, 1), None, True, None), ((3, 9), None, True, None),
+                                      ((10, 7), None, True, None), ((8, 6, 5), 1, False, None),
+                                      ((6, 2, 3, 5), None, True, None),
+                                      ((130, 1001), None, True, None),
+                                      ((5, 11), None, True, (5, 17))]:
+        for dt in [np.float16, np.float32, np.float64] + bf16:
+            x = cp.asarray(rng.standard_normal(shape)).astype(dt)
+            for schedule in ("consecutive", "random"):
+                d = cp.asarray(7, dtype=np.uint32)
+                units = shape[gyro_schedule.unit_axis_of(shape, axis)]
+                mask = replace(G.draw_mask(units, 0.5, step=d, schedule=schedule, xp=cp,
+                                           **kw), rows=rows)
+                y, saved = G.gyro_dropout(x, mask=mask, unit_axis=axis, ragged=ragged)
+                G.gyro_dropout_backward(y, saved)
+    buf = cp.ones(8 * 37 + 1, np.float32)
+    G.gyro_dropout(buf[1:].reshape(8, 37), 0.5, step=cp.asarray(1, dtype=np.uint32), **kw)
+
+
 index_checks()
 optimizers_and_relu()
 slices_on_the_device()
+gyro_on_the_device()
 cp.cuda.Device().synchronize()
 print("sanitize run ok")

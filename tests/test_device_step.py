@@ -2,8 +2,9 @@
 they run, so a captured CUDA graph draws a new mask per replay once the host writes the step.
 On CuPy the draws equal those of the int step bit for bit and follow a rewrite of the array;
 on NumPy an array step is a TypeError, as is a device step of the wrong dtype or shape, or one
-given to a draw decided on the host (gyro's schedule; SliceOut's slice is decided on the device
-from one, test_sliceout_device.py)."""
+given to a draw decided on the host (block-wise gyro's schedule; SliceOut's slice and element
+gyro's sub-networks are decided on the device from one, test_sliceout_device.py and
+test_gyro_device.py)."""
 import numpy as np
 import pytest
 
@@ -62,9 +63,18 @@ def _draw_sliceout_linear(xp, step):
     return {"y": y, "gx": gx, "gw": gw, "yo": yo, "gxo": gxo, "gwo": gwo}
 
 
+def _draw_gyro_dropout(xp, step):
+    # ragged groups of a 3-D input (units in the middle), the random schedule; forward and
+    # backward
+    x, gy = _x(xp, (10, 13, 3), 1), _x(xp, (10, 13, 3), 2)
+    y, saved = F.gyro_dropout(x, 0.5, seed=3, layer=1, step=step, num_subnets=64,
+                              co_scheduled=4, schedule="random", unit_axis=1, ragged=True)
+    return {"y": y, "gx": F.gyro_dropout_backward(gy, saved)}
+
+
 DRAWS = {"dropout": _draw_dropout, "dropout_tensor": _draw_dropout_tensor,
          "block_mask": _draw_block_mask, "sparsedrop_linear": _draw_sparsedrop_linear,
-         "sliceout_linear": _draw_sliceout_linear}
+         "sliceout_linear": _draw_sliceout_linear, "gyro_dropout": _draw_gyro_dropout}
 
 
 def _assert_same(got, want):
@@ -105,21 +115,22 @@ def test_device_step_of_wrong_dtype_or_shape_is_refused(xp, bad):
 def test_host_decided_draws_refuse_a_device_step(xp):
     d = xp.asarray(7, dtype=np.uint32)
     with pytest.raises(TypeError, match="step"):
-        gyro.draw_mask(64, 0.5, seed=1, step=d, xp=xp)
-    with pytest.raises(TypeError, match="step"):
         blockwise.draw_mask((256, 64), 0.5, seed=1, step=d, xp=xp)
-    # SliceOut's slice is decided on the device with one (test_sliceout_device.py); its ops that
-    # slice on the host refuse such a mask
+    # SliceOut's slice and element gyro's sub-networks are decided on the device with one
+    # (test_sliceout_device.py, test_gyro_device.py); SliceOut's ops that slice on the host
+    # refuse such a mask
     if xp is np:
         with pytest.raises(TypeError, match="step"):
             sliceout.draw_mask(64, 0.5, seed=1, step=d)
+        with pytest.raises(TypeError, match="step"):
+            gyro.draw_mask(64, 0.5, seed=1, step=d, xp=xp)
     else:
         mask = sliceout.draw_mask(64, 0.5, seed=1, step=d)
         assert mask.on_device and mask.draw.step is d
         with pytest.raises(TypeError, match="decides its slice on the host"):
             sliceout.sliceout(_x(xp, (8, 64)), mask=mask)
-    with pytest.raises(TypeError, match="step"):
-        F.gyro_dropout(_x(xp, (8, 64)), 0.5, seed=1, step=d)
+        mask = gyro.draw_mask(64, 0.5, seed=1, step=d, xp=xp)
+        assert mask.on_device and mask.draw.step is d
 
 
 @pytest.mark.gpu

@@ -165,15 +165,50 @@ def test_captured_sliceout_linear_steps_equal_eager_in_both_modes_and_wrap_mode(
     _captured_equals_eager(build, make_opt, _batches(8, batch=48))
 
 
+def test_captured_gyro_steps_equal_eager_across_set_changes():
+    """Element gyro dropout decided on the device at every replay, over 60 steps: the
+    consecutive schedule with period 3 (a new set of sub-networks every 3 steps; the cycle of 8
+    sets runs 2.5 times) on ragged row groups (50 rows, τ = 4), and the random schedule (new
+    sub-networks every step) on 5 groups of 10 rows. Replays equal eager steps: losses,
+    weights, layer steps, and the last step's masks."""
+    from cudrop import nn
+
+    def build():
+        rng = np.random.default_rng(0)
+        return nn.number_layers(nn.Sequential(
+            nn.Linear(64, 96, rng=rng), nn.ReLU(),
+            nn.GyroDropout(0.3, num_subnets=32, co_scheduled=4, period=3, ragged=True),
+            nn.Linear(96, 80, rng=rng), nn.ReLU(),
+            nn.GyroDropout(0.5, num_subnets=40, co_scheduled=5, schedule="random"),
+            nn.Linear(80, 10, rng=rng)), seed=3)
+
+    make_opt = lambda p: optim.SGD(p, 0.05, momentum=0.9)  # noqa: E731
+    batches = _batches(60, batch=50)
+    eager = _run(build, make_opt, batches, captured=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager would warn: fail instead
+        captured = _run(build, make_opt, batches, captured=True)
+    assert captured[0].graph is not None and captured[0].failed is None
+    _same(eager, captured)
+    drops = [[m for m in run[2].modules() if isinstance(m, nn.GyroDropout)]
+             for run in (eager, captured)]
+    for e, c in zip(*drops):
+        assert e.step == c.step == 60 and c.last_mask.on_device  # the captured mask
+        back = c.last_mask.host()  # read at the last replay's step: the last eager mask
+        assert back.subnets == e.last_mask.subnets
+        np.testing.assert_array_equal(backend.asnumpy(back.keep),
+                                      backend.asnumpy(e.last_mask.keep))
+
+
 def test_host_decided_layers_fall_back_to_eager_with_one_warning():
     def build():
-        return models.mlp((64,), 10, hidden=(256, 256), dropout="gyro", p=0.3, seed=0)
+        return models.mlp((64,), 10, hidden=(256, 256), dropout="blockwise", p=0.3, seed=0)
 
     make_opt = lambda p: optim.SGD(p, 0.05)  # noqa: E731
     batches = _batches(6)
     eager = _run(build, make_opt, batches, captured=False)
-    with pytest.warns(RuntimeWarning, match=r"GyroDropout\(layer \d+\) decides its mask on "
-                                            r"the host") as rec:
+    with pytest.warns(RuntimeWarning, match=r"BlockwiseDropout\(layer \d+\) decides its mask "
+                                            r"on the host \(block-wise gyro") as rec:
         captured = _run(build, make_opt, batches, captured=True)
     assert len(rec) == 1 and captured[0].failed is not None
     _same(eager, captured)
@@ -191,10 +226,11 @@ def test_a_batch_of_another_shape_runs_eagerly_between_replays():
           _run(build, make_opt, batches, captured=True))
 
 
-@pytest.mark.parametrize("kind", ["dropout", "gyro"])
+@pytest.mark.parametrize("kind", ["dropout", "gyro", "blockwise"])
 def test_trainer_with_capture_equals_eager_trainer(kind):
     """Trainer(capture=True): the same history (losses, validation metrics) and weights as
-    eager training over 2 epochs with a short last batch (run eagerly) and a schedule; gyro,
+    eager training over 2 epochs with a short last batch (run eagerly) and a schedule; gyro
+    (ragged row groups: τ = 8 does not divide the batch of 100) is captured; block-wise gyro,
     decided on the host, falls back to eager with a warning and still matches."""
     from cudrop import data
     from cudrop.train import ClassifierTask, Trainer
@@ -217,7 +253,7 @@ def test_trainer_with_capture_equals_eager_trainer(kind):
     h_e, f_e, w_e, _, _ = fit(False)
     h_c, f_c, w_c, trainer, caught = fit(True)
     step = trainer.captured_step
-    if kind == "gyro":
+    if kind == "blockwise":
         assert step.graph is None and isinstance(step.failed, graph.CaptureError)
         assert sum("cannot be captured" in str(w.message) for w in caught) == 1
     else:

@@ -327,14 +327,14 @@ def test_steps_fact_names_what_was_replayed_and_why_the_rest_was_eager():
     def rec(model, kind, graph, why=None, cfg_graph=True):
         r = {"config": {"model": model, "dropout": kind, "graph": cfg_graph}, "graph": graph}
         return dict(r, eager_why=why) if why else r
-    fact = repro._steps_fact([rec("mlp", "dropout", True), rec("mlp", "gyro", False,
+    fact = repro._steps_fact([rec("mlp", "dropout", True), rec("mlp", "blockwise", False,
                                                                   "host-decided layer"),
                               rec("cnn", "none", False, cfg_graph=False),  # an older record
                               rec("mlp", "none", None)])
     assert fact == ["- Steps: CUDA-graph replays: mlp dropout; eager (eager by the experiment's "
                     "config, for a like-for-like comparison): cnn none; eager (a layer decides "
                     "its structure on the host, which a CUDA graph cannot capture yet): mlp "
-                    "gyro; too few steps to capture: mlp none"]
+                    "blockwise; too few steps to capture: mlp none"]
     assert repro._steps_fact([{"config": {}}]) == []  # records without the field say nothing
 
 

@@ -11,13 +11,24 @@ It also memoises that mask for the next step: under the consecutive schedule the
 of a step repeat for ``period`` steps, and redrawing them costs a host Philox pass (CPU) or a
 kernel launch (GPU). The memo is keyed by everything the mask depends on, so it never changes
 a result; it is not state (not saved, not needed to resume).
+
+CUDA graphs (``cudrop.graph``). ``GyroDropout`` on CuPy inputs asks for
+``next_step(device=True)``: eagerly that is the same int, and inside a capture a device step,
+so the sub-networks, each row's group and the keep bits are decided on the device at every
+replay (``raw_kernels/gyro.cu``); ``last_mask`` is then the captured mask, decided on the
+device (``GyroMask.host()`` reads it back). Block-wise gyro decides its sub-network schedule
+and its block lists on the host, so ``BlockwiseDropout`` and ``BlockwiseLinear`` refuse a
+capture (the step then runs eagerly).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
 from .. import autograd as ag
-from .. import backend
+from .. import backend, graph
+from ..variants import gyro as Fg
 from ..variants import gyro_schedule as gyro
 from ..autograd.tensor import as_tensor
 from ..philox import check_prob
@@ -72,6 +83,10 @@ class GyroDropout(_GyroBase):
     Units are channels for 4-D (N, C, H, W) input and the last axis otherwise (``unit_axis``
     overrides). τ must divide the batch unless ``ragged=True``, which splits a batch that τ
     does not divide (a short last batch) into groups whose sizes differ by one.
+
+    On CuPy inputs it can be captured in a CUDA graph (``cudrop.graph``): there the
+    sub-networks are decided on the device from the replay's step, those eager mode uses at
+    that step.
     """
 
     def __init__(self, p=0.5, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
@@ -86,16 +101,26 @@ class GyroDropout(_GyroBase):
         if not self.is_training or self.p == 0:
             return x
         x = as_tensor(x)
-        step = self.next_step()
         ax = gyro.unit_axis_of(x.shape, self.unit_axis)
         xp = backend.get_array_module(x.data)
+        device = xp is not np
+        if device and not graph.is_capturing():
+            Fg.load_device_kernels(x.data.dtype)  # before a capture needs it: see its docstring
+        step = self.next_step(device=device)
         sched = self._sched()
-        ids = tuple(int(i) for i in gyro.scheduled_subnets(step, **sched))
-        key = (ids, x.shape[ax], self.p, self.seed, self.layer, backend.device_of(x.data))
-        keep = self._memoised(key, lambda: gyro.subnet_keep(
-            ids, x.shape[ax], self.p, seed=self.seed, layer=self.layer, xp=xp))
         rows = self.global_rows(x.shape[0]) if self.shard.world_size > 1 else None
-        self.last_mask = gyro.GyroMask(keep, ids, self.p, rows)
+        if backend.is_gpu_array(step):  # capturing: the kernel decides at every replay
+            self.last_mask = replace(Fg.draw_mask(x.shape[ax], self.p, step=step, xp=xp, **sched),
+                                     rows=rows)
+        else:
+            # An int step (every eager step) keeps the host path, so last_mask holds the
+            # step's unit masks for whoever reads them; the kernel that a capture records
+            # equals it bit for bit (tests/test_gyro_device.py), so replays equal eager steps.
+            ids = tuple(int(i) for i in gyro.scheduled_subnets(step, **sched))
+            key = (ids, x.shape[ax], self.p, self.seed, self.layer, backend.device_of(x.data))
+            keep = self._memoised(key, lambda: gyro.subnet_keep(
+                ids, x.shape[ax], self.p, seed=self.seed, layer=self.layer, xp=xp))
+            self.last_mask = gyro.GyroMask(keep, ids, self.p, rows)
         return ag.gyro_dropout(x, mask=self.last_mask, unit_axis=ax, ragged=self.ragged)
 
 
@@ -126,6 +151,10 @@ class BlockwiseDropout(_GyroBase):
         self.last_mask = None
         if not self.is_training or self.p == 0:
             return None
+        graph.refuse_capture(f"BlockwiseDropout(layer {self.layer})",
+                             "block-wise gyro dropout: its sub-network schedule and the GEMMs' "
+                             "kept-block lists stay host-decided; element GyroDropout is "
+                             "captured")
         data = as_tensor(x).data
         step = self.next_step()
         shape = gyro.gemm_shape(data.shape)

@@ -4,8 +4,6 @@
 #include "philox.cuh"
 #include "dtypes.cuh"
 
-template <typename T> struct alignas(4 * sizeof(T)) cd_vec4 { T v[4]; };
-
 // Thread t owns elements 4t .. 4t + 3: one Philox call (counter t), one vector load and store.
 // The four keep bits form a nibble; eight lanes OR their shifted nibbles into one 32-bit half of
 // the little-endian uint64 bit array (word t / 8). Launch 16 * ceil(n / 64) threads so every

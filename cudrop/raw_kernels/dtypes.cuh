@@ -5,6 +5,10 @@
 struct cd_f16 { unsigned short v; };
 struct cd_bf16 { unsigned short v; };
 
+// Four elements for one vector load or store (the array must be aligned to 4 * sizeof(T): the
+// host copies a view that is not, raw_kernels.vector_aligned).
+template <typename T> struct alignas(4 * sizeof(T)) cd_vec4 { T v[4]; };
+
 template <typename T> struct cd_is_bf16 { static constexpr bool value = false; };
 template <> struct cd_is_bf16<cd_bf16> { static constexpr bool value = true; };
 

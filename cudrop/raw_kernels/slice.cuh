@@ -5,11 +5,7 @@
 // compare them with the Python functions on machines without a GPU.
 #pragma once
 
-#ifndef __CUDACC__  // the host-only test build (g++): the qualifiers mean nothing there
-#define __host__
-#define __device__
-#define __forceinline__ inline
-#endif
+#include "hostdev.cuh"
 
 // The start from the Philox word at (seed, layer, step, TAG_SLICE, row 0, col 0): index
 // floor(word * count / 2**32) among the `count` valid starts (num_starts), exactly, times

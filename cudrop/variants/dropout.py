@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend, masks, philox, random
-from ..raw_kernels import cuda_type, launch
+from ..raw_kernels import cuda_type, launch, vector_aligned
 
 _THREADS = 256
 
@@ -75,7 +75,7 @@ def dropout_backward(grad_out, saved):
         keep = mask.to_dense().reshape(grad_out.shape)
         return np.where(keep, grad_out * grad_out.dtype.type(saved.scale),
                         grad_out.dtype.type(0))
-    g = _aligned(xp, grad_out)
+    g = vector_aligned(grad_out)
     gx = xp.empty_like(g)
     n = g.size
     if n:
@@ -84,15 +84,8 @@ def dropout_backward(grad_out, saved):
     return gx
 
 
-def _aligned(cp, a):
-    """C-contiguous and aligned for the kernels' 4-element vector loads (a contiguous view at an
-    odd offset is not)."""
-    a = cp.ascontiguousarray(a)
-    return a if a.data.ptr % (4 * a.itemsize) == 0 else a.copy()
-
-
 def _dropout_gpu(cp, x, p, scale, seed, layer, step, offset=0):
-    x = _aligned(cp, x)
+    x = vector_aligned(x)
     n = x.size
     y = cp.empty_like(x)
     words = -(-n // 64)

@@ -5,18 +5,29 @@ The mask (``GyroMask``: τ unit masks) is a pure function of (seed, layer, step)
 schedule (``gyro_schedule``). The op views x as (τ, B/τ, ...) and broadcasts the
 (τ, 1, ..., N, ...) masks: two elementwise passes (scale, then zero the dropped cells, exactly 0
 so an inf or NaN in a dropped cell does not leak), never a mask of x's size.
+
+Decided on the device. Drawn with a device step (a 0-d uint32 CuPy array), the mask has no
+``keep`` or ``subnets`` but a ``GyroDraw``: one kernel (``raw_kernels/gyro.cu``) derives the
+step's sub-networks, each row's group and the keep bits from it when it runs and writes
+``x * keep / q`` in one pass, forward and backward alike (ragged groups and a data-parallel
+rank's rows included). Its output equals the int step's bit for bit (the same cells kept, each
+times the same dtype-rounded ``1/q``), so ``nn.GyroDropout`` can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
 
 from .. import backend, philox, random
 from ..functional._block_linear import _scale_and_zero
+from ..raw_kernels import launch, load, vector_aligned
 from . import gyro_schedule as gyro
 
-__all__ = ["draw_mask", "gyro_dropout", "gyro_dropout_backward"]
+__all__ = ["draw_mask", "load_device_kernels", "gyro_dropout", "gyro_dropout_backward"]
+
+_THREADS = 256
 
 
 def _check_x(x, what="x"):
@@ -26,11 +37,17 @@ def _check_x(x, what="x"):
 
 def _apply_gyro(x, mask, ax, ragged):
     xp = backend.get_array_module(x, mask.keep)
-    bounds = mask.row_bounds(x.shape[0], ragged)
+    bounds = mask.row_bounds(x.shape[0], ragged)  # also the divisibility check of either path
     tau, n = mask.co_scheduled, mask.n_units
     if x.shape[ax] != n:
         raise ValueError(f"x has {x.shape[ax]} units on axis {ax} but the mask has {n}")
     scale = x.dtype.type(1.0 / mask.q)
+    if mask.on_device:
+        if xp is np:
+            raise TypeError("gyro_dropout: the mask is decided on the device (drawn with a "
+                            "device step) but x is a NumPy array: pass a CuPy array, or draw "
+                            "with an int step")
+        return _apply_on_device(x, mask, ax, scale)
     y = xp.empty(x.shape, x.dtype)
     row_shape = [1] * (x.ndim - 1)
     row_shape[ax - 1] = n
@@ -46,6 +63,40 @@ def _apply_gyro(x, mask, ax, ragged):
     return y
 
 
+def _apply_on_device(x, mask, ax, scale):
+    """``x * keep / q`` by the kernel of ``raw_kernels/gyro.cu`` for a mask decided on the
+    device; every element written (the dropped ones +0)."""
+    x = vector_aligned(x)
+    y = backend.get_array_module(x).empty_like(x)
+    if x.size == 0:
+        return y
+    rows = x.shape[0]
+    offset, total = (0, rows) if mask.rows is None else mask.rows
+    d = mask.draw
+    if total * d.co_scheduled >= 2 ** 64:  # the kernel's slot arithmetic (gyro.cuh)
+        raise ValueError(f"gyro_dropout: a batch of {total} rows times co_scheduled "
+                         f"({d.co_scheduled}) must stay below 2**64 on the device")
+    step_value, step_ptr = philox.step_args(d.step)
+    # steps are below 2**32: any longer period runs the first set for the whole run, as 2**32
+    period = min(d.period, 2 ** 32)
+    inner = math.prod(x.shape[ax + 1:])
+    launch("gyro.cu", "gyro_apply", x.dtype, (-(-x.size // (4 * _THREADS)),), (_THREADS,),
+           (x, y, np.int64(x.size), np.int64(x.size // rows), np.int64(inner),
+            np.int64(x.shape[ax]), np.int64(offset), np.int64(total), np.uint32(d.seed),
+            np.uint32(d.layer), step_value, step_ptr, np.uint64(d.num_subnets),
+            np.uint64(d.co_scheduled), np.uint64(period), np.int32(d.schedule == "random"),
+            np.uint32(philox.threshold(mask.p)), np.float64(scale)))
+    return y
+
+
+def load_device_kernels(dtype) -> None:
+    """Compile and load the kernel that applies a gyro mask decided on the device to arrays of
+    ``dtype`` (memoised by the one loader, ``raw_kernels``). ``nn.GyroDropout`` calls it in its
+    eager steps on CuPy, so that a later CUDA-graph capture, whose step first takes the device
+    path, does not compile or load a module while the stream is capturing."""
+    load("gyro.cu", "gyro_apply", dtype)
+
+
 class GyroDropoutSaved(NamedTuple):
     """The τ unit masks, the units axis, whether groups are ragged, and x's shape."""
     mask: gyro.GyroMask
@@ -59,9 +110,21 @@ def draw_mask(n_units, p, *, seed=None, layer=0, step=None, num_subnets=gyro.DEF
               schedule="consecutive", xp=np):
     """The gyro mask of ``step`` over ``n_units`` units: the τ scheduled sub-networks' unit
     masks (a ``GyroMask``), a pure function of (seed, layer, step) and the schedule.
-    ``seed=None``: the global generator (``cudrop.random``)."""
-    seed, step = random.resolve(seed, step)
-    step = philox.check_host_step(step, "gyro_dropout")
+    ``seed=None``: the global generator (``cudrop.random``).
+
+    ``step`` a device step (a 0-d uint32 CuPy array; ``xp`` must then be CuPy): the
+    sub-networks are left to the kernel, which reads the step when it runs; the mask has
+    ``keep=None``, ``subnets=None`` and its ``GyroDraw`` (see ``GyroMask``). Every argument is
+    still checked here."""
+    seed, step = random.resolve(seed, step, xp)
+    if backend.is_gpu_array(step):
+        gyro.check_subnets(num_subnets, co_scheduled, schedule)
+        n_units = gyro._check_int("n_units", n_units, 1)
+        # the random schedule reads no period (scheduled_subnets ignores it)
+        period = gyro._check_int("period", period, 1) if schedule == "consecutive" else 1
+        draw = gyro.GyroDraw(seed, philox.check_seed("layer", layer), step, n_units,
+                             int(num_subnets), int(co_scheduled), int(period), schedule)
+        return gyro.GyroMask(None, None, philox.check_prob(p), draw=draw)
     return gyro.gyro_mask(n_units, p, step=step, seed=seed, layer=layer, num_subnets=num_subnets,
                           co_scheduled=co_scheduled, period=period, schedule=schedule, xp=xp)
 
@@ -76,6 +139,9 @@ def gyro_dropout(x, p=None, *, mask=None, seed=None, layer=0, step=None,
     set of τ running ``period`` consecutive steps; see ``cudrop.variants.gyro_schedule``).
 
     ``mask`` (a ``GyroMask``) or else one drawn by :func:`draw_mask` at (seed, layer, step).
+    ``step`` an int, or on CuPy a device step (a 0-d uint32 CuPy array): the mask is then
+    decided on the device by the kernel, which reads the step when it runs (a captured CUDA
+    graph applies a new step's sub-networks per replay), with the int step's result bit for bit.
     ``unit_axis`` defaults to channels for 4-D (N, C, H, W) input and the last axis otherwise.
     τ must divide the batch unless ``ragged`` (then the groups' sizes differ by at most one).
     Nothing is skipped: gyro dropout is an accuracy method. Returns ``(y, saved)``.

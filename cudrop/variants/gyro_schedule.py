@@ -28,11 +28,20 @@ Block-wise gyro works in row blocks of ``Mb`` rows (128): row block ``r`` at ste
 slot ``(t * nRowBlocks + r) mod τ``, so when a batch has fewer row blocks than τ the τ
 co-scheduled sub-networks span several iterations (the paper's Figure 3(b)). Block-wise needs
 no divisibility: edge blocks are partial.
+
+Decided on the device. Element gyro drawn with a *device step* (a 0-d uint32 CuPy array, as a
+captured CUDA graph's layers get from ``StochasticLayer.next_step(device=True)``) yields a
+``GyroMask`` without ``keep`` and ``subnets`` but with its ``GyroDraw``: the kernel
+(``raw_kernels/gyro.cu`` over ``gyro.cuh``) computes the sub-networks of the step, each row's
+group (row ``r`` of ``B`` is in group ``((r + 1) τ - 1) // B``, the group ``row_bounds`` gives
+it, ragged or not) and the keep bits with the integer arithmetic above, so its result equals the
+int step's bit for bit. Block-wise gyro is decided on the host only.
 """
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -134,29 +143,67 @@ def row_block_subnets(step, n_row_blocks, subnets, offset=0, total=None):
     return subnets[(first + np.arange(n_row_blocks)) % tau]
 
 
+class GyroDraw(NamedTuple):
+    """Where a gyro mask decided on the device comes from: the Philox key ``(seed, layer)``,
+    the device ``step`` (a 0-d uint32 CuPy array, read by the kernel when it runs), the units
+    it masks and the schedule."""
+    seed: int
+    layer: int
+    step: object
+    n_units: int
+    num_subnets: int
+    co_scheduled: int
+    period: int
+    schedule: str
+
+
 @dataclass(frozen=True)
 class GyroMask:
     """The unit masks of the τ slots of one step: ``keep[t]`` (bool, on the device) is the mask
-    of sub-network ``subnets[t]``, applied to row group ``t`` of the batch."""
+    of sub-network ``subnets[t]``, applied to row group ``t`` of the batch.
 
-    keep: object       # (τ, N) bool
-    subnets: tuple     # (τ,) host ints
+    A mask decided on the device (drawn with a device step, as a captured CUDA graph's layers
+    draw) has ``keep`` and ``subnets`` None and ``draw``, a :class:`GyroDraw`: the kernel
+    (``raw_kernels/gyro.cu``) computes both from it when it runs; :meth:`host` turns it into the
+    host form by reading the step."""
+
+    keep: object       # (τ, N) bool, or None when decided on the device
+    subnets: tuple     # (τ,) host ints, or None when decided on the device
     p: float
     #: ``(offset, total)``: the batch is rows ``offset ..`` of a global batch of ``total`` rows
     #: whose row groups the slots follow (data parallelism); None: the batch is the whole.
     rows: tuple | None = None
+    draw: GyroDraw | None = None
 
     @property
     def q(self):
         return 1.0 - self.p
 
     @property
+    def on_device(self) -> bool:
+        """True when the sub-networks are decided on the device (``keep`` is None)."""
+        return self.keep is None
+
+    @property
     def n_units(self):
-        return self.keep.shape[1]
+        return self.draw.n_units if self.keep is None else self.keep.shape[1]
 
     @property
     def co_scheduled(self):
-        return self.keep.shape[0]
+        return self.draw.co_scheduled if self.keep is None else self.keep.shape[0]
+
+    def host(self) -> "GyroMask":
+        """This mask with ``keep`` and ``subnets`` decided on the host: itself when they are,
+        else the mask :func:`gyro_mask` draws at the int value of the device step, on its
+        device (reading the step waits for the device: for references and tests, never inside
+        a captured step)."""
+        if self.keep is not None:
+            return self
+        d = self.draw
+        m = gyro_mask(d.n_units, self.p, step=int(d.step), seed=d.seed, layer=d.layer,
+                      num_subnets=d.num_subnets, co_scheduled=d.co_scheduled, period=d.period,
+                      schedule=d.schedule, xp=backend.get_array_module(d.step))
+        return replace(m, rows=self.rows)
 
     def row_bounds(self, batch, ragged=False):
         """``[(start, stop)]`` of the τ contiguous row groups of a batch of ``batch`` rows.
@@ -182,8 +229,10 @@ class GyroMask:
         return out
 
     def to_dense(self, shape, unit_axis=None, ragged=False):
-        """Bool array of ``shape`` (for tests and reference paths)."""
-        xp = backend.get_array_module(self.keep)
+        """Bool array of ``shape`` (for tests and reference paths; a mask decided on the
+        device is read back first, :meth:`host`)."""
+        keep = self.host().keep
+        xp = backend.get_array_module(keep)
         ax = unit_axis_of(shape, unit_axis)
         if shape[ax] != self.n_units:
             raise ValueError(f"x has {shape[ax]} units on axis {ax}, the mask {self.n_units}")
@@ -191,7 +240,7 @@ class GyroMask:
         row_shape = [1] * (len(shape) - 1)  # one row's shape, units on their axis
         row_shape[ax - 1] = self.n_units
         for t, (a, b) in enumerate(self.row_bounds(shape[0], ragged)):
-            out[a:b] = self.keep[t].reshape(row_shape)
+            out[a:b] = keep[t].reshape(row_shape)
         return out
 
 
