@@ -430,3 +430,68 @@ def test_gather_and_scatter_reject_duplicate_or_out_of_range_host_indices():
             Fd.gather_rows(x, bad)
         with pytest.raises(ValueError, match="strictly increasing"):
             Fd.scatter_add_rows(x, np.ones((2, 2)), bad)
+
+
+# ---- the gated body's two ends (a captured step's depth dropout: cudrop.graph.gate) ---------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gate_ends_select_on_the_replays_scale(xp, dtype):
+    """gate_out = t + f * s where s != 0, else t even when the skipped body's stale output is
+    inf or NaN; gate_in's backward passes the body's gradient only where the body ran. Checked
+    against float64 NumPy arithmetic written out here."""
+    from cudrop.functional import _gate
+    rng = np.random.default_rng(0)
+    t, f, g = (xp.asarray(rng.standard_normal((4, 3, 5, 5)).astype(dtype)) for _ in range(3))
+    stale = f.copy()
+    stale[0, 0, 0, 0], stale[1, 2, 3, 4] = np.inf, np.nan
+    for s in (1.0, 1.25):
+        scale = xp.asarray(np.float32(s))
+        y, saved = _gate.gate_out(t, f, scale)
+        want = backend.asnumpy(t).astype(np.float64) + backend.asnumpy(f).astype(np.float64) * s
+        np.testing.assert_allclose(backend.asnumpy(y), want, rtol=1e-6, atol=1e-6)
+        gt, gf = _gate.gate_out_backward(g, saved)
+        assert gt is g
+        np.testing.assert_allclose(backend.asnumpy(gf), backend.asnumpy(g) * s, rtol=1e-6)
+        x, saved_in = _gate.gate_in(t, scale)
+        assert x is t
+        np.testing.assert_array_equal(backend.asnumpy(_gate.gate_in_backward(g, saved_in)),
+                                      backend.asnumpy(g))
+    zero = xp.asarray(np.float32(0))
+    y, saved = _gate.gate_out(t, stale, zero)
+    np.testing.assert_array_equal(backend.asnumpy(y), backend.asnumpy(t))
+    np.testing.assert_array_equal(backend.asnumpy(_gate.gate_out_backward(g, saved)[1]), 0)
+    stale_grad = g.copy()
+    stale_grad[0, 0, 0, 0] = np.nan
+    got = _gate.gate_in_backward(stale_grad, _gate.gate_in(t, zero)[1])
+    assert got.dtype == g.dtype and not backend.asnumpy(got).any()
+
+
+def test_gate_out_refuses_a_body_output_unlike_the_shortcut():
+    from cudrop.functional import _gate
+    t = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="shortcut"):
+        _gate.gate_out(t, np.zeros((2, 4), np.float32), np.float32(1))
+    with pytest.raises(ValueError, match="shortcut"):
+        _gate.gate_out(t, np.zeros((2, 3), np.float64), np.float32(1))
+
+
+def test_span_nodes_are_what_was_captured_between_two_points():
+    """The nodes of a gated span, from the capture's dependency sets at its two ends, on a
+    chain and on a fork/join graph (what a capture records)."""
+    from cudrop._cugraph import span_nodes
+
+    def graph_of(edges):
+        succ, pred = {}, {}
+        for a, b in edges:
+            succ.setdefault(a, []).append(b)
+            pred.setdefault(b, []).append(a)
+        return succ, pred
+
+    chain = graph_of([(i, i + 1) for i in range(1, 9)])  # 1 -> 2 -> ... -> 9
+    assert span_nodes(*chain, (3,), (6,)) == {4, 5, 6}
+    assert span_nodes(*chain, (6,), (6,)) == set()  # nothing captured in between
+    assert span_nodes(*chain, (), (2,)) == {1, 2}  # a span that opens the capture
+    # 1 -> {2, 3} -> 4 -> 5: a span from 1 to 4 holds both branches and the join
+    fork = graph_of([(1, 2), (1, 3), (2, 4), (3, 4), (4, 5)])
+    assert span_nodes(*fork, (1,), (4,)) == {2, 3, 4}
+    assert span_nodes(*fork, (2, 3), (5,)) == {4, 5}
