@@ -202,16 +202,6 @@ def gate_of(leaf) -> "Gate | None":
     return None if entry is None else entry[0]
 
 
-def refuse_gated(params, what: str) -> None:
-    """CaptureError when ``what`` would read a gated parameter's gradient outside its part
-    (a skipped part leaves a stale gradient there)."""
-    for p in params:
-        g = gate_of(p)
-        if g is not None:
-            raise CaptureError(f"{what} reads the gradients of {g.name}'s parameters, which a "
-                               "replay that skips the unit leaves stale")
-
-
 def require_state(optimizer) -> None:
     """_NotYet when a gated parameter has no optimizer state yet (its first update creates the
     state, which a graph would repeat at every replay)."""

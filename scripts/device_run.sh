@@ -42,8 +42,8 @@ if [ "${SANITIZE:-1}" != 0 ]; then
 fi
 benches=${BENCHES:-dropout batched_matmul variants train_step bsmm gemm graph_step host_overhead}
 [ "$benches" = "-" ] && benches=""
-for b in $benches; do
-  timeout $lim python3 benchmarks/$b.py > "$OUT/$b.log" 2>&1
+for b in $benches; do  # BENCH_ARGS: arguments for every benchmark (e.g. graph_step's cases)
+  timeout $lim python3 benchmarks/$b.py ${BENCH_ARGS:-} > "$OUT/$b.log" 2>&1
   tail -n 20 "$OUT/$b.log" | tee -a "$OUT/bench.log"
 done
 [ -n "${REPRO:-}" ] && ! python3 -c "import nvmath" 2>/dev/null && \
