@@ -49,12 +49,13 @@ done
 [ -n "${REPRO:-}" ] && ! python3 -c "import nvmath" 2>/dev/null && \
   echo "WARNING: nvmath-python missing: every repro step would run eagerly (carry .whl)"
 for e in ${REPRO:-}; do
-  timeout ${REPRO_LIMIT:-$lim} python3 -m cudrop repro "$e" --no-progress \
+  # SIGINT, not SIGTERM: Python unwinds, so a checkpoint being written leaves no temporary file
+  timeout -s INT -k 30 ${REPRO_LIMIT:-$lim} python3 -m cudrop repro "$e" --no-progress \
     --out "benchmarks/repro/$e" > "$OUT/repro-$e.log" 2>&1
   tail -n 4 "$OUT/repro-$e.log"
 done
 # interrupted runs' checkpoints stay behind (an MLP's is tens of MB; 16 MiB come back a file)
-[ -n "${REPRO:-}" ] && tar czf "$OUT/repro.tgz" --exclude='*.ckpt' benchmarks/repro
+[ -n "${REPRO:-}" ] && tar czf "$OUT/repro.tgz" --exclude='*.ckpt' --exclude='*.tmp' benchmarks/repro
 runs=$(mktemp -d)
 train() {  # name, then cudrop train arguments
   local name=$1; shift
