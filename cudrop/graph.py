@@ -220,7 +220,6 @@ class CapturedStep:
         return self._on_stream(lambda: self._replay(inputs))
 
     def _capture(self, inputs):
-        global _recorder
         cp = backend.cupy
         self.static_in = [cp.array(a, copy=True) for a in inputs]
         before = self.state.snapshot()

@@ -1,11 +1,14 @@
 """Shared fixtures. ``xp`` runs a test on NumPy and, where a GPU is usable, on CuPy: one suite
 for both devices, the GPU half marked ``gpu`` and skipped cleanly without one."""
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
 import cudrop
-from cudrop import _checks, backend
+from cudrop import _checks, backend, raw_kernels
 
 # ``xp`` is a module, the same for every example, so a function-scoped fixture is safe here.
 _ok = [HealthCheck.function_scoped_fixture]
@@ -80,3 +83,23 @@ def low_precision_dtype(xp, dtype):
     except Exception as e:  # CuPy builds without bfloat16 support
         pytest.skip(f"CuPy cannot hold bfloat16 arrays here: {e}")
     return np.dtype(ml_dtypes.bfloat16)
+
+
+def host_harness(tmp_path_factory, name, source):
+    """Compile ``source`` (C++ that includes cudrop's kernel headers, which compile for the host
+    too) with the machine's C++ compiler, or skip the test when there is none. Returns
+    ``run(lines) -> stdout``: one input line per tuple of ``lines``, fields space-separated."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    d = tmp_path_factory.mktemp(name)
+    (d / "main.cpp").write_text(source)
+    exe = d / "main"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(raw_kernels.HERE), str(d / "main.cpp"),
+                    "-o", str(exe)], check=True, capture_output=True)
+
+    def run(lines):
+        return subprocess.run([str(exe)], input="\n".join(" ".join(map(str, v)) for v in lines),
+                              capture_output=True, text=True, check=True).stdout
+
+    return run

@@ -11,8 +11,6 @@ against the host path; the mask's Python side; the argument errors; block-wise g
 of a capture. On a GPU: the kernel against the host path, forward and backward, every dtype,
 ragged groups and a rank's rows included (the captured-step test is in test_graph.py).
 """
-import shutil
-import subprocess
 from dataclasses import replace
 
 import numpy as np
@@ -24,9 +22,8 @@ from cudrop import backend, graph, philox, raw_kernels
 from cudrop.nn.gyro import BlockwiseDropout, BlockwiseLinear, GyroDropout
 from cudrop.variants import gyro as Fg
 from cudrop.variants import gyro_schedule as gyro
-from conftest import low_precision_dtype, poison_pool
+from conftest import host_harness, low_precision_dtype, poison_pool
 
-CXX = shutil.which("c++") or shutil.which("g++")
 
 # One command per line; each prints one number from gyro.cuh / philox.cuh:
 #   S seed layer step sigma tau period random slot -> cd_gyro_subnet
@@ -84,20 +81,9 @@ int main() {
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler")
-    d = tmp_path_factory.mktemp("gyro_harness")
-    (d / "main.cpp").write_text(_HARNESS)
-    exe = d / "main"
-    subprocess.run([CXX, "-std=c++17", "-O1", "-I", str(raw_kernels.HERE), str(d / "main.cpp"),
-                    "-o", str(exe)], check=True, capture_output=True)
-
-    def run(lines, raw=False):
-        out = subprocess.run([str(exe)], input="\n".join(" ".join(map(str, v)) for v in lines),
-                             capture_output=True, text=True, check=True).stdout
-        return out.split() if raw else [int(v) for v in out.split()]
-
-    return run
+    run = host_harness(tmp_path_factory, "gyro_harness", _HARNESS)
+    return lambda lines, raw=False: (run(lines).split() if raw
+                                     else [int(v) for v in run(lines).split()])
 
 
 def _subnet_line(seed, layer, step, sigma, tau, period, schedule, slot):

@@ -9,19 +9,16 @@ in NumPy) against the host path's slicing; the mask's Python side; the argument 
 ``slice_start``, and ``sliceout_linear`` / ``sliceout_linear_out`` forward and backward with a
 device step against the int step, bit for bit (the captured-step test is in test_graph.py).
 """
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import low_precision_dtype
-from cudrop import backend, philox, raw_kernels
+from conftest import host_harness, low_precision_dtype
+from cudrop import backend, philox
 from cudrop.nn import SliceOutConv2d, SliceOutLinear, SliceOutMultiHeadAttention
 from cudrop.nn.sliceout import SliceOut
 from cudrop.variants import sliceout as F
 
-CXX = shutil.which("c++") or shutil.which("g++")
 
 # The harness reads "word n keep count unit" lines and prints, per line, the start, the unit
 # at every compact position and the compact position (or -1) of every unit, from slice.cuh.
@@ -46,20 +43,8 @@ int main() {
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler")
-    d = tmp_path_factory.mktemp("slice_harness")
-    (d / "main.cpp").write_text(_HARNESS)
-    exe = d / "main"
-    subprocess.run([CXX, "-std=c++17", "-O1", "-I", str(raw_kernels.HERE), str(d / "main.cpp"),
-                    "-o", str(exe)], check=True, capture_output=True)
-
-    def run(lines):
-        out = subprocess.run([str(exe)], input="\n".join(" ".join(map(str, v)) for v in lines),
-                             capture_output=True, text=True, check=True).stdout
-        return out.splitlines()
-
-    return run
+    run = host_harness(tmp_path_factory, "slice_harness", _HARNESS)
+    return lambda lines: run(lines).splitlines()
 
 
 def _combos():

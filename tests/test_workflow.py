@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cudrop
-from cudrop import checkpoint, models, nn, optim
+from cudrop import checkpoint, models, optim
 from cudrop.nn import DROPOUT_KINDS, set_total_steps
 from cudrop.train import ClassifierTask, EarlyStopping, NonFiniteLoss, Trainer
 
