@@ -103,3 +103,11 @@ def host_harness(tmp_path_factory, name, source):
                               capture_output=True, text=True, check=True).stdout
 
     return run
+
+
+def same_bits(got, want, what):
+    """``got`` equals ``want`` bit for bit (shape, dtype and every byte; NaN payloads too)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, what
+    bits = [backend.asnumpy(a) for a in (got, want)]
+    bits = [a.view(f"u{a.dtype.itemsize}") for a in bits]
+    np.testing.assert_array_equal(bits[0], bits[1], err_msg=what)

@@ -22,7 +22,7 @@ from cudrop import backend, graph, philox, raw_kernels
 from cudrop.nn.gyro import BlockwiseDropout, BlockwiseLinear, GyroDropout
 from cudrop.variants import gyro as Fg
 from cudrop.variants import gyro_schedule as gyro
-from conftest import host_harness, low_precision_dtype, poison_pool
+from conftest import host_harness, same_bits, low_precision_dtype, poison_pool
 
 
 # One command per line; each prints one number from gyro.cuh / philox.cuh:
@@ -263,16 +263,6 @@ def _host_mask(n_units, p, step, rows=None, seed=4, layer=1, **sched):
                    rows=rows)
 
 
-def _bits(a):
-    a = backend.asnumpy(a)
-    return a.view(np.uint8 if a.dtype.itemsize == 1 else f"u{a.dtype.itemsize}")
-
-
-def _same_bits(got, want, what):
-    assert got.shape == want.shape and got.dtype == want.dtype, what
-    np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=what)
-
-
 # (shape, unit_axis, ragged, rows): units last (a multiple of 4 and not), in the middle (inner
 # > 1), channels of NCHW, ragged groups, B < τ, a rank's rows of a global batch (even and
 # ragged), a single unit
@@ -299,7 +289,7 @@ def test_device_launch_lays_out_the_arguments_as_the_host_path_masks(monkeypatch
             host = _host_mask(shape[ax], p, step, rows, schedule=schedule)
             want = Fg._apply_gyro(x, host, ax, ragged)
             got = Fg._apply_on_device(x, dev, ax, x.dtype.type(1.0 / dev.q))
-            _same_bits(got, want, f"step {step} p {p}")
+            same_bits(got, want, f"step {step} p {p}")
 
 
 # ---- the mask's Python side (no GPU needed) ------------------------------------------------
@@ -374,8 +364,8 @@ def test_device_kernel_equals_the_host_path(dtype, shape, unit_axis, ragged, row
         g_d = Fg.gyro_dropout_backward(gy, saved_d)
         y_h, saved_h = Fg.gyro_dropout(x, mask=host, unit_axis=unit_axis, ragged=ragged)
         g_h = Fg.gyro_dropout_backward(gy, saved_h)
-        _same_bits(y_d, y_h, f"y at step {step}")
-        _same_bits(g_d, g_h, f"grad at step {step}")
+        same_bits(y_d, y_h, f"y at step {step}")
+        same_bits(g_d, g_h, f"grad at step {step}")
         back = dev.host()
         assert back.subnets == host.subnets and back.rows == rows
         np.testing.assert_array_equal(backend.asnumpy(back.keep), backend.asnumpy(host.keep))
@@ -399,12 +389,13 @@ def test_device_kernel_zeroes_dropped_non_finite_cells_and_reads_odd_offset_view
     y, _ = Fg.gyro_dropout(x, 0.5, step=d, **kw)
     keep = gyro.gyro_mask(37, 0.5, step=5, **kw).to_dense((8, 37))
     yn, xn = backend.asnumpy(y).astype(np.float64), backend.asnumpy(x).astype(np.float64)
-    assert (_bits(y)[~keep] == 0).all()  # +0 exactly, inf and NaN included
+    bits = backend.asnumpy(y).view(f"u{y.dtype.itemsize}")
+    assert (bits[~keep] == 0).all()  # +0 exactly, inf and NaN included
     np.testing.assert_array_equal(np.isnan(yn[keep]), np.isnan(xn[keep]))
     np.testing.assert_array_equal(np.isinf(yn[keep]), np.isinf(xn[keep]))
     y_h, _ = Fg.gyro_dropout(x, 0.5, step=5, **kw)
     fin = np.isfinite(xn)
-    _same_bits(backend.asnumpy(y)[fin], backend.asnumpy(y_h)[fin], "finite cells")
+    same_bits(backend.asnumpy(y)[fin], backend.asnumpy(y_h)[fin], "finite cells")
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ device step against the int step, bit for bit (the captured-step test is in test
 import numpy as np
 import pytest
 
-from conftest import host_harness, low_precision_dtype
+from conftest import host_harness, same_bits, low_precision_dtype
 from cudrop import backend, philox
 from cudrop.nn import SliceOutConv2d, SliceOutLinear, SliceOutMultiHeadAttention
 from cudrop.nn.sliceout import SliceOut
@@ -166,16 +166,6 @@ def test_start_kernel_equals_slice_start(n, p, align):
     assert got.tolist() == want
 
 
-def _bits(a):
-    a = backend.asnumpy(a)
-    return a.view(np.uint8 if a.dtype.itemsize == 1 else f"u{a.dtype.itemsize}")
-
-
-def _same_bits(got, want, what):
-    assert got.shape == want.shape and got.dtype == want.dtype, what
-    np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=what)
-
-
 # ((..., K, N), align): ragged sizes, wrap mode, aligned mode where align divides the units
 # (block-wise wrap) and where it does not (no wrap), a 3-D input; at p = 0.4 the six steps below
 # draw several starts in each, wrapped and unwrapped slices both (checked on the host)
@@ -213,12 +203,12 @@ def test_linear_ops_with_a_device_step_equal_the_int_step(dtype, shape, align, m
         g_h = op_bwd(gy, saved_h)
         starts.add(saved_h.mask.ranges[0][0])
         assert saved_d.mask.host() == saved_h.mask
-        _same_bits(y_d, y_h, f"y at step {step}")
+        same_bits(y_d, y_h, f"y at step {step}")
         for name, gd, gh in zip(("gx", "gw", "gb"), g_d, g_h):
             if gh is None:
                 assert gd is None
             else:
-                _same_bits(gd, gh, f"{name} at step {step}")
+                same_bits(gd, gh, f"{name} at step {step}")
     assert len(starts) > 1  # the steps drew different slices
 
 
@@ -281,8 +271,8 @@ def test_device_take_and_put_lay_out_the_launch_as_the_host_path_slices(monkeypa
             for s in (None, arr.dtype.type(host.scale)):
                 got = F._take(arr, dev, axis, np, s)
                 want = F._take(arr, host, axis, np, s)
-                _same_bits(got, want, f"take axis {axis} step {step}")
+                same_bits(got, want, f"take axis {axis} step {step}")
             shape = arr.shape
             got = F._put(F._take(arr, dev, axis, np), dev, axis, shape, np)
-            _same_bits(got, F._put(F._take(arr, host, axis, np), host, axis, shape, np),
+            same_bits(got, F._put(F._take(arr, host, axis, np), host, axis, shape, np),
                        f"put axis {axis} step {step}")
