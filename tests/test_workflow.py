@@ -279,3 +279,52 @@ def test_the_epoch_loss_of_16_bit_steps_is_summed_in_float32():
         run._add_loss(np, loss)
     assert run._epoch_loss is not loss and run._epoch_loss.dtype == np.float32
     assert run._global_loss() / 200 == pytest.approx(float(loss), rel=1e-6)
+
+
+class _FixedLogits:
+    """A stand-in model whose logits are a float16 table looked up by the input (a token, or an
+    image's first pixel): the task's loss can be checked against float64 math on them."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, x):
+        x = x.data if isinstance(x, cudrop.autograd.Tensor) else x
+        return cudrop.autograd.Tensor(self.table[self.index(x)])
+
+    @staticmethod
+    def index(x):
+        return (x[:, 0, 0, 0] if x.ndim == 4 else x).astype(np.int64)
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+
+def _loss64(logits, targets):
+    z = logits.astype(np.float64)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    return lse - np.take_along_axis(z, targets[..., None], -1)[..., 0]
+
+
+def test_validation_losses_of_16_bit_logits_are_summed_in_float32():
+    """Before the fix the loss of each batch came back in the logits' dtype and was summed in
+    it: the GPT runs' bfloat16 validation losses were quantised to steps of 0.0125."""
+    from cudrop.data import text_batches
+    rng = np.random.default_rng(0)
+    model = _FixedLogits((3 * rng.normal(size=(37, 4))).astype(np.float16))
+    data = _data(n=300)
+    data.x_val = np.broadcast_to(rng.integers(0, 37, size=(300, 1, 1, 1)),
+                                 (300, 1, 8, 8)).astype(np.float32)
+    got = ClassifierTask(data, 16, "cpu").evaluate(model, "val")["val_loss"]
+    want = _loss64(model.table[model.index(data.x_val)], data.y_val).mean()
+    assert got == pytest.approx(want, rel=1e-6)
+
+    tokens = rng.integers(0, 4, size=2000)  # the table's 4 columns are the vocabulary
+    task = cudrop.train.LanguageTask(SimpleNamespace(val=tokens), 8, "cpu", block_size=16)
+    got = task.evaluate(model, "val")["val_loss"]
+    want = np.mean([_loss64(model.table[xb], yb).mean()
+                    for xb, yb in text_batches(tokens, 16, 8, steps=20, seed=1234)])
+    assert got == pytest.approx(want, rel=1e-6)
