@@ -4,7 +4,10 @@ PyTorch eager and PyTorch CUDA graphs (issue 10). SGD with momentum in both libr
 Cases (PyTorch runs the same network written out; parameters in the step's dtype in both):
 - MLP 1024 -> 4096 x3 -> 10, batch 1024, drop p = 0.5 as none / dropout / sparsedrop (PyTorch:
   nn.Dropout for both variants), fp32 and bf16;
-- ResNet-56, batch 128, 3x32x32, fp32 (PyTorch: cuDNN convolutions);
+- ResNet-56, batch 128, 3x32x32, fp32 (PyTorch: cuDNN convolutions); and cudrop's ResNet-56
+  with depth dropout p = 0.25 / 0.5 / 0.75 (trainable shortcuts, downsampling units kept) and
+  stochastic depth p_L = 0.5 (batch gates), whose captured steps skip the dropped bodies
+  (``graph.gate``); PyTorch has no such layers: compare with the plain ResNet-56 rows;
 - GPT: 4 pre-LN blocks, d = 1024, 16 heads, context 256, batch 32, 65 tokens, bf16 (PyTorch:
   ``scaled_dot_product_attention``, tanh GELU as cudrop's);
 - ViT: 2 blocks, d = 1024, 16 heads, MLP ratio 4, patch 2 on 1x28x28 images, batch 128, bf16.
@@ -35,7 +38,7 @@ class Case(NamedTuple):
     name: str
     dtype: np.dtype
     cudrop: Callable  # () -> cudrop model
-    torch: Callable  # (torch) -> torch.nn.Module
+    torch: Callable | None  # (torch) -> torch.nn.Module; None: no PyTorch twin
     shape: tuple  # of one input batch
     classes: int
     tokens: bool = False  # inputs are token ids and every position has a target
@@ -52,6 +55,11 @@ def _cases():
                 lambda torch, k=kind: _torch_mlp(torch, k), (1024, 1024), 10))
     cases.append(Case("resnet56", f32, lambda: models.resnet56(in_channels=3), _torch_resnet56,
                       (128, 3, 32, 32), 10))
+    for name, kw in [("depth0.25", dict(depth_dropout=0.25)), ("depth0.5", dict(depth_dropout=0.5)),
+                     ("depth0.75", dict(depth_dropout=0.75)), ("sd0.5", dict(stochastic_depth=0.5))]:
+        cases.append(Case(f"resnet56-{name}", f32,
+                          lambda kw=kw: models.resnet56(in_channels=3, **kw), None,
+                          (128, 3, 32, 32), 10))
     cases.append(Case("gpt", bf16, lambda: models.GPT(65, block_size=256, dim=1024, depth=4,
                                                        heads=16, dropout="none"),
                       lambda torch: _torch_transformer(torch, 1024, 16, 4, 4, True, vocab=65,
@@ -287,7 +295,7 @@ def main():
         eager, err_e = _guarded(_cudrop, case, False)
         cap, err_c = _guarded(_cudrop, case, True)
         t_eager = t_graph = err_t = None
-        if have_torch:
+        if have_torch and case.torch is not None:
             t_eager, err_t = _guarded(_torch, case, False)
             t_graph, err_tg = _guarded(_torch, case, True)
             err_t = err_t or err_tg

@@ -28,8 +28,21 @@ buffers, so every shape in the graph stays fixed. So is element gyro dropout
 sub-networks, each row's group (ragged groups included) and the keep bits
 (``raw_kernels/gyro.cu``), those eager mode applies at that step.
 
+Depth dropout and stochastic depth (batch mode) are captured with *gates*: their gate is a
+pure function of the unit's step, so the host knows each replay's gates without asking the GPU.
+A capture records every unit as kept; each gated unit's body -- its forward, its backward and
+its parameters' optimizer updates -- is recorded into graphs of its own: the capture is cut
+into pieces wherever it enters or leaves a gated part, and a replay launches the pieces in
+order, skipping the gated ones whose unit the host drops, so a dropped body costs no GPU time,
+exactly as in eager mode (a few microseconds of host time per piece). The unit's output and its input gradient select on
+a device scalar (the body's scale, or 0 when dropped), so a skipped body's stale buffers are
+never used; the counters and optimizer step counts that a dropped body would not have advanced
+are put back after the replay. A gated parameter must have optimizer state before it can be
+captured (its first update creates it, which a graph cannot repeat), so the capture waits, in
+eager steps, until every gated unit has been kept once (at most ``_GATE_WAIT`` more steps).
+
 Layers that decide their structure on the host (the other SliceOut layers, block-wise gyro's
-sub-network schedule and block lists, depth dropout's gates) cannot be captured yet: they raise
+sub-network schedule and block lists, per-sample stochastic depth) cannot be captured: they raise
 :class:`CaptureError` while capturing, and the step falls back to eager mode with one warning
 naming the layer, never a wrong result. The same fallback happens for anything else that cannot
 be captured (a host read of a device value, CuPy's own cuBLAS without nvmath-python), and for a
@@ -44,17 +57,27 @@ import numpy as np
 from . import backend
 
 __all__ = ["capture", "CapturedStep", "CaptureError", "scalar", "is_capturing",
-           "refuse_capture"]
+           "refuse_capture", "gate", "Gate"]
 
 _SLOTS = 4096  # device scalars per graph, per dtype
 _RING = 4      # pinned staging buffers in flight
 _DTYPES = (np.dtype(np.uint32), np.dtype(np.float32), np.dtype(np.float64))
+_GATE_WAIT = 200  # eager steps a capture waits at most for every gated unit to be kept once
 
 _recorder = None  # the capture in progress, or None
 
 
 class CaptureError(RuntimeError):
     """Something in the step cannot be recorded into a CUDA graph."""
+
+
+class _NotYet(CaptureError):
+    """The step can be captured, but not at this call: gated parameters have no optimizer
+    state yet (``missing``: their state dicts); try again once they have."""
+
+    def __init__(self, msg, missing):
+        super().__init__(msg)
+        self.missing = missing
 
 
 def is_capturing() -> bool:
@@ -81,12 +104,126 @@ def scalar(value, provider, dtype):
     return _recorder.slot(provider, np.dtype(dtype))
 
 
+def gate(decide, name: str) -> "Gate":
+    """A part of the step being captured that each replay runs or skips: ``decide()`` (host
+    state before the replay's step, like :func:`scalar`'s providers) says whether it runs.
+    Work recorded inside ``with gate:`` is the part, and so are the backward ops of the
+    autograd functions created there and the optimizer updates of the parameters that only
+    they give gradients to. Only during a capture."""
+    if _recorder is None:
+        raise RuntimeError("cudrop.graph.gate: only while a step is being captured")
+    g = Gate(decide, name, _recorder)
+    _recorder.gates.append(g)
+    return g
+
+
+class Gate:
+    """One gated part of a captured step (see :func:`gate`): the host counters and optimizer
+    states its work advances (put back after a replay that skips it)."""
+
+    def __init__(self, decide, name, recorder):
+        self.decide, self.name, self._rec = decide, name, recorder
+        self.on = True  # this replay's decision (a capture records the part as running)
+        self.counters = {}  # name -> increment of the module counters the part advances
+        self.opt_states = []  # optimizer states whose step count the part's updates advance
+
+    def scalar(self, value: float, dtype):
+        """A device scalar: ``value`` rounded to ``dtype`` (as eager mode lifts a Python
+        number into an array's dtype) in the replays that run the part, 0 in the others; held
+        as float64 for float64, else float32 (which holds every 16-bit value exactly)."""
+        dt = np.dtype(dtype)
+        v = float(np.asarray(value, dt))
+        return self._rec.slot(lambda: v if self.on else 0.0,
+                              np.dtype(np.float64 if dt == np.float64 else np.float32))
+
+    def __enter__(self):
+        if self._rec.current is not None:
+            raise CaptureError(f"{self.name}: gated parts cannot nest "
+                               f"(inside {self._rec.current.name})")
+        self._counters = self._rec.counters()
+        switch(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            switch(None)
+        except Exception:  # noqa: BLE001
+            if exc_type is None:
+                raise
+            # The body's error invalidated the capture, so ending its piece failed too: let the
+            # body's error through (CapturedStep ends the capture and reports it).
+            self._rec.current = None
+            return
+        after = self._rec.counters()
+        for n, v in self._counters.items():
+            if after[n] != v:
+                self.counters[n] = self.counters.get(n, 0) + after[n] - v
+
+    def undo(self, model) -> None:
+        """Put back what a replay that skipped the part advanced on the host."""
+        if self.counters:
+            for n, m, c in model._named_counters():
+                if n in self.counters:
+                    object.__setattr__(m, c, getattr(m, c) - self.counters[n])
+        for st in self.opt_states:
+            st["step"] -= 1
+
+
+def switch(g: "Gate | None") -> None:
+    """Record what follows into gate ``g``'s part (None: into every replay): ends the piece
+    being captured and begins the next. Autograd's backward and the optimizers call it per op /
+    per parameter; a no-op eagerly and when ``g`` is the current part."""
+    rec = _recorder
+    if rec is None or rec.current is g:
+        return
+    rec.pieces.append((rec.current, rec.stream.end_capture()))
+    rec.stream.begin_capture(rec.mode)
+    rec.current = g
+
+
+def current_gate() -> "Gate | None":
+    """The gate whose part is being recorded, or None (also eagerly)."""
+    return None if _recorder is None else _recorder.current
+
+
+def note_grad(leaf) -> None:
+    """A leaf got a gradient inside the current gate (or none): a leaf gets all its gradients
+    in one gate, or the part's stale gradient would mix with a running one."""
+    rec = _recorder
+    if rec is None:
+        return
+    g = rec.leaf_gates.setdefault(id(leaf), (rec.current, leaf))[0]
+    if g is not rec.current:
+        where = [x.name if x else "the ungated step" for x in (g, rec.current)]
+        raise CaptureError(f"a parameter gets gradients both in {where[0]} and in {where[1]}")
+
+
+def gate_of(leaf) -> "Gate | None":
+    """The gate in which ``leaf`` got its gradient in the step being captured, or None."""
+    rec = _recorder
+    entry = None if rec is None else rec.leaf_gates.get(id(leaf))
+    return None if entry is None else entry[0]
+
+
+def require_state(optimizer) -> None:
+    """_NotYet when a gated parameter has no optimizer state yet (its first update creates the
+    state, which a graph would repeat at every replay)."""
+    missing = [(g, st) for p, st in zip(optimizer.params, optimizer.state)
+               if p.grad is not None and "step" not in st
+               for g in (gate_of(p),) if g is not None]
+    if missing:
+        raise _NotYet(f"{missing[0][0].name} has not been kept in an eager step yet",
+                      [st for _, st in missing])
+
+
 class _Recorder:
     """Device scalars of one graph: a device buffer per dtype, their providers, and a ring of
-    pinned host buffers the values are staged in."""
+    pinned host buffers the values are staged in; its gates."""
 
-    def __init__(self, cp):
-        self.cp = cp
+    def __init__(self, cp, stream=None, mode=None, counters=None):
+        self.cp, self.stream, self.mode, self.counters = cp, stream, mode, counters
+        self.gates, self.current, self.leaf_gates = [], None, {}
+        self.pieces = []  # (gate or None, graph) in capture order
         self.device = {dt: cp.zeros(_SLOTS, dt) for dt in _DTYPES}
         self.providers = {dt: [] for dt in _DTYPES}
         self.ring = [({dt: backend.pinned_empty(_SLOTS, dt) for dt in _DTYPES}, None)
@@ -135,6 +272,15 @@ class _HostState:
                    self.optimizer.lr)
         sched = None if self.schedule is None else self.schedule.state_dict()
         return counters, opt, sched
+
+    def grads(self):
+        """Every parameter with its ``.grad`` now (the model's and the optimizer's): a capture
+        that does not finish must give them back, or they would keep the arrays it recorded
+        but never computed (see :meth:`CapturedStep._capture`)."""
+        params = {id(p): p for p in self.model.parameters()}
+        if self.optimizer is not None:
+            params.update((id(p), p) for p in self.optimizer.params)
+        return [(p, p.grad) for p in params.values()]
 
     def restore(self, snap):
         counters, opt, sched = snap
@@ -191,7 +337,8 @@ class CapturedStep:
         self.pool = cp.cuda.MemoryPool()
         self.graph = None
         self.failed = None  # why capturing failed: then every call is eager
-        self.calls = 0
+        self.calls = self.waited = 0
+        self.missing = ()  # optimizer states the last capture found missing (see _NotYet)
         self.static_in = self.static_out = self.recorder = self.delta = None
 
     # ---- running on the side stream with the private pool -------------------------------
@@ -212,8 +359,16 @@ class CapturedStep:
         if self.failed is not None or self.calls <= self.warmup:
             return self._on_stream(lambda: self.fn(*inputs))
         if self.graph is None:
+            if any("step" not in st for st in self.missing):  # no capture can succeed yet
+                self.waited += 1
+                if self.waited > _GATE_WAIT:
+                    self.failed = CaptureError(f"gated units were not all kept in {_GATE_WAIT} "
+                                               "eager steps")
+                    warnings.warn(f"cudrop.graph: this step cannot be captured: {self.failed}; "
+                                  "it runs eagerly from now on", RuntimeWarning, stacklevel=2)
+                return self._on_stream(lambda: self.fn(*inputs))
             self._capture(inputs)
-            if self.failed is not None:
+            if self.graph is None:  # failed, or gated units not ready yet
                 return self._on_stream(lambda: self.fn(*inputs))
         if self._shapes(inputs) != self._shapes(self.static_in):
             return self.fn(*inputs)  # another batch shape: eager, on the default pool
@@ -223,15 +378,23 @@ class CapturedStep:
         cp = backend.cupy
         self.static_in = [cp.array(a, copy=True) for a in inputs]
         before = self.state.snapshot()
-        self.recorder = _Recorder(cp)
+        grads = self.state.grads()
+        model = self.state.model
         mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", 2)
+        self.recorder = rec = _Recorder(cp, self.stream, mode, lambda: {
+            n: getattr(m, c) for n, m, c in model._named_counters()})
+
+        def end():
+            last = self.stream.end_capture()
+            return _PiecedGraph(rec.pieces + [(None, last)]) if rec.pieces else last
 
         def record():
             global _recorder
-            _recorder = self.recorder
+            _recorder = rec
             self.stream.begin_capture(mode)
             try:
                 out = self.fn(*self.static_in)
+                switch(None)
             except BaseException:
                 _recorder = None
                 try:  # end the (possibly invalidated) capture; the step's own error is the report
@@ -240,12 +403,25 @@ class CapturedStep:
                     pass
                 raise
             _recorder = None
-            return out, self.stream.end_capture()
+            return out, end()
+
+        def abandon():
+            # The attempt recorded work that never ran: put back the host counters it advanced
+            # and the parameters' .grad, which would otherwise hold its never-computed arrays
+            # (the eager step that follows would add its gradients to them, or update a dropped
+            # unit's parameters with them, when it zeroes gradients after the update).
+            self.state.restore(before)
+            for p, g in grads:
+                p.grad = g
 
         try:
             self.static_out, self.graph = self._on_stream(record)
+        except _NotYet as e:  # the next calls run eagerly until the missing states exist
+            abandon()
+            self.graph, self.recorder, self.missing = None, None, e.missing
+            return
         except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
-            self.state.restore(before)
+            abandon()
             self.graph, self.failed = None, e
             warnings.warn(f"cudrop.graph: this step cannot be captured ({type(e).__name__}: "
                           f"{e}); it runs eagerly from now on", RuntimeWarning, stacklevel=3)
@@ -257,10 +433,29 @@ class CapturedStep:
     def _replay(self, inputs):
         for dst, src in zip(self.static_in, inputs):
             dst[...] = src
+        gates = self.recorder.gates
+        for g in gates:  # on the host state before the step, as the scalars' providers
+            g.on = bool(g.decide())
         self.recorder.upload(self.stream)
         self.graph.launch(self.stream)
         self.state.advance(self.delta)
+        for g in gates:
+            if not g.on:
+                g.undo(self.state.model)
         return self.static_out
+
+
+class _PiecedGraph:
+    """A captured step cut into pieces at its gated parts' edges: ``launch`` runs them in
+    order and skips a gated piece whose gate is off for this replay."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def launch(self, stream):
+        for g, piece in self.pieces:
+            if g is None or g.on:
+                piece.launch(stream)
 
 
 def capture(fn, *, model, optimizer=None, schedule=None, warmup=2):

@@ -430,3 +430,196 @@ def test_gather_and_scatter_reject_duplicate_or_out_of_range_host_indices():
             Fd.gather_rows(x, bad)
         with pytest.raises(ValueError, match="strictly increasing"):
             Fd.scatter_add_rows(x, np.ones((2, 2)), bad)
+
+
+# ---- the gated body's two ends (a captured step's depth dropout: cudrop.graph.gate) ---------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gate_ends_select_on_the_replays_scale(xp, dtype):
+    """gate_out = t + f * s where s != 0, else t even when the skipped body's stale output is
+    inf or NaN; gate_in's backward passes the body's gradient only where the body ran. Checked
+    against float64 NumPy arithmetic written out here."""
+    from cudrop.functional import _gate
+    rng = np.random.default_rng(0)
+    t, f, g = (xp.asarray(rng.standard_normal((4, 3, 5, 5)).astype(dtype)) for _ in range(3))
+    stale = f.copy()
+    stale[0, 0, 0, 0], stale[1, 2, 3, 4] = np.inf, np.nan
+    for s in (1.0, 1.25):
+        scale = xp.asarray(np.float32(s))
+        y, saved = _gate.gate_out(t, f, scale)
+        want = backend.asnumpy(t).astype(np.float64) + backend.asnumpy(f).astype(np.float64) * s
+        np.testing.assert_allclose(backend.asnumpy(y), want, rtol=1e-6, atol=1e-6)
+        gt, gf = _gate.gate_out_backward(g, saved)
+        assert gt is g
+        np.testing.assert_allclose(backend.asnumpy(gf), backend.asnumpy(g) * s, rtol=1e-6)
+        x, saved_in = _gate.gate_in(t, scale)
+        assert x is t
+        np.testing.assert_array_equal(backend.asnumpy(_gate.gate_in_backward(g, saved_in)),
+                                      backend.asnumpy(g))
+    zero = xp.asarray(np.float32(0))
+    y, saved = _gate.gate_out(t, stale, zero)
+    np.testing.assert_array_equal(backend.asnumpy(y), backend.asnumpy(t))
+    np.testing.assert_array_equal(backend.asnumpy(_gate.gate_out_backward(g, saved)[1]), 0)
+    stale_grad = g.copy()
+    stale_grad[0, 0, 0, 0] = np.nan
+    got = _gate.gate_in_backward(stale_grad, _gate.gate_in(t, zero)[1])
+    assert got.dtype == g.dtype and not backend.asnumpy(got).any()
+
+
+def test_gate_out_refuses_a_body_output_unlike_the_shortcut():
+    from cudrop.functional import _gate
+    t = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="shortcut"):
+        _gate.gate_out(t, np.zeros((2, 4), np.float32), np.float32(1))
+    with pytest.raises(ValueError, match="shortcut"):
+        _gate.gate_out(t, np.zeros((2, 3), np.float64), np.float32(1))
+
+
+def test_a_gated_capture_is_cut_into_pieces_that_replays_skip(monkeypatch):
+    """The bookkeeping of cudrop.graph's gated parts, with a stand-in for the capturing stream:
+    entering or leaving a part ends one piece and begins the next (staying in a part does not),
+    and a replay launches the pieces in order, skipping those whose gate is off."""
+    from types import SimpleNamespace
+    from cudrop import graph
+
+    launched = []
+
+    class Piece:
+        def __init__(self, i):
+            self.i = i
+
+        def launch(self, stream):
+            launched.append(self.i)
+
+    class Stream:
+        ended = 0
+
+        def end_capture(self):
+            self.ended += 1
+            return Piece(self.ended)
+
+        def begin_capture(self, mode):
+            pass
+
+    stream = Stream()
+    rec = SimpleNamespace(stream=stream, mode=0, current=None, pieces=[], gates=[],
+                          leaf_gates={}, counters=dict)
+    monkeypatch.setattr(graph, "_recorder", rec)
+    a, b = graph.gate(lambda: True, "A"), graph.gate(lambda: True, "B")
+    graph.switch(a)
+    graph.switch(a)  # still in A: no new piece
+    assert graph.current_gate() is a
+    graph.switch(None)
+    graph.switch(b)
+    graph.switch(a)  # from one part straight into another
+    graph.switch(None)
+    assert [(g, p.i) for g, p in rec.pieces] == [(None, 1), (a, 2), (None, 3), (b, 4), (a, 5)]
+    whole = graph._PiecedGraph(rec.pieces + [(None, stream.end_capture())])
+    a.on, b.on = False, True
+    whole.launch(stream)
+    assert launched == [1, 3, 4, 6]
+    launched.clear()
+    a.on, b.on = True, False
+    whole.launch(stream)
+    assert launched == [1, 2, 3, 5, 6]
+
+
+def test_a_gated_body_s_error_is_reported_when_it_broke_the_capture(monkeypatch):
+    """An error inside a gated part that also invalidated the capture (a host read of a device
+    value does): leaving the part cannot end its piece, and the body's error, not that
+    failure, reaches CapturedStep (which ends the capture and names the error)."""
+    from types import SimpleNamespace
+    from cudrop import graph
+
+    class Stream:
+        broken = False
+
+        def end_capture(self):
+            if self.broken:
+                raise RuntimeError("cudaErrorStreamCaptureInvalidated")
+            return object()
+
+        def begin_capture(self, mode):
+            pass
+
+    stream = Stream()
+    rec = SimpleNamespace(stream=stream, mode=0, current=None, pieces=[], gates=[],
+                          leaf_gates={}, counters=dict)
+    monkeypatch.setattr(graph, "_recorder", rec)
+    a = graph.gate(lambda: True, "A")
+    with a:  # a part that ends normally
+        pass
+    assert rec.current is None and [g for g, _ in rec.pieces] == [None, a]
+    with pytest.raises(graph.CaptureError, match="reads a device value"):
+        with graph.gate(lambda: True, "B"):
+            stream.broken = True
+            raise graph.CaptureError("the body reads a device value")
+    assert rec.current is None
+    stream.broken = False
+    with pytest.raises(RuntimeError, match="Invalidated"):  # no error of its own: raised
+        with graph.gate(lambda: True, "C"):
+            stream.broken = True
+
+
+def _host_capture(monkeypatch):
+    """cudrop.graph's CapturedStep on the CPU: a stand-in CuPy whose stream records nothing
+    (a "capture" runs the step's NumPy work at once), enough to follow the host-side paths of
+    a capture attempt (gates, pieces, the wait for optimizer state) without a GPU."""
+    from types import SimpleNamespace
+    from cudrop import graph
+
+    class Stream:
+        def begin_capture(self, mode):
+            pass
+
+        def end_capture(self):
+            return SimpleNamespace(launch=lambda stream: None)
+
+    cp = SimpleNamespace(
+        array=lambda a, copy=True: np.array(a, copy=copy), zeros=np.zeros,
+        cuda=SimpleNamespace(Stream=lambda non_blocking=True: Stream(),
+                             MemoryPool=lambda: None,
+                             runtime=SimpleNamespace(streamCaptureModeRelaxed=2)))
+    monkeypatch.setattr(graph, "backend", SimpleNamespace(cupy=cp, gpu_available=lambda: True,
+                                                          pinned_empty=np.empty))
+    monkeypatch.setattr(graph.CapturedStep, "_on_stream", lambda self, body: body())
+    return graph
+
+
+def test_a_capture_that_waits_for_optimizer_state_leaves_the_gradients_as_they_were(
+        monkeypatch):
+    """A capture attempt that stops in optimizer.step because a gated unit has no optimizer
+    state yet (graph._NotYet) gives the parameters back the .grad they had: the step then runs
+    eagerly, and a step that zeroes its gradients after the update (``loss.backward();
+    opt.step(); opt.zero_grad()``) must not add its gradients to the attempt's (on the GPU:
+    arrays recorded but never computed). Same weights as eager steps."""
+    graph = _host_capture(monkeypatch)
+    from cudrop import optim
+
+    def run(captured):
+        rng = np.random.default_rng(0)
+        model = nn.number_layers(nn.Sequential(
+            nn.Linear(8, 16, rng=rng), nn.ReLU(),
+            DepthDropout(nn.Sequential(nn.Linear(16, 16, rng=rng), nn.ReLU()), p=0.8),
+            nn.Linear(16, 4, rng=rng)), seed=1)
+        assert not any(model[2].keep_gate(s) for s in range(3))  # not kept before the attempt
+        opt = optim.SGD(model.parameters(), 0.1, momentum=0.9)
+
+        def step(x, y):
+            loss = cd.cross_entropy(model(cd.Tensor(x)), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        fn = graph.capture(step, model=model, optimizer=opt) if captured else step
+        data = np.random.default_rng(1)
+        for _ in range(3):  # 2 warm-up steps, then the attempt (and this call's eager step)
+            fn(data.standard_normal((6, 8)).astype(np.float32), data.integers(0, 4, 6))
+        if captured:
+            assert fn.graph is None and fn.failed is None and fn.missing
+        return model.state_dict()
+
+    eager, captured = run(False), run(True)
+    for k in eager:
+        np.testing.assert_array_equal(captured[k], eager[k], err_msg=k)

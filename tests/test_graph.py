@@ -136,6 +136,97 @@ def test_captured_resnet_step_equals_eager():
     _captured_equals_eager(build, make_opt, batches)
 
 
+@pytest.mark.parametrize("variant", [dict(depth_dropout=0.5), dict(stochastic_depth=0.5),
+                                     dict(depth_dropout=0.75, keep_downsampling=False)])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_captured_gated_resnet_steps_equal_eager(variant, opt):
+    """Depth dropout and stochastic depth (batch gates) replay one graph whose dropped bodies
+    are skipped per replay (graph.gate), over 40 steps: losses, weights, BatchNorm
+    running statistics, unit steps and the optimizers' per-parameter step counts equal eager
+    mode's, where a dropped body is not run and its parameters are not updated. The capture
+    waits in eager steps until every unit has been kept once."""
+    def build():
+        return models.ResNet(14, num_classes=10, in_channels=1, widths=(8, 16, 16), seed=0,
+                             **variant)
+
+    make_opt = {"sgd": lambda p: optim.SGD(p, 0.05, momentum=0.9, weight_decay=1e-4),
+                "adam": lambda p: optim.AdamW(p, 1e-3)}[opt]
+    batches = _batches(40, batch=32, shape=(1, 8, 8))
+    eager = _run(build, make_opt, batches, captured=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to eager would warn: fail instead
+        captured = _run(build, make_opt, batches, captured=True)
+    run = captured[0]
+    assert run.graph is not None and run.failed is None and run.recorder.gates
+    assert run.calls - run.waited > 20  # most steps were replays
+    _same(eager, captured)
+    for se, sc in zip(eager[3].state, captured[3].state):
+        assert se.get("step") == sc.get("step")
+    gates = run.recorder.gates
+    assert any(not g.on for g in gates) and any(g.on for g in gates)  # both kinds replayed
+
+
+def test_captured_gated_fp16_step_with_loss_scaling_equals_eager():
+    """float16 with LossScaler and depth-dropout units (an identity and a trainable shortcut)
+    in an MLP: a gated parameter's overflow check is part of its gate, so a skipped unit's
+    stale gradient never decides whether a step is skipped; replays match eager steps, an
+    overflowing step included (the fp16 test above's tolerances)."""
+    from cudrop import nn
+    cp = backend.cupy
+
+    def run(captured):
+        rng = np.random.default_rng(0)
+        body = lambda: nn.Sequential(nn.Linear(128, 128, rng=rng), nn.ReLU())  # noqa: E731
+        model = nn.number_layers(nn.Sequential(
+            nn.Linear(64, 128, rng=rng), nn.ReLU(),
+            nn.DepthDropout(body(), p=0.5),
+            nn.DepthDropout(body(), nn.linear_shortcut(128, 128, rng=rng), p=0.5),
+            nn.StochasticDepth(body(), p=0.3),
+            nn.Linear(128, 10, rng=rng)), seed=5).to("gpu", dtype=np.float16)
+        opt = optim.SGD(model.parameters(), 0.05, momentum=0.9)
+        scaler = optim.LossScaler(init_scale=2.0 ** 15, growth_interval=3)
+
+        def step(x, y):
+            loss = cudrop.cross_entropy(model(cudrop.Tensor(x)), y)
+            model.zero_grad()
+            scaler.backward(loss)
+            scaler.step(opt)
+            return loss
+
+        fn = graph.capture(step, model=model, optimizer=opt) if captured else step
+        losses, scales = [], []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback to eager would warn: fail instead
+            for i, (x, y) in enumerate(_batches(30, batch=64)):
+                x = x.astype(np.float16) * np.float16(6e4 if i == 25 else 1)  # overflows
+                losses.append(float(fn(x, y).data))
+                scales.append(float(scaler.scale))
+        return losses, scales, model.state_dict(), fn
+
+    l_e, s_e, w_e, _ = run(False)
+    l_c, s_c, w_c, fn = run(True)
+    assert fn.graph is not None and fn.failed is None and fn.calls - fn.waited > 10
+    assert s_c == s_e and s_e[25] == s_e[24] / 2
+    np.testing.assert_allclose(l_c, l_e, rtol=1e-3)
+    for k in w_e:
+        np.testing.assert_allclose(cp.asnumpy(cp.asarray(w_c[k])).astype(np.float64),
+                                   cp.asnumpy(cp.asarray(w_e[k])).astype(np.float64),
+                                   rtol=1e-3, atol=1e-3, err_msg=k)
+
+
+def test_per_sample_stochastic_depth_falls_back_to_eager():
+    def build():
+        return models.ResNet(8, num_classes=10, in_channels=1, widths=(8, 16, 16), seed=0,
+                             stochastic_depth=0.5, stochastic_depth_mode="sample")
+
+    make_opt = lambda p: optim.SGD(p, 0.05)  # noqa: E731
+    batches = _batches(5, batch=16, shape=(1, 8, 8))
+    eager = _run(build, make_opt, batches, captured=False)
+    with pytest.warns(RuntimeWarning, match=r"StochasticDepth\(layer \d+\) decides"):
+        captured = _run(build, make_opt, batches, captured=True)
+    _same(eager, captured)
+
+
 @pytest.mark.parametrize("kind", ["dropout", "sparsedrop"])
 def test_captured_vit_step_equals_eager(kind):
     """A transformer (attention products, softmax, layer norm, the MLP's dropped units) with

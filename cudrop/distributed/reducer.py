@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import backend
+from .. import backend, graph
 
 __all__ = ["Bucket", "plan_buckets", "GradientReducer", "all_reduce_gradients",
            "DEFAULT_BUCKET_MB"]
@@ -142,6 +142,11 @@ class GradientReducer:
 
     # ---- during backward ---------------------------------------------------------------
     def _ready(self, p):
+        if graph.gate_of(p) is not None:
+            # a bucket's all-reduce would land in the unit's gated part, and a replay that
+            # skips the unit would skip it for the bucket's other parameters too
+            raise graph.CaptureError("data-parallel gradient buckets cannot be captured with "
+                                     "depth dropout or stochastic depth units yet")
         i = self.index[id(p)]
         if i in self.done:
             raise RuntimeError("GradientReducer: a second backward pass before finish(): call "

@@ -24,7 +24,9 @@ layer in ``f`` rescaled.
 Randomness. Every draw is host-side Philox keyed by ``(seed, layer)`` at the unit's step
 counter (one ``next_step()`` per training forward, none in eval): no GPU synchronisation, and a
 decision is a pure function of ``(seed, layer, step)``, so a run resumed from a state_dict
-(which saves the counters) makes the same decisions.
+(which saves the counters) makes the same decisions. The same property lets a captured CUDA
+graph skip a dropped body (batch mode): the host decides each replay's gates and launches or
+skips the bodies' pieces of the graph (``cudrop.graph.gate``); per-sample mode stays eager.
 
 Modes. ``mode='batch'`` (the papers): one gate per unit per step, shared by the batch,
 ``a = uniform(seed, layer, step, TAG_DEPTH, 1)[0] >= p``. ``mode='sample'``: one gate per
@@ -46,8 +48,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend, philox
-from ..autograd.ops import gather_rows, scatter_add_rows
+from .. import backend, graph, philox
+from ..autograd.ops import gate_in, gate_out, gather_rows, scatter_add_rows
 from ..autograd.tensor import Tensor
 from .layers import BatchNorm2d, Conv2d, Linear, ReLU
 from .module import Module, Sequential
@@ -107,6 +109,8 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
     def forward(self, x):
         if not self.is_training:
             return self.activation(self.body(x) + self.shortcut(x))
+        if self.mode == "batch" and graph.is_capturing():
+            return self._gated(x)
         step = self.next_step()
         t = self.shortcut(x)
         if self.mode == "batch":
@@ -128,6 +132,20 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
         idx = xp.asarray(np.flatnonzero(keep))  # built on the host, strictly increasing by construction; one small upload
         fk = self.body(gather_rows(x, idx))
         return self.activation(scatter_add_rows(t, fk, idx, scale))
+
+    def _gated(self, x):
+        """The unit in a CUDA-graph capture (batch mode): recorded as kept, its body a gated
+        part that each replay runs or skips as ``keep_gate`` says at the replay's step (see
+        ``cudrop.graph``)."""
+        self.next_step(device=True)  # advances the counter; the gate reads it on the host
+        gate = graph.gate(lambda: self.keep_gate(self.step),
+                          f"{type(self).__name__}(layer {self.layer})")
+        t = self.shortcut(x)
+        scale = gate.scalar(self.scale, x.dtype)
+        xb = gate_in(x, scale=scale)
+        with gate:
+            f = self.body(xb)
+        return self.activation(gate_out(t, f, scale=scale))
 
     def _scaled(self, y):
         s = self.scale

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .. import _checks, backend, raw_kernels
+from .. import _checks, backend, graph, raw_kernels
 
 __all__ = ["Optimizer"]
 
@@ -114,6 +114,12 @@ class Optimizer:
         by a device-side check (a bad label earlier in the step) skips the update the same way.
         """
         guard = None  # (skip flag, inv_scale) for the fused kernels, made once per step
+        # In a capture with gated parts (depth dropout: graph.gate), a gated parameter's update
+        # is recorded into its part, so a replay that skips the part skips the update.
+        gates = None
+        if graph.is_capturing():
+            graph.require_state(self)
+            gates = [graph.gate_of(p) for p in self.params]
         for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
@@ -134,9 +140,18 @@ class Optimizer:
             if xp is np:
                 if skip is not None and bool(skip):
                     continue
-            elif self._fuses(p.data, g):
-                if guard is None:
-                    guard = (_device_flag(skip), null_or(inv_scale))
+            fused = xp is not np and self._fuses(p.data, g)
+            if fused and guard is None:
+                # Every later update reads the guard (a kernel's output with a loss scaler):
+                # recorded outside the gated parts, or a replay that skips the part that made it
+                # would hand the other updates a stale skip flag.
+                graph.switch(None)
+                guard = (_device_flag(skip), null_or(inv_scale))
+            if gates is not None:
+                graph.switch(gates[i])
+                if gates[i] is not None:
+                    gates[i].opt_states.append(st)
+            if fused:
                 self._fused_update(p.data, None if w is p.data else w, g, st, guard)
                 continue
             g = g.astype(sdt, copy=False)
@@ -148,6 +163,7 @@ class Optimizer:
                 self._update(w, g, st, xp)
             if w is not p.data:
                 p.data[...] = w
+        graph.switch(None)
         self.steps += 1
 
     def _update_unless(self, skip, w, g, state, xp):

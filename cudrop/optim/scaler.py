@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, graph
 from .optimizer import Optimizer, check_number
 
 __all__ = ["LossScaler"]
@@ -92,7 +92,11 @@ class LossScaler:
         inv = (np.float32(1.0) / used).astype(np.float32)
         found = xp.zeros((), bool)
         for p in params:
+            # in a capture, a gated parameter's check is part of its gate (graph.gate): a
+            # replay that skips the unit leaves ``found`` as the other checks made it
+            graph.switch(graph.gate_of(p))
             found |= ~xp.isfinite(p.grad).all()
+        graph.switch(None)
         self._found[...] = found
         optimizer.step(skip=self._found, inv_scale=xp.asarray(inv))
         # The scale's update, as array ops on the device (no host read).
