@@ -1,0 +1,115 @@
+"""Where a training step's GPU time goes: the time of every kernel of a step, summed by kernel
+name, for graph_step.py's cases (cudrop, and PyTorch where it has a twin), through CUPTI
+(``torch.profiler``, which records every kernel of the process, CuPy's included).
+
+Kernel times are the same in eager and captured steps; the sum over kernels is a captured
+step's time without the gaps between kernels. 3 eager steps are profiled after 5 warm-up steps.
+Extra case: ``resnet56-shortcuts``, cudrop's ResNet-56 with depth dropout's trainable shortcuts
+on every unit and (practically) no unit dropped (p = 1e-9): its excess over ``resnet56`` is
+what the shortcuts cost.
+
+    python benchmarks/profile_step.py [case-prefix ...]     (default: resnet56)
+
+JSON: $OUT/profile_step.json; per case the 15 costliest kernels last.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+sys.path.insert(0, ".")
+import cudrop as cd  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
+from benchmarks.graph_step import Case, _batches, _cases  # noqa: E402
+from cudrop import backend, models, optim  # noqa: E402
+
+WARMUP, STEPS, TOP = 5, 3, 15
+
+
+def _profile(run, batches, sync):
+    from torch.profiler import ProfilerActivity, profile
+    for i in range(WARMUP):
+        run(*batches[i % len(batches)])
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(STEPS):
+            run(*batches[i % len(batches)])
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = e.cuda_time_total
+        if us > 0:
+            rows.append({"kernel": e.key[:90], "us_per_step": us / STEPS,
+                         "launches_per_step": e.count / STEPS})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"kernel_us_per_step": sum(r["us_per_step"] for r in rows),
+            "launches_per_step": sum(r["launches_per_step"] for r in rows), "kernels": rows}
+
+
+def _cudrop(case):
+    cp = backend.cupy
+    model = case.cudrop().to("gpu", dtype=case.dtype)
+    opt = optim.SGD(model.parameters(), 0.01, momentum=0.9)
+    batches = _batches(cp, case, np.random.default_rng(0), lambda a: a.astype(case.dtype))
+
+    def step(x, y):
+        loss = cd.cross_entropy(model(x if case.tokens else cd.Tensor(x)), y)
+        model.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+    return _profile(step, batches, cp.cuda.Device().synchronize)
+
+
+def _torch(case):
+    import torch
+    tdt = torch.float32 if case.dtype == np.float32 else torch.bfloat16
+    model = case.torch(torch).cuda().to(tdt)
+    opt = torch.optim.SGD(model.parameters(), 0.01, momentum=0.9)
+    x = torch.randn(case.shape, device="cuda").to(tdt)
+    y = torch.randint(0, case.classes, case.shape if case.tokens else case.shape[:1],
+                      device="cuda")
+    if case.tokens:
+        x = torch.randint(0, case.classes, case.shape, device="cuda")
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+        opt.step()
+    return _profile(step, [(x, y)], torch.cuda.synchronize)
+
+
+def main(prefixes):
+    cases = _cases() + [Case("resnet56-shortcuts", np.dtype(np.float32),
+                             lambda: models.resnet56(in_channels=3, depth_dropout=1e-9), None,
+                             (128, 3, 32, 32), 10)]
+    cases = [c for c in cases if any(c.name.startswith(p) for p in prefixes)]
+    results = []
+    for case in cases:
+        for lib, fn in (("cudrop", _cudrop), ("torch", _torch)):
+            if lib == "torch" and case.torch is None:
+                continue
+            try:
+                r = {"case": case.name, "dtype": str(case.dtype), "lib": lib, **fn(case)}
+            except Exception as e:  # noqa: BLE001 - record and go on
+                r = {"case": case.name, "lib": lib, "error": f"{type(e).__name__}: {e}"}
+            results.append(r)
+            backend.cupy.get_default_memory_pool().free_all_blocks()
+    write_json("profile_step.json", results)
+    for r in results:
+        print(f"\n== {r['case']} ({r['lib']}): ", end="")
+        if "error" in r:
+            print(r["error"])
+            continue
+        print(f"{r['kernel_us_per_step'] / 1e3:.2f} ms of kernels, "
+              f"{r['launches_per_step']:.0f} launches a step")
+        for k in r["kernels"][:TOP]:
+            print(f"{k['us_per_step']:9.1f} us {k['launches_per_step']:6.0f}x  {k['kernel']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["resnet56"])
