@@ -40,7 +40,9 @@ def conv_and_norm(dt):
     for xs, ws, stride, pad in [((1, 1, 1, 1), (1, 1, 1, 1), 1, 0),
                                 ((3, 5, 7, 9), (6, 5, 3, 2), (2, 1), (1, 2)),
                                 ((2, 3, 11, 5), (4, 3, 4, 4), 3, 2),
-                                ((5, 7, 6, 6), (3, 7, 1, 1), 2, 0)]:
+                                ((5, 7, 6, 6), (3, 7, 1, 1), 2, 0),
+                                ((3, 2, 5, 7), (3, 2, 3, 3), 1, (0, 1)),  # unrolled 3x3 paths
+                                ((2, 3, 7, 5), (4, 3, 3, 3), 2, 1)]:
         x = cp.asarray(np.random.default_rng(0).standard_normal(xs)).astype(dt)
         w = cp.asarray(np.random.default_rng(1).standard_normal(ws)).astype(dt)
         y, saved = Fconv.conv2d(x, w, w[:, 0, 0, 0].copy(), stride, pad)

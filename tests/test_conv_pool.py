@@ -276,10 +276,16 @@ def test_conv2d_1x1_stride1_is_a_gemm(xp, shape, bias):
 LOW_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 4e-2}
 
 
+# The 3x3 cases reach conv.cu's unrolled paths (3x3 stride 1, 3x3 any stride) on ragged maps.
+CONV_PATHS = [((3, 5, 7, 9), (6, 5, 3, 2), (2, 1), (1, 2)),
+              ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (1, 1)),
+              ((3, 2, 5, 7), (3, 2, 3, 3), (1, 1), (0, 1)),
+              ((2, 3, 7, 5), (4, 3, 3, 3), (2, 2), (1, 1)),
+              ((2, 3, 5, 6), (2, 3, 1, 1), (1, 1), (0, 0))]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("case", [((3, 5, 7, 9), (6, 5, 3, 2), (2, 1), (1, 2)),
-                                  ((2, 3, 8, 8), (4, 3, 3, 3), (1, 1), (1, 1)),
-                                  ((2, 3, 5, 6), (2, 3, 1, 1), (1, 1), (0, 0))])
+@pytest.mark.parametrize("case", CONV_PATHS)
 def test_conv2d_low_precision_matches_float64(xp, dtype, case):
     dt = low_precision_dtype(xp, dtype)
     xs, ws, stride, padding = case
@@ -316,8 +322,7 @@ def test_conv2d_beyond_one_grid_row_per_channel(xp, xs, ws):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("case", [((3, 5, 7, 9), (6, 5, 3, 2), (2, 1), (1, 2)),
-                                  ((2, 3, 5, 6), (2, 3, 1, 1), (1, 1), (0, 0))])
+@pytest.mark.parametrize("case", CONV_PATHS)
 def test_conv2d_kernels_match_the_array_path(xp, case, bias):
     """The path is chosen by calling it, not by a module switch: on CuPy ``conv2d`` runs the
     kernels and ``_conv2d_arrays`` the array ops on the same device (float64: no TF32)."""
