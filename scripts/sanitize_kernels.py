@@ -161,9 +161,10 @@ def index_checks():
     expect_failure()
 
 
-def optimizers_and_relu():
-    """optim.cu (fused SGD / Adam, with and without a master copy) and act.cu's ReLU backward
-    on ragged sizes (the grid-stride tails)."""
+def optimizers_and_activations():
+    """optim.cu (fused SGD / Adam, with and without a master copy), act.cu's ReLU backward and
+    tanh GELU, and softmax.cu's rows on ragged sizes (the grid-stride tails, rows of 1, 31, 33
+    and 300 elements, more rows than one grid of warps covers)."""
     from cudrop.autograd import Tensor
     from cudrop.functional import _act
     from cudrop.optim import SGD, Adam
@@ -172,12 +173,23 @@ def optimizers_and_relu():
             x = cp.asarray(np.linspace(-1, 1, n)).astype(dt)
             y, saved = _act.relu(x)
             _act.relu_backward(cp.ones_like(y), saved)
+            y, saved = _act.gelu_tanh(x)
+            _act.gelu_tanh_backward(y, saved)
             for opt in (SGD, Adam):
                 p = Tensor(cp.ones(n, dt), requires_grad=True)
                 o = opt([p], lr=0.1, **({"momentum": 0.9} if opt is SGD else {}))
                 for _ in range(2):
                     p.grad = cp.ones(n, dt)
                     o.step()
+
+
+def softmax_rows():
+    from cudrop.functional import _softmax
+    for shape in [(1, 1), (3, 31), (2, 3, 33), (5, 300), (4096 * 8 + 3, 2)]:
+        for dt in [np.float32, np.float64, np.float16] + bf16:
+            x = cp.asarray(np.random.default_rng(0).standard_normal(shape)).astype(dt)
+            y, saved = _softmax.softmax(x)
+            _softmax.softmax_backward(y, saved)
 
 
 def slices_on_the_device():
@@ -241,7 +253,8 @@ def gyro_on_the_device():
 
 
 index_checks()
-optimizers_and_relu()
+optimizers_and_activations()
+softmax_rows()
 slices_on_the_device()
 gyro_on_the_device()
 cp.cuda.Device().synchronize()

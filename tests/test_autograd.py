@@ -1048,3 +1048,42 @@ def test_softmax_and_gelu_of_an_int_input_are_float(xp):
     close(cudrop.log_softmax(t), np.log(e / e.sum()))
     x = np.arange(3.0)
     close(cudrop.gelu(t), 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("shape", [(5, 1), (3, 31), (2, 3, 33), (4, 300), (4096 * 8 + 3, 2)])
+def test_softmax_and_gelu_tanh_pairs_match_float64(xp, dtype, shape):
+    """The functional pairs (one kernel each way on the GPU: softmax.cu's warp per row over
+    ragged row lengths and more rows than its grid's warps, act.cu's GELU) against float64 math on the same rounded inputs, with the
+    pool poisoned before every launch; the outputs keep the input dtype."""
+    from conftest import low_precision_dtype, poison_pool
+    dt = low_precision_dtype(xp, dtype)
+    rng = np.random.default_rng(sum(shape))
+    x = xp.asarray((3 * rng.standard_normal(shape)).astype(np.float32)).astype(dt)
+    g = xp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dt)
+    x64, g64 = host(x).astype(np.float64), host(g).astype(np.float64)
+    tol = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
+
+    e = np.exp(x64 - x64.max(-1, keepdims=True))
+    y64 = e / e.sum(-1, keepdims=True)
+    poison_pool(xp)
+    y, saved = F.softmax(x)
+    poison_pool(xp)
+    gx = F.softmax_backward(g, saved)
+    gx64 = y64 * (g64 - (g64 * y64).sum(-1, keepdims=True))
+    for got, want in ((y, y64), (gx, gx64)):
+        assert got.dtype == dt and got.shape == shape
+        np.testing.assert_allclose(host(got).astype(np.float64), want, rtol=tol, atol=tol)
+
+    c = math.sqrt(2 / math.pi)
+    t = np.tanh(c * (x64 + 0.044715 * x64 ** 3))
+    poison_pool(xp)
+    y, saved = F.gelu_tanh(x)
+    poison_pool(xp)
+    gx = F.gelu_tanh_backward(g, saved)
+    dgelu = 0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * c * (1 + 3 * 0.044715 * x64 ** 2)
+    for got, want in ((y, 0.5 * x64 * (1 + t)), (gx, g64 * dgelu)):
+        assert got.dtype == dt and got.shape == shape
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(host(got).astype(np.float64), want, rtol=tol,
+                                   atol=tol * scale)

@@ -6,6 +6,7 @@ import numbers
 import numpy as np
 
 from .. import backend
+from ..functional import _softmax
 from ..functional._norm import narrow, widen
 from .function import Function
 
@@ -101,22 +102,19 @@ class Var(Function):
 
 
 class Softmax(Function):
-    """16-bit inputs are exponentiated and summed in float32 (the result and the saved output
-    keep the input dtype, as attention stores its probabilities)."""
+    """``cudrop.functional``'s softmax pair (one kernel each way on the GPU): 16-bit inputs
+    are exponentiated and summed in float32 (the result and the saved output keep the input
+    dtype, as attention stores its probabilities)."""
 
     def __init__(self, axis=-1):
         self.axis = axis
 
     def forward(self, a):
-        xp = backend.get_array_module(a)
-        x = widen(a)
-        e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
-        self.y = narrow(e / e.sum(axis=self.axis, keepdims=True), a.dtype)
-        return self.y
+        y, self.saved = _softmax.softmax(a, self.axis)
+        return y
 
     def backward(self, g):
-        y, g32 = widen(self.y), widen(g)
-        return narrow(y * (g32 - (g32 * y).sum(axis=self.axis, keepdims=True)), g.dtype)
+        return _softmax.softmax_backward(g, self.saved)
 
 
 class LogSoftmax(Function):

@@ -11,7 +11,8 @@ function of), then the variant's options. The variants' mask draws are
 ``cudrop.variants.<name>.draw_mask``; the same ops with gradients are the top-level
 ``cudrop.<op>``.
 """
-from ._act import gelu, gelu_backward, linear, linear_backward, relu, relu_backward
+from ._act import (gelu, gelu_backward, gelu_tanh, gelu_tanh_backward, linear, linear_backward,
+                   relu, relu_backward)
 from ._conv import conv2d, conv2d_backward
 from ._embedding import embedding, embedding_backward
 from ._loss import cross_entropy, cross_entropy_backward, mse_loss, mse_loss_backward
@@ -19,6 +20,7 @@ from ._matmul import matmul
 from ._norm import batch_norm, batch_norm_backward, layer_norm, layer_norm_backward
 from ._pool import (avg_pool2d, avg_pool2d_backward, global_avg_pool2d,
                     global_avg_pool2d_backward, max_pool2d, max_pool2d_backward)
+from ._softmax import softmax, softmax_backward
 from ._rows import gather_rows, gather_rows_backward, scatter_add_rows, scatter_add_rows_backward
 from ._bsmm_pairs import dsd, dsd_backward, dsd_t, dsd_t_backward, sdd, sdd_backward
 from ..variants.blockwise import (blockwise_dropout, blockwise_dropout_backward,

@@ -13,6 +13,7 @@ import numpy as np
 from .. import backend, raw_kernels
 from . import _gemm
 from ._matmul import matmul
+from ._norm import narrow, widen
 
 
 class ActSaved(NamedTuple):
@@ -67,6 +68,56 @@ def gelu_backward(grad_out, saved):
     x = saved.x
     d = 0.5 * (1 + _erf(xp, x / math.sqrt(2))) + x * xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     return (grad_out * d).astype(grad_out.dtype, copy=False)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _elementwise_gpu(x):
+    """The fused kernels' path: a CuPy array of a dtype they are instantiated for."""
+    return backend.is_gpu_array(x) and raw_kernels.cuda_type(x.dtype) is not None
+
+
+def _grid(n):
+    return (min(-(-n // 256), 8192),), (256,)
+
+
+def gelu_tanh(x):
+    """``(0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), saved)``: GELU with the tanh
+    approximation (GPT-2, BERT; PyTorch's ``gelu(x, approximate='tanh')``), computed in float32
+    for 16-bit inputs (``x^3`` overflows float16 from ``|x|`` > 40) and returned in ``x``'s
+    dtype. On the GPU one kernel (``act.cu``); ``saved`` holds ``x`` only."""
+    xp = backend.get_array_module(x)
+    if _elementwise_gpu(x):
+        x = xp.ascontiguousarray(x)
+        y = xp.empty_like(x)
+        if x.size:
+            raw_kernels.launch("act.cu", "gelu_tanh_fwd", x.dtype, *_grid(x.size),
+                               (x, y, np.int64(x.size)))
+        return y, ActSaved(x)
+    v = widen(x)
+    t = xp.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))
+    return narrow(0.5 * v * (1 + t), x.dtype), ActSaved(x)
+
+
+def gelu_tanh_backward(grad_out, saved):
+    """``grad_out * d/dx gelu_tanh(x)``, with ``tanh`` recomputed from ``x``."""
+    xp = backend.get_array_module(grad_out)
+    x = saved.x
+    if _elementwise_gpu(grad_out) and grad_out.dtype == x.dtype:
+        g = xp.ascontiguousarray(grad_out)
+        gx = xp.empty_like(g)
+        if g.size:
+            raw_kernels.launch("act.cu", "gelu_tanh_bwd", g.dtype, *_grid(g.size),
+                               (x, g, gx, np.int64(g.size)))
+        return gx.reshape(grad_out.shape)
+    v = widen(x)
+    t = xp.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))
+    # v in one factor at a time: v * v overflows for huge |v|, where 1 - t * t is exactly 0,
+    # and 0 * inf would make the gradient NaN.
+    u = (1 - t * t) * _SQRT_2_OVER_PI
+    dt = u + (u * (3 * 0.044715) * v) * v
+    return narrow(widen(grad_out) * (0.5 * (1 + t) + 0.5 * v * dt), grad_out.dtype)
 
 
 class LinearSaved(NamedTuple):

@@ -13,3 +13,16 @@ template <typename T> __device__ __forceinline__ T cd_store(typename cd_acc<T>::
     return cd_from_float<T>(v);
 }
 template <> __device__ __forceinline__ double cd_store<double>(double v) { return v; }
+
+// Math on the accumulator type, one overload per precision (NVRTC has no <cmath> macros such as
+// INFINITY, and spelling the float functions out keeps float math in float).
+__device__ __forceinline__ float cd_exp(float v) { return expf(v); }
+__device__ __forceinline__ double cd_exp(double v) { return exp(v); }
+__device__ __forceinline__ float cd_tanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double cd_tanh(double v) { return tanh(v); }
+__device__ __forceinline__ float cd_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double cd_max(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float cd_neg_inf(float) { return __int_as_float(0xff800000); }
+__device__ __forceinline__ double cd_neg_inf(double) {
+    return __longlong_as_double(0xfff0000000000000ULL);
+}

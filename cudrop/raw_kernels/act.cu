@@ -1,7 +1,8 @@
+// Element-wise activation kernels. Launch: any 1-D grid (grid-stride loops).
+//
 // ReLU backward in one pass: gx = g where the forward's output y was positive, an exact 0
 // elsewhere, in g's dtype. (cupy.where over a comparison took two passes and a bool temporary,
 // and promoted bfloat16 gradients to float32 through the scalar 0: profiled on the H200.)
-// Launch: any 1-D grid (grid-stride loop).
 #include "accum.cuh"
 
 template <typename T>
@@ -12,8 +13,44 @@ __global__ void relu_bwd(const T* __restrict__ y, const T* __restrict__ g, T* __
         gx[i] = cd_load(y[i]) > 0 ? g[i] : cd_store<T>(0);
 }
 
+// GELU, tanh approximation, in cd_acc<T>: y = 0.5 x (1 + t), t = tanh(sqrt(2/pi) (x + 0.044715
+// x^3)), and its backward from x alone (t recomputed, no float32 t kept between the passes).
+// The composed CuPy version took 6 float32 passes forward and 9 backward (GPT's MLP, 8192 x
+// 4096 bf16, on an H200: ~6 ms of a 46 ms step). x is multiplied in one factor at a time: x * x
+// overflows for huge |x|, where 1 - t * t is exactly 0 and 0 * inf would make the gradient NaN.
+template <typename A>
+__device__ __forceinline__ A gelu_t(A x) {
+    const A c = (A)0.7978845608028654;  // sqrt(2 / pi)
+    return cd_tanh(c * (x + (A)0.044715 * x * x * x));
+}
+
+template <typename T>
+__global__ void gelu_tanh_fwd(const T* __restrict__ x, T* __restrict__ y, long long n) {
+    typedef typename cd_acc<T>::type A;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const A v = cd_load(x[i]);
+        y[i] = cd_store<T>((A)0.5 * v * ((A)1 + gelu_t(v)));
+    }
+}
+
+template <typename T>
+__global__ void gelu_tanh_bwd(const T* __restrict__ x, const T* __restrict__ g,
+                              T* __restrict__ gx, long long n) {
+    typedef typename cd_acc<T>::type A;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const A v = cd_load(x[i]), t = gelu_t(v);
+        const A u = ((A)1 - t * t) * (A)0.7978845608028654;
+        const A dt = u + (u * (A)(3 * 0.044715) * v) * v;
+        gx[i] = cd_store<T>((A)cd_load(g[i]) * ((A)0.5 * ((A)1 + t) + (A)0.5 * v * dt));
+    }
+}
+
 #ifdef CUDROP_INSTANTIATE
-#define CD_INST(T) template __global__ void relu_bwd<T>(const T*, const T*, T*, long long);
+#define CD_INST(T) template __global__ void relu_bwd<T>(const T*, const T*, T*, long long); \
+    template __global__ void gelu_tanh_fwd<T>(const T*, T*, long long); \
+    template __global__ void gelu_tanh_bwd<T>(const T*, const T*, T*, long long);
 CD_INST(float)
 CD_INST(double)
 CD_INST(cd_f16)
