@@ -183,13 +183,18 @@ def optimizers_and_activations():
                     o.step()
 
 
-def softmax_rows():
-    from cudrop.functional import _softmax
+def last_axis_rows():
+    """lastaxis.cu: softmax and layer norm (with and without gamma/beta) on rows shorter and
+    longer than a warp and more rows than the grid's warps."""
+    from cudrop.functional import _norm, _softmax
     for shape in [(1, 1), (3, 31), (2, 3, 33), (5, 300), (4096 * 8 + 3, 2)]:
         for dt in [np.float32, np.float64, np.float16] + bf16:
             x = cp.asarray(np.random.default_rng(0).standard_normal(shape)).astype(dt)
             y, saved = _softmax.softmax(x)
             _softmax.softmax_backward(y, saved)
+            for affine in (cp.ones(shape[-1], dt), None):
+                y, saved = _norm.layer_norm(x, affine, affine)
+                _norm.layer_norm_backward(y, saved)
 
 
 def slices_on_the_device():
@@ -254,7 +259,7 @@ def gyro_on_the_device():
 
 index_checks()
 optimizers_and_activations()
-softmax_rows()
+last_axis_rows()
 slices_on_the_device()
 gyro_on_the_device()
 cp.cuda.Device().synchronize()

@@ -281,6 +281,46 @@ def test_layer_norm_float16(xp):
     np.testing.assert_allclose(_np(y).astype(np.float64), _np(want), atol=0.05)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("shape, affine", [((7, 1), True), ((3, 5, 33), False),
+                                           ((4, 1031), True), ((4096 * 8 + 3, 4), True)])
+def test_layer_norm_pair_matches_float64(xp, dtype, shape, affine):
+    """The pair (lastaxis.cu's warp per row on the GPU: rows shorter and longer than a warp,
+    more rows than the grid's warps) against float64 math on the same rounded inputs, every
+    output poisoned first; y and gx keep x's dtype."""
+    dt = low_precision_dtype(xp, dtype)
+    rng = np.random.default_rng(shape[-1])
+    x = xp.asarray((2 * rng.standard_normal(shape) + 1).astype(np.float32)).astype(dt)
+    g = xp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dt)
+    d = shape[-1]
+    gamma = xp.asarray(rng.standard_normal(d).astype(np.float32)).astype(dt) if affine else None
+    beta = xp.asarray(rng.standard_normal(d).astype(np.float32)).astype(dt) if affine else None
+    x64, g64 = _np(x).astype(np.float64), _np(g).astype(np.float64)
+    gm = _np(gamma).astype(np.float64) if affine else np.ones(d)
+    bt = _np(beta).astype(np.float64) if affine else np.zeros(d)
+    mu = x64.mean(-1, keepdims=True)
+    inv = 1 / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    xhat = (x64 - mu) * inv
+    gxhat = g64 * gm
+    want = {"y": xhat * gm + bt,
+            "gx": inv * (gxhat - gxhat.mean(-1, keepdims=True)
+                         - xhat * (gxhat * xhat).mean(-1, keepdims=True)),
+            "ggamma": (g64 * xhat).reshape(-1, d).sum(0), "gbeta": g64.reshape(-1, d).sum(0)}
+    poison_pool(xp)
+    y, saved = Fnorm.layer_norm(x, gamma, beta)
+    poison_pool(xp)
+    gx, ggamma, gbeta = Fnorm.layer_norm_backward(g, saved)
+    got = {"y": y, "gx": gx, "ggamma": ggamma, "gbeta": gbeta}
+    tol = {"float16": 1e-2, "bfloat16": 4e-2, "float32": 1e-5, "float64": 1e-10}[dtype]
+    for name, ref in want.items():
+        if not affine and name in ("ggamma", "gbeta"):
+            assert got[name] is None
+            continue
+        assert got[name].dtype == dt, name
+        np.testing.assert_allclose(_np(got[name]).astype(np.float64), ref, rtol=tol,
+                                   atol=tol * np.abs(ref).max(), err_msg=name)
+
+
 # ---- losses -------------------------------------------------------------------------------
 
 def _ce_case(xp, lead, c, seed):

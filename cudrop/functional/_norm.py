@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import backend
-from ..raw_kernels import cuda_type, device_facts, launch
+from ..raw_kernels import cuda_type, device_facts, launch, launch_rows
 
 Array = Any  # a NumPy or CuPy array
 
@@ -348,6 +348,8 @@ def layer_norm(x, gamma, beta, eps=1e-5):
                              f"{tuple(a.shape)}")
     _check_eps(eps)
     cdt = compute_dtype(x.dtype)
+    if _ln_gpu(xp, x):
+        return _layer_norm_gpu(x, gamma, beta, eps, cdt)
     xc = x.astype(cdt, copy=False)
     centered = xc - xc.mean(axis=-1, keepdims=True)
     inv_std = 1.0 / xp.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
@@ -361,15 +363,57 @@ def layer_norm(x, gamma, beta, eps=1e-5):
     return y.astype(x.dtype, copy=False), saved
 
 
+def _ln_gpu(xp, x) -> bool:
+    """lastaxis.cu's warp-per-row kernels: CuPy, a kernel dtype, rows of 32-bit length."""
+    return xp is not np and x.size > 0 and cuda_type(x.dtype) is not None and x.shape[-1] < 2**31
+
+
+def _ln_rows(x):
+    d = x.shape[-1]
+    return x.size // d, d
+
+
+def _layer_norm_gpu(x, gamma, beta, eps, cdt):
+    cp = backend.cupy
+    x = cp.ascontiguousarray(x)
+    rows, d = _ln_rows(x)
+    y = cp.empty_like(x)
+    xhat = cp.empty(x.shape, cdt)
+    inv_std = cp.empty(x.shape[:-1] + (1,), cdt)
+    g = xhat if gamma is None else cp.ascontiguousarray(gamma, dtype=cdt)
+    b = xhat if beta is None else cp.ascontiguousarray(beta, dtype=cdt)
+    launch_rows("lastaxis.cu", "ln_fwd", x.dtype, rows,
+                (x, g, b, y, xhat, inv_std, np.int64(rows), np.int32(d), np.float64(eps),
+                 np.int32(gamma is not None), np.int32(beta is not None)))
+    return y, LayerNormSaved(xhat, inv_std, gamma, None if beta is None else beta.dtype, x.dtype)
+
+
+def _layer_norm_backward_gpu(grad_out, saved):
+    cp = backend.cupy
+    xhat, gamma = saved.xhat, saved.gamma
+    go = cp.ascontiguousarray(grad_out)
+    gx = cp.empty_like(go)
+    rows, d = _ln_rows(go)
+    gam = xhat if gamma is None else cp.ascontiguousarray(gamma, dtype=xhat.dtype)
+    launch_rows("lastaxis.cu", "ln_bwd", go.dtype, rows,
+                (go, xhat, saved.inv_std, gam, gx, np.int64(rows), np.int32(d),
+                 np.int32(gamma is not None)))
+    return gx
+
+
 def layer_norm_backward(grad_out, saved: LayerNormSaved):
     """Gradients ``(gx, ggamma, gbeta)`` (None for an absent gamma/beta)."""
     xhat, inv_std, gamma = saved.xhat, saved.inv_std, saved.gamma
+    xp = backend.get_array_module(grad_out)
     g = grad_out.astype(xhat.dtype, copy=False)
     lead = tuple(range(g.ndim - 1))
-    gxhat = g if gamma is None else g * gamma.astype(xhat.dtype, copy=False)
-    gx = inv_std * (gxhat - gxhat.mean(axis=-1, keepdims=True)
-                    - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
-    gx = gx.astype(saved.x_dtype, copy=False)
+    if _ln_gpu(xp, grad_out) and grad_out.dtype == saved.x_dtype:
+        gx = _layer_norm_backward_gpu(grad_out, saved)
+    else:
+        gxhat = g if gamma is None else g * gamma.astype(xhat.dtype, copy=False)
+        gx = inv_std * (gxhat - gxhat.mean(axis=-1, keepdims=True)
+                        - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
+        gx = gx.astype(saved.x_dtype, copy=False)
     ggamma = None if gamma is None else (g * xhat).sum(axis=lead).astype(gamma.dtype, copy=False)
     gbeta = None
     if saved.beta_dtype is not None:

@@ -1,7 +1,7 @@
 """Softmax along an axis as a functional pair, on raw arrays.
 
 On the GPU a softmax over the last axis of a C-contiguous array is one kernel forward and one
-backward (``raw_kernels/softmax.cu``, a warp per row, accumulating in float32 for the 16-bit
+backward (``raw_kernels/lastaxis.cu``, a warp per row, accumulating in float32 for the 16-bit
 types); other axes and NumPy take the composed array ops, which compute the same formulas.
 """
 from __future__ import annotations
@@ -23,20 +23,18 @@ class SoftmaxSaved(NamedTuple):
 
 
 def _rows_gpu(a, axis):
-    """``(rows, n)`` when the kernels apply: a CuPy array of a kernel dtype, ``axis`` its last,
-    C-contiguous; else None."""
+    """``(rows, n)`` when the kernels apply (a non-empty CuPy array of a kernel dtype, ``axis``
+    its last), else None."""
     if not (backend.is_gpu_array(a) and raw_kernels.cuda_type(a.dtype) is not None
-            and a.ndim and axis in (-1, a.ndim - 1) and a.flags.c_contiguous and a.size):
+            and a.ndim and axis in (-1, a.ndim - 1) and a.size):
         return None
     n = a.shape[-1]
     return a.size // n, n
 
 
 def _launch(fn, dtype, rows, n, args):
-    warps = 8  # rows per 256-thread block; 4096 blocks cover an H200 ~4 times, the rest loop
-    grid = min(-(-rows // warps), 4096)
-    raw_kernels.launch("softmax.cu", fn, dtype, (grid,), (32 * warps,),
-                       args + (np.int64(rows), np.int32(n)))
+    raw_kernels.launch_rows("lastaxis.cu", fn, dtype, rows,
+                            args + (np.int64(rows), np.int32(n)))
 
 
 def softmax(x, axis=-1):
@@ -45,6 +43,7 @@ def softmax(x, axis=-1):
     xp = backend.get_array_module(x)
     shape = _rows_gpu(x, axis)
     if shape is not None:
+        x = xp.ascontiguousarray(x)
         y = xp.empty_like(x)
         _launch("softmax_fwd", x.dtype, *shape, (x, y))
         return y, SoftmaxSaved(y, axis)

@@ -130,3 +130,11 @@ def launch(source: str, fn: str, dtype, grid, block, args, options: tuple = ()):
     """Launch ``fn<T>`` of ``source`` with ``T`` the template argument of ``dtype`` (see
     :func:`load`)."""
     load(source, fn, dtype, options)(grid, block, args)
+
+
+def launch_rows(source: str, fn: str, dtype, rows: int, args):
+    """Launch a warp-per-row kernel (``lastaxis.cu``) over ``rows`` rows: 8 warps a block, at
+    most 4096 blocks (the H200's 132 SMs hold ~1000 such blocks at once); the kernels loop over
+    the rest."""
+    warps = 8
+    launch(source, fn, dtype, (min(-(-rows // warps), 4096),), (32 * warps,), args)

@@ -20,9 +20,28 @@ __device__ __forceinline__ float cd_exp(float v) { return expf(v); }
 __device__ __forceinline__ double cd_exp(double v) { return exp(v); }
 __device__ __forceinline__ float cd_tanh(float v) { return tanhf(v); }
 __device__ __forceinline__ double cd_tanh(double v) { return tanh(v); }
+__device__ __forceinline__ float cd_sqrt(float v) { return sqrtf(v); }
+__device__ __forceinline__ double cd_sqrt(double v) { return sqrt(v); }
 __device__ __forceinline__ float cd_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double cd_max(double a, double b) { return fmax(a, b); }
 __device__ __forceinline__ float cd_neg_inf(float) { return __int_as_float(0xff800000); }
 __device__ __forceinline__ double cd_neg_inf(double) {
     return __longlong_as_double(0xfff0000000000000ULL);
+}
+
+// Sum (max) of v over the warp, returned to every lane. The xor butterfly combines the same two
+// values at each step on both lanes of a pair, so every lane holds the identical result, in a
+// fixed order.
+template <typename A>
+__device__ __forceinline__ A cd_warp_sum(A v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename A>
+__device__ __forceinline__ A cd_warp_max(A v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = cd_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
 }

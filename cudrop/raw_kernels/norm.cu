@@ -9,15 +9,6 @@
 // there is no second launch.
 #include "accum.cuh"
 
-// Sum of v over the warp, returned to every lane. The xor butterfly adds the same two values at
-// each step on both lanes of a pair, so every lane holds the identical sum, in a fixed order.
-template <typename A>
-__device__ __forceinline__ A cd_warp_sum(A v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // Sum of v over the CTA, returned to every thread. blockDim.x: a multiple of 32, at most 1024.
 // `sh` holds 32 values; the trailing barrier lets the caller reuse it at once.
 template <typename A>
