@@ -98,10 +98,10 @@ def _rate(sync, event, elapsed, run, batches):
     return statistics.median(times)
 
 
-def _cudrop(case, captured):
+def cudrop_step(case):
+    """``(model, optimizer, step, batches)``: the case's model on the GPU, SGD with momentum,
+    one training step ``step(x, y) -> loss`` and three input batches."""
     cp = backend.cupy
-    pool = cp.get_default_memory_pool()
-    pool.free_all_blocks()
     model = case.cudrop().to("gpu", dtype=case.dtype)
     opt = optim.SGD(model.parameters(), 0.01, momentum=0.9)
     batches = _batches(cp, case, np.random.default_rng(0), lambda a: a.astype(case.dtype))
@@ -112,7 +112,14 @@ def _cudrop(case, captured):
         loss.backward()
         opt.step()
         return loss
+    return model, opt, step, batches
 
+
+def _cudrop(case, captured):
+    cp = backend.cupy
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    model, opt, step, batches = cudrop_step(case)
     run = graph.capture(step, model=model, optimizer=opt) if captured else step
     ms = _rate(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time, run,
                batches)

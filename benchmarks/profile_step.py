@@ -19,10 +19,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, ".")
-import cudrop as cd  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
-from benchmarks.graph_step import Case, _batches, _cases  # noqa: E402
-from cudrop import backend, models, optim  # noqa: E402
+from benchmarks.graph_step import Case, _cases, cudrop_step  # noqa: E402
+from cudrop import backend, models  # noqa: E402
 
 WARMUP, STEPS, TOP = 5, 3, 15
 
@@ -50,18 +49,8 @@ def _profile(run, batches, sync):
 
 
 def _cudrop(case):
-    cp = backend.cupy
-    model = case.cudrop().to("gpu", dtype=case.dtype)
-    opt = optim.SGD(model.parameters(), 0.01, momentum=0.9)
-    batches = _batches(cp, case, np.random.default_rng(0), lambda a: a.astype(case.dtype))
-
-    def step(x, y):
-        loss = cd.cross_entropy(model(x if case.tokens else cd.Tensor(x)), y)
-        model.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss
-    return _profile(step, batches, cp.cuda.Device().synchronize)
+    _, _, step, batches = cudrop_step(case)
+    return _profile(step, batches, backend.cupy.cuda.Device().synchronize)
 
 
 def _torch(case):
