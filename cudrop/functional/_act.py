@@ -89,7 +89,7 @@ def gelu_tanh(x):
     dtype. On the GPU one kernel (``act.cu``); ``saved`` holds ``x`` only."""
     xp = backend.get_array_module(x)
     if _elementwise_gpu(x):
-        x = xp.ascontiguousarray(x)
+        x = xp.ascontiguousarray(x).reshape(x.shape)  # ascontiguousarray makes 0-d 1-d
         y = xp.empty_like(x)
         if x.size:
             raw_kernels.launch("act.cu", "gelu_tanh_fwd", x.dtype, *_grid(x.size),

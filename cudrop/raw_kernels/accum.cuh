@@ -20,6 +20,10 @@ __device__ __forceinline__ float cd_exp(float v) { return expf(v); }
 __device__ __forceinline__ double cd_exp(double v) { return exp(v); }
 __device__ __forceinline__ float cd_tanh(float v) { return tanhf(v); }
 __device__ __forceinline__ double cd_tanh(double v) { return tanh(v); }
+// A product the compiler may not fuse into a following add (the same rounded value wherever it
+// is recomputed).
+__device__ __forceinline__ float cd_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double cd_mul_rn(double a, double b) { return __dmul_rn(a, b); }
 __device__ __forceinline__ float cd_sqrt(float v) { return sqrtf(v); }
 __device__ __forceinline__ double cd_sqrt(double v) { return sqrt(v); }
 __device__ __forceinline__ float cd_max(float a, float b) { return fmaxf(a, b); }

@@ -103,14 +103,14 @@ __global__ void ln_bwd(const T* __restrict__ g, const typename cd_acc<T>::type* 
         const A* hr = xhat + r * n;
         A s1 = 0, s2 = 0;
         for (int j = lane; j < n; j += 32) {
-            const A gh = has_gamma ? (A)cd_load(gr[j]) * gamma[j] : (A)cd_load(gr[j]);
+            const A gh = has_gamma ? cd_mul_rn((A)cd_load(gr[j]), gamma[j]) : (A)cd_load(gr[j]);
             s1 += gh;
             s2 += gh * hr[j];
         }
         const A m1 = cd_warp_sum(s1) / (A)n, m2 = cd_warp_sum(s2) / (A)n, is = inv_std[r];
         T* out = gx + r * n;
         for (int j = lane; j < n; j += 32) {
-            const A gh = has_gamma ? (A)cd_load(gr[j]) * gamma[j] : (A)cd_load(gr[j]);
+            const A gh = has_gamma ? cd_mul_rn((A)cd_load(gr[j]), gamma[j]) : (A)cd_load(gr[j]);
             out[j] = cd_store<T>(is * (gh - m1 - hr[j] * m2));
         }
     }
