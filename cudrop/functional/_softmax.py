@@ -1,7 +1,6 @@
 """Softmax along an axis as a functional pair, on raw arrays.
 
-On the GPU a softmax over the last axis of a C-contiguous array is one kernel forward and one
-backward (``raw_kernels/lastaxis.cu``, a warp per row, accumulating in float32 for the 16-bit
+On the GPU a softmax over the last axis is one kernel forward and one backward (``raw_kernels/lastaxis.cu``, a warp per row, accumulating in float32 for the 16-bit
 types); other axes and NumPy take the composed array ops, which compute the same formulas.
 """
 from __future__ import annotations
