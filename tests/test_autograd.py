@@ -1087,3 +1087,35 @@ def test_softmax_and_gelu_tanh_pairs_match_float64(xp, dtype, shape):
         scale = np.abs(want).max()
         np.testing.assert_allclose(host(got).astype(np.float64), want, rtol=tol,
                                    atol=tol * scale)
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
+def test_binary_ops_skip_the_gradient_of_a_constant_operand(xp, op, monkeypatch):
+    """A constant operand (an array, a Python number) gets no gradient computed: attention's
+    ``s * scale + causal_mask`` once reduced the whole (B, H, T, T) gradient to the scalar and
+    to the (T, T) mask every step. The tensor operand's gradient is unchanged, on either side."""
+    from cudrop.autograd import math as amath
+    shapes = []
+    real = amath.sum_to
+
+    def spy(g, shape):
+        shapes.append(tuple(shape))
+        return real(g, shape)
+
+    monkeypatch.setattr(amath, "sum_to", spy)
+    rng = np.random.default_rng(3)
+    a = xp.asarray(rng.uniform(1, 2, (4, 3)))
+    c = xp.asarray(rng.uniform(1, 2, (3,)))
+    fn = {"add": lambda u, v: u + v, "sub": lambda u, v: u - v, "mul": lambda u, v: u * v,
+          "div": lambda u, v: u / v}[op]
+    for left in (True, False):
+        shapes.clear()
+        t = Tensor(a, requires_grad=True)
+        out = fn(t, c) if left else fn(c, t)
+        out.sum().backward()
+        assert shapes == [(4, 3)]  # only the tensor's gradient was reduced
+        a64, c64 = host(a), host(c)
+        want = {"add": np.ones_like(a64), "sub": np.full_like(a64, 1 if left else -1),
+                "mul": np.broadcast_to(c64, a64.shape),
+                "div": 1 / np.broadcast_to(c64, a64.shape) if left else -c64 / a64 ** 2}[op]
+        np.testing.assert_allclose(host(t.grad), want, rtol=1e-12)

@@ -35,6 +35,7 @@ class Function:
         outputs = [Tensor(y) for y in ys]
         if mode.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             self.inputs = tensors
+            self._needs = tuple(t is not None and t.requires_grad for t in tensors)
             self.generation = max(t.generation for t in tensors if t is not None)
             for o in outputs:
                 o.creator = self
@@ -47,6 +48,14 @@ class Function:
             if graph.is_capturing():
                 self._gate = graph.current_gate()
         return outputs[0] if single else tuple(outputs)
+
+    def needs_grad(self, i: int) -> bool:
+        """Whether forward input ``i`` wants a gradient (True when unknown). ``backward`` may
+        return None for the others instead of computing them: the gradient of a constant
+        operand is a reduction over the whole output (attention's scale and causal mask: a
+        (B, H, T, T) sum per layer, profiled on the H200) that nobody reads."""
+        needs = getattr(self, "_needs", None)
+        return needs is None or needs[i]
 
     def forward(self, *xs):
         raise NotImplementedError

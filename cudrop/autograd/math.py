@@ -31,7 +31,8 @@ class Add(Function):
         return a + b
 
     def backward(self, g):
-        return sum_to(g, self.shapes[0]), sum_to(g, self.shapes[1])
+        return (sum_to(g, self.shapes[0]) if self.needs_grad(0) else None,
+                sum_to(g, self.shapes[1]) if self.needs_grad(1) else None)
 
 
 class Sub(Function):
@@ -40,7 +41,8 @@ class Sub(Function):
         return a - b
 
     def backward(self, g):
-        return sum_to(g, self.shapes[0]), sum_to(-g, self.shapes[1])
+        return (sum_to(g, self.shapes[0]) if self.needs_grad(0) else None,
+                sum_to(-g, self.shapes[1]) if self.needs_grad(1) else None)
 
 
 class Mul(Function):
@@ -49,7 +51,8 @@ class Mul(Function):
         return a * b
 
     def backward(self, g):
-        return sum_to(g * self.b, self.a.shape), sum_to(g * self.a, self.b.shape)
+        return (sum_to(g * self.b, self.a.shape) if self.needs_grad(0) else None,
+                sum_to(g * self.a, self.b.shape) if self.needs_grad(1) else None)
 
 
 class Div(Function):
@@ -59,7 +62,8 @@ class Div(Function):
 
     def backward(self, g):
         ga = g / self.b
-        return sum_to(ga, self.a.shape), sum_to(-ga * self.a / self.b, self.b.shape)
+        return (sum_to(ga, self.a.shape) if self.needs_grad(0) else None,
+                sum_to(-ga * self.a / self.b, self.b.shape) if self.needs_grad(1) else None)
 
 
 class Neg(Function):
