@@ -475,6 +475,33 @@ def test_gate_out_refuses_a_body_output_unlike_the_shortcut():
         _gate.gate_out(t, np.zeros((2, 3), np.float64), np.float32(1))
 
 
+class _FakeCaptureStream:
+    """A stream whose captures record nothing: ``end_capture`` numbers the pieces (1, 2, ...)
+    and returns ``piece(i)``, or fails like an invalidated capture while ``broken``."""
+
+    def __init__(self, piece):
+        self.piece, self.ended, self.broken = piece, 0, False
+
+    def end_capture(self):
+        if self.broken:
+            raise RuntimeError("cudaErrorStreamCaptureInvalidated")
+        self.ended += 1
+        return self.piece(self.ended)
+
+    def begin_capture(self, mode):
+        pass
+
+
+def _fake_recorder(monkeypatch, stream):
+    """A capture in progress on ``stream`` as cudrop.graph sees it (no scalars, no counters)."""
+    from types import SimpleNamespace
+    from cudrop import graph
+    rec = SimpleNamespace(stream=stream, mode=0, current=None, pieces=[], gates=[],
+                          leaf_gates={}, counters=dict)
+    monkeypatch.setattr(graph, "_recorder", rec)
+    return rec
+
+
 def test_a_gated_capture_is_cut_into_pieces_that_replays_skip(monkeypatch):
     """The bookkeeping of cudrop.graph's gated parts, with a stand-in for the capturing stream:
     entering or leaving a part ends one piece and begins the next (staying in a part does not),
@@ -483,28 +510,9 @@ def test_a_gated_capture_is_cut_into_pieces_that_replays_skip(monkeypatch):
     from cudrop import graph
 
     launched = []
-
-    class Piece:
-        def __init__(self, i):
-            self.i = i
-
-        def launch(self, stream):
-            launched.append(self.i)
-
-    class Stream:
-        ended = 0
-
-        def end_capture(self):
-            self.ended += 1
-            return Piece(self.ended)
-
-        def begin_capture(self, mode):
-            pass
-
-    stream = Stream()
-    rec = SimpleNamespace(stream=stream, mode=0, current=None, pieces=[], gates=[],
-                          leaf_gates={}, counters=dict)
-    monkeypatch.setattr(graph, "_recorder", rec)
+    stream = _FakeCaptureStream(
+        lambda i: SimpleNamespace(i=i, launch=lambda s: launched.append(i)))
+    rec = _fake_recorder(monkeypatch, stream)
     a, b = graph.gate(lambda: True, "A"), graph.gate(lambda: True, "B")
     graph.switch(a)
     graph.switch(a)  # still in A: no new piece
@@ -528,24 +536,10 @@ def test_a_gated_body_s_error_is_reported_when_it_broke_the_capture(monkeypatch)
     """An error inside a gated part that also invalidated the capture (a host read of a device
     value does): leaving the part cannot end its piece, and the body's error, not that
     failure, reaches CapturedStep (which ends the capture and names the error)."""
-    from types import SimpleNamespace
     from cudrop import graph
 
-    class Stream:
-        broken = False
-
-        def end_capture(self):
-            if self.broken:
-                raise RuntimeError("cudaErrorStreamCaptureInvalidated")
-            return object()
-
-        def begin_capture(self, mode):
-            pass
-
-    stream = Stream()
-    rec = SimpleNamespace(stream=stream, mode=0, current=None, pieces=[], gates=[],
-                          leaf_gates={}, counters=dict)
-    monkeypatch.setattr(graph, "_recorder", rec)
+    stream = _FakeCaptureStream(lambda i: object())
+    rec = _fake_recorder(monkeypatch, stream)
     a = graph.gate(lambda: True, "A")
     with a:  # a part that ends normally
         pass
