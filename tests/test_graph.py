@@ -90,14 +90,12 @@ def test_100_captured_steps_draw_the_eager_masks(kind):
     _captured_equals_eager(build, make_opt, batches)
 
 
-def test_captured_fp16_step_with_loss_scaling_equals_eager():
-    """float16 with LossScaler: the scale, the overflow flag and the skip live on the device, so
-    the step is captured; replays match eager steps, an overflowing step included."""
-    cp = backend.cupy
-
+def _loss_scaled_fp16_runs(build, steps, overflow_at, strict=False):
+    """An eager and a captured run of ``steps`` float16 steps with LossScaler (SGD, momentum)
+    on ``build()``'s model, the inputs of step ``overflow_at`` scaled to overflow; ``strict``:
+    any warning (a fallback to eager) fails. Each run: (losses, scales, state_dict, step)."""
     def run(captured):
-        model = models.mlp((64,), 10, hidden=(128,), dropout="dropout", p=0.3, seed=0)
-        model = model.to("gpu", dtype=np.float16)
+        model = build()
         opt = optim.SGD(model.parameters(), 0.05, momentum=0.9)
         scaler = optim.LossScaler(init_scale=2.0 ** 15, growth_interval=3)
 
@@ -110,21 +108,40 @@ def test_captured_fp16_step_with_loss_scaling_equals_eager():
 
         fn = graph.capture(step, model=model, optimizer=opt) if captured else step
         losses, scales = [], []
-        for i, (x, y) in enumerate(_batches(10, batch=64)):
-            x = x.astype(np.float16) * np.float16(6e4 if i == 5 else 1)  # step 5 overflows
-            losses.append(float(fn(x, y).data))
-            scales.append(float(scaler.scale))
+        with warnings.catch_warnings():
+            if strict:
+                warnings.simplefilter("error")
+            for i, (x, y) in enumerate(_batches(steps, batch=64)):
+                x = x.astype(np.float16) * np.float16(6e4 if i == overflow_at else 1)
+                losses.append(float(fn(x, y).data))
+                scales.append(float(scaler.scale))
         return losses, scales, model.state_dict(), fn
+    return run(False), run(True)
 
-    l_e, s_e, w_e, _ = run(False)
-    l_c, s_c, w_c, fn = run(True)
+
+def _assert_fp16_runs_agree(eager, captured, overflow_at):
+    """The captured run replayed graphs, halved its scale at the overflow as the eager run did,
+    and ends with the same losses and weights to float16 tolerance."""
+    cp = backend.cupy
+    l_e, s_e, w_e, _ = eager
+    l_c, s_c, w_c, fn = captured
     assert fn.graph is not None and fn.failed is None
-    assert s_c == s_e and s_e[5] == s_e[4] / 2  # the overflow at step 5 halved the scale in both
+    assert s_c == s_e and s_e[overflow_at] == s_e[overflow_at - 1] / 2
     np.testing.assert_allclose(l_c, l_e, rtol=1e-3)
     for k in w_e:
         np.testing.assert_allclose(cp.asnumpy(cp.asarray(w_c[k])).astype(np.float64),
                                    cp.asnumpy(cp.asarray(w_e[k])).astype(np.float64),
                                    rtol=1e-3, atol=1e-3, err_msg=k)
+
+
+def test_captured_fp16_step_with_loss_scaling_equals_eager():
+    """float16 with LossScaler: the scale, the overflow flag and the skip live on the device, so
+    the step is captured; replays match eager steps, an overflowing step included."""
+    def build():
+        model = models.mlp((64,), 10, hidden=(128,), dropout="dropout", p=0.3, seed=0)
+        return model.to("gpu", dtype=np.float16)
+
+    _assert_fp16_runs_agree(*_loss_scaled_fp16_runs(build, 10, overflow_at=5), overflow_at=5)
 
 
 def test_captured_resnet_step_equals_eager():
@@ -172,46 +189,21 @@ def test_captured_gated_fp16_step_with_loss_scaling_equals_eager():
     stale gradient never decides whether a step is skipped; replays match eager steps, an
     overflowing step included (the fp16 test above's tolerances)."""
     from cudrop import nn
-    cp = backend.cupy
 
-    def run(captured):
+    def build():
         rng = np.random.default_rng(0)
         body = lambda: nn.Sequential(nn.Linear(128, 128, rng=rng), nn.ReLU())  # noqa: E731
-        model = nn.number_layers(nn.Sequential(
+        return nn.number_layers(nn.Sequential(
             nn.Linear(64, 128, rng=rng), nn.ReLU(),
             nn.DepthDropout(body(), p=0.5),
             nn.DepthDropout(body(), nn.linear_shortcut(128, 128, rng=rng), p=0.5),
             nn.StochasticDepth(body(), p=0.3),
             nn.Linear(128, 10, rng=rng)), seed=5).to("gpu", dtype=np.float16)
-        opt = optim.SGD(model.parameters(), 0.05, momentum=0.9)
-        scaler = optim.LossScaler(init_scale=2.0 ** 15, growth_interval=3)
 
-        def step(x, y):
-            loss = cudrop.cross_entropy(model(cudrop.Tensor(x)), y)
-            model.zero_grad()
-            scaler.backward(loss)
-            scaler.step(opt)
-            return loss
-
-        fn = graph.capture(step, model=model, optimizer=opt) if captured else step
-        losses, scales = [], []
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a fallback to eager would warn: fail instead
-            for i, (x, y) in enumerate(_batches(30, batch=64)):
-                x = x.astype(np.float16) * np.float16(6e4 if i == 25 else 1)  # overflows
-                losses.append(float(fn(x, y).data))
-                scales.append(float(scaler.scale))
-        return losses, scales, model.state_dict(), fn
-
-    l_e, s_e, w_e, _ = run(False)
-    l_c, s_c, w_c, fn = run(True)
-    assert fn.graph is not None and fn.failed is None and fn.calls - fn.waited > 10
-    assert s_c == s_e and s_e[25] == s_e[24] / 2
-    np.testing.assert_allclose(l_c, l_e, rtol=1e-3)
-    for k in w_e:
-        np.testing.assert_allclose(cp.asnumpy(cp.asarray(w_c[k])).astype(np.float64),
-                                   cp.asnumpy(cp.asarray(w_e[k])).astype(np.float64),
-                                   rtol=1e-3, atol=1e-3, err_msg=k)
+    eager, captured = _loss_scaled_fp16_runs(build, 30, overflow_at=25, strict=True)
+    _assert_fp16_runs_agree(eager, captured, overflow_at=25)
+    fn = captured[3]
+    assert fn.calls - fn.waited > 10  # most steps replayed the graph
 
 
 def test_per_sample_stochastic_depth_falls_back_to_eager():
