@@ -257,7 +257,25 @@ def gyro_on_the_device():
     G.gyro_dropout(buf[1:].reshape(8, 37), 0.5, step=cp.asarray(1, dtype=np.uint32), **kw)
 
 
+def fused_attention():
+    """attention.cu: forward, the row dot and both backward kernels, every head dim, lengths
+    below, at and across the 64-row blocks, causal or not, and a misaligned view (copied)."""
+    from cudrop.functional import _attention as A
+    rng = np.random.default_rng(7)
+    for dt in [np.float16] + bf16:
+        for (b, t, h, hd) in [(1, 1, 1, 16), (2, 17, 3, 32), (1, 64, 2, 64), (2, 130, 1, 64),
+                              (1, 197, 2, 16)]:
+            qkv = cp.asarray(rng.standard_normal((b, t, 3 * h * hd))).astype(dt)
+            for causal in (False, True):
+                y, saved = A.attention(qkv, h, causal=causal)
+                A.attention_backward(y, saved)
+        flat = cp.ones(2 * 5 * 3 * 64 + 1, dt)
+        y, saved = A.attention(flat[1:].reshape(2, 5, 192), 1)
+        A.attention_backward(y, saved)
+
+
 index_checks()
+fused_attention()
 optimizers_and_activations()
 last_axis_rows()
 slices_on_the_device()

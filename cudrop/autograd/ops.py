@@ -4,7 +4,7 @@
 (p, seed, layer, step) it is drawn from); only layers decide train versus eval."""
 from __future__ import annotations
 
-from ..functional import (_act, _bsmm_pairs, _conv, _embedding, _gate, _loss, _norm, _pool,
+from ..functional import (_act, _attention, _bsmm_pairs, _conv, _embedding, _gate, _loss, _norm, _pool,
                           _rows)
 from ..variants import blockwise, dropout as _dropout, gyro, sliceout, sparsedrop
 from .pair import differentiable
@@ -15,7 +15,8 @@ _PAIRS = [  # (module, name, the array inputs: names, or the first n)
     (_embedding, "embedding", 2), (_loss, "cross_entropy", 2), (_loss, "mse_loss", 2),
     (_rows, "gather_rows", 2), (_rows, "scatter_add_rows", 3),
     (_gate, "gate_in", 1), (_gate, "gate_out", 2),
-    (_act, "linear", 3), (_bsmm_pairs, "dsd", ("a", "b", "bias")),
+    (_act, "linear", 3), (_attention, "attention", 1),
+    (_bsmm_pairs, "dsd", ("a", "b", "bias")),
     (_bsmm_pairs, "dsd_t", ("a", "b")), (_bsmm_pairs, "sdd", ("a", "b", "bias")),
     (_dropout, "dropout", 1),
     (sliceout, "sliceout", 1), (sliceout, "sliceout_linear", 3),

@@ -13,6 +13,7 @@ function of), then the variant's options. The variants' mask draws are
 """
 from ._act import (gelu, gelu_backward, gelu_tanh, gelu_tanh_backward, linear, linear_backward,
                    relu, relu_backward)
+from ._attention import attention, attention_backward
 from ._conv import conv2d, conv2d_backward
 from ._embedding import embedding, embedding_backward
 from ._loss import cross_entropy, cross_entropy_backward, mse_loss, mse_loss_backward

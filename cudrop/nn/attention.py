@@ -1,4 +1,5 @@
-"""Multi-head self-attention (batched matmuls go through cudrop's fp16/bf16 cuBLAS path)."""
+"""Multi-head self-attention: the fused ``attention`` op (one kernel each way on the GPU for
+16-bit types), or composed ops where attention probabilities are dropped."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import numpy as np
 
 from .. import autograd as ag
 from ..functional._attention import causal_bias
+from .dropout import Identity
 from .layers import Linear
 from .module import Module
 
@@ -32,9 +34,13 @@ class MultiHeadAttention(Module):
     def forward(self, x):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MultiHeadAttention expects (batch, time, {self.dim}), got {x.shape}")
+        qkv = self.qkv(x)
+        if isinstance(self.attn_drop, Identity) or not self.attn_drop.is_training:
+            return self.proj(ag.attention(qkv, self.num_heads, causal=self.causal))
+        # dropped probabilities: the composed ops (the fused op never forms them)
         b, t, d = x.shape
         h, hd = self.num_heads, d // self.num_heads
-        qkv = ag.transpose(ag.reshape(self.qkv(x), (b, t, 3, h, hd)), (2, 0, 3, 1, 4))
+        qkv = ag.transpose(ag.reshape(qkv, (b, t, 3, h, hd)), (2, 0, 3, 1, 4))
         q, k, v = qkv[0], qkv[1], qkv[2]
         # the scale on q (B, H, T, hd) rather than on the scores (B, H, T, T): T / hd times
         # fewer elements (4x for GPT's T = 256, hd = 64), and exact where it is a power of 2
