@@ -120,6 +120,14 @@ def attention(qkv, num_heads, causal=False):
                (qkv, out, lse, np.int32(t), np.int32(h), np.int32(causal), c),
                (f"-DCD_HD={hd}",))
         return out, AttentionSaved(qkv, h, causal, out, lse, None)
+    return _array_attention(qkv, h, causal)
+
+
+def _array_attention(qkv, h, causal):
+    """The batched-product path of :func:`attention` (any device and dtype)."""
+    xp = backend.get_array_module(qkv)
+    b, t, d3 = qkv.shape
+    hd = d3 // (3 * h)
     q, k, v = _split(qkv, h)
     s = matmul(q * (1.0 / math.sqrt(hd)), k.swapaxes(-1, -2))
     if causal:
