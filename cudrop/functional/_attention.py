@@ -63,6 +63,19 @@ def causal_bias(xp, t, dtype):
     return _causal_bias(xp, dev, t, np.dtype(dtype))
 
 
+@memoize
+def _scale(xp, dev, hd, dtype):
+    return xp.asarray(np.asarray(1.0 / math.sqrt(hd), dtype=dtype))
+
+
+def _scaled(a, hd):
+    """``a / sqrt(hd)`` in ``a``'s dtype (CuPy promotes bfloat16 times a Python float to
+    float32); the 0-d factor is uploaded once per (device, hd, dtype), not per call."""
+    xp = backend.get_array_module(a)
+    dev = -1 if xp is np else xp.cuda.runtime.getDevice()
+    return a * _scale(xp, dev, hd, a.dtype)
+
+
 def _check(qkv, num_heads):
     if not hasattr(qkv, "ndim") or qkv.ndim != 3 or qkv.shape[-1] % 3:
         raise ValueError(f"attention: qkv must be (batch, time, 3 * dim), got "
@@ -129,7 +142,7 @@ def _array_attention(qkv, h, causal):
     b, t, d3 = qkv.shape
     hd = d3 // (3 * h)
     q, k, v = _split(qkv, h)
-    s = matmul(q * (1.0 / math.sqrt(hd)), k.swapaxes(-1, -2))
+    s = matmul(_scaled(q, hd), k.swapaxes(-1, -2))
     if causal:
         s += causal_bias(xp, t, s.dtype)
     p, _ = softmax(s, axis=-1)
@@ -163,13 +176,11 @@ def attention_backward(grad_out, saved: AttentionSaved):
         launch("attention.cu", "attn_bwd_dkdv", qkv.dtype, grid, (128,), args, opts)
         launch("attention.cu", "attn_bwd_dq", qkv.dtype, grid, (128,), args, opts)
         return gqkv
-    scale = 1.0 / math.sqrt(hd)
     q, k, v = _split(qkv, h)
     p = saved.probs
     go = grad_out.astype(qkv.dtype, copy=False).reshape(b, t, h, hd).transpose(0, 2, 1, 3)
     gv = matmul(p.swapaxes(-1, -2), go)
     gs = softmax_backward(matmul(go, v.swapaxes(-1, -2)), SoftmaxSaved(p, -1))
-    gq = matmul(gs, k)
-    gq *= scale
-    gk = matmul(gs.swapaxes(-1, -2), q * scale)
+    gq = _scaled(matmul(gs, k), hd)
+    gk = matmul(gs.swapaxes(-1, -2), _scaled(q, hd))
     return xp.stack([gq, gk, gv]).transpose(1, 3, 0, 2, 4).reshape(b, t, d3)
