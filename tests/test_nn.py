@@ -30,6 +30,36 @@ def test_linear_3d_input_matches_2d(xp):
     assert np.allclose(cd.backend.asnumpy(y), cd.backend.asnumpy(ref))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("k, bias", [(1, True), (4, True), (4, False), (12, True), (16, True)])
+def test_linear_pair_16_bit_small_k_matches_float64(xp, dtype, k, bias):
+    """The functional linear pair with K not a multiple of 8 (on the GPU: x and w zero-padded
+    along K for cuBLASLt's aligned kernels) against float64 math: output and every gradient in
+    the parameters' shapes, with and without a bias, outputs poisoned."""
+    from conftest import low_precision_dtype, poison_pool
+    import cudrop.functional as F
+    dt = low_precision_dtype(xp, dtype)
+    rng = np.random.default_rng(k)
+    x = xp.asarray(rng.standard_normal((3, 37, k)).astype(np.float32)).astype(dt)
+    w = xp.asarray(rng.standard_normal((k, 24)).astype(np.float32)).astype(dt)
+    b = xp.asarray(rng.standard_normal(24).astype(np.float32)).astype(dt) if bias else None
+    g = xp.asarray(rng.standard_normal((3, 37, 24)).astype(np.float32)).astype(dt)
+    h = [None if a is None else cd.backend.asnumpy(a).astype(np.float64) for a in (x, w, b, g)]
+    poison_pool(xp)
+    y, saved = F.linear(x, w, b)
+    poison_pool(xp)
+    gx, gw, gb = F.linear_backward(g, saved)
+    want = [h[0] @ h[1] + (h[2] if bias else 0), h[3] @ h[1].T,
+            h[0].reshape(-1, k).T @ h[3].reshape(-1, 24), h[3].sum((0, 1)) if bias else None]
+    for got, ref in zip((y, gx, gw, gb), want):
+        if ref is None:
+            assert got is None
+            continue
+        assert got.dtype == dt and got.shape == ref.shape
+        np.testing.assert_allclose(cd.backend.asnumpy(got).astype(np.float64), ref,
+                                   rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+
+
 def test_linear_rejects_wrong_width():
     with pytest.raises(ValueError, match="5 features"):
         nn.Linear(5, 3)(cd.Tensor(np.zeros((2, 4), np.float32)))

@@ -121,7 +121,8 @@ def gelu_tanh_backward(grad_out, saved):
 
 
 class LinearSaved(NamedTuple):
-    """The input as (M, K), the weight, whether there was a bias, the input's shape."""
+    """The input as (M, K), the weight, whether there was a bias, the input's shape (x and w
+    zero-padded along K where ``_pads_k`` says so)."""
     x: object
     w: object
     has_bias: bool
@@ -136,6 +137,8 @@ def linear(x, w, b=None):
     if b is not None and b.shape != (w.shape[1],):
         raise ValueError(f"linear: b must have shape ({w.shape[1]},), got {b.shape}")
     x2 = x.reshape(-1, x.shape[-1])
+    if _pads_k(x2):
+        x2, w = _padded(x2, 1), _padded(w, 0)
     if b is not None and _epilogues(x2):
         y = _gemm.gemm(x2, w, bias=b)  # the bias add in the GEMM's epilogue
     else:
@@ -149,19 +152,40 @@ def linear_backward(grad_out, saved, needs=(True, True, True)):
     """``(gx, gw, gb)``; a gradient whose entry of ``needs`` is False is not computed (None):
     a first layer's input gradient is a whole GEMM nobody reads."""
     g = grad_out.reshape(-1, saved.w.shape[1])
+    k = saved.x_shape[-1]
     need_x, need_w, need_b = needs
     need_b = need_b and saved.has_bias
-    gx = matmul(g, saved.w.T).reshape(saved.x_shape) if need_x else None
+    gx = matmul(g, saved.w[:k].T).reshape(saved.x_shape) if need_x else None
     gw = gb = None
     if need_w and need_b and _epilogues(g):
         gb = backend.cupy.empty(g.shape[1], g.dtype)
         gw = _gemm.gemm(saved.x.T, g, bias_grad=gb)  # the bias gradient in the GEMM's epilogue
-        return gx, gw, gb
+        return gx, gw[:k], gb
     if need_w:
-        gw = matmul(saved.x.T, g)
+        gw = matmul(saved.x.T, g)[:k]
     if need_b:
         gb = g.sum(axis=0)
     return gx, gw, gb
+
+
+def _pads_k(x):
+    """Pad K with zeros to a multiple of 8 (16 bytes of a 16-bit row): cuBLASLt has only slow
+    kernels for 16-bit rows that are not 16-byte aligned — a ViT patch embedding (K = 4, bf16,
+    25088 x 1024 output) ran `magma_sgemmEx` at 1.7 ms a call forward and again for the weight
+    gradient on the H200 (profile_step.py vit), ~10% of the step. Small K only: the pad is a
+    copy of x."""
+    k = x.shape[-1]
+    return k % 8 != 0 and k < 64 and x.dtype.itemsize == 2 and _epilogues(x)
+
+
+def _padded(a, axis_k):
+    """``a`` with its K axis (``axis_k``) zero-padded to a multiple of 8."""
+    shape = list(a.shape)
+    k = shape[axis_k]
+    shape[axis_k] = -(-k // 8) * 8
+    out = backend.cupy.zeros(shape, a.dtype)
+    out[(slice(None),) * axis_k + (slice(0, k),)] = a
+    return out
 
 
 def _epilogues(x):
