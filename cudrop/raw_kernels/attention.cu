@@ -149,7 +149,8 @@ attn_fwd(const T* __restrict__ qkv, T* __restrict__ o, float* __restrict__ lse, 
          int causal, float c) {
     using namespace cd_attn;
     if constexpr (sizeof(T) == 2) {
-        __shared__ __align__(16) T Qs[BR * LD], Ks[BC * LD], Vs[BC * LD];
+        // K/V double-buffered: block kb + 1 loads while block kb multiplies
+        __shared__ __align__(16) T Qs[BR * LD], Ks[2][BC * LD], Vs[2][BC * LD];
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tq = lane & 3;
         const int bh = blockIdx.x, b = bh / heads, h = bh % heads, d = heads * HD;
         const int qb = causal ? gridDim.y - 1 - blockIdx.y : blockIdx.y;  // long rows first
@@ -157,29 +158,38 @@ attn_fwd(const T* __restrict__ qkv, T* __restrict__ o, float* __restrict__ lse, 
         const T* qg = qkv + (long long)b * t * pitch + h * HD;
         const int q0 = qb * BR, row0 = q0 + warp * 16 + (lane >> 2);
         load_tile(Qs, qg, pitch, q0, t);
+        load_tile(Ks[0], qg + d, pitch, 0, t);
+        load_tile(Vs[0], qg + 2 * d, pitch, 0, t);
+        cd_cp_commit();
         float acc[NT][4], m[2] = {cd_neg_inf(0.f), cd_neg_inf(0.f)}, l[2] = {0.f, 0.f};
         zero(acc, NT);
         unsigned qa[KC][4];
         const int kbs = causal ? qb + 1 : (t + BC - 1) / BC;
         for (int kb = 0; kb < kbs; ++kb) {
-            __syncthreads();  // the previous step's reads of Ks, Vs are done
-            load_tile(Ks, qg + d, pitch, kb * BC, t);
-            load_tile(Vs, qg + 2 * d, pitch, kb * BC, t);
-            cd_cp_commit();
-            cd_cp_wait<0>();
+            const int buf = kb & 1;
+            if (kb + 1 < kbs) {  // its buffer was last read in step kb - 1, before the barrier
+                load_tile(Ks[buf ^ 1], qg + d, pitch, (kb + 1) * BC, t);
+                load_tile(Vs[buf ^ 1], qg + 2 * d, pitch, (kb + 1) * BC, t);
+                cd_cp_commit();
+                cd_cp_wait<1>();
+            } else {
+                cd_cp_wait<0>();
+            }
             __syncthreads();
             if (kb == 0)
                 for (int k = 0; k < KC; ++k) ld_a(qa[k], Qs, warp * 16, k * 16, lane);
             float s[ST][4];
             zero(s, ST);
-            mma_abt<T>(s, qa, Ks, lane);
+            mma_abt<T>(s, qa, Ks[buf], lane);
+            // only the diagonal block (causal) and the last (ragged T) hide keys
+            const bool edge = (causal && kb == qb) || (kb + 1) * BC > t;
             float mx[2] = {m[0], m[1]};
 #pragma unroll
             for (int n = 0; n < ST; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = kb * BC + n * 8 + 2 * tq + (e & 1), row = row0 + (e >> 1) * 8;
-                    const bool hide = key >= t || (causal && key > row);
+                    const bool hide = edge && (key >= t || (causal && key > row));
                     s[n][e] = hide ? cd_neg_inf(0.f) : s[n][e] * c;
                     mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
                 }
@@ -203,7 +213,8 @@ attn_fwd(const T* __restrict__ qkv, T* __restrict__ o, float* __restrict__ lse, 
                     s[n][e] = exp2f(s[n][e] - m[e >> 1]);
                     l[e >> 1] += s[n][e];
                 }
-            mma_pb<T>(acc, s, Vs, lane);
+            mma_pb<T>(acc, s, Vs[buf], lane);
+            __syncthreads();  // every warp is done with this buffer before it is refilled
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -298,7 +309,7 @@ attn_bwd_dkdv(const T* __restrict__ qkv, const T* __restrict__ go, const float* 
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int col = n * 8 + 2 * tq + (e & 1), key = key0 + (e >> 1) * 8;
-                    const bool hide = causal && key > qb * BC + col;
+                    const bool hide = causal && qb == kb && key > qb * BC + col;
                     const float p = hide ? 0.f : exp2f(s[n][e] * c - Ls[col]);
                     s[n][e] = p;
                     dp[n][e] = p * (dp[n][e] - Ds[col]);  // dSᵀ
@@ -356,12 +367,13 @@ attn_bwd_dq(const T* __restrict__ qkv, const T* __restrict__ go, const float* __
             zero(dp, ST);
             mma_abt<T>(s, qa, Ks, lane);
             mma_abt<T>(dp, ga, Vs, lane);
+            const bool edge = (causal && kb == qb) || (kb + 1) * BC > t;
 #pragma unroll
             for (int n = 0; n < ST; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = kb * BC + n * 8 + 2 * tq + (e & 1), r = e >> 1;
-                    const bool hide = key >= t || (causal && key > row0 + 8 * r);
+                    const bool hide = edge && (key >= t || (causal && key > row0 + 8 * r));
                     const float p = hide ? 0.f : exp2f(s[n][e] * c - lr[r]);
                     dp[n][e] = p * (dp[n][e] - dr[r]);  // dS
                 }
