@@ -6,6 +6,7 @@ import weakref
 
 from .. import backend, graph
 from . import mode
+from ..functional import _act
 
 
 class Function:
@@ -219,4 +220,4 @@ def _accumulate_leaf(t, g, owned=False):
         g = g.astype(t.data.dtype)
     elif t.grad is None and not owned:
         g = g.copy()
-    t.grad = g if t.grad is None else t.grad + g
+    t.grad = g if t.grad is None else _act.add(t.grad, g)

@@ -28,7 +28,7 @@ def _pair(a, b):
 class Add(Function):
     def forward(self, a, b):
         self.shapes = a.shape, b.shape
-        return a + b
+        return _act.add(a, b)
 
     def backward(self, g):
         return (sum_to(g, self.shapes[0]) if self.needs_grad(0) else None,

@@ -37,14 +37,19 @@ def relu(x):
 def relu_backward(grad_out, saved):
     """``grad_out`` where the input was positive, 0 elsewhere."""
     xp = backend.get_array_module(grad_out)
-    if xp is np or raw_kernels.cuda_type(grad_out.dtype) is None:
+    if not _elementwise_gpu(grad_out):
         return xp.where(saved.y > 0, grad_out, grad_out.dtype.type(0))
-    y, g = xp.ascontiguousarray(saved.y), xp.ascontiguousarray(grad_out)
-    gx = xp.empty_like(g)
-    if g.size:
-        raw_kernels.launch("act.cu", "relu_bwd", g.dtype, (min(-(-g.size // 256), 8192),),
-                           (256,), (y, g, gx, np.int64(g.size)))
-    return gx.reshape(grad_out.shape)
+    return _map("relu_bwd", saved.y, grad_out)
+
+
+def add(a, b):
+    """``a + b``; two CuPy arrays of one shape and a kernel dtype take one 16-byte-vectorised
+    kernel (CuPy's bfloat16 add moved 2 bytes a thread: 41 µs for GPT's 8M-element residual
+    adds on the H200, PyTorch 12 µs). Otherwise NumPy/CuPy broadcasting as ``a + b``."""
+    if (a.shape == b.shape and a.dtype == b.dtype and _elementwise_gpu(a)
+            and backend.is_gpu_array(b) and a.dtype.itemsize == 2):
+        return _map("add2", a, b)
+    return a + b
 
 
 def _erf(xp, x):
@@ -78,8 +83,24 @@ def _elementwise_gpu(x):
     return backend.is_gpu_array(x) and raw_kernels.cuda_type(x.dtype) is not None
 
 
-def _grid(n):
-    return (min(-(-n // 256), 8192),), (256,)
+def _aligned(a):
+    """``a`` C-contiguous at a 16-byte aligned address (``cd_map``'s vector accesses)."""
+    a = backend.cupy.ascontiguousarray(a)
+    return a if a.data.ptr % 16 == 0 else a.copy()
+
+
+def _map(fn, x, y=None):
+    """Launch act.cu's element-wise ``fn`` over ``x`` (and ``y``, same size) into a new array
+    of ``x``'s shape; 16 bytes a thread in a grid-stride loop."""
+    cp = backend.cupy
+    shape = x.shape
+    args = (_aligned(x),) if y is None else (_aligned(x), _aligned(y))
+    out = cp.empty(shape, x.dtype)
+    if out.size:
+        threads = -(-out.size * x.itemsize // 16)
+        raw_kernels.launch("act.cu", fn, x.dtype, (min(-(-threads // 256), 8192),), (256,),
+                           args + (out, np.int64(out.size)))
+    return out
 
 
 def gelu_tanh(x):
@@ -89,12 +110,7 @@ def gelu_tanh(x):
     dtype. On the GPU one kernel (``act.cu``); ``saved`` holds ``x`` only."""
     xp = backend.get_array_module(x)
     if _elementwise_gpu(x):
-        x = xp.ascontiguousarray(x).reshape(x.shape)  # ascontiguousarray makes 0-d 1-d
-        y = xp.empty_like(x)
-        if x.size:
-            raw_kernels.launch("act.cu", "gelu_tanh_fwd", x.dtype, *_grid(x.size),
-                               (x, y, np.int64(x.size)))
-        return y, ActSaved(x)
+        return _map("gelu_tanh_fwd", x), ActSaved(x)
     v = widen(x)
     t = xp.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))
     return narrow(0.5 * v * (1 + t), x.dtype), ActSaved(x)
@@ -105,12 +121,7 @@ def gelu_tanh_backward(grad_out, saved):
     xp = backend.get_array_module(grad_out)
     x = saved.x
     if _elementwise_gpu(grad_out) and grad_out.dtype == x.dtype:
-        g = xp.ascontiguousarray(grad_out)
-        gx = xp.empty_like(g)
-        if g.size:
-            raw_kernels.launch("act.cu", "gelu_tanh_bwd", g.dtype, *_grid(g.size),
-                               (x, g, gx, np.int64(g.size)))
-        return gx.reshape(grad_out.shape)
+        return _map("gelu_tanh_bwd", x, grad_out).reshape(grad_out.shape)
     v = widen(x)
     t = xp.tanh(_SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))
     # v in one factor at a time: v * v overflows for huge |v|, where 1 - t * t is exactly 0,

@@ -49,3 +49,29 @@ __device__ __forceinline__ A cd_warp_max(A v) {
     for (int o = 16; o > 0; o >>= 1) v = cd_max(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// out[i] = f(x[i]) (TWO false) or f(x[i], y[i]) over n elements, computed in cd_acc<T>: each
+// thread moves 16 bytes at a time (8 elements of a 16-bit type), then a scalar tail; any 1-D
+// grid. Every array must be 16-byte aligned (the host copies a view that is not). Per-element
+// 2-byte accesses ran GPT's bf16 residual adds (CuPy's add, 8M elements) at 41 µs, 3.4x
+// PyTorch's vectorised 12 µs, and tanh GELU at twice PyTorch's time (H200, profile_step.py).
+template <typename T> struct alignas(16) cd_v16 { T v[16 / sizeof(T)]; };
+
+template <bool TWO, typename T, typename F>
+__device__ __forceinline__ void cd_map(const T* __restrict__ x, const T* __restrict__ y,
+                                       T* __restrict__ out, long long n, F f) {
+    typedef typename cd_acc<T>::type A;
+    constexpr int V = 16 / sizeof(T);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    for (long long i = first; i < n / V; i += stride) {
+        const cd_v16<T> a = reinterpret_cast<const cd_v16<T>*>(x)[i];
+        const cd_v16<T> b = TWO ? reinterpret_cast<const cd_v16<T>*>(y)[i] : a;
+        cd_v16<T> z;
+#pragma unroll
+        for (int k = 0; k < V; ++k) z.v[k] = cd_store<T>(f((A)cd_load(a.v[k]), (A)cd_load(b.v[k])));
+        reinterpret_cast<cd_v16<T>*>(out)[i] = z;
+    }
+    for (long long i = n / V * V + first; i < n; i += stride)
+        out[i] = cd_store<T>(f((A)cd_load(x[i]), (A)cd_load(TWO ? y[i] : x[i])));
+}

@@ -1,4 +1,5 @@
-// Element-wise activation kernels. Launch: any 1-D grid (grid-stride loops).
+// Element-wise kernels (activations, a same-shape add), 16-byte accesses through accum.cuh's
+// cd_map. Launch: any 1-D grid (grid-stride loops); every array 16-byte aligned.
 //
 // ReLU backward in one pass: gx = g where the forward's output y was positive, an exact 0
 // elsewhere, in g's dtype. (cupy.where over a comparison took two passes and a bool temporary,
@@ -8,9 +9,16 @@
 template <typename T>
 __global__ void relu_bwd(const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ gx,
                          long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        gx[i] = cd_load(y[i]) > 0 ? g[i] : cd_store<T>(0);
+    typedef typename cd_acc<T>::type A;
+    cd_map<true>(y, g, gx, n, [](A yv, A gv) { return yv > (A)0 ? gv : (A)0; });
+}
+
+// a + b (same shape): the residual adds and gradient sums of transformer steps.
+template <typename T>
+__global__ void add2(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
+                     long long n) {
+    typedef typename cd_acc<T>::type A;
+    cd_map<true>(a, b, out, n, [](A u, A v) { return u + v; });
 }
 
 // GELU, tanh approximation, in cd_acc<T>: y = 0.5 x (1 + t), t = tanh(sqrt(2/pi) (x + 0.044715
@@ -27,28 +35,24 @@ __device__ __forceinline__ A gelu_t(A x) {
 template <typename T>
 __global__ void gelu_tanh_fwd(const T* __restrict__ x, T* __restrict__ y, long long n) {
     typedef typename cd_acc<T>::type A;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const A v = cd_load(x[i]);
-        y[i] = cd_store<T>((A)0.5 * v * ((A)1 + gelu_t(v)));
-    }
+    cd_map<false>(x, x, y, n, [](A v, A) { return (A)0.5 * v * ((A)1 + gelu_t(v)); });
 }
 
 template <typename T>
 __global__ void gelu_tanh_bwd(const T* __restrict__ x, const T* __restrict__ g,
                               T* __restrict__ gx, long long n) {
     typedef typename cd_acc<T>::type A;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const A v = cd_load(x[i]), t = gelu_t(v);
+    cd_map<true>(x, g, gx, n, [](A v, A gv) {
+        const A t = gelu_t(v);
         const A u = ((A)1 - t * t) * (A)0.7978845608028654;
         const A dt = u + (u * (A)(3 * 0.044715) * v) * v;
-        gx[i] = cd_store<T>((A)cd_load(g[i]) * ((A)0.5 * ((A)1 + t) + (A)0.5 * v * dt));
-    }
+        return gv * ((A)0.5 * ((A)1 + t) + (A)0.5 * v * dt);
+    });
 }
 
 #ifdef CUDROP_INSTANTIATE
 #define CD_INST(T) template __global__ void relu_bwd<T>(const T*, const T*, T*, long long); \
+    template __global__ void add2<T>(const T*, const T*, T*, long long); \
     template __global__ void gelu_tanh_fwd<T>(const T*, T*, long long); \
     template __global__ void gelu_tanh_bwd<T>(const T*, const T*, T*, long long);
 CD_INST(float)
