@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import backend
 from ..raw_kernels import cuda_type, device_facts, launch, launch_rows
+from ._reduce import compute_dtype
 
 Array = Any  # a NumPy or CuPy array
 
@@ -59,14 +60,6 @@ class LayerNormSaved(NamedTuple):
     gamma: Array | None
     beta_dtype: np.dtype | None
     x_dtype: np.dtype
-
-
-def compute_dtype(dtype):
-    """float64 stays float64; float32 stays; anything narrower (float16, bfloat16) -> float32."""
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f" and dtype.itemsize >= 4:
-        return dtype
-    return np.dtype(np.float32)
 
 
 def widen(a):
