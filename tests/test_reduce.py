@@ -1,13 +1,15 @@
 """Sums over leading axes (functional/_reduce.py; raw_kernels/reduce.cu on CuPy) against float64
 NumPy sums of the same rounded inputs: ragged R and C (1, 7, 33, 1000, 70001), every dtype,
 plain sums, sums of products, both from one pass, outputs poisoned first; row chunks forced
-ragged on the GPU; the host's chunk rule."""
+ragged on the GPU; the host's chunk rule; the callers that route through it (broadcast
+gradients, layer norm's gamma/beta gradients)."""
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 from cudrop import backend
-from cudrop.functional import _reduce as R
+from cudrop.autograd.math import sum_to
+from cudrop.functional import _norm as Fnorm, _reduce as R
 from conftest import low_precision_dtype, poison_pool
 
 # relative to the column's sum of |terms|: the output's rounding dominates for 16-bit results
@@ -167,3 +169,57 @@ def test_sum_leading_empty_and_integer_input(xp):
     assert R.sum_leading(xp.ones((4, 0), np.float32)).shape == (0,)
     s = R.sum_leading(xp.arange(12, dtype=np.int32).reshape(4, 3))
     assert backend.asnumpy(s).tolist() == [18, 22, 26] and s.dtype == np.int32
+
+
+@pytest.mark.parametrize("gshape, shape", [((6, 5, 7), (7,)), ((6, 5, 7), (1, 5, 7)),
+                                           ((6, 5, 7), (1, 1, 7)), ((1, 5, 7), (1, 1, 7)),
+                                           ((6, 1, 7), (1, 1, 7)), ((6, 5, 7), (6, 1, 7)),
+                                           ((6, 5, 7), (6, 5, 1)), ((6, 5, 7), ()),
+                                           ((6, 5, 7), (5, 1))])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sum_to_matches_numpy(xp, gshape, shape, dtype):
+    """Broadcast gradients: leading-axis sums (size-1 axes aside) and the others."""
+    g = xp.asarray(np.random.default_rng(4).standard_normal(gshape)).astype(dtype)
+    want = backend.asnumpy(g).astype(np.float64)
+    lead = len(gshape) - len(shape)
+    axes = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape)
+                                      if n == 1 and gshape[i + lead] != 1)
+    want = want.sum(axis=axes, keepdims=True).reshape(shape)
+    got = sum_to(g, shape)
+    assert got.shape == shape and got.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(backend.asnumpy(got), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("shape", [(7, 1), (33, 1000), (3, 5, 33), (4096 * 8 + 3, 4)])
+@pytest.mark.parametrize("gamma_on, beta_on, pdtype", [(True, True, None), (True, False, None),
+                                                       (False, True, None),
+                                                       (True, True, "float32")])
+def test_layer_norm_parameter_grads_match_float64(xp, dtype, shape, gamma_on, beta_on, pdtype):
+    """ggamma = sum g * xhat and gbeta = sum g over the leading axes (one pass for both, or
+    either alone) against float64, in the parameters' dtype (x's, or float32 parameters of a
+    16-bit x); outputs from a NaN-poisoned pool."""
+    dt = low_precision_dtype(xp, dtype)
+    pdt = dt if pdtype is None else np.dtype(pdtype)
+    rng = np.random.default_rng(shape[-1])
+    d = shape[-1]
+    x = xp.asarray((2 * rng.standard_normal(shape) + 1).astype(np.float32)).astype(dt)
+    g = xp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dt)
+    gamma = xp.asarray(rng.standard_normal(d).astype(np.float32)).astype(pdt) if gamma_on else None
+    beta = xp.asarray(rng.standard_normal(d).astype(np.float32)).astype(pdt) if beta_on else None
+    x64, g64 = backend.asnumpy(x).astype(np.float64), backend.asnumpy(g).astype(np.float64)
+    mu = x64.mean(-1, keepdims=True)
+    xhat = (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    lead = len(shape) - 1
+    poison_pool(xp)
+    _, saved = Fnorm.layer_norm(x, gamma, beta)
+    poison_pool(xp)
+    _, ggamma, gbeta = Fnorm.layer_norm_backward(g, saved)
+    # the tolerance of the parameters' dtype; xhat is float32 for 16-bit x, its rounding
+    # well inside that
+    tol = dtype if pdtype is None else pdtype
+    for got, on, terms in ((ggamma, gamma_on, g64 * xhat), (gbeta, beta_on, g64)):
+        if not on:
+            assert got is None
+            continue
+        _check(got, terms, lead, pdt, tol, "parameter grad")
