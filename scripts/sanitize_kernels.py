@@ -197,6 +197,35 @@ def last_axis_rows():
                 _norm.layer_norm_backward(y, saved)
 
 
+def column_sums():
+    """reduce.cu: sums over leading axes (plain, of products, both at once, written as g's
+    dtype and as float32/float64) on ragged shapes, with the host's row chunks and with them
+    forced to 3 ragged chunks and to 1000 (1-row chunks on the small shapes): the merge."""
+    from cudrop.functional import _reduce as R
+    rule = R._row_chunks
+
+    def forced(split):
+        def chunks(r, c, bx):
+            rows = -(-r // min(split, r))
+            return -(-r // rows), rows
+        return chunks
+
+    for shape in [(1, 1), (1, 7), (7, 1), (33, 7), (7, 33), (1000, 33), (70001, 7), (3, 1000)]:
+        for dt in [np.float32, np.float64, np.float16] + bf16:
+            rng = np.random.default_rng(7)
+            g = cp.asarray(rng.standard_normal(shape)).astype(dt)
+            acc = R.compute_dtype(g.dtype)
+            x = cp.asarray(rng.standard_normal(shape)).astype(acc)
+            for chunks in (rule, forced(3), forced(1000)):
+                R._row_chunks = chunks
+                try:
+                    R.sum_leading(g)
+                    R.sum_leading(g, 1, x, with_plain=True)
+                    R.sum_leading(g, 1, x, dtype=acc)
+                finally:
+                    R._row_chunks = rule
+
+
 def slices_on_the_device():
     """slice.cu: SliceOut's gather and scatter with the start decided on the device, on ragged
     shapes (wrap mode over odd unit counts, aligned mode, slices that wrap, keep == n, a single
@@ -278,6 +307,7 @@ index_checks()
 fused_attention()
 optimizers_and_activations()
 last_axis_rows()
+column_sums()
 slices_on_the_device()
 gyro_on_the_device()
 cp.cuda.Device().synchronize()

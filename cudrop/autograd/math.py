@@ -3,19 +3,24 @@ from __future__ import annotations
 
 from .. import backend
 from ..functional import _act
+from ..functional._reduce import sum_leading
 from .function import Function
 from .tensor import Tensor, as_tensor
 
 
 def sum_to(g, shape):
-    """Sum ``g`` down to ``shape``: the adjoint of NumPy broadcasting."""
+    """Sum ``g`` down to ``shape``: the adjoint of NumPy broadcasting. A sum over leading axes
+    only (axes of size 1 aside: a bias (d,) or a position embedding (1, T, d) broadcast over a
+    batch) runs ``sum_leading`` (a GPU kernel for CuPy arrays); any other, the array's sum."""
     if g.shape == tuple(shape):
         return g
     lead = g.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape)
                                       if n == 1 and g.shape[i + lead] != 1)
-    out = g.sum(axis=axes, keepdims=True)
-    return out.reshape(shape)
+    k = axes[-1] + 1 if axes else 0
+    if all(g.shape[i] == 1 for i in range(k) if i not in axes):
+        return sum_leading(g, k).reshape(shape)
+    return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
 def _pair(a, b):

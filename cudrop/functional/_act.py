@@ -14,6 +14,7 @@ from .. import backend, raw_kernels
 from . import _gemm
 from ._matmul import matmul
 from ._norm import narrow, widen
+from ._reduce import sum_leading
 
 
 class ActSaved(NamedTuple):
@@ -175,7 +176,7 @@ def linear_backward(grad_out, saved, needs=(True, True, True)):
     if need_w:
         gw = matmul(saved.x.T, g)[:k]
     if need_b:
-        gb = g.sum(axis=0)
+        gb = sum_leading(g)
     return gx, gw, gb
 
 

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend, bsmm, masks
+from ._reduce import sum_leading
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
@@ -144,5 +145,5 @@ def block_masked_linear_backward(grad_out, saved):
     g = grad_out.reshape(x.shape[0], w.shape[1])
     gx = bsmm.sdd(g, w.T, mask, scale).reshape(saved.x_shape)
     gw = bsmm.dsd_t(x, g, mask, scale)
-    gb = g.sum(axis=0) if saved.has_bias else None
+    gb = sum_leading(g) if saved.has_bias else None
     return gx, gw, gb

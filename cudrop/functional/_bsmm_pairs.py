@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import backend, bsmm, masks
+from ._reduce import sum_leading
 
 
 class BsmmSaved(NamedTuple):
@@ -48,7 +49,7 @@ def dsd_backward(grad_out, s):
     g = _relu_grad(grad_out, s)
     ga = bsmm.sdd(g, s.b.T, s.mask, s.scale)
     gb = bsmm.dsd_t(s.a, g, s.mask, s.scale)
-    return ga, gb, (g.sum(axis=0) if s.has_bias else None)
+    return ga, gb, (sum_leading(g) if s.has_bias else None)
 
 
 def dsd_t(a, b, mask, scale=1.0):
@@ -80,7 +81,7 @@ def sdd_backward(grad_out, s):
     gbias = None
     if s.has_bias:
         keep = s.mask.to_dense()
-        gbias = xp.where(keep, g, g.dtype.type(0)).sum(axis=0)
+        gbias = sum_leading(xp.where(keep, g, g.dtype.type(0)))
     return ga, gb, gbias
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import backend, flops, raw_kernels
 from .._memo import Memo, memoize
+from ._reduce import sum_leading
 
 try:
     from nvmath.bindings import cublasLt as _lt
@@ -240,7 +241,7 @@ def _gemm_planned(a, b, bias, act, out, key):
     if out is None:
         out = cp.empty(lead + (m, n), a.dtype)
     if act == "grad" and (out.size == 0 or k == 0):
-        bias[...] = b.sum(axis=0)
+        sum_leading(b, out=bias)
         out.fill(0)
         return out
     if out.size == 0:
@@ -290,7 +291,7 @@ def _gemm_planned(a, b, bias, act, out, key):
             plan = None
     if plan is None:  # cuBLASLt has no bias-gradient algorithm here: the GEMM, then a sum
         gemm(a, b, out=out)
-        cp.sum(b, axis=0, out=bias)
+        sum_leading(b, out=bias)
         return out
     if key is not None:
         direct = (b_.data.ptr == b.data.ptr and a_.data.ptr == a.data.ptr
@@ -311,7 +312,7 @@ def _run(plan, a, b, out, split):
                plan.beta_ptr, target.data.ptr, d_l, target.data.ptr, d_l, plan.algo, plan.ws,
                WORKSPACE_BYTES, cp.cuda.get_current_stream().ptr)
     if split > 1:
-        cp.sum(target, axis=0, out=out)
+        sum_leading(target, out=out)
 
 
 def split_k(m, n, k, dtype):

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import backend
 from ..raw_kernels import cuda_type, device_facts, launch, launch_rows
+from ._reduce import compute_dtype, sum_leading
 
 Array = Any  # a NumPy or CuPy array
 
@@ -59,14 +60,6 @@ class LayerNormSaved(NamedTuple):
     gamma: Array | None
     beta_dtype: np.dtype | None
     x_dtype: np.dtype
-
-
-def compute_dtype(dtype):
-    """float64 stays float64; float32 stays; anything narrower (float16, bfloat16) -> float32."""
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f" and dtype.itemsize >= 4:
-        return dtype
-    return np.dtype(np.float32)
 
 
 def widen(a):
@@ -388,10 +381,10 @@ def _layer_norm_gpu(x, gamma, beta, eps, cdt):
     return y, LayerNormSaved(xhat, inv_std, gamma, None if beta is None else beta.dtype, x.dtype)
 
 
-def _layer_norm_backward_gpu(grad_out, saved):
+def _layer_norm_backward_gpu(go, saved):
+    """lastaxis.cu's ln_bwd on the contiguous gradient ``go``."""
     cp = backend.cupy
     xhat, gamma = saved.xhat, saved.gamma
-    go = cp.ascontiguousarray(grad_out)
     gx = cp.empty_like(go)
     rows, d = _ln_rows(go)
     gam = xhat if gamma is None else cp.ascontiguousarray(gamma, dtype=xhat.dtype)
@@ -405,17 +398,26 @@ def layer_norm_backward(grad_out, saved: LayerNormSaved):
     """Gradients ``(gx, ggamma, gbeta)`` (None for an absent gamma/beta)."""
     xhat, inv_std, gamma = saved.xhat, saved.inv_std, saved.gamma
     xp = backend.get_array_module(grad_out)
-    g = grad_out.astype(xhat.dtype, copy=False)
-    lead = tuple(range(g.ndim - 1))
-    if _ln_gpu(xp, grad_out) and grad_out.dtype == saved.x_dtype:
-        gx = _layer_norm_backward_gpu(grad_out, saved)
+    g = grad_out
+    if _ln_gpu(xp, g) and g.dtype == saved.x_dtype:
+        g = backend.cupy.ascontiguousarray(g)
+        gx = _layer_norm_backward_gpu(g, saved)
     else:
-        gxhat = g if gamma is None else g * gamma.astype(xhat.dtype, copy=False)
+        gc = g.astype(xhat.dtype, copy=False)
+        gxhat = gc if gamma is None else gc * gamma.astype(xhat.dtype, copy=False)
         gx = inv_std * (gxhat - gxhat.mean(axis=-1, keepdims=True)
                         - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
         gx = gx.astype(saved.x_dtype, copy=False)
-    ggamma = None if gamma is None else (g * xhat).sum(axis=lead).astype(gamma.dtype, copy=False)
-    gbeta = None
-    if saved.beta_dtype is not None:
-        gbeta = g.sum(axis=lead).astype(saved.beta_dtype, copy=False)
-    return gx, ggamma, gbeta
+    return (gx,) + _layer_norm_affine_grads(g, saved)
+
+
+def _layer_norm_affine_grads(g, saved):
+    """``(ggamma, gbeta)``: the sums of ``g * xhat`` and of ``g`` over the leading axes, both
+    from one pass over ``g`` when both are wanted (None for an absent gamma/beta)."""
+    gamma, beta_dtype, lead = saved.gamma, saved.beta_dtype, g.ndim - 1
+    if gamma is None:
+        return None, (None if beta_dtype is None else sum_leading(g, lead, dtype=beta_dtype))
+    if beta_dtype is None:
+        return sum_leading(g, lead, saved.xhat, dtype=gamma.dtype), None
+    ggamma, gbeta = sum_leading(g, lead, saved.xhat, with_plain=True, dtype=gamma.dtype)
+    return ggamma, gbeta.astype(beta_dtype, copy=False)
