@@ -80,7 +80,7 @@ def main():
                 row[label + "_tflops"] = (10 if "bwd" in label else 4) * flop / ms / 1e9
         rows.append(row)
         print(row, flush=True)
-    write_json("attention", rows)
+    write_json("attention.json", rows)
     print("\n| case | fused fwd | fused fwd+bwd | composed fwd+bwd | PyTorch SDPA fwd | SDPA fwd+bwd |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

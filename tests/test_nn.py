@@ -60,6 +60,17 @@ def test_linear_pair_16_bit_small_k_matches_float64(xp, dtype, k, bias):
                                    rtol=2e-2, atol=2e-2 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("k", [8, 4])
+def test_linear_weight_gradient_is_a_fresh_array(xp, k):
+    """The weight gradient is its own array, never a view (the autograd copies gradients that
+    are views: a copy of every weight gradient each step), K padded or not."""
+    import cudrop.functional as F
+    x = xp.ones((5, k), np.float16)
+    _, saved = F.linear(x, xp.ones((k, 8), np.float16), xp.zeros(8, np.float16))
+    gx, gw, gb = F.linear_backward(xp.ones((5, 8), np.float16), saved)
+    assert gw.shape == (k, 8) and gw.base is None and gx.shape == (5, k)
+
+
 def test_linear_rejects_wrong_width():
     with pytest.raises(ValueError, match="5 features"):
         nn.Linear(5, 3)(cd.Tensor(np.zeros((2, 4), np.float32)))

@@ -157,7 +157,7 @@ def run_backward(root, grad, retain_graph=False):
                 if capturing and grad_gates.setdefault(id(x), f._gate) is not f._gate:
                     raise graph.CaptureError(f"{f!r} adds a gradient from another gated part "
                                              "to one summed outside it")
-                grads[id(x)] = gx if prev is None else prev + gx
+                grads[id(x)] = gx if prev is None else _act.add(prev, gx)
                 keep[id(x)] = x
                 push(x.creator)
         if not retain_graph:

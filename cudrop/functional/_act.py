@@ -167,14 +167,15 @@ def linear_backward(grad_out, saved, needs=(True, True, True)):
     k = saved.x_shape[-1]
     need_x, need_w, need_b = needs
     need_b = need_b and saved.has_bias
-    gx = matmul(g, saved.w[:k].T).reshape(saved.x_shape) if need_x else None
+    w = saved.w if saved.w.shape[0] == k else saved.w[:k]  # K was padded (_pads_k)
+    gx = matmul(g, w.T).reshape(saved.x_shape) if need_x else None
     gw = gb = None
     if need_w and need_b and _epilogues(g):
         gb = backend.cupy.empty(g.shape[1], g.dtype)
         gw = _gemm.gemm(saved.x.T, g, bias_grad=gb)  # the bias gradient in the GEMM's epilogue
-        return gx, gw[:k], gb
+        return gx, _unpadded(gw, k), gb
     if need_w:
-        gw = matmul(saved.x.T, g)[:k]
+        gw = _unpadded(matmul(saved.x.T, g), k)
     if need_b:
         gb = sum_leading(g)
     return gx, gw, gb
@@ -198,6 +199,12 @@ def _padded(a, axis_k):
     out = backend.cupy.zeros(shape, a.dtype)
     out[(slice(None),) * axis_k + (slice(0, k),)] = a
     return out
+
+
+def _unpadded(gw, k):
+    """The weight gradient's first ``k`` rows: itself when K was not padded (a view would cost
+    the autograd a copy of every weight gradient: it copies gradients that are views)."""
+    return gw if gw.shape[0] == k else gw[:k].copy()
 
 
 def _epilogues(x):
