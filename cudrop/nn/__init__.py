@@ -15,5 +15,6 @@ from .variants import (DROPOUT_KINDS, dropped_linear, make_dropout,
                        set_total_steps)
 
 __all__ = [n for n in dir() if not n.startswith("_") and n[0].isupper() or n in (
-    "conv_shortcut", "linear_shortcut", "stochastic_depth_probs", "basic_block", "bn_relu", "number_layers",
-    "set_step", "set_shard", "dropped_linear", "make_dropout", "set_total_steps", "DROPOUT_KINDS")]
+    "conv_shortcut", "linear_shortcut", "stochastic_depth_probs", "basic_block", "bn_relu",
+    "number_layers", "set_step", "set_shard", "dropped_linear", "make_dropout", "set_total_steps",
+    "DROPOUT_KINDS")]
