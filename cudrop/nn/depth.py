@@ -145,6 +145,8 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
         xb = gate_in(x, scale=scale)
         with gate:
             f = self.body(xb)
+        # gate_out, then the activation: two ops (merge's add_relu does not select on the
+        # replay's scale; a fused gated end is not written, what it would save is unmeasured)
         return self.activation(gate_out(t, f, scale=scale))
 
     def _scaled(self, y):
