@@ -23,8 +23,8 @@ cuBLAS. The price is one transpose between ``(O, N, Ho, Wo)`` and NCHW on each s
   it is ``y(N, O, H*W) = W(O, C) @ x(N, C, H*W)``, one strided-batched GEMM with the weight
   read at batch stride 0, written straight in NCHW; ``gx = Wᵀ @ gy`` likewise, and
   ``gw = sum_n gy_n @ x_nᵀ`` one strided-batched GEMM into (N, O, C) (transposed views, no
-  copies) and a sum over n of that small array (in float32 at least: each sample's 16-bit
-  partial product is rounded once before it). The im2col path needs a transposing copy of x
+  copies) and a sum over n of that small array (``sum_leading``, in float32 at least: each
+  sample's 16-bit partial product is rounded once before it). The im2col path needs a transposing copy of x
   (im2col), one of y back to NCHW (swap01) and one of gy (swap01) around its single GEMMs. On
   NumPy always; on CuPy where cuBLASLt is available (``_gemm.available()``: nvmath-python, whose
   broadcast operand costs nothing), else through the im2col kernels as before. The GPU speed of
@@ -48,7 +48,7 @@ from .. import backend
 from ..raw_kernels import cuda_type, launch
 from . import _gemm
 from ._matmul import matmul
-from ._norm import narrow, widen
+from ._reduce import sum_leading
 
 __all__ = ["conv2d", "conv2d_backward"]
 
@@ -229,7 +229,7 @@ def _conv2d_backward(gy, saved, kernels, need_x=True):
         gx = matmul(w.reshape(o, c).T, gy3).reshape(x_shape) if need_x else None
         # sum_n gy_n (O, HW) @ x_nᵀ (HW, C): one batched GEMM of transposed views, then the sum
         parts = matmul(gy3, data.reshape(n, c, h * wd).transpose(0, 2, 1))  # (N, O, C)
-        gw = narrow(widen(parts).sum(axis=0), w.dtype).reshape(w.shape)
+        gw = sum_leading(parts).reshape(w.shape)
         return gx, gw, gb
     cols = data
     if kernels and _gpu_path(xp, gy, w, x_shape, (o, ho, wo), (kh, kw)):
