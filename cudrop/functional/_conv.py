@@ -24,11 +24,12 @@ cuBLAS. The price is one transpose between ``(O, N, Ho, Wo)`` and NCHW on each s
   read at batch stride 0, written straight in NCHW; ``gx = Wᵀ @ gy`` likewise, and
   ``gw = sum_n gy_n @ x_nᵀ`` one strided-batched GEMM into (N, O, C) (transposed views, no
   copies) and a sum over n of that small array (``sum_leading``, in float32 at least: each
-  sample's 16-bit partial product is rounded once before it). The im2col path needs a transposing copy of x
-  (im2col), one of y back to NCHW (swap01) and one of gy (swap01) around its single GEMMs. On
-  NumPy always; on CuPy where cuBLASLt is available (``_gemm.available()``: nvmath-python, whose
-  broadcast operand costs nothing), else through the im2col kernels as before. The GPU speed of
-  either is unmeasured (benchmarks/conv_norm.py times both: ``_conv2d_cols`` forces im2col).
+  sample's 16-bit partial product is rounded once before it). The im2col path needs a
+  transposing copy of x (im2col), one of y back to NCHW (swap01) and one of gy (swap01) around
+  its single GEMMs. On NumPy always; on CuPy where cuBLASLt is available
+  (``_gemm.available()``: nvmath-python, whose broadcast operand costs nothing), else through
+  the im2col kernels as before. The GPU speed of either is unmeasured (benchmarks/conv_norm.py
+  times both: ``_conv2d_cols`` forces im2col).
   A bias is added in a second pass: cuBLASLt's bias epilogue adds along the output's rows
   (here H*W positions), not per channel; cudrop's shortcut convolutions have no bias.
 - ``_conv2d_arrays`` / ``_conv2d_backward_arrays`` run the array-op path on either device, so
