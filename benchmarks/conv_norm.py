@@ -3,6 +3,12 @@ the portable path (the NumPy-reference code run on CuPy: ``_conv2d_arrays``,
 ``_batch_norm_arrays``), in one process, plus the conv forward
 with a strided-batched GEMM that writes NCHW directly (the column-layout question).
 
+Fusions, new against old ("fused" rows): the 1x1 stride-1 convolution of depth dropout's
+shortcut as strided-batched cuBLASLt GEMMs (``conv2d``) against the im2col path
+(``_conv2d_cols``), forward and backward, at ResNet-56's shortcut shapes; batch norm with its
+ReLU fused (``act='relu'``) against batch norm then ``relu``; ``add_relu`` against ``a + b`` then
+``relu`` (forward only: both backwards are the one relu_bwd kernel).
+
 Two numbers per op: host ms (what Python spends enqueueing one call) and device ms (GPU time per
 call: the calls are queued behind a spin kernel, so the host is ahead and launch gaps vanish).
 
@@ -17,14 +23,14 @@ import numpy as np
 
 sys.path.insert(0, ".")
 from benchmarks.common import write_json  # noqa: E402
-from cudrop.functional import _conv as Fconv, _norm as Fnorm  # noqa: E402
+from cudrop.functional import _act, _conv as Fconv, _gemm, _norm as Fnorm  # noqa: E402
 from cudrop.functional._matmul import matmul  # noqa: E402
 
 N = 128
 CONV = [  # (C, O, H, k, stride, padding)
     (16, 16, 32, 3, 1, 1), (32, 32, 16, 3, 1, 1), (64, 64, 8, 3, 1, 1),
     (16, 32, 32, 3, 2, 1), (16, 32, 32, 1, 2, 0), (64, 64, 8, 1, 1, 0)]
-BN = [(16, 32), (32, 16), (64, 8)]
+BN = [(16, 32), (32, 16), (64, 8)]  # (C, H); also ResNet-56's stride-1 shortcut convs (C = O)
 REPS = 20
 
 
@@ -83,15 +89,16 @@ def main():
     rng = np.random.default_rng(0)
     rows = []
 
-    def both(name, kernels, portable):
+    def both(name, kernels, portable, labels=("kernels", "portable"), into=rows):
         """``kernels``, ``portable``: ``(fn, inputs)`` of each path, ``inputs`` a list of argument
         tuples or a function of no arguments that makes them (so that backward gets the
-        ``saved`` of its own path's forward)."""
+        ``saved`` of its own path's forward); ``labels`` name them in the row."""
         out = {}
-        for label, (fn, inputs) in (("kernels", kernels), ("portable", portable)):
+        for label, (fn, inputs) in zip(labels, (kernels, portable)):
             out[label] = measure(fn, inputs() if callable(inputs) else inputs)
-        rows.append(dict(op=name, **{f"{k}_{f}": v[i] for k, v in out.items()
+        into.append(dict(op=name, **{f"{k}_{f}": v[i] for k, v in out.items()
                                      for i, f in enumerate(("device_ms", "host_ms", "ahead"))}))
+        return into[-1]
 
     for c, o, h, k, s, p in CONV:
         xs = [cp.asarray(rng.standard_normal((N, c, h, h), np.float32)) for _ in range(3)]
@@ -147,7 +154,9 @@ def main():
     dev, host, ahead = measure(matmul, [(a, b) for b in bs])
     rows.append(dict(op="GEMM (16,144)@(144,131072)", kernels_device_ms=dev, kernels_host_ms=host,
                      kernels_ahead=ahead))
-    write_json("conv_norm.json", dict(batch=N, reps=REPS, rows=rows))
+    fused = fusions(cp, rng, both)
+    write_json("conv_norm.json", dict(batch=N, reps=REPS, rows=rows, fused=fused,
+                                      gemm_available=_gemm.available()))
     print(f"{'op':44s} {'dev ms':>8s} {'host ms':>8s} | {'portable dev':>12s} {'host':>7s}")
     for r in rows:
         pd, ph = r.get("portable_device_ms"), r.get("portable_host_ms")
@@ -156,6 +165,59 @@ def main():
         extra = f" rel err {r['rel_err']:.1e}" if "rel_err" in r else ""
         print(f"{r['op']:44s} {r['kernels_device_ms']:8.4f} {r['kernels_host_ms']:8.4f} | "
               f"{tail}{flag}{extra}")
+    print(f"\n{'fused (new) vs old':44s} {'new dev':>8s} {'host':>8s} | {'old dev':>12s} "
+          f"{'host':>7s} {'old/new dev':>11s}")
+    for r in fused:
+        flag = "" if r["new_ahead"] and r["old_ahead"] else " (host not ahead)"
+        extra = f" rel err {r['rel_err']:.1e}" if "rel_err" in r else ""
+        print(f"{r['op']:44s} {r['new_device_ms']:8.4f} {r['new_host_ms']:8.4f} | "
+              f"{r['old_device_ms']:12.4f} {r['old_host_ms']:7.4f} "
+              f"{r['old_device_ms'] / r['new_device_ms']:11.2f}{flag}{extra}")
+
+
+def fusions(cp, rng, both):
+    """The "fused" rows: each fusion (new) against what it replaces (old), forward and backward
+    timed apart, at ResNet-56's shapes (batch 128, float32). Without nvmath-python
+    (``gemm_available`` False in the JSON) ``conv2d`` runs im2col too: both 1x1 columns then
+    time the same path."""
+    rows, labels = [], ("new", "old")
+    for c, h in BN:
+        xs = [cp.asarray(rng.normal(0.5, 2.0, (N, c, h, h)).astype(np.float32)) for _ in range(3)]
+        gs = [cp.asarray(rng.standard_normal((N, c, h, h)).astype(np.float32)) for _ in xs]
+        args = [(x,) for x in xs]
+        w = cp.asarray(rng.standard_normal((c, c, 1, 1)).astype(np.float32))
+        name = f"1x1 conv {c}->{c} {h}x{h}"
+        row = both(name + " fwd", (lambda x: Fconv.conv2d(x, w), args),
+                   (lambda x: Fconv._conv2d_cols(x, w), args), labels, rows)
+        new, old = Fconv.conv2d(xs[0], w)[0], Fconv._conv2d_cols(xs[0], w)[0]
+        row["rel_err"] = float(cp.linalg.norm(new - old) / cp.linalg.norm(old))
+        both(name + " bwd",
+             (Fconv.conv2d_backward, lambda: [(g, Fconv.conv2d(x, w)[1]) for g, x in zip(gs, xs)]),
+             (Fconv.conv2d_backward,
+              lambda: [(g, Fconv._conv2d_cols(x, w)[1]) for g, x in zip(gs, xs)]), labels, rows)
+
+        gamma = cp.asarray(rng.normal(0.0, 1.0, c).astype(np.float32))  # about half cut
+        beta, rm, rv = cp.zeros(c, np.float32), cp.zeros(c, np.float32), cp.ones(c, np.float32)
+        name = f"batch_norm + relu {c}x{h}x{h} train"
+
+        def separate(x):
+            z, saved = Fnorm.batch_norm(x, gamma, beta, rm, rv, True)
+            y, rsaved = _act.relu(z)
+            return y, saved, rsaved
+
+        both(name + " fwd",
+             (lambda x: Fnorm.batch_norm(x, gamma, beta, rm, rv, True, act="relu"), args),
+             (separate, args), labels, rows)
+        both(name + " bwd",
+             (Fnorm.batch_norm_backward,
+              lambda: [(g, Fnorm.batch_norm(x, gamma, beta, rm, rv, True, act="relu")[1])
+                       for g, x in zip(gs, xs)]),
+             (lambda g, saved, rsaved: Fnorm.batch_norm_backward(_act.relu_backward(g, rsaved),
+                                                                 saved),
+              lambda: [(g,) + separate(x)[1:] for g, x in zip(gs, xs)]), labels, rows)
+        both(f"add + relu {c}x{h}x{h} fwd", (_act.add_relu, list(zip(xs, gs))),
+             (lambda a, b: _act.relu(a + b), list(zip(xs, gs))), labels, rows)
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ for shape, block in [((1, 1), (1, 1)), ((130, 70), (128, 32)), ((700, 300), (1, 
     masks.block_mask(shape, block, 0.5, seed=0, layer=0, step=0, xp=cp)
     masks.block_mask(shape, block, 0.5, seed=0, layer=0, step=cp.asarray(1, dtype=np.uint32),
                      xp=cp)
-# conv2d (im2col, swap01, col2im) and batch norm (stats, fwd, backward sums and apply, and the
-# merges of split reductions) on ragged shapes: strides and paddings that leave edge windows
-# partial, odd channel counts, (N, C) input. The reductions split each channel over S CTAs
-# where C is small: the host's rule (S = N on the small-N shapes, 53 and 14 on 132 SMs for
+# conv2d (im2col, swap01, col2im; 1x1 stride-1 convolutions both as cuBLASLt GEMMs and through
+# im2col) and batch norm (stats, fwd, backward sums and apply, and the merges of split
+# reductions; with and without the fused ReLU) on ragged shapes: strides and paddings that leave
+# edge windows partial, odd channel counts, (N, C) input. The reductions split each channel over
+# S CTAs where C is small: the host's rule (S = N on the small-N shapes, 53 and 14 on 132 SMs for
 # (300, 5) and (40, 20, 9)), then S forced to 3 (N not a multiple of S); S = 1 where C alone
 # fills the GPU, (4, 600).
 try:
@@ -42,11 +43,14 @@ def conv_and_norm(dt):
                                 ((2, 3, 11, 5), (4, 3, 4, 4), 3, 2),
                                 ((5, 7, 6, 6), (3, 7, 1, 1), 2, 0),
                                 ((3, 2, 5, 7), (3, 2, 3, 3), 1, (0, 1)),  # unrolled 3x3 paths
-                                ((2, 3, 7, 5), (4, 3, 3, 3), 2, 1)]:
+                                ((2, 3, 7, 5), (4, 3, 3, 3), 2, 1),
+                                ((3, 5, 4, 7), (6, 5, 1, 1), 1, 0),  # 1x1, stride 1: GEMMs
+                                ((1, 3, 1, 1), (2, 3, 1, 1), 1, 0)]:
         x = cp.asarray(np.random.default_rng(0).standard_normal(xs)).astype(dt)
         w = cp.asarray(np.random.default_rng(1).standard_normal(ws)).astype(dt)
-        y, saved = Fconv.conv2d(x, w, w[:, 0, 0, 0].copy(), stride, pad)
-        Fconv.conv2d_backward(y, saved)
+        for conv in (Fconv.conv2d, Fconv._conv2d_cols):
+            y, saved = conv(x, w, w[:, 0, 0, 0].copy(), stride, pad)
+            Fconv.conv2d_backward(y, saved)
     rule = Fnorm._bn_split
     for shape in [(2, 1), (3, 5), (2, 3, 7), (5, 3, 7, 3), (4, 17, 33, 35), (16, 3, 33, 35),
                   (300, 5), (40, 20, 9), (4, 600)]:
@@ -57,11 +61,13 @@ def conv_and_norm(dt):
             Fnorm._bn_split = split
             try:
                 for training in (True, False):
-                    rm, rv = cp.zeros(c, np.float32), cp.ones(c, np.float32)
-                    y, saved = Fnorm.batch_norm(x, gamma, beta, rm, rv, training)
+                    for act in (None, "relu"):
+                        rm, rv = cp.zeros(c, np.float32), cp.ones(c, np.float32)
+                        y, saved = Fnorm.batch_norm(x, gamma, beta, rm, rv, training, act=act)
+                        Fnorm.batch_norm_backward(y, saved)
+                for act in (None, "relu"):
+                    y, saved = Fnorm.batch_norm(x, None, None, None, None, True, act=act)
                     Fnorm.batch_norm_backward(y, saved)
-                y, saved = Fnorm.batch_norm(x, None, None, None, None, True)
-                Fnorm.batch_norm_backward(y, saved)
             finally:
                 Fnorm._bn_split = rule
 
@@ -162,9 +168,9 @@ def index_checks():
 
 
 def optimizers_and_activations():
-    """optim.cu (fused SGD / Adam, with and without a master copy), act.cu's ReLU backward and
-    tanh GELU, and softmax.cu's rows on ragged sizes (the grid-stride tails, rows of 1, 31, 33
-    and 300 elements, more rows than one grid of warps covers)."""
+    """optim.cu (fused SGD / Adam, with and without a master copy), act.cu's ReLU backward,
+    add + ReLU and tanh GELU, and softmax.cu's rows on ragged sizes (the grid-stride tails, rows
+    of 1, 31, 33 and 300 elements, more rows than one grid of warps covers)."""
     from cudrop.autograd import Tensor
     from cudrop.functional import _act
     from cudrop.optim import SGD, Adam
@@ -173,6 +179,8 @@ def optimizers_and_activations():
             x = cp.asarray(np.linspace(-1, 1, n)).astype(dt)
             y, saved = _act.relu(x)
             _act.relu_backward(cp.ones_like(y), saved)
+            y, saved = _act.add_relu(x, x[::-1].copy())
+            _act.add_relu_backward(cp.ones_like(y), saved)
             y, saved = _act.gelu_tanh(x)
             _act.gelu_tanh_backward(y, saved)
             for opt in (SGD, Adam):

@@ -340,6 +340,55 @@ def test_relu_backward_keeps_dtype_and_shape(xp, dtype):
     np.testing.assert_array_equal(host(gx).astype(np.float64), want)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("shape", [(), (1,), (7, 1), (3, 5, 7), (2, 16, 9, 9), (4096 * 9 + 5,)])
+def test_add_relu_pair_is_relu_of_the_sum(xp, dtype, shape):
+    """``add_relu`` (one kernel each way on the GPU: act.cu's add_relu_fwd, then relu_bwd)
+    against float64 math on the same rounded inputs, and bit for bit against ``relu(a + b)``
+    in two ops; a transposed view as an operand; both gradients are the masked output gradient
+    (the same array); outputs allocated from a NaN-poisoned pool."""
+    from conftest import low_precision_dtype, poison_pool
+    dt = low_precision_dtype(xp, dtype)
+    rng = np.random.default_rng(len(shape) + sum(shape))
+    a, b, g = (xp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dt)
+               for _ in range(3))
+    if len(shape) == 3:
+        b = xp.asarray(rng.standard_normal(shape[::-1]).astype(np.float32)).astype(dt).T
+    a64, b64, g64 = (host(v).astype(np.float64) for v in (a, b, g))
+    poison_pool(xp)
+    y, saved = F.add_relu(a, b)
+    poison_pool(xp)
+    ga, gb = F.add_relu_backward(g, saved)
+    assert ga is gb and y.dtype == ga.dtype == dt and y.shape == ga.shape == shape
+    tol = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-7, "float64": 1e-15}[dtype]
+    s64 = a64 + b64
+    np.testing.assert_allclose(host(y).astype(np.float64), np.maximum(s64, 0), rtol=tol,
+                               atol=tol)
+    yh = host(y).astype(np.float64)
+    np.testing.assert_array_equal(host(ga).astype(np.float64), np.where(yh > 0, g64, 0))
+    y2, saved2 = F.relu(a + b)
+    np.testing.assert_array_equal(host(y).astype(np.float64), host(y2).astype(np.float64))
+    np.testing.assert_array_equal(host(ga).astype(np.float64),
+                                  host(F.relu_backward(g, saved2)).astype(np.float64))
+
+
+def test_add_relu_keeps_nan_and_checks_its_operands(xp):
+    a = xp.asarray([np.nan, -1.0, 2.0, -0.5])
+    y, _ = F.add_relu(a, xp.asarray([0.0, 0.5, -3.0, 1.0]))
+    np.testing.assert_array_equal(host(y), [np.nan, 0.0, 0.0, 0.5])
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        F.add_relu(a, a[:2])
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        F.add_relu(a, a.astype(np.float32))
+
+
+@given(shape=nonscalar_shapes, seed=seeds)
+@hyp
+def test_add_relu_grad(xp, shape, seed):
+    rng = np.random.default_rng(seed)
+    check_grad(cudrop.add_relu, normal(xp, rng, shape), normal(xp, rng, shape), seed=seed)
+
+
 def test_astype_roundtrip_grad(xp):
     x = Tensor(xp.asarray([1.0, 2.0, 3.0], dtype=xp.float32), requires_grad=True)
     y = x.astype(np.float64)

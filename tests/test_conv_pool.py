@@ -272,6 +272,63 @@ def test_conv2d_1x1_stride1_is_a_gemm(xp, shape, bias):
         check_grad(lambda x, w, b: cudrop.conv2d(x, w, b), xd, wd, bd)
 
 
+# (N, C, H, W) x O for the 1x1 paths: one value (HW = 1), N = 1, odd channel and map sizes, and a
+# ResNet-56 shortcut shape (16 -> 32 channels at 32x32, batch 8)
+ONE_BY_ONE = [((1, 1, 1, 1), 1), ((1, 5, 1, 1), 3), ((3, 7, 5, 9), 5), ((2, 33, 1, 7), 17),
+              ((5, 3, 11, 11), 64), ((8, 16, 32, 32), 32)]
+ONE_BY_ONE_TOL = {"float16": 2e-3, "bfloat16": 1.5e-2, "float32": 1e-5, "float64": 1e-12}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("case", ONE_BY_ONE)
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv2d_1x1_paths_match_float64(xp, dtype, case, bias):
+    """A 1x1 stride-1 convolution on each path: ``conv2d`` (the strided-batched GEMMs with the
+    weight broadcast, on NumPy and on CuPy with cuBLASLt; else im2col), ``_conv2d_cols`` (the
+    im2col kernels on CuPy) and ``_conv2d_arrays``: y, gx, gw, gb against float64 math on the
+    same rounded inputs, outputs allocated from a NaN-poisoned pool; ``needs`` without x's
+    gradient gives the same gw and gb. float32 tolerates TF32 (CUPY_TF32=1): 1e-3."""
+    from cudrop.functional import _gemm
+    dt = low_precision_dtype(xp, dtype)
+    xs, o = case
+    rng = np.random.default_rng(xs[1] * 10 + o)
+    x, w, b, gy = (rng.standard_normal(sh).astype(np.float32).astype(dt)
+                   for sh in (xs, (o, xs[1], 1, 1), (o,), (xs[0], o) + xs[2:]))
+    b = b if bias else None
+    x64, w64, gy64 = (a.astype(np.float64) for a in (x, w, gy))
+    want = {"y": np.einsum("oc,nchw->nohw", w64[:, :, 0, 0], x64),
+            "gx": np.einsum("oc,nohw->nchw", w64[:, :, 0, 0], gy64),
+            "gw": np.einsum("nohw,nchw->oc", gy64, x64)[:, :, None, None],
+            "gb": gy64.sum(axis=(0, 2, 3)) if bias else None}
+    if bias:
+        want["y"] += b.astype(np.float64)[None, :, None, None]
+    tol = ONE_BY_ONE_TOL[dtype] if dtype != "float32" or xp is np else 1e-3
+    gemm = xp is np or _gemm.available()
+    for fwd, kind in ((Fconv.conv2d, "gemm" if gemm else "cols"),
+                      (Fconv._conv2d_cols, "gemm" if xp is np else "cols"),
+                      (Fconv._conv2d_arrays, "gemm" if xp is np else "cols")):
+        poison_pool(xp)
+        y, saved = fwd(xp.asarray(x), xp.asarray(w), None if b is None else xp.asarray(b))
+        assert saved.kind == kind, fwd.__name__
+        poison_pool(xp)
+        grads = Fconv.conv2d_backward(xp.asarray(gy), saved)
+        got = dict(zip(("y", "gx", "gw", "gb"), (y,) + grads))
+        part = Fconv.conv2d_backward(xp.asarray(gy), saved, needs=(False, True, True))
+        assert part[0] is None
+        for name, ref in want.items():
+            if ref is None:
+                assert got[name] is None and part[2] is None
+                continue
+            a = got[name]
+            assert a.dtype == dt and a.shape == ref.shape, (fwd.__name__, name)
+            np.testing.assert_allclose(backend.asnumpy(a).astype(np.float64), ref, rtol=tol,
+                                       atol=tol * np.abs(ref).max(),
+                                       err_msg=f"{fwd.__name__} {name}")
+        for a, ref in zip(part[1:], (got["gw"], got["gb"])):
+            if ref is not None:
+                np.testing.assert_array_equal(backend.asnumpy(a), backend.asnumpy(ref))
+
+
 # float32 allows for TF32 GEMMs (CUPY_TF32=1); an indexing error is O(1).
 LOW_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 4e-2}
 

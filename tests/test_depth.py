@@ -1,4 +1,6 @@
 """Depth dropout and stochastic depth: skipped bodies, scaling, determinism, per-sample mode."""
+import copy
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -220,9 +222,12 @@ def test_depth_dropout_units_and_downsampling_never_dropped():
     assert all(isinstance(u, DepthDropout) for u in m.units)
     for u in m.units:
         assert u.p == (0.0 if u.downsamples else 0.75)
-        conv, bn, relu = u.shortcut  # t = 1x1 conv + BN + ReLU with the unit's stride
+        # t = 1x1 conv + BN + ReLU with the unit's stride, the ReLU fused into the BN (an
+        # Identity keeps the separate ReLU's place)
+        conv, bn, relu = u.shortcut
         assert conv.kernel_size == (1, 1) and conv.stride == (2 if u.downsamples else 1)
-        assert isinstance(bn, nn.BatchNorm2d) and isinstance(relu, nn.ReLU)
+        assert isinstance(bn, nn.BatchNorm2d) and bn.act == "relu"
+        assert isinstance(relu, nn.Identity)
         u.body = Recorder(u.body)
     x = cd.Tensor(np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype(np.float32))
     for _ in range(12):
@@ -394,6 +399,105 @@ def test_conv_unit_forward_matches_formula():
         with cd.no_grad():
             ref = u.shortcut(x).data + u.keep_gate(step) * u.body(x).data
         assert np.allclose(y.data, np.maximum(ref, 0))
+
+
+# ---- fused BN + ReLU and add + ReLU change no result -----------------------------------------
+
+class _PlainReLU(nn.ReLU):
+    """A ReLU module that ResidualUnit.merge does not fuse (it fuses exactly nn.ReLU)."""
+
+
+def _swap_child(parent, name, child):
+    """``parent.name = child`` in place: same key, same place in the module order, and no
+    renumbering of stochastic layers (an assignment renumbers a unit's own layer ids)."""
+    parent._modules[name] = child
+    object.__setattr__(parent, name, child)
+
+
+def _unfused(model):
+    """A deep copy of ``model`` with every fusion undone: each ``BatchNorm2d(act='relu')`` +
+    Identity pair back to ``BatchNorm2d`` + ``ReLU`` (the Identity's key and place in its
+    Sequential), and unit activations that ``merge`` leaves as ``activation(f + t)``."""
+    ref = copy.deepcopy(model)
+    for m in list(ref.modules()):
+        if isinstance(m, nn.Sequential):
+            names = list(m._modules)
+            for name, nxt in zip(names, names[1:]):
+                bn = m._modules[name]
+                if isinstance(bn, nn.BatchNorm2d) and bn.act == "relu":
+                    assert isinstance(m._modules[nxt], nn.Identity)
+                    bn.act = None
+                    _swap_child(m, nxt, nn.ReLU())
+        if isinstance(m, nn.ResidualUnit) and type(m.activation) is nn.ReLU:
+            _swap_child(m, "activation", _PlainReLU())
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [dict(), dict(depth_dropout=0.5), dict(stochastic_depth=0.5),
+                                dict(stochastic_depth=0.7, stochastic_depth_mode="sample")])
+def test_fused_resnet_equals_unfused(xp, kw, dtype):
+    """The builders' fusions (conv-BN-ReLU as BatchNorm2d(act='relu'), the units' add + ReLU
+    as add_relu) change no number: losses, every parameter's gradient, the BatchNorm running
+    statistics and unit steps over training steps that keep and drop units (depth dropout's
+    trainable 1x1 conv + BN + ReLU shortcut, stochastic depth's scaled body, per-sample
+    gather/scatter), then eval outputs, equal those of the same model unfused, exactly; the
+    state_dict keys are those of the unfused model (checkpoints load either way)."""
+    rng = np.random.default_rng(0)
+    m = models.ResNet(14, num_classes=3, in_channels=2, widths=(3, 4, 5), seed=1,
+                      keep_downsampling=False, **kw).to(_dev(xp), dtype=dtype)
+    # random weights: the zero-initialised residual BN scales would make every body output 0
+    state = {k: (rng.normal(0.2, 0.8, v.shape).astype(v.dtype) if v.dtype.kind == "f" else v)
+             for k, v in m.state_dict().items()}
+    state = {k: (np.abs(v) + 0.5 if k.endswith("running_var") else v) for k, v in state.items()}
+    m.load_state_dict(state)
+    ref = _unfused(m)
+    assert sum(isinstance(b, nn.BatchNorm2d) and b.act == "relu" for b in m.modules()) > 0
+    assert sum(isinstance(b, nn.BatchNorm2d) and b.act == "relu" for b in ref.modules()) == 0
+    assert list(ref.state_dict()) == list(m.state_dict())
+    x = cd.Tensor(xp.asarray(rng.standard_normal((6, 2, 8, 8)).astype(dtype)))
+    labels = xp.asarray(rng.integers(0, 3, 6))
+    kept = set()
+    for _ in range(5):
+        runs = []
+        for model in (m, ref):
+            model.zero_grad()
+            loss = cd.cross_entropy(model(x), labels)
+            loss.backward()
+            runs.append((_np(loss), {n: _np(p.grad) for n, p in model.named_parameters()
+                                     if p.grad is not None}, model.state_dict()))
+        (la, ga, sa), (lb, gb, sb) = runs
+        np.testing.assert_array_equal(la, lb)
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            np.testing.assert_array_equal(ga[k], gb[k], err_msg=k)
+        for k in sa:
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+        kept.add(frozenset(k.split(".body.")[0] for k in ga if ".body." in k))
+    if kw.get("stochastic_depth_mode") == "sample":  # some steps keep some samples only
+        assert any(0 < u.keep_samples(s, 6).sum() < 6 for u in m.units for s in range(5))
+    elif kw:
+        assert len(kept) > 1  # units were kept at some steps and dropped at others
+    m.eval()
+    ref.eval()
+    np.testing.assert_array_equal(_np(m(x)), _np(ref(x)))
+
+
+def test_merge_fuses_exactly_a_relu_of_matching_operands(xp):
+    """ResidualUnit.merge: ``add_relu`` for an nn.ReLU activation and operands of one shape
+    and dtype; the two ops otherwise (another activation, a subclass, a broadcast)."""
+    f = cd.Tensor(xp.asarray(np.random.default_rng(0).standard_normal((2, 3))))
+    t = cd.Tensor(xp.asarray(np.random.default_rng(1).standard_normal((2, 3))),
+                  requires_grad=True)
+    ops = {}
+    for name, act, other in [("relu", nn.ReLU(), t), ("plain", _PlainReLU(), t),
+                             ("tanh", nn.Tanh(), t), ("broadcast", nn.ReLU(), t[0])]:
+        y = nn.ResidualUnit(nn.Identity(), activation=act).merge(f, other)
+        ops[name] = repr(y.creator)
+        if name != "tanh":
+            np.testing.assert_array_equal(_np(y), np.maximum(_np(f) + _np(other), 0))
+    assert ops["relu"] == "<add_relu>"
+    assert "add_relu" not in ops["plain"] + ops["tanh"] + ops["broadcast"]
 
 
 # ---- validation ------------------------------------------------------------------------------

@@ -76,6 +76,26 @@ def test_batched_and_broadcast(dtype):
     _close(matmul(da, dc), _ref(a.astype(dt), c.astype(dt)), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("n, c, o, hw", [(1, 3, 5, 7), (128, 16, 16, 1024), (9, 33, 17, 1)])
+def test_1x1_convolution_products_read_their_operands_in_place(dtype, n, c, o, hw):
+    """The 1x1 convolution's three products (functional/_conv.py): W (O, C) @ x (N, C, HW) with
+    the weight broadcast, Wᵀ @ gy with a transposed weight view, and gy @ xᵀ per sample with
+    transposed batched views: right, and every operand handed to cuBLASLt as it is (the call
+    signature is on the direct path: no copy, reshape or broadcast materialised)."""
+    cp = backend.cupy
+    dt = low_precision_dtype(cp, dtype)
+    (w, x, gy), (dw, dx, dgy) = _arrays(cp, dt, (o, c), (n, c, hw), (n, o, hw))
+    w, x, gy = (h.astype(dt) for h in (w, x, gy))
+    for a, b, da, db in ((w, x, dw, dx), (w.T, gy, dw.T, dgy),
+                         (gy, x.swapaxes(1, 2), dgy, dx.swapaxes(1, 2))):
+        before = set(_gemm._CALLS)
+        got = matmul(da, db)
+        _close(got, _ref(a, b), dtype)
+        new = [_gemm._CALLS[k] for k in set(_gemm._CALLS) - before]
+        assert all(call.direct for call in new), (a.shape, b.shape)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("act", [None, "relu", "gelu"])
 def test_bias_and_activation_epilogues(dtype, act):

@@ -88,18 +88,19 @@ def test_batch_norm_layer_follows_mode(xp):
     np.testing.assert_array_equal(_np(layer.running_mean), rm1)
 
 
-@given(shape=bn_shapes, seed=seeds, training=st.booleans(), affine=st.booleans())
-def test_batch_norm_grad(xp, shape, seed, training, affine):
+@given(shape=bn_shapes, seed=seeds, training=st.booleans(), affine=st.booleans(),
+       act=st.sampled_from([None, "relu"]))
+def test_batch_norm_grad(xp, shape, seed, training, affine, act):
     x, gamma, beta, rm, rv = _bn_params(xp, seed, shape)
 
     if affine:
         def fn(x, g, b):
             # fresh running stats per call: training mode updates them in place
-            return cudrop.batch_norm(x, g, b, rm.copy(), rv.copy(), training=training)
+            return cudrop.batch_norm(x, g, b, rm.copy(), rv.copy(), training=training, act=act)
         check_grad(fn, x, gamma, beta, seed=seed)
     else:
         check_grad(lambda x: cudrop.batch_norm(x, None, None, rm.copy(), rv.copy(),
-                                               training=training), x, seed=seed)
+                                               training=training, act=act), x, seed=seed)
 
 
 def test_batch_norm_float16_stats_in_float32(xp):
@@ -149,10 +150,14 @@ def test_batch_norm_low_precision_matches_float64(xp, dtype, tol, shape, trainin
         np.testing.assert_allclose(_np(a), ref, rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
 
 
-def _bn_float64_reference(x, gamma, beta, rm, rv, g, training, momentum, eps):
+def _bn_float64_reference(x, gamma, beta, rm, rv, g, training, momentum, eps, relu_mask=None):
     """Batch norm written out in float64 NumPy: ``(y, gx, ggamma, gbeta, running_mean,
-    running_var, inv_std)``; ``gamma``/``beta`` None for no affine map."""
+    running_var, inv_std)``; ``gamma``/``beta`` None for no affine map. ``relu_mask`` (bool, x's
+    shape): a ReLU after it, whose gradient passes where the mask is True (the tested output's
+    ``y > 0``: a value within rounding of 0 may fall either way)."""
     x, g = x.astype(np.float64), g.astype(np.float64)
+    if relu_mask is not None:
+        g = np.where(relu_mask, g, 0.0)
     c = x.shape[1]
     axes = (0,) + tuple(range(2, x.ndim))
     bshape = (1, c) + (1,) * (x.ndim - 2)
@@ -172,6 +177,8 @@ def _bn_float64_reference(x, gamma, beta, rm, rv, g, training, momentum, eps):
         rv = (1 - momentum) * rv + momentum * x.var(axis=axes, ddof=1)
     else:
         gx = g * k
+    if relu_mask is not None:
+        y = np.maximum(y, 0)
     return y, gx, ggamma, gbeta, rm, rv, inv
 
 
@@ -198,13 +205,15 @@ BN_SPLIT_SHAPES = [(37, 3, 5, 7), (128, 16, 32, 32), (2, 1, 1), (300, 5), (2, 1)
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-6)])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("act", [None, "relu"])
 def test_batch_norm_split_reductions_match_float64(xp, monkeypatch, shape, split, dtype, tol,
-                                                   training, affine):
+                                                   training, affine, act):
     """The reductions with each channel spread over S CTAs: forward, inverse std, running
     statistics and the gradients against float64 math written out here, outputs and
     workspaces allocated from a NaN-poisoned pool. ``split`` None keeps the host's rule (S > 1
     wherever C is below twice the SM count); 5 forces S = min(5, N) on any GPU, so every
-    shape with N > 5 has N not a multiple of S. Two identical calls give identical bits."""
+    shape with N > 5 has N not a multiple of S. Two identical calls give identical bits.
+    ``act='relu'``: the fused ReLU, its mask in both backward kernels."""
     if xp is np and split is not None:
         pytest.skip("the split exists only on the GPU kernels' path")
     if split is not None:
@@ -219,18 +228,19 @@ def test_batch_norm_split_reductions_match_float64(xp, monkeypatch, shape, split
     g = rng.standard_normal(shape).astype(dt)
     rm0 = rng.standard_normal(c).astype(dt)
     rv0 = rng.uniform(0.5, 2, c).astype(dt)
-    want = _bn_float64_reference(x, gamma, beta, rm0.astype(np.float64), rv0.astype(np.float64),
-                                 g, training, 0.3, 1e-5)
     runs = []
     for _ in range(2):
         rm, rv = xp.asarray(rm0.copy()), xp.asarray(rv0.copy())  # updated in place
         poison_pool(xp)
         gb = [None if a is None else xp.asarray(a) for a in (gamma, beta)]
-        y, saved = Fnorm.batch_norm(xp.asarray(x), *gb, rm, rv, training, momentum=0.3)
+        y, saved = Fnorm.batch_norm(xp.asarray(x), *gb, rm, rv, training, momentum=0.3,
+                                    act=act)
         poison_pool(xp)
         grads = Fnorm.batch_norm_backward(xp.asarray(g), saved)
         outs = (y,) + grads + (rm, rv, saved.inv_std)
         runs.append([None if a is None else _np(a) for a in outs])
+    want = _bn_float64_reference(x, gamma, beta, rm0.astype(np.float64), rv0.astype(np.float64),
+                                 g, training, 0.3, 1e-5, runs[0][0] > 0 if act else None)
     names = ("y", "gx", "ggamma", "gbeta", "running_mean", "running_var", "inv_std")
     for name, a, b, ref in zip(names, *runs, want):
         if not affine and name in ("ggamma", "gbeta"):
@@ -481,9 +491,10 @@ def test_losses_and_embedding_are_scalars_that_backpropagate(xp):
     np.testing.assert_allclose(_np(logits.grad), (p - onehot) / 4, rtol=1e-12)
 
 
+@pytest.mark.parametrize("act", [None, "relu"])
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_kernels_match_the_array_path(xp, training, affine):
+def test_batch_norm_kernels_match_the_array_path(xp, training, affine, act):
     """The path is chosen by calling it, not by a module switch: on CuPy ``batch_norm`` runs the
     kernels and ``_batch_norm_arrays`` the array ops; backward follows its ``saved``."""
     rng = np.random.default_rng(3)
@@ -495,7 +506,7 @@ def test_batch_norm_kernels_match_the_array_path(xp, training, affine):
     results = []
     for fwd in (Fnorm.batch_norm, Fnorm._batch_norm_arrays):
         rm, rv = xp.zeros(3), xp.ones(3)
-        y, saved = fwd(x, gamma, beta, rm, rv, training, momentum=0.3)
+        y, saved = fwd(x, gamma, beta, rm, rv, training, momentum=0.3, act=act)
         assert isinstance(saved, Fnorm.BatchNormSaved)
         grads = Fnorm.batch_norm_backward(g, saved)
         assert len(grads) == 3 and (grads[1] is None) == (grads[2] is None) == (not affine)
@@ -503,6 +514,102 @@ def test_batch_norm_kernels_match_the_array_path(xp, training, affine):
     for name, a, ref in zip(("y", "rm", "rv", "gx", "ggamma", "gbeta"), *results):
         if ref is not None:
             assert _relerr(a, _np(ref)) < 1e-12, name
+
+
+# Ragged (N, C, ...) shapes for the fused ReLU: odd channel counts, N = 1 (eval only where there
+# is one value per channel), one value per (n, c) (HW = 1), (N, C) input, and the ResNet-56
+# shortcut shape of the second stage.
+BN_RELU_SHAPES = [(3, 5, 7, 3), (1, 3, 4, 5), (1, 7, 1, 1), (9, 11, 1, 1), (5, 1), (2, 3),
+                  (16, 32, 16, 16)]
+
+
+@pytest.mark.parametrize("shape", BN_RELU_SHAPES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_relu_is_relu_of_batch_norm(xp, monkeypatch, shape, dtype, split, training,
+                                               affine):
+    """``batch_norm(..., act='relu')`` gives exactly what ``relu`` after ``batch_norm`` gives
+    (the two ops on the same path): output, running statistics and the three gradients, bit for
+    bit (the fused kernels recompute the forward's value for the mask, rounded as it was
+    stored), every output allocated from a NaN-poisoned pool. ``split`` 3 forces the reductions'
+    split over S = min(3, N) CTAs per channel (the merge kernels)."""
+    from cudrop.functional import _act
+    if xp is np and split is not None:
+        pytest.skip("the split exists only on the GPU kernels' path")
+    if training and shape[0] * int(np.prod(shape[2:])) < 2:
+        pytest.skip("batch_norm in training needs more than one value per channel")
+    if split is not None:
+        monkeypatch.setattr(Fnorm, "_bn_split", lambda nb, c: min(split, nb))
+    dt = low_precision_dtype(xp, dtype)
+    rng = np.random.default_rng(shape[1] * 100 + shape[0])
+    c = shape[1]
+    # beta near 0 and gamma of both signs: about half the outputs are cut by the ReLU
+    x = xp.asarray(rng.normal(0.3, 1.5, shape).astype(np.float32)).astype(dt)
+    g = xp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dt)
+    gamma = xp.asarray(rng.normal(0.0, 1.0, c).astype(np.float32)).astype(dt) if affine else None
+    beta = xp.asarray(rng.normal(0.0, 0.3, c).astype(np.float32)).astype(dt) if affine else None
+    rm0, rv0 = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+    runs = []
+    for fused in (True, False):
+        rm, rv = xp.asarray(rm0), xp.asarray(rv0)
+        poison_pool(xp)
+        if fused:
+            y, saved = Fnorm.batch_norm(x, gamma, beta, rm, rv, training, act="relu")
+            poison_pool(xp)
+            grads = Fnorm.batch_norm_backward(g, saved)
+        else:
+            z, saved = Fnorm.batch_norm(x, gamma, beta, rm, rv, training)
+            y, rsaved = _act.relu(z)
+            poison_pool(xp)
+            grads = Fnorm.batch_norm_backward(_act.relu_backward(g, rsaved), saved)
+        runs.append([None if a is None else _np(a) for a in (y, rm, rv) + grads])
+    y = runs[0][0]
+    assert y.dtype == dt and (y > 0).any() and (y == 0).any()
+    for name, a, b in zip(("y", "running_mean", "running_var", "gx", "ggamma", "gbeta"), *runs):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+        assert not np.isnan(a.astype(np.float32)).any(), name
+
+
+def test_batch_norm_act_is_checked(xp):
+    x, gamma, beta, rm, rv = _bn_params(xp, 0, (4, 3, 2))
+    with pytest.raises(ValueError, match="act"):
+        cudrop.batch_norm(x, gamma, beta, rm, rv, training=True, act="gelu")
+    with pytest.raises(ValueError, match="act"):
+        cudrop.nn.BatchNorm2d(3, act="tanh")
+
+
+def test_batch_norm_layer_fuses_relu(xp):
+    """``BatchNorm2d(c, act='relu')`` is ``BatchNorm2d(c)`` then ``ReLU()``: same output,
+    running statistics and gradients, in training and eval; same parameter and buffer names."""
+    dev = "gpu" if xp is not np else "cpu"
+    fused = cudrop.nn.BatchNorm2d(3, act="relu").to(dev, dtype=np.float64)
+    plain = cudrop.nn.BatchNorm2d(3).to(dev, dtype=np.float64)
+    assert "act='relu'" in repr(fused) and "act" not in repr(plain)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    rng = np.random.default_rng(7)
+    for m in (fused, plain):
+        m.weight.data = xp.asarray(rng.normal(0.0, 1.0, 3)) if m is fused else fused.weight.data
+        m.bias.data = xp.asarray(rng.normal(0.0, 0.5, 3)) if m is fused else fused.bias.data
+    x = xp.asarray(rng.standard_normal((4, 3, 5, 5)))
+    g = xp.asarray(rng.standard_normal(x.shape))
+    for training in (True, False):
+        outs = []
+        for m, after in ((fused, lambda y: y), (plain, cudrop.relu)):
+            m.train(training)
+            m.zero_grad()
+            xt = cudrop.Tensor(x, requires_grad=True)
+            y = after(m(xt))
+            y.backward(g)
+            outs.append([_np(a) for a in (y.data, xt.grad, m.weight.grad, m.bias.grad,
+                                          m.running_mean, m.running_var)])
+        for a, b in zip(*outs):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_saved_are_named_tuples_and_backward_follows_the_convention(xp):

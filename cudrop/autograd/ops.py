@@ -15,7 +15,7 @@ _PAIRS = [  # (module, name, the array inputs: names, or the first n)
     (_embedding, "embedding", 2), (_loss, "cross_entropy", 2), (_loss, "mse_loss", 2),
     (_rows, "gather_rows", 2), (_rows, "scatter_add_rows", 3),
     (_gate, "gate_in", 1), (_gate, "gate_out", 2),
-    (_act, "linear", 3), (_attention, "attention", 1),
+    (_act, "linear", 3), (_act, "add_relu", 2), (_attention, "attention", 1),
     (_bsmm_pairs, "dsd", ("a", "b", "bias")),
     (_bsmm_pairs, "dsd_t", ("a", "b")), (_bsmm_pairs, "sdd", ("a", "b", "bias")),
     (_dropout, "dropout", 1),

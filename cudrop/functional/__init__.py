@@ -11,8 +11,8 @@ function of), then the variant's options. The variants' mask draws are
 ``cudrop.variants.<name>.draw_mask``; the same ops with gradients are the top-level
 ``cudrop.<op>``.
 """
-from ._act import (gelu, gelu_backward, gelu_tanh, gelu_tanh_backward, linear, linear_backward,
-                   relu, relu_backward)
+from ._act import (add_relu, add_relu_backward, gelu, gelu_backward, gelu_tanh,
+                   gelu_tanh_backward, linear, linear_backward, relu, relu_backward)
 from ._attention import attention, attention_backward
 from ._conv import conv2d, conv2d_backward
 from ._embedding import embedding, embedding_backward

@@ -53,6 +53,28 @@ def add(a, b):
     return a + b
 
 
+def add_relu(a, b):
+    """``(max(a + b, 0), saved)`` for ``a`` and ``b`` of one shape and dtype: a residual unit's
+    sum and ReLU as one op. On the GPU one kernel (``act.cu``) writes the output without an
+    ``a + b`` array; elsewhere it is :func:`relu` of ``a + b``. ``saved`` is the output, as
+    :func:`relu`'s."""
+    backend.get_array_module(a, b)  # one device
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"add_relu: a {a.shape} {a.dtype} and b {b.shape} {b.dtype} must have "
+                         "one shape and dtype")
+    if not _elementwise_gpu(a):
+        return relu(a + b)
+    y = _map("add_relu_fwd", a, b)
+    return y, ReluSaved(y)
+
+
+def add_relu_backward(grad_out, saved):
+    """``(ga, gb)``: both are ``grad_out`` where the output was positive, 0 elsewhere (one
+    array, returned for both)."""
+    g = relu_backward(grad_out, saved)
+    return g, g
+
+
 def _erf(xp, x):
     if xp.__name__ == "numpy":
         from scipy.special import erf

@@ -13,14 +13,25 @@ cuBLAS. The price is one transpose between ``(O, N, Ho, Wo)`` and NCHW on each s
   (each input element sums its own contributions: no atomics, deterministic), and one swaps the
   leading axes (adding the bias on the way out). Forward is 3 launches, backward 4 (+1 for a
   bias). Writing the GEMM straight into NCHW needs a strided-batched GEMM with a broadcast
-  weight, which ``matmul`` does not offer (CuPy's broadcast matmul builds pointer arrays: 3 extra
-  launches); the weight gradient would still need ``gy`` as ``(O, N*Ho*Wo)``. Measured on an
-  H200 (benchmarks/conv_norm.py, ResNet-56 shapes, batch 128, float32), a direct cuBLAS
-  strided-batched call would save one launch and ~40 µs of host time per forward, at device
-  times of 0.111 vs 0.089 ms (16 ch, 32x32: 128 small GEMMs lose to one large one) to 0.032 vs
-  0.041 ms (64 ch, 8x8).
-- A 1x1, stride-1, unpadded convolution on NumPy skips im2col: it is ``W(O, C) @ x(N, C, H*W)``.
-  On CuPy its im2col kernel is a single transposing copy, which the GEMM layout needs anyway.
+  weight, which CuPy's ``matmul`` does not offer (its broadcast matmul builds pointer arrays: 3
+  extra launches); the weight gradient would still need ``gy`` as ``(O, N*Ho*Wo)``. Measured on
+  an H200 (benchmarks/conv_norm.py, ResNet-56 shapes, batch 128, float32), for a 3x3
+  convolution a direct cuBLAS strided-batched call after im2col would save one launch and
+  ~40 µs of host time per forward, at device times of 0.111 vs 0.089 ms (16 ch, 32x32: 128
+  small GEMMs lose to one large one) to 0.032 vs 0.041 ms (64 ch, 8x8).
+- A 1x1, stride-1, unpadded convolution (depth dropout's shortcut, a projection) skips im2col:
+  it is ``y(N, O, H*W) = W(O, C) @ x(N, C, H*W)``, one strided-batched GEMM with the weight
+  read at batch stride 0, written straight in NCHW; ``gx = Wᵀ @ gy`` likewise, and
+  ``gw = sum_n gy_n @ x_nᵀ`` one strided-batched GEMM into (N, O, C) (transposed views, no
+  copies) and a sum over n of that small array (``sum_leading``, in float32 at least: each
+  sample's 16-bit partial product is rounded once before it). The im2col path needs a
+  transposing copy of x (im2col), one of y back to NCHW (swap01) and one of gy (swap01) around
+  its single GEMMs. On NumPy always; on CuPy where cuBLASLt is available
+  (``_gemm.available()``: nvmath-python, whose broadcast operand costs nothing), else through
+  the im2col kernels as before. The GPU speed of either is unmeasured (benchmarks/conv_norm.py
+  times both: ``_conv2d_cols`` forces im2col).
+  A bias is added in a second pass: cuBLASLt's bias epilogue adds along the output's rows
+  (here H*W positions), not per channel; cudrop's shortcut convolutions have no bias.
 - ``_conv2d_arrays`` / ``_conv2d_backward_arrays`` run the array-op path on either device, so
   tests and benchmarks can compare the kernels with it.
 
@@ -36,7 +47,9 @@ import numpy as np
 
 from .. import backend
 from ..raw_kernels import cuda_type, launch
+from . import _gemm
 from ._matmul import matmul
+from ._reduce import sum_leading
 
 __all__ = ["conv2d", "conv2d_backward"]
 
@@ -46,7 +59,7 @@ Array = Any  # a NumPy or CuPy array
 
 class Conv2dSaved(NamedTuple):
     """What :func:`conv2d_backward` needs: the im2col columns (or x), the weight, the geometry."""
-    kind: str  # "cols": data is the (C*kh*kw, N*Ho*Wo) columns; "gemm" (1x1 on NumPy): x
+    kind: str  # "cols": data is the (C*kh*kw, N*Ho*Wo) columns; "gemm" (1x1, stride 1): x
     data: Array
     w: Array
     has_bias: bool
@@ -117,16 +130,22 @@ def conv2d(x, w, b=None, stride=1, padding=0):
     ``(y, saved)`` with ``y`` of shape (N, O, Ho, Wo), ``Ho = (H + 2 ph - kh) // sh + 1``;
     pass ``saved`` (a :class:`Conv2dSaved`) to ``conv2d_backward``.
     """
-    return _conv2d(x, w, b, stride, padding, kernels=True)
+    return _conv2d(x, w, b, stride, padding, path="auto")
 
 
 def _conv2d_arrays(x, w, b=None, stride=1, padding=0):
     """:func:`conv2d` on the array-op path (the NumPy reference's code, on NumPy or CuPy),
     never the GPU kernels: what tests and benchmarks compare the kernels with."""
-    return _conv2d(x, w, b, stride, padding, kernels=False)
+    return _conv2d(x, w, b, stride, padding, path="arrays")
 
 
-def _conv2d(x, w, b, stride, padding, kernels):
+def _conv2d_cols(x, w, b=None, stride=1, padding=0):
+    """:func:`conv2d` through the im2col kernels on CuPy also where the 1x1 GEMM path would run:
+    the path before it, which benchmarks time it against. Backward follows ``saved``."""
+    return _conv2d(x, w, b, stride, padding, path="cols")
+
+
+def _conv2d(x, w, b, stride, padding, path):
     op = "conv2d"
     check_4d(x, "x", "(N, C, H, W)", op)
     check_4d(w, "w", "(O, C, kh, kw)", op)
@@ -157,14 +176,16 @@ def _conv2d(x, w, b, stride, padding, kernels):
                          f"input {h + 2 * ph}x{wd + 2 * pw} (x {h}x{wd}, padding {ph},{pw})")
     ho, wo = out_size(h, kh, sh, ph), out_size(wd, kw, sw, pw)
 
-    if kernels and _gpu_path(xp, x, w, (n, c, h, wd), (o, ho, wo), (kh, kw)):
-        return _conv2d_gpu(x, w, b, (sh, sw), (ph, pw), (ho, wo))
-    if xp is np and kh == kw == sh == sw == 1 and ph == pw == 0:
+    gpu = path != "arrays" and _gpu_path(xp, x, w, (n, c, h, wd), (o, ho, wo), (kh, kw))
+    if kh == kw == sh == sw == 1 and ph == pw == 0 and (
+            xp is np or (gpu and path == "auto" and _gemm.available())):
         y = matmul(w.reshape(o, c), x.reshape(n, c, h * wd))  # (N, O, H*W): no columns at all
         if b is not None:
             y += b[:, None]
         saved = Conv2dSaved("gemm", x, w, b is not None, x.shape, (sh, sw), (ph, pw))
         return y.reshape(n, o, h, wd), saved
+    if gpu:
+        return _conv2d_gpu(x, w, b, (sh, sw), (ph, pw), (ho, wo))
     xpad = pad_cn(x, ph, pw)
     cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
     for i in range(kh):
@@ -207,9 +228,9 @@ def _conv2d_backward(gy, saved, kernels, need_x=True):
         gy3 = gy.reshape(n, o, ho * wo)
         gb = gy3.sum(axis=(0, 2)) if has_b else None
         gx = matmul(w.reshape(o, c).T, gy3).reshape(x_shape) if need_x else None
-        gyt = xp.ascontiguousarray(gy3.transpose(1, 0, 2)).reshape(o, n * ho * wo)
-        xt = xp.ascontiguousarray(data.reshape(n, c, h * wd).transpose(1, 0, 2))
-        gw = matmul(gyt, xt.reshape(c, n * h * wd).T).reshape(w.shape)
+        # sum_n gy_n (O, HW) @ x_nᵀ (HW, C): one batched GEMM of transposed views, then the sum
+        parts = matmul(gy3, data.reshape(n, c, h * wd).transpose(0, 2, 1))  # (N, O, C)
+        gw = sum_leading(parts).reshape(w.shape)
         return gx, gw, gb
     cols = data
     if kernels and _gpu_path(xp, gy, w, x_shape, (o, ho, wo), (kh, kw)):

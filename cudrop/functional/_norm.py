@@ -13,6 +13,12 @@ over several CTAs when there are too few channels to fill the GPU (``_bn_split``
 kernel then merges their partials in a fixed order, so the results stay deterministic.
 Backward recomputes ``xhat`` from the saved input and per-channel mean / inverse std, so forward
 writes no ``xhat`` array.
+``act='relu'`` fuses a ReLU into batch norm: the kernels' elementwise pass stores
+``max(y, 0)``, and backward masks the gradient inside its two kernels. The mask is recomputed
+there from ``x`` and the per-channel statistics (bit for bit the forward's value), not read from
+a saved output: ``x`` is saved anyway, so no output array is kept alive for backward, and each
+backward kernel reads two arrays (g, x), not three (unmeasured). The array path composes the
+same math (a maximum, then the mask ``y > 0`` of its saved output).
 ``_batch_norm_arrays`` runs the array-op path on either device (tests and benchmarks compare the
 kernels with it); ``batch_norm_backward`` follows the path its ``saved`` came from.
 
@@ -51,6 +57,10 @@ class BatchNormSaved(NamedTuple):
     x: Array | None = None  # the contiguous input
     mean: Array | None = None
     gamma_c: Array | None = None  # gamma as a contiguous accumulation-dtype array
+    beta_c: Array | None = None  # beta likewise (read by backward's ReLU mask)
+    # the fused activation: None or 'relu'; the array path keeps its output y for the mask
+    act: str | None = None
+    y: Array | None = None
 
 
 class LayerNormSaved(NamedTuple):
@@ -92,28 +102,34 @@ def _check_eps(eps):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 
 
-def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5):
+def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, *,
+               act=None):
     """Batch normalisation over every axis but the channel axis 1.
 
     ``x`` has shape (N, C) or (N, C, ...). ``gamma``/``beta`` (shape (C,)) may be None for no
     affine map. In training the batch statistics normalise ``x`` and ``running_mean`` /
     ``running_var`` (when given) are updated in place with the unbiased batch variance, as
-    PyTorch does; in eval the running statistics normalise ``x``.
+    PyTorch does; in eval the running statistics normalise ``x``. ``act``: None, or 'relu' for
+    ``max(batch_norm(x), 0)`` in the same op (on the GPU in the same kernels).
     Returns ``(y, saved)`` (a :class:`BatchNormSaved`) for :func:`batch_norm_backward`.
     """
-    return _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps,
+    return _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps, act,
                        kernels=True)
 
 
 def _batch_norm_arrays(x, gamma, beta, running_mean, running_var, training, momentum=0.1,
-                       eps=1e-5):
+                       eps=1e-5, *, act=None):
     """:func:`batch_norm` on the array-op path (the NumPy reference's code, on NumPy or CuPy),
     never the GPU kernels: what tests and benchmarks compare the kernels with."""
-    return _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps,
+    return _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps, act,
                        kernels=False)
 
 
-def _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps, kernels):
+ACTS = (None, "relu")  # what batch_norm's ``act`` may be
+
+
+def _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, eps, act,
+                kernels):
     xp = backend.get_array_module(x, gamma, beta, running_mean, running_var)
     _check_float("x", x)
     if x.ndim < 2:
@@ -126,6 +142,8 @@ def _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, e
     _check_eps(eps)
     if not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
     axes = (0,) + tuple(range(2, x.ndim))
     n = x.size // c if c else 0
     bshape = (1, c) + (1,) * (x.ndim - 2)
@@ -136,7 +154,7 @@ def _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, e
         raise ValueError("batch_norm in eval mode needs running_mean and running_var")
     if kernels and _gpu_path(xp, x):
         return _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentum,
-                               eps)
+                               eps, act)
     cdt = compute_dtype(x.dtype)
     xc = x.astype(cdt, copy=False)
 
@@ -160,9 +178,12 @@ def _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, e
     if beta is not None:
         y = y + beta.astype(cdt, copy=False).reshape(bshape)
     y = y.astype(x.dtype, copy=False)
+    if act == "relu":
+        y = xp.maximum(y, y.dtype.type(0))
     saved = BatchNormSaved(bool(training), inv_std, gamma,
                            None if beta is None else beta.dtype, x.dtype,
-                           xhat=xhat, axes=axes, bshape=bshape, n=n)
+                           xhat=xhat, axes=axes, bshape=bshape, n=n, act=act,
+                           y=y if act else None)
     return y, saved
 
 
@@ -173,6 +194,9 @@ def batch_norm_backward(grad_out, saved: BatchNormSaved):
         return _batch_norm_backward_gpu(grad_out, saved)
     xhat, inv_std, gamma = saved.xhat, saved.inv_std, saved.gamma
     axes, bshape, n = saved.axes, saved.bshape, saved.n
+    if saved.act == "relu":  # the ReLU's gradient first: zero where its output was not positive
+        xp = backend.get_array_module(grad_out)
+        grad_out = xp.where(saved.y > 0, grad_out, grad_out.dtype.type(0))
     g = grad_out.astype(xhat.dtype, copy=False)
     gbeta_c = g.sum(axis=axes)
     ggamma_c = (g * xhat).sum(axis=axes)
@@ -242,7 +266,7 @@ def _as_acc(cp, a, acc):
     return cp.ascontiguousarray(a, dtype=acc)
 
 
-def _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentum, eps):
+def _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentum, eps, act):
     cp = backend.cupy
     acc = _F64 if x.dtype == _F64 else _F32
     if not x.flags.c_contiguous:
@@ -284,10 +308,10 @@ def _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentu
             (x, y, mean, s, x if gamma_c is None else gamma_c, x if beta_c is None else beta_c,
              saved_stats, np.int64(x.size), np.int32(c), np.int32(p), np.float64(eps),
              np.int32(not training), np.int32(gamma_c is not None),
-             np.int32(beta_c is not None)))
+             np.int32(beta_c is not None), np.int32(act == "relu")))
     saved = BatchNormSaved(bool(training), saved_stats[-1], gamma,
                            None if beta is None else beta.dtype, x.dtype,
-                           x=x, mean=saved_stats[0], gamma_c=gamma_c)
+                           x=x, mean=saved_stats[0], gamma_c=gamma_c, beta_c=beta_c, act=act)
     return y, saved
 
 
@@ -306,19 +330,21 @@ def _batch_norm_backward_gpu(grad_out, saved):
     sums = cp.empty((2, c), dtype=mean.dtype)  # sum g, sum g * xhat
     coef = cp.empty((3, c), dtype=mean.dtype)
     gam = x if gamma_c is None else gamma_c
+    bet = x if saved.beta_c is None else saved.beta_c
     dims = (np.int32(nb), np.int32(c), np.int32(p))
     flags = (np.int32(gamma_c is not None), np.int32(saved.training))
+    mask = (np.int32(saved.beta_c is not None), np.int32(saved.act == "relu"))  # the ReLU's
     split = _bn_split(nb, c)
     # the (2, C, S) partials (sum g, sum g * (x - mean)), summed by bn_bwd_merge
     part = cp.empty((2, c, split), dtype=mean.dtype) if split > 1 else sums  # unread for S = 1
     _launch("bn_bwd_sums", x.dtype, (c, split), (_bn_threads(-(-nb // split) * p, split),),
-            (g, x, mean, saved.inv_std, gam, part, sums, coef) + dims + flags)
+            (g, x, mean, saved.inv_std, gam, bet, part, sums, coef) + dims + flags + mask)
     if split > 1:
         _launch("bn_bwd_merge", x.dtype, *_bn_merge_grid(c),
                 (part, saved.inv_std, gam, sums, coef) + dims + (np.int32(split),) + flags)
     gx = cp.empty_like(x)
     _launch("bn_bwd_apply", x.dtype, (-(-x.size // 256),), (256,),
-            (g, x, gx, mean, coef, np.int64(x.size), np.int32(c), np.int32(p)))
+            (g, x, gx, mean, coef, bet, np.int64(x.size), np.int32(c), np.int32(p)) + mask)
     ggamma = None if gamma is None else sums[1].astype(gamma.dtype, copy=False)
     gbeta = None
     if saved.beta_dtype is not None:

@@ -47,7 +47,7 @@ class ResNet(nn.Module):
         rng = rng_of(seed)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False, rng=rng, dtype=dtype),
-            nn.BatchNorm2d(widths[0], dtype=dtype), nn.ReLU())
+            *nn.bn_relu(widths[0], dtype))
         sd_probs = stochastic_depth_probs(3 * n, self.stochastic_depth)
         units, c = [], widths[0]
         for stage, w in enumerate(widths):

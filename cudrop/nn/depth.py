@@ -51,9 +51,9 @@ import numpy as np
 from .. import backend, graph, philox
 from ..autograd.ops import gate_in, gate_out, gather_rows, scatter_add_rows
 from ..autograd.tensor import Tensor
-from .layers import BatchNorm2d, Conv2d, Linear, ReLU
+from .layers import Conv2d, Linear
 from .module import Module, Sequential
-from .residual import ResidualUnit
+from .residual import ResidualUnit, bn_relu
 from .stochastic import StochasticLayer
 
 MODES = ("batch", "sample")
@@ -108,18 +108,18 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
 
     def forward(self, x):
         if not self.is_training:
-            return self.activation(self.body(x) + self.shortcut(x))
+            return self.merge(self.body(x), self.shortcut(x))
         if self.mode == "batch" and graph.is_capturing():
             return self._gated(x)
         step = self.next_step()
         t = self.shortcut(x)
         if self.mode == "batch":
             kept = self.keep_gate(step)
-            return self.activation(self._scaled(self.body(x)) + t if kept else t)
+            return self.merge(self._scaled(self.body(x)), t) if kept else self.activation(t)
         offset, total = self.global_rows(x.shape[0])
         keep = self.keep_samples(step, x.shape[0], offset)
         if keep.all():  # no gather/scatter copies when every sample survives
-            return self.activation(self._scaled(self.body(x)) + t)
+            return self.merge(self._scaled(self.body(x)), t)
         scale = self.scale
         if not keep.any():
             if total == x.shape[0] or not self.keep_samples(step, total).any():
@@ -145,6 +145,8 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
         xb = gate_in(x, scale=scale)
         with gate:
             f = self.body(xb)
+        # gate_out, then the activation: two ops (merge's add_relu does not select on the
+        # replay's scale; a fused gated end is not written, what it would save is unmeasured)
         return self.activation(gate_out(t, f, scale=scale))
 
     def _scaled(self, y):
@@ -174,10 +176,11 @@ class StochasticDepth(_GatedUnit):
 
 
 def conv_shortcut(in_channels, out_channels, stride=1, rng=None, dtype=np.float32):
-    """Depth dropout's trainable shortcut for conv nets: 1x1 conv (``stride``) + BN + ReLU."""
+    """Depth dropout's trainable shortcut for conv nets: 1x1 conv (``stride``) + BN + ReLU, the
+    ReLU fused into the BN (:func:`~cudrop.nn.residual.bn_relu`)."""
     return Sequential(Conv2d(in_channels, out_channels, 1, stride, 0, bias=False, rng=rng,
                              dtype=dtype),
-                      BatchNorm2d(out_channels, dtype=dtype), ReLU())
+                      *bn_relu(out_channels, dtype))
 
 
 def linear_shortcut(in_features, out_features, rng=None, dtype=np.float32):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import autograd as ag
+from ..functional import _norm
 from .init import normal, rng_of, uniform_fan_in
 from .module import Module, Parameter
 
@@ -124,10 +125,12 @@ class Flatten(Module):
 class _BatchNorm(Module):
     _ndims = ()
 
-    def __init__(self, num_features, momentum=0.1, eps=1e-5, dtype=np.float32):
+    def __init__(self, num_features, momentum=0.1, eps=1e-5, dtype=np.float32, *, act=None):
         super().__init__()
         self.num_features = _positive_int("num_features", num_features)
-        self.momentum, self.eps = momentum, eps
+        if act not in _norm.ACTS:
+            raise ValueError(f"act must be one of {_norm.ACTS}, got {act!r}")
+        self.momentum, self.eps, self.act = momentum, eps, act
         self.weight = Parameter(np.ones(num_features, dtype))
         self.bias = Parameter(np.zeros(num_features, dtype))
         # Running statistics stay float32 even for half-precision models.
@@ -140,17 +143,19 @@ class _BatchNorm(Module):
                              f"{' or '.join(map(str, self._ndims))} dims with "
                              f"{self.num_features} channels in axis 1, got shape {x.shape}")
         return ag.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
-                             training=self.is_training, momentum=self.momentum, eps=self.eps)
+                             training=self.is_training, momentum=self.momentum, eps=self.eps,
+                             act=self.act)
 
     def extra_repr(self):
-        return str(self.num_features)
+        return str(self.num_features) + (f", act={self.act!r}" if self.act else "")
 
 
 class BatchNorm1d(_BatchNorm):
     """Batch normalisation of (N, C) input over the batch, like ``torch.nn.BatchNorm1d``
     (without its (N, C, L) form). ``weight`` ones and ``bias`` zeros of shape (C,); float32
     buffers ``running_mean`` / ``running_var`` are updated with ``momentum`` in training and
-    normalise in eval."""
+    normalise in eval. ``act='relu'``: a ReLU on the output, fused into the op (the same
+    result as a separate :class:`ReLU` after it; on the GPU no pass of its own)."""
     _ndims = (2,)
 
 

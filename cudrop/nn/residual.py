@@ -1,12 +1,15 @@
 """Residual units: o = act(f(x) + t(x)).
 
 The body ``f`` and the shortcut ``t`` are separate modules so that depth dropout and stochastic
-depth can skip ``f`` entirely while keeping ``t``.
+depth can skip ``f`` entirely while keeping ``t``. A ReLU activation is fused with the sum
+(``cudrop.add_relu``: one kernel each way on the GPU), and the builders' conv-BN-ReLU runs as
+``BatchNorm2d(act='relu')`` (:func:`bn_relu`).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .. import autograd as ag
 from .layers import BatchNorm2d, Conv2d, ReLU
 from .dropout import Identity
 from .module import Module, Sequential
@@ -24,7 +27,24 @@ class ResidualUnit(Module):
         self.activation = activation if activation is not None else Identity()
 
     def forward(self, x):
-        return self.activation(self.body(x) + self.shortcut(x))
+        return self.merge(self.body(x), self.shortcut(x))
+
+    def merge(self, f, t):
+        """``activation(f + t)``: one op, ``add_relu``, when the activation is a plain
+        :class:`ReLU` and ``f`` and ``t`` match in shape and dtype (the same values as the
+        two ops)."""
+        if type(self.activation) is ReLU and f.shape == t.shape and f.dtype == t.dtype:
+            return ag.add_relu(f, t)
+        return self.activation(f + t)
+
+
+def bn_relu(channels, dtype=np.float32):
+    """Conv nets' BN + ReLU as two modules: ``BatchNorm2d(channels, act='relu')`` (the ReLU
+    fused into batch norm) and an Identity in the place a separate ReLU had, so that the layers
+    after it keep their index in a Sequential and checkpoints written with the separate ReLU
+    load (the same ``state_dict`` keys). The PyTorch quantisation tools' module fusion leaves
+    an Identity the same way."""
+    return BatchNorm2d(channels, dtype=dtype, act="relu"), Identity()
 
 
 def basic_block(in_channels, out_channels, stride=1, projection=None, rng=None, dtype=np.float32,
@@ -39,7 +59,7 @@ def basic_block(in_channels, out_channels, stride=1, projection=None, rng=None, 
     """
     body = Sequential(
         Conv2d(in_channels, out_channels, 3, stride, 1, bias=False, rng=rng, dtype=dtype),
-        BatchNorm2d(out_channels, dtype=dtype), ReLU(),
+        *bn_relu(out_channels, dtype),
         Conv2d(out_channels, out_channels, 3, 1, 1, bias=False, rng=rng, dtype=dtype),
         BatchNorm2d(out_channels, dtype=dtype))
     if zero_init_residual:

@@ -21,6 +21,19 @@ __global__ void add2(const T* __restrict__ a, const T* __restrict__ b, T* __rest
     cd_map<true>(a, b, out, n, [](A u, A v) { return u + v; });
 }
 
+// A residual unit's end, relu(a + b), in one pass: y = T(max(a + b, 0)), which is max(T(a + b),
+// 0) (rounding keeps the sign), what the two ops give; NaN stays NaN, as cupy.maximum keeps it.
+// Its backward is relu_bwd on y, whose one result is the gradient of both a and b.
+template <typename T>
+__global__ void add_relu_fwd(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
+                             long long n) {
+    typedef typename cd_acc<T>::type A;
+    cd_map<true>(a, b, y, n, [](A u, A v) {
+        const A s = u + v;
+        return s < (A)0 ? (A)0 : s;
+    });
+}
+
 // GELU, tanh approximation, in cd_acc<T>: y = 0.5 x (1 + t), t = tanh(sqrt(2/pi) (x + 0.044715
 // x^3)), and its backward from x alone (t recomputed, no float32 t kept between the passes).
 // The composed CuPy version took 6 float32 passes forward and 9 backward (GPT's MLP, 8192 x
@@ -53,6 +66,7 @@ __global__ void gelu_tanh_bwd(const T* __restrict__ x, const T* __restrict__ g,
 #ifdef CUDROP_INSTANTIATE
 #define CD_INST(T) template __global__ void relu_bwd<T>(const T*, const T*, T*, long long); \
     template __global__ void add2<T>(const T*, const T*, T*, long long); \
+    template __global__ void add_relu_fwd<T>(const T*, const T*, T*, long long); \
     template __global__ void gelu_tanh_fwd<T>(const T*, T*, long long); \
     template __global__ void gelu_tanh_bwd<T>(const T*, const T*, T*, long long);
 CD_INST(float)

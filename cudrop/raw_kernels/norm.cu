@@ -7,6 +7,10 @@
 // second small kernel (one warp per channel) merges them in a fixed order, so the results stay
 // deterministic without atomics. With S = 1 the reduction kernel finishes the channel itself and
 // there is no second launch.
+// A ReLU can be fused (relu = 1): bn_fwd stores relu(y), and the backward kernels take the
+// ReLU's gradient mask from the forward's value, recomputed from x and the per-channel
+// statistics (cd_bn_value), instead of reading a saved output: no extra array is kept alive
+// and each backward pass reads g and x only, as without the ReLU (unmeasured).
 #include "accum.cuh"
 
 // Sum of v over the CTA, returned to every thread. blockDim.x: a multiple of 32, at most 1024.
@@ -35,6 +39,22 @@ __device__ __forceinline__ double cd_inv_std(double var, double eps) {
 __device__ __forceinline__ long long cd_offset(unsigned int j, unsigned int P, int C, int c) {
     const unsigned int n = j / P;
     return ((long long)n * C + c) * P + (j - n * P);
+}
+
+// The forward's value of element x of channel c before it is stored: (x - mean) * k (+ beta),
+// k = inv_std * gamma. The product is rounded on its own (cd_mul_rn: no FMA with beta), so that
+// the backward kernels recompute exactly the forward's value for the ReLU mask.
+template <typename A>
+__device__ __forceinline__ A cd_bn_value(A x, A mean, A k, A beta, int has_beta) {
+    const A v = cd_mul_rn(x - mean, k);
+    return has_beta ? v + beta : v;
+}
+
+// The fused ReLU's mask: whether the stored output T(v) is positive, which is where relu_bwd
+// (act.cu) passes the gradient of relu(batch_norm(x)) computed in two ops.
+template <typename T, typename A>
+__device__ __forceinline__ bool cd_relu_pass(A v) {
+    return cd_load(cd_store<T>(v)) > A(0);
 }
 
 // Channel of flat element i of (N, C, P); 32-bit division whenever the size allows.
@@ -148,9 +168,10 @@ __global__ void bn_stats_merge(const typename cd_acc<T>::type* __restrict__ part
 }
 
 // y = (x - mean[c]) * s[c] * gamma[c] + beta[c], with s = inv_std, or 1 / sqrt(s + eps) when
-// from_var (eval: s is the running variance). When from_var, the threads i < C also write the
-// per-channel mean and inverse std to saved[0][i], saved[1][i] for backward (private copies, so a
-// later update of the running statistics cannot change the gradient).
+// from_var (eval: s is the running variance); y = max(y, 0) when relu (NaN stays NaN, as
+// cupy.maximum keeps it). When from_var, the threads i < C also write the per-channel mean and
+// inverse std to saved[0][i], saved[1][i] for backward (private copies, so a later update of the
+// running statistics cannot change the gradient).
 template <typename T>
 __global__ void bn_fwd(const T* __restrict__ x, T* __restrict__ y,
                        const typename cd_acc<T>::type* __restrict__ mean,
@@ -158,7 +179,7 @@ __global__ void bn_fwd(const T* __restrict__ x, T* __restrict__ y,
                        const typename cd_acc<T>::type* __restrict__ gamma,
                        const typename cd_acc<T>::type* __restrict__ beta,
                        typename cd_acc<T>::type* __restrict__ saved, long long total, int C,
-                       int P, double eps, int from_var, int has_gamma, int has_beta) {
+                       int P, double eps, int from_var, int has_gamma, int has_beta, int relu) {
     typedef typename cd_acc<T>::type A;
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
@@ -169,8 +190,8 @@ __global__ void bn_fwd(const T* __restrict__ x, T* __restrict__ y,
         saved[C + i] = cd_inv_std(s[i], eps);
     }
     if (has_gamma) k *= gamma[c];
-    A v = (cd_load(x[i]) - mean[c]) * k;
-    if (has_beta) v += beta[c];
+    A v = cd_bn_value(cd_load(x[i]), mean[c], k, has_beta ? beta[c] : A(0), has_beta);
+    if (relu && v < A(0)) v = A(0);
     y[i] = cd_store<T>(v);
 }
 
@@ -194,18 +215,20 @@ __device__ __forceinline__ void cd_bn_bwd_out(int c, int C, A sg, A sgd, unsigne
 }
 
 // Backward sums, CTA (c, s) for split s of channel c (the walk of bn_stats): sg = sum g and
-// sgd = sum g * (x - mean) over the split. With S = gridDim.y > 1, part[0][c][s] = sg and
-// part[1][c][s] = sgd for bn_bwd_merge; with S = 1 the CTA writes the outputs itself
-// (cd_bn_bwd_out).
+// sgd = sum g * (x - mean) over the split, g masked by the fused ReLU when relu (zero where the
+// forward's output was not positive; cd_bn_value with k = s * gamma, the forward's product).
+// With S = gridDim.y > 1, part[0][c][s] = sg and part[1][c][s] = sgd for bn_bwd_merge; with
+// S = 1 the CTA writes the outputs itself (cd_bn_bwd_out).
 template <typename T>
 __global__ void bn_bwd_sums(const T* __restrict__ g, const T* __restrict__ x,
                             const typename cd_acc<T>::type* __restrict__ mean,
                             const typename cd_acc<T>::type* __restrict__ s,
                             const typename cd_acc<T>::type* __restrict__ gamma,
+                            const typename cd_acc<T>::type* __restrict__ beta,
                             typename cd_acc<T>::type* __restrict__ part,
                             typename cd_acc<T>::type* __restrict__ sums,
                             typename cd_acc<T>::type* __restrict__ coef, int N, int C, int P,
-                            int has_gamma, int training) {
+                            int has_gamma, int training, int has_beta, int relu) {
     typedef typename cd_acc<T>::type A;
     __shared__ A sh[32];
     const int c = blockIdx.x, sp = blockIdx.y, S = gridDim.y;
@@ -214,13 +237,17 @@ __global__ void bn_bwd_sums(const T* __restrict__ g, const T* __restrict__ x,
     const T* __restrict__ gs = g + base;
     const T* __restrict__ xs = x + base;
     const A m = mean[c];
+    const A k = has_gamma ? s[c] * gamma[c] : s[c];  // only read when relu
+    const A b = has_beta ? beta[c] : A(0);
     A sg = 0, sgd = 0;
 #pragma unroll 4
     for (unsigned int j = threadIdx.x; j < count; j += blockDim.x) {
         const long long o = cd_offset(j, P, C, c);
-        const A gv = cd_load(gs[o]);
+        const A xv = cd_load(xs[o]);
+        A gv = cd_load(gs[o]);
+        if (relu && !cd_relu_pass<T>(cd_bn_value(xv, m, k, b, has_beta))) gv = A(0);
         sg += gv;
-        sgd += gv * (cd_load(xs[o]) - m);
+        sgd += gv * (xv - m);
     }
     sg = cd_block_sum(sg, sh);
     sgd = cd_block_sum(sgd, sh);
@@ -260,17 +287,24 @@ __global__ void bn_bwd_merge(const typename cd_acc<T>::type* __restrict__ part,
                       has_gamma, training);
 }
 
-// gx = a[c] * g + b[c] * (x - mean[c]) + d[c], coefficients from bn_bwd_sums.
+// gx = a[c] * g + b[c] * (x - mean[c]) + d[c], coefficients from bn_bwd_sums, g masked by the
+// fused ReLU when relu (as in bn_bwd_sums; a[c] = k, the forward's product).
 template <typename T>
 __global__ void bn_bwd_apply(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ gx,
                              const typename cd_acc<T>::type* __restrict__ mean,
-                             const typename cd_acc<T>::type* __restrict__ coef, long long total,
-                             int C, int P) {
+                             const typename cd_acc<T>::type* __restrict__ coef,
+                             const typename cd_acc<T>::type* __restrict__ beta, long long total,
+                             int C, int P, int has_beta, int relu) {
     typedef typename cd_acc<T>::type A;
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
     const int c = cd_channel(i, total, C, P);
-    const A v = coef[c] * cd_load(g[i]) + coef[C + c] * (cd_load(x[i]) - mean[c]) + coef[2 * C + c];
+    const A xv = cd_load(x[i]), m = mean[c];
+    A gv = cd_load(g[i]);
+    if (relu && !cd_relu_pass<T>(cd_bn_value(xv, m, coef[c], has_beta ? beta[c] : A(0),
+                                             has_beta)))
+        gv = A(0);
+    const A v = coef[c] * gv + coef[C + c] * (xv - m) + coef[2 * C + c];
     gx[i] = cd_store<T>(v);
 }
 
@@ -282,14 +316,15 @@ __global__ void bn_bwd_apply(const T* __restrict__ g, const T* __restrict__ x, T
         cd_acc<T>::type*, cd_acc<T>::type*, int, int, int, int, double, double, double, int); \
     template __global__ void bn_fwd<T>(const T*, T*, const cd_acc<T>::type*, \
         const cd_acc<T>::type*, const cd_acc<T>::type*, const cd_acc<T>::type*, \
-        cd_acc<T>::type*, long long, int, int, double, int, int, int); \
+        cd_acc<T>::type*, long long, int, int, double, int, int, int, int); \
     template __global__ void bn_bwd_sums<T>(const T*, const T*, const cd_acc<T>::type*, \
-        const cd_acc<T>::type*, const cd_acc<T>::type*, cd_acc<T>::type*, cd_acc<T>::type*, \
-        cd_acc<T>::type*, int, int, int, int, int); \
+        const cd_acc<T>::type*, const cd_acc<T>::type*, const cd_acc<T>::type*, \
+        cd_acc<T>::type*, cd_acc<T>::type*, cd_acc<T>::type*, int, int, int, int, int, int, \
+        int); \
     template __global__ void bn_bwd_merge<T>(const cd_acc<T>::type*, const cd_acc<T>::type*, \
         const cd_acc<T>::type*, cd_acc<T>::type*, cd_acc<T>::type*, int, int, int, int, int, \
         int); \
     template __global__ void bn_bwd_apply<T>(const T*, const T*, T*, const cd_acc<T>::type*, \
-        const cd_acc<T>::type*, long long, int, int);
+        const cd_acc<T>::type*, const cd_acc<T>::type*, long long, int, int, int, int);
 CD_INST(float) CD_INST(double) CD_INST(cd_f16) CD_INST(cd_bf16)
 #endif
