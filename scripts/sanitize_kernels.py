@@ -169,10 +169,10 @@ def index_checks():
 
 def optimizers_and_activations():
     """optim.cu (fused SGD / Adam, with and without a master copy), act.cu's ReLU backward,
-    add + ReLU and tanh GELU, and softmax.cu's rows on ragged sizes (the grid-stride tails, rows
+    add, add + ReLU, the gated end with its ReLU and tanh GELU, and softmax.cu's rows on ragged sizes (the grid-stride tails, rows
     of 1, 31, 33 and 300 elements, more rows than one grid of warps covers)."""
     from cudrop.autograd import Tensor
-    from cudrop.functional import _act
+    from cudrop.functional import _act, _gate
     from cudrop.optim import SGD, Adam
     for n in (1, 255, 257, 70001):
         for dt in [np.float32, np.float64, np.float16] + bf16:
@@ -181,6 +181,10 @@ def optimizers_and_activations():
             _act.relu_backward(cp.ones_like(y), saved)
             y, saved = _act.add_relu(x, x[::-1].copy())
             _act.add_relu_backward(cp.ones_like(y), saved)
+            y = _act.add(x, x[::-1].copy())
+            for s in (1.0, 0.0):  # the gated end with its ReLU (a kept and a skipped body)
+                y, saved = _gate.gate_out(x, y, cp.asarray(np.asarray(s, dtype=dt)), act="relu")
+                _gate.gate_out_backward(cp.ones_like(y), saved)
             y, saved = _act.gelu_tanh(x)
             _act.gelu_tanh_backward(y, saved)
             for opt in (SGD, Adam):

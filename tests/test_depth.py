@@ -570,6 +570,35 @@ def test_gate_ends_select_on_the_replays_scale(xp, dtype):
     assert got.dtype == g.dtype and not backend.asnumpy(got).any()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_gate_out_with_relu_equals_the_composed_ops(xp, dtype):
+    """``gate_out(..., act='relu')`` (one kernel each way on the GPU) equals ReLU of the
+    unfused end bit for bit, forward and both gradients, at s = 1, 1.25 and 0 (then with a
+    stale inf/NaN body output that must not be read); outputs poisoned."""
+    from conftest import low_precision_dtype, poison_pool
+    from cudrop.functional import _act, _gate
+    dt = low_precision_dtype(xp, dtype)
+    rng = np.random.default_rng(1)
+    t, f, g = (xp.asarray(rng.standard_normal((3, 5, 7, 3)).astype(np.float32)).astype(dt)
+               for _ in range(3))
+    for s in (1.0, 1.25, 0.0):
+        if s == 0:
+            f[0, 0, 0, 0], f[1, 2, 3, 1] = np.inf, np.nan
+        scale = xp.asarray(np.asarray(s, dtype=dt))
+        plain, _ = _gate.gate_out(t, f, scale)
+        want_y, relu_saved = _act.relu(plain)
+        want_gt = _act.relu_backward(g, relu_saved)
+        want_gf = _gate.gate_out_backward(want_gt, _gate.gate_out(t, f, scale)[1])[1]
+        poison_pool(xp)
+        y, saved = _gate.gate_out(t, f, scale, act="relu")
+        poison_pool(xp)
+        gt, gf = _gate.gate_out_backward(g, saved)
+        for got, want in ((y, want_y), (gt, want_gt), (gf, want_gf)):
+            assert got.dtype == dt and got.shape == t.shape
+            np.testing.assert_array_equal(backend.asnumpy(got).view(np.uint8),
+                                          backend.asnumpy(want).view(np.uint8))
+
+
 def test_gate_out_refuses_a_body_output_unlike_the_shortcut():
     from cudrop.functional import _gate
     t = np.zeros((2, 3), np.float32)

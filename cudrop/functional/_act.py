@@ -112,12 +112,13 @@ def _aligned(a):
     return a if a.data.ptr % 16 == 0 else a.copy()
 
 
-def _map(fn, x, y=None):
-    """Launch act.cu's element-wise ``fn`` over ``x`` (and ``y``, same size) into a new array
-    of ``x``'s shape; 16 bytes a thread in a grid-stride loop."""
+def _map(fn, x, y=None, extra=()):
+    """Launch act.cu's element-wise ``fn`` over ``x`` (and ``y``, same size; then the
+    arguments ``extra``) into a new array of ``x``'s shape; 16 bytes a thread in a grid-stride
+    loop."""
     cp = backend.cupy
     shape = x.shape
-    args = (_aligned(x),) if y is None else (_aligned(x), _aligned(y))
+    args = ((_aligned(x),) if y is None else (_aligned(x), _aligned(y))) + tuple(extra)
     out = cp.empty(shape, x.dtype)
     if out.size:
         threads = -(-out.size * x.itemsize // 16)

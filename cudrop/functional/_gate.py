@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .. import backend
+import numpy as np
+
+from .. import backend, raw_kernels
+from . import _act
 
 Array = Any  # a NumPy or CuPy array
 
@@ -43,19 +46,47 @@ def gate_in_backward(grad_out, saved):
     return xp.where(saved.scale != 0, grad_out, 0).astype(grad_out.dtype, copy=False)
 
 
-def gate_out(t, f, scale):
-    """``t + f * scale`` where ``scale != 0``, else ``t`` (``f`` unread). Returns
+class GateOutSaved(NamedTuple):
+    """The replay's scale (0-d device array) and, with ``act='relu'``, the output."""
+    scale: Array
+    y: Array | None
+
+
+def gate_out(t, f, scale, act=None):
+    """``t + f * scale`` where ``scale != 0``, else ``t`` (``f`` unread), followed by a ReLU
+    with ``act='relu'`` (one kernel on the GPU: ``act.cu``'s ``gate_relu_fwd``). Returns
     ``(y, saved)``."""
     xp = backend.get_array_module(t, f)
     if t.shape != f.shape or t.dtype != f.dtype:
         raise ValueError(f"gate_out: the shortcut {t.shape} {t.dtype} and the body's output "
                          f"{f.shape} {f.dtype} must match")
+    if act not in (None, "relu"):
+        raise ValueError(f"gate_out: act must be None or 'relu', got {act!r}")
+    if act and _act._elementwise_gpu(t):
+        y = _act._map("gate_relu_fwd", t, f, (_act._aligned(_scale(scale, f.dtype)),))
+        return y, GateOutSaved(scale, y)
     # select before multiplying: a stale inf never meets the 0 (no NaN, no NumPy warning), and
     # t + 0 * 0 is t (up to the sign of a zero)
     y = xp.where(scale != 0, f, 0).astype(f.dtype, copy=False) * _scale(scale, f.dtype) + t
-    return y, GateSaved(scale)
+    if act:
+        y = xp.maximum(y, y.dtype.type(0))
+    return y, GateOutSaved(scale, y if act else None)
 
 
 def gate_out_backward(grad_out, saved):
-    """``(grad_out, grad_out * scale)``."""
-    return grad_out, grad_out * _scale(saved.scale, grad_out.dtype)
+    """``(g, g * scale)`` with ``g`` the gradient through the ReLU when there was one."""
+    if saved.y is not None and _act._elementwise_gpu(grad_out) \
+            and grad_out.dtype == saved.y.dtype:
+        cp = backend.cupy
+        y, g = _act._aligned(saved.y), _act._aligned(grad_out)
+        gt, gf = cp.empty(y.shape, y.dtype), cp.empty(y.shape, y.dtype)
+        if y.size:
+            s = _act._aligned(_scale(saved.scale, y.dtype))
+            raw_kernels.launch("act.cu", "gate_relu_bwd", y.dtype,
+                               (min(-(-y.size // 256), 8192),), (256,),
+                               (y, g, s, gt, gf, np.int64(y.size)))
+        return gt.reshape(grad_out.shape), gf.reshape(grad_out.shape)
+    g = grad_out
+    if saved.y is not None:
+        g = _act.relu_backward(grad_out, _act.ReluSaved(saved.y))
+    return g, g * _scale(saved.scale, g.dtype)

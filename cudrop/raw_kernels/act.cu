@@ -34,6 +34,37 @@ __global__ void add_relu_fwd(const T* __restrict__ a, const T* __restrict__ b, T
     });
 }
 
+// A gated residual unit's end with its ReLU (functional/_gate.py, depth dropout in a captured
+// step): y = relu(f * s + t) where the replay's scale s (a 0-d device array) is nonzero, else
+// relu(t) with f unread (a skipped body's f is a stale buffer). f * s is rounded to T before
+// the add, as eager mode's separate multiply rounds it, so replays stay bit-identical to
+// eager steps. Backward: gt = g where y > 0, else 0; gf = gt * s (rounded to T), two outputs
+// in one pass. Replaces 4 passes forward (select, multiply, add, ReLU) and 2 backward.
+template <typename T>
+__global__ void gate_relu_fwd(const T* __restrict__ t, const T* __restrict__ f,
+                              const T* __restrict__ scale, T* __restrict__ y, long long n) {
+    typedef typename cd_acc<T>::type A;
+    const A s = cd_load(*scale);
+    cd_map<true>(t, f, y, n, [s](A tv, A fv) {
+        const A v = (s != (A)0 ? (A)cd_load(cd_store<T>(cd_mul_rn(fv, s))) : (A)0) + tv;
+        return v < (A)0 ? (A)0 : v;
+    });
+}
+
+template <typename T>
+__global__ void gate_relu_bwd(const T* __restrict__ y, const T* __restrict__ g,
+                              const T* __restrict__ scale, T* __restrict__ gt,
+                              T* __restrict__ gf, long long n) {
+    typedef typename cd_acc<T>::type A;
+    const A s = cd_load(*scale);
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const A v = cd_load(y[i]) > (A)0 ? (A)cd_load(g[i]) : (A)0;
+        gt[i] = cd_store<T>(v);
+        gf[i] = cd_store<T>(v * s);
+    }
+}
+
 // GELU, tanh approximation, in cd_acc<T>: y = 0.5 x (1 + t), t = tanh(sqrt(2/pi) (x + 0.044715
 // x^3)), and its backward from x alone (t recomputed, no float32 t kept between the passes).
 // The composed CuPy version took 6 float32 passes forward and 9 backward (GPT's MLP, 8192 x
@@ -67,6 +98,8 @@ __global__ void gelu_tanh_bwd(const T* __restrict__ x, const T* __restrict__ g,
 #define CD_INST(T) template __global__ void relu_bwd<T>(const T*, const T*, T*, long long); \
     template __global__ void add2<T>(const T*, const T*, T*, long long); \
     template __global__ void add_relu_fwd<T>(const T*, const T*, T*, long long); \
+    template __global__ void gate_relu_fwd<T>(const T*, const T*, const T*, T*, long long); \
+    template __global__ void gate_relu_bwd<T>(const T*, const T*, const T*, T*, T*, long long); \
     template __global__ void gelu_tanh_fwd<T>(const T*, T*, long long); \
     template __global__ void gelu_tanh_bwd<T>(const T*, const T*, T*, long long);
 CD_INST(float)
