@@ -88,19 +88,12 @@ template <typename T> __device__ __forceinline__ void acc_as_a(unsigned* a, floa
     a[3] = pack2<T>(s[2 * c + 1][2], s[2 * c + 1][3]);
 }
 
-// Score-block columns come in 16-wide pairs of n tiles; a warp multiplies only pairs [lo, hi):
-// the others are past T or hidden by the causal mask for all of its 16 rows, and are zero in
-// its accumulators (every such column is also masked where probabilities are formed). ViT's
-// T = 197 fills 197 of 256 columns; a causal diagonal block is half hidden.
-struct Cols { int lo, hi; };
-
 // acc (16 x 64) += A (16 x HD, kept as KC fragments) · Mᵀ, M a (64, HD) shared tile.
 template <typename T>
 __device__ __forceinline__ void mma_abt(float (*acc)[4], const unsigned (*a)[4], const T* m,
-                                        Cols cols, int lane) {
+                                        int lane) {
 #pragma unroll
-    for (int j = 0; j < ST / 2; ++j) {
-        if (j < cols.lo || j >= cols.hi) continue;
+    for (int j = 0; j < ST / 2; ++j)
 #pragma unroll
         for (int c = 0; c < KC; ++c) {
             unsigned b[4];
@@ -108,15 +101,12 @@ __device__ __forceinline__ void mma_abt(float (*acc)[4], const unsigned (*a)[4],
             cd_mma<T>(acc[2 * j], a[c], b);
             cd_mma<T>(acc[2 * j + 1], a[c], b + 2);
         }
-    }
 }
 // acc (16 x HD) += P (16 x 64, accumulator tiles) · M, M a (64, HD) shared tile.
 template <typename T>
-__device__ __forceinline__ void mma_pb(float (*acc)[4], float (*p)[4], const T* m, Cols cols,
-                                       int lane) {
+__device__ __forceinline__ void mma_pb(float (*acc)[4], float (*p)[4], const T* m, int lane) {
 #pragma unroll
     for (int c = 0; c < BC / 16; ++c) {
-        if (c < cols.lo || c >= cols.hi) continue;
         unsigned a[4];
         acc_as_a<T>(a, p, c);
 #pragma unroll
@@ -127,21 +117,6 @@ __device__ __forceinline__ void mma_pb(float (*acc)[4], float (*p)[4], const T* 
             cd_mma<T>(acc[2 * j + 1], a, b + 2);
         }
     }
-}
-
-// The pairs a warp multiplies in score block `ob` (the other side's block) when it owns rows
-// from `row0` (its first) in block `rb`: columns before T, and for a causal diagonal block
-// the visible side of the diagonal (keys <= query: `rows_are_queries` says which side the
-// warp owns). Nothing when the warp's rows all lie past T.
-__device__ __forceinline__ Cols cols_of(int warp_row0, int rb, int ob, int t, int causal,
-                                        bool rows_are_queries, int warp) {
-    if (warp_row0 >= t) return {0, 0};
-    int lo = 0, hi = (min(BC, t - ob * BC) + 15) / 16;
-    if (causal && rb == ob) {
-        if (rows_are_queries) hi = min(hi, warp + 1);
-        else lo = warp;
-    }
-    return {lo, hi};
 }
 
 __device__ __forceinline__ void zero(float (*acc)[4], int n) {
@@ -205,8 +180,7 @@ attn_fwd(const T* __restrict__ qkv, T* __restrict__ o, float* __restrict__ lse, 
                 for (int k = 0; k < KC; ++k) ld_a(qa[k], Qs, warp * 16, k * 16, lane);
             float s[ST][4];
             zero(s, ST);
-            const Cols cols = cols_of(q0 + warp * 16, qb, kb, t, causal, true, warp);
-            mma_abt<T>(s, qa, Ks[buf], cols, lane);
+            mma_abt<T>(s, qa, Ks[buf], lane);
             // only the diagonal block (causal) and the last (ragged T) hide keys
             const bool edge = (causal && kb == qb) || (kb + 1) * BC > t;
             float mx[2] = {m[0], m[1]};
@@ -239,7 +213,7 @@ attn_fwd(const T* __restrict__ qkv, T* __restrict__ o, float* __restrict__ lse, 
                     s[n][e] = exp2f(s[n][e] - m[e >> 1]);
                     l[e >> 1] += s[n][e];
                 }
-            mma_pb<T>(acc, s, Vs[buf], cols, lane);
+            mma_pb<T>(acc, s, Vs[buf], lane);
             __syncthreads();  // every warp is done with this buffer before it is refilled
         }
 #pragma unroll
@@ -328,9 +302,8 @@ attn_bwd_dkdv(const T* __restrict__ qkv, const T* __restrict__ go, const float* 
             float s[ST][4], dp[ST][4];  // Sᵀ and dPᵀ: 16 keys x 64 queries
             zero(s, ST);
             zero(dp, ST);
-            const Cols cols = cols_of(k0 + warp * 16, kb, qb, t, causal, false, warp);
-            mma_abt<T>(s, ka, Qs, cols, lane);
-            mma_abt<T>(dp, va, Gs, cols, lane);
+            mma_abt<T>(s, ka, Qs, lane);
+            mma_abt<T>(dp, va, Gs, lane);
 #pragma unroll
             for (int n = 0; n < ST; ++n)
 #pragma unroll
@@ -341,8 +314,8 @@ attn_bwd_dkdv(const T* __restrict__ qkv, const T* __restrict__ go, const float* 
                     s[n][e] = p;
                     dp[n][e] = p * (dp[n][e] - Ds[col]);  // dSᵀ
                 }
-            mma_pb<T>(dv, s, Gs, cols, lane);
-            mma_pb<T>(dk, dp, Qs, cols, lane);
+            mma_pb<T>(dv, s, Gs, lane);
+            mma_pb<T>(dk, dp, Qs, lane);
         }
         T* gk = gqkv + (long long)b * t * pitch + d + h * HD;
         store_rows(gk, pitch, key0, t, dk, scale, scale, lane);
@@ -392,9 +365,8 @@ attn_bwd_dq(const T* __restrict__ qkv, const T* __restrict__ go, const float* __
             float s[ST][4], dp[ST][4];  // S and dP: 16 queries x 64 keys
             zero(s, ST);
             zero(dp, ST);
-            const Cols cols = cols_of(q0 + warp * 16, qb, kb, t, causal, true, warp);
-            mma_abt<T>(s, qa, Ks, cols, lane);
-            mma_abt<T>(dp, ga, Vs, cols, lane);
+            mma_abt<T>(s, qa, Ks, lane);
+            mma_abt<T>(dp, ga, Vs, lane);
             const bool edge = (causal && kb == qb) || (kb + 1) * BC > t;
 #pragma unroll
             for (int n = 0; n < ST; ++n)
@@ -405,7 +377,7 @@ attn_bwd_dq(const T* __restrict__ qkv, const T* __restrict__ go, const float* __
                     const float p = hide ? 0.f : exp2f(s[n][e] * c - lr[r]);
                     dp[n][e] = p * (dp[n][e] - dr[r]);  // dS
                 }
-            mma_pb<T>(dq, dp, Ks, cols, lane);
+            mma_pb<T>(dq, dp, Ks, lane);
         }
         store_rows(gqkv + (long long)b * t * pitch + h * HD, pitch, row0, t, dq, scale, scale,
                    lane);
