@@ -32,15 +32,7 @@
 // keep one wgmma batch in flight and release slot kt-1 after wgmma.wait_group 1.
 // setmaxnreg moves registers from the producer (40) to the consumers (232) when BM == 128.
 
-// Reuse the wgmma wrappers / mbarrier helpers of bsmm_sm90.cu, without its explicit instantiations.
-#ifdef CUDROP_INSTANTIATE
-#define BSMM_TMA_REDEFINE_INSTANTIATE 1
-#undef CUDROP_INSTANTIATE
-#endif
-#include "bsmm_sm90.cu"
-#ifdef BSMM_TMA_REDEFINE_INSTANTIATE
-#define CUDROP_INSTANTIATE 1
-#endif
+#include "sm90.cuh"
 
 #ifndef BSMM_TMA_GROUP
 #define BSMM_TMA_GROUP 8     // M tiles per raster group
