@@ -106,10 +106,9 @@ def _elementwise_gpu(x):
     return backend.is_gpu_array(x) and raw_kernels.cuda_type(x.dtype) is not None
 
 
-def _aligned(a):
+def _aligned16(a):
     """``a`` C-contiguous at a 16-byte aligned address (``cd_map``'s vector accesses)."""
-    a = backend.cupy.ascontiguousarray(a)
-    return a if a.data.ptr % 16 == 0 else a.copy()
+    return raw_kernels.aligned(a, 16)
 
 
 def _map(fn, x, y=None, extra=()):
@@ -118,7 +117,7 @@ def _map(fn, x, y=None, extra=()):
     loop."""
     cp = backend.cupy
     shape = x.shape
-    args = ((_aligned(x),) if y is None else (_aligned(x), _aligned(y))) + tuple(extra)
+    args = ((_aligned16(x),) if y is None else (_aligned16(x), _aligned16(y))) + tuple(extra)
     out = cp.empty(shape, x.dtype)
     if out.size:
         threads = -(-out.size * x.itemsize // 16)

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import backend, flops
 from .._memo import memoize
+from .. import raw_kernels
 from ..raw_kernels import launch
 from ._matmul import matmul
 from ._softmax import SoftmaxSaved, softmax, softmax_backward
@@ -96,12 +97,6 @@ def _kernel_path(qkv, hd) -> bool:
             and hd in _KERNEL_HEAD_DIMS)
 
 
-def _aligned(a):
-    """``a`` C-contiguous with a 16-byte aligned base (the kernels' cp.async rows)."""
-    a = backend.cupy.ascontiguousarray(a)
-    return a if a.data.ptr % 16 == 0 else a.copy()
-
-
 def _split(qkv, h):
     b, t, d3 = qkv.shape
     return qkv.reshape(b, t, 3, h, d3 // (3 * h)).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
@@ -125,7 +120,7 @@ def attention(qkv, num_heads, causal=False):
     xp = backend.get_array_module(qkv)
     _count_flops(b, h, t, hd, 1)
     if _kernel_path(qkv, hd):
-        qkv = _aligned(qkv)
+        qkv = raw_kernels.aligned(qkv, 16)
         out = xp.empty((b, t, h * hd), qkv.dtype)
         lse = xp.empty((b, h, t), np.float32)
         c = np.float32(math.log2(math.e) / math.sqrt(hd))
@@ -161,7 +156,7 @@ def attention_backward(grad_out, saved: AttentionSaved):
     xp = backend.get_array_module(grad_out)
     _count_flops(b, h, t, hd, 2)
     if saved.lse is not None:
-        go = _aligned(grad_out.astype(qkv.dtype, copy=False))
+        go = raw_kernels.aligned(grad_out.astype(qkv.dtype, copy=False), 16)
         dd = xp.empty((b, h, t), np.float32)
         rows = b * t * h
         threads = rows * (hd // 8)

@@ -63,7 +63,7 @@ def gate_out(t, f, scale, act=None):
     if act not in (None, "relu"):
         raise ValueError(f"gate_out: act must be None or 'relu', got {act!r}")
     if act and _act._elementwise_gpu(t):
-        y = _act._map("gate_relu_fwd", t, f, (_act._aligned(_scale(scale, f.dtype)),))
+        y = _act._map("gate_relu_fwd", t, f, (raw_kernels.aligned(_scale(scale, f.dtype), 16),))
         return y, GateOutSaved(scale, y)
     # select before multiplying: a stale inf never meets the 0 (no NaN, no NumPy warning), and
     # t + 0 * 0 is t (up to the sign of a zero)
@@ -78,10 +78,10 @@ def gate_out_backward(grad_out, saved):
     if saved.y is not None and _act._elementwise_gpu(grad_out) \
             and grad_out.dtype == saved.y.dtype:
         cp = backend.cupy
-        y, g = _act._aligned(saved.y), _act._aligned(grad_out)
+        y, g = raw_kernels.aligned(saved.y, 16), raw_kernels.aligned(grad_out, 16)
         gt, gf = cp.empty(y.shape, y.dtype), cp.empty(y.shape, y.dtype)
         if y.size:
-            s = _act._aligned(_scale(saved.scale, y.dtype))
+            s = raw_kernels.aligned(_scale(saved.scale, y.dtype), 16)
             raw_kernels.launch("act.cu", "gate_relu_bwd", y.dtype,
                                (min(-(-y.size // 256), 8192),), (256,),
                                (y, g, s, gt, gf, np.int64(y.size)))

@@ -118,12 +118,17 @@ def load(source: str, fn: str, dtype, options: tuple = ()):
     return f
 
 
+def aligned(a, nbytes: int):
+    """CuPy array ``a`` C-contiguous at an ``nbytes``-aligned address: itself when it is, else
+    a copy (a contiguous view at an odd offset is not aligned)."""
+    a = backend_cupy().ascontiguousarray(a)
+    return a if a.data.ptr % nbytes == 0 else a.copy()
+
+
 def vector_aligned(a):
     """CuPy array ``a`` C-contiguous and aligned for the kernels' 4-element vector loads
-    (``cd_vec4`` in dtypes.cuh): itself when it is, else a copy (a contiguous view at an odd
-    offset is not aligned)."""
-    a = backend_cupy().ascontiguousarray(a)
-    return a if a.data.ptr % (4 * a.itemsize) == 0 else a.copy()
+    (``cd_vec4`` in dtypes.cuh)."""
+    return aligned(a, 4 * a.itemsize)
 
 
 def launch(source: str, fn: str, dtype, grid, block, args, options: tuple = ()):
