@@ -106,3 +106,18 @@ def test_attention_backward_rejects_a_wrong_gradient_shape():
     _, saved = F.attention(np.zeros((1, 2, 6)), 1)
     with pytest.raises(ValueError, match="output's shape"):
         F.attention_backward(np.zeros((1, 2, 3)), saved)
+
+
+def test_attention_flops_are_counted_once(xp):
+    """Forward counts its two products (4 B H T² hd FLOPs), backward its four, on either path
+    (the product path's matmuls count themselves; the kernel path counts for them)."""
+    from cudrop import flops
+    b, t, h, hd = 2, 9, 2, 16
+    qkv = xp.asarray(np.random.default_rng(0).standard_normal((b, t, 3 * h * hd)).astype(np.float32))
+    qkv = qkv.astype(np.float16)
+    with flops.count() as c:
+        y, saved = F.attention(qkv, h)
+    assert c.total == 4 * b * h * t * t * hd
+    with flops.count() as c:
+        F.attention_backward(y, saved)
+    assert c.total == 8 * b * h * t * t * hd

@@ -399,8 +399,11 @@ class Recorder:
 
 @pytest.fixture
 def rec(monkeypatch):
+    """Records the products of the SliceOut ops and of the attention pair they call."""
+    from cudrop.functional import _attention
     r = Recorder(F.matmul)
     monkeypatch.setattr(F, "matmul", r)
+    monkeypatch.setattr(_attention, "matmul", r)
     return r
 
 

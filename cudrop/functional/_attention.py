@@ -118,8 +118,8 @@ def attention(qkv, num_heads, causal=False):
     causal = bool(causal)
     b, t, _ = qkv.shape
     xp = backend.get_array_module(qkv)
-    _count_flops(b, h, t, hd, 1)
     if _kernel_path(qkv, hd):
+        _count_flops(b, h, t, hd, 1)  # the product path's matmuls count their own
         qkv = raw_kernels.aligned(qkv, 16)
         out = xp.empty((b, t, h * hd), qkv.dtype)
         lse = xp.empty((b, h, t), np.float32)
@@ -154,8 +154,8 @@ def attention_backward(grad_out, saved: AttentionSaved):
         raise ValueError(f"attention_backward: grad_out must have the output's shape "
                          f"{(b, t, d3 // 3)}, got {grad_out.shape}")
     xp = backend.get_array_module(grad_out)
-    _count_flops(b, h, t, hd, 2)
     if saved.lse is not None:
+        _count_flops(b, h, t, hd, 2)
         go = raw_kernels.aligned(grad_out.astype(qkv.dtype, copy=False), 16)
         dd = xp.empty((b, h, t), np.float32)
         rows = b * t * h

@@ -75,7 +75,7 @@ import numpy as np
 
 from .. import backend, philox, random
 from ..functional import _conv
-from ..functional._attention import causal_bias
+from ..functional._attention import AttentionSaved, attention, attention_backward
 from ..functional._matmul import matmul
 from ..raw_kernels import launch, load
 
@@ -736,9 +736,9 @@ def sliceout_conv2d_backward(gy, saved):
 
 class SliceOutAttentionSaved(NamedTuple):
     """What :func:`sliceout_attention_backward` needs: x as (B*T, D), the two weights, whether
-    each bias was given, the head mask, x's shape, the kept heads' q, k, v (B, kept, T, hd), the
-    attention probabilities ``a`` (B, kept, T, T) and the concatenated kept head outputs ``oc``
-    (B*T, kept*hd)."""
+    each bias was given, the head mask, x's shape, the
+    attention pair's saved state over the kept heads and the concatenated kept head outputs
+    ``oc`` (B*T, kept*hd)."""
     x: object
     w_qkv: object
     w_proj: object
@@ -746,10 +746,7 @@ class SliceOutAttentionSaved(NamedTuple):
     has_proj_bias: bool
     mask: SliceMask
     x_shape: tuple
-    q: object
-    k: object
-    v: object
-    a: object
+    attn: AttentionSaved
     oc: object
 
 
@@ -809,18 +806,9 @@ def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj=None, p=None, *, mask=Non
             if b_qkv is not None:
                 part += b_qkv[lo:hi]
             qkv[:, j, off:off + hi - lo] = part
-    qkv5 = qkv.reshape(bsz, t, 3, kh, hd).transpose(2, 0, 3, 1, 4)  # (3, B, kh, T, hd)
-    q, k, v = qkv5[0], qkv5[1], qkv5[2]
-    c = 1.0 / math.sqrt(hd)
-    s = matmul(q, k.swapaxes(-1, -2))
-    s *= c
-    if causal:
-        s += causal_bias(xp, t, s.dtype)
-    s -= s.max(axis=-1, keepdims=True)
-    a = xp.exp(s, out=s)
-    a /= a.sum(axis=-1, keepdims=True)
-    o = matmul(a, v)  # (B, kh, T, hd)
-    oc = o.transpose(0, 2, 1, 3).reshape(bsz * t, kw)
+    # the kept heads' attention: the attention pair on the compact (B, T, 3 * kept*hd) layout
+    o, attn = attention(qkv.reshape(bsz, t, 3 * kw), kh, causal=causal)
+    oc = o.reshape(bsz * t, kw)
 
     # Output projection on the kept heads' rows of w_proj (input-unit SliceOut).
     y = None
@@ -831,7 +819,7 @@ def sliceout_attention(x, w_qkv, b_qkv, w_proj, b_proj=None, p=None, *, mask=Non
     if b_proj is not None:
         y += b_proj
     saved = SliceOutAttentionSaved(x2, w_qkv, w_proj, b_qkv is not None, b_proj is not None,
-                                   mask, x.shape, q, k, v, a, oc)
+                                   mask, x.shape, attn, oc)
     return y.reshape(bsz, t, d), saved
 
 
@@ -839,7 +827,7 @@ def sliceout_attention_backward(gy, saved):
     """Gradients ``(gx, gw_qkv, gb_qkv, gw_proj, gb_proj)`` of :func:`sliceout_attention`
     (bias gradients None where there was no bias). Parameter gradients are exact zeros outside
     the kept heads' columns (qkv) and rows (proj); every product runs on the kept heads only."""
-    x2, w_qkv, w_proj, has_bq, has_bp, mask, x_shape, q, k, v, a, oc = saved
+    x2, w_qkv, w_proj, has_bq, has_bp, mask, x_shape, attn, oc = saved
     num_heads, ranges, scale = mask.n_units, mask.ranges, mask.scale
     xp = backend.get_array_module(gy, w_qkv)
     bsz, t, d = x_shape
@@ -860,17 +848,7 @@ def sliceout_attention_backward(gy, saved):
         part = matmul(g2, w_proj[lo:hi].T)
         part *= scale
         goc[:, off:off + hi - lo] = part
-    go = goc.reshape(bsz, t, kh, hd).transpose(0, 2, 1, 3)  # (B, kh, T, hd)
-
-    ga = matmul(go, v.swapaxes(-1, -2))
-    gv = matmul(a.swapaxes(-1, -2), go)
-    ga -= (ga * a).sum(axis=-1, keepdims=True)
-    ga *= a  # softmax backward: a * (ga - <ga, a>)
-    ga *= 1.0 / math.sqrt(hd)
-    gq = matmul(ga, k)
-    gk = matmul(ga.swapaxes(-1, -2), q)
-
-    gqkv = xp.stack([gq, gk, gv]).transpose(1, 3, 0, 2, 4).reshape(bsz * t, 3, kw)
+    gqkv = attention_backward(goc.reshape(bsz, t, kw), attn).reshape(bsz * t, 3, kw)
     gx = None
     gw_qkv = xp.zeros(w_qkv.shape, dtype=gy.dtype)
     gb_qkv = xp.zeros((3 * d,), dtype=gy.dtype) if has_bq else None
