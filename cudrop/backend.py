@@ -6,6 +6,8 @@ PyTorch or JAX tensors) in without a copy.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 try:  # CuPy is optional: cudrop runs on NumPy alone.
@@ -67,6 +69,12 @@ def gpu_count() -> int:
     if not gpu_available():
         return 0
     return int(cupy.cuda.runtime.getDeviceCount())
+
+
+def tf32_enabled() -> bool:
+    """float32 products may use TF32 tensor cores: CuPy's own switch ``CUPY_TF32=1`` (which
+    ``cudrop train --precision tf32`` sets), read at each call; otherwise float32 is exact."""
+    return os.environ.get("CUPY_TF32") == "1"
 
 
 def is_floating(dtype) -> bool:

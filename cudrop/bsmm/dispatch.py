@@ -13,7 +13,6 @@ splitting), except that a tile's rows must lie in one row block of the mask.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
@@ -128,15 +127,10 @@ def pick_tile(m, n, rblk, masked, sms, tiles=MMA_TILES, cblk=None):
     return max(ok, key=ctas) if ok else None
 
 
-def tf32_enabled():
-    """float32 products may use TF32 tensor cores (``CUPY_TF32=1``, read at each call)."""
-    return os.environ.get("CUPY_TF32") == "1"
-
-
 def _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists):
     """The tensor-core kernels' preconditions: every 16-byte chunk of E elements along an
     operand's contiguous axis is wholly in range or out, so it is one cp.async."""
-    if not (a.dtype.name in _HALF or (a.dtype.name == "float32" and tf32_enabled())):
+    if not (a.dtype.name in _HALF or (a.dtype.name == "float32" and backend.tf32_enabled())):
         return False
     if not a_lay[0] and b_lay[0]:  # M-major A with K-major B: no instance
         return False
@@ -306,7 +300,7 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
     key = (a.shape, a.strides, b.shape, b.strides, out.strides, a.dtype, a.data.ptr % 16,
            b.data.ptr % 16, out.data.ptr % 4, None if lists is None else lists[1].shape,
            None if bits is None else bits.shape, rblk, kblk, cblk, scale, act, choice, tile,
-           backend.cupy.cuda.runtime.getDevice(), tf32_enabled())
+           backend.cupy.cuda.runtime.getDevice(), backend.tf32_enabled())
     pl = _PLANS.get(key)
     if pl is None:
         pl = _PLAN_MEMO.put(key, _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act,

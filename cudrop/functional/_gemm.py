@@ -22,7 +22,6 @@ False and ``functional.matmul`` keeps CuPy's cuBLAS path, which cannot be captur
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
@@ -51,8 +50,6 @@ def available() -> bool:
     return _lt is not None
 
 
-def _tf32() -> bool:
-    return os.environ.get("CUPY_TF32", "0") == "1"
 
 
 @memoize
@@ -216,7 +213,7 @@ def gemm(a, b, *, bias=None, act=None, out=None, bias_grad=None):
     key = (a.shape, a.strides, a.data.ptr & 255, b.shape, b.strides, b.data.ptr & 255, a.dtype,
            None if bias is None else (bias.dtype, bias.strides), act,
            None if out is None else (out.shape, out.strides, out.data.ptr & 255),
-           backend.cupy.cuda.runtime.getDevice(), _tf32())
+           backend.cupy.cuda.runtime.getDevice(), backend.tf32_enabled())
     call = _CALLS.get(key)
     if call is None or not call.direct:
         return _gemm_planned(a, b, bias, act, out, key)
@@ -283,7 +280,7 @@ def _gemm_planned(a, b, bias, act, out, key):
         plan = None
     else:
         try:
-            plan = _plan(*args, epilogue, aligns, bias_dtype, _tf32())
+            plan = _plan(*args, epilogue, aligns, bias_dtype, backend.tf32_enabled())
         except RuntimeError:
             if epilogue != "bias_grad":
                 raise
