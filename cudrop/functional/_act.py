@@ -106,18 +106,13 @@ def _elementwise_gpu(x):
     return backend.is_gpu_array(x) and raw_kernels.cuda_type(x.dtype) is not None
 
 
-def _aligned16(a):
-    """``a`` C-contiguous at a 16-byte aligned address (``cd_map``'s vector accesses)."""
-    return raw_kernels.aligned(a, 16)
-
-
 def _map(fn, x, y=None, extra=()):
     """Launch act.cu's element-wise ``fn`` over ``x`` (and ``y``, same size; then the
     arguments ``extra``) into a new array of ``x``'s shape; 16 bytes a thread in a grid-stride
-    loop."""
+    loop (``cd_map``), so every array is made contiguous and 16-byte aligned."""
     cp = backend.cupy
     shape = x.shape
-    args = ((_aligned16(x),) if y is None else (_aligned16(x), _aligned16(y))) + tuple(extra)
+    args = tuple(raw_kernels.aligned(a, 16) for a in (x, y) if a is not None) + tuple(extra)
     out = cp.empty(shape, x.dtype)
     if out.size:
         threads = -(-out.size * x.itemsize // 16)

@@ -17,7 +17,8 @@ writes no ``xhat`` array.
 ``max(y, 0)``, and backward masks the gradient inside its two kernels. The mask is recomputed
 there from ``x`` and the per-channel statistics (bit for bit the forward's value), not read from
 a saved output: ``x`` is saved anyway, so no output array is kept alive for backward, and each
-backward kernel reads two arrays (g, x), not three (unmeasured). The array path composes the
+backward kernel reads two arrays (g, x), not three (ResNet-56's step kernels 12.91 -> 12.31 ms
+with this and add + ReLU fused, H200; not measured apart). The array path composes the
 same math (a maximum, then the mask ``y > 0`` of its saved output).
 ``_batch_norm_arrays`` runs the array-op path on either device (tests and benchmarks compare the
 kernels with it); ``batch_norm_backward`` follows the path its ``saved`` came from.

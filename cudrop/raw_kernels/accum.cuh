@@ -75,3 +75,14 @@ __device__ __forceinline__ void cd_map(const T* __restrict__ x, const T* __restr
     for (long long i = n / V * V + first; i < n; i += stride)
         out[i] = cd_store<T>(f((A)cd_load(x[i]), (A)cd_load(TWO ? y[i] : x[i])));
 }
+
+// Calls row(r, lane) for each row r of `rows` that this thread's warp owns: a warp per row, a
+// grid-stride loop over the rows (lastaxis.cu's kernels; any grid of whole warps).
+template <typename F>
+__device__ __forceinline__ void cd_warp_rows(long long rows, F row) {
+    const int lane = threadIdx.x & 31;
+    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+    for (long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
+         r += warps)
+        row(r, lane);
+}

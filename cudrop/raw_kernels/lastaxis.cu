@@ -12,10 +12,7 @@
 template <typename T>
 __global__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ y, long long rows, int n) {
     typedef typename cd_acc<T>::type A;
-    const int lane = threadIdx.x & 31;
-    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
-    for (long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
-         r += warps) {
+    cd_warp_rows(rows, [&](long long r, int lane) {
         const T* xr = x + r * n;
         A m = cd_neg_inf(A());
         for (int j = lane; j < n; j += 32) m = cd_max(m, (A)cd_load(xr[j]));
@@ -26,17 +23,14 @@ __global__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ y, long lon
         T* yr = y + r * n;
         for (int j = lane; j < n; j += 32)
             yr[j] = cd_store<T>(cd_exp((A)cd_load(xr[j]) - m) / s);
-    }
+    });
 }
 
 template <typename T>
 __global__ void softmax_bwd(const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ gx,
                             long long rows, int n) {
     typedef typename cd_acc<T>::type A;
-    const int lane = threadIdx.x & 31;
-    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
-    for (long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
-         r += warps) {
+    cd_warp_rows(rows, [&](long long r, int lane) {
         const T* yr = y + r * n;
         const T* gr = g + r * n;
         A dot = 0;
@@ -45,7 +39,7 @@ __global__ void softmax_bwd(const T* __restrict__ y, const T* __restrict__ g, T*
         T* out = gx + r * n;
         for (int j = lane; j < n; j += 32)
             out[j] = cd_store<T>((A)cd_load(yr[j]) * ((A)cd_load(gr[j]) - dot));
-    }
+    });
 }
 
 // Layer norm: xhat = (x - mean) * inv_std, inv_std = 1 / sqrt(mean((x - mean)^2) + eps) (two
@@ -61,10 +55,7 @@ __global__ void ln_fwd(const T* __restrict__ x, const typename cd_acc<T>::type* 
                        typename cd_acc<T>::type* __restrict__ inv_std, long long rows, int n,
                        double eps, int has_gamma, int has_beta) {
     typedef typename cd_acc<T>::type A;
-    const int lane = threadIdx.x & 31;
-    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
-    for (long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
-         r += warps) {
+    cd_warp_rows(rows, [&](long long r, int lane) {
         const T* xr = x + r * n;
         A s = 0;
         for (int j = lane; j < n; j += 32) s += (A)cd_load(xr[j]);
@@ -86,7 +77,7 @@ __global__ void ln_fwd(const T* __restrict__ x, const typename cd_acc<T>::type* 
             if (has_beta) v = v + beta[j];
             yr[j] = cd_store<T>(v);
         }
-    }
+    });
 }
 
 template <typename T>
@@ -95,10 +86,7 @@ __global__ void ln_bwd(const T* __restrict__ g, const typename cd_acc<T>::type* 
                        const typename cd_acc<T>::type* __restrict__ gamma, T* __restrict__ gx,
                        long long rows, int n, int has_gamma) {
     typedef typename cd_acc<T>::type A;
-    const int lane = threadIdx.x & 31;
-    const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
-    for (long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
-         r += warps) {
+    cd_warp_rows(rows, [&](long long r, int lane) {
         const T* gr = g + r * n;
         const A* hr = xhat + r * n;
         A s1 = 0, s2 = 0;
@@ -113,7 +101,7 @@ __global__ void ln_bwd(const T* __restrict__ g, const typename cd_acc<T>::type* 
             const A gh = has_gamma ? cd_mul_rn((A)cd_load(gr[j]), gamma[j]) : (A)cd_load(gr[j]);
             out[j] = cd_store<T>(is * (gh - m1 - hr[j] * m2));
         }
-    }
+    });
 }
 
 #ifdef CUDROP_INSTANTIATE

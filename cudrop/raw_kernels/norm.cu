@@ -10,7 +10,8 @@
 // A ReLU can be fused (relu = 1): bn_fwd stores relu(y), and the backward kernels take the
 // ReLU's gradient mask from the forward's value, recomputed from x and the per-channel
 // statistics (cd_bn_value), instead of reading a saved output: no extra array is kept alive
-// and each backward pass reads g and x only, as without the ReLU (unmeasured).
+// and each backward pass reads g and x only, as without the ReLU. (With add + ReLU fused too,
+// ResNet-56's step kernels went 12.91 -> 12.31 ms on the H200; the two not measured apart.)
 #include "accum.cuh"
 
 // Sum of v over the CTA, returned to every thread. blockDim.x: a multiple of 32, at most 1024.
