@@ -274,13 +274,17 @@ class _HostState:
         return counters, opt, sched
 
     def grads(self):
-        """Every parameter with its ``.grad`` now (the model's and the optimizer's): a capture
-        that does not finish must give them back, or they would keep the arrays it recorded
-        but never computed (see :meth:`CapturedStep._capture`)."""
+        """Every parameter with a host copy of its ``.grad`` now (the model's and the
+        optimizer's): a capture that does not finish must give them back, or they would keep
+        the arrays it recorded but never computed (see :meth:`CapturedStep._capture`). Host
+        copies, not the device arrays: holding those would keep a second set of gradients alive
+        through the capture (a step frees the old ones when it zeroes them), and the captured
+        step's memory would grow by a gradient set."""
         params = {id(p): p for p in self.model.parameters()}
         if self.optimizer is not None:
             params.update((id(p), p) for p in self.optimizer.params)
-        return [(p, p.grad) for p in params.values()]
+        return [(p, None if p.grad is None else backend.asnumpy(p.grad))
+                for p in params.values()]
 
     def restore(self, snap):
         counters, opt, sched = snap
@@ -412,7 +416,7 @@ class CapturedStep:
             # unit's parameters with them, when it zeroes gradients after the update).
             self.state.restore(before)
             for p, g in grads:
-                p.grad = g
+                p.grad = None if g is None else backend.to_device(g, "gpu")
 
         try:
             self.static_out, self.graph = self._on_stream(record)

@@ -323,6 +323,29 @@ def test_relu_gradient_mask(xp):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("shape", [(), (1,), (37, 9), (4096 * 9 + 5,)])
+def test_relu_forward_matches_maximum_bit_for_bit(xp, dtype, shape):
+    """The ReLU forward (one 16-byte-vectorised kernel on the GPU: act.cu's relu_fwd) against
+    NumPy's ``maximum(x, 0)`` on the same rounded input: NaN kept, infinities, -0 (equal to 0;
+    NumPy's own float16 maximum keeps its sign, its float64 one does not); a transposed view as
+    input; the output from a NaN-poisoned pool."""
+    from conftest import low_precision_dtype, poison_pool
+    dt = low_precision_dtype(xp, dtype)
+    x0 = np.random.default_rng(sum(shape) + 1).standard_normal(shape).astype(np.float32)
+    if x0.size >= 4:
+        x0.reshape(-1)[:4] = [np.nan, -0.0, np.inf, -np.inf]
+    x = xp.asarray(x0).astype(dt)
+    if len(shape) == 2:
+        x = xp.asarray(x0.T.copy()).astype(dt).T  # the same values, transposed view
+    xh = host(x).astype(np.float64)
+    poison_pool(xp)
+    y, saved = F.relu(x)
+    assert y.dtype == dt and y.shape == shape and saved.y is y
+    want = np.maximum(xh, 0)
+    np.testing.assert_array_equal(host(y).astype(np.float64), want)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_relu_backward_keeps_dtype_and_shape(xp, dtype):
     """One pass on the GPU (raw_kernels/act.cu): the gradient in the input's dtype (bfloat16
     gradients once came back float32), non-contiguous and odd-sized inputs included."""

@@ -31,44 +31,50 @@ def test_linear_3d_input_matches_2d(xp):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("k, bias", [(1, True), (4, True), (4, False), (12, True), (16, True)])
-def test_linear_pair_16_bit_small_k_matches_float64(xp, dtype, k, bias):
-    """The functional linear pair with K not a multiple of 8 (on the GPU: x and w zero-padded
-    along K for cuBLASLt's aligned kernels) against float64 math: output and every gradient in
-    the parameters' shapes, with and without a bias, outputs poisoned."""
+@pytest.mark.parametrize("k, n, bias", [(1, 24, True), (4, 24, True), (4, 24, False),
+                                        (12, 24, True), (16, 24, True), (16, 10, True),
+                                        (16, 10, False), (4, 3, True), (72, 70, True)])
+def test_linear_pair_16_bit_small_k_or_n_matches_float64(xp, dtype, k, n, bias):
+    """The functional linear pair with K or N not a multiple of 8 (on the GPU: x and w
+    zero-padded along K, w, bias and the output gradient along N, for cuBLASLt's aligned
+    kernels; K, N >= 64 are not padded) against float64 math: output and every gradient in the
+    parameters' shapes, with and without a bias, outputs poisoned."""
     from conftest import low_precision_dtype, poison_pool
     import cudrop.functional as F
     dt = low_precision_dtype(xp, dtype)
     rng = np.random.default_rng(k)
     x = xp.asarray(rng.standard_normal((3, 37, k)).astype(np.float32)).astype(dt)
-    w = xp.asarray(rng.standard_normal((k, 24)).astype(np.float32)).astype(dt)
-    b = xp.asarray(rng.standard_normal(24).astype(np.float32)).astype(dt) if bias else None
-    g = xp.asarray(rng.standard_normal((3, 37, 24)).astype(np.float32)).astype(dt)
+    w = xp.asarray(rng.standard_normal((k, n)).astype(np.float32)).astype(dt)
+    b = xp.asarray(rng.standard_normal(n).astype(np.float32)).astype(dt) if bias else None
+    g = xp.asarray(rng.standard_normal((3, 37, n)).astype(np.float32)).astype(dt)
     h = [None if a is None else cd.backend.asnumpy(a).astype(np.float64) for a in (x, w, b, g)]
     poison_pool(xp)
     y, saved = F.linear(x, w, b)
     poison_pool(xp)
     gx, gw, gb = F.linear_backward(g, saved)
     want = [h[0] @ h[1] + (h[2] if bias else 0), h[3] @ h[1].T,
-            h[0].reshape(-1, k).T @ h[3].reshape(-1, 24), h[3].sum((0, 1)) if bias else None]
+            h[0].reshape(-1, k).T @ h[3].reshape(-1, n), h[3].sum((0, 1)) if bias else None]
     for got, ref in zip((y, gx, gw, gb), want):
         if ref is None:
             assert got is None
             continue
-        assert got.dtype == dt and got.shape == ref.shape
+        assert got.dtype == dt and got.shape == ref.shape and got.flags.c_contiguous
         np.testing.assert_allclose(cd.backend.asnumpy(got).astype(np.float64), ref,
                                    rtol=2e-2, atol=2e-2 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("k", [8, 4])
-def test_linear_weight_gradient_is_a_fresh_array(xp, k):
-    """The weight gradient is its own array, never a view (the autograd copies gradients that
-    are views: a copy of every weight gradient each step), K padded or not."""
+@pytest.mark.parametrize("k, n", [(8, 8), (4, 8), (8, 10), (4, 10)])
+def test_linear_weight_gradient_is_a_fresh_array(xp, k, n):
+    """The weight and bias gradients are their own arrays, never views (the autograd copies
+    gradients that are views: a copy of every weight gradient each step), K or N padded or
+    not."""
     import cudrop.functional as F
     x = xp.ones((5, k), np.float16)
-    _, saved = F.linear(x, xp.ones((k, 8), np.float16), xp.zeros(8, np.float16))
-    gx, gw, gb = F.linear_backward(xp.ones((5, 8), np.float16), saved)
-    assert gw.shape == (k, 8) and gw.base is None and gx.shape == (5, k)
+    y, saved = F.linear(x, xp.ones((k, n), np.float16), xp.zeros(n, np.float16))
+    gx, gw, gb = F.linear_backward(xp.ones((5, n), np.float16), saved)
+    assert y.shape == (5, n)
+    assert gw.shape == (k, n) and gw.base is None and gx.shape == (5, k)
+    assert gb.shape == (n,) and gb.base is None
 
 
 def test_linear_rejects_wrong_width():

@@ -29,9 +29,11 @@ class ReluSaved(NamedTuple):
 
 
 def relu(x):
-    """``(max(x, 0), saved)``."""
-    xp = backend.get_array_module(x)
-    y = xp.maximum(x, x.dtype.type(0))
+    """``(max(x, 0), saved)``; on the GPU one 16-byte-vectorised kernel (``act.cu``)."""
+    if _elementwise_gpu(x):
+        y = _map("relu_fwd", x)
+    else:
+        y = backend.get_array_module(x).maximum(x, x.dtype.type(0))
     return y, ReluSaved(y)
 
 
@@ -151,7 +153,7 @@ def gelu_tanh_backward(grad_out, saved):
 
 class LinearSaved(NamedTuple):
     """The input as (M, K), the weight, whether there was a bias, the input's shape (x and w
-    zero-padded along K where ``_pads_k`` says so)."""
+    zero-padded along K, w along N, where :func:`_pad8` says so)."""
     x: object
     w: object
     has_bias: bool
@@ -165,63 +167,75 @@ def linear(x, w, b=None):
         raise ValueError(f"linear: x must be (..., K) and w (K, N); got x {x.shape}, w {w.shape}")
     if b is not None and b.shape != (w.shape[1],):
         raise ValueError(f"linear: b must have shape ({w.shape[1]},), got {b.shape}")
+    n = w.shape[1]
     x2 = x.reshape(-1, x.shape[-1])
-    if _pads_k(x2):
+    if _pad8(x2, 1):
         x2, w = _padded(x2, 1), _padded(w, 0)
+    if _pad8(w, 1):
+        w = _padded(w, 1)
+        b = None if b is None else _padded(b, 0)
     if b is not None and _epilogues(x2):
         y = _gemm.gemm(x2, w, bias=b)  # the bias add in the GEMM's epilogue
     else:
         y = matmul(x2, w)
         if b is not None:
             y += b
-    return y.reshape(x.shape[:-1] + (w.shape[1],)), LinearSaved(x2, w, b is not None, x.shape)
+    y = _unpadded(y, n, axis=1)
+    return y.reshape(x.shape[:-1] + (n,)), LinearSaved(x2, w, b is not None, x.shape)
 
 
 def linear_backward(grad_out, saved, needs=(True, True, True)):
     """``(gx, gw, gb)``; a gradient whose entry of ``needs`` is False is not computed (None):
     a first layer's input gradient is a whole GEMM nobody reads."""
-    g = grad_out.reshape(-1, saved.w.shape[1])
-    k = saved.x_shape[-1]
+    k, n = saved.x_shape[-1], grad_out.shape[-1]
+    g = grad_out.reshape(-1, n)
+    if saved.w.shape[1] != n:  # N was padded: so is the gradient, with zeros
+        g = _padded(g, 1)
     need_x, need_w, need_b = needs
     need_b = need_b and saved.has_bias
-    w = saved.w if saved.w.shape[0] == k else saved.w[:k]  # K was padded (_pads_k)
+    w = saved.w if saved.w.shape[0] == k else saved.w[:k]  # K was padded
     gx = matmul(g, w.T).reshape(saved.x_shape) if need_x else None
     gw = gb = None
     if need_w and need_b and _epilogues(g):
         gb = backend.cupy.empty(g.shape[1], g.dtype)
         gw = _gemm.gemm(saved.x.T, g, bias_grad=gb)  # the bias gradient in the GEMM's epilogue
-        return gx, _unpadded(gw, k), gb
+        return gx, _unpadded(_unpadded(gw, k, 0), n, 1), _unpadded(gb, n, 0)
     if need_w:
-        gw = _unpadded(matmul(saved.x.T, g), k)
+        gw = _unpadded(_unpadded(matmul(saved.x.T, g), k, 0), n, 1)
     if need_b:
-        gb = sum_leading(g)
+        gb = _unpadded(sum_leading(g), n, 0)
     return gx, gw, gb
 
 
-def _pads_k(x):
-    """Pad K with zeros to a multiple of 8 (16 bytes of a 16-bit row): cuBLASLt has only slow
-    kernels for 16-bit rows that are not 16-byte aligned — a ViT patch embedding (K = 4, bf16,
-    25088 x 1024 output) ran `magma_sgemmEx` at 1.7 ms a call forward and again for the weight
-    gradient on the H200 (profile_step.py vit), ~10% of the step. Small K only: the pad is a
-    copy of x."""
-    k = x.shape[-1]
-    return k % 8 != 0 and k < 64 and x.dtype.itemsize == 2 and _epilogues(x)
+def _pad8(a, axis):
+    """Whether to zero-pad ``a``'s ``axis`` (a GEMM's K of x, or N of w) to a multiple of 8 (16
+    bytes of a 16-bit row): cuBLASLt has only slow kernels for 16-bit rows that are not 16-byte
+    aligned. On the H200 (profile_step.py): a ViT patch embedding (K = 4, bf16, 25088 x 1024
+    output) ran `magma_sgemmEx` at 1.7 ms a call forward and again for the weight gradient,
+    ~10% of the step; the bf16 MLP's 10-class head (N = 10) ran one product on it, 43 µs of a
+    0.77 ms step (PyTorch's cuBLAS picked CUTLASS kernels, 13 µs). Small sizes only: the pad is
+    a copy of a (and of w or of the output and its gradient)."""
+    d = a.shape[axis]
+    return d % 8 != 0 and d < 64 and a.dtype.itemsize == 2 and _epilogues(a)
 
 
-def _padded(a, axis_k):
-    """``a`` with its K axis (``axis_k``) zero-padded to a multiple of 8."""
+def _padded(a, axis):
+    """``a`` with ``axis`` zero-padded to a multiple of 8."""
     shape = list(a.shape)
-    k = shape[axis_k]
-    shape[axis_k] = -(-k // 8) * 8
+    d = shape[axis]
+    shape[axis] = -(-d // 8) * 8
     out = backend.cupy.zeros(shape, a.dtype)
-    out[(slice(None),) * axis_k + (slice(0, k),)] = a
+    out[(slice(None),) * axis + (slice(0, d),)] = a
     return out
 
 
-def _unpadded(gw, k):
-    """The weight gradient's first ``k`` rows: itself when K was not padded (a view would cost
-    the autograd a copy of every weight gradient: it copies gradients that are views)."""
-    return gw if gw.shape[0] == k else gw[:k].copy()
+def _unpadded(a, d, axis):
+    """``a``'s first ``d`` entries along ``axis``, contiguous: itself when it was not padded (a
+    view would cost the autograd a copy of every weight gradient: it copies gradients that are
+    views)."""
+    if a.shape[axis] == d:
+        return a
+    return backend.cupy.ascontiguousarray(a[(slice(None),) * axis + (slice(0, d),)])
 
 
 def _epilogues(x):
