@@ -377,10 +377,12 @@ def test_half_precision_parameters_train_through_a_float32_master_copy(xp, opt_c
     (SGD, dict(lr=0.1)), (Adam, dict(lr=0.01, weight_decay=0.01)),
     (AdamW, dict(lr=0.01, weight_decay=0.1))])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw, scaled):
+@pytest.mark.parametrize("offset", [0, 1])
+def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw, scaled, offset):
     """On CuPy SGD and Adam run one kernel per parameter (raw_kernels/optim.cu); it rounds
     exactly as the unfused CuPy expressions: parameters, master copies and state bit-identical
-    over several steps (odd sizes: the grid-stride tail)."""
+    over several steps (odd sizes: the grid-stride tail; ``offset`` 1: parameter and gradients
+    are views one element into their arrays, off the 16-byte groups SGD's kernel moves)."""
     from conftest import low_precision_dtype
     cp = backend.cupy
     dt = low_precision_dtype(cp, dtype)
@@ -389,13 +391,15 @@ def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw, scaled
     grads = [rng.standard_normal(1037).astype(np.float32) for _ in range(4)]
 
     def run(fused):
-        p = Tensor(cp.asarray(p0).astype(dt), requires_grad=True)
+        def placed(a):  # a view `offset` elements into a larger array
+            return cp.asarray(np.concatenate([np.zeros(offset, a.dtype), a])).astype(dt)[offset:]
+        p = Tensor(placed(p0), requires_grad=True)
         opt = cls([p], **kw)
         if not fused:
             opt._fused_update = None
         inv = cp.asarray(np.float32(1 / 1024)) if scaled else None  # a loss scaler's unscale
         for g in grads:
-            p.grad = cp.asarray(g * (1024 if scaled else 1)).astype(dt)
+            p.grad = placed(g * (1024 if scaled else 1))
             opt.step(inv_scale=inv)
         return p.data, opt.state[0]
 

@@ -19,9 +19,30 @@ template <typename S> __device__ __forceinline__ S cd_step_scalar(const S* ptr, 
     return ptr ? *ptr : (S)value;
 }
 
+// One SGD update of one element (w from the master copy or the parameter; b the momentum slot,
+// read and written only with momentum).
+template <typename S>
+__device__ __forceinline__ S sgd_one(S w, S g, S* b, S lr, S mu, S wd, S inv, bool scaled,
+                                     bool decay, bool first, bool nesterov) {
+    if (scaled) g = g * inv;
+    if (decay) g = g + wd * w;
+    if (b) {
+        const S v = first ? g : mu * *b + g;
+        *b = v;
+        g = nesterov ? g + mu * v : v;
+    }
+    return w - lr * g;
+}
+
+template <typename T, int V> struct alignas(sizeof(T) * V) cd_vec { T v[V]; };
+
 // master: the float32 copy that trains for 16-bit T, else null (p itself is updated)
 // buf: the momentum buffer, or null without momentum; first: buf is new and becomes g (as the
 // unfused update's copy does, signed zeros included)
+// Groups of V = 16 / sizeof(S) elements move as one access per array when every array is aligned
+// to its group (checked here, so views still work through the scalar loop): per-element 2-byte
+// accesses ran the bf16 MLP's update (37.8M parameters, float32 master and momentum) at 222 µs
+// a step on the H200, 3.4 TB/s.
 template <typename T>
 __global__ void sgd_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict__ master,
                          const T* __restrict__ grad, typename cd_acc<T>::type* __restrict__ buf,
@@ -30,21 +51,39 @@ __global__ void sgd_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict
                          const unsigned long long* __restrict__ error,
                          const float* __restrict__ inv_scale) {
     typedef typename cd_acc<T>::type S;
+    constexpr int V = 16 / sizeof(S);
     if (error && *error) return;
     const S lr = cd_step_scalar(lr_ptr, lr_value), mu = (S)momentum, wd = (S)weight_decay;
     const S inv = inv_scale ? (S)*inv_scale : S(1);
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        S w = master ? master[i] : cd_load(p[i]);
-        S g = cd_load(grad[i]);
-        if (inv_scale) g = g * inv;
-        if (weight_decay != 0.0) g = g + wd * w;
-        if (buf) {
-            const S b = first ? g : mu * buf[i] + g;
-            buf[i] = b;
-            g = nesterov ? g + mu * b : b;
+    const bool scaled = inv_scale != nullptr, decay = weight_decay != 0.0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool vec = ((size_t)p % (sizeof(T) * V) | (size_t)grad % (sizeof(T) * V) |
+                      (size_t)master % 16 | (size_t)buf % 16) == 0;
+    const long long groups = vec ? n / V : 0;
+    for (long long i = start; i < groups; i += stride) {
+        cd_vec<T, V> pv;
+        cd_vec<S, V> mv, bv;
+        const cd_vec<T, V> gv = reinterpret_cast<const cd_vec<T, V>*>(grad)[i];
+        if (master) mv = reinterpret_cast<const cd_vec<S, V>*>(master)[i];
+        else pv = reinterpret_cast<const cd_vec<T, V>*>(p)[i];
+        if (buf) bv = reinterpret_cast<const cd_vec<S, V>*>(buf)[i];
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const S w = sgd_one(master ? mv.v[k] : (S)cd_load(pv.v[k]), (S)cd_load(gv.v[k]),
+                                buf ? &bv.v[k] : (S*)nullptr, lr, mu, wd, inv, scaled, decay,
+                                first, nesterov);
+            mv.v[k] = w;
+            pv.v[k] = cd_store<T>(w);
         }
-        w = w - lr * g;
+        if (master) reinterpret_cast<cd_vec<S, V>*>(master)[i] = mv;
+        if (buf) reinterpret_cast<cd_vec<S, V>*>(buf)[i] = bv;
+        reinterpret_cast<cd_vec<T, V>*>(p)[i] = pv;
+    }
+    for (long long i = groups * V + start; i < n; i += stride) {
+        const S w = sgd_one(master ? master[i] : (S)cd_load(p[i]), (S)cd_load(grad[i]),
+                            buf ? buf + i : (S*)nullptr, lr, mu, wd, inv, scaled, decay, first,
+                            nesterov);
         if (master) master[i] = w;
         p[i] = cd_store<T>(w);
     }
