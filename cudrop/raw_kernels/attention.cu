@@ -259,6 +259,10 @@ __global__ void attn_bwd_dot(const T* __restrict__ go, const T* __restrict__ o,
     }
 }
 
+// The backward kernels walk the other side's blocks double-buffered: block i + 1 loads while
+// block i multiplies. Their own 64 rows are read into registers once, so the shared tiles that
+// held them become the second buffer (37 KB of static shared memory either way).
+//
 // grid (B * H, ceil(T / 64)), block 128: dK, dV of 64 keys.
 template <typename T>
 __global__ void __launch_bounds__(128)
@@ -267,38 +271,43 @@ attn_bwd_dkdv(const T* __restrict__ qkv, const T* __restrict__ go, const float* 
               float c, float scale) {
     using namespace cd_attn;
     if constexpr (sizeof(T) == 2) {
-        __shared__ __align__(16) T Ks[BR * LD], Vs[BR * LD], Qs[BC * LD], Gs[BC * LD];
-        __shared__ float Ls[BC], Ds[BC];
+        __shared__ __align__(16) T X[2][2][BC * LD];  // [buffer][q, go]; K and V first
+        __shared__ float Ls[2][BC], Ds[2][BC];
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tq = lane & 3;
         const int bh = blockIdx.x, b = bh / heads, h = bh % heads, d = heads * HD;
         const int kb = blockIdx.y, k0 = kb * BR, key0 = k0 + warp * 16 + (lane >> 2);
         const long long pitch = 3LL * d;
         const T* qg = qkv + (long long)b * t * pitch + h * HD;
         const T* gg = go + (long long)b * t * d + h * HD;
-        load_tile(Ks, qg + d, pitch, k0, t);
-        load_tile(Vs, qg + 2 * d, pitch, k0, t);
-        float dk[NT][4], dv[NT][4];
-        zero(dk, NT);
-        zero(dv, NT);
-        unsigned ka[KC][4], va[KC][4];
         const int qbs = (t + BC - 1) / BC, first = causal ? kb : 0;
-        for (int qb = first; qb < qbs; ++qb) {
-            __syncthreads();
-            load_tile(Qs, qg, pitch, qb * BC, t);
-            load_tile(Gs, gg, (long long)d, qb * BC, t);
+        auto stage = [&](int buf, int qb) {  // block qb's q, go, lse and dd into buffer buf
+            load_tile(X[buf][0], qg, pitch, qb * BC, t);
+            load_tile(X[buf][1], gg, (long long)d, qb * BC, t);
             cd_cp_commit();
             for (int i = threadIdx.x; i < BC; i += blockDim.x) {
                 const int q = qb * BC + i;  // a row past T: P = exp2(-inf) = 0
-                Ls[i] = q < t ? lse[(long long)bh * t + q] : -cd_neg_inf(0.f);
-                Ds[i] = q < t ? dd[(long long)bh * t + q] : 0.f;
+                Ls[buf][i] = q < t ? lse[(long long)bh * t + q] : -cd_neg_inf(0.f);
+                Ds[buf][i] = q < t ? dd[(long long)bh * t + q] : 0.f;
             }
-            cd_cp_wait<0>();
-            __syncthreads();
-            if (qb == first)
-                for (int k = 0; k < KC; ++k) {
-                    ld_a(ka[k], Ks, warp * 16, k * 16, lane);
-                    ld_a(va[k], Vs, warp * 16, k * 16, lane);
-                }
+        };
+        load_tile(X[1][0], qg + d, pitch, k0, t);
+        load_tile(X[1][1], qg + 2 * d, pitch, k0, t);
+        stage(0, first);
+        cd_cp_wait<0>();
+        __syncthreads();
+        unsigned ka[KC][4], va[KC][4];
+        for (int k = 0; k < KC; ++k) {
+            ld_a(ka[k], X[1][0], warp * 16, k * 16, lane);
+            ld_a(va[k], X[1][1], warp * 16, k * 16, lane);
+        }
+        __syncthreads();  // K and V are in registers: buffer 1 is free
+        float dk[NT][4], dv[NT][4];
+        zero(dk, NT);
+        zero(dv, NT);
+        for (int qb = first; qb < qbs; ++qb) {
+            const int buf = (qb - first) & 1;
+            if (qb + 1 < qbs) stage(buf ^ 1, qb + 1);
+            const T *Qs = X[buf][0], *Gs = X[buf][1];
             float s[ST][4], dp[ST][4];  // Sᵀ and dPᵀ: 16 keys x 64 queries
             zero(s, ST);
             zero(dp, ST);
@@ -310,12 +319,14 @@ attn_bwd_dkdv(const T* __restrict__ qkv, const T* __restrict__ go, const float* 
                 for (int e = 0; e < 4; ++e) {
                     const int col = n * 8 + 2 * tq + (e & 1), key = key0 + (e >> 1) * 8;
                     const bool hide = causal && qb == kb && key > qb * BC + col;
-                    const float p = hide ? 0.f : exp2f(s[n][e] * c - Ls[col]);
+                    const float p = hide ? 0.f : exp2f(s[n][e] * c - Ls[buf][col]);
                     s[n][e] = p;
-                    dp[n][e] = p * (dp[n][e] - Ds[col]);  // dSᵀ
+                    dp[n][e] = p * (dp[n][e] - Ds[buf][col]);  // dSᵀ
                 }
             mma_pb<T>(dv, s, Gs, lane);
             mma_pb<T>(dk, dp, Qs, lane);
+            cd_cp_wait<0>();
+            __syncthreads();  // the next block has landed, and this one is read by every warp
         }
         T* gk = gqkv + (long long)b * t * pitch + d + h * HD;
         store_rows(gk, pitch, key0, t, dk, scale, scale, lane);
@@ -331,37 +342,42 @@ attn_bwd_dq(const T* __restrict__ qkv, const T* __restrict__ go, const float* __
             float c, float scale) {
     using namespace cd_attn;
     if constexpr (sizeof(T) == 2) {
-        __shared__ __align__(16) T Qs[BR * LD], Gs[BR * LD], Ks[BC * LD], Vs[BC * LD];
+        __shared__ __align__(16) T X[2][2][BC * LD];  // [buffer][k, v]; q and go first
         const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tq = lane & 3;
         const int bh = blockIdx.x, b = bh / heads, h = bh % heads, d = heads * HD;
         const int qb = causal ? gridDim.y - 1 - blockIdx.y : blockIdx.y;
         const int q0 = qb * BR, row0 = q0 + warp * 16 + (lane >> 2);
         const long long pitch = 3LL * d;
         const T* qg = qkv + (long long)b * t * pitch + h * HD;
-        load_tile(Qs, qg, pitch, q0, t);
-        load_tile(Gs, go + (long long)b * t * d + h * HD, (long long)d, q0, t);
+        auto stage = [&](int buf, int kb) {
+            load_tile(X[buf][0], qg + d, pitch, kb * BC, t);
+            load_tile(X[buf][1], qg + 2 * d, pitch, kb * BC, t);
+            cd_cp_commit();
+        };
+        load_tile(X[1][0], qg, pitch, q0, t);
+        load_tile(X[1][1], go + (long long)b * t * d + h * HD, (long long)d, q0, t);
+        stage(0, 0);
         float lr[2], dr[2];
         for (int r = 0; r < 2; ++r) {
             const int q = row0 + 8 * r;
             lr[r] = q < t ? lse[(long long)bh * t + q] : -cd_neg_inf(0.f);
             dr[r] = q < t ? dd[(long long)bh * t + q] : 0.f;
         }
+        cd_cp_wait<0>();
+        __syncthreads();
+        unsigned qa[KC][4], ga[KC][4];
+        for (int k = 0; k < KC; ++k) {
+            ld_a(qa[k], X[1][0], warp * 16, k * 16, lane);
+            ld_a(ga[k], X[1][1], warp * 16, k * 16, lane);
+        }
+        __syncthreads();  // q and go are in registers: buffer 1 is free
         float dq[NT][4];
         zero(dq, NT);
-        unsigned qa[KC][4], ga[KC][4];
         const int kbs = causal ? qb + 1 : (t + BC - 1) / BC;
         for (int kb = 0; kb < kbs; ++kb) {
-            __syncthreads();
-            load_tile(Ks, qg + d, pitch, kb * BC, t);
-            load_tile(Vs, qg + 2 * d, pitch, kb * BC, t);
-            cd_cp_commit();
-            cd_cp_wait<0>();
-            __syncthreads();
-            if (kb == 0)
-                for (int k = 0; k < KC; ++k) {
-                    ld_a(qa[k], Qs, warp * 16, k * 16, lane);
-                    ld_a(ga[k], Gs, warp * 16, k * 16, lane);
-                }
+            const int buf = kb & 1;
+            if (kb + 1 < kbs) stage(buf ^ 1, kb + 1);
+            const T *Ks = X[buf][0], *Vs = X[buf][1];
             float s[ST][4], dp[ST][4];  // S and dP: 16 queries x 64 keys
             zero(s, ST);
             zero(dp, ST);
@@ -378,6 +394,8 @@ attn_bwd_dq(const T* __restrict__ qkv, const T* __restrict__ go, const float* __
                     dp[n][e] = p * (dp[n][e] - dr[r]);  // dS
                 }
             mma_pb<T>(dq, dp, Ks, lane);
+            cd_cp_wait<0>();
+            __syncthreads();  // the next block has landed, and this one is read by every warp
         }
         store_rows(gqkv + (long long)b * t * pitch + h * HD, pitch, row0, t, dq, scale, scale,
                    lane);
