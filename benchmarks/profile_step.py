@@ -1,5 +1,5 @@
 """Where a training step's GPU time goes: the time of every kernel of a step, summed by kernel
-name, for graph_step.py's cases (cudrop, and PyTorch where it has a twin), through CUPTI
+name, for train_step.py's cases (cudrop, and PyTorch where it has a twin), through CUPTI
 (``torch.profiler``, which records every kernel of the process, CuPy's included).
 
 Kernel times are the same in eager and captured steps; the sum over kernels is a captured
@@ -8,7 +8,7 @@ Extra case: ``resnet56-shortcuts``, cudrop's ResNet-56 with depth dropout's trai
 on every unit and (practically) no unit dropped (p = 1e-9): its excess over ``resnet56`` is
 what the shortcuts cost.
 
-    python benchmarks/profile_step.py [case-prefix ...]     (default: resnet56)
+    python benchmarks/profile_step.py [case-prefix[:dtype] ...]     (default: resnet56)
 
 JSON: $OUT/profile_step.json; per case the 15 costliest kernels last.
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, ".")
 from benchmarks.common import write_json  # noqa: E402
-from benchmarks.graph_step import Case, _cases, cudrop_step  # noqa: E402
+from benchmarks.train_step import Case, _cases, cudrop_step, selected  # noqa: E402
 from cudrop import backend, models  # noqa: E402
 
 WARMUP, STEPS, TOP = 5, 3, 15
@@ -76,7 +76,7 @@ def main(prefixes):
     cases = _cases() + [Case("resnet56-shortcuts", np.dtype(np.float32),
                              lambda: models.resnet56(in_channels=3, depth_dropout=1e-9), None,
                              (128, 3, 32, 32), 10)]
-    cases = [c for c in cases if any(c.name.startswith(p) for p in prefixes)]
+    cases = [c for c in cases if selected(c, prefixes)]
     results = []
     for case in cases:
         for lib, fn in (("cudrop", _cudrop), ("torch", _torch)):
@@ -90,7 +90,7 @@ def main(prefixes):
             backend.cupy.get_default_memory_pool().free_all_blocks()
     write_json("profile_step.json", results)
     for r in results:
-        print(f"\n== {r['case']} ({r['lib']}): ", end="")
+        print(f"\n== {r['case']} {r.get('dtype', '')} ({r['lib']}): ", end="")
         if "error" in r:
             print(r["error"])
             continue

@@ -40,9 +40,9 @@ if [ "${SANITIZE:-1}" != 0 ]; then
       python3 scripts/sanitize_kernels.py 2>&1 | tail -n 2 | tee -a "$OUT/bench.log"
   done
 fi
-benches=${BENCHES:-dropout batched_matmul attention variants train_step bsmm gemm graph_step host_overhead}
+benches=${BENCHES:-dropout batched_matmul attention variants train_step bsmm gemm host_overhead}
 [ "$benches" = "-" ] && benches=""
-for b in $benches; do  # BENCH_ARGS: arguments for every benchmark (e.g. graph_step's cases)
+for b in $benches; do  # BENCH_ARGS: arguments for every benchmark (e.g. train_step's cases)
   timeout $lim python3 benchmarks/$b.py ${BENCH_ARGS:-} > "$OUT/$b.log" 2>&1
   tail -n 20 "$OUT/$b.log" | tee -a "$OUT/bench.log"
 done
