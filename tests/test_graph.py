@@ -78,9 +78,10 @@ def test_captured_mlp_steps_equal_eager(kind, opt):
     _captured_equals_eager(build, make_opt, _batches(12))
 
 
-@pytest.mark.parametrize("kind", ["dropout", "sliceout", "gyro", "blockwise", "sparsedrop"])
+@pytest.mark.parametrize("kind", ["dropout", "sliceout", "gyro", "sparsedrop"])
 def test_100_captured_steps_draw_the_eager_masks(kind):
-    """Over 100 steps (issue 10's bar), for every variant of the MLP, the replays draw the
+    """Over 100 steps (issue 10's bar), for every capturable variant of the MLP (block-wise gyro decides on the host: its step runs
+    eagerly, tested below), the replays draw the
     masks of the eager steps: every loss agrees, and the layers' step counters and weights end
     equal."""
     def build():
