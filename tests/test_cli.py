@@ -178,7 +178,7 @@ def test_precision_flag(tmp_path, capsys):
     assert cli.main(["train", "--epochs", "1", "--steps-per-epoch", "3", "--no-progress",
                      "--device", "cpu", "--json", str(out)]) == 0
     assert "(cpu, float32)" in capsys.readouterr().out  # auto: fp32 on the CPU
-    assert json.loads(out.read_text())["config"]["precision"] == "auto"
+    assert json.loads(out.read_text())["config"]["precision"] == "fp32"  # recorded resolved
 
 
 def test_fp16_trains_with_loss_scaling_and_resumes_exactly(tmp_path, monkeypatch, capsys):
