@@ -399,10 +399,12 @@ class Recorder:
 
 @pytest.fixture
 def rec(monkeypatch):
-    """Records the products of the SliceOut ops and of the attention pair they call."""
-    from cudrop.functional import _attention
+    """Records the products of the SliceOut ops and of the Linear and attention pairs they
+    call."""
+    from cudrop.functional import _act, _attention
     r = Recorder(F.matmul)
     monkeypatch.setattr(F, "matmul", r)
+    monkeypatch.setattr(_act, "matmul", r)
     monkeypatch.setattr(_attention, "matmul", r)
     return r
 

@@ -236,24 +236,26 @@ def _emulated_launch(source, fn, dtype, grid, block, args):
     index arithmetic itself is slice.cuh's, checked above): catches a mistake in how the Python
     side lays out the launch before any GPU run."""
     assert source == "slice.cu" and fn in ("slice_gather", "slice_scatter")
-    src, dst, outer, n, inner, keep, seed, layer, step, step_ptr, count, unit = args[:12]
+    src, dst, outer, n, inner, keep, seed, layer, step, step_ptr, count, unit, group = args[:13]
     assert step_ptr is None and all(isinstance(v, np.int64) for v in (outer, n, inner, keep,
-                                                                       count, unit))
+                                                                       count, unit, group))
+    # the kernels walk units in groups: a group must divide every start, n and keep
+    assert int(unit) % int(group) == 0 and int(n) % int(group) == 0 and int(keep) % int(group) == 0
     word = int(philox.words(int(seed), int(layer), int(step), philox.TAG_SLICE, 0, 0))
     start = 0 if keep == n else ((word * int(count)) >> 32) * int(unit)
     units = (start + np.arange(int(keep))) % int(n)
     s3 = src.reshape(int(outer), -1, int(inner))
     d3 = dst.reshape(int(outer), -1, int(inner))
+    scale, scaled = args[13:]
+    v = s3[:, units, :] if fn == "slice_gather" else s3
+    if scaled:
+        v = (v.astype(np.float64) * scale).astype(dst.dtype) if dst.dtype == np.float64 \
+            else (v.astype(np.float32) * np.float32(scale)).astype(dst.dtype)
     if fn == "slice_gather":
-        scale, scaled = args[12:]
-        v = s3[:, units, :]
-        if scaled:
-            v = (v.astype(np.float64) * scale).astype(dst.dtype) if dst.dtype == np.float64 \
-                else (v.astype(np.float32) * np.float32(scale)).astype(dst.dtype)
         d3[...] = v
     else:
         d3[...] = 0
-        d3[:, units, :] = s3
+        d3[:, units, :] = v
 
 
 @pytest.mark.parametrize("n, p, align", [(53, 0.5, None), (100, 0.3, None), (21, 0.4, 4),
@@ -273,6 +275,7 @@ def test_device_take_and_put_lay_out_the_launch_as_the_host_path_slices(monkeypa
                 want = F._take(arr, host, axis, np, s)
                 same_bits(got, want, f"take axis {axis} step {step}")
             shape = arr.shape
-            got = F._put(F._take(arr, dev, axis, np), dev, axis, shape, np)
-            same_bits(got, F._put(F._take(arr, host, axis, np), host, axis, shape, np),
-                       f"put axis {axis} step {step}")
+            for s in (None, arr.dtype.type(host.scale)):
+                got = F._put(F._take(arr, dev, axis, np), dev, axis, shape, np, s)
+                same_bits(got, F._put(F._take(arr, host, axis, np), host, axis, shape, np, s),
+                          f"put axis {axis} step {step} scale {s}")

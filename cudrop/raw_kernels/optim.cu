@@ -34,8 +34,6 @@ __device__ __forceinline__ S sgd_one(S w, S g, S* b, S lr, S mu, S wd, S inv, bo
     return w - lr * g;
 }
 
-template <typename T, int V> struct alignas(sizeof(T) * V) cd_vec { T v[V]; };
-
 // master: the float32 copy that trains for 16-bit T, else null (p itself is updated)
 // buf: the momentum buffer, or null without momentum; first: buf is new and becomes g (as the
 // unfused update's copy does, signed zeros included)

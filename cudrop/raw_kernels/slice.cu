@@ -18,43 +18,100 @@ __device__ __forceinline__ long long cd_device_slice_start(
     return cd_slice_start_of(word, n, keep, count, unit);
 }
 
+// The copies walk the arrays in groups of `group` units (a divisor of the unit count, the kept
+// count and the start, chosen on the host: the alignment of an aligned slice), so an
+// (outer, n, inner) array is walked as (outer, n / group, inner * group) rows of contiguous
+// elements, V at a time (one 16-byte access when every row and both arrays allow it), with
+// 32-bit index arithmetic where the array is small enough. Element per thread with 64-bit
+// division ran the bf16 SliceOut MLP's captured step (1024 x 4096, three layers) at 1.25 ms
+// against plain dropout's 0.71 on the H200.
+struct cd_slice_walk {
+    long long outer, n, keep, inner, start;  // in groups: n, keep and start divided, inner times
+};
+
+__device__ __forceinline__ cd_slice_walk cd_slice_grouped(long long outer, long long n,
+                                                          long long inner, long long keep,
+                                                          long long start, long long group) {
+    return {outer, n / group, keep / group, inner * group, start / group};
+}
+
+// dst (outer, keep, inner) = src's kept rows; part -> dst (outer, n, inner) with zero rows
+// elsewhere when Scatter. Scaled values are x * s in float (double stays double).
+template <typename T, int V, typename I, bool Scatter>
+__device__ __forceinline__ void cd_slice_copy(const T* __restrict__ src, T* __restrict__ dst,
+                                              const cd_slice_walk w, double scale, bool scaled) {
+    const I per_row = (I)(w.inner / V);
+    const I rows = (I)(w.outer * (Scatter ? w.n : w.keep));
+    const I total = rows * per_row;
+    for (I t = (I)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (I)gridDim.x * blockDim.x) {
+        const I r = t / per_row, c = t - r * per_row;
+        cd_vec<T, V> v;
+        if (Scatter) {
+            const I o = r / (I)w.n, u = r - o * (I)w.n;
+            const long long pos = cd_slice_pos(w.start, (long long)u, w.n, w.keep);
+            if (pos < 0) {
+#pragma unroll
+                for (int k = 0; k < V; ++k) v.v[k] = T{};
+                reinterpret_cast<cd_vec<T, V>*>(dst)[t] = v;
+                continue;
+            }
+            v = reinterpret_cast<const cd_vec<T, V>*>(src)[(I)((o * (I)w.keep + (I)pos) * per_row) + c];
+        } else {
+            const I o = r / (I)w.keep, j = r - o * (I)w.keep;
+            const I u = (I)cd_slice_unit(w.start, (long long)j, w.n);
+            v = reinterpret_cast<const cd_vec<T, V>*>(src)[(o * (I)w.n + u) * per_row + c];
+        }
+        if (scaled) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) v.v[k] = cd_scale_or_zero(v.v[k], scale, true);
+        }
+        reinterpret_cast<cd_vec<T, V>*>(dst)[t] = v;
+    }
+}
+
+// The 16-byte walk where the rows and both pointers allow it, else element by element; 32-bit
+// indices below 2**32 elements.
+template <typename T, bool Scatter>
+__device__ __forceinline__ void cd_slice_dispatch(const T* src, T* dst, const cd_slice_walk w,
+                                                  double scale, bool scaled) {
+    constexpr int V = 16 / sizeof(T);
+    const bool vec = (w.inner % V) == 0 && ((size_t)src % 16 | (size_t)dst % 16) == 0;
+    const long long elems = w.outer * (Scatter ? w.n : w.keep) * w.inner;
+    if (elems < (1ll << 32)) {
+        if (vec) cd_slice_copy<T, V, unsigned int, Scatter>(src, dst, w, scale, scaled);
+        else cd_slice_copy<T, 1, unsigned int, Scatter>(src, dst, w, scale, scaled);
+    } else {
+        if (vec) cd_slice_copy<T, V, unsigned long long, Scatter>(src, dst, w, scale, scaled);
+        else cd_slice_copy<T, 1, unsigned long long, Scatter>(src, dst, w, scale, scaled);
+    }
+}
+
 // dst (outer, keep, inner) = the kept units of src (outer, n, inner), in slice order, times
 // `scale` when `scaled` (scale is the dtype-rounded value: x * s in the dtype, as CuPy computes
-// `x * dtype(s)`), else copied bit for bit.
+// `x * dtype(s)`), else copied bit for bit. `group`: see cd_slice_walk.
 template <typename T>
 __global__ void slice_gather(const T* __restrict__ src, T* __restrict__ dst, long long outer,
                              long long n, long long inner, long long keep, unsigned int seed,
                              unsigned int layer, unsigned int step,
                              const unsigned int* __restrict__ step_ptr, long long count,
-                             long long unit, double scale, int scaled) {
+                             long long unit, long long group, double scale, int scaled) {
     const long long start = cd_device_slice_start(seed, layer, step, step_ptr, n, keep, count, unit);
-    const long long total = outer * keep * inner;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
-         t += (long long)gridDim.x * blockDim.x) {
-        const long long i = t % inner, r = t / inner;
-        const long long j = r % keep, o = r / keep;
-        const T v = src[(o * n + cd_slice_unit(start, j, n)) * inner + i];
-        dst[t] = scaled ? cd_scale_or_zero(v, scale, true) : v;
-    }
+    cd_slice_dispatch<T, false>(src, dst, cd_slice_grouped(outer, n, inner, keep, start, group),
+                                scale, scaled);
 }
 
-// dst (outer, n, inner) = part (outer, keep, inner) written back at the kept units, exact
-// zeros (+0) at the dropped ones: the full-size gradient of a parameter, every element written.
+// dst (outer, n, inner) = part (outer, keep, inner) written back at the kept units (times
+// `scale` when `scaled`, as slice_gather), exact zeros (+0) at the dropped ones: the full-size
+// gradient of a parameter or an input, every element written.
 template <typename T>
 __global__ void slice_scatter(const T* __restrict__ part, T* __restrict__ dst, long long outer,
                               long long n, long long inner, long long keep, unsigned int seed,
                               unsigned int layer, unsigned int step,
                               const unsigned int* __restrict__ step_ptr, long long count,
-                              long long unit) {
+                              long long unit, long long group, double scale, int scaled) {
     const long long start = cd_device_slice_start(seed, layer, step, step_ptr, n, keep, count, unit);
-    const long long total = outer * n * inner;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
-         t += (long long)gridDim.x * blockDim.x) {
-        const long long i = t % inner, r = t / inner;
-        const long long u = r % n, o = r / n;
-        const long long pos = cd_slice_pos(start, u, n, keep);
-        dst[t] = pos >= 0 ? part[(o * keep + pos) * inner + i] : T{};
-    }
+    cd_slice_dispatch<T, true>(part, dst, cd_slice_grouped(outer, n, inner, keep, start, group),
+                               scale, scaled);
 }
 
 // The start at each of `m` steps (tests compare it with the host's slice_start). The template
@@ -71,10 +128,10 @@ __global__ void slice_starts(const unsigned int* __restrict__ steps, long long* 
 #define CD_INST(T) \
     template __global__ void slice_gather<T>(const T*, T*, long long, long long, long long, \
         long long, unsigned int, unsigned int, unsigned int, const unsigned int*, long long, \
-        long long, double, int); \
+        long long, long long, double, int); \
     template __global__ void slice_scatter<T>(const T*, T*, long long, long long, long long, \
         long long, unsigned int, unsigned int, unsigned int, const unsigned int*, long long, \
-        long long); \
+        long long, long long, double, int); \
     template __global__ void slice_starts<T>(const unsigned int*, long long*, long long, \
         unsigned int, unsigned int, long long, long long, long long, long long);
 CD_INST(float) CD_INST(double) CD_INST(cd_f16) CD_INST(cd_bf16)

@@ -75,6 +75,7 @@ import numpy as np
 
 from .. import backend, philox, random
 from ..functional import _conv
+from ..functional._act import LinearSaved, linear, linear_backward
 from ..functional._attention import AttentionSaved, attention, attention_backward
 from ..functional._matmul import matmul
 from ..raw_kernels import launch, load
@@ -448,18 +449,18 @@ def _linear_args(x, w, b, op):
 
 
 class SliceOutLinearSaved(NamedTuple):
-    """What :func:`sliceout_linear_backward` needs: the kept, scaled input columns ``xs``
-    (M, keep), the weight, whether there was a bias, the mask and x's shape."""
-    xs: object
-    w: object
-    has_bias: bool
+    """What :func:`sliceout_linear_backward` needs: the kept-size Linear's own saved state
+    (``functional.linear`` on the kept, scaled input columns and the kept weight rows), the mask,
+    x's shape and w's shape."""
+    kept: LinearSaved
     mask: SliceMask
     x_shape: tuple
+    w_shape: tuple
 
 
 def sliceout_linear(x, w, b=None, p=None, *, mask=None, seed=None, layer=0, step=None, align=None):
-    """Input-unit SliceOut of ``x @ w + b``: ``y = (x ⊙ m / q) @ w + b`` computed as
-    ``x[..., S] @ w[S]`` on kept-size copies of the pieces of S, times ``K / keep``, plus ``b``.
+    """Input-unit SliceOut of ``x @ w + b``: ``y = (x ⊙ m / q) @ w + b`` computed as the dense
+    Linear of kept-size copies, ``(x[..., S] * K / keep) @ w[S] + b``.
 
     ``x`` (..., K), ``w`` (K, N), ``b`` (N,) or None; ``mask`` a :class:`SliceMask` over the K
     input units, or else the one :func:`draw_mask` draws from ``(p, seed, layer, step, align)``.
@@ -471,37 +472,31 @@ def sliceout_linear(x, w, b=None, p=None, *, mask=None, seed=None, layer=0, step
     mask = _resolve_mask(op, p, mask, (seed, layer, step, align), k,
                          f"x and w have {k} input units (K)")
     _device_xp(op, mask, xp)
-    # The kept units become one contiguous operand of fixed shape (M, keep), scaled on the
-    # way: one GEMM whose shape does not change from step to step (a wrapped slice's pieces vary
-    # in width, and new shapes cost cuBLAS planning and allocator misses: measured 2x slower
-    # than dense at keep 0.5, fp16 4096^2, H200), no strided-view operand, the scale pass folded
-    # into the copy, and the copy is what dW needs in backward.
+    # The kept units become contiguous operands of fixed shape, (M, keep) scaled on the way and
+    # (keep, N): one GEMM whose shape does not change from step to step (a wrapped slice's
+    # pieces vary in width, and new shapes cost cuBLAS planning and allocator misses: measured
+    # 2x slower than dense at keep 0.5, fp16 4096^2, H200), no strided-view operand, the scale
+    # folded into the copy. The product is the dense Linear's (bias in the GEMM's epilogue, its
+    # gradient too in backward); it keeps both copies for backward, so w is gathered once.
     xs = _take(x2, mask, 1, xp, x.dtype.type(mask.scale))
-    y = matmul(xs, _take(w, mask, 0, xp))
-    if b is not None:
-        y += b
-    return y.reshape(x.shape[:-1] + (n,)), SliceOutLinearSaved(xs, w, b is not None, mask,
-                                                               x.shape)
+    y, kept = linear(xs, _take(w, mask, 0, xp), b)
+    return y.reshape(x.shape[:-1] + (n,)), SliceOutLinearSaved(kept, mask, x.shape, w.shape)
 
 
 def sliceout_linear_backward(gy, saved):
     """Gradients ``(gx, gw, gb)`` of :func:`sliceout_linear`. ``gx`` is dense (the previous layer
     needs it) with zeros outside the kept input units; ``gw`` has exact zero rows outside them;
     only the kept-size products run. ``gb`` is None without a bias."""
-    xs, w, has_b, mask, x_shape = saved
-    xp = backend.get_array_module(gy, w)
-    k, n = w.shape
+    kept, mask, x_shape, w_shape = saved
+    xp = backend.get_array_module(gy)
+    k, n = w_shape
     if gy.shape != x_shape[:-1] + (n,):
         raise ValueError(f"sliceout_linear_backward: gy must have the output's shape "
                          f"{x_shape[:-1] + (n,)}, got {gy.shape}")
     g2 = gy.reshape(-1, n)
-    gxs = matmul(g2, _take(w, mask, 0, xp).T)
-    gxs *= mask.scale
-    gws = matmul(xs.T, g2)  # xs already carries the scale
-    gx = _put(gxs, mask, 1, (g2.shape[0], k), xp)
-    gw = _put(gws, mask, 0, w.shape, xp)
-    gb = g2.sum(axis=0) if has_b else None
-    return gx.reshape(x_shape), gw, gb
+    gxs, gws, gb = linear_backward(g2, kept)
+    gx = _put(gxs, mask, 1, (g2.shape[0], k), xp, gy.dtype.type(mask.scale))
+    return gx.reshape(x_shape), _put(gws, mask, 0, w_shape, xp), gb
 
 
 class SliceOutLinearOutSaved(NamedTuple):
@@ -610,16 +605,18 @@ def _take(a, mask, axis, xp, s=None):
     return out
 
 
-def _put(part, mask, axis, shape, xp):
-    """Zeros of ``shape`` with the kept-size ``part`` written back at the kept units along
-    ``axis``: ``_scatter`` on the host ranges, the scatter kernel (which writes every element,
-    +0 at the dropped units) for a slice decided on the device."""
+def _put(part, mask, axis, shape, xp, s=None):
+    """Zeros of ``shape`` with the kept-size ``part`` (times the dtype scalar ``s`` when given,
+    as ``part * s``) written back at the kept units along ``axis``: ``_scatter`` on the host
+    ranges, the scatter kernel (which writes every element, +0 at the dropped units, and scales
+    on the way) for a slice decided on the device."""
     if mask.ranges is not None:
-        return _scatter(part, mask.ranges, axis, shape, xp)
+        return _scatter(part if s is None else part * s, mask.ranges, axis, shape, xp)
     part = xp.ascontiguousarray(part)
     outer, n, inner = _split(shape, axis)
     out = xp.empty(shape, dtype=part.dtype)
-    _launch_slice("slice_scatter", out.size, part, out, outer, n, inner, mask, ())
+    _launch_slice("slice_scatter", out.size, part, out, outer, n, inner, mask,
+                  (np.float64(1.0 if s is None else s), np.int32(s is not None)))
     return out
 
 
@@ -630,23 +627,26 @@ def _split(shape, axis):
 
 _THREADS = 256
 # Enough 256-thread blocks to fill any current GPU several times over; each thread computes the
-# slice start once (one Philox call) and walks several elements when the array is larger.
+# slice start once (one Philox call) and walks several 16-byte groups when the array is larger.
 _MAX_BLOCKS = 4096
 
 
 def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra):
     """Launch ``slice.cu``'s ``fn`` over ``total`` elements with the slice arguments of
-    ``mask`` (a slice decided on the device) and ``extra`` after them."""
+    ``mask`` (a slice decided on the device) and ``extra`` after them. The kernels walk units in
+    groups of ``gcd(align, n, keep)``, which divides every start, so that a column slice of an
+    aligned mask moves whole 16-byte rows (slice.cu)."""
     if total == 0:
         return
     seed, layer, step = mask.draw
     step_value, step_ptr = philox.step_args(step)
-    keep = mask.keep
-    blocks = min(-(-total // _THREADS), _MAX_BLOCKS)
+    keep, unit = mask.keep, mask.align or 1
+    group = math.gcd(unit, n, keep)
+    blocks = min(-(-total // (_THREADS * max(1, 16 // src.itemsize))), _MAX_BLOCKS)
     launch("slice.cu", fn, src.dtype, (blocks,), (_THREADS,),
            (src, dst, np.int64(outer), np.int64(n), np.int64(inner), np.int64(keep),
             np.uint32(seed), np.uint32(layer), step_value, step_ptr,
-            np.int64(num_starts(n, keep, mask.align)), np.int64(mask.align or 1)) + extra)
+            np.int64(num_starts(n, keep, mask.align)), np.int64(unit), np.int64(group)) + extra)
 
 
 def load_device_kernels(dtype) -> None:
