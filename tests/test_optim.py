@@ -411,6 +411,50 @@ def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw, scaled
             np.testing.assert_array_equal(cp.asnumpy(sf[k]), cp.asnumpy(v), err_msg=k)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.gpu_available(), reason="no usable CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_sgd_updates_many_parameters_per_launch_as_one_by_one(dtype):
+    """SGD's multi-parameter kernel (up to 48 parameters a launch, optim.cu sgd_step_multi)
+    equals its one-kernel-per-parameter update bit for bit: 101 parameters of assorted sizes,
+    views one element off the 16-byte groups among them, one larger than a launch's blocks cover
+    in one pass (strided through), some without a gradient at the first steps so that their
+    momentum buffers start later than the others'."""
+    from conftest import low_precision_dtype
+    from cudrop.optim.optimizer import Optimizer
+    cp = backend.cupy
+    dt = low_precision_dtype(cp, dtype)
+    rng = np.random.default_rng(3)
+    sizes = [int(v) for v in rng.integers(1, 3000, 100)] + [9_000_001]
+    p0 = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+
+    def run(multi):
+        params = []
+        for i, a in enumerate(p0):
+            off = i % 2  # odd parameters are views one element into their arrays
+            params.append(Tensor(cp.asarray(np.concatenate([np.zeros(off, a.dtype), a]))
+                                 .astype(dt)[off:], requires_grad=True))
+        opt = SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+        if not multi:
+            opt._fused_many = lambda batch, guard: Optimizer._fused_many(opt, batch, guard)
+        g_rng = np.random.default_rng(4)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = None if (i % 3 == 0 and step < 2) else cp.asarray(
+                    g_rng.standard_normal(p.data.size).astype(np.float32)).astype(dt)
+            opt.step()
+        return params, opt.state
+
+    (pm, sm), (p1, s1) = run(True), run(False)
+    for i, (a, b) in enumerate(zip(pm, p1)):
+        np.testing.assert_array_equal(cp.asnumpy(a.data.view(np.uint8)),
+                                      cp.asnumpy(b.data.view(np.uint8)), err_msg=f"param {i}")
+        for k, v in s1[i].items():
+            if hasattr(v, "shape"):
+                np.testing.assert_array_equal(cp.asnumpy(sm[i][k]), cp.asnumpy(v),
+                                              err_msg=f"param {i} {k}")
+
+
 # ---- loss scaling (float16) -------------------------------------------------------------
 
 host = backend.asnumpy

@@ -6,6 +6,7 @@ skipping of parameters without a gradient, low-precision parameters and state ro
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -120,6 +121,16 @@ class Optimizer:
         if graph.is_capturing():
             graph.require_state(self)
             gates = [graph.gate_of(p) for p in self.params]
+        # Fused updates are batched per run of parameters of one dtype and one gate: one
+        # _fused_many call (SGD: one kernel for up to 48 parameters) for each run.
+        batch, batch_key = [], None
+
+        def flush():
+            if batch:
+                graph.switch(batch_key[1])
+                self._fused_many(batch, guard)
+                batch.clear()
+
         for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
@@ -140,20 +151,23 @@ class Optimizer:
             if xp is np:
                 if skip is not None and bool(skip):
                     continue
-            fused = xp is not np and self._fuses(p.data, g)
-            if fused and guard is None:
-                # Every later update reads the guard (a kernel's output with a loss scaler):
-                # recorded outside the gated parts, or a replay that skips the part that made it
-                # would hand the other updates a stale skip flag.
-                graph.switch(None)
-                guard = (_device_flag(skip), null_or(inv_scale))
-            if gates is not None:
-                graph.switch(gates[i])
-                if gates[i] is not None:
-                    gates[i].opt_states.append(st)
-            if fused:
-                self._fused_update(p.data, None if w is p.data else w, g, st, guard)
+            gate = None if gates is None else gates[i]
+            if gate is not None:
+                gate.opt_states.append(st)
+            if xp is not np and self._fuses(p.data, g):
+                if guard is None:
+                    # Every later update reads the guard (a kernel's output with a loss scaler):
+                    # recorded outside the gated parts, or a replay that skips the part that made
+                    # it would hand the other updates a stale skip flag.
+                    graph.switch(None)
+                    guard = (_device_flag(skip), null_or(inv_scale))
+                if batch_key != (p.data.dtype, gate):
+                    flush()
+                    batch_key = (p.data.dtype, gate)
+                batch.append(Fused(p.data, None if w is p.data else w, g, st))
                 continue
+            flush()
+            graph.switch(gate)
             g = g.astype(sdt, copy=False)
             if inv_scale is not None:
                 g = g * inv_scale.astype(sdt)
@@ -163,6 +177,7 @@ class Optimizer:
                 self._update(w, g, st, xp)
             if w is not p.data:
                 p.data[...] = w
+        flush()
         graph.switch(None)
         self.steps += 1
 
@@ -186,12 +201,17 @@ class Optimizer:
 
     # An optimizer whose update is one kernel (raw_kernels/optim.cu) on CuPy arrays defines
     # _fused_update(p, master, g, state, guard): master is the float32 copy of a 16-bit p, or
-    # None; guard goes to launch_fused.
+    # None; guard goes to launch_fused. It may also override _fused_many, which gets a run of
+    # such updates (Fused tuples of one dtype) at once.
     _fused_update = None
 
     def _fuses(self, p, g):
         return (self._fused_update is not None and g.dtype == p.dtype and p.flags.c_contiguous
                 and g.flags.c_contiguous)
+
+    def _fused_many(self, batch, guard):
+        for f in batch:
+            self._fused_update(f.p, f.master, f.grad, f.state, guard)
 
     # ---- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -239,6 +259,15 @@ class Optimizer:
         self.steps = int(sd.get("steps", 0))
 
 
+class Fused(NamedTuple):
+    """One parameter's fused update: the parameter, its float32 master copy (16-bit parameters;
+    else None), its gradient and its state."""
+    p: object
+    master: object
+    grad: object
+    state: dict
+
+
 _NULL = np.uintp(0)
 
 
@@ -277,3 +306,41 @@ def launch_fused(fn, p, args, guard):
         # unfused CuPy expressions do
         raw_kernels.launch("optim.cu", fn, p.dtype, (min(-(-n // 256), 8192),), (256,), args,
                            ("--fmad=false",))
+
+
+# optim.cu's cd_multi_table: CD_MULTI parameters' sizes, cumulative block ends, pointers and
+# first-step flags, passed by value (CuPy passes a NumPy structured scalar as the struct).
+MULTI = 48
+_TABLE = np.dtype([("n", "<i8", (MULTI,)), ("block_end", "<i8", (MULTI,)),
+                   ("p", "<u8", (MULTI,)), ("master", "<u8", (MULTI,)), ("grad", "<u8", (MULTI,)),
+                   ("buf", "<u8", (MULTI,)), ("first", "<i4", (MULTI,))])
+# Blocks of 256 threads a parameter: enough for 16-byte groups of every element up to ~8M
+# elements of float32 state (larger parameters are strided through, as by launch_fused's grid).
+_MULTI_BLOCKS = 8192
+
+
+def _ptr(a):
+    return 0 if a is None else a.data.ptr
+
+
+def launch_multi(fn, items, args, guard):
+    """Launch optim.cu's multi-parameter ``fn`` over ``items``, ``(p, master, grad, state,
+    (buf, first))`` tuples of one dtype, in launches of up to ``MULTI`` parameters; ``args``
+    follow the table and the count, then ``guard`` (see :func:`launch_fused`)."""
+    items = [it for it in items if it[0].size]
+    for lo in range(0, len(items), MULTI):
+        chunk = items[lo:lo + MULTI]
+        k = len(chunk)
+        table = np.zeros(1, _TABLE)
+        row = table[0]
+        blocks = [min(-(-p.size // (256 * 16 // (4 if master is not None else p.itemsize))),
+                      _MULTI_BLOCKS) for p, master, *_ in chunk]
+        row["block_end"][:k] = np.cumsum(blocks)
+        row["n"][:k] = [it[0].size for it in chunk]
+        row["p"][:k] = [it[0].data.ptr for it in chunk]
+        row["master"][:k] = [_ptr(it[1]) for it in chunk]
+        row["grad"][:k] = [it[2].data.ptr for it in chunk]
+        row["buf"][:k] = [_ptr(it[4][0]) for it in chunk]
+        row["first"][:k] = [it[4][1] for it in chunk]
+        raw_kernels.launch("optim.cu", fn, chunk[0][0].dtype, (int(row["block_end"][k - 1]),),
+                           (256,), (row, np.int32(k)) + args + guard, ("--fmad=false",))

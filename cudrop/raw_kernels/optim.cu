@@ -34,6 +34,7 @@ __device__ __forceinline__ S sgd_one(S w, S g, S* b, S lr, S mu, S wd, S inv, bo
     return w - lr * g;
 }
 
+// The update of elements [0, n) of one parameter by the threads `start`, `start + stride`, ...
 // master: the float32 copy that trains for 16-bit T, else null (p itself is updated)
 // buf: the momentum buffer, or null without momentum; first: buf is new and becomes g (as the
 // unfused update's copy does, signed zeros included)
@@ -41,21 +42,13 @@ __device__ __forceinline__ S sgd_one(S w, S g, S* b, S lr, S mu, S wd, S inv, bo
 // to its group (checked here, so views still work through the scalar loop): per-element 2-byte
 // accesses ran the bf16 MLP's update (37.8M parameters, float32 master and momentum) at 222 µs
 // a step on the H200, 3.4 TB/s.
-template <typename T>
-__global__ void sgd_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict__ master,
-                         const T* __restrict__ grad, typename cd_acc<T>::type* __restrict__ buf,
-                         int first, long long n, const typename cd_acc<T>::type* __restrict__ lr_ptr,
-                         double lr_value, double momentum, double weight_decay, int nesterov,
-                         const unsigned long long* __restrict__ error,
-                         const float* __restrict__ inv_scale) {
-    typedef typename cd_acc<T>::type S;
+template <typename T, typename S>
+__device__ __forceinline__ void sgd_range(T* __restrict__ p, S* __restrict__ master,
+                                          const T* __restrict__ grad, S* __restrict__ buf,
+                                          bool first, long long n, long long start,
+                                          long long stride, S lr, S mu, S wd, S inv, bool scaled,
+                                          bool decay, bool nesterov) {
     constexpr int V = 16 / sizeof(S);
-    if (error && *error) return;
-    const S lr = cd_step_scalar(lr_ptr, lr_value), mu = (S)momentum, wd = (S)weight_decay;
-    const S inv = inv_scale ? (S)*inv_scale : S(1);
-    const bool scaled = inv_scale != nullptr, decay = weight_decay != 0.0;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const bool vec = ((size_t)p % (sizeof(T) * V) | (size_t)grad % (sizeof(T) * V) |
                       (size_t)master % 16 | (size_t)buf % 16) == 0;
     const long long groups = vec ? n / V : 0;
@@ -85,6 +78,57 @@ __global__ void sgd_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict
         if (master) master[i] = w;
         p[i] = cd_store<T>(w);
     }
+}
+
+template <typename T>
+__global__ void sgd_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict__ master,
+                         const T* __restrict__ grad, typename cd_acc<T>::type* __restrict__ buf,
+                         int first, long long n, const typename cd_acc<T>::type* __restrict__ lr_ptr,
+                         double lr_value, double momentum, double weight_decay, int nesterov,
+                         const unsigned long long* __restrict__ error,
+                         const float* __restrict__ inv_scale) {
+    typedef typename cd_acc<T>::type S;
+    if (error && *error) return;
+    sgd_range<T, S>(p, master, grad, buf, first, n,
+                    (long long)blockIdx.x * blockDim.x + threadIdx.x,
+                    (long long)gridDim.x * blockDim.x, cd_step_scalar(lr_ptr, lr_value),
+                    (S)momentum, (S)weight_decay, inv_scale ? (S)*inv_scale : S(1),
+                    inv_scale != nullptr, weight_decay != 0.0, nesterov);
+}
+
+// Up to CD_MULTI parameters of one dtype in one launch (the optimizer's step over a model: a
+// ResNet-56 has 173 parameters, launched one kernel each at ~1.7 µs of kernel and ~15 µs of host
+// time apiece on the H200). Passed by value (2.5 KB of kernel parameters): per parameter its
+// pointers, its size, whether its momentum buffer is new, and the end of its run of blocks
+// (cumulative), which tells each block its parameter; the blocks of one parameter stride
+// through it as sgd_step's grid does.
+#define CD_MULTI 48
+struct cd_multi_table {
+    long long n[CD_MULTI];
+    long long block_end[CD_MULTI];
+    unsigned long long p[CD_MULTI], master[CD_MULTI], grad[CD_MULTI], buf[CD_MULTI];
+    int first[CD_MULTI];
+};
+
+template <typename T>
+__global__ void sgd_step_multi(const cd_multi_table t, int count,
+                               const typename cd_acc<T>::type* __restrict__ lr_ptr,
+                               double lr_value, double momentum, double weight_decay,
+                               int nesterov, const unsigned long long* __restrict__ error,
+                               const float* __restrict__ inv_scale) {
+    typedef typename cd_acc<T>::type S;
+    if (error && *error) return;
+    int i = 0;
+    while (i < count - 1 && (long long)blockIdx.x >= t.block_end[i]) ++i;
+    const long long first_block = i ? t.block_end[i - 1] : 0;
+    sgd_range<T, S>(reinterpret_cast<T*>(t.p[i]), reinterpret_cast<S*>(t.master[i]),
+                    reinterpret_cast<const T*>(t.grad[i]), reinterpret_cast<S*>(t.buf[i]),
+                    t.first[i] != 0, t.n[i],
+                    ((long long)blockIdx.x - first_block) * blockDim.x + threadIdx.x,
+                    (t.block_end[i] - first_block) * blockDim.x,
+                    cd_step_scalar(lr_ptr, lr_value), (S)momentum, (S)weight_decay,
+                    inv_scale ? (S)*inv_scale : S(1), inv_scale != nullptr, weight_decay != 0.0,
+                    nesterov);
 }
 
 // Adam / AdamW: step_size = lr / (1 - b1^t), bc2 = sqrt(1 - b2^t), decay = 1 - lr wd (AdamW);
@@ -136,6 +180,9 @@ __global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restric
     template __global__ void sgd_step<T>(T*, cd_acc<T>::type*, const T*, cd_acc<T>::type*,     \
                                          int, long long, const cd_acc<T>::type*, double, double,   \
                                          double, int, const unsigned long long*, const float*); \
+    template __global__ void sgd_step_multi<T>(const cd_multi_table, int, const cd_acc<T>::type*, \
+                                               double, double, double, int,                    \
+                                               const unsigned long long*, const float*);       \
     template __global__ void adam_step<T>(T*, cd_acc<T>::type*, const T*, cd_acc<T>::type*,    \
                                           cd_acc<T>::type*, long long, const cd_acc<T>::type*, \
                                           double, const cd_acc<T>::type*, double,              \
