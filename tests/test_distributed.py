@@ -217,7 +217,14 @@ def test_launch_forwards_sigterm(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "cudrop", "launch", "-n", "2", "--",
                           str(script), "wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=_clean_env(), cwd=ROOT)
-    time.sleep(2.0)
+    # Signal once both ranks have written their line: the launcher installs its handlers before
+    # it starts them (a fixed 2 s sleep raced the launcher's import on a loaded GPU machine,
+    # which then died of the signal itself: status -15).
+    guard = threading.Timer(60, p.kill)
+    guard.start()
+    started = [p.stdout.readline() for _ in range(2)]
+    guard.cancel()
+    assert all(line.startswith("rank ") for line in started), started
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM, err
