@@ -170,7 +170,7 @@ def index_checks():
 def optimizers_and_activations():
     """optim.cu (fused SGD / Adam, with and without a master copy; SGD's multi-parameter
     launches over views and sizes 0-70001), act.cu's ReLU backward,
-    add, add + ReLU, the gated end with its ReLU and tanh GELU, and softmax.cu's rows on ragged sizes (the grid-stride tails, rows
+    add, add + ReLU, the gated ends (the end with its ReLU, the start's backward) and tanh GELU, and softmax.cu's rows on ragged sizes (the grid-stride tails, rows
     of 1, 31, 33 and 300 elements, more rows than one grid of warps covers)."""
     from cudrop.autograd import Tensor
     from cudrop.functional import _act, _gate
@@ -184,8 +184,10 @@ def optimizers_and_activations():
             _act.add_relu_backward(cp.ones_like(y), saved)
             y = _act.add(x, x[::-1].copy())
             for s in (1.0, 0.0):  # the gated end with its ReLU (a kept and a skipped body)
-                y, saved = _gate.gate_out(x, y, cp.asarray(np.asarray(s, dtype=dt)), act="relu")
+                scale = cp.asarray(np.asarray(s, dtype=dt))
+                y, saved = _gate.gate_out(x, y, scale, act="relu")
                 _gate.gate_out_backward(cp.ones_like(y), saved)
+                _gate.gate_in_backward(y, _gate.gate_in(x, scale)[1])
             y, saved = _act.gelu_tanh(x)
             _act.gelu_tanh_backward(y, saved)
             for opt in (SGD, Adam):

@@ -574,7 +574,8 @@ def test_gate_ends_select_on_the_replays_scale(xp, dtype):
 def test_gate_out_with_relu_equals_the_composed_ops(xp, dtype):
     """``gate_out(..., act='relu')`` (one kernel each way on the GPU) equals ReLU of the
     unfused end bit for bit, forward and both gradients, at s = 1, 1.25 and 0 (then with a
-    stale inf/NaN body output that must not be read); outputs poisoned."""
+    stale inf/NaN body output that must not be read); ``gate_in``'s backward is the gradient
+    itself, or zeros at s = 0; outputs poisoned."""
     from conftest import low_precision_dtype, poison_pool
     from cudrop.functional import _act, _gate
     dt = low_precision_dtype(xp, dtype)
@@ -593,7 +594,10 @@ def test_gate_out_with_relu_equals_the_composed_ops(xp, dtype):
         y, saved = _gate.gate_out(t, f, scale, act="relu")
         poison_pool(xp)
         gt, gf = _gate.gate_out_backward(g, saved)
-        for got, want in ((y, want_y), (gt, want_gt), (gf, want_gf)):
+        poison_pool(xp)
+        gi = _gate.gate_in_backward(g, _gate.gate_in(t, scale)[1])  # g, or zeros if skipped
+        want_gi = g if s else xp.zeros_like(g)
+        for got, want in ((y, want_y), (gt, want_gt), (gf, want_gf), (gi, want_gi)):
             assert got.dtype == dt and got.shape == t.shape
             np.testing.assert_array_equal(backend.asnumpy(got).view(np.uint8),
                                           backend.asnumpy(want).view(np.uint8))

@@ -41,7 +41,11 @@ def gate_in(x, scale):
 
 
 def gate_in_backward(grad_out, saved):
-    """The body's input gradient where the body ran, zeros where it was skipped."""
+    """The body's input gradient where the body ran, zeros where it was skipped (on the GPU one
+    pass, ``act.cu``'s ``gate_in_bwd``)."""
+    if _act._elementwise_gpu(grad_out):
+        s = raw_kernels.aligned(_scale(saved.scale, grad_out.dtype), 16)
+        return _act._map("gate_in_bwd", grad_out, extra=(s,))
     xp = backend.get_array_module(grad_out)
     return xp.where(saved.scale != 0, grad_out, 0).astype(grad_out.dtype, copy=False)
 

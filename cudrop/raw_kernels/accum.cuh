@@ -55,7 +55,7 @@ __device__ __forceinline__ A cd_warp_max(A v) {
 // grid. Every array must be 16-byte aligned (the host copies a view that is not). Per-element
 // 2-byte accesses ran GPT's bf16 residual adds (CuPy's add, 8M elements) at 41 µs, 3.4x
 // PyTorch's vectorised 12 µs, and tanh GELU at twice PyTorch's time (H200, profile_step.py).
-template <typename T> struct alignas(16) cd_v16 { T v[16 / sizeof(T)]; };
+template <typename T> using cd_v16 = cd_vec<T, 16 / sizeof(T)>;
 
 template <bool TWO, typename T, typename F>
 __device__ __forceinline__ void cd_map(const T* __restrict__ x, const T* __restrict__ y,
