@@ -168,7 +168,7 @@ def index_checks():
 
 
 def optimizers_and_activations():
-    """optim.cu (fused SGD / Adam, with and without a master copy; SGD's multi-parameter
+    """optim.cu (fused SGD / Adam, with and without a master copy; the multi-parameter
     launches over views and sizes 0-70001), act.cu's ReLU backward,
     add, add + ReLU, the gated ends (the end with its ReLU, the start's backward) and tanh GELU, and softmax.cu's rows on ragged sizes (the grid-stride tails, rows
     of 1, 31, 33 and 300 elements, more rows than one grid of warps covers)."""
@@ -196,14 +196,15 @@ def optimizers_and_activations():
                 for _ in range(2):
                     p.grad = cp.ones(n, dt)
                     o.step()
-    for dt in [np.float32, np.float64] + bf16:  # SGD's multi-parameter launches (48 a launch)
-        ps = [Tensor(cp.ones(n, dt)[n % 2:], requires_grad=True) for n in (1, 2, 255, 257,
-                                                                            70001) * 11]
-        o = SGD(ps, lr=0.1, momentum=0.9)
-        for _ in range(2):
-            for p in ps:
-                p.grad = cp.ones(p.data.size, dt)
-            o.step()
+    for dt in [np.float32, np.float64] + bf16:  # the multi-parameter launches (48 a launch)
+        for opt in (SGD, Adam):
+            ps = [Tensor(cp.ones(n, dt)[n % 2:], requires_grad=True) for n in (1, 2, 255, 257,
+                                                                                70001) * 11]
+            o = opt(ps, lr=0.1, **({"momentum": 0.9} if opt is SGD else {}))
+            for _ in range(2):
+                for p in ps:
+                    p.grad = cp.ones(p.data.size, dt)
+                o.step()
 
 
 def last_axis_rows():

@@ -414,12 +414,16 @@ def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw, scaled
 @pytest.mark.gpu
 @pytest.mark.skipif(not backend.gpu_available(), reason="no usable CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
-def test_sgd_updates_many_parameters_per_launch_as_one_by_one(dtype):
-    """SGD's multi-parameter kernel (up to 48 parameters a launch, optim.cu sgd_step_multi)
-    equals its one-kernel-per-parameter update bit for bit: 101 parameters of assorted sizes,
-    views one element off the 16-byte groups among them, one larger than a launch's blocks cover
-    in one pass (strided through), some without a gradient at the first steps so that their
-    momentum buffers start later than the others'."""
+@pytest.mark.parametrize("cls, kw", [
+    (SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (AdamW, dict(lr=0.01, weight_decay=0.1)), (Adam, dict(lr=0.01, weight_decay=0.01))])
+def test_updates_of_many_parameters_per_launch_equal_one_by_one(dtype, cls, kw):
+    """The multi-parameter kernels (up to 48 parameters a launch, optim.cu sgd_step_multi and
+    adam_step_multi) equal the one-kernel-per-parameter updates bit for bit: 101 parameters of
+    assorted sizes, views one element off SGD's 16-byte groups among them, one larger than a
+    launch's blocks cover in one pass (strided through), some without a gradient at the first
+    steps, so that their momentum buffers start later (SGD) and their Adam step counts lag
+    (one launch per step count)."""
     from conftest import low_precision_dtype
     from cudrop.optim.optimizer import Optimizer
     cp = backend.cupy
@@ -434,7 +438,7 @@ def test_sgd_updates_many_parameters_per_launch_as_one_by_one(dtype):
             off = i % 2  # odd parameters are views one element into their arrays
             params.append(Tensor(cp.asarray(np.concatenate([np.zeros(off, a.dtype), a]))
                                  .astype(dt)[off:], requires_grad=True))
-        opt = SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+        opt = cls(params, **kw)
         if not multi:
             opt._fused_many = lambda batch, guard: Optimizer._fused_many(opt, batch, guard)
         g_rng = np.random.default_rng(4)

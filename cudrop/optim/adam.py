@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, graph
-from .optimizer import Optimizer, check_number, launch_fused, null_or, step_scalar
+from .optimizer import (MultiEntry, Optimizer, check_number, launch_fused, launch_multi,
+                        null_or, step_scalar)
 
 __all__ = ["Adam", "AdamW"]
 
@@ -68,23 +69,45 @@ class Adam(Optimizer):
         w -= step_size * (m / denom)
 
 
-    def _fused_update(self, p, master, g, state, guard):
-        w = p if master is None else master
+    def _step_args(self, state, dtype):
+        """The kernels' arguments after the parameter's arrays: the per-step scalars (device
+        values a captured step's replays refresh, from the parameter's next step t + 1) and the
+        hyperparameters."""
         b1, b2 = self.betas
-        values = self._scalars(state["step"])
         scalars = ()
-        for i, v in enumerate(values):
+        for i, v in enumerate(self._scalars(state["step"])):
             scalars += step_scalar(graph.scalar(
-                v, lambda i=i: self._scalars(state.get("step", 0) + 1)[i], w.dtype))
+                v, lambda i=i: self._scalars(state.get("step", 0) + 1)[i], dtype))
+        return scalars + tuple(np.float64(x) for x in (b1, b2, 1.0 - b1, 1.0 - b2, self.eps,
+                                                       self.weight_decay)) \
+            + (np.int32(self._decoupled),)
+
+    def _moments(self, p, master, state):
         m = state.get("exp_avg")
         if m is None:
-            m = state["exp_avg"] = backend.cupy.zeros(p.shape, w.dtype)
-            state["exp_avg_sq"] = backend.cupy.zeros(p.shape, w.dtype)
-        launch_fused("adam_step", p, (p, null_or(master), g, m, state["exp_avg_sq"],
-                                      np.int64(p.size)) + scalars
-                     + tuple(np.float64(x) for x in (b1, b2, 1.0 - b1, 1.0 - b2, self.eps,
-                                                     self.weight_decay))
-                     + (np.int32(self._decoupled),), guard)
+            dtype = (p if master is None else master).dtype
+            m = state["exp_avg"] = backend.cupy.zeros(p.shape, dtype)
+            state["exp_avg_sq"] = backend.cupy.zeros(p.shape, dtype)
+        return m, state["exp_avg_sq"]
+
+    def _fused_update(self, p, master, g, state, guard):
+        w = p if master is None else master
+        m, v = self._moments(p, master, state)
+        launch_fused("adam_step", p, (p, null_or(master), g, m, v, np.int64(p.size))
+                     + self._step_args(state, w.dtype), guard)
+
+    def _fused_many(self, batch, guard):
+        """The run's updates as ``adam_step_multi`` launches, one run per Adam step count (the
+        bias corrections depend on it; a parameter without a gradient at some step lags)."""
+        runs = {}
+        for f in batch:
+            runs.setdefault(f.state["step"], []).append(f)
+        for run in runs.values():
+            w = run[0].master if run[0].master is not None else run[0].p
+            entries = [MultiEntry(f.p, f.master, f.grad, *self._moments(f.p, f.master, f.state))
+                       for f in run]
+            launch_multi("adam_step_multi", entries, self._step_args(run[0].state, w.dtype),
+                         guard)
 
 
 class AdamW(Adam):

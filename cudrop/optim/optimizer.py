@@ -308,39 +308,52 @@ def launch_fused(fn, p, args, guard):
                            ("--fmad=false",))
 
 
-# optim.cu's cd_multi_table: CD_MULTI parameters' sizes, cumulative block ends, pointers and
+# optim.cu's cd_multi_table: MULTI parameters' sizes, cumulative block ends, pointers and
 # first-step flags, passed by value (CuPy passes a NumPy structured scalar as the struct).
 MULTI = 48
 _TABLE = np.dtype([("n", "<i8", (MULTI,)), ("block_end", "<i8", (MULTI,)),
                    ("p", "<u8", (MULTI,)), ("master", "<u8", (MULTI,)), ("grad", "<u8", (MULTI,)),
-                   ("buf", "<u8", (MULTI,)), ("first", "<i4", (MULTI,))])
-# Blocks of 256 threads a parameter: enough for 16-byte groups of every element up to ~8M
-# elements of float32 state (larger parameters are strided through, as by launch_fused's grid).
+                   ("state1", "<u8", (MULTI,)), ("state2", "<u8", (MULTI,)),
+                   ("first", "<i4", (MULTI,))])
+# Blocks of 256 threads a parameter at most (larger parameters are strided through, as by
+# launch_fused's grid).
 _MULTI_BLOCKS = 8192
+
+
+class MultiEntry(NamedTuple):
+    """One parameter of a multi-parameter launch: the parameter, its float32 master copy or
+    None, its gradient, its state arrays (SGD: momentum buffer or None, None; Adam: m, v) and
+    whether the first state array is new (SGD's first step with momentum)."""
+    p: object
+    master: object
+    grad: object
+    state1: object
+    state2: object = None
+    first: bool = False
 
 
 def _ptr(a):
     return 0 if a is None else a.data.ptr
 
 
-def launch_multi(fn, items, args, guard):
-    """Launch optim.cu's multi-parameter ``fn`` over ``items``, ``(p, master, grad, state,
-    (buf, first))`` tuples of one dtype, in launches of up to ``MULTI`` parameters; ``args``
-    follow the table and the count, then ``guard`` (see :func:`launch_fused`)."""
-    items = [it for it in items if it[0].size]
-    for lo in range(0, len(items), MULTI):
-        chunk = items[lo:lo + MULTI]
+def launch_multi(fn, entries, args, guard, *, vector=False):
+    """Launch optim.cu's multi-parameter ``fn`` over ``entries`` (:class:`MultiEntry`, one
+    dtype), ``MULTI`` parameters a launch; ``args`` follow the table and the count, then
+    ``guard`` (see :func:`launch_fused`). ``vector``: the kernel moves 16 bytes of state a
+    thread (SGD), so a parameter needs fewer blocks."""
+    entries = [e for e in entries if e.p.size]
+    for lo in range(0, len(entries), MULTI):
+        chunk = entries[lo:lo + MULTI]
         k = len(chunk)
         table = np.zeros(1, _TABLE)
         row = table[0]
-        blocks = [min(-(-p.size // (256 * 16 // (4 if master is not None else p.itemsize))),
-                      _MULTI_BLOCKS) for p, master, *_ in chunk]
-        row["block_end"][:k] = np.cumsum(blocks)
-        row["n"][:k] = [it[0].size for it in chunk]
-        row["p"][:k] = [it[0].data.ptr for it in chunk]
-        row["master"][:k] = [_ptr(it[1]) for it in chunk]
-        row["grad"][:k] = [it[2].data.ptr for it in chunk]
-        row["buf"][:k] = [_ptr(it[4][0]) for it in chunk]
-        row["first"][:k] = [it[4][1] for it in chunk]
-        raw_kernels.launch("optim.cu", fn, chunk[0][0].dtype, (int(row["block_end"][k - 1]),),
+        per_block = [256 * (16 // (4 if e.master is not None else e.p.itemsize) if vector else 1)
+                     for e in chunk]
+        row["block_end"][:k] = np.cumsum([min(-(-e.p.size // b), _MULTI_BLOCKS)
+                                          for e, b in zip(chunk, per_block)])
+        row["n"][:k] = [e.p.size for e in chunk]
+        for field in ("p", "master", "grad", "state1", "state2"):
+            row[field][:k] = [_ptr(getattr(e, field)) for e in chunk]
+        row["first"][:k] = [e.first for e in chunk]
+        raw_kernels.launch("optim.cu", fn, chunk[0].p.dtype, (int(row["block_end"][k - 1]),),
                            (256,), (row, np.int32(k)) + args + guard, ("--fmad=false",))

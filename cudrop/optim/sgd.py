@@ -4,8 +4,8 @@ from __future__ import annotations
 from .. import backend, graph
 import numpy as np
 
-from .optimizer import (Optimizer, check_number, launch_fused, launch_multi, null_or,
-                        step_scalar)
+from .optimizer import (MultiEntry, Optimizer, check_number, launch_fused, launch_multi,
+                        null_or, step_scalar)
 
 __all__ = ["SGD"]
 
@@ -46,28 +46,29 @@ class SGD(Optimizer):
     def _fused_many(self, batch, guard):
         """The run's updates as ``sgd_step_multi`` launches of up to 48 parameters each (the
         same arithmetic as ``sgd_step``, per element)."""
-        first = [self._buffer(f.p, f.master, f.state) for f in batch]
+        entries = [MultiEntry(f.p, f.master, f.grad, *self._buffer(f.p, f.master, f.state))
+                   for f in batch]
         w = batch[0].master if batch[0].master is not None else batch[0].p
         lr = step_scalar(graph.scalar(self.lr, lambda: self.lr, w.dtype))
-        launch_multi("sgd_step_multi", [f + (b,) for f, b in zip(batch, first)],
+        launch_multi("sgd_step_multi", entries,
                      lr + (np.float64(self.momentum), np.float64(self.weight_decay),
-                           np.int32(self.nesterov)), guard)
+                           np.int32(self.nesterov)), guard, vector=True)
 
     def _buffer(self, p, master, state):
-        """``(momentum buffer or None, whether it is new)``: a new buffer is zeros, so a skipped
-        first step leaves a valid one."""
+        """``(momentum buffer or None, None, whether it is new)`` (a :class:`MultiEntry`'s
+        state): a new buffer is zeros, so a skipped first step leaves a valid one."""
         if not self.momentum:
-            return None, False
+            return None, None, False
         buf = state.get("momentum_buffer")
         if buf is not None:
-            return buf, False
+            return buf, None, False
         buf = state["momentum_buffer"] = backend.cupy.zeros(p.shape, (p if master is None
                                                                       else master).dtype)
-        return buf, True
+        return buf, None, True
 
     def _fused_update(self, p, master, g, state, guard):
         w = p if master is None else master
-        buf, first = self._buffer(p, master, state)
+        buf, _, first = self._buffer(p, master, state)
         lr = step_scalar(graph.scalar(self.lr, lambda: self.lr, w.dtype))
         launch_fused("sgd_step", p, (p, null_or(master), g, null_or(buf), np.int32(first),
                                      np.int64(p.size)) + lr

@@ -106,9 +106,23 @@ __global__ void sgd_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict
 struct cd_multi_table {
     long long n[CD_MULTI];
     long long block_end[CD_MULTI];
-    unsigned long long p[CD_MULTI], master[CD_MULTI], grad[CD_MULTI], buf[CD_MULTI];
+    // state1: SGD's momentum buffer (or null) / Adam's m; state2: Adam's v (SGD: unused)
+    unsigned long long p[CD_MULTI], master[CD_MULTI], grad[CD_MULTI], state1[CD_MULTI],
+        state2[CD_MULTI];
     int first[CD_MULTI];
 };
+
+// The parameter of this block and the block's place among that parameter's blocks:
+// (index, first thread, thread stride) of a grid-stride walk over it.
+struct cd_multi_slot { int i; long long start, stride; };
+
+__device__ __forceinline__ cd_multi_slot cd_multi_find(const cd_multi_table& t, int count) {
+    int i = 0;
+    while (i < count - 1 && (long long)blockIdx.x >= t.block_end[i]) ++i;
+    const long long first_block = i ? t.block_end[i - 1] : 0;
+    return {i, ((long long)blockIdx.x - first_block) * blockDim.x + threadIdx.x,
+            (t.block_end[i] - first_block) * blockDim.x};
+}
 
 template <typename T>
 __global__ void sgd_step_multi(const cd_multi_table t, int count,
@@ -118,14 +132,11 @@ __global__ void sgd_step_multi(const cd_multi_table t, int count,
                                const float* __restrict__ inv_scale) {
     typedef typename cd_acc<T>::type S;
     if (error && *error) return;
-    int i = 0;
-    while (i < count - 1 && (long long)blockIdx.x >= t.block_end[i]) ++i;
-    const long long first_block = i ? t.block_end[i - 1] : 0;
+    const cd_multi_slot at = cd_multi_find(t, count);
+    const int i = at.i;
     sgd_range<T, S>(reinterpret_cast<T*>(t.p[i]), reinterpret_cast<S*>(t.master[i]),
-                    reinterpret_cast<const T*>(t.grad[i]), reinterpret_cast<S*>(t.buf[i]),
-                    t.first[i] != 0, t.n[i],
-                    ((long long)blockIdx.x - first_block) * blockDim.x + threadIdx.x,
-                    (t.block_end[i] - first_block) * blockDim.x,
+                    reinterpret_cast<const T*>(t.grad[i]), reinterpret_cast<S*>(t.state1[i]),
+                    t.first[i] != 0, t.n[i], at.start, at.stride,
                     cd_step_scalar(lr_ptr, lr_value), (S)momentum, (S)weight_decay,
                     inv_scale ? (S)*inv_scale : S(1), inv_scale != nullptr, weight_decay != 0.0,
                     nesterov);
@@ -133,33 +144,23 @@ __global__ void sgd_step_multi(const cd_multi_table t, int count,
 
 // Adam / AdamW: step_size = lr / (1 - b1^t), bc2 = sqrt(1 - b2^t), decay = 1 - lr wd (AdamW);
 // c1 = 1 - b1 and c2 = 1 - b2 as the host computed them in double.
-template <typename T>
-__global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict__ master,
-                          const T* __restrict__ grad, typename cd_acc<T>::type* __restrict__ m,
-                          typename cd_acc<T>::type* __restrict__ v, long long n,
-                          const typename cd_acc<T>::type* __restrict__ step_size_ptr,
-                          double step_size_value,
-                          const typename cd_acc<T>::type* __restrict__ bc2_ptr, double bc2_value,
-                          const typename cd_acc<T>::type* __restrict__ decay_ptr,
-                          double decay_value, double beta1, double beta2, double c1, double c2,
-                          double eps, double weight_decay, int decoupled,
-                          const unsigned long long* __restrict__ error,
-                          const float* __restrict__ inv_scale) {
-    typedef typename cd_acc<T>::type S;
-    if (error && *error) return;
+struct cd_adam_hyper { double beta1, beta2, c1, c2, eps, weight_decay; int decoupled; };
+
+template <typename T, typename S>
+__device__ __forceinline__ void adam_range(T* __restrict__ p, S* __restrict__ master,
+                                           const T* __restrict__ grad, S* __restrict__ m,
+                                           S* __restrict__ v, long long n, long long start,
+                                           long long stride, S step_size, S bc2, S decay,
+                                           const cd_adam_hyper h, const float* inv_scale) {
     const S inv = inv_scale ? (S)*inv_scale : S(1);
-    const S step_size = cd_step_scalar(step_size_ptr, step_size_value);
-    const S bc2 = cd_step_scalar(bc2_ptr, bc2_value);
-    const S decay = cd_step_scalar(decay_ptr, decay_value);
-    const S b1 = (S)beta1, b2 = (S)beta2, s1 = (S)c1, s2 = (S)c2, e = (S)eps;
-    const S wd = (S)weight_decay;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
+    const S b1 = (S)h.beta1, b2 = (S)h.beta2, s1 = (S)h.c1, s2 = (S)h.c2, e = (S)h.eps;
+    const S wd = (S)h.weight_decay;
+    for (long long i = start; i < n; i += stride) {
         S w = master ? master[i] : cd_load(p[i]);
         S g = cd_load(grad[i]);
         if (inv_scale) g = g * inv;
-        if (weight_decay != 0.0) {
-            if (decoupled) w = w * decay;
+        if (h.weight_decay != 0.0) {
+            if (h.decoupled) w = w * decay;
             else g = g + wd * w;
         }
         const S mi = m[i] * b1 + s1 * g;
@@ -175,6 +176,50 @@ __global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restric
     }
 }
 
+template <typename T>
+__global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict__ master,
+                          const T* __restrict__ grad, typename cd_acc<T>::type* __restrict__ m,
+                          typename cd_acc<T>::type* __restrict__ v, long long n,
+                          const typename cd_acc<T>::type* __restrict__ step_size_ptr,
+                          double step_size_value,
+                          const typename cd_acc<T>::type* __restrict__ bc2_ptr, double bc2_value,
+                          const typename cd_acc<T>::type* __restrict__ decay_ptr,
+                          double decay_value, double beta1, double beta2, double c1, double c2,
+                          double eps, double weight_decay, int decoupled,
+                          const unsigned long long* __restrict__ error,
+                          const float* __restrict__ inv_scale) {
+    if (error && *error) return;
+    adam_range(p, master, grad, m, v, n, (long long)blockIdx.x * blockDim.x + threadIdx.x,
+               (long long)gridDim.x * blockDim.x, cd_step_scalar(step_size_ptr, step_size_value),
+               cd_step_scalar(bc2_ptr, bc2_value), cd_step_scalar(decay_ptr, decay_value),
+               cd_adam_hyper{beta1, beta2, c1, c2, eps, weight_decay, decoupled}, inv_scale);
+}
+
+// Up to CD_MULTI parameters of one dtype and one Adam step count in one launch (as
+// sgd_step_multi; state1 is m, state2 is v).
+template <typename T>
+__global__ void adam_step_multi(const cd_multi_table t, int count,
+                                const typename cd_acc<T>::type* __restrict__ step_size_ptr,
+                                double step_size_value,
+                                const typename cd_acc<T>::type* __restrict__ bc2_ptr,
+                                double bc2_value,
+                                const typename cd_acc<T>::type* __restrict__ decay_ptr,
+                                double decay_value, double beta1, double beta2, double c1,
+                                double c2, double eps, double weight_decay, int decoupled,
+                                const unsigned long long* __restrict__ error,
+                                const float* __restrict__ inv_scale) {
+    typedef typename cd_acc<T>::type S;
+    if (error && *error) return;
+    const cd_multi_slot at = cd_multi_find(t, count);
+    const int i = at.i;
+    adam_range(reinterpret_cast<T*>(t.p[i]), reinterpret_cast<S*>(t.master[i]),
+               reinterpret_cast<const T*>(t.grad[i]), reinterpret_cast<S*>(t.state1[i]),
+               reinterpret_cast<S*>(t.state2[i]), t.n[i], at.start, at.stride,
+               cd_step_scalar(step_size_ptr, step_size_value), cd_step_scalar(bc2_ptr, bc2_value),
+               cd_step_scalar(decay_ptr, decay_value),
+               cd_adam_hyper{beta1, beta2, c1, c2, eps, weight_decay, decoupled}, inv_scale);
+}
+
 #ifdef CUDROP_INSTANTIATE
 #define CD_INST(T)                                                                              \
     template __global__ void sgd_step<T>(T*, cd_acc<T>::type*, const T*, cd_acc<T>::type*,     \
@@ -188,7 +233,13 @@ __global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restric
                                           double, const cd_acc<T>::type*, double,              \
                                           const cd_acc<T>::type*, double, double, double,      \
                                           double, double, double, double, int,                 \
-                                          const unsigned long long*, const float*);
+                                          const unsigned long long*, const float*);     \
+    template __global__ void adam_step_multi<T>(const cd_multi_table, int,                     \
+                                                const cd_acc<T>::type*, double,                \
+                                                const cd_acc<T>::type*, double,                \
+                                                const cd_acc<T>::type*, double, double, double, \
+                                                double, double, double, double, int,           \
+                                                const unsigned long long*, const float*);
 CD_INST(float)
 CD_INST(double)
 CD_INST(cd_f16)
