@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from .. import backend
 from .._memo import Memo, memoize
 
 HERE = Path(__file__).parent
@@ -37,7 +38,6 @@ def source(name: str) -> str:
 
 
 def _arch_options():
-    from .. import backend
     cc = backend.cupy.cuda.Device().compute_capability  # e.g. "90"
     # sm_90a unlocks wgmma/TMA; NVRTC accepts it where CuPy's nvcc backend does not.
     return (f"-arch=sm_{cc}a" if cc == "90" else f"-arch=sm_{cc}",)
@@ -53,7 +53,6 @@ def module(name: str, name_expressions: tuple = (), options: tuple = (), arch: t
 
 
 def backend_cupy():
-    from .. import backend
     if not backend.gpu_available():
         raise RuntimeError("cudrop's CUDA kernels need a usable CUDA GPU")
     return backend.cupy
@@ -110,7 +109,11 @@ def load(source: str, fn: str, dtype, options: tuple = ()):
     ``dtype`` (NVRTC ``options`` added to the compile); the handle is memoised per (source, fn,
     dtype, options, device) in a plain dict. Code that first launches a kernel inside a CUDA-graph
     capture calls this beforehand, so that compiling and loading happen outside the capture."""
-    key = (source, fn, dtype, options, backend_cupy().cuda.runtime.getDevice())
+    # The device from CuPy's runtime module directly: a launch's lookup is on every eager op's
+    # path (~900 launches an eager ResNet-56 step), and backend_cupy()'s import and check cost
+    # ~1.5 µs a call (host profile on the H200). Without a GPU, kernel() below raises.
+    key = (source, fn, dtype, options,
+           backend.cupy.cuda.runtime.getDevice() if backend.gpu_available() else None)
     f = _FUNCS.get(key)
     if f is None:
         names = tuple(f"{fn}<{t}>" for t in CUDA_TYPES.values())
