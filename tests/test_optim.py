@@ -379,7 +379,7 @@ def test_half_precision_parameters_train_through_a_float32_master_copy(xp, opt_c
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("offset", [0, 1])
 def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw, scaled, offset):
-    """On CuPy SGD and Adam run one kernel per parameter (raw_kernels/optim.cu); it rounds
+    """On CuPy SGD and Adam run fused kernels (raw_kernels/optim.cu); they round
     exactly as the unfused CuPy expressions: parameters, master copies and state bit-identical
     over several steps (odd sizes: the grid-stride tail; ``offset`` 1: parameter and gradients
     are views one element into their arrays, off the 16-byte groups SGD's kernel moves)."""
@@ -396,7 +396,7 @@ def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw, scaled
         p = Tensor(placed(p0), requires_grad=True)
         opt = cls([p], **kw)
         if not fused:
-            opt._fused_update = None
+            opt._fused_many = None
         inv = cp.asarray(np.float32(1 / 1024)) if scaled else None  # a loss scaler's unscale
         for g in grads:
             p.grad = placed(g * (1024 if scaled else 1))
@@ -417,30 +417,28 @@ def test_fused_update_is_bit_identical_to_the_unfused_one(dtype, cls, kw, scaled
 @pytest.mark.parametrize("cls, kw", [
     (SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
     (AdamW, dict(lr=0.01, weight_decay=0.1)), (Adam, dict(lr=0.01, weight_decay=0.01))])
-def test_updates_of_many_parameters_per_launch_equal_one_by_one(dtype, cls, kw):
-    """The multi-parameter kernels (up to 48 parameters a launch, optim.cu sgd_step_multi and
-    adam_step_multi) equal the one-kernel-per-parameter updates bit for bit: 101 parameters of
-    assorted sizes, views one element off SGD's 16-byte groups among them, one larger than a
-    launch's blocks cover in one pass (strided through), some without a gradient at the first
-    steps, so that their momentum buffers start later (SGD) and their Adam step counts lag
-    (one launch per step count)."""
+def test_fused_updates_of_many_parameters_equal_the_unfused_ones(dtype, cls, kw):
+    """The fused kernels over many parameters (up to 48 a launch, one table: optim.cu) equal
+    the unfused updates bit for bit: 101 parameters of assorted sizes, views one element off
+    SGD's 16-byte groups among them, one larger than a launch's blocks cover in one pass
+    (strided through), some without a gradient at the first steps, so that their momentum
+    buffers start later (SGD) and their Adam step counts lag (one launch per step count)."""
     from conftest import low_precision_dtype
-    from cudrop.optim.optimizer import Optimizer
     cp = backend.cupy
     dt = low_precision_dtype(cp, dtype)
     rng = np.random.default_rng(3)
     sizes = [int(v) for v in rng.integers(1, 3000, 100)] + [9_000_001]
     p0 = [rng.standard_normal(n).astype(np.float32) for n in sizes]
 
-    def run(multi):
+    def run(fused):
         params = []
         for i, a in enumerate(p0):
             off = i % 2  # odd parameters are views one element into their arrays
             params.append(Tensor(cp.asarray(np.concatenate([np.zeros(off, a.dtype), a]))
                                  .astype(dt)[off:], requires_grad=True))
         opt = cls(params, **kw)
-        if not multi:
-            opt._fused_many = lambda batch, guard: Optimizer._fused_many(opt, batch, guard)
+        if not fused:
+            opt._fused_many = None
         g_rng = np.random.default_rng(4)
         for step in range(3):
             for i, p in enumerate(params):

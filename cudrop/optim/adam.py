@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, graph
-from .optimizer import (MultiEntry, Optimizer, check_number, launch_fused, launch_multi,
-                        null_or, step_scalar)
+from .optimizer import Optimizer, TableEntry, check_number, launch_fused, step_scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -90,23 +89,17 @@ class Adam(Optimizer):
             state["exp_avg_sq"] = backend.cupy.zeros(p.shape, dtype)
         return m, state["exp_avg_sq"]
 
-    def _fused_update(self, p, master, g, state, guard):
-        w = p if master is None else master
-        m, v = self._moments(p, master, state)
-        launch_fused("adam_step", p, (p, null_or(master), g, m, v, np.int64(p.size))
-                     + self._step_args(state, w.dtype), guard)
-
     def _fused_many(self, batch, guard):
-        """The run's updates as ``adam_step_multi`` launches, one run per Adam step count (the
-        bias corrections depend on it; a parameter without a gradient at some step lags)."""
+        """The run's updates as ``adam_step`` launches, one per Adam step count (the bias
+        corrections depend on it; a parameter without a gradient at some step lags)."""
         runs = {}
         for f in batch:
             runs.setdefault(f.state["step"], []).append(f)
         for run in runs.values():
             w = run[0].master if run[0].master is not None else run[0].p
-            entries = [MultiEntry(f.p, f.master, f.grad, *self._moments(f.p, f.master, f.state))
+            entries = [TableEntry(f.p, f.master, f.grad, *self._moments(f.p, f.master, f.state))
                        for f in run]
-            launch_multi("adam_step_multi", entries, self._step_args(run[0].state, w.dtype),
+            launch_fused("adam_step", entries, self._step_args(run[0].state, w.dtype),
                          guard)
 
 

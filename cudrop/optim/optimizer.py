@@ -122,7 +122,7 @@ class Optimizer:
             graph.require_state(self)
             gates = [graph.gate_of(p) for p in self.params]
         # Fused updates are batched per run of parameters of one dtype and one gate: one
-        # _fused_many call (SGD: one kernel for up to 48 parameters) for each run.
+        # _fused_many call (one kernel for up to 48 parameters) for each run.
         batch, batch_key = [], None
 
         def flush():
@@ -200,18 +200,13 @@ class Optimizer:
         raise NotImplementedError
 
     # An optimizer whose update is one kernel (raw_kernels/optim.cu) on CuPy arrays defines
-    # _fused_update(p, master, g, state, guard): master is the float32 copy of a 16-bit p, or
-    # None; guard goes to launch_fused. It may also override _fused_many, which gets a run of
-    # such updates (Fused tuples of one dtype) at once.
-    _fused_update = None
+    # _fused_many(batch, guard): the updates of a run of parameters of one dtype (Fused tuples),
+    # launched through launch_fused; guard is Optimizer.step's (skip flag, inv_scale).
+    _fused_many = None
 
     def _fuses(self, p, g):
-        return (self._fused_update is not None and g.dtype == p.dtype and p.flags.c_contiguous
+        return (self._fused_many is not None and g.dtype == p.dtype and p.flags.c_contiguous
                 and g.flags.c_contiguous)
-
-    def _fused_many(self, batch, guard):
-        for f in batch:
-            self._fused_update(f.p, f.master, f.grad, f.state, guard)
 
     # ---- checkpointing ------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -294,20 +289,6 @@ def _device_flag(skip):
     return skip if rec is None else backend.cupy.bitwise_or(rec[0], skip)
 
 
-def launch_fused(fn, p, args, guard):
-    """Launch optim.cu's ``fn`` over the n elements of parameter ``p`` (grid-stride), with
-    ``guard`` = (skip flag, inv_scale) from :meth:`Optimizer.step`: the kernel leaves everything
-    untouched when the flag is set, so nothing is half-updated when the host raises a recorded
-    error at its next check point or a loss scaler skips an overflowed step."""
-    n = p.size
-    if n:
-        args += guard
-        # --fmad=false: no multiply-add contraction, so the fused update rounds exactly as the
-        # unfused CuPy expressions do
-        raw_kernels.launch("optim.cu", fn, p.dtype, (min(-(-n // 256), 8192),), (256,), args,
-                           ("--fmad=false",))
-
-
 # optim.cu's cd_multi_table: MULTI parameters' sizes, cumulative block ends, pointers and
 # first-step flags, passed by value (CuPy passes a NumPy structured scalar as the struct).
 MULTI = 48
@@ -315,15 +296,14 @@ _TABLE = np.dtype([("n", "<i8", (MULTI,)), ("block_end", "<i8", (MULTI,)),
                    ("p", "<u8", (MULTI,)), ("master", "<u8", (MULTI,)), ("grad", "<u8", (MULTI,)),
                    ("state1", "<u8", (MULTI,)), ("state2", "<u8", (MULTI,)),
                    ("first", "<i4", (MULTI,))])
-# Blocks of 256 threads a parameter at most (larger parameters are strided through, as by
-# launch_fused's grid).
-_MULTI_BLOCKS = 8192
+# Blocks of 256 threads a parameter at most (larger parameters are strided through).
+_MAX_BLOCKS = 8192
 
 
-class MultiEntry(NamedTuple):
-    """One parameter of a multi-parameter launch: the parameter, its float32 master copy or
-    None, its gradient, its state arrays (SGD: momentum buffer or None, None; Adam: m, v) and
-    whether the first state array is new (SGD's first step with momentum)."""
+class TableEntry(NamedTuple):
+    """One parameter of a fused launch: the parameter, its float32 master copy or None, its
+    gradient, its state arrays (SGD: momentum buffer or None, None; Adam: m, v) and whether the
+    first state array is new (SGD's first step with momentum)."""
     p: object
     master: object
     grad: object
@@ -336,11 +316,13 @@ def _ptr(a):
     return 0 if a is None else a.data.ptr
 
 
-def launch_multi(fn, entries, args, guard, *, vector=False):
-    """Launch optim.cu's multi-parameter ``fn`` over ``entries`` (:class:`MultiEntry`, one
-    dtype), ``MULTI`` parameters a launch; ``args`` follow the table and the count, then
-    ``guard`` (see :func:`launch_fused`). ``vector``: the kernel moves 16 bytes of state a
-    thread (SGD), so a parameter needs fewer blocks."""
+def launch_fused(fn, entries, args, guard, *, vector=False):
+    """Launch optim.cu's ``fn`` over ``entries`` (:class:`TableEntry`, one dtype), ``MULTI``
+    parameters a launch; ``args`` follow the table and the count, then ``guard`` = (skip flag,
+    inv_scale) from :meth:`Optimizer.step`: the kernel leaves everything untouched when the flag
+    is set, so nothing is half-updated when the host raises a recorded error at its next check
+    point or a loss scaler skips an overflowed step. ``vector``: the kernel moves 16 bytes of
+    state a thread (SGD), so a parameter needs fewer blocks."""
     entries = [e for e in entries if e.p.size]
     for lo in range(0, len(entries), MULTI):
         chunk = entries[lo:lo + MULTI]
@@ -349,11 +331,13 @@ def launch_multi(fn, entries, args, guard, *, vector=False):
         row = table[0]
         per_block = [256 * (16 // (4 if e.master is not None else e.p.itemsize) if vector else 1)
                      for e in chunk]
-        row["block_end"][:k] = np.cumsum([min(-(-e.p.size // b), _MULTI_BLOCKS)
+        row["block_end"][:k] = np.cumsum([min(-(-e.p.size // b), _MAX_BLOCKS)
                                           for e, b in zip(chunk, per_block)])
         row["n"][:k] = [e.p.size for e in chunk]
         for field in ("p", "master", "grad", "state1", "state2"):
             row[field][:k] = [_ptr(getattr(e, field)) for e in chunk]
         row["first"][:k] = [e.first for e in chunk]
+        # --fmad=false: no multiply-add contraction, so the fused update rounds exactly as the
+        # unfused CuPy expressions do
         raw_kernels.launch("optim.cu", fn, chunk[0].p.dtype, (int(row["block_end"][k - 1]),),
                            (256,), (row, np.int32(k)) + args + guard, ("--fmad=false",))

@@ -4,8 +4,7 @@ from __future__ import annotations
 from .. import backend, graph
 import numpy as np
 
-from .optimizer import (MultiEntry, Optimizer, check_number, launch_fused, launch_multi,
-                        null_or, step_scalar)
+from .optimizer import Optimizer, TableEntry, check_number, launch_fused, step_scalar
 
 __all__ = ["SGD"]
 
@@ -44,18 +43,17 @@ class SGD(Optimizer):
         w -= graph.scalar(self.lr, lambda: self.lr, w.dtype) * g  # a device value in a captured step
 
     def _fused_many(self, batch, guard):
-        """The run's updates as ``sgd_step_multi`` launches of up to 48 parameters each (the
-        same arithmetic as ``sgd_step``, per element)."""
-        entries = [MultiEntry(f.p, f.master, f.grad, *self._buffer(f.p, f.master, f.state))
+        """The run's updates as ``sgd_step`` launches of up to 48 parameters each."""
+        entries = [TableEntry(f.p, f.master, f.grad, *self._buffer(f.p, f.master, f.state))
                    for f in batch]
         w = batch[0].master if batch[0].master is not None else batch[0].p
         lr = step_scalar(graph.scalar(self.lr, lambda: self.lr, w.dtype))
-        launch_multi("sgd_step_multi", entries,
+        launch_fused("sgd_step", entries,
                      lr + (np.float64(self.momentum), np.float64(self.weight_decay),
                            np.int32(self.nesterov)), guard, vector=True)
 
     def _buffer(self, p, master, state):
-        """``(momentum buffer or None, None, whether it is new)`` (a :class:`MultiEntry`'s
+        """``(momentum buffer or None, None, whether it is new)`` (a :class:`TableEntry`'s
         state): a new buffer is zeros, so a skipped first step leaves a valid one."""
         if not self.momentum:
             return None, None, False
@@ -65,12 +63,3 @@ class SGD(Optimizer):
         buf = state["momentum_buffer"] = backend.cupy.zeros(p.shape, (p if master is None
                                                                       else master).dtype)
         return buf, None, True
-
-    def _fused_update(self, p, master, g, state, guard):
-        w = p if master is None else master
-        buf, _, first = self._buffer(p, master, state)
-        lr = step_scalar(graph.scalar(self.lr, lambda: self.lr, w.dtype))
-        launch_fused("sgd_step", p, (p, null_or(master), g, null_or(buf), np.int32(first),
-                                     np.int64(p.size)) + lr
-                     + (np.float64(self.momentum), np.float64(self.weight_decay),
-                        np.int32(self.nesterov)), guard)

@@ -12,7 +12,13 @@
 // (A loss scaler passes its overflow flag here instead, combined with the record.)
 // `inv_scale`: null, or 1 / loss scale, multiplied into each gradient as it is read (the
 // unfused update's g.astype(S) * inv_scale: float16 gradients are unscaled in float32).
-// Launch: any 1-D grid (grid-stride loop).
+//
+// One launch updates up to CD_MULTI parameters of one dtype (one kernel per parameter launched
+// 173 for a ResNet-56 step, ~1.7 µs of kernel and ~15 µs of host time apiece on the H200). The
+// parameters come in a table passed by value (2.9 KB of kernel parameters): per parameter its
+// pointers, its size, whether its first state array is new, and the end of its run of blocks
+// (cumulative), which tells each block its parameter; the blocks of one parameter walk it with
+// a grid-stride loop of their own. Launch: as many blocks as the table's last block end.
 #include "accum.cuh"
 
 template <typename S> __device__ __forceinline__ S cd_step_scalar(const S* ptr, double value) {
@@ -80,28 +86,6 @@ __device__ __forceinline__ void sgd_range(T* __restrict__ p, S* __restrict__ mas
     }
 }
 
-template <typename T>
-__global__ void sgd_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict__ master,
-                         const T* __restrict__ grad, typename cd_acc<T>::type* __restrict__ buf,
-                         int first, long long n, const typename cd_acc<T>::type* __restrict__ lr_ptr,
-                         double lr_value, double momentum, double weight_decay, int nesterov,
-                         const unsigned long long* __restrict__ error,
-                         const float* __restrict__ inv_scale) {
-    typedef typename cd_acc<T>::type S;
-    if (error && *error) return;
-    sgd_range<T, S>(p, master, grad, buf, first, n,
-                    (long long)blockIdx.x * blockDim.x + threadIdx.x,
-                    (long long)gridDim.x * blockDim.x, cd_step_scalar(lr_ptr, lr_value),
-                    (S)momentum, (S)weight_decay, inv_scale ? (S)*inv_scale : S(1),
-                    inv_scale != nullptr, weight_decay != 0.0, nesterov);
-}
-
-// Up to CD_MULTI parameters of one dtype in one launch (the optimizer's step over a model: a
-// ResNet-56 has 173 parameters, launched one kernel each at ~1.7 µs of kernel and ~15 µs of host
-// time apiece on the H200). Passed by value (2.5 KB of kernel parameters): per parameter its
-// pointers, its size, whether its momentum buffer is new, and the end of its run of blocks
-// (cumulative), which tells each block its parameter; the blocks of one parameter stride
-// through it as sgd_step's grid does.
 #define CD_MULTI 48
 struct cd_multi_table {
     long long n[CD_MULTI];
@@ -125,7 +109,7 @@ __device__ __forceinline__ cd_multi_slot cd_multi_find(const cd_multi_table& t, 
 }
 
 template <typename T>
-__global__ void sgd_step_multi(const cd_multi_table t, int count,
+__global__ void sgd_step(const cd_multi_table t, int count,
                                const typename cd_acc<T>::type* __restrict__ lr_ptr,
                                double lr_value, double momentum, double weight_decay,
                                int nesterov, const unsigned long long* __restrict__ error,
@@ -176,29 +160,9 @@ __device__ __forceinline__ void adam_range(T* __restrict__ p, S* __restrict__ ma
     }
 }
 
+// Adam over the table's parameters, all at one step count (state1 is m, state2 is v).
 template <typename T>
-__global__ void adam_step(T* __restrict__ p, typename cd_acc<T>::type* __restrict__ master,
-                          const T* __restrict__ grad, typename cd_acc<T>::type* __restrict__ m,
-                          typename cd_acc<T>::type* __restrict__ v, long long n,
-                          const typename cd_acc<T>::type* __restrict__ step_size_ptr,
-                          double step_size_value,
-                          const typename cd_acc<T>::type* __restrict__ bc2_ptr, double bc2_value,
-                          const typename cd_acc<T>::type* __restrict__ decay_ptr,
-                          double decay_value, double beta1, double beta2, double c1, double c2,
-                          double eps, double weight_decay, int decoupled,
-                          const unsigned long long* __restrict__ error,
-                          const float* __restrict__ inv_scale) {
-    if (error && *error) return;
-    adam_range(p, master, grad, m, v, n, (long long)blockIdx.x * blockDim.x + threadIdx.x,
-               (long long)gridDim.x * blockDim.x, cd_step_scalar(step_size_ptr, step_size_value),
-               cd_step_scalar(bc2_ptr, bc2_value), cd_step_scalar(decay_ptr, decay_value),
-               cd_adam_hyper{beta1, beta2, c1, c2, eps, weight_decay, decoupled}, inv_scale);
-}
-
-// Up to CD_MULTI parameters of one dtype and one Adam step count in one launch (as
-// sgd_step_multi; state1 is m, state2 is v).
-template <typename T>
-__global__ void adam_step_multi(const cd_multi_table t, int count,
+__global__ void adam_step(const cd_multi_table t, int count,
                                 const typename cd_acc<T>::type* __restrict__ step_size_ptr,
                                 double step_size_value,
                                 const typename cd_acc<T>::type* __restrict__ bc2_ptr,
@@ -222,24 +186,14 @@ __global__ void adam_step_multi(const cd_multi_table t, int count,
 
 #ifdef CUDROP_INSTANTIATE
 #define CD_INST(T)                                                                              \
-    template __global__ void sgd_step<T>(T*, cd_acc<T>::type*, const T*, cd_acc<T>::type*,     \
-                                         int, long long, const cd_acc<T>::type*, double, double,   \
-                                         double, int, const unsigned long long*, const float*); \
-    template __global__ void sgd_step_multi<T>(const cd_multi_table, int, const cd_acc<T>::type*, \
-                                               double, double, double, int,                    \
-                                               const unsigned long long*, const float*);       \
-    template __global__ void adam_step<T>(T*, cd_acc<T>::type*, const T*, cd_acc<T>::type*,    \
-                                          cd_acc<T>::type*, long long, const cd_acc<T>::type*, \
+    template __global__ void sgd_step<T>(const cd_multi_table, int, const cd_acc<T>::type*,    \
+                                         double, double, double, int,                          \
+                                         const unsigned long long*, const float*);             \
+    template __global__ void adam_step<T>(const cd_multi_table, int, const cd_acc<T>::type*,   \
                                           double, const cd_acc<T>::type*, double,              \
                                           const cd_acc<T>::type*, double, double, double,      \
                                           double, double, double, double, int,                 \
-                                          const unsigned long long*, const float*);     \
-    template __global__ void adam_step_multi<T>(const cd_multi_table, int,                     \
-                                                const cd_acc<T>::type*, double,                \
-                                                const cd_acc<T>::type*, double,                \
-                                                const cd_acc<T>::type*, double, double, double, \
-                                                double, double, double, double, int,           \
-                                                const unsigned long long*, const float*);
+                                          const unsigned long long*, const float*);
 CD_INST(float)
 CD_INST(double)
 CD_INST(cd_f16)
