@@ -2,13 +2,17 @@
 name, for train_step.py's cases (cudrop, and PyTorch where it has a twin), through CUPTI
 (``torch.profiler``, which records every kernel of the process, CuPy's included).
 
-Kernel times are the same in eager and captured steps; the sum over kernels is a captured
-step's time without the gaps between kernels. 3 eager steps are profiled after 5 warm-up steps.
+Kernel times are the same in eager and captured steps where both run the same kernels; the sum
+over kernels is a captured step's time without the gaps between kernels. 3 eager steps are
+profiled after 5 warm-up steps. ``--captured``: cudrop's steps are replays of the captured step
+(``cudrop.graph.capture``) instead, for the variants whose captured path runs other kernels
+(SliceOut's device-decided slices, the gated ends of depth dropout and stochastic depth); the
+warm-up covers the eager steps before the capture.
 Extra case: ``resnet56-shortcuts``, cudrop's ResNet-56 with depth dropout's trainable shortcuts
 on every unit and (practically) no unit dropped (p = 1e-9): its excess over ``resnet56`` is
 what the shortcuts cost.
 
-    python benchmarks/profile_step.py [case-prefix[:dtype] ...]     (default: resnet56)
+    python benchmarks/profile_step.py [--captured] [case-prefix[:dtype] ...]  (default: resnet56)
 
 JSON: $OUT/profile_step.json; per case the 15 costliest kernels last.
 """
@@ -21,7 +25,7 @@ import numpy as np
 sys.path.insert(0, ".")
 from benchmarks.common import write_json  # noqa: E402
 from benchmarks.train_step import Case, _cases, cudrop_step, selected  # noqa: E402
-from cudrop import backend, models  # noqa: E402
+from cudrop import backend, graph, models  # noqa: E402
 
 WARMUP, STEPS, TOP = 5, 3, 15
 
@@ -48,9 +52,14 @@ def _profile(run, batches, sync):
             "launches_per_step": sum(r["launches_per_step"] for r in rows), "kernels": rows}
 
 
-def _cudrop(case):
-    _, _, step, batches = cudrop_step(case)
-    return _profile(step, batches, backend.cupy.cuda.Device().synchronize)
+def _cudrop(case, captured=False):
+    model, opt, step, batches = cudrop_step(case)
+    if captured:
+        step = graph.capture(step, model=model, optimizer=opt)
+    r = _profile(step, batches, backend.cupy.cuda.Device().synchronize)
+    if captured and (step.graph is None or step.failed is not None):
+        r["error"] = f"not captured: {step.failed}"
+    return r
 
 
 def _torch(case):
@@ -72,14 +81,14 @@ def _torch(case):
     return _profile(step, [(x, y)], torch.cuda.synchronize)
 
 
-def main(prefixes):
+def main(prefixes, captured=False):
     cases = _cases() + [Case("resnet56-shortcuts", np.dtype(np.float32),
                              lambda: models.resnet56(in_channels=3, depth_dropout=1e-9), None,
                              (128, 3, 32, 32), 10)]
     cases = [c for c in cases if selected(c, prefixes)]
     results = []
     for case in cases:
-        for lib, fn in (("cudrop", _cudrop), ("torch", _torch)):
+        for lib, fn in (("cudrop", lambda c: _cudrop(c, captured)), ("torch", _torch)):
             if lib == "torch" and case.torch is None:
                 continue
             try:
@@ -101,4 +110,5 @@ def main(prefixes):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["resnet56"])
+    args = [a for a in sys.argv[1:] if a != "--captured"]
+    main(args or ["resnet56"], captured="--captured" in sys.argv[1:])
