@@ -569,12 +569,17 @@ def _compact_scaled(a, ranges, axis, xp, s):
     return part
 
 
-def _scatter(part, ranges, axis, shape, xp):
-    """Zeros of ``shape`` with the compact ``part`` written back at the kept units."""
+def _scatter(part, ranges, axis, shape, xp, s=None):
+    """Zeros of ``shape`` with the compact ``part`` (times the dtype scalar ``s`` when given, in
+    the same pass) written back at the kept units."""
     out = xp.zeros(shape, dtype=part.dtype)
     lead, off = (slice(None),) * axis, 0
     for lo, hi in ranges:
-        out[lead + (slice(lo, hi),)] = part[lead + (slice(off, off + hi - lo),)]
+        src, dst = part[lead + (slice(off, off + hi - lo),)], out[lead + (slice(lo, hi),)]
+        if s is None:
+            dst[...] = src
+        else:
+            xp.multiply(src, s, out=dst)
         off += hi - lo
     return out
 
@@ -611,7 +616,7 @@ def _put(part, mask, axis, shape, xp, s=None):
     ranges, the scatter kernel (which writes every element, +0 at the dropped units, and scales
     on the way) for a slice decided on the device."""
     if mask.ranges is not None:
-        return _scatter(part if s is None else part * s, mask.ranges, axis, shape, xp)
+        return _scatter(part, mask.ranges, axis, shape, xp, s)
     part = xp.ascontiguousarray(part)
     outer, n, inner = _split(shape, axis)
     out = xp.empty(shape, dtype=part.dtype)
