@@ -329,7 +329,7 @@ def launch_fused(fn, entries, args, guard, *, vector=False):
         k = len(chunk)
         table = np.zeros(1, _TABLE)
         row = table[0]
-        per_block = [256 * (16 // (4 if e.master is not None else e.p.itemsize) if vector else 1)
+        per_block = [256 * (16 // state_dtype(e.p.dtype).itemsize if vector else 1)
                      for e in chunk]
         row["block_end"][:k] = np.cumsum([min(-(-e.p.size // b), _MAX_BLOCKS)
                                           for e, b in zip(chunk, per_block)])
