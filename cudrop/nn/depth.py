@@ -141,7 +141,9 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
         gate = graph.gate(lambda: self.keep_gate(self.step),
                           f"{type(self).__name__}(layer {self.layer})")
         t = self.shortcut(x)
-        scale = gate.scalar(self.scale, x.dtype)
+        # in x's dtype once (the slot is float32 for 16-bit x and holds its value exactly), so
+        # the ends' three uses of it launch no cast each
+        scale = gate.scalar(self.scale, x.dtype).astype(x.dtype, copy=False)
         xb = gate_in(x, scale=scale)
         with gate:
             f = self.body(xb)
