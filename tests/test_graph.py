@@ -80,9 +80,9 @@ def test_captured_mlp_steps_equal_eager(kind, opt):
 
 @pytest.mark.parametrize("kind", ["dropout", "sliceout", "gyro", "sparsedrop"])
 def test_100_captured_steps_draw_the_eager_masks(kind):
-    """Over 100 steps (issue 10's bar), for every capturable variant of the MLP (block-wise gyro decides on the host: its step runs
-    eagerly, tested below), the replays draw the
-    masks of the eager steps: every loss agrees, and the layers' step counters and weights end
+    """Over 100 steps (issue 10's bar), for every capturable variant of the MLP (block-wise
+    gyro decides on the host: its step runs eagerly, tested below), the replays draw the masks
+    of the eager steps: every loss agrees, and the layers' step counters and weights end
     equal."""
     def build():
         return models.mlp((64,), 10, hidden=(128, 128), dropout=kind, p=0.5, seed=3)
