@@ -5,11 +5,10 @@
 struct cd_f16 { unsigned short v; };
 struct cd_bf16 { unsigned short v; };
 
-// Four elements for one vector load or store (the array must be aligned to 4 * sizeof(T): the
-// host copies a view that is not, raw_kernels.vector_aligned).
-template <typename T> struct alignas(4 * sizeof(T)) cd_vec4 { T v[4]; };
-// V elements moved as one access (16 bytes when V = 16 / sizeof(T)).
+// V elements moved as one access (16 bytes when V = 16 / sizeof(T)); the array must be aligned
+// to V * sizeof(T) (the host copies a view that is not: raw_kernels.aligned / vector_aligned).
 template <typename T, int V> struct alignas(sizeof(T) * V) cd_vec { T v[V]; };
+template <typename T> using cd_vec4 = cd_vec<T, 4>;
 
 template <typename T> struct cd_is_bf16 { static constexpr bool value = false; };
 template <> struct cd_is_bf16<cd_bf16> { static constexpr bool value = true; };
