@@ -140,7 +140,10 @@ def _cudrop(case, captured):
     run = graph.capture(step, model=model, optimizer=opt) if captured else step
     ms = _rate(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time, run,
                batches)
-    ok = (not captured) or (run.graph is not None and run.failed is None)
+    # captured: gated units as IF nodes of one graph, or as pieces (an older driver)
+    ok = (not captured) or (run.graph is not None and run.failed is None and (
+        "if-nodes" if run.recorder.conds else
+        "pieces" if isinstance(run.graph, graph._PiecedGraph) else "one graph"))
     # Memory held for training: CuPy's pool keeps the eager step's peak cached; a captured
     # step adds its private pool.
     held = pool.total_bytes() + (run.pool.total_bytes() if captured else 0)
@@ -325,7 +328,7 @@ def main():
             err_t = err_t or err_tg
         row = dict(case=case.name, dtype=case.dtype.name, batch=case.shape[0],
                    cudrop_eager_ms=eager and eager[0], cudrop_graph_ms=cap and cap[0],
-                   captured=bool(cap and cap[1]), torch_eager_ms=t_eager, torch_graph_ms=t_graph,
+                   captured=(cap and cap[1]) or False, torch_eager_ms=t_eager, torch_graph_ms=t_graph,
                    cudrop_eager_mb=eager and eager[2], cudrop_graph_mb=cap and cap[2],
                    cudrop_error=err_e or err_c, torch_error=err_t)
         row["graph_memory_ratio"] = (cap[2] / eager[2]) if cap and eager else None

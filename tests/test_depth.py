@@ -634,7 +634,7 @@ def _fake_recorder(monkeypatch, stream):
     from types import SimpleNamespace
     from cudrop import graph
     rec = SimpleNamespace(stream=stream, mode=0, current=None, pieces=[], gates=[],
-                          leaf_gates={}, counters=dict)
+                          leaf_gates={}, counters=dict, conditional=False)
     monkeypatch.setattr(graph, "_recorder", rec)
     return rec
 

@@ -155,15 +155,26 @@ def test_captured_resnet_step_equals_eager():
     _captured_equals_eager(build, make_opt, batches)
 
 
-@pytest.mark.parametrize("variant", [dict(depth_dropout=0.5), dict(stochastic_depth=0.5),
-                                     dict(depth_dropout=0.75, keep_downsampling=False)])
-@pytest.mark.parametrize("opt", ["sgd", "adam"])
-def test_captured_gated_resnet_steps_equal_eager(variant, opt):
+_GATED = [(dict(depth_dropout=0.5), "sgd", True), (dict(depth_dropout=0.5), "adam", True),
+          (dict(stochastic_depth=0.5), "sgd", True), (dict(stochastic_depth=0.5), "adam", True),
+          (dict(depth_dropout=0.75, keep_downsampling=False), "sgd", True),
+          (dict(depth_dropout=0.75, keep_downsampling=False), "adam", True),
+          (dict(depth_dropout=0.5), "sgd", False), (dict(stochastic_depth=0.5), "adam", False)]
+
+
+@pytest.mark.parametrize("variant,opt,if_nodes", _GATED)
+def test_captured_gated_resnet_steps_equal_eager(variant, opt, if_nodes, monkeypatch):
     """Depth dropout and stochastic depth (batch gates) replay one graph whose dropped bodies
     are skipped per replay (graph.gate), over 100 steps: losses, weights, BatchNorm
     running statistics, unit steps and the optimizers' per-parameter step counts equal eager
     mode's, where a dropped body is not run and its parameters are not updated. The capture
-    waits in eager steps until every unit has been kept once."""
+    waits in eager steps until every unit has been kept once. Gated parts are IF nodes of one
+    graph (the driver's conditional nodes), or pieces of their own where the driver has none
+    (``if_nodes`` False: the driver made to look older)."""
+    if if_nodes and not graph._driver.available():
+        pytest.fail("this driver has no conditional graph nodes (CUDA 12.4+)")
+    if not if_nodes:
+        monkeypatch.setattr(graph._driver, "available", lambda: False)
     def build():
         return models.ResNet(14, num_classes=10, in_channels=1, widths=(8, 16, 16), seed=0,
                              **variant)
@@ -177,6 +188,10 @@ def test_captured_gated_resnet_steps_equal_eager(variant, opt):
         captured = _run(build, make_opt, batches, captured=True)
     run = captured[0]
     assert run.graph is not None and run.failed is None and run.recorder.gates
+    assert run.conditional_error is None
+    # IF nodes: one graph, every gated part a node; pieces: no node
+    assert bool(run.recorder.conds) == if_nodes
+    assert isinstance(run.graph, graph._PiecedGraph) != if_nodes
     assert run.calls - run.waited > 50  # most steps were replays
     _same(eager, captured)
     for se, sc in zip(eager[3].state, captured[3].state):

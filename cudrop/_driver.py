@@ -1,0 +1,107 @@
+"""The CUDA driver calls behind conditional graph nodes, which CuPy 14 does not bind (its PR
+cupy/cupy#8615 is unmerged): ``ctypes`` over ``libcuda`` (the driver library, present wherever
+a GPU is; no toolkit or extra wheel needed). cudrop.graph uses them to record a gated part of a
+captured step (depth dropout's unit body) as the body of an IF node, so that one graph launch
+runs a step and the GPU skips a dropped body by itself (measured on the H200: the earlier graph
+cut into ~150 pieces at the gates' edges spent ~0.7-1.0 ms a ResNet-56 step between pieces).
+
+Driver API names and signatures as of CUDA 12.4 (the versioned symbols CUDA 13's ``cuda.h``
+maps its names to); an older driver lacks some, and :func:`available` says False.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+__all__ = ["available", "add_if_node", "begin_capture_to_graph", "end_capture"]
+
+_COND_TYPE_IF = 0
+_NODE_TYPE_CONDITIONAL = 13
+_COND_ASSIGN_DEFAULT = 1
+_SET_CAPTURE_DEPENDENCIES = 1
+_NEEDED = ("cuCtxGetCurrent", "cuStreamGetCaptureInfo_v3", "cuGraphConditionalHandleCreate",
+           "cuGraphAddNode_v2", "cuStreamUpdateCaptureDependencies_v2",
+           "cuStreamBeginCaptureToGraph", "cuStreamEndCapture", "cuGetErrorName")
+
+
+class _NodeParams(ctypes.Structure):
+    """``CUgraphNodeParams`` (256 bytes) with its union read as ``CUDA_CONDITIONAL_NODE_PARAMS``."""
+    _fields_ = [("type", ctypes.c_int), ("reserved0", ctypes.c_int * 3),
+                ("handle", ctypes.c_uint64), ("cond_type", ctypes.c_int),
+                ("size", ctypes.c_uint), ("graphs_out", ctypes.c_void_p),
+                ("ctx", ctypes.c_void_p), ("pad", ctypes.c_char * 200),
+                ("reserved2", ctypes.c_longlong)]
+
+
+assert ctypes.sizeof(_NodeParams) == 256
+
+
+@functools.cache
+def _lib():
+    """libcuda with every call above, or None (no driver, or one older than CUDA 12.4)."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    if not all(hasattr(lib, n) for n in _NEEDED):
+        return None
+    for n in _NEEDED:
+        getattr(lib, n).restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the driver has conditional graph nodes (CUDA 12.4+)."""
+    return _lib() is not None
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        name = ctypes.c_char_p()
+        _lib().cuGetErrorName(rc, ctypes.byref(name))
+        raise RuntimeError(f"{what} failed: {(name.value or b'?').decode()} ({rc})")
+
+
+def add_if_node(stream: int) -> tuple[int, int]:
+    """Append an IF node to the graph that ``stream`` (a ``CUstream``) is capturing, after the
+    work captured so far, and make it what the capture's next work depends on. Returns
+    ``(handle, body)``: the node's condition handle (0 at every launch of the graph until a
+    kernel sets it) and its body graph, to be filled by :func:`begin_capture_to_graph`."""
+    lib = _lib()
+    s = ctypes.c_void_p(stream)
+    status, cap_id, graph = ctypes.c_int(), ctypes.c_uint64(), ctypes.c_void_p()
+    deps, edges, ndeps = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_size_t()
+    _check(lib.cuStreamGetCaptureInfo_v3(s, ctypes.byref(status), ctypes.byref(cap_id),
+                                         ctypes.byref(graph), ctypes.byref(deps),
+                                         ctypes.byref(edges), ctypes.byref(ndeps)),
+           "cuStreamGetCaptureInfo")
+    ctx, handle = ctypes.c_void_p(), ctypes.c_uint64()
+    _check(lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+    _check(lib.cuGraphConditionalHandleCreate(ctypes.byref(handle), graph, ctx, 0,
+                                              _COND_ASSIGN_DEFAULT),
+           "cuGraphConditionalHandleCreate")
+    p = _NodeParams(type=_NODE_TYPE_CONDITIONAL, handle=handle.value, cond_type=_COND_TYPE_IF,
+                    size=1, ctx=ctx)
+    node = ctypes.c_void_p()
+    _check(lib.cuGraphAddNode_v2(ctypes.byref(node), graph, deps, edges, ndeps, ctypes.byref(p)),
+           "cuGraphAddNode (conditional)")
+    _check(lib.cuStreamUpdateCaptureDependencies_v2(s, ctypes.byref(node), None, 1,
+                                                    _SET_CAPTURE_DEPENDENCIES),
+           "cuStreamUpdateCaptureDependencies")
+    body = ctypes.cast(p.graphs_out, ctypes.POINTER(ctypes.c_void_p))[0]
+    return handle.value, body
+
+
+def begin_capture_to_graph(stream: int, graph: int, mode: int) -> None:
+    """Capture what ``stream`` runs next into the existing ``graph`` (an IF node's body)."""
+    _check(_lib().cuStreamBeginCaptureToGraph(ctypes.c_void_p(stream), ctypes.c_void_p(graph),
+                                               None, None, 0, mode),
+           "cuStreamBeginCaptureToGraph")
+
+
+def end_capture(stream: int) -> None:
+    """End ``stream``'s capture into a graph begun by :func:`begin_capture_to_graph` (the graph
+    stays the node's)."""
+    out = ctypes.c_void_p()
+    _check(_lib().cuStreamEndCapture(ctypes.c_void_p(stream), ctypes.byref(out)),
+           "cuStreamEndCapture")
