@@ -19,8 +19,9 @@ median of 5 such runs. Memory: what CuPy's pool (and a captured step's private p
 the timed steps, in MiB (target: captured <= 1.1x eager). A case that fails in one library is
 recorded with its error and the run goes on. JSON: $OUT/train_step.json; a table last.
 
-    python benchmarks/train_step.py [case-prefix ...]    (e.g. "gpt vit": only those;
-                                                          "mlp-sliceout:bfloat16": one dtype)
+    python benchmarks/train_step.py [--pieces] [case-prefix ...]
+        (e.g. "gpt vit": only those; "mlp-sliceout:bfloat16": one dtype; --pieces: captured
+        gated units as graph pieces, not IF nodes: ``graph.capture(if_nodes=False)``)
 """
 from __future__ import annotations
 
@@ -132,12 +133,12 @@ def cudrop_step(case):
     return model, opt, step, batches
 
 
-def _cudrop(case, captured):
+def _cudrop(case, captured, if_nodes=None):
     cp = backend.cupy
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
     model, opt, step, batches = cudrop_step(case)
-    run = graph.capture(step, model=model, optimizer=opt) if captured else step
+    run = graph.capture(step, model=model, optimizer=opt, if_nodes=if_nodes) if captured else step
     ms = _rate(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time, run,
                batches)
     # captured: gated units as IF nodes of one graph, or as pieces (an older driver)
@@ -315,12 +316,14 @@ def main():
     except ImportError:
         have_torch = False
     wanted = sys.argv[1:]
+    if_nodes = False if "--pieces" in wanted else None
+    wanted = [w for w in wanted if w != "--pieces"]
     rows = []
     for case in _cases():
         if not selected(case, wanted):
             continue
         eager, err_e = _guarded(_cudrop, case, False)
-        cap, err_c = _guarded(_cudrop, case, True)
+        cap, err_c = _guarded(_cudrop, case, True, if_nodes)
         t_eager = t_graph = err_t = None
         if have_torch and case.torch is not None:
             t_eager, err_t = _guarded(_torch, case, False)
@@ -328,7 +331,8 @@ def main():
             err_t = err_t or err_tg
         row = dict(case=case.name, dtype=case.dtype.name, batch=case.shape[0],
                    cudrop_eager_ms=eager and eager[0], cudrop_graph_ms=cap and cap[0],
-                   captured=(cap and cap[1]) or False, torch_eager_ms=t_eager, torch_graph_ms=t_graph,
+                   captured=(cap and cap[1]) or False, torch_eager_ms=t_eager,
+                   torch_graph_ms=t_graph,
                    cudrop_eager_mb=eager and eager[2], cudrop_graph_mb=cap and cap[2],
                    cudrop_error=err_e or err_c, torch_error=err_t)
         row["graph_memory_ratio"] = (cap[2] / eager[2]) if cap and eager else None

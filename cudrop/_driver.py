@@ -62,11 +62,12 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"{what} failed: {(name.value or b'?').decode()} ({rc})")
 
 
-def add_if_node(stream: int) -> tuple[int, int]:
+def add_if_node(stream: int) -> tuple[int, int, int, int]:
     """Append an IF node to the graph that ``stream`` (a ``CUstream``) is capturing, after the
     work captured so far, and make it what the capture's next work depends on. Returns
-    ``(handle, body)``: the node's condition handle (0 at every launch of the graph until a
-    kernel sets it) and its body graph, to be filled by :func:`begin_capture_to_graph`."""
+    ``(handle, node, body, graph)``: the node's condition handle (0 at every launch of the
+    graph until a kernel sets it), the node, its body graph (to be captured into, see
+    :func:`begin_capture_to_graph`) and the graph being captured."""
     lib = _lib()
     s = ctypes.c_void_p(stream)
     status, cap_id, graph = ctypes.c_int(), ctypes.c_uint64(), ctypes.c_void_p()
@@ -89,19 +90,22 @@ def add_if_node(stream: int) -> tuple[int, int]:
                                                     _SET_CAPTURE_DEPENDENCIES),
            "cuStreamUpdateCaptureDependencies")
     body = ctypes.cast(p.graphs_out, ctypes.POINTER(ctypes.c_void_p))[0]
-    return handle.value, body
+    return handle.value, node.value, body, graph.value
 
 
-def begin_capture_to_graph(stream: int, graph: int, mode: int) -> None:
-    """Capture what ``stream`` runs next into the existing ``graph`` (an IF node's body)."""
-    _check(_lib().cuStreamBeginCaptureToGraph(ctypes.c_void_p(stream), ctypes.c_void_p(graph),
-                                               None, None, 0, mode),
-           "cuStreamBeginCaptureToGraph")
+def begin_capture_to_graph(stream: int, graph: int, mode: int, after: int | None = None) -> None:
+    """Capture what ``stream`` runs next into the existing ``graph`` (an IF node's body, or
+    the step's graph again), after node ``after`` of it if given."""
+    dep = ctypes.c_void_p(after)
+    _check(_lib().cuStreamBeginCaptureToGraph(
+        ctypes.c_void_p(stream), ctypes.c_void_p(graph),
+        None if after is None else ctypes.byref(dep), None, 0 if after is None else 1, mode),
+        "cuStreamBeginCaptureToGraph")
 
 
 def end_capture(stream: int) -> None:
-    """End ``stream``'s capture into a graph begun by :func:`begin_capture_to_graph` (the graph
-    stays the node's)."""
+    """End ``stream``'s capture; the graph it captured into stays its owner's (the caller
+    holds the step's graph, an IF node holds its body)."""
     out = ctypes.c_void_p()
     _check(_lib().cuStreamEndCapture(ctypes.c_void_p(stream), ctypes.byref(out)),
            "cuStreamEndCapture")

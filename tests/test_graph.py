@@ -25,7 +25,7 @@ def _batches(steps, batch=128, features=64, classes=10, seed=0, shape=None):
              cp.asarray(rng.integers(0, classes, batch))) for _ in range(steps)]
 
 
-def _run(build, make_opt, batches, captured):
+def _run(build, make_opt, batches, captured, if_nodes=None):
     model = build().to("gpu")
     opt = make_opt(model.parameters())
     sched = optim.LinearWarmup(opt, 3, after=optim.CosineLR(opt, total_steps=len(batches)))
@@ -38,7 +38,8 @@ def _run(build, make_opt, batches, captured):
         sched.step()
         return loss
 
-    run = graph.capture(step, model=model, optimizer=opt, schedule=sched) if captured else step
+    run = graph.capture(step, model=model, optimizer=opt, schedule=sched,
+                        if_nodes=if_nodes) if captured else step
     losses = [float(run(x, y).data) for x, y in batches]
     return run, losses, model, opt
 
@@ -163,18 +164,14 @@ _GATED = [(dict(depth_dropout=0.5), "sgd", True), (dict(depth_dropout=0.5), "ada
 
 
 @pytest.mark.parametrize("variant,opt,if_nodes", _GATED)
-def test_captured_gated_resnet_steps_equal_eager(variant, opt, if_nodes, monkeypatch):
+def test_captured_gated_resnet_steps_equal_eager(variant, opt, if_nodes):
     """Depth dropout and stochastic depth (batch gates) replay one graph whose dropped bodies
     are skipped per replay (graph.gate), over 100 steps: losses, weights, BatchNorm
     running statistics, unit steps and the optimizers' per-parameter step counts equal eager
     mode's, where a dropped body is not run and its parameters are not updated. The capture
     waits in eager steps until every unit has been kept once. Gated parts are IF nodes of one
     graph (the driver's conditional nodes), or pieces of their own where the driver has none
-    (``if_nodes`` False: the driver made to look older)."""
-    if if_nodes and not graph._driver.available():
-        pytest.fail("this driver has no conditional graph nodes (CUDA 12.4+)")
-    if not if_nodes:
-        monkeypatch.setattr(graph._driver, "available", lambda: False)
+    (``capture(if_nodes=False)``)."""
     def build():
         return models.ResNet(14, num_classes=10, in_channels=1, widths=(8, 16, 16), seed=0,
                              **variant)
@@ -185,7 +182,7 @@ def test_captured_gated_resnet_steps_equal_eager(variant, opt, if_nodes, monkeyp
     eager = _run(build, make_opt, batches, captured=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to eager would warn: fail instead
-        captured = _run(build, make_opt, batches, captured=True)
+        captured = _run(build, make_opt, batches, captured=True, if_nodes=if_nodes)
     run = captured[0]
     assert run.graph is not None and run.failed is None and run.recorder.gates
     assert run.conditional_error is None

@@ -89,26 +89,22 @@ def run_backward(root, grad, retain_graph=False):
     grads = {id(root): grad}
     keep = {id(root): root}  # ids are only unique while the objects live
     handed = {id(grad)}  # arrays given to some tensor in this pass (a reused id only copies)
-    heap, seen = [], set()
     pending = _count_hooked_uses(root) if _hooked else None
-
-    def push(f):
-        if f is not None and id(f) not in seen:
-            seen.add(id(f))
-            heapq.heappush(heap, (-f.generation, id(f), f))
 
     if root.creator is None:
         _accumulate_leaf(root, grad)
         _run_hooks(root)
         return
-    push(root.creator)
     # In a capture with gated parts (graph.gate): each op's backward is recorded into its
     # forward's part, and a gradient is summed only within one part (a skipped part's stale
     # gradient must not reach a running sum).
     capturing = graph.is_capturing()
+    order = (_ByPart if capturing else _ByGeneration)(root.creator)
     grad_gates = {}
-    while heap:
-        _, _, f = heapq.heappop(heap)
+    while True:
+        f = order.pop()
+        if f is None:
+            break
         if not hasattr(f, "_out_meta"):
             raise RuntimeError("backward through a graph that was already freed; pass "
                                "retain_graph=True to the first backward() to keep it")
@@ -141,6 +137,8 @@ def run_backward(root, grad, retain_graph=False):
         for x, gx in zip(f.inputs, gxs):
             if x is None or not x.requires_grad:
                 continue
+            if x.creator is not None:
+                order.edge(x.creator, gx is not None)
             if gx is not None and gx.shape != x.shape:
                 raise RuntimeError(f"{f!r}.backward gave a gradient of shape {gx.shape} for an "
                                    f"input of shape {x.shape}")
@@ -159,7 +157,6 @@ def run_backward(root, grad, retain_graph=False):
                                              "to one summed outside it")
                 grads[id(x)] = gx if prev is None else _act.add(prev, gx)
                 keep[id(x)] = x
-                push(x.creator)
         if not retain_graph:
             # Drop arrays the op saved for backward; the graph is single-use by default.
             f.__dict__ = {"inputs": (), "outputs": [], "generation": f.generation}
@@ -169,6 +166,77 @@ def run_backward(root, grad, retain_graph=False):
         for _, leaf in pending.values():  # edges on paths that carried no gradient
             if leaf.grad is not None:
                 _run_hooks(leaf)
+
+
+class _ByGeneration:
+    """The eager backward order: the op of the highest generation first. Every consumer of an
+    op's outputs has a higher generation, so an op runs after all its gradients arrived. An op
+    no gradient reaches is never run."""
+
+    def __init__(self, root_fn):
+        self.heap, self.seen = [], set()
+        self.edge(root_fn, True)
+
+    def edge(self, f, carries: bool) -> None:
+        """A consumer's backward ran for an edge into ``f``; ``carries``: it gave a gradient."""
+        if carries and id(f) not in self.seen:
+            self.seen.add(id(f))
+            heapq.heappush(self.heap, (-f.generation, id(f), f))
+
+    def pop(self):
+        return heapq.heappop(self.heap)[2] if self.heap else None
+
+
+class _ByPart:
+    """The backward order while a step is captured: an op runs once every consumer edge into
+    it has run (counted beforehand), and among the ready ops those of the part being recorded
+    (graph.current_gate) go first, else the highest generation. So a gated unit's backward is
+    one part of the graph (one IF node or piece), where the generation order alternated
+    between its body and the ungated shortcut at each generation (two parts a ResNet depth
+    unit). Costs one walk over the graph, once per capture."""
+
+    def __init__(self, root_fn):
+        self.waiting = {}  # id(op) -> consumer edges into it that have not run
+        stack, seen = [root_fn], {id(root_fn)}
+        while stack:
+            for c in _creators(stack.pop()):
+                self.waiting[id(c)] = self.waiting.get(id(c), 0) + 1
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    stack.append(c)
+        self.reached = {id(root_fn)}  # ops some gradient reached
+        self.ready = {}  # gate -> heap of its ready ops
+        self._ready(root_fn)
+
+    def _ready(self, f):
+        heapq.heappush(self.ready.setdefault(f._gate, []), (-f.generation, id(f), f))
+
+    def edge(self, f, carries: bool) -> None:
+        if carries:
+            self.reached.add(id(f))
+        stack = [f]
+        while stack:
+            f = stack.pop()
+            self.waiting[id(f)] -= 1
+            if self.waiting[id(f)] == 0:
+                if id(f) in self.reached:
+                    self._ready(f)
+                else:  # no gradient reaches f: it does not run, so its own edges are done
+                    stack.extend(_creators(f))
+
+    def pop(self):
+        heap = self.ready.get(graph.current_gate())
+        if not heap:
+            heap = min((h for h in self.ready.values() if h), key=lambda h: h[0], default=None)
+            if heap is None:
+                return None
+        return heapq.heappop(heap)[2]
+
+
+def _creators(f):
+    """The creators of ``f``'s inputs that want a gradient, one per edge."""
+    return [x.creator for x in f.inputs
+            if x is not None and x.requires_grad and x.creator is not None]
 
 
 def _count_hooked_uses(root):
