@@ -128,7 +128,7 @@ class Gate:
     def __init__(self, decide, name, recorder):
         self.decide, self.name, self._rec = decide, name, recorder
         self.on = True  # this replay's decision (a capture records the part as running)
-        self.flag = None  # index of its uint32 device flag (its IF nodes' condition), if any
+        self._flag = None
         self.counters = {}  # name -> increment of the module counters the part advances
         self.opt_states = []  # optimizer states whose step count the part's updates advance
 
@@ -140,6 +140,15 @@ class Gate:
         v = float(np.asarray(value, dt))
         return self._rec.slot(lambda: v if self.on else 0.0,
                               np.dtype(np.float64 if dt == np.float64 else np.float32))
+
+    def flag(self):
+        """``(index, array)``: the part's uint32 device flag among the replay's scalars, 1 in
+        the replays that run it, 0 in the others (made on first use). Its IF nodes' condition;
+        kernels outside the part read it to skip its work (the optimizers' fused updates)."""
+        if self._flag is None:
+            i = len(self._rec.providers[_DTYPES[0]])
+            self._flag = (i, self._rec.slot(lambda: 1 if self.on else 0, _DTYPES[0]))
+        return self._flag
 
     def __enter__(self):
         if self._rec.current is not None:
@@ -262,12 +271,9 @@ class _Recorder:
         if not self.conds:  # ahead of every IF node: the one kernel that sets their conditions
             raw_kernels.kernel("graph.cu", "set_conditions")(
                 (1,), (256,), (self.cond_table, self.device[_DTYPES[0]]))
-        if g.flag is None:
-            g.flag = len(self.providers[_DTYPES[0]])
-            self.slot(lambda: 1 if g.on else 0, _DTYPES[0])
         s = self.stream.ptr
         handle, node, body, step_graph = _driver.add_if_node(s)
-        self.conds.append((handle, g.flag))
+        self.conds.append((handle, g.flag()[0]))
         _driver.end_capture(s)
         self.body_of = (step_graph, node)
         _driver.begin_capture_to_graph(s, body, self.mode)

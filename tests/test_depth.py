@@ -761,8 +761,10 @@ def test_a_gated_unit_is_three_parts_of_a_captured_step(monkeypatch):
     """A captured ResNet with depth dropout records each unit's body as three gated parts:
     its forward, its backward (one part although the ungated shortcut's backward runs beside
     it at the same generations: autograd's capture order finishes the part being recorded
-    first) and its parameters' updates. Each part is an IF node or a piece on the GPU (per
-    part a few µs of GPU time a replay), so fewer parts are a faster step."""
+    first) and its parameters' updates (here NumPy's; on the GPU, SGD's fused kernel skips a
+    dropped unit's updates by the gate's device flag, in the ungated launch: two parts). Each
+    part is an IF node or a piece on the GPU (a few µs of GPU time a replay), so fewer parts
+    are a faster step."""
     graph = _host_capture(monkeypatch)
     from cudrop import models, optim
 

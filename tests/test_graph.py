@@ -188,6 +188,8 @@ def test_captured_gated_resnet_steps_equal_eager(variant, opt, if_nodes):
     assert run.conditional_error is None
     # IF nodes: one graph, every gated part a node; pieces: no node
     assert bool(run.recorder.conds) == if_nodes
+    if if_nodes:  # per unit: forward, backward, and Adam's updates (SGD's read the flag)
+        assert len(run.recorder.conds) == (2 if opt == "sgd" else 3) * len(run.recorder.gates)
     assert isinstance(run.graph, graph._PiecedGraph) != if_nodes
     assert run.calls - run.waited > 50  # most steps were replays
     _same(eager, captured)

@@ -116,7 +116,8 @@ class Optimizer:
         """
         guard = None  # (skip flag, inv_scale) for the fused kernels, made once per step
         # In a capture with gated parts (depth dropout: graph.gate), a gated parameter's update
-        # is recorded into its part, so a replay that skips the part skips the update.
+        # is skipped when a replay skips its part: the fused kernel reads the gate's device flag
+        # (_gates_in_kernel) in the ungated launch, else the update is recorded into the part.
         gates = None
         if graph.is_capturing():
             graph.require_state(self)
@@ -161,10 +162,13 @@ class Optimizer:
                     # it would hand the other updates a stale skip flag.
                     graph.switch(None)
                     guard = (_device_flag(skip), null_or(inv_scale))
+                flag = None
+                if gate is not None and self._gates_in_kernel:
+                    gate, flag = None, gate.flag()[1]
                 if batch_key != (p.data.dtype, gate):
                     flush()
                     batch_key = (p.data.dtype, gate)
-                batch.append(Fused(p.data, None if w is p.data else w, g, st))
+                batch.append(Fused(p.data, None if w is p.data else w, g, st, flag))
                 continue
             flush()
             graph.switch(gate)
@@ -203,6 +207,11 @@ class Optimizer:
     # _fused_many(batch, guard): the updates of a run of parameters of one dtype (Fused tuples),
     # launched through launch_fused; guard is Optimizer.step's (skip flag, inv_scale).
     _fused_many = None
+    # Whether _fused_many passes Fused.gate to its kernel: one launch serves gated and ungated
+    # parameters alike (SGD: every parameter steps with the same scalars). Adam's step size
+    # depends on each parameter's step count, which a skipped unit does not advance: its gated
+    # updates stay in their parts.
+    _gates_in_kernel = False
 
     def _fuses(self, p, g):
         return (self._fused_many is not None and g.dtype == p.dtype and p.flags.c_contiguous
@@ -256,11 +265,14 @@ class Optimizer:
 
 class Fused(NamedTuple):
     """One parameter's fused update: the parameter, its float32 master copy (16-bit parameters;
-    else None), its gradient and its state."""
+    else None), its gradient, its state, and in a captured step the device flag of the gate
+    whose unit gives it its gradient (``Gate.flag``; the kernel skips the update where it is
+    0), or None."""
     p: object
     master: object
     grad: object
     state: dict
+    gate: object = None
 
 
 _NULL = np.uintp(0)
@@ -295,21 +307,23 @@ MULTI = 48
 _TABLE = np.dtype([("n", "<i8", (MULTI,)), ("block_end", "<i8", (MULTI,)),
                    ("p", "<u8", (MULTI,)), ("master", "<u8", (MULTI,)), ("grad", "<u8", (MULTI,)),
                    ("state1", "<u8", (MULTI,)), ("state2", "<u8", (MULTI,)),
-                   ("first", "<i4", (MULTI,))])
+                   ("gate", "<u8", (MULTI,)), ("first", "<i4", (MULTI,))])
 # Blocks of 256 threads a parameter at most (larger parameters are strided through).
 _MAX_BLOCKS = 8192
 
 
 class TableEntry(NamedTuple):
     """One parameter of a fused launch: the parameter, its float32 master copy or None, its
-    gradient, its state arrays (SGD: momentum buffer or None, None; Adam: m, v) and whether the
-    first state array is new (SGD's first step with momentum)."""
+    gradient, its state arrays (SGD: momentum buffer or None, None; Adam: m, v), whether the
+    first state array is new (SGD's first step with momentum) and its gate's device flag
+    (:attr:`Fused.gate`)."""
     p: object
     master: object
     grad: object
     state1: object
     state2: object = None
     first: bool = False
+    gate: object = None
 
 
 def _ptr(a):
@@ -334,7 +348,7 @@ def launch_fused(fn, entries, args, guard, *, vector=False):
         row["block_end"][:k] = np.cumsum([min(-(-e.p.size // b), _MAX_BLOCKS)
                                           for e, b in zip(chunk, per_block)])
         row["n"][:k] = [e.p.size for e in chunk]
-        for field in ("p", "master", "grad", "state1", "state2"):
+        for field in ("p", "master", "grad", "state1", "state2", "gate"):
             row[field][:k] = [_ptr(getattr(e, field)) for e in chunk]
         row["first"][:k] = [e.first for e in chunk]
         # --fmad=false: no multiply-add contraction, so the fused update rounds exactly as the

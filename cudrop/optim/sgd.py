@@ -15,6 +15,7 @@ class SGD(Optimizer):
     then ``p -= lr * g``."""
 
     _hyper = ("momentum", "nesterov", "weight_decay")
+    _gates_in_kernel = True
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
         super().__init__(params, lr)
@@ -44,8 +45,8 @@ class SGD(Optimizer):
 
     def _fused_many(self, batch, guard):
         """The run's updates as ``sgd_step`` launches of up to 48 parameters each."""
-        entries = [TableEntry(f.p, f.master, f.grad, *self._buffer(f.p, f.master, f.state))
-                   for f in batch]
+        entries = [TableEntry(f.p, f.master, f.grad, *self._buffer(f.p, f.master, f.state),
+                              gate=f.gate) for f in batch]
         w = batch[0].master if batch[0].master is not None else batch[0].p
         lr = step_scalar(graph.scalar(self.lr, lambda: self.lr, w.dtype))
         launch_fused("sgd_step", entries,

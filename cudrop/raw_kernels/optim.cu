@@ -93,12 +93,20 @@ struct cd_multi_table {
     // state1: SGD's momentum buffer (or null) / Adam's m; state2: Adam's v (SGD: unused)
     unsigned long long p[CD_MULTI], master[CD_MULTI], grad[CD_MULTI], state1[CD_MULTI],
         state2[CD_MULTI];
+    // a gated parameter's flag in a captured step (cudrop/graph.py: unsigned, 0 when this
+    // replay skips its unit: its update is skipped too), or null
+    unsigned long long gate[CD_MULTI];
     int first[CD_MULTI];
 };
 
 // The parameter of this block and the block's place among that parameter's blocks:
 // (index, first thread, thread stride) of a grid-stride walk over it.
 struct cd_multi_slot { int i; long long start, stride; };
+
+// Whether parameter i's unit is skipped in this replay (its gate flag is 0): no update.
+__device__ __forceinline__ bool cd_multi_skipped(const cd_multi_table& t, int i) {
+    return t.gate[i] && *reinterpret_cast<const unsigned*>(t.gate[i]) == 0u;
+}
 
 __device__ __forceinline__ cd_multi_slot cd_multi_find(const cd_multi_table& t, int count) {
     int i = 0;
@@ -118,6 +126,7 @@ __global__ void sgd_step(const cd_multi_table t, int count,
     if (error && *error) return;
     const cd_multi_slot at = cd_multi_find(t, count);
     const int i = at.i;
+    if (cd_multi_skipped(t, i)) return;
     sgd_range<T, S>(reinterpret_cast<T*>(t.p[i]), reinterpret_cast<S*>(t.master[i]),
                     reinterpret_cast<const T*>(t.grad[i]), reinterpret_cast<S*>(t.state1[i]),
                     t.first[i] != 0, t.n[i], at.start, at.stride,
@@ -176,6 +185,7 @@ __global__ void adam_step(const cd_multi_table t, int count,
     if (error && *error) return;
     const cd_multi_slot at = cd_multi_find(t, count);
     const int i = at.i;
+    if (cd_multi_skipped(t, i)) return;
     adam_range(reinterpret_cast<T*>(t.p[i]), reinterpret_cast<S*>(t.master[i]),
                reinterpret_cast<const T*>(t.grad[i]), reinterpret_cast<S*>(t.state1[i]),
                reinterpret_cast<S*>(t.state2[i]), t.n[i], at.start, at.stride,
