@@ -19,9 +19,9 @@ median of 5 such runs. Memory: what CuPy's pool (and a captured step's private p
 the timed steps, in MiB (target: captured <= 1.1x eager). A case that fails in one library is
 recorded with its error and the run goes on. JSON: $OUT/train_step.json; a table last.
 
-    python benchmarks/train_step.py [--pieces] [case-prefix ...]
-        (e.g. "gpt vit": only those; "mlp-sliceout:bfloat16": one dtype; --pieces: captured
-        gated units as graph pieces, not IF nodes: ``graph.capture(if_nodes=False)``)
+    python benchmarks/train_step.py [--if-nodes] [case-prefix ...]
+        (e.g. "gpt vit": only those; "mlp-sliceout:bfloat16": one dtype; --if-nodes: captured
+        gated units as conditional IF nodes of one graph, ``graph.capture(if_nodes=True)``)
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def cudrop_step(case):
     return model, opt, step, batches
 
 
-def _cudrop(case, captured, if_nodes=None):
+def _cudrop(case, captured, if_nodes=False):
     cp = backend.cupy
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
@@ -141,7 +141,7 @@ def _cudrop(case, captured, if_nodes=None):
     run = graph.capture(step, model=model, optimizer=opt, if_nodes=if_nodes) if captured else step
     ms = _rate(cp.cuda.Device().synchronize, cp.cuda.Event, cp.cuda.get_elapsed_time, run,
                batches)
-    # captured: gated units as IF nodes of one graph, or as pieces (an older driver)
+    # captured: gated units as IF nodes of one graph, or as pieces (the default)
     ok = (not captured) or (run.graph is not None and run.failed is None and (
         "if-nodes" if run.recorder.conds else
         "pieces" if isinstance(run.graph, graph._PiecedGraph) else "one graph"))
@@ -316,8 +316,8 @@ def main():
     except ImportError:
         have_torch = False
     wanted = sys.argv[1:]
-    if_nodes = False if "--pieces" in wanted else None
-    wanted = [w for w in wanted if w != "--pieces"]
+    if_nodes = "--if-nodes" in wanted
+    wanted = [w for w in wanted if w != "--if-nodes"]
     rows = []
     for case in _cases():
         if not selected(case, wanted):

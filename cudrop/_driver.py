@@ -1,9 +1,10 @@
 """The CUDA driver calls behind conditional graph nodes, which CuPy 14 does not bind (its PR
 cupy/cupy#8615 is unmerged): ``ctypes`` over ``libcuda`` (the driver library, present wherever
-a GPU is; no toolkit or extra wheel needed). cudrop.graph uses them to record a gated part of a
-captured step (depth dropout's unit body) as the body of an IF node, so that one graph launch
-runs a step and the GPU skips a dropped body by itself (measured on the H200: the earlier graph
-cut into ~150 pieces at the gates' edges spent ~0.7-1.0 ms a ResNet-56 step between pieces).
+a GPU is; no toolkit or extra wheel needed). ``cudrop.graph.capture(if_nodes=True)`` records
+each gated part of a captured step (a depth-dropout unit's forward or backward) as the body of
+an IF node, so that one graph launch runs a step and the GPU skips a dropped body by itself.
+Not the default: on the H200 an IF node costs ~5 µs of GPU time more than the boundary between
+two separately launched graph pieces (cudrop/graph.py's docstring has the numbers).
 
 Driver API names and signatures as of CUDA 12.4 (the versioned symbols CUDA 13's ``cuda.h``
 maps its names to); an older driver lacks some, and :func:`available` says False.

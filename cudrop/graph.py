@@ -30,15 +30,22 @@ sub-networks, each row's group (ragged groups included) and the keep bits
 
 Depth dropout and stochastic depth (batch mode) are captured with *gates*: their gate is a
 pure function of the unit's step, so the host knows each replay's gates without asking the GPU.
-A capture records every unit as kept; each gated unit's body -- its forward, its backward and
-its parameters' optimizer updates -- is recorded as the bodies of CUDA conditional IF nodes
-(``cudrop._driver``; CUDA 12.4+), whose conditions one kernel at the head of the graph sets
-from the gates' flags uploaded with the replay's scalars: one graph launch a step, and the GPU
-skips a dropped body by itself, exactly as eager mode does not run it. On an older driver, or
-when a body holds work an IF node cannot (an event, a host node), the capture is cut into
-pieces at the gated parts' edges instead, and a replay launches the pieces in order, skipping
-the gated ones whose unit the host drops (measured on the H200: ~5 µs of GPU idle per piece,
-~0.7-1.0 ms a ResNet-56 step). The unit's output and its input gradient select on a device
+A capture records every unit as kept; each gated unit's body -- its forward and its backward
+(SGD's fused updates skip a dropped unit's parameters by reading its gate's device flag; the
+other optimizers' updates of them are a gated part too) -- is recorded as a gated part of the
+step, in one of two ways:
+
+- pieces (the default): the capture is cut at the gated parts' edges and a replay launches the
+  pieces in order, skipping the gated ones whose unit the host drops;
+- conditional IF nodes (``capture(if_nodes=True)``; ``cudrop._driver``, CUDA 12.4+): one graph
+  whose gated parts are IF nodes' bodies, their conditions set by one kernel at the head of the
+  graph from the gates' flags uploaded with the replay's scalars: one launch a step.
+
+Either way the GPU runs no dropped body, exactly as eager mode does not. Measured on the H200
+(benchmarks/train_step.py, ResNet-56 batch 128, 2 parts a unit): IF nodes cost ~5 µs of GPU time
+more per part than a piece boundary (fp32 depth dropout p = 0.25: 12.08 vs 11.76 ms a step,
+bf16 8.16 vs 7.86), so pieces are the default; IF nodes save the host the ~110 piece launches a
+step. The unit's output and its input gradient select on a device
 scalar (the body's scale, or 0 when dropped), so a skipped body's stale buffers are never used;
 the counters and optimizer step counts that a dropped body would not have advanced are put
 back after the replay. A gated parameter must have optimizer state before it can be
@@ -395,7 +402,7 @@ class CapturedStep:
     """A training step replayed from a CUDA graph (see the module docstring); built by
     :func:`capture`."""
 
-    def __init__(self, fn, model, optimizer=None, schedule=None, warmup=2, if_nodes=None):
+    def __init__(self, fn, model, optimizer=None, schedule=None, warmup=2, if_nodes=False):
         cp = backend.cupy
         if cp is None or not backend.gpu_available():
             raise RuntimeError("cudrop.graph.capture needs CuPy and a CUDA GPU")
@@ -405,9 +412,9 @@ class CapturedStep:
         self.pool = cp.cuda.MemoryPool()
         self.graph = None
         self.failed = None  # why capturing failed: then every call is eager
-        # gated parts as IF nodes of one graph where the driver has them; pieces after a
-        # capture with IF nodes failed (conditional_error says why)
-        self.conditional = _driver.available() if if_nodes is None else bool(if_nodes)
+        # gated parts as IF nodes of one graph when asked; pieces after a capture with IF
+        # nodes failed (conditional_error says why)
+        self.conditional = bool(if_nodes)
         if self.conditional and not _driver.available():
             raise RuntimeError("cudrop.graph.capture(if_nodes=True): this CUDA driver has no "
                                "conditional graph nodes (CUDA 12.4+)")
@@ -547,7 +554,7 @@ class _PiecedGraph:
                 piece.launch(stream)
 
 
-def capture(fn, *, model, optimizer=None, schedule=None, warmup=2, if_nodes=None):
+def capture(fn, *, model, optimizer=None, schedule=None, warmup=2, if_nodes=False):
     """Wrap ``fn(*arrays) -> loss`` (one eager training step of ``model`` with ``optimizer``
     and ``schedule``) so that after ``warmup`` eager calls it is recorded once into a CUDA graph
     and replayed for every later batch of the same shapes. Returns a :class:`CapturedStep`;
@@ -555,6 +562,7 @@ def capture(fn, *, model, optimizer=None, schedule=None, warmup=2, if_nodes=None
     overwrites; copy it to keep it). Masks, learning rates and optimizer state evolve exactly as
     in eager mode. Falls back to eager mode, with one warning, when the step cannot be captured.
     ``if_nodes``: record gated parts (depth dropout's units) as conditional IF nodes of one
-    graph (True), or as pieces of their own (False); None: IF nodes where the driver has them.
+    graph (True: one launch a step, the least host time), or as pieces of their own (False, the
+    default: the faster GPU step, see the module docstring).
     """
     return CapturedStep(fn, model, optimizer, schedule, warmup, if_nodes)
