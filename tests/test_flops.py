@@ -45,16 +45,27 @@ def test_the_dense_step_counts_its_products():
     assert _mlp_step_flops("none", 0.0, steps=1) == 2 * _DENSE
 
 
-@pytest.mark.parametrize("kind", ["sliceout", "sparsedrop", "blockwise"])
+@pytest.mark.parametrize("kind", ["sparsedrop", "blockwise"])
 def test_structured_variants_skip_work_in_proportion_to_p(kind):
     """The dropped layers' products shrink with the kept fraction: the step runs 1 - p x their
-    share of the dense step's work (exactly for SliceOut's fixed keep; within a few percent for
-    the random block counts of SparseDrop and block-wise dropout)."""
+    share of the dense step's work (within a few percent for the random block counts of
+    SparseDrop and block-wise dropout)."""
     dense = _mlp_step_flops("none", 0.0)
     ratios = [_mlp_step_flops(kind, p) / dense for p in (0.25, 0.5, 0.75)]
     assert ratios[0] > ratios[1] > ratios[2]
     for p, r in zip((0.25, 0.5, 0.75), ratios):
         assert abs(r - (1 - p * _DROPPED_SHARE)) < 0.04, (p, r)
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.75])
+def test_sliceout_mlp_runs_each_layer_on_its_kept_block(p):
+    """SliceOut's MLP (nn.SliceOutChain) keeps a fraction q = 1 - p of every hidden layer's
+    units (exactly: 512 units, 32-unit aligned slices) and computes only those: the first
+    layer's products shrink by q, the hidden one's by q^2 (both its inputs and its outputs
+    are sliced), the last one's by q."""
+    q = 1 - p
+    macs = 2 * 512 ** 3 * q + 3 * 512 ** 3 * q * q + 3 * 512 ** 2 * 10 * q  # a step's
+    assert _mlp_step_flops("sliceout", p) == 3 * 2 * macs  # 3 steps, 2 FLOPs a multiply-add
 
 
 @pytest.mark.parametrize("kind", ["dropout", "gyro"])

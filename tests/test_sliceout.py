@@ -285,6 +285,122 @@ def test_linear_output_slicing_matches_dense(xp, sl, m, k, bias, three_d, seed):
     check_grad(fn, *opt(x, w, b))
 
 
+def selection(xp, mask):
+    """The (keep, n) 0/1 float64 matrix that embeds a mask's kept units in all n (row j: the
+    j-th kept unit), counted here from the ranges."""
+    kept = [u for lo, hi in mask.ranges for u in range(lo, hi)]
+    sel = np.zeros((len(kept), mask.n_units))
+    sel[np.arange(len(kept)), kept] = 1.0
+    return xp.asarray(sel)
+
+
+@given(sl_in=st.none() | slices(), sl_out=st.none() | slices(), m=st.integers(1, 4),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_compact_matches_dense(xp, sl_in, sl_out, m, bias, seed):
+    """sliceout_linear_compact on the kept units equals the dense Linear of the full
+    activation with the input mask applied (m / q), restricted to the kept output units;
+    every gradient too, and the weight and bias gradients are exact zeros outside the block."""
+    rng = np.random.default_rng(seed)
+    k = 5 if sl_in is None else sl_in.n_units
+    n = 4 if sl_out is None else sl_out.n_units
+    x = normal(xp, rng, (m, k if sl_in is None else sl_in.keep))
+    w = normal(xp, rng, (k, n))
+    b = normal(xp, rng, (n,)) if bias else None
+    p_in = None if sl_in is None else selection(xp, sl_in)
+    p_out = None if sl_out is None else selection(xp, sl_out)
+    mq = None if sl_in is None else scaled_mask(xp, sl_in)
+
+    def dense(x_, w_, *b_):
+        h = x_ if p_in is None else (x_ @ p_in) * mq  # the full activation, dropped and scaled
+        y = h @ w_ + b_[0] if b_ else h @ w_
+        return y if p_out is None else y @ p_out.T  # its kept output units
+
+    fn = lambda x_, w_, *b_: ag.sliceout_linear_compact(  # noqa: E731
+        x_, w_, b_[0] if b_ else None, in_mask=sl_in, out_mask=sl_out)
+    _, (gx, gw, *gb) = compare(xp, rng, fn, dense, opt(x, w, b))
+    if sl_in is not None:
+        assert (host(gw)[dropped(sl_in)] == 0).all()
+    if sl_out is not None:
+        assert (host(gw)[:, dropped(sl_out)] == 0).all()
+        if bias:
+            assert (host(gb[0])[dropped(sl_out)] == 0).all()
+    check_grad(fn, *opt(x, w, b))
+
+
+def test_linear_compact_rejects_mismatched_masks_and_widths():
+    x, w = np.zeros((2, 3)), np.zeros((6, 4))
+    half = mk(6, ((0, 3),))
+    with pytest.raises(ValueError, match="in_mask must be a SliceMask over w's 6 input"):
+        F.sliceout_linear_compact(x, w, in_mask=mk(5, ((0, 3),)))
+    with pytest.raises(ValueError, match="out_mask must be a SliceMask over w's 4 output"):
+        F.sliceout_linear_compact(x, w, in_mask=half, out_mask=half)
+    with pytest.raises(ValueError, match="x must hold 6 features"):
+        F.sliceout_linear_compact(x, w)
+    with pytest.raises(ValueError, match="gy must have the output's shape"):
+        _, saved = F.sliceout_linear_compact(x, w, in_mask=half)
+        F.sliceout_linear_compact_backward(np.zeros((2, 3)), saved)
+
+
+def test_linear_compact_gemms_run_on_the_kept_block_only(xp, rec):
+    """A hidden layer between two slices: every product is kept_in x kept_out sized."""
+    m, k, n = 6, 40, 24
+    s_in, s_out = mk(k, ((30, 40), (0, 10))), mk(n, ((4, 16),))
+    rng = np.random.default_rng(0)
+    _fwd_bwd(lambda x, w: ag.sliceout_linear_compact(x, w, None, in_mask=s_in, out_mask=s_out),
+             normal(xp, rng, (m, s_in.keep)), normal(xp, rng, (k, n)))
+    assert len(rec.shapes) == 3
+    assert rec.flops() == 3 * 2 * m * s_in.keep * s_out.keep
+
+
+@pytest.mark.parametrize("hidden,align", [((48, 40), None), ((64, 64, 64), 8)])
+def test_chain_equals_the_plain_sequential(xp, hidden, align):
+    """models.mlp(dropout='sliceout') is a SliceOutChain: trained with compact activations it
+    gives the plain Sequential's losses and gradients (the same masks: each SliceOutLinear
+    draws its own) over several steps, and eval mode is the same dense network."""
+    from cudrop import models, nn
+
+    def build():
+        model = models.mlp(12, 5, hidden=hidden, dropout="sliceout", p=0.5, seed=3,
+                           dtype=np.float64)
+        if align is not None:
+            for m in model:
+                if isinstance(m, SliceOutLinear):
+                    m.align = align
+        return model.to("gpu" if xp is not np else "cpu")
+
+    chain = build()
+    assert isinstance(chain, nn.SliceOutChain)
+    plain = nn.Sequential(*list(build()))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = normal(xp, rng, (7, 12))
+        y = xp.asarray(rng.integers(0, 5, 7))
+        losses = []
+        for model in (chain, plain):
+            model.zero_grad()
+            loss = cd.cross_entropy(model(Tensor(x)), y)
+            loss.backward()
+            losses.append(float(loss.data))
+        np.testing.assert_allclose(losses[0], losses[1], rtol=1e-12)
+        for (name, a), (_, b) in zip(chain.named_parameters(), plain.named_parameters()):
+            close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    assert [m.step for m in chain if isinstance(m, SliceOutLinear)] == [3] * len(hidden)
+    chain.eval()
+    plain.eval()
+    x = normal(xp, rng, (4, 12))
+    close(chain(Tensor(x)), plain(Tensor(x)))
+
+
+def test_chain_rejects_layers_that_cannot_run_on_compact_activations():
+    from cudrop import nn
+    with pytest.raises(TypeError, match="layer 2 is a LayerNorm"):
+        nn.SliceOutChain(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4), SliceOutLinear(4, 2))
+    with pytest.raises(ValueError, match="mode 'output'"):
+        nn.SliceOutChain(nn.Linear(4, 4), SliceOutLinear(4, 2, mode="output"))
+    with pytest.raises(ValueError, match="no Linear"):
+        nn.SliceOutChain(nn.ReLU())
+
+
 @given(sl=slices(max_n=6), nb=st.integers(1, 2), c=st.integers(1, 3), hw=st.integers(3, 5),
        ksize=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 1),
        bias=st.booleans(), seed=st.integers(0, 2**16))

@@ -8,7 +8,8 @@ from .layers import (GELU, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Embeddin
                      GlobalAvgPool2d, LayerNorm, Linear, MaxPool2d, ReLU, Tanh)
 from .module import Module, ModuleList, Parameter, Sequential
 from .residual import ResidualUnit, basic_block, bn_relu
-from .sliceout import SliceOut, SliceOutConv2d, SliceOutLinear, SliceOutMultiHeadAttention
+from .sliceout import (SliceOut, SliceOutChain, SliceOutConv2d, SliceOutLinear,
+                       SliceOutMultiHeadAttention)
 from .sparsedrop import SparseDrop, SparseDropLinear
 from .stochastic import Shard, StochasticLayer, number_layers, set_shard, set_step
 from .variants import (DROPOUT_KINDS, dropped_linear, make_dropout,

@@ -41,8 +41,8 @@ the host without a sync, so :func:`draw_mask` returns a mask with ``ranges=None`
 start from it when they run, with the same integer arithmetic as :func:`slice_start`, gather the
 kept units into kept-size buffers and scatter gradients back. ``keep`` and the scale depend only
 on ``(n_units, p, align)``, so every shape stays fixed and the GEMMs are the ones the host path
-runs, on the same operands: the results are bit-identical to the int step's. ``sliceout_linear``
-and ``sliceout_linear_out`` take such masks (so ``SliceOutLinear`` can be captured);
+runs, on the same operands: the results are bit-identical to the int step's. ``sliceout_linear``,
+``sliceout_linear_out`` and ``sliceout_linear_compact`` take such masks (so ``SliceOutLinear`` can be captured);
 ``sliceout``, ``sliceout_conv2d`` and ``sliceout_attention`` raise TypeError for them. Every op is ``op(arrays..., p=None, *, mask=None,
 seed=None, layer=0, step=None, align=None, <options>)``: it applies ``mask`` when given (``p``
 defaults to the mask's and must match it; the mask's ``n_units`` must be the op's unit count)
@@ -58,6 +58,11 @@ NumPy/CuPy arrays; ``saved`` is a NamedTuple holding the SliceMask, never a mask
 - ``sliceout_linear_out``: *output*-unit SliceOut, ``(x @ W + b) ⊙ m / q``: only the kept
   columns ``X @ W[:, S]`` are computed, the rest are exact zeros. Use it for the layer that
   *produces* the dropped units (it equals Linear followed by ``sliceout``).
+- ``sliceout_linear_compact``: a Linear between *compact* activations, where one slice is
+  shared by the layer that produces the units and the one that consumes them (an MLP's hidden
+  layers, ``nn.SliceOutChain``): x holds only the kept input units, the result only the kept
+  output units, and the GEMM runs on ``X_S @ W[S_in, S_out]``; nothing is scattered or
+  gathered between layers.
 - ``sliceout_conv2d``: output-channel SliceOut of a convolution; only ``weight[S]`` is convolved.
 - ``sliceout_attention``: head SliceOut of multi-head self-attention; the qkv projection, the
   attention products and the output projection run for the kept heads only.
@@ -85,7 +90,8 @@ __all__ = ["SliceMask", "SliceDraw", "draw_mask", "check_align", "keep_count", "
            "sliceout", "sliceout_backward",
            "SliceOutSaved", "sliceout_linear", "sliceout_linear_backward", "SliceOutLinearSaved",
            "sliceout_linear_out", "sliceout_linear_out_backward", "SliceOutLinearOutSaved",
-           "sliceout_conv2d", "sliceout_conv2d_backward", "SliceOutConv2dSaved",
+           "sliceout_linear_compact", "sliceout_linear_compact_backward",
+           "SliceOutLinearCompactSaved", "sliceout_conv2d", "sliceout_conv2d_backward", "SliceOutConv2dSaved",
            "sliceout_attention", "sliceout_attention_backward", "SliceOutAttentionSaved"]
 
 
@@ -550,6 +556,86 @@ def sliceout_linear_out_backward(gy, saved):
     gw = _put(matmul(x2.T, gs), mask, 1, w_shape, xp)
     gb = _put(gs.sum(axis=0), mask, 0, (n,), xp) if has_b else None
     return gx.reshape(x_shape), gw, gb
+
+
+class SliceOutLinearCompactSaved(NamedTuple):
+    """What :func:`sliceout_linear_compact_backward` needs: the kept-size Linear's own saved
+    state (the compact input and the kept, scaled weight block), both masks, w's shape."""
+    kept: LinearSaved
+    in_mask: SliceMask | None
+    out_mask: SliceMask | None
+    w_shape: tuple
+
+
+def sliceout_linear_compact(x, w, b=None, *, in_mask=None, out_mask=None):
+    """The Linear between *compact* SliceOut activations, where a slice is shared by the
+    layer that makes the units and the one that reads them: ``x`` holds only the kept input
+    units ``S_in`` of ``in_mask`` (..., keep_in), unscaled; the result holds only the kept
+    output units ``S_out`` of ``out_mask`` (..., keep_out), unscaled (the next layer's
+    ``in_mask`` is this ``out_mask``, and it applies the scale). So
+    ``y = ((h ⊙ m_in / q_in) @ w + b)[..., S_out]`` for the full activation ``h`` whose kept
+    units ``x`` holds, computed as one kept-size GEMM ``x @ (w[S_in, S_out] * scale_in) +
+    b[S_out]``: the hidden layers of an MLP cost keep_in * keep_out / (K * N) of the dense
+    FLOPs, and no activation is scattered or gathered between layers.
+
+    ``w`` (K, N), ``b`` (N,) or None. ``in_mask`` None: ``x`` is the full input (..., K);
+    ``out_mask`` None: the full output (..., N). Masks may be decided on the device. Returns
+    ``(y, saved)``.
+    """
+    op = "sliceout_linear_compact"
+    _array(x, "x", op)
+    _array(w, "w", op)
+    if b is not None:
+        _array(b, "b", op)
+    xp = backend.get_array_module(x, w, b)
+    if w.ndim != 2 or x.ndim < 1:
+        raise ValueError(f"{op}: x must be (..., K) and w (K, N); got x {x.shape}, w {w.shape}")
+    k, n = w.shape
+    for name, m, units in (("in_mask", in_mask, k), ("out_mask", out_mask, n)):
+        if m is not None and (not isinstance(m, SliceMask) or m.n_units != units):
+            raise ValueError(f"{op}: {name} must be a SliceMask over w's {units} "
+                             f"{'input' if name == 'in_mask' else 'output'} units or None, "
+                             f"got {m!r}")
+        if m is not None:
+            _device_xp(op, m, xp)
+    width = k if in_mask is None else in_mask.keep
+    if x.shape[-1] != width:
+        raise ValueError(f"{op}: x must hold {width} features in its last axis (the "
+                         f"{'kept units of in_mask' if in_mask is not None else 'rows of w'}), "
+                         f"got shape {x.shape}")
+    if b is not None and b.shape != (n,):
+        raise ValueError(f"{op}: b must have shape ({n},) to match w {w.shape}, got {b.shape}")
+    _same_dtype(op, x, w=w, b=b)
+    ws = w
+    if in_mask is not None:  # the scale folded into the weight block (one copy, no pass on x)
+        ws = _take(ws, in_mask, 0, xp, w.dtype.type(in_mask.scale))
+    if out_mask is not None:
+        ws = _take(ws, out_mask, 1, xp)
+        b = None if b is None else _take(b, out_mask, 0, xp)
+    y, kept = linear(x, ws, b)
+    return y, SliceOutLinearCompactSaved(kept, in_mask, out_mask, w.shape)
+
+
+def sliceout_linear_compact_backward(gy, saved, needs=(True, True, True)):
+    """Gradients ``(gx, gw, gb)`` of :func:`sliceout_linear_compact`: ``gx`` compact like x,
+    ``gw`` and ``gb`` full-size with exact zeros outside the kept block; only kept-size
+    products run. A gradient whose entry of ``needs`` is False is None (an MLP's first layer:
+    its input gradient)."""
+    kept, in_mask, out_mask, w_shape = saved
+    xp = backend.get_array_module(gy)
+    k, n = w_shape
+    width = n if out_mask is None else out_mask.keep
+    want = kept.x_shape[:-1] + (width,)
+    if gy.shape != want:
+        raise ValueError(f"sliceout_linear_compact_backward: gy must have the output's shape "
+                         f"{want}, got {gy.shape}")
+    gx, gw, gb = linear_backward(gy, kept, needs)
+    if out_mask is not None:
+        gw = None if gw is None else _put(gw, out_mask, 1, (gw.shape[0], n), xp)
+        gb = None if gb is None else _put(gb, out_mask, 0, (n,), xp)
+    if in_mask is not None and gw is not None:  # d/dw of (w * scale): the scale again
+        gw = _put(gw, in_mask, 0, w_shape, xp, gy.dtype.type(in_mask.scale))
+    return gx, gw, gb
 
 
 # ---- Conv2d -------------------------------------------------------------------------------
