@@ -212,6 +212,39 @@ def test_linear_ops_with_a_device_step_equal_the_int_step(dtype, shape, align, m
     assert len(starts) > 1  # the steps drew different slices
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("m, k, n, align", [(37, 53, 29, None), (64, 256, 96, 32), (5, 21, 12, 4)])
+@pytest.mark.parametrize("sliced", ["in", "out", "both"])
+@pytest.mark.gpu
+def test_compact_linear_with_device_steps_equals_the_int_steps(dtype, m, k, n, align, sliced):
+    """sliceout_linear_compact (an MLP's hidden layer between two slices) with masks decided
+    on the device gives the host masks' results bit for bit, forward and backward."""
+    cp = backend.cupy
+    dt = low_precision_dtype(cp, dtype)
+    rng = np.random.default_rng(0)
+    w = cp.asarray(rng.standard_normal((k, n))).astype(dt)
+    b = cp.asarray(rng.standard_normal(n)).astype(dt)
+    d_in, d_out = cp.asarray(0, dtype=np.uint32), cp.asarray(0, dtype=np.uint32)
+    for step in (0, 1, 5, 2 ** 32 - 8):
+        d_in[...], d_out[...] = step, step + 7
+        masks = {}
+        for where, (s_in, s_out) in (("device", (d_in, d_out)), ("host", (step, step + 7))):
+            masks[where] = (
+                F.draw_mask(k, 0.4, seed=1, layer=0, step=s_in, align=align)
+                if sliced in ("in", "both") else None,
+                F.draw_mask(n, 0.6, seed=1, layer=1, step=s_out, align=align)
+                if sliced in ("out", "both") else None)
+        width = k if masks["host"][0] is None else masks["host"][0].keep
+        x = cp.asarray(rng.standard_normal((m, width))).astype(dt)
+        outs = {}
+        for where, (mi, mo) in masks.items():
+            y, saved = F.sliceout_linear_compact(x, w, b, in_mask=mi, out_mask=mo)
+            gy = cp.asarray(np.random.default_rng(step % 97).standard_normal(y.shape)).astype(dt)
+            outs[where] = (y,) + F.sliceout_linear_compact_backward(gy, saved)
+        for name, gd, gh in zip(("y", "gx", "gw", "gb"), outs["device"], outs["host"]):
+            same_bits(gd, gh, f"{name} at step {step}")
+
+
 @pytest.mark.gpu
 def test_a_device_mask_reads_back_to_the_host_mask():
     cp = backend.cupy
