@@ -606,12 +606,11 @@ def sliceout_linear_compact(x, w, b=None, *, in_mask=None, out_mask=None):
     if b is not None and b.shape != (n,):
         raise ValueError(f"{op}: b must have shape ({n},) to match w {w.shape}, got {b.shape}")
     _same_dtype(op, x, w=w, b=b)
-    ws = w
-    if in_mask is not None:  # the scale folded into the weight block (one copy, no pass on x)
-        ws = _take(ws, in_mask, 0, xp, w.dtype.type(in_mask.scale))
-    if out_mask is not None:
-        ws = _take(ws, out_mask, 1, xp)
-        b = None if b is None else _take(b, out_mask, 0, xp)
+    # the kept block, with the input scale folded in (one copy, no pass over x)
+    ws = _take_block(w, in_mask, out_mask, xp,
+                     None if in_mask is None else w.dtype.type(in_mask.scale))
+    if out_mask is not None and b is not None:
+        b = _take(b, out_mask, 0, xp)
     y, kept = linear(x, ws, b)
     return y, SliceOutLinearCompactSaved(kept, in_mask, out_mask, w.shape)
 
@@ -630,11 +629,11 @@ def sliceout_linear_compact_backward(gy, saved, needs=(True, True, True)):
         raise ValueError(f"sliceout_linear_compact_backward: gy must have the output's shape "
                          f"{want}, got {gy.shape}")
     gx, gw, gb = linear_backward(gy, kept, needs)
-    if out_mask is not None:
-        gw = None if gw is None else _put(gw, out_mask, 1, (gw.shape[0], n), xp)
-        gb = None if gb is None else _put(gb, out_mask, 0, (n,), xp)
-    if in_mask is not None and gw is not None:  # d/dw of (w * scale): the scale again
-        gw = _put(gw, in_mask, 0, w_shape, xp, gy.dtype.type(in_mask.scale))
+    if gw is not None:  # d/dw of the block times the scale: the scale again
+        gw = _put_block(gw, in_mask, out_mask, w_shape, xp,
+                        None if in_mask is None else gy.dtype.type(in_mask.scale))
+    if out_mask is not None and gb is not None:
+        gb = _put(gb, out_mask, 0, (n,), xp)
     return gx, gw, gb
 
 
@@ -711,6 +710,41 @@ def _put(part, mask, axis, shape, xp, s=None):
     return out
 
 
+def _take_block(w, row_mask, col_mask, xp, s=None):
+    """``w[S_rows, S_cols] * s`` of a 2-D ``w`` (a mask None: every row / column) as one
+    C-contiguous array: one gather kernel for two slices decided on the device (the outer
+    axis's slice, slice.cu's cd_slice_walk), else one :func:`_take` per sliced axis."""
+    if row_mask is not None and col_mask is not None and row_mask.on_device \
+            and col_mask.on_device:
+        w = xp.ascontiguousarray(w)
+        out = xp.empty((row_mask.keep, col_mask.keep), dtype=w.dtype)
+        _launch_slice("slice_gather", out.size, w, out, w.shape[0], w.shape[1], 1, col_mask,
+                      (np.float64(1.0 if s is None else s), np.int32(s is not None)), row_mask)
+        return out
+    if row_mask is not None:
+        w = _take(w, row_mask, 0, xp, s)
+    elif s is not None:
+        w = w * s
+    return w if col_mask is None else _take(w, col_mask, 1, xp)
+
+
+def _put_block(part, row_mask, col_mask, shape, xp, s=None):
+    """Zeros of the 2-D ``shape`` with ``part * s`` written at the kept block (the inverse of
+    :func:`_take_block`): one scatter kernel for two slices decided on the device."""
+    if row_mask is not None and col_mask is not None and row_mask.on_device \
+            and col_mask.on_device:
+        part = xp.ascontiguousarray(part)
+        out = xp.empty(shape, dtype=part.dtype)
+        _launch_slice("slice_scatter", out.size, part, out, shape[0], shape[1], 1, col_mask,
+                      (np.float64(1.0 if s is None else s), np.int32(s is not None)), row_mask)
+        return out
+    if col_mask is not None:
+        part = _put(part, col_mask, 1, (part.shape[0], shape[1]), xp)
+    if row_mask is not None:
+        return _put(part, row_mask, 0, shape, xp, s)
+    return part if s is None else part * s
+
+
 def _split(shape, axis):
     """``(outer, n, inner)``: ``shape`` viewed as three axes around ``axis``."""
     return (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:]))
@@ -722,11 +756,34 @@ _THREADS = 256
 _MAX_BLOCKS = 4096
 
 
-def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra):
+# slice.cu's cd_outer_slice, passed by value (CuPy passes a NumPy structured scalar as the
+# struct): the outer axis's kept count, Philox key, step (value and pointer), starts and unit
+_OUTER = np.dtype({"names": ["keep", "seed", "layer", "step", "step_ptr", "count", "unit"],
+                   "formats": ["<i8", "<u4", "<u4", "<u4", "<u8", "<i8", "<i8"],
+                   "offsets": [0, 8, 12, 16, 24, 32, 40], "itemsize": 48})
+
+
+def _outer_slice(outer, mask):
+    """The outer axis's slice argument: ``mask`` (decided on the device) over ``outer`` units,
+    or none (every unit kept)."""
+    o = np.zeros(1, _OUTER)[0]
+    if mask is None:
+        o["keep"], o["count"], o["unit"] = outer, 1, 1
+        return o
+    seed, layer, step = mask.draw
+    step_value, step_ptr = philox.step_args(step)
+    o["keep"], o["seed"], o["layer"], o["step"] = mask.keep, seed, layer, step_value
+    o["step_ptr"] = 0 if step_ptr is None else step_ptr.data.ptr
+    o["count"], o["unit"] = num_starts(outer, mask.keep, mask.align), mask.align or 1
+    return o
+
+
+def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra, outer_mask=None):
     """Launch ``slice.cu``'s ``fn`` over ``total`` elements with the slice arguments of
-    ``mask`` (a slice decided on the device) and ``extra`` after them. The kernels walk units in
-    groups of ``gcd(align, n, keep)``, which divides every start, so that a column slice of an
-    aligned mask moves whole 16-byte rows (slice.cu)."""
+    ``mask`` (a slice decided on the device) and ``extra`` after them; ``outer_mask`` (decided
+    on the device too) slices the outer axis as well. The kernels walk units in groups of
+    ``gcd(align, n, keep)``, which divides every start, so that a column slice of an aligned
+    mask moves whole 16-byte rows (slice.cu)."""
     if total == 0:
         return
     seed, layer, step = mask.draw
@@ -737,7 +794,8 @@ def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra):
     launch("slice.cu", fn, src.dtype, (blocks,), (_THREADS,),
            (src, dst, np.int64(outer), np.int64(n), np.int64(inner), np.int64(keep),
             np.uint32(seed), np.uint32(layer), step_value, step_ptr,
-            np.int64(num_starts(n, keep, mask.align)), np.int64(unit), np.int64(group)) + extra)
+            np.int64(num_starts(n, keep, mask.align)), np.int64(unit), np.int64(group),
+            _outer_slice(outer, outer_mask)) + extra)
 
 
 def load_device_kernels(dtype) -> None:
