@@ -253,7 +253,8 @@ def column_sums():
 def slices_on_the_device():
     """slice.cu: SliceOut's gather and scatter with the start decided on the device, on ragged
     shapes (wrap mode over odd unit counts, aligned mode, slices that wrap, keep == n, a single
-    unit), forward and backward of both Linear forms, and the start kernel."""
+    unit), forward and backward of the three Linear forms (the compact one: a weight block
+    gathered and scattered in one pass), and the start kernel."""
     from cudrop.variants import sliceout as S
     rng = np.random.default_rng(5)
 
@@ -279,6 +280,12 @@ def slices_on_the_device():
                     y, saved = S.sliceout_linear_out(w.T.copy(), x.T.copy(), None, p, seed=1,
                                                      layer=2, step=d, align=align)
                     S.sliceout_linear_out_backward(y, saved)
+                if valid(n, p, align):  # the compact form: the weight's kept block, one pass
+                    mi = S.draw_mask(k, p, seed=1, layer=2, step=d, align=align)
+                    mo = S.draw_mask(n, p, seed=1, layer=3, step=d, align=align)
+                    y, saved = S.sliceout_linear_compact(x[:, :mi.keep].copy(), w, b,
+                                                         in_mask=mi, out_mask=mo)
+                    S.sliceout_linear_compact_backward(y, saved)
         S._device_starts(k, p, seed=1, layer=2, steps=cp.arange(300, dtype=np.uint32),
                          align=align)
 
