@@ -280,7 +280,7 @@ def slices_on_the_device():
                     y, saved = S.sliceout_linear_out(w.T.copy(), x.T.copy(), None, p, seed=1,
                                                      layer=2, step=d, align=align)
                     S.sliceout_linear_out_backward(y, saved)
-                if valid(n, p, align):  # the compact form: the weight's kept block, one pass
+                if valid(k, p, align) and valid(n, p, align):  # the compact form: one block pass
                     mi = S.draw_mask(k, p, seed=1, layer=2, step=d, align=align)
                     mo = S.draw_mask(n, p, seed=1, layer=3, step=d, align=align)
                     y, saved = S.sliceout_linear_compact(x[:, :mi.keep].copy(), w, b,
