@@ -151,7 +151,7 @@ class Gate:
     def flag(self):
         """``(index, array)``: the part's uint32 device flag among the replay's scalars, 1 in
         the replays that run it, 0 in the others (made on first use). Its IF nodes' condition;
-        kernels outside the part read it to skip its work (the optimizers' fused updates)."""
+        kernels outside the part read it to skip its work (SGD's fused updates)."""
         if self._flag is None:
             i = len(self._rec.providers[_DTYPES[0]])
             self._flag = (i, self._rec.slot(lambda: 1 if self.on else 0, _DTYPES[0]))
@@ -193,15 +193,13 @@ class Gate:
 def switch(g: "Gate | None") -> None:
     """Record what follows into gate ``g``'s part (None: into every replay). Autograd's
     backward and the optimizers call it per op / per parameter; a no-op eagerly and when ``g``
-    is the current part. A part is the body of an IF node of the one graph (when the driver has
-    conditional nodes), else a piece of its own: the piece being captured ends and the next
-    begins."""
+    is the current part. A part is a piece of its own (the piece being captured ends and the
+    next begins), or with ``capture(if_nodes=True)`` the body of an IF node of the one graph."""
     rec = _recorder
     if rec is None or rec.current is g:
         return
     if rec.conditional:
         rec.leave_body()
-        rec.current = None
         if g is not None:
             rec.enter_body(g)
     else:

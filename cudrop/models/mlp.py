@@ -23,6 +23,5 @@ def mlp(in_features, num_classes, hidden=(256, 256), dropout="dropout", p=0.0, s
                                     rng=rng, dtype=dtype))
     # SliceOut's hidden activations stay compact between layers (nn.SliceOutChain): the same
     # masks and function, a quarter of the hidden GEMMs' FLOPs at p = 0.5
-    chain = nn.SliceOutChain if dropout == "sliceout" and p > 0 and len(hidden) > 1 \
-        else nn.Sequential
+    chain = nn.SliceOutChain if dropout == "sliceout" and p > 0 else nn.Sequential
     return nn.number_layers(chain(*layers), seed)
