@@ -20,9 +20,21 @@ _COND_TYPE_IF = 0
 _NODE_TYPE_CONDITIONAL = 13
 _COND_ASSIGN_DEFAULT = 1
 _SET_CAPTURE_DEPENDENCIES = 1
-_NEEDED = ("cuCtxGetCurrent", "cuStreamGetCaptureInfo_v3", "cuGraphConditionalHandleCreate",
-           "cuGraphAddNode_v2", "cuStreamUpdateCaptureDependencies_v2",
-           "cuStreamBeginCaptureToGraph", "cuStreamEndCapture", "cuGetErrorName")
+_P, _U, _SZ = ctypes.c_void_p, ctypes.c_uint, ctypes.c_size_t
+_SIGNATURES = {  # name -> argtypes (every one returns a CUresult)
+    "cuDriverGetVersion": [ctypes.POINTER(ctypes.c_int)],
+    "cuCtxGetCurrent": [ctypes.POINTER(_P)],
+    "cuStreamGetCaptureInfo_v3": [_P, ctypes.POINTER(ctypes.c_int),
+                                  ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(_P),
+                                  ctypes.POINTER(_P), ctypes.POINTER(_P), ctypes.POINTER(_SZ)],
+    "cuGraphConditionalHandleCreate": [ctypes.POINTER(ctypes.c_uint64), _P, _P, _U, _U],
+    "cuGraphAddNode_v2": [ctypes.POINTER(_P), _P, _P, _P, _SZ, _P],
+    "cuStreamUpdateCaptureDependencies_v2": [_P, ctypes.POINTER(_P), _P, _SZ, _U],
+    "cuStreamBeginCaptureToGraph": [_P, _P, ctypes.POINTER(_P), _P, _SZ, ctypes.c_int],
+    "cuStreamEndCapture": [_P, ctypes.POINTER(_P)],
+    "cuGetErrorName": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
+}
+_MIN_DRIVER = 12040  # IF nodes whose bodies may be captured into (cuStreamBeginCaptureToGraph)
 
 
 class _NodeParams(ctypes.Structure):
@@ -44,10 +56,14 @@ def _lib():
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return None
-    if not all(hasattr(lib, n) for n in _NEEDED):
+    if not all(hasattr(lib, n) for n in _SIGNATURES):
         return None
-    for n in _NEEDED:
-        getattr(lib, n).restype = ctypes.c_int
+    for n, args in _SIGNATURES.items():
+        f = getattr(lib, n)
+        f.restype, f.argtypes = ctypes.c_int, args
+    version = ctypes.c_int()
+    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value < _MIN_DRIVER:
+        return None
     return lib
 
 
@@ -85,7 +101,8 @@ def add_if_node(stream: int) -> tuple[int, int, int, int]:
     p = _NodeParams(type=_NODE_TYPE_CONDITIONAL, handle=handle.value, cond_type=_COND_TYPE_IF,
                     size=1, ctx=ctx)
     node = ctypes.c_void_p()
-    _check(lib.cuGraphAddNode_v2(ctypes.byref(node), graph, deps, edges, ndeps, ctypes.byref(p)),
+    _check(lib.cuGraphAddNode_v2(ctypes.byref(node), graph, deps, edges, ndeps,
+                                 ctypes.addressof(p)),
            "cuGraphAddNode (conditional)")
     _check(lib.cuStreamUpdateCaptureDependencies_v2(s, ctypes.byref(node), None, 1,
                                                     _SET_CAPTURE_DEPENDENCIES),

@@ -463,8 +463,6 @@ class CapturedStep:
         mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", 2)
         self.recorder = rec = _Recorder(cp, self.stream, mode, lambda: {
             n: getattr(m, c) for n, m, c in model._named_counters()}, self.conditional)
-        if self.conditional:  # compiled and loaded outside the capture
-            raw_kernels.kernel("graph.cu", "set_conditions")
 
         def end():
             last = self.stream.end_capture()
@@ -473,6 +471,8 @@ class CapturedStep:
 
         def record():
             global _recorder
+            if rec.conditional:  # compiled and loaded outside the capture
+                raw_kernels.kernel("graph.cu", "set_conditions")
             _recorder = rec
             self.stream.begin_capture(mode)
             try:
@@ -510,11 +510,11 @@ class CapturedStep:
         except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
             abandon()
             self.graph = None
-            if rec.conds:  # the next call captures again, each gated part a piece of its own
+            if self.conditional:  # the next call captures again, gated parts as pieces
                 self.conditional, self.conditional_error = False, e
-                warnings.warn(f"cudrop.graph: gated parts cannot be IF nodes of one graph "
-                              f"({type(e).__name__}: {e}); recording them as separate pieces",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(f"cudrop.graph: capturing with IF nodes failed "
+                              f"({type(e).__name__}: {e}); trying again with gated parts as "
+                              "separate pieces", RuntimeWarning, stacklevel=3)
                 return
             self.failed = e
             warnings.warn(f"cudrop.graph: this step cannot be captured ({type(e).__name__}: "

@@ -399,6 +399,8 @@ def test_chain_rejects_layers_that_cannot_run_on_compact_activations():
         nn.SliceOutChain(nn.Linear(4, 4), SliceOutLinear(4, 2, mode="output"))
     with pytest.raises(ValueError, match="no Linear"):
         nn.SliceOutChain(nn.ReLU())
+    with pytest.raises(ValueError, match="the first Linear .layer 0. is a SliceOutLinear"):
+        nn.SliceOutChain(SliceOutLinear(8, 4), nn.ReLU(), SliceOutLinear(4, 2))
 
 
 @given(sl=slices(max_n=6), nb=st.integers(1, 2), c=st.integers(1, 3), hw=st.integers(3, 5),

@@ -199,6 +199,10 @@ class SliceOutChain(Sequential):
         first = next((i for i, m in enumerate(mods) if isinstance(m, Linear)), None)
         if first is None:
             raise ValueError("SliceOutChain: no Linear layer")
+        if isinstance(mods[first], SliceOutLinear):
+            raise ValueError(f"SliceOutChain: the first Linear (layer {first}) is a "
+                             "SliceOutLinear; nothing before it could compute only its kept "
+                             "input units (use a Sequential, or a plain first Linear)")
         for i, m in enumerate(mods[first:], first):
             if isinstance(m, SliceOutLinear) and m.mode != "input":
                 raise ValueError(f"SliceOutChain: layer {i} is a SliceOutLinear in mode "

@@ -42,8 +42,8 @@ __device__ __forceinline__ cd_slice_walk cd_slice_grouped(long long outer, long 
             outer_start};
 }
 
-// dst (outer, keep, inner) = src's kept rows; part -> dst (outer, n, inner) with zero rows
-// elsewhere when Scatter. Scaled values are x * s in float (double stays double).
+// dst (outer_keep, keep, inner) = src's kept rows; part -> dst (outer, n, inner) with zero
+// rows elsewhere when Scatter. Scaled values are x * s in float (double stays double).
 template <typename T, int V, typename I, bool Scatter>
 __device__ __forceinline__ void cd_slice_copy(const T* __restrict__ src, T* __restrict__ dst,
                                               const cd_slice_walk w, double scale, bool scaled) {
@@ -63,7 +63,8 @@ __device__ __forceinline__ void cd_slice_copy(const T* __restrict__ src, T* __re
                 reinterpret_cast<cd_vec<T, V>*>(dst)[t] = v;
                 continue;
             }
-            v = reinterpret_cast<const cd_vec<T, V>*>(src)[(I)(((I)po * (I)w.keep + (I)pos) * per_row) + c];
+            const I at = (I)(((I)po * (I)w.keep + (I)pos) * per_row) + c;
+            v = reinterpret_cast<const cd_vec<T, V>*>(src)[at];
         } else {
             const I o = r / (I)w.keep, j = r - o * (I)w.keep;
             const I u = (I)cd_slice_unit(w.start, (long long)j, w.n);
@@ -96,7 +97,7 @@ __device__ __forceinline__ void cd_slice_dispatch(const T* src, T* dst, const cd
 }
 
 // The outer axis's slice (see cd_slice_walk): its kept count, Philox key, step, valid-start
-// count and unit; o_keep == outer: no slice.
+// count and unit; keep == outer: no slice.
 struct cd_outer_slice {
     long long keep;
     unsigned int seed, layer, step;

@@ -41,12 +41,14 @@ the host without a sync, so :func:`draw_mask` returns a mask with ``ranges=None`
 start from it when they run, with the same integer arithmetic as :func:`slice_start`, gather the
 kept units into kept-size buffers and scatter gradients back. ``keep`` and the scale depend only
 on ``(n_units, p, align)``, so every shape stays fixed and the GEMMs are the ones the host path
-runs, on the same operands: the results are bit-identical to the int step's. ``sliceout_linear``,
-``sliceout_linear_out`` and ``sliceout_linear_compact`` take such masks (so ``SliceOutLinear`` can be captured);
-``sliceout``, ``sliceout_conv2d`` and ``sliceout_attention`` raise TypeError for them. Every op is ``op(arrays..., p=None, *, mask=None,
-seed=None, layer=0, step=None, align=None, <options>)``: it applies ``mask`` when given (``p``
-defaults to the mask's and must match it; the mask's ``n_units`` must be the op's unit count)
-and otherwise draws one from ``(p, seed, layer, step, align)``, so ``p`` is then required. The
+runs, on the same operands: the results are bit-identical to the int step's.
+``sliceout_linear``, ``sliceout_linear_out`` and ``sliceout_linear_compact`` take such masks
+(so ``SliceOutLinear`` and ``SliceOutChain`` can be captured); ``sliceout``,
+``sliceout_conv2d`` and ``sliceout_attention`` raise TypeError for them. Every op is
+``op(arrays..., p=None, *, mask=None, seed=None, layer=0, step=None, align=None, <options>)``:
+it applies ``mask`` when given (``p`` defaults to the mask's and must match it; the mask's
+``n_units`` must be the op's unit count) and otherwise draws one from ``(p, seed, layer, step,
+align)``, so ``p`` is then required (``sliceout_linear_compact`` takes its two masks only). The
 scale is always the mask's ``n / keep``.
 
 Ops (each a pair ``op(...) -> (out, saved)`` and ``op_backward(grad_out, saved) -> grads`` on raw
@@ -91,7 +93,8 @@ __all__ = ["SliceMask", "SliceDraw", "draw_mask", "check_align", "keep_count", "
            "SliceOutSaved", "sliceout_linear", "sliceout_linear_backward", "SliceOutLinearSaved",
            "sliceout_linear_out", "sliceout_linear_out_backward", "SliceOutLinearOutSaved",
            "sliceout_linear_compact", "sliceout_linear_compact_backward",
-           "SliceOutLinearCompactSaved", "sliceout_conv2d", "sliceout_conv2d_backward", "SliceOutConv2dSaved",
+           "SliceOutLinearCompactSaved", "sliceout_conv2d", "sliceout_conv2d_backward",
+           "SliceOutConv2dSaved",
            "sliceout_attention", "sliceout_attention_backward", "SliceOutAttentionSaved"]
 
 
@@ -690,8 +693,7 @@ def _take(a, mask, axis, xp, s=None):
     outer, n, inner = _split(a.shape, axis)
     keep = mask.keep
     out = xp.empty(a.shape[:axis] + (keep,) + a.shape[axis + 1:], dtype=a.dtype)
-    _launch_slice("slice_gather", out.size, a, out, outer, n, inner, mask,
-                  (np.float64(1.0 if s is None else s), np.int32(s is not None)))
+    _launch_slice("slice_gather", out.size, a, out, outer, n, inner, mask, _scale_args(s))
     return out
 
 
@@ -705,44 +707,49 @@ def _put(part, mask, axis, shape, xp, s=None):
     part = xp.ascontiguousarray(part)
     outer, n, inner = _split(shape, axis)
     out = xp.empty(shape, dtype=part.dtype)
-    _launch_slice("slice_scatter", out.size, part, out, outer, n, inner, mask,
-                  (np.float64(1.0 if s is None else s), np.int32(s is not None)))
+    _launch_slice("slice_scatter", out.size, part, out, outer, n, inner, mask, _scale_args(s))
     return out
 
 
 def _take_block(w, row_mask, col_mask, xp, s=None):
-    """``w[S_rows, S_cols] * s`` of a 2-D ``w`` (a mask None: every row / column) as one
-    C-contiguous array: one gather kernel for two slices decided on the device (the outer
-    axis's slice, slice.cu's cd_slice_walk), else one :func:`_take` per sliced axis."""
-    if row_mask is not None and col_mask is not None and row_mask.on_device \
-            and col_mask.on_device:
+    """``w[S_rows, S_cols]`` of a 2-D ``w`` (a mask None: every row / column), times ``s``
+    (given with ``row_mask`` only), as one C-contiguous array: one gather kernel for two slices
+    decided on the device (the outer axis's slice, slice.cu's cd_slice_walk), else one
+    :func:`_take` per sliced axis."""
+    if _one_pass(row_mask, col_mask):
         w = xp.ascontiguousarray(w)
         out = xp.empty((row_mask.keep, col_mask.keep), dtype=w.dtype)
         _launch_slice("slice_gather", out.size, w, out, w.shape[0], w.shape[1], 1, col_mask,
-                      (np.float64(1.0 if s is None else s), np.int32(s is not None)), row_mask)
+                      _scale_args(s), row_mask)
         return out
     if row_mask is not None:
         w = _take(w, row_mask, 0, xp, s)
-    elif s is not None:
-        w = w * s
     return w if col_mask is None else _take(w, col_mask, 1, xp)
 
 
 def _put_block(part, row_mask, col_mask, shape, xp, s=None):
     """Zeros of the 2-D ``shape`` with ``part * s`` written at the kept block (the inverse of
     :func:`_take_block`): one scatter kernel for two slices decided on the device."""
-    if row_mask is not None and col_mask is not None and row_mask.on_device \
-            and col_mask.on_device:
+    if _one_pass(row_mask, col_mask):
         part = xp.ascontiguousarray(part)
         out = xp.empty(shape, dtype=part.dtype)
         _launch_slice("slice_scatter", out.size, part, out, shape[0], shape[1], 1, col_mask,
-                      (np.float64(1.0 if s is None else s), np.int32(s is not None)), row_mask)
+                      _scale_args(s), row_mask)
         return out
     if col_mask is not None:
         part = _put(part, col_mask, 1, (part.shape[0], shape[1]), xp)
-    if row_mask is not None:
-        return _put(part, row_mask, 0, shape, xp, s)
-    return part if s is None else part * s
+    return part if row_mask is None else _put(part, row_mask, 0, shape, xp, s)
+
+
+def _one_pass(row_mask, col_mask):
+    """Whether a weight block moves in one kernel: both slices decided on the device."""
+    return row_mask is not None and col_mask is not None and row_mask.on_device \
+        and col_mask.on_device
+
+
+def _scale_args(s):
+    """The copy kernels' last two arguments: the scale and whether to apply it."""
+    return np.float64(1.0 if s is None else s), np.int32(s is not None)
 
 
 def _split(shape, axis):
