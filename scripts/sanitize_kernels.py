@@ -254,7 +254,7 @@ def slices_on_the_device():
     """slice.cu: SliceOut's gather and scatter with the start decided on the device, on ragged
     shapes (wrap mode over odd unit counts, aligned mode, slices that wrap, keep == n, a single
     unit), forward and backward of the three Linear forms (the compact one: a weight block
-    gathered and scattered in one pass), and the start kernel."""
+    sliced along both axes), and the start kernel."""
     from cudrop.variants import sliceout as S
     rng = np.random.default_rng(5)
 
@@ -280,7 +280,7 @@ def slices_on_the_device():
                     y, saved = S.sliceout_linear_out(w.T.copy(), x.T.copy(), None, p, seed=1,
                                                      layer=2, step=d, align=align)
                     S.sliceout_linear_out_backward(y, saved)
-                if valid(k, p, align) and valid(n, p, align):  # the compact form: one block pass
+                if valid(k, p, align) and valid(n, p, align):  # the compact form
                     mi = S.draw_mask(k, p, seed=1, layer=2, step=d, align=align)
                     mo = S.draw_mask(n, p, seed=1, layer=3, step=d, align=align)
                     y, saved = S.sliceout_linear_compact(x[:, :mi.keep].copy(), w, b,

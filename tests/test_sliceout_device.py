@@ -212,25 +212,6 @@ def test_linear_ops_with_a_device_step_equal_the_int_step(dtype, shape, align, m
     assert len(starts) > 1  # the steps drew different slices
 
 
-@pytest.mark.parametrize("k, n, align", [(53, 29, None), (24, 40, 4), (7, 5, None)])
-def test_device_block_take_and_put_lay_out_the_launch_as_the_host_path_slices(monkeypatch, k, n,
-                                                                             align):
-    """_take_block / _put_block with two slices decided on the device (one launch with the
-    outer axis's slice) equal the host path's two one-axis copies, scale included."""
-    monkeypatch.setattr(F, "launch", _emulated_launch)
-    w = np.random.default_rng(2).standard_normal((k, n)).astype(np.float32)
-    for step in range(6):
-        hosts = [F.draw_mask(u, 0.4, seed=4, layer=i, step=step + i, align=align)
-                 for i, u in enumerate((k, n))]
-        devs = [F.SliceMask(h.n_units, h.p, None, h.align, F.SliceDraw(4, i, step + i))
-                for i, h in enumerate(hosts)]
-        for s in (None, np.float32(hosts[0].scale)):
-            block = F._take_block(w, *devs, np, s)
-            same_bits(block, F._take_block(w, *hosts, np, s), f"take step {step}")
-            same_bits(F._put_block(block, *devs, w.shape, np, s),
-                      F._put_block(block, *hosts, w.shape, np, s), f"put step {step}")
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("m, k, n, align", [(37, 53, 29, None), (64, 256, 96, 32), (5, 21, 12, 4)])
 @pytest.mark.parametrize("sliced", ["in", "out", "both"])
@@ -293,20 +274,13 @@ def _emulated_launch(source, fn, dtype, grid, block, args):
                                                                        count, unit, group))
     # the kernels walk units in groups: a group must divide every start, n and keep
     assert int(unit) % int(group) == 0 and int(n) % int(group) == 0 and int(keep) % int(group) == 0
-    def kept(seed, layer, step, n, keep, count, unit):
-        word = int(philox.words(int(seed), int(layer), int(step), philox.TAG_SLICE, 0, 0))
-        start = 0 if keep == n else ((word * int(count)) >> 32) * int(unit)
-        return (start + np.arange(int(keep))) % int(n)
-
-    units = kept(seed, layer, step, n, keep, count, unit)
-    o = args[13]  # the outer axis's slice (cd_outer_slice): every unit when keep == outer
-    assert o.dtype == F._OUTER and int(o["step_ptr"]) == 0
-    rows = kept(o["seed"], o["layer"], o["step"], outer, o["keep"], o["count"], o["unit"])
-    full, part = (src, dst) if fn == "slice_gather" else (dst, src)
-    f3, p3 = full.reshape(int(outer), -1, int(inner)), part.reshape(len(rows), -1, int(inner))
-    s3, d3 = (f3, p3) if fn == "slice_gather" else (p3, f3)
-    scale, scaled = args[14:]
-    v = s3[rows][:, units, :] if fn == "slice_gather" else s3
+    word = int(philox.words(int(seed), int(layer), int(step), philox.TAG_SLICE, 0, 0))
+    start = 0 if keep == n else ((word * int(count)) >> 32) * int(unit)
+    units = (start + np.arange(int(keep))) % int(n)
+    s3 = src.reshape(int(outer), -1, int(inner))
+    d3 = dst.reshape(int(outer), -1, int(inner))
+    scale, scaled = args[13:]
+    v = s3[:, units, :] if fn == "slice_gather" else s3
     if scaled:
         v = (v.astype(np.float64) * scale).astype(dst.dtype) if dst.dtype == np.float64 \
             else (v.astype(np.float32) * np.float32(scale)).astype(dst.dtype)
@@ -314,7 +288,7 @@ def _emulated_launch(source, fn, dtype, grid, block, args):
         d3[...] = v
     else:
         d3[...] = 0
-        d3[np.ix_(rows, units)] = v
+        d3[:, units, :] = v
 
 
 @pytest.mark.parametrize("n, p, align", [(53, 0.5, None), (100, 0.3, None), (21, 0.4, 4),

@@ -25,51 +25,41 @@ __device__ __forceinline__ long long cd_device_slice_start(
 // 32-bit index arithmetic where the array is small enough. Element per thread with 64-bit
 // division ran the bf16 SliceOut MLP's captured step (1024 x 4096, three layers) at 1.25 ms
 // against plain dropout's 0.71 on the H200.
-// The outer axis may carry a slice of its own (outer_keep of outer units from outer_start; all
-// of them from 0 when it does not): a weight's kept block W[S_in, S_out] in one pass
-// (sliceout_linear_compact), where two 1-D passes moved the block twice.
 struct cd_slice_walk {
     long long outer, n, keep, inner, start;  // in groups: n, keep and start divided, inner times
-    long long outer_keep, outer_start;
 };
 
 __device__ __forceinline__ cd_slice_walk cd_slice_grouped(long long outer, long long n,
                                                           long long inner, long long keep,
-                                                          long long start, long long group,
-                                                          long long outer_keep,
-                                                          long long outer_start) {
-    return {outer, n / group, keep / group, inner * group, start / group, outer_keep,
-            outer_start};
+                                                          long long start, long long group) {
+    return {outer, n / group, keep / group, inner * group, start / group};
 }
 
-// dst (outer_keep, keep, inner) = src's kept rows; part -> dst (outer, n, inner) with zero
-// rows elsewhere when Scatter. Scaled values are x * s in float (double stays double).
+// dst (outer, keep, inner) = src's kept rows; part -> dst (outer, n, inner) with zero rows
+// elsewhere when Scatter. Scaled values are x * s in float (double stays double).
 template <typename T, int V, typename I, bool Scatter>
 __device__ __forceinline__ void cd_slice_copy(const T* __restrict__ src, T* __restrict__ dst,
                                               const cd_slice_walk w, double scale, bool scaled) {
     const I per_row = (I)(w.inner / V);
-    const I rows = (I)(Scatter ? w.outer * w.n : w.outer_keep * w.keep);
+    const I rows = (I)(w.outer * (Scatter ? w.n : w.keep));
     const I total = rows * per_row;
     for (I t = (I)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (I)gridDim.x * blockDim.x) {
         const I r = t / per_row, c = t - r * per_row;
         cd_vec<T, V> v;
         if (Scatter) {
             const I o = r / (I)w.n, u = r - o * (I)w.n;
-            const long long po = cd_slice_pos(w.outer_start, (long long)o, w.outer, w.outer_keep);
-            const long long pos = po < 0 ? -1 : cd_slice_pos(w.start, (long long)u, w.n, w.keep);
+            const long long pos = cd_slice_pos(w.start, (long long)u, w.n, w.keep);
             if (pos < 0) {
 #pragma unroll
                 for (int k = 0; k < V; ++k) v.v[k] = T{};
                 reinterpret_cast<cd_vec<T, V>*>(dst)[t] = v;
                 continue;
             }
-            const I at = (I)(((I)po * (I)w.keep + (I)pos) * per_row) + c;
-            v = reinterpret_cast<const cd_vec<T, V>*>(src)[at];
+            v = reinterpret_cast<const cd_vec<T, V>*>(src)[(I)((o * (I)w.keep + (I)pos) * per_row) + c];
         } else {
             const I o = r / (I)w.keep, j = r - o * (I)w.keep;
             const I u = (I)cd_slice_unit(w.start, (long long)j, w.n);
-            const I so = (I)cd_slice_unit(w.outer_start, (long long)o, w.outer);
-            v = reinterpret_cast<const cd_vec<T, V>*>(src)[(so * (I)w.n + u) * per_row + c];
+            v = reinterpret_cast<const cd_vec<T, V>*>(src)[(o * (I)w.n + u) * per_row + c];
         }
         if (scaled) {
 #pragma unroll
@@ -86,7 +76,7 @@ __device__ __forceinline__ void cd_slice_dispatch(const T* src, T* dst, const cd
                                                   double scale, bool scaled) {
     constexpr int V = 16 / sizeof(T);
     const bool vec = (w.inner % V) == 0 && ((size_t)src % 16 | (size_t)dst % 16) == 0;
-    const long long elems = w.outer * w.n * w.inner;  // the larger side of the copy
+    const long long elems = w.outer * (Scatter ? w.n : w.keep) * w.inner;
     if (elems < (1ll << 31)) {
         if (vec) cd_slice_copy<T, V, unsigned int, Scatter>(src, dst, w, scale, scaled);
         else cd_slice_copy<T, 1, unsigned int, Scatter>(src, dst, w, scale, scaled);
@@ -96,40 +86,21 @@ __device__ __forceinline__ void cd_slice_dispatch(const T* src, T* dst, const cd
     }
 }
 
-// The outer axis's slice (see cd_slice_walk): its kept count, Philox key, step, valid-start
-// count and unit; keep == outer: no slice.
-struct cd_outer_slice {
-    long long keep;
-    unsigned int seed, layer, step;
-    const unsigned int* step_ptr;
-    long long count, unit;
-};
-
-__device__ __forceinline__ cd_slice_walk cd_slice_walk_of(long long outer, long long n,
-                                                          long long inner, long long keep,
-                                                          long long start, long long group,
-                                                          const cd_outer_slice& o) {
-    const long long o_start = o.keep == outer ? 0 :
-        cd_device_slice_start(o.seed, o.layer, o.step, o.step_ptr, outer, o.keep, o.count, o.unit);
-    return cd_slice_grouped(outer, n, inner, keep, start, group, o.keep, o_start);
-}
-
-// dst (outer_keep, keep, inner) = the kept units of src (outer, n, inner), in slice order,
-// times `scale` when `scaled` (scale is the dtype-rounded value: x * s in the dtype, as CuPy
-// computes `x * dtype(s)`), else copied bit for bit. `group`: see cd_slice_walk.
+// dst (outer, keep, inner) = the kept units of src (outer, n, inner), in slice order, times
+// `scale` when `scaled` (scale is the dtype-rounded value: x * s in the dtype, as CuPy computes
+// `x * dtype(s)`), else copied bit for bit. `group`: see cd_slice_walk.
 template <typename T>
 __global__ void slice_gather(const T* __restrict__ src, T* __restrict__ dst, long long outer,
                              long long n, long long inner, long long keep, unsigned int seed,
                              unsigned int layer, unsigned int step,
                              const unsigned int* __restrict__ step_ptr, long long count,
-                             long long unit, long long group, cd_outer_slice o, double scale,
-                             int scaled) {
+                             long long unit, long long group, double scale, int scaled) {
     const long long start = cd_device_slice_start(seed, layer, step, step_ptr, n, keep, count, unit);
-    cd_slice_dispatch<T, false>(src, dst, cd_slice_walk_of(outer, n, inner, keep, start, group, o),
+    cd_slice_dispatch<T, false>(src, dst, cd_slice_grouped(outer, n, inner, keep, start, group),
                                 scale, scaled);
 }
 
-// dst (outer, n, inner) = part (outer_keep, keep, inner) written back at the kept units (times
+// dst (outer, n, inner) = part (outer, keep, inner) written back at the kept units (times
 // `scale` when `scaled`, as slice_gather), exact zeros (+0) at the dropped ones: the full-size
 // gradient of a parameter or an input, every element written.
 template <typename T>
@@ -137,10 +108,9 @@ __global__ void slice_scatter(const T* __restrict__ part, T* __restrict__ dst, l
                               long long n, long long inner, long long keep, unsigned int seed,
                               unsigned int layer, unsigned int step,
                               const unsigned int* __restrict__ step_ptr, long long count,
-                              long long unit, long long group, cd_outer_slice o, double scale,
-                              int scaled) {
+                              long long unit, long long group, double scale, int scaled) {
     const long long start = cd_device_slice_start(seed, layer, step, step_ptr, n, keep, count, unit);
-    cd_slice_dispatch<T, true>(part, dst, cd_slice_walk_of(outer, n, inner, keep, start, group, o),
+    cd_slice_dispatch<T, true>(part, dst, cd_slice_grouped(outer, n, inner, keep, start, group),
                                scale, scaled);
 }
 
@@ -158,10 +128,10 @@ __global__ void slice_starts(const unsigned int* __restrict__ steps, long long* 
 #define CD_INST(T) \
     template __global__ void slice_gather<T>(const T*, T*, long long, long long, long long, \
         long long, unsigned int, unsigned int, unsigned int, const unsigned int*, long long, \
-        long long, long long, cd_outer_slice, double, int); \
+        long long, long long, double, int); \
     template __global__ void slice_scatter<T>(const T*, T*, long long, long long, long long, \
         long long, unsigned int, unsigned int, unsigned int, const unsigned int*, long long, \
-        long long, long long, cd_outer_slice, double, int); \
+        long long, long long, double, int); \
     template __global__ void slice_starts<T>(const unsigned int*, long long*, long long, \
         unsigned int, unsigned int, long long, long long, long long, long long);
 CD_INST(float) CD_INST(double) CD_INST(cd_f16) CD_INST(cd_bf16)

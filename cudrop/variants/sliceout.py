@@ -85,7 +85,6 @@ from ..functional import _conv
 from ..functional._act import LinearSaved, linear, linear_backward
 from ..functional._attention import AttentionSaved, attention, attention_backward
 from ..functional._matmul import matmul
-from .._memo import memoize
 from ..raw_kernels import launch, load
 
 __all__ = ["SliceMask", "SliceDraw", "draw_mask", "check_align", "keep_count", "auto_align",
@@ -714,15 +713,10 @@ def _put(part, mask, axis, shape, xp, s=None):
 
 def _take_block(w, row_mask, col_mask, xp, s=None):
     """``w[S_rows, S_cols]`` of a 2-D ``w`` (a mask None: every row / column), times ``s``
-    (given with ``row_mask`` only), as one C-contiguous array: one gather kernel for two slices
-    decided on the device (the outer axis's slice, slice.cu's cd_slice_walk), else one
-    :func:`_take` per sliced axis."""
-    if _one_pass(row_mask, col_mask):
-        w = xp.ascontiguousarray(w)
-        out = xp.empty((row_mask.keep, col_mask.keep), dtype=w.dtype)
-        _launch_slice("slice_gather", out.size, w, out, w.shape[0], w.shape[1], 1, col_mask,
-                      _scale_args(s), row_mask)
-        return out
+    (given with ``row_mask`` only), as one C-contiguous array: one :func:`_take` per sliced
+    axis. (One kernel moving the block in one pass, an outer-axis slice in slice.cu, made the
+    captured bf16 SliceOut MLP step slower on the H200, 0.69 against 0.58 ms with the same
+    none / dropout controls, unprofiled; it was removed.)"""
     if row_mask is not None:
         w = _take(w, row_mask, 0, xp, s)
     return w if col_mask is None else _take(w, col_mask, 1, xp)
@@ -730,22 +724,10 @@ def _take_block(w, row_mask, col_mask, xp, s=None):
 
 def _put_block(part, row_mask, col_mask, shape, xp, s=None):
     """Zeros of the 2-D ``shape`` with ``part * s`` written at the kept block (the inverse of
-    :func:`_take_block`): one scatter kernel for two slices decided on the device."""
-    if _one_pass(row_mask, col_mask):
-        part = xp.ascontiguousarray(part)
-        out = xp.empty(shape, dtype=part.dtype)
-        _launch_slice("slice_scatter", out.size, part, out, shape[0], shape[1], 1, col_mask,
-                      _scale_args(s), row_mask)
-        return out
+    :func:`_take_block`)."""
     if col_mask is not None:
         part = _put(part, col_mask, 1, (part.shape[0], shape[1]), xp)
     return part if row_mask is None else _put(part, row_mask, 0, shape, xp, s)
-
-
-def _one_pass(row_mask, col_mask):
-    """Whether a weight block moves in one kernel: both slices decided on the device."""
-    return row_mask is not None and col_mask is not None and row_mask.on_device \
-        and col_mask.on_device
 
 
 def _scale_args(s):
@@ -764,42 +746,11 @@ _THREADS = 256
 _MAX_BLOCKS = 4096
 
 
-# slice.cu's cd_outer_slice, passed by value (CuPy passes a NumPy structured scalar as the
-# struct): the outer axis's kept count, Philox key, step (value and pointer), starts and unit
-_OUTER = np.dtype({"names": ["keep", "seed", "layer", "step", "step_ptr", "count", "unit"],
-                   "formats": ["<i8", "<u4", "<u4", "<u4", "<u8", "<i8", "<i8"],
-                   "offsets": [0, 8, 12, 16, 24, 32, 40], "itemsize": 48})
-
-
-@memoize(maxsize=256)
-def _no_outer_slice(outer):
-    """The outer slice argument that keeps all ``outer`` units, built once per size: filling a
-    NumPy structured scalar costs ~1.5 µs of host time, on every eager slice launch."""
-    o = np.zeros(1, _OUTER)[0]
-    o["keep"], o["count"], o["unit"] = outer, 1, 1
-    return o
-
-
-def _outer_slice(outer, mask):
-    """The outer axis's slice argument: ``mask`` (decided on the device) over ``outer`` units,
-    or none (every unit kept)."""
-    if mask is None:
-        return _no_outer_slice(outer)
-    o = np.zeros(1, _OUTER)[0]
-    seed, layer, step = mask.draw
-    step_value, step_ptr = philox.step_args(step)
-    o["keep"], o["seed"], o["layer"], o["step"] = mask.keep, seed, layer, step_value
-    o["step_ptr"] = 0 if step_ptr is None else step_ptr.data.ptr
-    o["count"], o["unit"] = num_starts(outer, mask.keep, mask.align), mask.align or 1
-    return o
-
-
-def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra, outer_mask=None):
+def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra):
     """Launch ``slice.cu``'s ``fn`` over ``total`` elements with the slice arguments of
-    ``mask`` (a slice decided on the device) and ``extra`` after them; ``outer_mask`` (decided
-    on the device too) slices the outer axis as well. The kernels walk units in groups of
-    ``gcd(align, n, keep)``, which divides every start, so that a column slice of an aligned
-    mask moves whole 16-byte rows (slice.cu)."""
+    ``mask`` (a slice decided on the device) and ``extra`` after them. The kernels walk units in
+    groups of ``gcd(align, n, keep)``, which divides every start, so that a column slice of an
+    aligned mask moves whole 16-byte rows (slice.cu)."""
     if total == 0:
         return
     seed, layer, step = mask.draw
@@ -810,8 +761,7 @@ def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra, outer_mask=
     launch("slice.cu", fn, src.dtype, (blocks,), (_THREADS,),
            (src, dst, np.int64(outer), np.int64(n), np.int64(inner), np.int64(keep),
             np.uint32(seed), np.uint32(layer), step_value, step_ptr,
-            np.int64(num_starts(n, keep, mask.align)), np.int64(unit), np.int64(group),
-            _outer_slice(outer, outer_mask)) + extra)
+            np.int64(num_starts(n, keep, mask.align)), np.int64(unit), np.int64(group)) + extra)
 
 
 def load_device_kernels(dtype) -> None:
