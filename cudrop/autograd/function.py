@@ -193,7 +193,10 @@ class _ByPart:
     (graph.current_gate) go first, else the highest generation. So a gated unit's backward is
     one part of the graph (one IF node or piece), where the generation order alternated
     between its body and the ungated shortcut at each generation (two parts a ResNet depth
-    unit). Costs one walk over the graph, once per capture."""
+    unit). Costs one walk over the graph, once per capture. A tensor with three or more
+    consumers may sum their gradients in another order than the eager step does: captured and
+    eager steps agree to float tolerance (as the 100-step capture tests check), not always bit
+    for bit."""
 
     def __init__(self, root_fn):
         self.waiting = {}  # id(op) -> consumer edges into it that have not run
