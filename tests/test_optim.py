@@ -570,3 +570,29 @@ def test_loss_scaler_state_round_trip(xp):
             p.grad = xp.asarray(np.asarray([1.0], np.float16))
             s.step(opt)
     assert a.state_dict() == b.state_dict() == {"scale": 256.0, "good_steps": 0}
+
+
+def test_the_fused_kernels_table_matches_optim_cu_s_struct(tmp_path_factory):
+    """optimizer._TABLE mirrors optim.cu's cd_multi_table, which a launch passes by value as a
+    NumPy structured scalar: every field's offset and the size are those the C++ compiler lays
+    out (compiled on the host from the struct's own text), and the struct fits the 4 KB of
+    kernel parameters."""
+    import re
+    from conftest import host_harness
+    from cudrop import raw_kernels
+    from cudrop.optim import optimizer as opt_mod
+
+    src = raw_kernels.source("optim.cu")
+    struct = re.search(r"struct cd_multi_table \{.*?\};", src, re.S).group(0)
+    multi = re.search(r"#define CD_MULTI (\d+)", src).group(1)
+    fields = opt_mod._TABLE.names
+    run = host_harness(tmp_path_factory, "optim_table", "\n".join([
+        "#include <cstddef>", "#include <cstdio>", f"#define CD_MULTI {multi}", struct,
+        "int main() {",
+        *[f'    std::printf("{f} %zu\\n", offsetof(cd_multi_table, {f}));' for f in fields],
+        '    std::printf("size %zu\\n", sizeof(cd_multi_table));', "}"]))
+    laid = dict(line.split() for line in run([]).splitlines())
+    assert int(multi) == opt_mod.MULTI
+    for f in fields:
+        assert int(laid[f]) == opt_mod._TABLE.fields[f][1], f
+    assert int(laid["size"]) == opt_mod._TABLE.itemsize < 4096 - 64
