@@ -1,14 +1,17 @@
 """Optimizers against their update rules written out here in NumPy, schedules against closed
 forms, gradient clipping, checkpoint round trips and hyperparameter validation."""
 import math
+import re
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra.numpy import array_shapes
 
-from cudrop import backend
+from conftest import host_harness
+from cudrop import backend, raw_kernels
 from cudrop.autograd import Tensor
+from cudrop.optim import optimizer as opt_mod
 from cudrop.optim import (SGD, Adam, AdamW, CosineLR, LinearWarmup, RMSprop, StepLR,
                           clip_grad_norm)
 
@@ -577,11 +580,6 @@ def test_the_fused_kernels_table_matches_optim_cu_s_struct(tmp_path_factory):
     NumPy structured scalar: every field's offset and the size are those the C++ compiler lays
     out (compiled on the host from the struct's own text), and the struct fits the 4 KB of
     kernel parameters."""
-    import re
-    from conftest import host_harness
-    from cudrop import raw_kernels
-    from cudrop.optim import optimizer as opt_mod
-
     src = raw_kernels.source("optim.cu")
     struct = re.search(r"struct cd_multi_table \{.*?\};", src, re.S).group(0)
     multi = re.search(r"#define CD_MULTI (\d+)", src).group(1)
