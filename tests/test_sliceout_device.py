@@ -291,6 +291,57 @@ def _emulated_launch(source, fn, dtype, grid, block, args):
         d3[:, units, :] = v
 
 
+def _emulated_block_launch(source, fn, dtype, grid, block, args):
+    """slice.cu's block gather and scatter in NumPy, reading the arguments in the kernels' order
+    (the cd_block_axis structs field by field)."""
+    assert source == "slice.cu" and fn in ("slice_block_gather", "slice_block_scatter")
+    src, dst, rows, cols, ra, ca, scale, scaled = args
+    assert isinstance(rows, np.int64) and isinstance(cols, np.int64)
+    assert ra.dtype == F._BLOCK_AXIS and ca.dtype == F._BLOCK_AXIS
+    tx, ty = block
+    assert tx % 32 == 0 and tx * ty == 256 and 1 <= grid[0] <= 8192
+
+    def units(a, n):
+        assert a["step_ptr"] == 0  # an int step stands in for the device step
+        word = int(philox.words(int(a["seed"]), int(a["layer"]), int(a["step"]),
+                                philox.TAG_SLICE, 0, 0))
+        keep = int(a["keep"])
+        start = 0 if keep == n else ((word * int(a["count"])) >> 32) * int(a["unit"])
+        return (start + np.arange(keep)) % n
+
+    r, c = units(ra, int(rows)), units(ca, int(cols))
+    v = src[np.ix_(r, c)] if fn == "slice_block_gather" else src
+    if scaled:
+        v = (v.astype(np.float64) * scale).astype(dst.dtype) if dst.dtype == np.float64 \
+            else (v.astype(np.float32) * np.float32(scale)).astype(dst.dtype)
+    if fn == "slice_block_gather":
+        dst[...] = v
+    else:
+        dst[...] = 0
+        dst[np.ix_(r, c)] = v
+
+
+@pytest.mark.parametrize("k, n, p, align", [(53, 29, 0.5, None), (21, 96, 0.4, 4),
+                                            (64, 256, 0.5, 32), (7, 9, 0.0, None)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_device_block_take_and_put_lay_out_the_launch_as_the_host_path_slices(
+        monkeypatch, k, n, p, align, dtype):
+    """A weight block sliced on both axes by masks decided on the device (one block kernel
+    each way) equals the host masks' two one-axis slices bit for bit."""
+    monkeypatch.setattr(F, "launch", _emulated_block_launch)
+    w = np.random.default_rng(2).standard_normal((k, n)).astype(dtype)
+    for step in range(6):
+        host = (F.draw_mask(k, p, seed=4, layer=1, step=step, align=align),
+                F.draw_mask(n, p, seed=4, layer=2, step=step + 3, align=align))
+        dev = (F.SliceMask(k, p, None, align, F.SliceDraw(4, 1, step)),
+               F.SliceMask(n, p, None, align, F.SliceDraw(4, 2, step + 3)))
+        for s in (None, w.dtype.type(host[0].scale)):
+            got = F._take_block(w, *dev, np, s)
+            same_bits(got, F._take_block(w, *host, np, s), f"take step {step} scale {s}")
+            same_bits(F._put_block(got, *dev, w.shape, np, s),
+                      F._put_block(got, *host, w.shape, np, s), f"put step {step} scale {s}")
+
+
 @pytest.mark.parametrize("n, p, align", [(53, 0.5, None), (100, 0.3, None), (21, 0.4, 4),
                                          (96, 0.5, 16), (7, 0.0, None)])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])

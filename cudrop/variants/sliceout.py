@@ -713,10 +713,13 @@ def _put(part, mask, axis, shape, xp, s=None):
 
 def _take_block(w, row_mask, col_mask, xp, s=None):
     """``w[S_rows, S_cols]`` of a 2-D ``w`` (a mask None: every row / column), times ``s``
-    (given with ``row_mask`` only), as one C-contiguous array: one :func:`_take` per sliced
-    axis. (One kernel moving the block in one pass, an outer-axis slice in slice.cu, made the
-    captured bf16 SliceOut MLP step slower on the H200, 0.69 against 0.58 ms with the same
-    none / dropout controls, unprofiled; it was removed.)"""
+    (given with ``row_mask`` only), as one C-contiguous array: one block-gather kernel when
+    both slices are decided on the device, else one :func:`_take` per sliced axis."""
+    if _both_on_device(row_mask, col_mask):
+        w = xp.ascontiguousarray(w)
+        out = xp.empty((row_mask.keep, col_mask.keep), dtype=w.dtype)
+        _launch_block("slice_block_gather", w, out, w.shape, row_mask, col_mask, s)
+        return out
     if row_mask is not None:
         w = _take(w, row_mask, 0, xp, s)
     return w if col_mask is None else _take(w, col_mask, 1, xp)
@@ -725,9 +728,19 @@ def _take_block(w, row_mask, col_mask, xp, s=None):
 def _put_block(part, row_mask, col_mask, shape, xp, s=None):
     """Zeros of the 2-D ``shape`` with ``part * s`` written at the kept block (the inverse of
     :func:`_take_block`)."""
+    if _both_on_device(row_mask, col_mask):
+        part = xp.ascontiguousarray(part)
+        out = xp.empty(shape, dtype=part.dtype)
+        _launch_block("slice_block_scatter", part, out, shape, row_mask, col_mask, s)
+        return out
     if col_mask is not None:
         part = _put(part, col_mask, 1, (part.shape[0], shape[1]), xp)
     return part if row_mask is None else _put(part, row_mask, 0, shape, xp, s)
+
+
+def _both_on_device(row_mask, col_mask):
+    return row_mask is not None and col_mask is not None and row_mask.on_device \
+        and col_mask.on_device
 
 
 def _scale_args(s):
@@ -764,12 +777,47 @@ def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra):
             np.int64(num_starts(n, keep, mask.align)), np.int64(unit), np.int64(group)) + extra)
 
 
+# slice.cu's cd_block_axis, passed by value (CuPy passes a NumPy structured scalar as the
+# struct): an axis's kept count, valid-start count, unit, step pointer, Philox key and step
+_BLOCK_AXIS = np.dtype({"names": ["keep", "count", "unit", "step_ptr", "seed", "layer", "step"],
+                        "formats": ["<i8", "<i8", "<i8", "<u8", "<u4", "<u4", "<u4"],
+                        "offsets": [0, 8, 16, 24, 32, 36, 40], "itemsize": 48})
+
+
+def _block_axis(mask, n):
+    """``mask`` (decided on the device) over ``n`` units as a ``cd_block_axis``."""
+    a = np.zeros((), _BLOCK_AXIS)
+    seed, layer, step = mask.draw
+    step_value, step_ptr = philox.step_args(step)
+    a["keep"], a["count"], a["unit"] = mask.keep, num_starts(n, mask.keep, mask.align), \
+        mask.align or 1
+    a["step_ptr"] = 0 if step_ptr is None else step_ptr.data.ptr
+    a["seed"], a["layer"], a["step"] = seed, layer, step_value
+    return a[()]
+
+
+def _launch_block(fn, src, dst, shape, row_mask, col_mask, s):
+    """Launch ``slice.cu``'s block kernel ``fn`` over the 2-D ``shape`` of the full array:
+    256-thread CTAs of ``ty`` rows of ``tx`` threads, ``tx`` the destination row's accesses
+    rounded up to a warp (at most 256), enough CTAs to cover the rows, at most 8192 (the
+    kernels loop over the rest)."""
+    rows, cols = shape
+    out_rows, width = dst.shape
+    if dst.size == 0:
+        return
+    tx = min(256, -(-max(1, width // max(1, 16 // dst.itemsize)) // 32) * 32)
+    ty = 256 // tx
+    launch("slice.cu", fn, src.dtype, (min(-(-out_rows // ty), 8192),), (tx, ty),
+           (src, dst, np.int64(rows), np.int64(cols), _block_axis(row_mask, rows),
+            _block_axis(col_mask, cols)) + _scale_args(s))
+
+
 def load_device_kernels(dtype) -> None:
     """Compile and load the kernels that apply a slice decided on the device to arrays of
     ``dtype`` (memoised by the one loader, ``raw_kernels``). A layer calls it in its eager steps
     on CuPy, so that a later CUDA-graph capture, whose step first takes the device path, does
     not compile or load a module while the stream is capturing."""
-    for fn in ("slice_gather", "slice_scatter"):
+    for fn in ("slice_gather", "slice_scatter", "slice_block_gather", "slice_block_scatter"):
         load("slice.cu", fn, dtype)
 
 
