@@ -53,7 +53,7 @@ def conv_and_norm(dt):
             Fconv.conv2d_backward(y, saved)
     rule = Fnorm._bn_split
     for shape in [(2, 1), (3, 5), (2, 3, 7), (5, 3, 7, 3), (4, 17, 33, 35), (16, 3, 33, 35),
-                  (300, 5), (40, 20, 9), (4, 600)]:
+                  (300, 5), (40, 20, 9), (4, 600), (6, 5, 4, 4), (3, 4, 2, 12)]:
         x = cp.asarray(np.random.default_rng(2).standard_normal(shape)).astype(dt)
         c = shape[1]
         gamma, beta = cp.ones(c, dt), cp.zeros(c, dt)

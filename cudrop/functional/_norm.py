@@ -253,6 +253,12 @@ def _bn_threads(count: int, split: int) -> int:
     return 512 if count >= 4096 else (256 if count >= 1024 else 64)
 
 
+def _elementwise_grid(x):
+    """Blocks of 256 threads for ``bn_fwd`` / ``bn_bwd_apply``: one 16-byte access a thread
+    (their vector walk), at most 4096 blocks (the kernels loop over the rest)."""
+    return (max(1, min(-(-x.size * x.itemsize // (16 * 256)), 4096)),)
+
+
 _MERGE_WARPS = 4  # channels per CTA of the merge kernels, one warp each
 
 
@@ -305,7 +311,7 @@ def _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentu
     else:
         mean, s = _as_acc(cp, running_mean, acc), _as_acc(cp, running_var, acc)
         saved_stats = cp.empty((2, c), dtype=acc)  # mean, inverse std (written by bn_fwd)
-    _launch("bn_fwd", x.dtype, (-(-x.size // 256),), (256,),
+    _launch("bn_fwd", x.dtype, _elementwise_grid(x), (256,),
             (x, y, mean, s, x if gamma_c is None else gamma_c, x if beta_c is None else beta_c,
              saved_stats, np.int64(x.size), np.int32(c), np.int32(p), np.float64(eps),
              np.int32(not training), np.int32(gamma_c is not None),
@@ -344,7 +350,7 @@ def _batch_norm_backward_gpu(grad_out, saved):
         _launch("bn_bwd_merge", x.dtype, *_bn_merge_grid(c),
                 (part, saved.inv_std, gam, sums, coef) + dims + (np.int32(split),) + flags)
     gx = cp.empty_like(x)
-    _launch("bn_bwd_apply", x.dtype, (-(-x.size // 256),), (256,),
+    _launch("bn_bwd_apply", x.dtype, _elementwise_grid(x), (256,),
             (g, x, gx, mean, coef, bet, np.int64(x.size), np.int32(c), np.int32(p)) + mask)
     ggamma = None if gamma is None else sums[1].astype(gamma.dtype, copy=False)
     gbeta = None
