@@ -88,7 +88,7 @@ def run_backward(root, grad, retain_graph=False):
     """
     grads = {id(root): grad}
     keep = {id(root): root}  # ids are only unique while the objects live
-    handed = {id(grad)}  # arrays given to some tensor in this pass (a reused id only copies)
+    handed = _Handed(grad)
     pending = _count_hooked_uses(root) if _hooked else None
 
     if root.creator is None:
@@ -145,12 +145,12 @@ def run_backward(root, grad, retain_graph=False):
             if x.creator is None:
                 if gx is not None:
                     _accumulate_leaf(x, gx, owned=id(gx) not in shared and gx.base is None
-                                     and id(gx) not in handed)
-                    handed.add(id(gx))
+                                     and gx not in handed)
+                    handed.add(gx)
                 if pending is not None:
                     _count_down(x, pending)
             elif gx is not None:
-                handed.add(id(gx))
+                handed.add(gx)
                 prev = grads.get(id(x))
                 if capturing and grad_gates.setdefault(id(x), f._gate) is not f._gate:
                     raise graph.CaptureError(f"{f!r} adds a gradient from another gated part "
@@ -166,6 +166,31 @@ def run_backward(root, grad, retain_graph=False):
         for _, leaf in pending.values():  # edges on paths that carried no gradient
             if leaf.grad is not None:
                 _run_hooks(leaf)
+
+
+class _Handed:
+    """The arrays given to some tensor in one backward pass, by identity. A weak reference
+    each (NumPy's and CuPy's arrays take them), so that an array freed during the pass does not
+    count: the next array may get its id (and the pool its memory), and an id alone made that
+    new array look handed, so its leaf copied it (measured on the H200: two 80 us copies of
+    4096 x 4096 bf16 weight gradients in a captured SliceOut MLP step of 0.67 ms). An array
+    that takes no weak reference is held instead."""
+
+    __slots__ = ("refs",)
+
+    def __init__(self, first):
+        self.refs = {}
+        self.add(first)
+
+    def add(self, a):
+        try:
+            self.refs[id(a)] = weakref.ref(a)
+        except TypeError:
+            self.refs[id(a)] = lambda a=a: a
+
+    def __contains__(self, a):
+        ref = self.refs.get(id(a))
+        return ref is not None and ref() is a
 
 
 class _ByGeneration:
