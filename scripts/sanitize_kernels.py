@@ -23,7 +23,7 @@ for shape, block in [((1, 1), (1, 1)), ((130, 70), (128, 32)), ((700, 300), (1, 
     masks.block_mask(shape, block, 0.5, seed=0, layer=0, step=cp.asarray(1, dtype=np.uint32),
                      xp=cp)
 # conv2d (im2col, swap01, col2im; 1x1 stride-1 convolutions both as cuBLASLt GEMMs and through
-# im2col) and batch norm (stats, fwd, backward sums and apply, and the merges of split
+# im2col) and batch norm (stats, fwd, backward sums and apply, and the in-kernel merges of split
 # reductions; with and without the fused ReLU) on ragged shapes: strides and paddings that leave
 # edge windows partial, odd channel counts, (N, C) input. The reductions split each channel over
 # S CTAs where C is small: the host's rule (S = N on the small-N shapes, 53 and 14 on 132 SMs for

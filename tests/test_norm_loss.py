@@ -534,7 +534,7 @@ def test_batch_norm_relu_is_relu_of_batch_norm(xp, monkeypatch, shape, dtype, sp
     (the two ops on the same path): output, running statistics and the three gradients, bit for
     bit (the fused kernels recompute the forward's value for the mask, rounded as it was
     stored), every output allocated from a NaN-poisoned pool. ``split`` 3 forces the reductions'
-    split over S = min(3, N) CTAs per channel (the merge kernels)."""
+    split over S = min(3, N) CTAs per channel (merged by bn_fwd and bn_bwd_apply)."""
     from cudrop.functional import _act
     if xp is np and split is not None:
         pytest.skip("the split exists only on the GPU kernels' path")

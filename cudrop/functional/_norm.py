@@ -253,17 +253,23 @@ def _bn_threads(count: int, split: int) -> int:
     return 512 if count >= 4096 else (256 if count >= 1024 else 64)
 
 
-def _elementwise_grid(x):
+def _elementwise_grid(x, split):
     """Blocks of 256 threads for ``bn_fwd`` / ``bn_bwd_apply``: one 16-byte access a thread
-    (their vector walk), at most 4096 blocks (the kernels loop over the rest)."""
-    return (max(1, min(-(-x.size * x.itemsize // (16 * 256)), 4096)),)
+    (their vector walk), at most 4096 blocks (the kernels loop over the rest); at most 4 a
+    multiprocessor (one wave) when each block first merges a split reduction's partials."""
+    cap = 4 * device_facts()[0] if split > 1 else 4096
+    return (max(1, min(-(-x.size * x.itemsize // (16 * 256)), cap)),)
 
 
-_MERGE_WARPS = 4  # channels per CTA of the merge kernels, one warp each
+# norm.cu's CD_BN_MERGE_MAX and CD_BN_PART_MAX: the most channels and partials (C * S) that
+# bn_fwd and bn_bwd_apply merge in shared memory
+_MERGE_MAX, _PART_MAX = 512, 1024
 
 
-def _bn_merge_grid(c: int):
-    return (-(-c // _MERGE_WARPS),), (32 * _MERGE_WARPS,)
+def _split(nb: int, c: int) -> int:
+    """:func:`_bn_split` within what the elementwise kernels merge in shared memory."""
+    split = min(_bn_split(nb, c), _PART_MAX // c) if c <= _MERGE_MAX else 1
+    return max(split, 1)
 
 
 def _as_acc(cp, a, acc):
@@ -283,6 +289,7 @@ def _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentu
     n = nb * p
     gamma_c, beta_c = _as_acc(cp, gamma, acc), _as_acc(cp, beta, acc)
     y = cp.empty_like(x)
+    split = 1  # the reductions' CTAs a channel (eval: no reduction)
     if training:
         stats = cp.empty((3, c), dtype=acc)  # mean, biased variance, inverse std
         # In-kernel update where the running statistics are contiguous ``acc`` arrays (the
@@ -293,29 +300,30 @@ def _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentu
         rm, rv = (running_mean, running_var) if update else (stats, stats)
         dims = (np.int32(nb), np.int32(c), np.int32(p))
         tail = (np.float64(eps), np.float64(momentum), np.float64(n / (n - 1)), np.int32(update))
-        split = _bn_split(nb, c)
-        # the (2, C, S) partials (mean, M2) of the CTAs, merged by bn_stats_merge; a fresh
-        # workspace per call (no persistent buffer, so a captured graph owns its own)
+        split = _split(nb, c)
+        # the (2, C, S) partials (mean, M2) of the CTAs, merged by bn_fwd; a fresh workspace
+        # per call (no persistent buffer, so a captured graph owns its own)
         part = cp.empty((2, c, split), dtype=acc) if split > 1 else stats  # unread for S = 1
         _launch("bn_stats", x.dtype, (c, split), (_bn_threads(-(-nb // split) * p, split),),
                 (x, part, stats, rm, rv) + dims + tail)
-        if split > 1:
-            _launch("bn_stats_merge", x.dtype, *_bn_merge_grid(c),
-                    (part, stats, rm, rv) + dims + (np.int32(split),) + tail)
-        if not update:
-            for run, stat in ((running_mean, stats[0]), (running_var, stats[1] * (n / (n - 1)))):
-                if run is not None:
-                    run *= 1 - momentum
-                    run += (momentum * stat).astype(run.dtype, copy=False)
+        merge = (part, np.int32(nb), np.int32(split), stats, rm, rv, np.float64(momentum),
+                 np.float64(n / (n - 1)), np.int32(update))
         mean, s, saved_stats = stats[0], stats[2], stats
     else:
         mean, s = _as_acc(cp, running_mean, acc), _as_acc(cp, running_var, acc)
         saved_stats = cp.empty((2, c), dtype=acc)  # mean, inverse std (written by bn_fwd)
-    _launch("bn_fwd", x.dtype, _elementwise_grid(x), (256,),
+        merge = (mean, np.int32(nb), np.int32(split), mean, mean, mean, np.float64(0),
+                 np.float64(1), np.int32(0))  # nothing to merge
+    _launch("bn_fwd", x.dtype, _elementwise_grid(x, split), (256,),
             (x, y, mean, s, x if gamma_c is None else gamma_c, x if beta_c is None else beta_c,
              saved_stats, np.int64(x.size), np.int32(c), np.int32(p), np.float64(eps),
              np.int32(not training), np.int32(gamma_c is not None),
-             np.int32(beta_c is not None), np.int32(act == "relu")))
+             np.int32(beta_c is not None), np.int32(act == "relu")) + merge)
+    if training and not update:  # after bn_fwd, which writes the statistics when S > 1
+        for run, stat in ((running_mean, stats[0]), (running_var, stats[1] * (n / (n - 1)))):
+            if run is not None:
+                run *= 1 - momentum
+                run += (momentum * stat).astype(run.dtype, copy=False)
     saved = BatchNormSaved(bool(training), saved_stats[-1], gamma,
                            None if beta is None else beta.dtype, x.dtype,
                            x=x, mean=saved_stats[0], gamma_c=gamma_c, beta_c=beta_c, act=act)
@@ -341,17 +349,15 @@ def _batch_norm_backward_gpu(grad_out, saved):
     dims = (np.int32(nb), np.int32(c), np.int32(p))
     flags = (np.int32(gamma_c is not None), np.int32(saved.training))
     mask = (np.int32(saved.beta_c is not None), np.int32(saved.act == "relu"))  # the ReLU's
-    split = _bn_split(nb, c)
-    # the (2, C, S) partials (sum g, sum g * (x - mean)), summed by bn_bwd_merge
+    split = _split(nb, c)
+    # the (2, C, S) partials (sum g, sum g * (x - mean)), summed by bn_bwd_apply
     part = cp.empty((2, c, split), dtype=mean.dtype) if split > 1 else sums  # unread for S = 1
     _launch("bn_bwd_sums", x.dtype, (c, split), (_bn_threads(-(-nb // split) * p, split),),
             (g, x, mean, saved.inv_std, gam, bet, part, sums, coef) + dims + flags + mask)
-    if split > 1:
-        _launch("bn_bwd_merge", x.dtype, *_bn_merge_grid(c),
-                (part, saved.inv_std, gam, sums, coef) + dims + (np.int32(split),) + flags)
     gx = cp.empty_like(x)
-    _launch("bn_bwd_apply", x.dtype, _elementwise_grid(x), (256,),
-            (g, x, gx, mean, coef, bet, np.int64(x.size), np.int32(c), np.int32(p)) + mask)
+    _launch("bn_bwd_apply", x.dtype, _elementwise_grid(x, split), (256,),
+            (g, x, gx, mean, coef, bet, np.int64(x.size), np.int32(c), np.int32(p)) + mask
+            + (part, np.int32(nb), np.int32(split), saved.inv_std, gam, sums) + flags)
     ggamma = None if gamma is None else sums[1].astype(gamma.dtype, copy=False)
     gbeta = None
     if saved.beta_dtype is not None:

@@ -3,10 +3,11 @@
 // The reductions split channel c's N samples over S CTAs (grid (C, S), S = gridDim.y, chosen by
 // the host): one CTA per channel left most of the GPU idle on small-channel layers (ResNet-56 on
 // CIFAR: C = 16..64 on 132 SMs; an H200 profile of its step showed ~33 us per call for 8 MB
-// that HBM reads in ~3-4 us). Each CTA writes its partial results to a small workspace and a
-// second small kernel (one warp per channel) merges them in a fixed order, so the results stay
-// deterministic without atomics. With S = 1 the reduction kernel finishes the channel itself and
-// there is no second launch.
+// that HBM reads in ~3-4 us). Each CTA writes its partial results to a small workspace, and
+// every CTA of the elementwise pass that follows (bn_fwd, bn_bwd_apply) merges them in a fixed
+// order into shared memory, so the results stay deterministic without atomics and without a
+// merge launch; its CTA 0 writes the merged statistics (sums). With S = 1 the reduction kernel
+// finishes the channel itself.
 // A ReLU can be fused (relu = 1): bn_fwd stores relu(y), and the backward kernels take the
 // ReLU's gradient mask from the forward's value, recomputed from x and the per-channel
 // statistics (cd_bn_value), instead of reading a saved output: no extra array is kept alive
@@ -125,7 +126,7 @@ __device__ __forceinline__ void cd_bn_stats_out(int c, int C, A mean, A m2, unsi
 // both accumulated in cd_acc<T> (deviations from the split's own mean: no cancellation of
 // sum x^2 - n mean^2, and no division per value as a running Welford update has). With
 // S = gridDim.y > 1, part[0][c][s] = mean and part[1][c][s] = M2 (layout (2, C, S): a merging
-// warp reads a channel's splits as consecutive addresses) for bn_stats_merge; with S = 1 the CTA
+// channel's splits are consecutive addresses) for bn_fwd to merge; with S = 1 the CTA
 // writes the statistics itself (cd_bn_stats_out).
 template <typename T>
 __global__ void bn_stats(const T* __restrict__ x, typename cd_acc<T>::type* __restrict__ part,
@@ -180,39 +181,40 @@ __global__ void bn_stats(const T* __restrict__ x, typename cd_acc<T>::type* __re
     }
 }
 
-// Merges bn_stats's S partials of each channel, one warp per channel (channel blockIdx.x *
-// warps per CTA + warp): Chan et al.'s parallel-variance formula in its S-way form,
-// mean = sum_s n_s mean_s / n and M2 = sum_s (M2_s + n_s (mean_s - mean)^2) (the pairwise
-// update applied to all splits at once: every term is non-negative, so no cancellation, and
-// there is no serial chain of S updates). Lane l adds splits l, l + 32, ... in order, then the
-// lanes' sums are added by cd_warp_sum: a fixed order, so the result is deterministic. Writes
-// what bn_stats writes for S = 1.
-template <typename T>
-__global__ void bn_stats_merge(const typename cd_acc<T>::type* __restrict__ part,
-                               typename cd_acc<T>::type* __restrict__ stats,
-                               typename cd_acc<T>::type* __restrict__ run_mean,
-                               typename cd_acc<T>::type* __restrict__ run_var, int N, int C,
-                               int P, int S, double eps, double momentum, double unbias,
-                               int update) {
-    typedef typename cd_acc<T>::type A;
-    const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (c >= C) return;  // a whole warp: c is uniform across it
-    const A* __restrict__ pmean = part + (long long)c * S;
-    const A* __restrict__ pm2 = part + (long long)(C + c) * S;
-    const unsigned int count = (unsigned int)N * (unsigned int)P;
+// Channel c's statistics from bn_stats's S partials: Chan et al.'s parallel-variance formula in
+// its S-way form, mean = sum_s n_s mean_s / n and M2 = sum_s (M2_s + n_s (mean_s - mean)^2)
+// (every term non-negative: no cancellation), summed over s in order, so every CTA of bn_fwd
+// that merges channel c gets the same bits. A separate merge kernel each way (one warp per
+// channel) cost ~2 us a launch: 0.34 ms of kernels in the ResNet-56 step with depth dropout's
+// shortcuts (H200, profile_step.py).
+template <typename A>
+__device__ __forceinline__ void cd_bn_merge_stats(const A* part, int c, int N, int C, int P,
+                                                  int S, A& mean, A& m2) {
+    const A* pmean = part + c * S;
+    const A* pm2 = part + (C + c) * S;
     A sum = 0;
-    for (int s = lane; s < S; s += 32) sum += A(cd_split_count(s, N, S, P)) * pmean[s];
-    const A mean = cd_warp_sum(sum) / A(count);
-    A m2 = 0;
-    for (int s = lane; s < S; s += 32) {
-        const A d = pmean[s] - mean;
-        m2 += pm2[s] + A(cd_split_count(s, N, S, P)) * d * d;
+    for (int k = 0; k < S; ++k) sum += A(cd_split_count(k, N, S, P)) * pmean[k];
+    mean = sum / A((unsigned int)N * (unsigned int)P);
+    A acc = 0;
+    for (int k = 0; k < S; ++k) {
+        const A d = pmean[k] - mean;
+        acc += pm2[k] + A(cd_split_count(k, N, S, P)) * d * d;
     }
-    m2 = cd_warp_sum(m2);
-    if (lane == 0)
-        cd_bn_stats_out(c, C, mean, m2, count, stats, run_mean, run_var, eps, momentum, unbias,
-                        update);
+    m2 = acc;
 }
+
+// A split reduction's (2, C, S) partials copied to shared memory, one load a thread (the merge
+// then reads them there instead of waiting on L2 S times in a row).
+template <typename A>
+__device__ __forceinline__ void cd_bn_stage_partials(const A* __restrict__ part, A* sh, int n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sh[i] = part[i];
+    __syncthreads();
+}
+
+// The most channels (C) and partials (C * S) a CTA merges in shared memory; the host splits
+// the reductions (S > 1) only within them.
+#define CD_BN_MERGE_MAX 512
+#define CD_BN_PART_MAX 1024
 
 // y = (x - mean[c]) * s[c] * gamma[c] + beta[c], with s = inv_std, or 1 / sqrt(s + eps) when
 // from_var (eval: s is the running variance); y = max(y, 0) when relu (NaN stays NaN, as
@@ -226,8 +228,14 @@ __global__ void bn_fwd(const T* __restrict__ x, T* __restrict__ y,
                        const typename cd_acc<T>::type* __restrict__ gamma,
                        const typename cd_acc<T>::type* __restrict__ beta,
                        typename cd_acc<T>::type* __restrict__ saved, long long total, int C,
-                       int P, double eps, int from_var, int has_gamma, int has_beta, int relu) {
+                       int P, double eps, int from_var, int has_gamma, int has_beta, int relu,
+                       const typename cd_acc<T>::type* __restrict__ part, int N, int S,
+                       typename cd_acc<T>::type* __restrict__ stats,
+                       typename cd_acc<T>::type* __restrict__ run_mean,
+                       typename cd_acc<T>::type* __restrict__ run_var, double momentum,
+                       double unbias, int update) {
     typedef typename cd_acc<T>::type A;
+    __shared__ A sh_mean[CD_BN_MERGE_MAX], sh_k[CD_BN_MERGE_MAX], sh_part[2 * CD_BN_PART_MAX];
     const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
     if (from_var) {
@@ -236,11 +244,33 @@ __global__ void bn_fwd(const T* __restrict__ x, T* __restrict__ y,
             saved[C + i] = cd_inv_std(s[i], eps);
         }
     }
+    const bool merged = S > 1;  // every CTA merges the partials; CTA 0 writes the statistics
+    if (merged) {
+        cd_bn_stage_partials(part, sh_part, 2 * C * S);
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            A m, m2;
+            cd_bn_merge_stats(sh_part, c, N, C, P, S, m, m2);
+            const A inv = cd_inv_std(m2 / A((unsigned int)N * (unsigned int)P), eps);
+            sh_mean[c] = m;
+            sh_k[c] = has_gamma ? inv * gamma[c] : inv;
+            if (blockIdx.x == 0)
+                cd_bn_stats_out(c, C, m, m2, (unsigned int)N * (unsigned int)P, stats,
+                                run_mean, run_var, eps, momentum, unbias, update);
+        }
+        __syncthreads();
+    }
     // one channel's coefficients for each access (its V values share the channel)
     auto value = [&](int c, A xv) {
-        A k = from_var ? cd_inv_std(s[c], eps) : s[c];
-        if (has_gamma) k *= gamma[c];
-        A v = cd_bn_value(xv, mean[c], k, has_beta ? beta[c] : A(0), has_beta);
+        A k, m;
+        if (merged) {
+            k = sh_k[c];
+            m = sh_mean[c];
+        } else {
+            k = from_var ? cd_inv_std(s[c], eps) : s[c];
+            if (has_gamma) k *= gamma[c];
+            m = mean[c];
+        }
+        A v = cd_bn_value(xv, m, k, has_beta ? beta[c] : A(0), has_beta);
         return relu && v < A(0) ? A(0) : v;
     };
     constexpr int V = cd_bn_width<T>::V;
@@ -263,24 +293,28 @@ __global__ void bn_fwd(const T* __restrict__ x, T* __restrict__ y,
 // gradient), sums[1][c] = sgx (gamma's), and the coefficients of gx = a * g + b * (x - mean) + d:
 // with k = s * gamma, a = k and, in training (the batch statistics depend on x),
 // b = -k * s * sgx / n, d = -k * sg / n; in eval b = d = 0.
+// sums (rows of C) is skipped when null; coef's rows are `rows` apart (C, or CD_BN_MERGE_MAX in
+// shared memory).
 template <typename A>
 __device__ __forceinline__ void cd_bn_bwd_out(int c, int C, A sg, A sgd, unsigned int count,
                                               const A* s, const A* gamma, A* sums, A* coef,
-                                              int has_gamma, int training) {
+                                              int rows, int has_gamma, int training) {
     const A inv = s[c];
     const A sgx = sgd * inv;
     const A k = has_gamma ? inv * gamma[c] : inv;
-    sums[c] = sg;
-    sums[C + c] = sgx;
+    if (sums) {
+        sums[c] = sg;
+        sums[C + c] = sgx;
+    }
     coef[c] = k;
-    coef[C + c] = training ? -k * inv * sgx / A(count) : A(0);
-    coef[2 * C + c] = training ? -k * sg / A(count) : A(0);
+    coef[rows + c] = training ? -k * inv * sgx / A(count) : A(0);
+    coef[2 * rows + c] = training ? -k * sg / A(count) : A(0);
 }
 
 // Backward sums, CTA (c, s) for split s of channel c (the walk of bn_stats): sg = sum g and
 // sgd = sum g * (x - mean) over the split, g masked by the fused ReLU when relu (zero where the
 // forward's output was not positive; cd_bn_value with k = s * gamma, the forward's product).
-// With S = gridDim.y > 1, part[0][c][s] = sg and part[1][c][s] = sgd for bn_bwd_merge; with
+// With S = gridDim.y > 1, part[0][c][s] = sg and part[1][c][s] = sgd for bn_bwd_apply; with
 // S = 1 the CTA writes the outputs itself (cd_bn_bwd_out).
 template <typename T>
 __global__ void bn_bwd_sums(const T* __restrict__ g, const T* __restrict__ x,
@@ -327,38 +361,12 @@ __global__ void bn_bwd_sums(const T* __restrict__ g, const T* __restrict__ x,
     sgd = cd_block_sum(sgd, sh);
     if (threadIdx.x == 0) {
         if (S == 1) {
-            cd_bn_bwd_out(c, C, sg, sgd, count, s, gamma, sums, coef, has_gamma, training);
+            cd_bn_bwd_out(c, C, sg, sgd, count, s, gamma, sums, coef, C, has_gamma, training);
         } else {
             part[(long long)c * S + sp] = sg;
             part[(long long)(C + c) * S + sp] = sgd;
         }
     }
-}
-
-// Sums bn_bwd_sums's S partials of each channel, one warp per channel in the fixed order of
-// bn_stats_merge (deterministic), and writes what bn_bwd_sums writes for S = 1.
-template <typename T>
-__global__ void bn_bwd_merge(const typename cd_acc<T>::type* __restrict__ part,
-                             const typename cd_acc<T>::type* __restrict__ s,
-                             const typename cd_acc<T>::type* __restrict__ gamma,
-                             typename cd_acc<T>::type* __restrict__ sums,
-                             typename cd_acc<T>::type* __restrict__ coef, int N, int C, int P,
-                             int S, int has_gamma, int training) {
-    typedef typename cd_acc<T>::type A;
-    const int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (c >= C) return;  // a whole warp: c is uniform across it
-    const A* __restrict__ psg = part + (long long)c * S;
-    const A* __restrict__ psgd = part + (long long)(C + c) * S;
-    A sg = 0, sgd = 0;
-    for (int sp = lane; sp < S; sp += 32) {
-        sg += psg[sp];
-        sgd += psgd[sp];
-    }
-    sg = cd_warp_sum(sg);
-    sgd = cd_warp_sum(sgd);
-    if (lane == 0)
-        cd_bn_bwd_out(c, C, sg, sgd, (unsigned int)N * (unsigned int)P, s, gamma, sums, coef,
-                      has_gamma, training);
 }
 
 // gx = a[c] * g + b[c] * (x - mean[c]) + d[c], coefficients from bn_bwd_sums, g masked by the
@@ -368,16 +376,42 @@ __global__ void bn_bwd_apply(const T* __restrict__ g, const T* __restrict__ x, T
                              const typename cd_acc<T>::type* __restrict__ mean,
                              const typename cd_acc<T>::type* __restrict__ coef,
                              const typename cd_acc<T>::type* __restrict__ beta, long long total,
-                             int C, int P, int has_beta, int relu) {
+                             int C, int P, int has_beta, int relu,
+                             const typename cd_acc<T>::type* __restrict__ part, int N, int S,
+                             const typename cd_acc<T>::type* __restrict__ s,
+                             const typename cd_acc<T>::type* __restrict__ gamma,
+                             typename cd_acc<T>::type* __restrict__ sums, int has_gamma,
+                             int training) {
     typedef typename cd_acc<T>::type A;
+    __shared__ A sh_coef[3 * CD_BN_MERGE_MAX], sh_part[2 * CD_BN_PART_MAX];
     const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
+    // S > 1: every CTA sums bn_bwd_sums's partials of each channel in order (the same bits in
+    // each) into its own coefficients; CTA 0 writes the sums (beta's and gamma's gradients)
+    const A* cf = coef;
+    int cs = C;
+    if (S > 1) {
+        cd_bn_stage_partials(part, sh_part, 2 * C * S);
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            A sg = 0, sgd = 0;
+            for (int k = 0; k < S; ++k) {
+                sg += sh_part[c * S + k];
+                sgd += sh_part[(C + c) * S + k];
+            }
+            cd_bn_bwd_out(c, C, sg, sgd, (unsigned int)N * (unsigned int)P, s, gamma,
+                          blockIdx.x == 0 ? sums : nullptr, sh_coef, CD_BN_MERGE_MAX,
+                          has_gamma, training);
+        }
+        __syncthreads();
+        cf = sh_coef;
+        cs = CD_BN_MERGE_MAX;
+    }
     auto value = [&](int c, A xv, A gv) {
         const A m = mean[c];
-        if (relu && !cd_relu_pass<T>(cd_bn_value(xv, m, coef[c], has_beta ? beta[c] : A(0),
+        if (relu && !cd_relu_pass<T>(cd_bn_value(xv, m, cf[c], has_beta ? beta[c] : A(0),
                                                  has_beta)))
             gv = A(0);
-        return coef[c] * gv + coef[C + c] * (xv - m) + coef[2 * C + c];
+        return cf[c] * gv + cf[cs + c] * (xv - m) + cf[2 * cs + c];
     };
     constexpr int V = cd_bn_width<T>::V;
     if (cd_bn_vectors<T>(P, g, x, gx)) {
@@ -400,19 +434,18 @@ __global__ void bn_bwd_apply(const T* __restrict__ g, const T* __restrict__ x, T
 #define CD_INST(T) \
     template __global__ void bn_stats<T>(const T*, cd_acc<T>::type*, cd_acc<T>::type*, \
         cd_acc<T>::type*, cd_acc<T>::type*, int, int, int, double, double, double, int); \
-    template __global__ void bn_stats_merge<T>(const cd_acc<T>::type*, cd_acc<T>::type*, \
-        cd_acc<T>::type*, cd_acc<T>::type*, int, int, int, int, double, double, double, int); \
     template __global__ void bn_fwd<T>(const T*, T*, const cd_acc<T>::type*, \
         const cd_acc<T>::type*, const cd_acc<T>::type*, const cd_acc<T>::type*, \
-        cd_acc<T>::type*, long long, int, int, double, int, int, int, int); \
+        cd_acc<T>::type*, long long, int, int, double, int, int, int, int, \
+        const cd_acc<T>::type*, int, int, cd_acc<T>::type*, cd_acc<T>::type*, \
+        cd_acc<T>::type*, double, double, int); \
     template __global__ void bn_bwd_sums<T>(const T*, const T*, const cd_acc<T>::type*, \
         const cd_acc<T>::type*, const cd_acc<T>::type*, const cd_acc<T>::type*, \
         cd_acc<T>::type*, cd_acc<T>::type*, cd_acc<T>::type*, int, int, int, int, int, int, \
         int); \
-    template __global__ void bn_bwd_merge<T>(const cd_acc<T>::type*, const cd_acc<T>::type*, \
-        const cd_acc<T>::type*, cd_acc<T>::type*, cd_acc<T>::type*, int, int, int, int, int, \
-        int); \
     template __global__ void bn_bwd_apply<T>(const T*, const T*, T*, const cd_acc<T>::type*, \
-        const cd_acc<T>::type*, const cd_acc<T>::type*, long long, int, int, int, int);
+        const cd_acc<T>::type*, const cd_acc<T>::type*, long long, int, int, int, int, \
+        const cd_acc<T>::type*, int, int, const cd_acc<T>::type*, const cd_acc<T>::type*, \
+        cd_acc<T>::type*, int, int);
 CD_INST(float) CD_INST(double) CD_INST(cd_f16) CD_INST(cd_bf16)
 #endif
