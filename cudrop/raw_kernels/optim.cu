@@ -116,6 +116,16 @@ __device__ __forceinline__ cd_multi_slot cd_multi_find(const cd_multi_table& t, 
             (t.block_end[i] - first_block) * blockDim.x};
 }
 
+// This CTA's part of the table (cd_multi_find), or i = -1 when it has nothing to do: a check
+// earlier in the step flagged an error (the update is skipped, the error reported at the next
+// host read), or its parameter's unit is skipped in this replay.
+__device__ __forceinline__ cd_multi_slot cd_multi_claim(const cd_multi_table& t, int count,
+                                                        const unsigned long long* error) {
+    if (error && *error) return {-1, 0, 0};
+    const cd_multi_slot at = cd_multi_find(t, count);
+    return cd_multi_skipped(t, at.i) ? cd_multi_slot{-1, 0, 0} : at;
+}
+
 template <typename T>
 __global__ void sgd_step(const cd_multi_table t, int count,
                                const typename cd_acc<T>::type* __restrict__ lr_ptr,
@@ -123,10 +133,9 @@ __global__ void sgd_step(const cd_multi_table t, int count,
                                int nesterov, const unsigned long long* __restrict__ error,
                                const float* __restrict__ inv_scale) {
     typedef typename cd_acc<T>::type S;
-    if (error && *error) return;
-    const cd_multi_slot at = cd_multi_find(t, count);
+    const cd_multi_slot at = cd_multi_claim(t, count, error);
     const int i = at.i;
-    if (cd_multi_skipped(t, i)) return;
+    if (i < 0) return;
     sgd_range<T, S>(reinterpret_cast<T*>(t.p[i]), reinterpret_cast<S*>(t.master[i]),
                     reinterpret_cast<const T*>(t.grad[i]), reinterpret_cast<S*>(t.state1[i]),
                     t.first[i] != 0, t.n[i], at.start, at.stride,
@@ -182,10 +191,9 @@ __global__ void adam_step(const cd_multi_table t, int count,
                                 const unsigned long long* __restrict__ error,
                                 const float* __restrict__ inv_scale) {
     typedef typename cd_acc<T>::type S;
-    if (error && *error) return;
-    const cd_multi_slot at = cd_multi_find(t, count);
+    const cd_multi_slot at = cd_multi_claim(t, count, error);
     const int i = at.i;
-    if (cd_multi_skipped(t, i)) return;
+    if (i < 0) return;
     adam_range(reinterpret_cast<T*>(t.p[i]), reinterpret_cast<S*>(t.master[i]),
                reinterpret_cast<const T*>(t.grad[i]), reinterpret_cast<S*>(t.state1[i]),
                reinterpret_cast<S*>(t.state2[i]), t.n[i], at.start, at.stride,
