@@ -289,22 +289,23 @@ __global__ void bn_fwd(const T* __restrict__ x, T* __restrict__ y,
 }
 
 // The backward outputs of channel c from sg = sum g and sgd = sum g * (x - mean) over its count
-// values (sgx = sum g * xhat = sgd * s, xhat = (x - mean) * s): sums[0][c] = sg (beta's
-// gradient), sums[1][c] = sgx (gamma's), and the coefficients of gx = a * g + b * (x - mean) + d:
+// values (sgx = sum g * xhat = sgd * s, xhat = (x - mean) * s): sg_out[c] = sg (beta's
+// gradient), sgx_out[c] = sgx (gamma's), and the coefficients of gx = a * g + b * (x - mean) + d:
 // with k = s * gamma, a = k and, in training (the batch statistics depend on x),
 // b = -k * s * sgx / n, d = -k * sg / n; in eval b = d = 0.
-// sums (rows of C) is skipped when null; coef's rows are `rows` apart (C, or CD_BN_MERGE_MAX in
-// shared memory).
+// The sums are not written when sg_out is null; coef's rows are `rows` apart (C, or
+// CD_BN_MERGE_MAX in shared memory).
 template <typename A>
 __device__ __forceinline__ void cd_bn_bwd_out(int c, int C, A sg, A sgd, unsigned int count,
-                                              const A* s, const A* gamma, A* sums, A* coef,
+                                              const A* s, const A* gamma, A* sg_out,
+                                              A* sgx_out, A* coef,
                                               int rows, int has_gamma, int training) {
     const A inv = s[c];
     const A sgx = sgd * inv;
     const A k = has_gamma ? inv * gamma[c] : inv;
-    if (sums) {
-        sums[c] = sg;
-        sums[C + c] = sgx;
+    if (sg_out) {
+        sg_out[c] = sg;
+        sgx_out[c] = sgx;
     }
     coef[c] = k;
     coef[rows + c] = training ? -k * inv * sgx / A(count) : A(0);
@@ -323,7 +324,8 @@ __global__ void bn_bwd_sums(const T* __restrict__ g, const T* __restrict__ x,
                             const typename cd_acc<T>::type* __restrict__ gamma,
                             const typename cd_acc<T>::type* __restrict__ beta,
                             typename cd_acc<T>::type* __restrict__ part,
-                            typename cd_acc<T>::type* __restrict__ sums,
+                            typename cd_acc<T>::type* __restrict__ sg_out,
+                            typename cd_acc<T>::type* __restrict__ sgx_out,
                             typename cd_acc<T>::type* __restrict__ coef, int N, int C, int P,
                             int has_gamma, int training, int has_beta, int relu) {
     typedef typename cd_acc<T>::type A;
@@ -361,7 +363,8 @@ __global__ void bn_bwd_sums(const T* __restrict__ g, const T* __restrict__ x,
     sgd = cd_block_sum(sgd, sh);
     if (threadIdx.x == 0) {
         if (S == 1) {
-            cd_bn_bwd_out(c, C, sg, sgd, count, s, gamma, sums, coef, C, has_gamma, training);
+            cd_bn_bwd_out(c, C, sg, sgd, count, s, gamma, sg_out, sgx_out, coef, C, has_gamma,
+                          training);
         } else {
             part[(long long)c * S + sp] = sg;
             part[(long long)(C + c) * S + sp] = sgd;
@@ -380,7 +383,8 @@ __global__ void bn_bwd_apply(const T* __restrict__ g, const T* __restrict__ x, T
                              const typename cd_acc<T>::type* __restrict__ part, int N, int S,
                              const typename cd_acc<T>::type* __restrict__ s,
                              const typename cd_acc<T>::type* __restrict__ gamma,
-                             typename cd_acc<T>::type* __restrict__ sums, int has_gamma,
+                             typename cd_acc<T>::type* __restrict__ sg_out,
+                             typename cd_acc<T>::type* __restrict__ sgx_out, int has_gamma,
                              int training) {
     typedef typename cd_acc<T>::type A;
     __shared__ A sh_coef[3 * CD_BN_MERGE_MAX], sh_part[2 * CD_BN_PART_MAX];
@@ -399,8 +403,8 @@ __global__ void bn_bwd_apply(const T* __restrict__ g, const T* __restrict__ x, T
                 sgd += sh_part[(C + c) * S + k];
             }
             cd_bn_bwd_out(c, C, sg, sgd, (unsigned int)N * (unsigned int)P, s, gamma,
-                          blockIdx.x == 0 ? sums : nullptr, sh_coef, CD_BN_MERGE_MAX,
-                          has_gamma, training);
+                          blockIdx.x == 0 ? sg_out : nullptr, sgx_out, sh_coef,
+                          CD_BN_MERGE_MAX, has_gamma, training);
         }
         __syncthreads();
         cf = sh_coef;
@@ -441,11 +445,11 @@ __global__ void bn_bwd_apply(const T* __restrict__ g, const T* __restrict__ x, T
         cd_acc<T>::type*, double, double, int); \
     template __global__ void bn_bwd_sums<T>(const T*, const T*, const cd_acc<T>::type*, \
         const cd_acc<T>::type*, const cd_acc<T>::type*, const cd_acc<T>::type*, \
-        cd_acc<T>::type*, cd_acc<T>::type*, cd_acc<T>::type*, int, int, int, int, int, int, \
-        int); \
+        cd_acc<T>::type*, cd_acc<T>::type*, cd_acc<T>::type*, cd_acc<T>::type*, int, int, int, \
+        int, int, int, int); \
     template __global__ void bn_bwd_apply<T>(const T*, const T*, T*, const cd_acc<T>::type*, \
         const cd_acc<T>::type*, const cd_acc<T>::type*, long long, int, int, int, int, \
         const cd_acc<T>::type*, int, int, const cd_acc<T>::type*, const cd_acc<T>::type*, \
-        cd_acc<T>::type*, int, int);
+        cd_acc<T>::type*, cd_acc<T>::type*, int, int);
 CD_INST(float) CD_INST(double) CD_INST(cd_f16) CD_INST(cd_bf16)
 #endif
