@@ -12,9 +12,11 @@ Extra case: ``resnet56-shortcuts``, cudrop's ResNet-56 with depth dropout's trai
 on every unit and (practically) no unit dropped (p = 1e-9): its excess over ``resnet56`` is
 what the shortcuts cost.
 
-    python benchmarks/profile_step.py [--captured] [case-prefix[:dtype] ...]  (default: resnet56)
+    python benchmarks/profile_step.py [--captured] [--sequence] [case-prefix[:dtype] ...]
+        (default: resnet56)
 
-JSON: $OUT/profile_step.json; per case the 15 costliest kernels last.
+JSON: $OUT/profile_step.json (with each case's last step's kernels in order, ``sequence``);
+per case the 15 costliest kernels last, and with ``--sequence`` that step's kernels in order.
 """
 from __future__ import annotations
 
@@ -48,8 +50,15 @@ def _profile(run, batches, sync):
             rows.append({"kernel": e.key[:90], "us_per_step": us / STEPS,
                          "launches_per_step": e.count / STEPS})
     rows.sort(key=lambda r: -r["us_per_step"])
+    # the last step's kernels in the order they ran: where a kernel sits tells which op
+    # launched it (an 80 us copy after each weight-gradient scatter was autograd's, not the
+    # scatter's)
+    ran = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                 key=lambda e: e.time_range.start)
+    sequence = [[e.name[:90], e.time_range.elapsed_us()] for e in ran[-(len(ran) // STEPS):]]
     return {"kernel_us_per_step": sum(r["us_per_step"] for r in rows),
-            "launches_per_step": sum(r["launches_per_step"] for r in rows), "kernels": rows}
+            "launches_per_step": sum(r["launches_per_step"] for r in rows), "kernels": rows,
+            "sequence": sequence}
 
 
 def _cudrop(case, captured=False):
@@ -81,7 +90,7 @@ def _torch(case):
     return _profile(step, [(x, y)], torch.cuda.synchronize)
 
 
-def main(prefixes, captured=False):
+def main(prefixes, captured=False, sequence=False):
     cases = _cases() + [Case("resnet56-shortcuts", np.dtype(np.float32),
                              lambda: models.resnet56(in_channels=3, depth_dropout=1e-9), None,
                              (128, 3, 32, 32), 10)]
@@ -107,8 +116,14 @@ def main(prefixes, captured=False):
               f"{r['launches_per_step']:.0f} launches a step")
         for k in r["kernels"][:TOP]:
             print(f"{k['us_per_step']:9.1f} us {k['launches_per_step']:6.0f}x  {k['kernel']}")
+        if sequence:
+            print("one step's kernels in order:")
+            for name, us in r["sequence"]:
+                print(f"{us:9.1f} us  {name}")
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--captured"]
-    main(args or ["resnet56"], captured="--captured" in sys.argv[1:])
+    flags = ("--captured", "--sequence")
+    args = [a for a in sys.argv[1:] if a not in flags]
+    main(args or ["resnet56"], captured="--captured" in sys.argv[1:],
+         sequence="--sequence" in sys.argv[1:])
