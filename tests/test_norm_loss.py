@@ -192,6 +192,27 @@ def test_batch_norm_split_rule(monkeypatch):
         assert Fnorm._bn_split(nb, c) == want, (nb, c)
 
 
+def test_split_stays_within_what_the_merge_holds(monkeypatch):
+    """``_split`` caps the rule so that the elementwise kernels' shared-memory merge holds the
+    partials: C <= CD_BN_MERGE_MAX and C * S <= CD_BN_PART_MAX, the numbers norm.cu defines
+    (read from its source here). Host arithmetic only."""
+    import re
+    from cudrop import raw_kernels
+    src = raw_kernels.source("norm.cu")
+    defined = {k: int(v) for k, v in re.findall(r"#define (CD_BN_\w+_MAX) (\d+)", src)}
+    assert defined == {"CD_BN_MERGE_MAX": Fnorm._MERGE_MAX, "CD_BN_PART_MAX": Fnorm._PART_MAX}
+    monkeypatch.setattr(Fnorm, "device_facts", lambda: (132, True))
+    for (nb, c), want in [((128, 16), 17), ((300, 5), 53), ((2, 1), 2)]:
+        assert Fnorm._split(nb, c) == want == Fnorm._bn_split(nb, c)
+    monkeypatch.setattr(Fnorm, "_bn_split", lambda nb, c: nb)  # a rule that asks for more
+    for nb, c in [(4096, 1), (4096, 3), (4096, 512), (4096, 513), (3, 600)]:
+        split = Fnorm._split(nb, c)
+        assert split >= 1 and (split == 1 or (c <= Fnorm._MERGE_MAX
+                                              and c * split <= Fnorm._PART_MAX)), (nb, c)
+    assert Fnorm._split(4096, 1) == 1024 and Fnorm._split(4096, 512) == 2
+    assert Fnorm._split(4096, 513) == 1
+
+
 # (N, C, ...) shapes for the split reductions: S > 1 with N not a multiple of S (37 samples;
 # 128 x 16 x 32 x 32, the ResNet-56 CIFAR layer the split was made for, S = 17 on 132 SMs), the
 # smallest training input (2, 1, 1), (N, C) input, N = 1 (S = 1 whatever the GPU) and a channel
@@ -211,8 +232,9 @@ def test_batch_norm_split_reductions_match_float64(xp, monkeypatch, shape, split
     """The reductions with each channel spread over S CTAs: forward, inverse std, running
     statistics and the gradients against float64 math written out here, outputs and
     workspaces allocated from a NaN-poisoned pool. ``split`` None keeps the host's rule (S > 1
-    wherever C is below twice the SM count); 5 forces S = min(5, N) on any GPU, so every
-    shape with N > 5 has N not a multiple of S. Two identical calls give identical bits.
+    wherever C is below twice the SM count); 5 forces S = min(5, N) on any GPU (up to what the
+    merge holds in shared memory: S = 1 for C > 512, (4, 600)), so every split shape with N > 5
+    has N not a multiple of S. Two identical calls give identical bits.
     ``act='relu'``: the fused ReLU, its mask in both backward kernels."""
     if xp is np and split is not None:
         pytest.skip("the split exists only on the GPU kernels' path")

@@ -299,7 +299,7 @@ def _emulated_block_launch(source, fn, dtype, grid, block, args):
     assert isinstance(rows, np.int64) and isinstance(cols, np.int64)
     assert ra.dtype == F._BLOCK_AXIS and ca.dtype == F._BLOCK_AXIS
     tx, ty = block
-    assert tx % 32 == 0 and tx * ty == 256 and 1 <= grid[0] <= 8192
+    assert tx % 32 == 0 and 128 < tx * ty <= 256 and 1 <= grid[0] <= 8192
 
     def units(a, n):
         assert a["step_ptr"] == 0  # an int step stands in for the device step

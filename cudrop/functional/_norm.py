@@ -9,8 +9,9 @@ instead of ~15 small array ops per direction: training forward is one per-channe
 (two-pass mean and variance, the running-statistics update folded in) and one elementwise pass;
 eval forward is one elementwise pass; backward is one reduction (both per-channel sums and the
 coefficients of the input gradient) and one elementwise pass. A reduction spreads each channel
-over several CTAs when there are too few channels to fill the GPU (``_bn_split``); a small
-kernel then merges their partials in a fixed order, so the results stay deterministic.
+over several CTAs when there are too few channels to fill the GPU (``_bn_split``); every CTA
+of the elementwise pass that follows merges their partials in a fixed order in shared memory
+(``_split`` keeps C and C * S within it), so the results stay deterministic.
 Backward recomputes ``xhat`` from the saved input and per-channel mean / inverse std, so forward
 writes no ``xhat`` array.
 ``act='relu'`` fuses a ReLU into batch norm: the kernels' elementwise pass stores

@@ -89,9 +89,9 @@ __device__ __forceinline__ bool cd_bn_vectors(int P, const void* a, const void* 
            (((size_t)a | (size_t)b | (size_t)c) % 16) == 0;
 }
 
-// Calls f(value, offset of its vector's first value) for each value of channel c in a split
-// (count values, samples of P values from xs), V values a step; each thread takes every
-// blockDim.x-th vector, one division per vector.
+// Calls f(offset of a vector's first value) for each V-value vector of channel c in a split
+// (count values, samples of P values); each thread takes every blockDim.x-th vector, one
+// division per vector.
 template <typename T, int V, typename F>
 __device__ __forceinline__ void cd_bn_channel_walk(unsigned int count, int P, int C, int c,
                                                    F&& f) {
@@ -218,9 +218,12 @@ __device__ __forceinline__ void cd_bn_stage_partials(const A* __restrict__ part,
 
 // y = (x - mean[c]) * s[c] * gamma[c] + beta[c], with s = inv_std, or 1 / sqrt(s + eps) when
 // from_var (eval: s is the running variance); y = max(y, 0) when relu (NaN stays NaN, as
-// cupy.maximum keeps it). When from_var, the threads i < C also write the per-channel mean and
-// inverse std to saved[0][i], saved[1][i] for backward (private copies, so a later update of the
-// running statistics cannot change the gradient).
+// cupy.maximum keeps it); a grid-stride walk, V values an access where cd_bn_vectors allows.
+// When from_var, the first C threads of the grid also write the per-channel mean and inverse std
+// to saved[0][i], saved[1][i] for backward (private copies, so a later update of the running
+// statistics cannot change the gradient). S > 1 (training after a split bn_stats): mean and s
+// are not read; each CTA merges bn_stats's partials `part` (cd_bn_merge_stats) and CTA 0 writes
+// the statistics `stats` and updates the running ones, as bn_stats does for S = 1.
 template <typename T>
 __global__ void bn_fwd(const T* __restrict__ x, T* __restrict__ y,
                        const typename cd_acc<T>::type* __restrict__ mean,
@@ -372,8 +375,10 @@ __global__ void bn_bwd_sums(const T* __restrict__ g, const T* __restrict__ x,
     }
 }
 
-// gx = a[c] * g + b[c] * (x - mean[c]) + d[c], coefficients from bn_bwd_sums, g masked by the
-// fused ReLU when relu (as in bn_bwd_sums; a[c] = k, the forward's product).
+// gx = a[c] * g + b[c] * (x - mean[c]) + d[c], g masked by the fused ReLU when relu (as in
+// bn_bwd_sums; a[c] = k, the forward's product). The coefficients come from bn_bwd_sums for
+// S = 1; for S > 1 each CTA sums its partials `part` in order and computes them
+// (cd_bn_bwd_out), and CTA 0 writes the sums sg_out / sgx_out.
 template <typename T>
 __global__ void bn_bwd_apply(const T* __restrict__ g, const T* __restrict__ x, T* __restrict__ gx,
                              const typename cd_acc<T>::type* __restrict__ mean,

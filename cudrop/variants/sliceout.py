@@ -798,9 +798,9 @@ def _block_axis(mask, n):
 
 def _launch_block(fn, src, dst, shape, row_mask, col_mask, s):
     """Launch ``slice.cu``'s block kernel ``fn`` over the 2-D ``shape`` of the full array:
-    256-thread CTAs of ``ty`` rows of ``tx`` threads, ``tx`` the destination row's accesses
-    rounded up to a warp (at most 256), enough CTAs to cover the rows, at most 8192 (the
-    kernels loop over the rest)."""
+    CTAs of ``ty`` rows of ``tx`` threads, ``tx`` the destination row's 16-byte accesses
+    rounded up to a warp (at most 256), ``ty = 256 // tx`` (so 129-256 threads a CTA), enough
+    CTAs to cover the rows, at most 8192 (the kernels loop over the rest)."""
     rows, cols = shape
     out_rows, width = dst.shape
     if dst.size == 0:
