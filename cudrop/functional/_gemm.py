@@ -317,7 +317,7 @@ def split_k(m, n, k, dtype):
     then a sum): as many as keep 2 waves of 128 x 128 output tiles on the SMs with >= 1024 of K
     each (power-of-two chunks that divide K). 1: no split. Motivation: the weight gradients of
     ResNet-56's convolutions ((16, 131072) @ (131072, 144) and alike) ran cuBLASLt's own choice
-    at ~270 µs a call on the H200, 8 of the step's 22.6 ms of kernels (scripts/profile_step.py).
+    at ~270 µs a call on the H200, 8 of the step's 22.6 ms of kernels (profile_step.py).
     16-bit types are left to cuBLASLt, whose own split-K reduces in float32."""
     if dtype.itemsize < 4 or k < 8192:
         return 1
