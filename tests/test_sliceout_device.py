@@ -264,6 +264,20 @@ def test_the_linear_layer_stays_on_the_host_path_eagerly():
     assert not layer.last_mask.on_device and layer.step == 1  # eager: the int step
 
 
+def _emulated_units(seed, layer, step, n, keep, count, unit):
+    """The kept units in slice order, from the start the kernels compute (slice.cuh)."""
+    word = int(philox.words(int(seed), int(layer), int(step), philox.TAG_SLICE, 0, 0))
+    start = 0 if keep == n else ((word * int(count)) >> 32) * int(unit)
+    return (start + np.arange(int(keep))) % int(n)
+
+
+def _emulated_scale(v, scale, dtype):
+    """``v * scale`` rounded as the kernels do (cd_scale_or_zero: float, double for float64)."""
+    if dtype == np.float64:
+        return (v.astype(np.float64) * scale).astype(dtype)
+    return (v.astype(np.float32) * np.float32(scale)).astype(dtype)
+
+
 def _emulated_launch(source, fn, dtype, grid, block, args):
     """slice.cu's gather and scatter in NumPy, reading the arguments in the kernels' order (the
     index arithmetic itself is slice.cuh's, checked above): catches a mistake in how the Python
@@ -274,16 +288,13 @@ def _emulated_launch(source, fn, dtype, grid, block, args):
                                                                        count, unit, group))
     # the kernels walk units in groups: a group must divide every start, n and keep
     assert int(unit) % int(group) == 0 and int(n) % int(group) == 0 and int(keep) % int(group) == 0
-    word = int(philox.words(int(seed), int(layer), int(step), philox.TAG_SLICE, 0, 0))
-    start = 0 if keep == n else ((word * int(count)) >> 32) * int(unit)
-    units = (start + np.arange(int(keep))) % int(n)
+    units = _emulated_units(seed, layer, step, n, keep, count, unit)
     s3 = src.reshape(int(outer), -1, int(inner))
     d3 = dst.reshape(int(outer), -1, int(inner))
     scale, scaled = args[13:]
     v = s3[:, units, :] if fn == "slice_gather" else s3
     if scaled:
-        v = (v.astype(np.float64) * scale).astype(dst.dtype) if dst.dtype == np.float64 \
-            else (v.astype(np.float32) * np.float32(scale)).astype(dst.dtype)
+        v = _emulated_scale(v, scale, dst.dtype)
     if fn == "slice_gather":
         d3[...] = v
     else:
@@ -303,17 +314,13 @@ def _emulated_block_launch(source, fn, dtype, grid, block, args):
 
     def units(a, n):
         assert a["step_ptr"] == 0  # an int step stands in for the device step
-        word = int(philox.words(int(a["seed"]), int(a["layer"]), int(a["step"]),
-                                philox.TAG_SLICE, 0, 0))
-        keep = int(a["keep"])
-        start = 0 if keep == n else ((word * int(a["count"])) >> 32) * int(a["unit"])
-        return (start + np.arange(keep)) % n
+        return _emulated_units(a["seed"], a["layer"], a["step"], n, int(a["keep"]), a["count"],
+                               a["unit"])
 
     r, c = units(ra, int(rows)), units(ca, int(cols))
     v = src[np.ix_(r, c)] if fn == "slice_block_gather" else src
     if scaled:
-        v = (v.astype(np.float64) * scale).astype(dst.dtype) if dst.dtype == np.float64 \
-            else (v.astype(np.float32) * np.float32(scale)).astype(dst.dtype)
+        v = _emulated_scale(v, scale, dst.dtype)
     if fn == "slice_block_gather":
         dst[...] = v
     else:
