@@ -307,8 +307,8 @@ def _batch_norm_gpu(x, gamma, beta, running_mean, running_var, training, momentu
         part = cp.empty((2, c, split), dtype=acc) if split > 1 else stats  # unread for S = 1
         _launch("bn_stats", x.dtype, (c, split), (_bn_threads(-(-nb // split) * p, split),),
                 (x, part, stats, rm, rv) + dims + tail)
-        merge = (part, np.int32(nb), np.int32(split), stats, rm, rv, np.float64(momentum),
-                 np.float64(n / (n - 1)), np.int32(update))
+        # bn_fwd merges the partials: + momentum, unbias, update (tail without eps)
+        merge = (part, np.int32(nb), np.int32(split), stats, rm, rv) + tail[1:]
         mean, s, saved_stats = stats[0], stats[2], stats
     else:
         mean, s = _as_acc(cp, running_mean, acc), _as_acc(cp, running_var, acc)

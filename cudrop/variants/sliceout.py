@@ -759,6 +759,16 @@ _THREADS = 256
 _MAX_BLOCKS = 4096
 
 
+def _slice_args(mask, n):
+    """What every slice kernel computes a device-decided start from, for ``mask`` over ``n``
+    units: ``(keep, count of valid starts, unit, seed, layer, step value, step pointer)``."""
+    seed, layer, step = mask.draw
+    step_value, step_ptr = philox.step_args(step)
+    keep = mask.keep
+    return (keep, num_starts(n, keep, mask.align), mask.align or 1, seed, layer, step_value,
+            step_ptr)
+
+
 def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra):
     """Launch ``slice.cu``'s ``fn`` over ``total`` elements with the slice arguments of
     ``mask`` (a slice decided on the device) and ``extra`` after them. The kernels walk units in
@@ -766,15 +776,13 @@ def _launch_slice(fn, total, src, dst, outer, n, inner, mask, extra):
     aligned mask moves whole 16-byte rows (slice.cu)."""
     if total == 0:
         return
-    seed, layer, step = mask.draw
-    step_value, step_ptr = philox.step_args(step)
-    keep, unit = mask.keep, mask.align or 1
+    keep, count, unit, seed, layer, step_value, step_ptr = _slice_args(mask, n)
     group = math.gcd(unit, n, keep)
     blocks = min(-(-total // (_THREADS * max(1, 16 // src.itemsize))), _MAX_BLOCKS)
     launch("slice.cu", fn, src.dtype, (blocks,), (_THREADS,),
            (src, dst, np.int64(outer), np.int64(n), np.int64(inner), np.int64(keep),
             np.uint32(seed), np.uint32(layer), step_value, step_ptr,
-            np.int64(num_starts(n, keep, mask.align)), np.int64(unit), np.int64(group)) + extra)
+            np.int64(count), np.int64(unit), np.int64(group)) + extra)
 
 
 # slice.cu's cd_block_axis, passed by value (CuPy passes a NumPy structured scalar as the
@@ -787,10 +795,8 @@ _BLOCK_AXIS = np.dtype({"names": ["keep", "count", "unit", "step_ptr", "seed", "
 def _block_axis(mask, n):
     """``mask`` (decided on the device) over ``n`` units as a ``cd_block_axis``."""
     a = np.zeros((), _BLOCK_AXIS)
-    seed, layer, step = mask.draw
-    step_value, step_ptr = philox.step_args(step)
-    a["keep"], a["count"], a["unit"] = mask.keep, num_starts(n, mask.keep, mask.align), \
-        mask.align or 1
+    keep, count, unit, seed, layer, step_value, step_ptr = _slice_args(mask, n)
+    a["keep"], a["count"], a["unit"] = keep, count, unit
     a["step_ptr"] = 0 if step_ptr is None else step_ptr.data.ptr
     a["seed"], a["layer"], a["step"] = seed, layer, step_value
     return a[()]
