@@ -26,7 +26,10 @@ the slice eager mode draws at that step, and the kept units are gathered into fi
 buffers, so every shape in the graph stays fixed. So is element gyro dropout
 (``GyroDropout``, the models' ``dropout='gyro'``): one kernel derives the replay's step's
 sub-networks, each row's group (ragged groups included) and the keep bits
-(``raw_kernels/gyro.cu``), those eager mode applies at that step.
+(``raw_kernels/gyro.cu``), those eager mode applies at that step; and block-wise gyro dropout
+(``BlockwiseDropout``, ``BlockwiseLinear``): each row block's sub-network and the mask's
+kept-block lists are drawn on the device from the replay's step, and the block-sparse GEMMs
+read those lists.
 
 Depth dropout and stochastic depth (batch mode) are captured with *gates*: their gate is a
 pure function of the unit's step, so the host knows each replay's gates without asking the GPU.
@@ -52,8 +55,8 @@ back after the replay. A gated parameter must have optimizer state before it can
 captured (its first update creates it, which a graph cannot repeat), so the capture waits, in
 eager steps, until every gated unit has been kept once (at most ``_GATE_WAIT`` more steps).
 
-Layers that decide their structure on the host (the other SliceOut layers, block-wise gyro's
-sub-network schedule and block lists, per-sample stochastic depth) cannot be captured: they raise
+Layers that decide their structure on the host (the other SliceOut layers, per-sample
+stochastic depth) cannot be captured: they raise
 :class:`CaptureError` while capturing, and the step falls back to eager mode with one warning
 naming the layer, never a wrong result. The same fallback happens for anything else that cannot
 be captured (a host read of a device value, CuPy's own cuBLAS without nvmath-python), and for a

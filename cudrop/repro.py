@@ -959,9 +959,10 @@ EXPERIMENTS = {e.name: e for e in (
             "and 1, to fit one GPU session.",
             "Gyro and block-wise drop the inputs of every Linear after the first (block-wise "
             "with 128 x 32 blocks, input pruning).",
-            "Gyro steps replay CUDA graphs, as dropout's do (the sub-networks are decided on "
-            "the device); block-wise gyro decides its blocks on the host and runs eagerly, so "
-            "its step times include the host's overhead.",
+            "Gyro and block-wise steps replay CUDA graphs, as dropout's do (the sub-networks "
+            "and block lists are decided on the device); runs recorded before 2026-12-03 ran "
+            "block-wise steps eagerly (their records say so), so those step times include the "
+            "host's overhead.",
         ]),
     Experiment(
         "depth", "Depth dropout (Guo & Gould), Tables I and II: error and speed-up vs p",

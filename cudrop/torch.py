@@ -198,11 +198,11 @@ class _Stochastic(torch.nn.Module):
     """seed, layer and a step counter (an int32 buffer in state_dict, so a resumed run draws
     the same masks); the step advances once per training forward.
 
-    Layers whose masks are drawn by kernels (Dropout, SparseDropLinear) keep the step on the
-    module's device: the mask kernel reads it from device memory and a PyTorch op advances it,
-    so nothing synchronises and a step captured with ``torch.cuda.graph`` draws a new mask on
-    every replay. Layers that decide their mask on the host (SliceOut's slice, block-wise's
-    schedule) keep it on the CPU and cannot be captured."""
+    Layers whose masks are drawn by kernels (Dropout, SparseDropLinear, BlockwiseLinear) keep
+    the step on the module's device: the mask kernels read it from device memory and a PyTorch
+    op advances it, so nothing synchronises and a step captured with ``torch.cuda.graph`` draws
+    a new mask on every replay. A layer that decides its mask on the host (SliceOut's slice)
+    keeps it on the CPU and cannot be captured."""
 
     _device_step = False
 
@@ -337,6 +337,8 @@ class BlockwiseLinear(_LinearBase):
     pruning), ``mode='output'`` drops output blocks after ``act`` (output pruning); a plain
     Linear (then ``act``) in eval mode. ``**schedule``: block, num_subnets, co_scheduled,
     period, schedule (see ``cudrop.variants.blockwise.draw_mask``)."""
+
+    _device_step = True
 
     def __init__(self, in_features, out_features, p=0.5, mode="input", act=None, bias=True,
                  seed=0, layer=0, device=None, dtype=None, **schedule):

@@ -2,9 +2,9 @@
 they run, so a captured CUDA graph draws a new mask per replay once the host writes the step.
 On CuPy the draws equal those of the int step bit for bit and follow a rewrite of the array;
 on NumPy an array step is a TypeError, as is a device step of the wrong dtype or shape, or one
-given to a draw decided on the host (block-wise gyro's schedule; SliceOut's slice and element
-gyro's sub-networks are decided on the device from one, test_sliceout_device.py and
-test_gyro_device.py)."""
+given to a draw decided on the host (SliceOut's slice for the ops that slice on the host;
+SliceOut's slice and element gyro's sub-networks are decided on the device from one,
+test_sliceout_device.py and test_gyro_device.py)."""
 import numpy as np
 import pytest
 
@@ -72,7 +72,18 @@ def _draw_gyro_dropout(xp, step):
     return {"y": y, "gx": F.gyro_dropout_backward(gy, saved)}
 
 
-DRAWS = {"dropout": _draw_dropout, "dropout_tensor": _draw_dropout_tensor,
+def _draw_blockwise(xp, step):
+    # block-wise gyro: 6 row blocks (a ragged last one) over τ = 4 slots, a new set of
+    # sub-networks each step; input pruning forward and backward, and output pruning
+    x, w, gy = _x(xp, (90, 64), 1), _x(xp, (64, 24), 2), _x(xp, (90, 24), 3)
+    kw = dict(seed=3, layer=1, step=step, block=(16, 8), num_subnets=64, co_scheduled=4)
+    y, saved = blockwise.blockwise_linear(x, w, None, 0.5, **kw)
+    gx, gw, _ = blockwise.blockwise_linear_backward(gy, saved)
+    yo, _ = blockwise.blockwise_linear_out(x, w, None, 0.3, act="relu", **kw)
+    return {"y": y, "gx": gx, "gw": gw, "yo": yo, **_mask_arrays(saved.mask)}
+
+
+DRAWS = {"dropout": _draw_dropout, "blockwise": _draw_blockwise, "dropout_tensor": _draw_dropout_tensor,
          "block_mask": _draw_block_mask, "sparsedrop_linear": _draw_sparsedrop_linear,
          "sliceout_linear": _draw_sliceout_linear, "gyro_dropout": _draw_gyro_dropout}
 
@@ -114,11 +125,9 @@ def test_device_step_of_wrong_dtype_or_shape_is_refused(xp, bad):
 
 def test_host_decided_draws_refuse_a_device_step(xp):
     d = xp.asarray(7, dtype=np.uint32)
-    with pytest.raises(TypeError, match="step"):
-        blockwise.draw_mask((256, 64), 0.5, seed=1, step=d, xp=xp)
     # SliceOut's slice and element gyro's sub-networks are decided on the device with one
-    # (test_sliceout_device.py, test_gyro_device.py); SliceOut's ops that slice on the host
-    # refuse such a mask
+    # (test_sliceout_device.py, test_gyro_device.py), and block-wise gyro's mask (DRAWS above);
+    # SliceOut's ops that slice on the host refuse such a mask
     if xp is np:
         with pytest.raises(TypeError, match="step"):
             sliceout.draw_mask(64, 0.5, seed=1, step=d)

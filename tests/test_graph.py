@@ -67,7 +67,7 @@ def _captured_equals_eager(build, make_opt, batches):
     _same(eager, captured)
 
 
-@pytest.mark.parametrize("kind", ["none", "dropout", "sparsedrop", "sliceout"])
+@pytest.mark.parametrize("kind", ["none", "dropout", "sparsedrop", "sliceout", "blockwise"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_captured_mlp_steps_equal_eager(kind, opt):
     def build():
@@ -79,11 +79,10 @@ def test_captured_mlp_steps_equal_eager(kind, opt):
     _captured_equals_eager(build, make_opt, _batches(12))
 
 
-@pytest.mark.parametrize("kind", ["dropout", "sliceout", "gyro", "sparsedrop"])
+@pytest.mark.parametrize("kind", ["dropout", "sliceout", "gyro", "blockwise", "sparsedrop"])
 def test_100_captured_steps_draw_the_eager_masks(kind):
-    """Over 100 steps (issue 10's bar), for every capturable variant of the MLP (block-wise
-    gyro decides on the host: its step runs eagerly, tested below), the replays draw the masks
-    of the eager steps: every loss agrees, and the layers' step counters and weights end
+    """Over 100 steps (issue 10's bar), for every variant of the MLP, the replays draw the
+    masks of the eager steps: every loss agrees, and the layers' step counters and weights end
     equal."""
     def build():
         return models.mlp((64,), 10, hidden=(128, 128), dropout=kind, p=0.5, seed=3)
@@ -298,15 +297,40 @@ def test_captured_gyro_steps_equal_eager_across_set_changes():
                                       backend.asnumpy(e.last_mask.keep))
 
 
-def test_host_decided_layers_fall_back_to_eager_with_one_warning():
+def test_captured_blockwise_output_pruning_and_schedules_equal_eager():
+    """Block-wise gyro decided on the device at every replay, both of BlockwiseLinear's modes:
+    output pruning with ReLU (sdd forward) on the consecutive schedule with period 2 and fewer
+    row blocks than τ (the co-scheduled sub-networks span steps), input pruning on the random
+    schedule with a ragged last row block, over 30 steps."""
+    from cudrop import nn
+
     def build():
-        return models.mlp((64,), 10, hidden=(256, 256), dropout="blockwise", p=0.3, seed=0)
+        rng = np.random.default_rng(0)
+        return nn.number_layers(nn.Sequential(
+            nn.BlockwiseLinear(64, 96, 0.3, mode="output", act="relu", block=(32, 32),
+                               num_subnets=24, co_scheduled=6, period=2, rng=rng),
+            nn.BlockwiseLinear(96, 80, 0.5, block=(32, 16), num_subnets=40, co_scheduled=5,
+                               schedule="random", rng=rng), nn.ReLU(),
+            nn.Linear(80, 10, rng=rng)), seed=3)
+
+    make_opt = lambda p: optim.SGD(p, 0.05, momentum=0.9)  # noqa: E731
+    _captured_equals_eager(build, make_opt, _batches(30, batch=100))
+
+
+def test_host_decided_layers_fall_back_to_eager_with_one_warning():
+    from cudrop import nn
+
+    def build():
+        rng = np.random.default_rng(0)
+        return nn.number_layers(nn.Sequential(
+            nn.Linear(64, 96, rng=rng), nn.ReLU(), nn.SliceOut(0.3),
+            nn.Linear(96, 10, rng=rng)), seed=0)
 
     make_opt = lambda p: optim.SGD(p, 0.05)  # noqa: E731
     batches = _batches(6)
     eager = _run(build, make_opt, batches, captured=False)
-    with pytest.warns(RuntimeWarning, match=r"BlockwiseDropout\(layer \d+\) decides its mask "
-                                            r"on the host \(block-wise gyro") as rec:
+    with pytest.warns(RuntimeWarning, match=r"SliceOut\(layer \d+\) decides its mask "
+                                            r"on the host") as rec:
         captured = _run(build, make_opt, batches, captured=True)
     assert len(rec) == 1 and captured[0].failed is not None
     _same(eager, captured)

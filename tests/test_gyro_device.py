@@ -1,14 +1,15 @@
 """Element gyro dropout decided on the device (``raw_kernels/gyro.cu``): a mask drawn with a device
 step has no ``keep`` or ``subnets`` but its ``GyroDraw``; the kernel derives the sub-networks,
 each row's group and the keep bits from it and writes ``x * keep / q``; results equal the int
-step's bit for bit.
+step's bit for bit. Block-wise gyro's row blocks' sub-networks decided on the device
+(``gyro_block_row_ids``).
 
-On the CPU: the kernel's integer arithmetic (``gyro.cuh`` over ``philox.cuh``, compiled for the
+On the CPU: the kernels' integer arithmetic (``gyro.cuh`` over ``philox.cuh``, compiled for the
 host with the system C++ compiler) against ``scheduled_subnets``, ``subnet_keep``,
-``GyroMask.row_bounds`` and ``philox.words`` over hypothesis-drawn parameters and at the
-extremes; the Python side of the launch (the kernel emulated in NumPy from its arguments)
-against the host path; the mask's Python side; the argument errors; block-wise gyro's refusal
-of a capture. On a GPU: the kernel against the host path, forward and backward, every dtype,
+``GyroMask.row_bounds``, ``blockwise_row_ids`` and ``philox.words`` over hypothesis-drawn
+parameters and at the extremes; the Python side of the launches (the kernels emulated from
+their arguments) against the host path; the mask's Python side; the argument errors; block-wise
+gyro's refusal of a capture on NumPy. On a GPU: the kernel against the host path, forward and backward, every dtype,
 ragged groups and a rank's rows included (the captured-step test is in test_graph.py).
 """
 from dataclasses import replace
@@ -29,6 +30,8 @@ from conftest import host_harness, same_bits, low_precision_dtype, poison_pool
 #   S seed layer step sigma tau period random slot -> cd_gyro_subnet
 #   K seed layer subnet unit thresh                 -> cd_gyro_kept
 #   R row tau total                                 -> cd_gyro_slot
+#   I seed layer step sigma tau period random offset total r
+#     -> the sub-network of block-wise row block r (gyro_block_row_ids' per-thread work)
 #   W seed layer step tag row col                   -> cd_mask_word
 #   E n row_len inner n_units row0 total seed layer step sigma tau period random thresh
 #     -> the keep bit of every element by cd_gyro_keep4 (the kernel's per-thread work), as a
@@ -49,6 +52,14 @@ int main() {
             unsigned int seed, layer, subnet, thresh; unsigned long long unit;
             std::scanf("%u %u %u %llu %u", &seed, &layer, &subnet, &unit, &thresh);
             std::printf("%d\n", (int)cd_gyro_kept(seed, layer, subnet, unit, thresh));
+        } else if (op == 'I') {
+            unsigned int seed, layer, step; unsigned long long sigma, tau, period, offset, total, r;
+            int random;
+            std::scanf("%u %u %u %llu %llu %llu %d %llu %llu %llu", &seed, &layer, &step, &sigma,
+                       &tau, &period, &random, &offset, &total, &r);
+            std::printf("%u\n", cd_gyro_subnet(seed, layer, step,
+                                               cd_gyro_block_slot(step, r, offset, total, tau),
+                                               sigma, tau, period, random != 0));
         } else if (op == 'R') {
             unsigned long long row, tau, total;
             std::scanf("%llu %llu %llu", &row, &tau, &total);
@@ -167,6 +178,31 @@ def test_device_row_slots_equal_the_row_groups(harness):
                 lo, hi = (mid, hi) if mid * total // tau <= r else (lo, mid - 1)
             want.append(lo)
     assert harness(lines) == want
+
+
+def _row_id_lines(step, n, sched, seed, layer, offset, total):
+    """Harness lines for row blocks 0 .. n - 1, the arguments as the launch passes them
+    (gyro_schedule._device_row_ids: the period capped at 2**32, offset and total mod τ)."""
+    tau = sched["co_scheduled"]
+    return [("I", seed, layer, step, sched["num_subnets"], tau, min(sched["period"], 2 ** 32),
+             int(sched["schedule"] == "random"), offset % tau, total % tau, r)
+            for r in range(n)]
+
+
+@given(sched=_schedules(), seed=_u32, layer=_u32, step=_u32, n=st.integers(1, 40),
+       before=st.one_of(st.integers(0, 50), st.integers(0, 2 ** 40)),
+       after=st.integers(0, 50))
+def test_device_row_block_ids_equal_the_host_schedule(harness, sched, seed, layer, step, n,
+                                                      before, after):
+    """Each row block's sub-network (gyro_block_row_ids' work) against blockwise_row_ids, for a
+    whole batch and for a rank's row blocks of a larger global batch; steps up to 2**32 - 1 and
+    offsets up to 2**40, where step * total leaves 64 bits."""
+    for offset, total in ((0, None), (before, before + n + after)):
+        want = gyro.blockwise_row_ids(step, n, block=(1, 1), seed=seed, layer=layer,
+                                      row_block_offset=offset, total_row_blocks=total, **sched)
+        got = harness(_row_id_lines(step, n, sched, seed, layer, offset,
+                                    n if total is None else total))
+        assert got == want.tolist(), (sched, step, offset, total)
 
 
 @st.composite
@@ -320,15 +356,46 @@ def test_the_device_path_refuses_numpy_arrays_and_keeps_the_host_checks():
         Fg.gyro_dropout(x, 0.5, seed=1, step=np.asarray(3, np.uint32))
 
 
-def test_blockwise_gyro_refuses_a_capture_and_says_why(monkeypatch):
+@pytest.mark.parametrize("schedule", ["consecutive", "random"])
+def test_row_id_launch_lays_out_the_arguments_as_the_host_schedule(monkeypatch, harness,
+                                                                   schedule):
+    """gyro_schedule._device_row_ids with the kernel emulated by the harness from the launch's
+    arguments, in their order, against blockwise_row_ids: catches a mistake in how the Python
+    side lays out the launch before any GPU run."""
+    def emulated(source, fn):
+        assert (source, fn) == ("gyro.cu", "gyro_block_row_ids")
+
+        def run(grid, block, args):
+            (ids, n, offset, total, seed, layer, step, step_ptr, sigma, tau, period,
+             random) = args
+            assert step_ptr is None and ids.dtype == np.uint32 and len(ids) == int(n)
+            assert int(grid[0]) * int(block[0]) >= int(n)
+            ids[...] = harness([("I", seed, layer, step, sigma, tau, period, random, offset,
+                                 total, r) for r in range(int(n))])
+        return run
+
+    monkeypatch.setattr(raw_kernels, "kernel", emulated)
+    sigma = 48 if schedule == "consecutive" else 2 ** 32
+    sched = dict(num_subnets=sigma, co_scheduled=6, period=3, schedule=schedule)
+    for step in (0, 2, 3, 17, 2 ** 32 - 1):
+        for n, offset, total in ((5, 0, None), (4, 7, 30), (9, 2 ** 35, 2 ** 35 + 20)):
+            want = gyro.blockwise_row_ids(step, n, block=(1, 1), seed=9, layer=2,
+                                          row_block_offset=offset, total_row_blocks=total,
+                                          **sched)
+            got = gyro._device_row_ids(np, step, n, seed=9, layer=2, row_block_offset=offset,
+                                       total_row_blocks=total, **sched)
+            assert got.tolist() == want.tolist(), (step, n, offset)
+
+
+def test_blockwise_gyro_on_numpy_refuses_a_capture(monkeypatch):
+    """On NumPy the schedule is the host's (an int step), which a capture refuses; on CuPy
+    block-wise gyro is captured (test_graph.py)."""
     x = cudrop.Tensor(np.ones((8, 64), np.float32))
     monkeypatch.setattr(graph, "_recorder", object())  # as while CapturedStep records
     for layer in (BlockwiseDropout(0.5, num_subnets=8, co_scheduled=4, layer=2),
                   BlockwiseLinear(64, 8, 0.5, num_subnets=8, co_scheduled=4, layer=2)):
         with pytest.raises(graph.CaptureError,
-                           match=r"BlockwiseDropout\(layer 2\) decides its mask on the host "
-                                 r"\(block-wise gyro dropout: .*host-decided; element "
-                                 r"GyroDropout is captured\)"):
+                           match=r"BlockwiseDropout\(layer 2\) decides its mask on the host"):
             layer(x)
     # element gyro on NumPy asks for a host step, which a capture refuses as before
     with pytest.raises(graph.CaptureError, match=r"GyroDropout\(layer 0\)"):

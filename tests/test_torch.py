@@ -128,13 +128,20 @@ def test_cudrop_temporaries_inside_torch_ops_come_from_torch_allocator():
 @pytest.mark.gpu
 @_cuda
 def test_a_pytorch_step_with_cudrop_layers_is_captured_by_torch_cuda_graph():
-    """Dropout and SparseDropLinear keep their step on the device: a step captured with
-    torch.cuda.graph and replayed equals the same steps run eagerly (new masks every replay)."""
+    """Dropout, SparseDropLinear and BlockwiseLinear keep their step on the device: a step
+    captured with torch.cuda.graph and replayed equals the same steps run eagerly (new masks
+    every replay; block-wise's schedule moves to a new set of sub-networks every step)."""
     def build():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
                                    ct.Dropout(0.3, seed=1, layer=0),
-                                   ct.SparseDropLinear(256, 10, p=0.3, block=(32, 32), seed=1,
+                                   ct.BlockwiseLinear(256, 192, 0.3, mode="output", act="relu",
+                                                      block=(32, 32), num_subnets=12,
+                                                      co_scheduled=3, seed=1, layer=2),
+                                   ct.BlockwiseLinear(192, 96, 0.4, block=(32, 32),
+                                                      num_subnets=8, co_scheduled=8,
+                                                      schedule="random", seed=1, layer=3),
+                                   ct.SparseDropLinear(96, 10, p=0.3, block=(32, 32), seed=1,
                                                        layer=1)).cuda()
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -169,14 +176,14 @@ def test_a_pytorch_step_with_cudrop_layers_is_captured_by_torch_cuda_graph():
         loss.backward()
         opt.step()
     # The capture recorded step 3 without running it: the device counters did not move.
-    assert int(model[2].step) == int(model[3].step) == 3
+    assert [int(model[i].step) for i in (2, 3, 4, 5)] == [3] * 4
     for x, y in batches[3:]:
         sx.copy_(x)
         sy.copy_(y)
         graph.replay()
         got.append(float(loss))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert int(model[2].step) == int(eager[2].step) == len(batches)
+    assert [int(m.step) for m in (*model[2:6], eager[2], eager[3])] == [len(batches)] * 6
     for (n, a), (_, b) in zip(eager.named_parameters(), model.named_parameters()):
         np.testing.assert_allclose(b.detach().cpu().numpy(), a.detach().cpu().numpy(),
                                    rtol=1e-4, atol=1e-5, err_msg=n)

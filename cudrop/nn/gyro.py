@@ -7,18 +7,19 @@ the counter) draws the same masks. Eval mode and ``p == 0`` are the identity.
 
 Each layer keeps the mask of its last forward in ``last_mask`` (a ``GyroMask`` or a
 ``BlockMask``): the block-sparse GEMM of the next layer will read the ``BlockMask`` from there.
-It also memoises that mask for the next step: under the consecutive schedule the sub-networks
-of a step repeat for ``period`` steps, and redrawing them costs a host Philox pass (CPU) or a
-kernel launch (GPU). The memo is keyed by everything the mask depends on, so it never changes
-a result; it is not state (not saved, not needed to resume).
+A mask drawn on the host is memoised for the next step: under the consecutive schedule the
+sub-networks of a step repeat for ``period`` steps, and redrawing them costs a host Philox pass
+(CPU) or a kernel launch (GPU). The memo is keyed by everything the mask depends on, so it
+never changes a result; it is not state (not saved, not needed to resume).
 
-CUDA graphs (``cudrop.graph``). ``GyroDropout`` on CuPy inputs asks for
-``next_step(device=True)``: eagerly that is the same int, and inside a capture a device step,
-so the sub-networks, each row's group and the keep bits are decided on the device at every
-replay (``raw_kernels/gyro.cu``); ``last_mask`` is then the captured mask, decided on the
-device (``GyroMask.host()`` reads it back). Block-wise gyro decides its sub-network schedule
-and its block lists on the host, so ``BlockwiseDropout`` and ``BlockwiseLinear`` refuse a
-capture (the step then runs eagerly).
+CUDA graphs (``cudrop.graph``). On CuPy inputs both layers ask for ``next_step(device=True)``:
+eagerly that is the same int, and inside a capture a device step.
+``GyroDropout``: the sub-networks, each row's group and the keep bits are decided on the device
+at every replay (``raw_kernels/gyro.cu``); ``last_mask`` is then the captured mask, decided on
+the device (``GyroMask.host()`` reads it back). ``BlockwiseDropout`` (and ``BlockwiseLinear``)
+decide each row block's sub-network on the device, eagerly too, and draw the ``BlockMask``'s
+bits and kept-block lists there (``gyro_schedule.blockwise_mask``): the replays' GEMMs read
+the replay's step's blocks.
 """
 from __future__ import annotations
 
@@ -151,26 +152,26 @@ class BlockwiseDropout(_GyroBase):
         self.last_mask = None
         if not self.is_training or self.p == 0:
             return None
-        graph.refuse_capture(f"BlockwiseDropout(layer {self.layer})",
-                             "block-wise gyro dropout: its sub-network schedule and the GEMMs' "
-                             "kept-block lists stay host-decided; element GyroDropout is "
-                             "captured")
         data = as_tensor(x).data
-        step = self.next_step()
+        xp = backend.get_array_module(data)
+        device = xp is not np
+        step = self.next_step(device=device)
         shape = gyro.gemm_shape(data.shape)
         if units is not None:
             shape = (shape[0], units)
-        xp = backend.get_array_module(data)
         sched = self._sched()
         # this rank's row blocks of the global batch (the slot rule reads global indices)
         off, total = self.global_rows(-(-shape[0] // self.block[0]))
         sched.update(row_block_offset=off, total_row_blocks=total)
+        draw = lambda: gyro.blockwise_mask(shape, self.p, step=step, block=self.block,  # noqa: E731
+                                           xp=xp, **sched)
+        if device:  # decided on the device (two launches), a capture's replays included
+            self.last_mask = draw()
+            return self.last_mask
         ids = tuple(int(i) for i in gyro.blockwise_row_ids(step, shape[0], block=self.block,
                                                             **sched))
-        key = (ids, shape, self.block, self.p, self.seed, self.layer,
-               backend.device_of(data))
-        self.last_mask = self._memoised(key, lambda: gyro.blockwise_mask(
-            shape, self.p, step=step, block=self.block, xp=xp, **sched))
+        self.last_mask = self._memoised((ids, shape, self.block, self.p, self.seed, self.layer),
+                                        draw)
         return self.last_mask
 
     def extra_repr(self):

@@ -46,6 +46,25 @@ __global__ void gyro_apply(const T* __restrict__ x, T* __restrict__ y, long long
     }
 }
 
+// Block-wise gyro decided on the device: ids[r] = the sub-network of row block r at the step
+// (step_ptr's value when not null), the row coordinate the block-mask kernel (masks.cu) then
+// draws row block r's unit-block bits with; so the mask of a replayed graph follows the step the
+// host wrote last, equal bit for bit to the host schedule's (gyro_schedule.blockwise_row_ids).
+extern "C" __global__ void gyro_block_row_ids(unsigned int* __restrict__ ids, long long n,
+                                              unsigned long long offset,
+                                              unsigned long long total, unsigned int seed,
+                                              unsigned int layer, unsigned int step,
+                                              const unsigned int* __restrict__ step_ptr,
+                                              unsigned long long sigma, unsigned long long tau,
+                                              unsigned long long period, int random_sched) {
+    const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= n) return;
+    const unsigned int step_now = step_ptr ? *step_ptr : step;
+    const unsigned long long slot = cd_gyro_block_slot(step_now, (unsigned long long)r, offset,
+                                                       total, tau);
+    ids[r] = cd_gyro_subnet(seed, layer, step_now, slot, sigma, tau, period, random_sched != 0);
+}
+
 #ifdef CUDROP_INSTANTIATE  // explicit instances for the nvcc compile check (NVRTC uses name_expressions)
 #define CD_INST(T) \
     template __global__ void gyro_apply<T>(const T*, T*, long long, long long, long long, \

@@ -38,6 +38,15 @@ __host__ __device__ __forceinline__ unsigned int cd_gyro_subnet(
     return cd_gyro_consecutive(step, slot, sigma, tau, period);
 }
 
+// Block-wise gyro: row block `r` of a batch that is row blocks offset .. of a global batch of
+// `total` row blocks runs slot (step total + offset + r) mod τ (row_block_subnets), reduced
+// term by term so that no product or sum leaves 64 bits (step and each remainder < 2**32).
+__host__ __device__ __forceinline__ unsigned long long cd_gyro_block_slot(
+        unsigned int step, unsigned long long r, unsigned long long offset,
+        unsigned long long total, unsigned long long tau) {
+    return (((unsigned long long)step % tau) * (total % tau) % tau + offset % tau + r % tau) % tau;
+}
+
 // The slot of row `row` of a batch of `total` rows split into τ contiguous groups: group t is
 // rows [t B / τ, (t + 1) B / τ) (GyroMask.row_bounds, ragged or not: when τ divides B these are
 // the groups of B / τ rows), so row r is in the largest t with t B / τ <= r, i.e. with

@@ -34,11 +34,11 @@ _ACTS = (None, "relu")
 def draw_mask(shape, p, *, seed=None, layer=0, step=None, block=gyro.DEFAULT_BLOCK,
               num_subnets=gyro.DEFAULT_NUM_SUBNETS, co_scheduled=gyro.DEFAULT_CO_SCHEDULED,
               period=gyro.DEFAULT_PERIOD, schedule="consecutive", xp=np):
-    """The block-wise gyro mask of ``step`` over an (M, K) operand (a ``BlockMask``; one
-    launch on CuPy). Edge blocks are partial when the shape does not divide. ``seed=None``: the
-    global generator (``cudrop.random``)."""
-    seed, step = random.resolve(seed, step)
-    step = philox.check_host_step(step, "blockwise gyro dropout")
+    """The block-wise gyro mask of ``step`` over an (M, K) operand (a ``BlockMask``). Edge
+    blocks are partial when the shape does not divide. ``seed=None``: the global generator
+    (``cudrop.random``). On CuPy (``xp=cupy``) the mask is decided on the device, and ``step``
+    may be a device step (a 0-d uint32 CuPy array, read by the kernels when they run)."""
+    seed, step = random.resolve(seed, step, xp)
     return gyro.blockwise_mask(shape, philox.check_prob(p), step=step, seed=seed, layer=layer,
                                block=block, num_subnets=num_subnets, co_scheduled=co_scheduled,
                                period=period, schedule=schedule, xp=xp)

@@ -35,7 +35,9 @@ captured CUDA graph's layers get from ``StochasticLayer.next_step(device=True)``
 (``raw_kernels/gyro.cu`` over ``gyro.cuh``) computes the sub-networks of the step, each row's
 group (row ``r`` of ``B`` is in group ``((r + 1) τ - 1) // B``, the group ``row_bounds`` gives
 it, ragged or not) and the keep bits with the integer arithmetic above, so its result equals the
-int step's bit for bit. Block-wise gyro is decided on the host only.
+int step's bit for bit. Block-wise gyro on CuPy decides each row block's sub-network on the
+device too (``gyro_block_row_ids``, the slot rule above), then draws the mask's blocks with
+those ids as ``masks.block_mask`` does on the host.
 """
 from __future__ import annotations
 
@@ -301,15 +303,52 @@ def blockwise_mask(shape, p, *, step, seed=0, layer=0, block=DEFAULT_BLOCK,
                    period=DEFAULT_PERIOD, schedule="consecutive", xp=np, row_block_offset=0,
                    total_row_blocks=None) -> masks.BlockMask:
     """The block-wise gyro mask of ``step`` over an (M, K) operand, as a ``BlockMask`` (bits
-    and kept-block lists, one launch on CuPy): row block ``r`` carries the unit-block mask of
-    its sub-network. Edge blocks are partial when the shape does not divide. A data-parallel
-    rank passes its ``row_block_offset`` in the global batch of ``total_row_blocks``."""
+    and kept-block lists): row block ``r`` carries the unit-block mask of its sub-network. Edge
+    blocks are partial when the shape does not divide. A data-parallel rank passes its
+    ``row_block_offset`` in the global batch of ``total_row_blocks``.
+
+    On CuPy the row blocks' sub-networks are decided on the device (two launches: the ids, then
+    the block-mask draw), and ``step`` may be a device step (a 0-d uint32 CuPy array, read when
+    the kernels run), so a captured CUDA graph's replays draw each step's mask; the result
+    equals the host schedule's bit for bit."""
     block = check_block(block)
     if len(shape) != 2:
         raise ValueError(f"shape must be (M, K), got {tuple(shape)}")
-    ids = blockwise_row_ids(step, shape[0], block=block, num_subnets=num_subnets,
-                            co_scheduled=co_scheduled, period=period, schedule=schedule,
-                            seed=seed, layer=layer, row_block_offset=row_block_offset,
-                            total_row_blocks=total_row_blocks)
+    if xp is np:
+        ids = blockwise_row_ids(philox.check_host_step(step, "blockwise gyro dropout"), shape[0],
+                                block=block, num_subnets=num_subnets,
+                                co_scheduled=co_scheduled, period=period, schedule=schedule,
+                                seed=seed, layer=layer, row_block_offset=row_block_offset,
+                                total_row_blocks=total_row_blocks)
+    else:
+        ids = _device_row_ids(xp, step, -(-_check_int("n_rows", shape[0], 1) // block[0]),
+                              num_subnets=num_subnets, co_scheduled=co_scheduled, period=period,
+                              schedule=schedule, seed=seed, layer=layer,
+                              row_block_offset=row_block_offset, total_row_blocks=total_row_blocks)
     return masks.block_mask(shape, block, p, seed=seed, layer=layer, step=0, xp=xp,
                             row_ids=ids, tag=philox.TAG_GYRO)
+
+
+def _device_row_ids(cp, step, n_row_blocks, *, num_subnets, co_scheduled, period, schedule,
+                    seed, layer, row_block_offset, total_row_blocks):
+    """``blockwise_row_ids`` on the device: a (n_row_blocks,) uint32 CuPy array written by
+    ``gyro_block_row_ids`` (raw_kernels/gyro.cu), every argument checked as the host path
+    checks it."""
+    from ..raw_kernels import kernel
+    sigma, tau = check_subnets(num_subnets, co_scheduled, schedule)
+    step = philox.check_step(step, cp)
+    # the random schedule reads no period; steps are below 2**32, so a longer period runs the
+    # first set for the whole run, as 2**32 does
+    period = min(_check_int("period", period, 1), 2 ** 32) if schedule == "consecutive" else 1
+    seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
+    offset = _check_int("row_block_offset", row_block_offset, 0)
+    total = n_row_blocks if total_row_blocks is None else _check_int(
+        "total_row_blocks", total_row_blocks, 1)
+    ids = cp.empty(n_row_blocks, np.uint32)
+    step_value, step_ptr = philox.step_args(step)
+    kernel("gyro.cu", "gyro_block_row_ids")(
+        (-(-n_row_blocks // 128),), (128,),
+        (ids, np.int64(n_row_blocks), np.uint64(offset % tau), np.uint64(total % tau),
+         np.uint32(seed), np.uint32(layer), step_value, step_ptr, np.uint64(sigma),
+         np.uint64(tau), np.uint64(period), np.int32(schedule == "random")))
+    return ids
