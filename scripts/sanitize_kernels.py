@@ -315,6 +315,14 @@ def gyro_on_the_device():
                 G.gyro_dropout_backward(y, saved)
     buf = cp.ones(8 * 37 + 1, np.float32)
     G.gyro_dropout(buf[1:].reshape(8, 37), 0.5, step=cp.asarray(1, dtype=np.uint32), **kw)
+    # block-wise gyro's row-block ids (gyro_block_row_ids), then the block mask read from them:
+    # one row block, several with a ragged last one, a rank's blocks of a global batch
+    for shape, offset, total in [((1, 1), 0, None), ((300, 70), 0, None),
+                                 ((1000, 300), 3, 20)]:
+        for schedule in ("consecutive", "random"):
+            gyro_schedule.blockwise_mask(shape, 0.5, step=cp.asarray(5, dtype=np.uint32),
+                                         xp=cp, schedule=schedule, row_block_offset=offset,
+                                         total_row_blocks=total, **kw)
 
 
 def fused_attention():
