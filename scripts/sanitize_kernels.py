@@ -75,11 +75,12 @@ def conv_and_norm(dt):
 def block_sparse_gemms(dt, kernel):
     """dsd, dsd_t, sdd on ragged shapes with dropped blocks, rows with every block dropped and a
     transposed operand, through one forced kernel (None: the dispatcher's choice, the tensor-core
-    kernels where they apply)."""
+    kernels where they apply, and the dense fallback's masked copy, block_apply, under 32-row
+    and 32-wide blocks and at K = 37, its one-element path)."""
     from cudrop import bsmm
     rng = np.random.default_rng(3)
     for m, k, n, block in [(200, 136, 264, (64, 64)), (128, 64, 8, (128, 32)),
-                           (136, 520, 72, (128, 128))]:
+                           (136, 520, 72, (128, 128)), (130, 37, 40, (32, 8))]:
         a = cp.asarray(rng.standard_normal((m, k))).astype(dt)
         b = cp.asarray(rng.standard_normal((n, k))).astype(dt).T  # K-major view
         dy = cp.asarray(rng.standard_normal((m, n))).astype(dt)

@@ -267,13 +267,14 @@ def test_float32_goes_to_ffma_where_a_tile_fits(monkeypatch):
     else simple; float64 stays on simple; with CUPY_TF32=1 the TF32 kernel first, ffma where it
     cannot take the operands."""
     monkeypatch.setattr(bsmm_gpu.raw_kernels, "device_facts", lambda: (132, False))
+    monkeypatch.setattr(bsmm_gpu._gemm, "available", lambda: False)  # no dense fallback
     monkeypatch.delenv("CUPY_TF32", raising=False)
 
     def choose(dtype, m, n, k, rblk=1, kblk=1, masked=False, choice="auto", ptr=0):
         a, b = _fake(dtype, ptr), _fake(dtype)
         lists = (None, None) if masked else None
         return bsmm_gpu._choose(choice, a, b, (True, k), (False, n), m, n, k, rblk, kblk, lists,
-                                masked, None, 1, 1, 0, None)
+                                masked, None, 1, 1, 0, None, 0)
 
     assert choose("float32", 1024, 4096, 4096) == ("ffma", (128, 128))
     assert choose("float32", 8192, 8192, 8192, 128, 128, True) == ("ffma", (128, 128))
@@ -290,6 +291,84 @@ def test_float32_goes_to_ffma_where_a_tile_fits(monkeypatch):
     assert choose("float32", 1024, 1024, 1024)[0] == "mma"
     assert choose("float32", 1024, 1024, 1024, ptr=4) == ("ffma", (64, 64))  # unaligned
     assert choose("float32", 1024, 1024, 1024, choice="ffma") == ("ffma", (64, 64))
+
+
+def test_the_dense_fallback_replaces_the_simple_kernel_and_narrow_kept_blocks(monkeypatch):
+    """With cuBLASLt (nvmath-python), a pruned reduction that only the simple kernel would take
+    (row blocks narrower than every tile: dsd_t under 32-unit blocks) runs densely on a masked
+    copy in float16/bfloat16/float32, and so does a 16-bit one on Hopper whose kept blocks are
+    narrower than the 64-wide k-step; float64, output pruning (sdd: bits), the erf GELU and a
+    forced kernel keep the kernels."""
+    monkeypatch.setattr(bsmm_gpu._gemm, "available", lambda: True)
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    monkeypatch.setattr(bsmm_gpu.tma_mod, "available", lambda: True)
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+
+    def choose(dtype, rblk, kblk, act=0, bits=None, choice="auto", sm90=True):
+        monkeypatch.setattr(bsmm_gpu.raw_kernels, "device_facts", lambda: (132, sm90))
+        dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+        a, b = _fake(dtype), _fake(dtype)
+        lists = (None, None)
+        return bsmm_gpu._choose(choice, a, b, (True, 1024), (False, 4096), 4096, 4096, 1024,
+                                rblk, kblk, lists, True, bits, 1, 1, 0, None, act)
+
+    for dtype in ("float32", "float16", "bfloat16"):
+        assert choose(dtype, 32, 128) == ("dense", None)  # no tile's rows fit 32-row blocks
+        assert choose(dtype, 32, 128, sm90=False) == ("dense", None)
+    assert choose("float64", 32, 128) == ("simple", None)
+    assert choose("float32", 32, 128, act=2) == ("simple", None)  # bsmm's GELU is erf's
+    assert choose("float32", 32, 128, bits=(None,)) == ("simple", None)
+    assert choose("float32", 32, 128, choice="simple") == ("simple", None)
+    # Hopper, 16-bit: 32-wide kept blocks go dense, 64-wide ones to the TMA kernel
+    assert choose("bfloat16", 128, 32) == ("dense", None)
+    assert choose("bfloat16", 128, 64)[0] == "tma"
+    assert choose("bfloat16", 128, 32, act=2)[0] == "sm90"
+    assert choose("bfloat16", 128, 32, sm90=False)[0] == "mma"  # not Hopper: the mma kernel
+    assert choose("bfloat16", 128, 32, choice="sm90")[0] == "sm90"
+    assert choose("float32", 128, 32) == ("ffma", (128, 128))  # ffma walks any kept width
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_gpu_dense_fallback_equals_float64_math(dtype, monkeypatch):
+    """The dense fallback (masked copy, then cuBLASLt) where the dispatcher picks it: dsd with
+    bias and ReLU and dsd_t under 128 x 32 and 32 x 24 blocks, ragged edges, a C-contiguous,
+    an odd-offset and a transposed output, against float64 math, the outputs poisoned."""
+    cp = _gpu_or_skip("simple")
+    from cudrop.functional import _gemm
+    if not _gemm.available():
+        pytest.skip("nvmath-python (cuBLASLt) not installed")
+    ran = []
+    launch = bsmm_gpu.launch
+    monkeypatch.setattr(bsmm_gpu, "launch", lambda *a, **k: ran.append(launch(*a, **k)))
+    dt = low_precision_dtype(cp, dtype) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(3)
+    for (m, k, n), block in (((264, 136, 200), (128, 32)), ((300, 96, 72), (32, 24))):
+        a = cp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dt)
+        w = cp.asarray(rng.standard_normal((k, n)).astype(np.float32)).astype(dt)
+        g = cp.asarray(rng.standard_normal((m, n)).astype(np.float32)).astype(dt)
+        bias = cp.asarray(rng.standard_normal(n).astype(np.float32)).astype(dt)
+        mask = masks.block_mask((m, k), block, 0.4, seed=1, layer=2, step=3, xp=cp)
+        keep = backend.asnumpy(mask.to_dense())
+        f64 = lambda x: cp.asnumpy(x.astype(np.float32)).astype(np.float64)  # noqa: E731
+        am = f64(a) * keep / 0.6
+        want = {"dsd": np.maximum(am @ f64(w) + f64(bias), 0), "dsd_t": am.T @ f64(g)}
+        for form, shape in (("dsd", (m, n)), ("dsd_t", (k, n))):
+            plain = cp.full(shape, np.nan, dt)
+            wide = cp.full((shape[0], shape[1] + 1), np.nan, dt)
+            tall = cp.full(shape[::-1], np.nan, dt)
+            for out in (plain, wide[:, 1:], tall.T):
+                if form == "dsd":
+                    bsmm.dsd(a, w, mask, 1 / 0.6, bias=bias, act="relu", out=out)
+                else:
+                    bsmm.dsd_t(a, g, mask, 1 / 0.6, out=out)
+                got = f64(out)
+                assert not np.isnan(got).any(), (form, block)
+                err = np.linalg.norm(got - want[form]) / np.linalg.norm(want[form])
+                assert err < TOL[dtype], (form, block, err)
+            assert cp.isnan(wide[:, 0]).all()
+    assert set(ran) == {"dense"} and len(ran) == 12
 
 
 def test_ffma_float4_loads_only_where_every_chunk_is_whole():

@@ -24,6 +24,7 @@ import contextvars
 import numpy as np
 
 from .. import backend, flops
+from ..functional import _gemm
 from ..functional._matmul import matmul
 from .dispatch import KERNELS
 
@@ -124,13 +125,52 @@ def _run(form, a, b, lists, bits, rblk, kblk, cblk, scale, bias, act, out, mask)
     if xp is np:
         _reference(form, a, b, mask, scale, bias, act, out)
     else:
-        if flops.active():  # the kept elements of the masked operand (sdd: of the output)
+        from . import dispatch as bsmm_gpu
+        ran = bsmm_gpu.launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias,
+                              ACTIVATIONS[act], kernel=_KERNEL.get(),
+                              dense=lambda: _dense(form, a, b, mask, scale, bias, act, out))
+        if flops.active() and ran != "dense":  # the dense GEMM counted its own work
+            # the kept elements of the masked operand (sdd: of the output)
             kept = int(backend.asnumpy(mask.to_dense()).sum())
             flops.add(form, 2 * kept * (a.shape[1] if form == "sdd" else n))
-        from . import dispatch as bsmm_gpu
-        bsmm_gpu.launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias,
-                        ACTIVATIONS[act], kernel=_KERNEL.get())
     return out
+
+
+# ---- the dense fallback on CuPy ---------------------------------------------------------------
+
+def _dense(form, a, b, mask, scale, bias, act, out):
+    """``dsd`` / ``dsd_t`` as cuBLASLt (``functional._gemm``, capturable) on a copy of the pruned
+    operand with the mask and ``scale`` applied (one pass, ``block_apply`` in masks.cu): the
+    dispatcher's choice where no block-sparse kernel runs the product fast (``dispatch._choose``).
+    The dropped blocks are multiplied as zeros here: the work is the dense product's."""
+    if form == "dsd":
+        _gemm_into(_masked_copy(a, mask, scale), b, bias, act, out)
+    else:  # dsd_t: ``a`` is the (K, M) view of the masked (M, K) operand
+        masked = _masked_copy(a.T, mask, scale)
+        if not out.flags.c_contiguous and out.T.flags.c_contiguous:
+            _gemm.gemm(b.T, masked, out=out.T)  # outᵀ = bᵀ (a ⊙ m): no copy of the result
+        else:
+            _gemm_into(masked.T, b, None, None, out)
+
+
+def _gemm_into(a, b, bias, act, out):
+    if out.flags.c_contiguous:
+        _gemm.gemm(a, b, bias=bias, act=act, out=out)
+    else:
+        out[...] = _gemm.gemm(a, b, bias=bias, act=act)
+
+
+def _masked_copy(x, mask, scale):
+    """``x ⊙ m · scale`` for an (M, K) CuPy array and a BlockMask over it, dropped blocks exact
+    zeros."""
+    from ..raw_kernels import launch, vector_aligned
+    x = vector_aligned(x)
+    y = backend.cupy.empty_like(x)
+    (mb, kb), k = mask.block, x.shape[1]
+    launch("masks.cu", "block_apply", x.dtype, (-(-x.size // 1024),), (256,),
+           (x, y, np.int64(x.size), np.int64(k), mask.bits, np.int64(mask.bits.shape[1]),
+            np.int32(mb), np.int32(kb), np.float64(scale), np.int32(k % 4 == 0)))
+    return y
 
 
 # ---- the NumPy reference ---------------------------------------------------------------------

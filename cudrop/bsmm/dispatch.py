@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import backend, raw_kernels
 from .._memo import Memo
+from ..functional import _gemm
 from . import tma as tma_mod
 
 #: The CuPy kernel names ``use_kernel`` accepts: 'simple' (any dtype and shape), 'ffma' (exact
@@ -183,8 +184,9 @@ _NEEDS = {
 
 
 def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits, cblk,
-            ldcn, c_ptr, tile_override):
-    """(kind, tile): the fastest kernel whose preconditions hold, or the forced one."""
+            ldcn, c_ptr, tile_override, act):
+    """(kind, tile): the fastest kernel whose preconditions hold, or the forced one; 'dense'
+    (tile None) for the dense fallback (``launch``)."""
     if choice not in KERNELS + ("auto",):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {choice!r}")
     tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
@@ -192,15 +194,31 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
     half = a.dtype.name in _HALF
     # the Hopper kernels store rows of C in 4-byte pairs: row-major, 4-byte aligned C
     hopper = tc_ok and half and is_sm90 and ldcn == 1 and c_ptr % 4 == 0
+    # A pruned reduction (dsd, dsd_t) in float16/bfloat16/float32 can always run as cuBLASLt on
+    # a masked copy of the pruned operand; its epilogues are bias and ReLU (its GELU is the tanh
+    # form, bsmm's the erf form).
+    dense = (choice == "auto" and lists is not None and bits is None and act in (0, 1)
+             and a.dtype.name != "float64" and _gemm.available())
     candidates = (
         ("tma", TMA_TILES, hopper and tma_mod.available()
          and (lists is None or kblk % tma_mod.BK == 0)),
+        # Kept blocks narrower than the Hopper kernels' 64-wide k-step leave it part empty:
+        # measured on the H200 (block-wise gyro's 128 x 32 blocks, bf16 1024 x 4096 x 4096 at
+        # half the blocks kept), sm90 took 114 µs a product where cuBLAS takes ~42 µs dense.
+        ("dense", None, dense and hopper and kblk % tma_mod.BK != 0),
         ("sm90", SM90_TILES, hopper),
         ("mma", MMA_TILES if half else TF32_TILES, tc_ok),
         # exact float32; also where TF32 is allowed but the mma kernel cannot take the operands
         ("ffma", FFMA_TILES, a.dtype.name == "float32"),
+        # where only the 16x16 simple kernel would take the operands (a pruned output-row block
+        # narrower than every tile: dsd_t under 32-unit blocks)
+        ("dense", None, dense),
     )
     for kind, tiles, ok in candidates:
+        if kind == "dense":
+            if ok:
+                return kind, None
+            continue
         if choice not in ("auto", kind):
             continue
         tile = None
@@ -237,7 +255,9 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
     ldcm, ldcn = out.strides[0] // it, out.strides[1] // it
     masked = lists is not None or bits is not None
     pl.kind, tile = _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits,
-                            cblk, ldcn, out.data.ptr, tile_override)
+                            cblk, ldcn, out.data.ptr, tile_override, act)
+    if pl.kind == "dense":
+        return pl
     dims = (np.int32(m), np.int32(n), np.int32(k), np.int64(a_lay[1]), np.int64(b_lay[1]))
     pl.mid2 = (np.int32(lists[1].shape[1] if lists is not None else 0), np.int32(rblk),
                np.int32(kblk))
@@ -289,13 +309,17 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
     return pl
 
 
-def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None, tile=None):
+def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None, tile=None,
+           dense=None):
     """``out = act(scale · a @ b + bias)`` with the reduction pruned by ``lists`` (count, index)
     and the output by ``bits``; a (M, K) and b (K, N) may be transposed views. ``tile`` (one
     of ``MMA_TILES`` or ``FFMA_TILES``) overrides the mma or ffma kernel's tile choice, for tuning
-    and tests (unchecked: under a mask, the mask's row blocks must be multiples of its rows)."""
+    and tests (unchecked: under a mask, the mask's row blocks must be multiples of its rows).
+    ``dense``: a callable that computes the same product densely (cuBLASLt on a masked copy),
+    called instead of a kernel where the choice is 'dense' (see ``_choose``); without it that
+    choice runs the simple kernel. Returns the kind that ran."""
     if out.size == 0:
-        return out
+        return None
     choice = kernel or "auto"
     key = (a.shape, a.strides, b.shape, b.strides, out.strides, a.dtype, a.data.ptr % 16,
            b.data.ptr % 16, out.data.ptr % 4, None if lists is None else lists[1].shape,
@@ -305,6 +329,12 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
     if pl is None:
         pl = _PLAN_MEMO.put(key, _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act,
                                        choice, tile))
+    if pl.kind == "dense":
+        if dense is not None:
+            dense()
+            return "dense"
+        # not memoised: the key's plan stays 'dense' for the callers that pass one
+        pl = _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, "simple", tile)
     if pl.copy_a is not None:
         a = _contiguous(a, 1, pl.copy_a)
     if pl.copy_b is not None:
@@ -317,7 +347,7 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
     if pl.tma is not None:
         args += tma_mod.operand_maps(a, b, *pl.tma)
     pl.f(pl.grid, pl.block, args, shared_mem=pl.smem)
-    return out
+    return pl.kind
 
 
 def _b(flag):

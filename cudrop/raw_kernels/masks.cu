@@ -7,6 +7,7 @@
 // replays draw the step the host wrote there last). Without row_ids the row coordinate is
 // r + row_offset (a data-parallel rank's row blocks of the global batch).
 #include "philox.cuh"
+#include "dtypes.cuh"
 
 extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
                                       int* __restrict__ row_count, int* __restrict__ row_index,
@@ -57,3 +58,42 @@ extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
     for (int t = count + threadIdx.x; t < len; t += blockDim.x) index[t] = -1;
     if (threadIdx.x == 0) (is_row ? row_count : col_count)[line] = count;
 }
+
+// A block mask applied to a C-contiguous (M, K) array: y = x * scale where the (mb, kb) block of
+// the element is kept (BlockMask.bits: row block r's 64-bit word w at r * words + w, block c at
+// bit c & 63 of word c >> 6), else an exact 0 (an inf or NaN in a dropped block does not leak).
+// The dense fallback of the block-sparse GEMMs (bsmm) multiplies this copy. Thread t owns
+// elements 4t .. 4t + 3: one vector load and store where `vec` says K % 4 == 0 and x, y are
+// 16-byte aligned (the four then lie in one row).
+template <typename T>
+__global__ void block_apply(const T* __restrict__ x, T* __restrict__ y, long long n, long long K,
+                            const unsigned long long* __restrict__ bits, long long words, int mb,
+                            int kb, double scale, int vec) {
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long i0 = 4 * t;
+    if (i0 >= n) return;
+    long long row = i0 / K, col = i0 - row * K;
+    bool keep[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const long long c = col / kb;
+        keep[j] = i0 + j < n && ((bits[(row / mb) * words + (c >> 6)] >> (c & 63)) & 1ull);
+        if (++col == K) { col = 0; ++row; }
+    }
+    if (vec && i0 + 3 < n) {
+        const cd_vec4<T> in = reinterpret_cast<const cd_vec4<T>*>(x)[t];
+        cd_vec4<T> out;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out.v[j] = cd_scale_or_zero(in.v[j], scale, keep[j]);
+        reinterpret_cast<cd_vec4<T>*>(y)[t] = out;
+    } else {
+        for (int j = 0; j < 4 && i0 + j < n; ++j) y[i0 + j] = cd_scale_or_zero(x[i0 + j], scale, keep[j]);
+    }
+}
+
+#ifdef CUDROP_INSTANTIATE  // explicit instances for the nvcc compile check (NVRTC uses name_expressions)
+#define CD_INST(T) \
+    template __global__ void block_apply<T>(const T*, T*, long long, long long, \
+        const unsigned long long*, long long, int, int, double, int);
+CD_INST(float) CD_INST(double) CD_INST(cd_f16) CD_INST(cd_bf16)
+#endif
