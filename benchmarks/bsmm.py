@@ -200,7 +200,7 @@ def linear_fwd_bwd(cp, size, dtype, p, rows, table="linear", block=BLOCK, baseli
 def blockwise_forward(cp, rows, dtype):
     """The gyro paper's FC layer: x (256, 1024) @ w (1024, 1024), blocks of 128 rows x 32
     units, input pruning in the GEMM, against the dense GEMM."""
-    from cudrop import gyro
+    from cudrop.variants import gyro_schedule as gyro
     sets = _sets(cp, [(256, 1024), (1024, 1024)], dtype)
     dense, dense_g = time_gpu(cp.matmul, sets), _torch_graph([(256, 1024), (1024, 1024)], dtype, 1)
     for p in (0.1, 0.25, 0.5, 0.75):

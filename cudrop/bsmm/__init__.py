@@ -164,6 +164,9 @@ def _masked_copy(x, mask, scale):
     """``x ⊙ m · scale`` for an (M, K) CuPy array and a BlockMask over it, dropped blocks exact
     zeros."""
     from ..raw_kernels import launch, vector_aligned
+    if max(x.shape) >= 2 ** 31:  # block_apply's 32-bit coordinates
+        raise ValueError(f"bsmm: the dense path takes operands below 2**31 rows and columns, "
+                         f"got {x.shape}")
     x = vector_aligned(x)
     y = backend.cupy.empty_like(x)
     (mb, kb), k = mask.block, x.shape[1]

@@ -64,7 +64,9 @@ extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
 // bit c & 63 of word c >> 6), else an exact 0 (an inf or NaN in a dropped block does not leak).
 // The dense fallback of the block-sparse GEMMs (bsmm) multiplies this copy. Thread t owns
 // elements 4t .. 4t + 3: one vector load and store where `vec` says K % 4 == 0 and x, y are
-// 16-byte aligned (the four then lie in one row).
+// 16-byte aligned (the four then lie in one row). M and K are below 2**31 (the host checks):
+// one 64-bit division a thread, the rest 32-bit and increments (64-bit divisions per element
+// held the kernel at ~1 TB/s on the H200).
 template <typename T>
 __global__ void block_apply(const T* __restrict__ x, T* __restrict__ y, long long n, long long K,
                             const unsigned long long* __restrict__ bits, long long words, int mb,
@@ -72,13 +74,19 @@ __global__ void block_apply(const T* __restrict__ x, T* __restrict__ y, long lon
     const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long i0 = 4 * t;
     if (i0 >= n) return;
-    long long row = i0 / K, col = i0 - row * K;
+    int row = (int)(i0 / K), col = (int)(i0 - (long long)row * K);
+    int rb = row / mb, c = col / kb, in_c = col - c * kb;
     bool keep[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        const long long c = col / kb;
-        keep[j] = i0 + j < n && ((bits[(row / mb) * words + (c >> 6)] >> (c & 63)) & 1ull);
-        if (++col == K) { col = 0; ++row; }
+        keep[j] = i0 + j < n && ((bits[(long long)rb * words + (c >> 6)] >> (c & 63)) & 1ull);
+        if (++col == (int)K) {
+            col = c = in_c = 0;
+            rb = ++row / mb;
+        } else if (++in_c == kb) {
+            in_c = 0;
+            ++c;
+        }
     }
     if (vec && i0 + 3 < n) {
         const cd_vec4<T> in = reinterpret_cast<const cd_vec4<T>*>(x)[t];
