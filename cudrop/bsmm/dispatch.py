@@ -8,6 +8,9 @@ Hopper (fp16/bf16) ``tma`` (wgmma fed by TMA from a producer warp walking the ke
 needs kept blocks of multiples of 64 along K) and ``sm90`` (wgmma fed by cp.async, any block of
 multiples of 8). The fastest kernel whose preconditions hold runs; ``kernel=`` (or
 ``cudrop.bsmm.use_kernel``) forces one, which tests use to check each against float64 math.
+Unforced, a pruned reduction that only ``simple`` would take, or in 16 bits with kept blocks
+narrower than the Hopper kernels' 64-wide k-step, runs ``dense``: cuBLASLt on a masked copy of
+the pruned operand (``bsmm._dense``; measured reasons at ``_choose``).
 Tiles come from :func:`pick_tile`: the mask's block and the GEMM's tile are independent (block
 splitting), except that a tile's rows must lie in one row block of the mask.
 """
@@ -24,7 +27,7 @@ from . import tma as tma_mod
 #: The CuPy kernel names ``use_kernel`` accepts: 'simple' (any dtype and shape), 'ffma' (exact
 #: float32, register-tiled FFMA), 'mma' (fp16/bf16 tensor cores, sm_80+; float32 with
 #: ``CUPY_TF32=1``), 'sm90' and 'tma' (Hopper, fp16/bf16). Unforced, the first of tma, sm90, mma,
-#: ffma whose preconditions hold runs, else simple.
+#: ffma whose preconditions hold runs, else simple; or the dense fallback (see ``_choose``).
 KERNELS = ("simple", "ffma", "mma", "sm90", "tma")
 _HALF = {"float16": "cd_f16", "bfloat16": "cd_bf16"}
 # float32 on TF32: one tile, BK = 16 floats (the 64-byte rows of the 16-bit tiles)
