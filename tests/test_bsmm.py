@@ -297,7 +297,8 @@ def test_the_dense_fallback_replaces_the_simple_kernel_and_narrow_kept_blocks(mo
     """With cuBLASLt (nvmath-python), a pruned reduction that only the simple kernel would take
     (row blocks narrower than every tile: dsd_t under 32-unit blocks) runs densely on a masked
     copy in float16/bfloat16/float32, and so does a 16-bit one on Hopper whose kept blocks are
-    narrower than the 64-wide k-step; float64, output pruning (sdd: bits), the erf GELU and a
+    narrower than the 64-wide k-step, and a 16-bit one on Hopper whose output (sdd) is pruned
+    in blocks narrower than every tile without bias or activation; float64, the erf GELU and a
     forced kernel keep the kernels."""
     monkeypatch.setattr(bsmm_gpu._gemm, "available", lambda: True)
     monkeypatch.delenv("CUPY_TF32", raising=False)
@@ -305,20 +306,28 @@ def test_the_dense_fallback_replaces_the_simple_kernel_and_narrow_kept_blocks(mo
 
     ml_dtypes = pytest.importorskip("ml_dtypes")
 
-    def choose(dtype, rblk, kblk, act=0, bits=None, choice="auto", sm90=True):
+    def choose(dtype, rblk, kblk, act=0, bits=None, choice="auto", sm90=True, cblk=1,
+               bias=False):
         monkeypatch.setattr(bsmm_gpu.raw_kernels, "device_facts", lambda: (132, sm90))
         dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
         a, b = _fake(dtype), _fake(dtype)
-        lists = (None, None)
+        lists = None if bits else (None, None)
         return bsmm_gpu._choose(choice, a, b, (True, 1024), (False, 4096), 4096, 4096, 1024,
-                                rblk, kblk, lists, True, bits, 1, 1, 0, None, act)
+                                rblk, kblk, lists, True, bits, cblk, 1, 0, None, act, bias)
 
     for dtype in ("float32", "float16", "bfloat16"):
         assert choose(dtype, 32, 128) == ("dense", None)  # no tile's rows fit 32-row blocks
         assert choose(dtype, 32, 128, sm90=False) == ("dense", None)
     assert choose("float64", 32, 128) == ("simple", None)
     assert choose("float32", 32, 128, act=2) == ("simple", None)  # bsmm's GELU is erf's
-    assert choose("float32", 32, 128, bits=(None,)) == ("simple", None)
+    # sdd (bits, no lists): 32-wide output blocks skip no Hopper tile; 128-wide ones do
+    assert choose("bfloat16", 128, 1, bits=(None,), cblk=32) == ("dense", None)
+    assert choose("bfloat16", 128, 1, bits=(None,), cblk=128)[0] == "tma"
+    assert choose("bfloat16", 128, 1, bits=(None,), cblk=32, bias=True)[0] == "tma"
+    assert choose("bfloat16", 128, 1, bits=(None,), cblk=32, act=1)[0] == "tma"
+    assert choose("bfloat16", 128, 1, bits=(None,), cblk=32, sm90=False)[0] == "mma"
+    assert choose("float32", 128, 1, bits=(None,), cblk=32)[0] == "ffma"
+    assert choose("float32", 32, 1, bits=(None,), cblk=32) == ("dense", None)  # no ffma tile
     assert choose("float32", 32, 128, choice="simple") == ("simple", None)
     # Hopper, 16-bit: 32-wide kept blocks go dense, 64-wide ones to the TMA kernel
     assert choose("bfloat16", 128, 32) == ("dense", None)
@@ -332,12 +341,13 @@ def test_the_dense_fallback_replaces_the_simple_kernel_and_narrow_kept_blocks(mo
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_gpu_dense_fallback_equals_float64_math(dtype, monkeypatch):
-    """The dense fallback (masked copy, then cuBLASLt) where the dispatcher picks it: dsd with
-    bias and ReLU and dsd_t under 128 x 32 and 32 x 24 blocks, ragged edges, a C-contiguous,
-    an odd-offset and a transposed output, against float64 math, the outputs poisoned. Every
-    product whose pruned rows come in 32- or 24-row blocks runs densely (no kernel's tile fits);
-    dsd under 128 x 32 blocks runs ffma (float32), or densely where Hopper's kernels would
-    take the output and mma where they would not (odd-offset and transposed outputs)."""
+    """The dense fallback (cuBLASLt on a masked copy; for sdd, cuBLASLt then the mask) where the
+    dispatcher picks it: dsd with bias and ReLU, dsd_t and sdd under 128 x 32 and 32 x 24
+    blocks, ragged edges, a C-contiguous, an odd-offset and a transposed output, against
+    float64 math, the outputs poisoned. Every product whose pruned rows come in 32- or 24-row
+    blocks runs densely (no kernel's tile fits); dsd and sdd under 128 x 32 blocks run ffma
+    (float32), or densely where Hopper's kernels would take the output and mma where they would
+    not (odd-offset and transposed outputs)."""
     cp = _gpu_or_skip("simple")
     from cudrop.functional import _gemm
     if not _gemm.available():
@@ -357,22 +367,25 @@ def test_gpu_dense_fallback_equals_float64_math(dtype, monkeypatch):
         keep = backend.asnumpy(mask.to_dense())
         f64 = lambda x: cp.asnumpy(x.astype(np.float32)).astype(np.float64)  # noqa: E731
         am = f64(a) * keep / 0.6
-        want = {"dsd": np.maximum(am @ f64(w) + f64(bias), 0), "dsd_t": am.T @ f64(g)}
-        for form, shape in (("dsd", (m, n)), ("dsd_t", (k, n))):
+        want = {"dsd": np.maximum(am @ f64(w) + f64(bias), 0), "dsd_t": am.T @ f64(g),
+                "sdd": f64(g) @ f64(w).T * keep / 0.6}
+        for form, shape in (("dsd", (m, n)), ("dsd_t", (k, n)), ("sdd", (m, k))):
             plain = cp.full(shape, np.nan, dt)
             wide = cp.full((shape[0], shape[1] + 1), np.nan, dt)
             tall = cp.full(shape[::-1], np.nan, dt)
             for out in (plain, wide[:, 1:], tall.T):
                 if form == "dsd":
                     bsmm.dsd(a, w, mask, 1 / 0.6, bias=bias, act="relu", out=out)
-                else:
+                elif form == "dsd_t":
                     bsmm.dsd_t(a, g, mask, 1 / 0.6, out=out)
+                else:
+                    bsmm.sdd(g, w.T, mask, 1 / 0.6, out=out)
                 got = f64(out)
                 assert not np.isnan(got).any(), (form, block)
                 err = np.linalg.norm(got - want[form]) / np.linalg.norm(want[form])
                 assert err < TOL[dtype], (form, block, err)
             assert cp.isnan(wide[:, 0]).all()
-    assert len(ran) == 12
+    assert len(ran) == 18
     assert all(kind == "dense" for form, block, kind in ran
                if form == "dsd_t" or block == (32, 24)), ran
 

@@ -140,10 +140,13 @@ def _run(form, a, b, lists, bits, rblk, kblk, cblk, scale, bias, act, out, mask)
 
 def _dense(form, a, b, mask, scale, bias, act, out):
     """``dsd`` / ``dsd_t`` as cuBLASLt (``functional._gemm``, capturable) on a copy of the pruned
-    operand with the mask and ``scale`` applied (one pass, ``block_apply`` in masks.cu): the
+    operand with the mask and ``scale`` applied (one pass, ``block_apply`` in masks.cu); ``sdd``
+    (no bias, no activation) as cuBLASLt, then the mask and ``scale`` applied to the result: the
     dispatcher's choice where no block-sparse kernel runs the product fast (``dispatch._choose``).
     The dropped blocks are multiplied as zeros here: the work is the dense product's."""
-    if form == "dsd":
+    if form == "sdd":
+        _masked_copy(_gemm.gemm(a, b), mask, scale, out=out)
+    elif form == "dsd":
         _gemm_into(_masked_copy(a, mask, scale), b, bias, act, out)
     else:  # dsd_t: ``a`` is the (K, M) view of the masked (M, K) operand
         masked = _masked_copy(a.T, mask, scale)
@@ -160,19 +163,23 @@ def _gemm_into(a, b, bias, act, out):
         out[...] = _gemm.gemm(a, b, bias=bias, act=act)
 
 
-def _masked_copy(x, mask, scale):
+def _masked_copy(x, mask, scale, out=None):
     """``x ⊙ m · scale`` for an (M, K) CuPy array and a BlockMask over it, dropped blocks exact
-    zeros."""
+    zeros; into ``out`` when given."""
     from ..raw_kernels import launch, vector_aligned
     if max(x.shape) >= 2 ** 31:  # block_apply's 32-bit coordinates
         raise ValueError(f"bsmm: the dense path takes operands below 2**31 rows and columns, "
                          f"got {x.shape}")
     x = vector_aligned(x)
-    y = backend.cupy.empty_like(x)
+    y = out
+    if y is None or not y.flags.c_contiguous or y.data.ptr % (4 * y.itemsize):
+        y = backend.cupy.empty_like(x)
     (mb, kb), k = mask.block, x.shape[1]
     launch("masks.cu", "block_apply", x.dtype, (-(-x.size // 1024),), (256,),
            (x, y, np.int64(x.size), np.int64(k), mask.bits, np.int64(mask.bits.shape[1]),
             np.int32(mb), np.int32(kb), np.float64(scale), np.int32(k % 4 == 0)))
+    if out is not None and y is not out:
+        out[...] = y
     return y
 
 

@@ -10,7 +10,8 @@ multiples of 8). The fastest kernel whose preconditions hold runs; ``kernel=`` (
 ``cudrop.bsmm.use_kernel``) forces one, which tests use to check each against float64 math.
 Unforced, a pruned reduction that only ``simple`` would take, or in 16 bits with kept blocks
 narrower than the Hopper kernels' 64-wide k-step, runs ``dense``: cuBLASLt on a masked copy of
-the pruned operand (``bsmm._dense``; measured reasons at ``_choose``).
+the pruned operand; so does a 16-bit pruned output without epilogue whose blocks are narrower
+than every Hopper tile, then masked (``bsmm._dense``; measured reasons at ``_choose``).
 Tiles come from :func:`pick_tile`: the mask's block and the GEMM's tile are independent (block
 splitting), except that a tile's rows must lie in one row block of the mask.
 """
@@ -187,7 +188,7 @@ _NEEDS = {
 
 
 def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits, cblk,
-            ldcn, c_ptr, tile_override, act):
+            ldcn, c_ptr, tile_override, act, has_bias=False):
     """(kind, tile): the fastest kernel whose preconditions hold, or the forced one; 'dense'
     (tile None) for the dense fallback (``launch``)."""
     if choice not in KERNELS + ("auto",):
@@ -199,10 +200,17 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
     hopper = tc_ok and half and is_sm90 and ldcn == 1 and c_ptr % 4 == 0
     # A pruned reduction (dsd, dsd_t) in float16/bfloat16/float32 can always run as cuBLASLt on
     # a masked copy of the pruned operand; its epilogues are bias and ReLU (its GELU is the tanh
-    # form, bsmm's the erf form).
-    dense = (choice == "auto" and lists is not None and bits is None and act in (0, 1)
-             and a.dtype.name != "float64" and _gemm.available())
+    # form, bsmm's the erf form). A pruned output (sdd) without an epilogue can run as cuBLASLt,
+    # then the mask applied to the result.
+    fallback = choice == "auto" and a.dtype.name != "float64" and _gemm.available()
+    dense = fallback and lists is not None and bits is None and act in (0, 1)
+    dense_sdd = fallback and lists is None and bits is not None and act == 0 and not has_bias
     candidates = (
+        # Output blocks narrower than every Hopper tile's columns (128 or 256) skip no tile: the
+        # kernels compute the whole product, and cuBLAS does that faster (H200, block-wise
+        # gyro's 32-unit blocks, bf16 1024 x 4096 x 4096: tma 57 µs, cuBLAS ~33 + the mask
+        # pass)
+        ("dense", None, dense_sdd and hopper and cblk % 128 != 0),
         ("tma", TMA_TILES, hopper and tma_mod.available()
          and (lists is None or kblk % tma_mod.BK == 0)),
         # Kept blocks narrower than the Hopper kernels' 64-wide k-step leave it part empty:
@@ -215,7 +223,7 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
         ("ffma", FFMA_TILES, a.dtype.name == "float32"),
         # where only the 16x16 simple kernel would take the operands (a pruned output-row block
         # narrower than every tile: dsd_t under 32-unit blocks)
-        ("dense", None, dense),
+        ("dense", None, dense or dense_sdd),
     )
     for kind, tiles, ok in candidates:
         if kind == "dense":
@@ -236,7 +244,8 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
     return "simple", None
 
 
-def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_override):
+def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_override,
+          has_bias=False):
     m, k = a.shape
     n = b.shape[1]
     pl = _Plan()
@@ -258,7 +267,7 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
     ldcm, ldcn = out.strides[0] // it, out.strides[1] // it
     masked = lists is not None or bits is not None
     pl.kind, tile = _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits,
-                            cblk, ldcn, out.data.ptr, tile_override, act)
+                            cblk, ldcn, out.data.ptr, tile_override, act, has_bias)
     if pl.kind == "dense":
         return pl
     dims = (np.int32(m), np.int32(n), np.int32(k), np.int64(a_lay[1]), np.int64(b_lay[1]))
@@ -327,17 +336,18 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
     key = (a.shape, a.strides, b.shape, b.strides, out.strides, a.dtype, a.data.ptr % 16,
            b.data.ptr % 16, out.data.ptr % 4, None if lists is None else lists[1].shape,
            None if bits is None else bits.shape, rblk, kblk, cblk, scale, act, choice, tile,
-           backend.cupy.cuda.runtime.getDevice(), backend.tf32_enabled())
+           backend.cupy.cuda.runtime.getDevice(), backend.tf32_enabled(), bias is None)
     pl = _PLANS.get(key)
     if pl is None:
         pl = _PLAN_MEMO.put(key, _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act,
-                                       choice, tile))
+                                       choice, tile, bias is not None))
     if pl.kind == "dense":
         if dense is not None:
             dense()
             return "dense"
         # not memoised: the key's plan stays 'dense' for the callers that pass one
-        pl = _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, "simple", tile)
+        pl = _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, "simple", tile,
+                   bias is not None)
     if pl.copy_a is not None:
         a = _contiguous(a, 1, pl.copy_a)
     if pl.copy_b is not None:
