@@ -6,7 +6,10 @@ and block-sparse products over their *kept* blocks only. Elementwise work is not
 products are what the structured variants skip (SliceOut's smaller GEMMs, SparseDrop's and
 block-wise dropout's kept blocks, depth dropout's and stochastic depth's skipped branches), so
 a step's count falls with the drop probability exactly when the variant skips its work.
-``c.by_op`` splits the total by product ('matmul', 'gemm', 'dsd', 'dsd_t', 'sdd').
+``c.by_op`` splits the total by product ('matmul', 'gemm', 'dsd', 'dsd_t', 'sdd'). A
+block-sparse product that the GPU dispatcher runs densely (cuBLASLt on a masked copy, where no
+block-sparse kernel runs it fast: ``bsmm.dispatch``) counts the dense work it does, under
+'gemm'.
 
 Counting costs one context lookup per product when no counter is active. While one is, a
 block-sparse product on the GPU reads its mask's kept blocks back to the host, which waits for

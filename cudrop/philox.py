@@ -118,14 +118,14 @@ def check_step(step, xp=np):
 
 
 def check_host_step(step, op: str) -> int:
-    """``check_step`` for a draw decided on the host (a slice start, block-wise gyro's
-    schedule): the step must be an int there, since a device step would have to be read back
-    (a host sync)."""
+    """``check_step`` for a draw decided on the host (the slice start of SliceOut's ops that
+    slice on the host): the step must be an int there, since a device step would have to be
+    read back (a host sync)."""
     if isinstance(step, np.ndarray) or backend.is_gpu_array(step):
         raise TypeError(f"{op}: step must be an int: this draw is decided on the host, where a "
                         f"device step ({_type_name(step)}) cannot be read without a sync; "
-                        "device steps work with dropout, block masks, sparsedrop, gyro_dropout "
-                        "and sliceout_linear(_out)")
+                        "device steps work with dropout, block masks, sparsedrop, gyro_dropout, "
+                        "blockwise gyro dropout and sliceout_linear(_out)")
     return check_seed("step", step)
 
 

@@ -2,8 +2,8 @@
 they run, so a captured CUDA graph draws a new mask per replay once the host writes the step.
 On CuPy the draws equal those of the int step bit for bit and follow a rewrite of the array;
 on NumPy an array step is a TypeError, as is a device step of the wrong dtype or shape, or one
-given to a draw decided on the host (SliceOut's slice for the ops that slice on the host;
-SliceOut's slice and element gyro's sub-networks are decided on the device from one,
+given to a draw decided on the host (the slice of SliceOut's ops that slice on the host; the
+slice of sliceout_linear and element gyro's sub-networks are decided on the device from one,
 test_sliceout_device.py and test_gyro_device.py)."""
 import numpy as np
 import pytest
@@ -83,9 +83,10 @@ def _draw_blockwise(xp, step):
     return {"y": y, "gx": gx, "gw": gw, "yo": yo, **_mask_arrays(saved.mask)}
 
 
-DRAWS = {"dropout": _draw_dropout, "blockwise": _draw_blockwise, "dropout_tensor": _draw_dropout_tensor,
+DRAWS = {"dropout": _draw_dropout, "dropout_tensor": _draw_dropout_tensor,
          "block_mask": _draw_block_mask, "sparsedrop_linear": _draw_sparsedrop_linear,
-         "sliceout_linear": _draw_sliceout_linear, "gyro_dropout": _draw_gyro_dropout}
+         "sliceout_linear": _draw_sliceout_linear, "gyro_dropout": _draw_gyro_dropout,
+         "blockwise": _draw_blockwise}
 
 
 def _assert_same(got, want):

@@ -1,7 +1,7 @@
-"""Element gyro dropout decided on the device (``raw_kernels/gyro.cu``): a mask drawn with a device
-step has no ``keep`` or ``subnets`` but its ``GyroDraw``; the kernel derives the sub-networks,
-each row's group and the keep bits from it and writes ``x * keep / q``; results equal the int
-step's bit for bit. Block-wise gyro's row blocks' sub-networks decided on the device
+"""Element gyro dropout decided on the device (``raw_kernels/gyro.cu``): a mask drawn with a
+device step has no ``keep`` or ``subnets`` but its ``GyroDraw``; the kernel derives the
+sub-networks, each row's group and the keep bits from it and writes ``x * keep / q``; results
+equal the int step's bit for bit. Block-wise gyro's row blocks' sub-networks decided on the device
 (``gyro_block_row_ids``).
 
 On the CPU: the kernels' integer arithmetic (``gyro.cuh`` over ``philox.cuh``, compiled for the

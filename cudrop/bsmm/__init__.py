@@ -4,7 +4,8 @@ Three forms, each taking a :class:`cudrop.masks.BlockMask` (its packed bits and 
 never a float mask):
 
 - :func:`dsd`   ``act(scale · (a ⊙ m) @ b + bias)``  a (M, K) masked by m over (M, K); a dropped
-  K-block of a row block is neither loaded nor multiplied (input pruning, SparseDrop's forward);
+  K-block of a row block is neither loaded nor multiplied (input pruning, SparseDrop's forward;
+  but see the dense fallback below);
 - :func:`dsd_t` ``scale · (a ⊙ m)ᵀ @ b``             a (M, K), b (M, N) -> (K, N); each K-block
   of the result sums over its kept row blocks only (the weight gradient);
 - :func:`sdd`   ``act(scale · a @ b + bias) ⊙ m``     m over the (M, N) result: only kept blocks
@@ -15,7 +16,12 @@ On CuPy arrays they run as CUDA kernels (``raw_kernels/bsmm_*.cu``) walking the 
 device, with no host synchronisation; on NumPy arrays as the reference below, which gathers the
 kept blocks and runs one GEMM per row block, so its multiply-adds fall with the kept fraction too.
 The dispatcher runs the fastest kernel whose preconditions hold; ``with use_kernel(name):``
-forces one (tests check each against float64 math; benchmarks compare them).
+forces one (tests check each against float64 math; benchmarks compare them). Where no kernel
+runs a product fast (blocks narrower than every tile: block-wise gyro's 32-unit blocks; see
+``dispatch._choose``) it runs densely instead, cuBLASLt on a masked copy of the pruned operand
+(or, for sdd, cuBLASLt then the mask): the dropped blocks are then multiplied as exact zeros,
+so a dropped block's values still never reach the result, but an inf or NaN in the *other*
+operand (a weight the kernel would not have read there) gives NaN, as dense math does.
 """
 from __future__ import annotations
 

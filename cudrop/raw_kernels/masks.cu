@@ -63,8 +63,8 @@ extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
 // the element is kept (BlockMask.bits: row block r's 64-bit word w at r * words + w, block c at
 // bit c & 63 of word c >> 6), else an exact 0 (an inf or NaN in a dropped block does not leak).
 // The dense fallback of the block-sparse GEMMs (bsmm) multiplies this copy. Thread t owns
-// elements 4t .. 4t + 3: one vector load and store where `vec` says K % 4 == 0 and x, y are
-// 16-byte aligned (the four then lie in one row). M and K are below 2**31 (the host checks):
+// elements 4t .. 4t + 3: one vector load and store where `vec` says K % 4 == 0 (the four then
+// lie in one row); x and y are aligned to 4 elements (raw_kernels.vector_aligned). M and K are below 2**31 (the host checks):
 // one 64-bit division a thread, the rest 32-bit and increments (64-bit divisions per element
 // held the kernel at ~1 TB/s on the H200).
 template <typename T>
@@ -95,7 +95,8 @@ __global__ void block_apply(const T* __restrict__ x, T* __restrict__ y, long lon
         for (int j = 0; j < 4; ++j) out.v[j] = cd_scale_or_zero(in.v[j], scale, keep[j]);
         reinterpret_cast<cd_vec4<T>*>(y)[t] = out;
     } else {
-        for (int j = 0; j < 4 && i0 + j < n; ++j) y[i0 + j] = cd_scale_or_zero(x[i0 + j], scale, keep[j]);
+        for (int j = 0; j < 4 && i0 + j < n; ++j)
+            y[i0 + j] = cd_scale_or_zero(x[i0 + j], scale, keep[j]);
     }
 }
 

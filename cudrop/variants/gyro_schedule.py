@@ -329,14 +329,14 @@ def blockwise_mask(shape, p, *, step, seed=0, layer=0, block=DEFAULT_BLOCK,
                             row_ids=ids, tag=philox.TAG_GYRO)
 
 
-def _device_row_ids(cp, step, n_row_blocks, *, num_subnets, co_scheduled, period, schedule,
+def _device_row_ids(xp, step, n_row_blocks, *, num_subnets, co_scheduled, period, schedule,
                     seed, layer, row_block_offset, total_row_blocks):
     """``blockwise_row_ids`` on the device: a (n_row_blocks,) uint32 CuPy array written by
     ``gyro_block_row_ids`` (raw_kernels/gyro.cu), every argument checked as the host path
     checks it."""
     from ..raw_kernels import kernel
     sigma, tau = check_subnets(num_subnets, co_scheduled, schedule)
-    step = philox.check_step(step, cp)
+    step = philox.check_step(step, xp)
     # the random schedule reads no period; steps are below 2**32, so a longer period runs the
     # first set for the whole run, as 2**32 does
     period = min(_check_int("period", period, 1), 2 ** 32) if schedule == "consecutive" else 1
@@ -344,7 +344,7 @@ def _device_row_ids(cp, step, n_row_blocks, *, num_subnets, co_scheduled, period
     offset = _check_int("row_block_offset", row_block_offset, 0)
     total = n_row_blocks if total_row_blocks is None else _check_int(
         "total_row_blocks", total_row_blocks, 1)
-    ids = cp.empty(n_row_blocks, np.uint32)
+    ids = xp.empty(n_row_blocks, np.uint32)
     step_value, step_ptr = philox.step_args(step)
     kernel("gyro.cu", "gyro_block_row_ids")(
         (-(-n_row_blocks // 128),), (128,),
