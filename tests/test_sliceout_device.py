@@ -292,14 +292,22 @@ def _emulated_launch(source, fn, dtype, grid, block, args):
     s3 = src.reshape(int(outer), -1, int(inner))
     d3 = dst.reshape(int(outer), -1, int(inner))
     scale, scaled = args[13:]
-    v = s3[:, units, :] if fn == "slice_gather" else s3
+    _emulated_move(fn == "slice_gather", s3, d3, (slice(None), units, slice(None)), scale,
+                   scaled)
+
+
+def _emulated_move(gather, src, dst, index, scale, scaled):
+    """What both slice kernels do with the kept cells ``index``: gather them from ``src`` into
+    ``dst``, or scatter ``src`` to them with every other cell of ``dst`` zeroed; times the
+    dtype-rounded ``scale`` when ``scaled``."""
+    v = src[index] if gather else src
     if scaled:
         v = _emulated_scale(v, scale, dst.dtype)
-    if fn == "slice_gather":
-        d3[...] = v
+    if gather:
+        dst[...] = v
     else:
-        d3[...] = 0
-        d3[:, units, :] = v
+        dst[...] = 0
+        dst[index] = v
 
 
 def _emulated_block_launch(source, fn, dtype, grid, block, args):
@@ -318,14 +326,7 @@ def _emulated_block_launch(source, fn, dtype, grid, block, args):
                                a["unit"])
 
     r, c = units(ra, int(rows)), units(ca, int(cols))
-    v = src[np.ix_(r, c)] if fn == "slice_block_gather" else src
-    if scaled:
-        v = _emulated_scale(v, scale, dst.dtype)
-    if fn == "slice_block_gather":
-        dst[...] = v
-    else:
-        dst[...] = 0
-        dst[np.ix_(r, c)] = v
+    _emulated_move(fn == "slice_block_gather", src, dst, np.ix_(r, c), scale, scaled)
 
 
 @pytest.mark.parametrize("k, n, p, align", [(53, 29, 0.5, None), (21, 96, 0.4, 4),
