@@ -172,18 +172,18 @@ def _gemm_into(a, b, bias, act, out):
 def _masked_copy(x, mask, scale, out=None):
     """``x ⊙ m · scale`` for an (M, K) CuPy array and a BlockMask over it, dropped blocks exact
     zeros; into ``out`` when given."""
-    from ..raw_kernels import launch, vector_aligned
+    from ..raw_kernels import aligned, launch
     if max(x.shape) >= 2 ** 31:  # block_apply's 32-bit coordinates
         raise ValueError(f"bsmm: the dense path takes operands below 2**31 rows and columns, "
                          f"got {x.shape}")
-    x = vector_aligned(x)
+    x = aligned(x, 16)  # the kernel's 16-byte accesses
     y = out
-    if y is None or not y.flags.c_contiguous or y.data.ptr % (4 * y.itemsize):
+    if y is None or not y.flags.c_contiguous or y.data.ptr % 16:
         y = backend.cupy.empty_like(x)
-    (mb, kb), k = mask.block, x.shape[1]
-    launch("masks.cu", "block_apply", x.dtype, (-(-x.size // 1024),), (256,),
+    (mb, kb), k, v = mask.block, x.shape[1], 16 // x.itemsize  # v elements a thread
+    launch("masks.cu", "block_apply", x.dtype, (-(-x.size // (256 * v)),), (256,),
            (x, y, np.int64(x.size), np.int64(k), mask.bits, np.int64(mask.bits.shape[1]),
-            np.int32(mb), np.int32(kb), np.float64(scale), np.int32(k % 4 == 0)))
+            np.int32(mb), np.int32(kb), np.float64(scale), np.int32(k % v == 0)))
     if out is not None and y is not out:
         out[...] = y
     return y

@@ -62,23 +62,23 @@ extern "C" __global__ void block_mask(unsigned int* __restrict__ bits,
 // A block mask applied to a C-contiguous (M, K) array: y = x * scale where the (mb, kb) block of
 // the element is kept (BlockMask.bits: row block r's 64-bit word w at r * words + w, block c at
 // bit c & 63 of word c >> 6), else an exact 0 (an inf or NaN in a dropped block does not leak).
-// The dense fallback of the block-sparse GEMMs (bsmm) multiplies this copy. Thread t owns
-// elements 4t .. 4t + 3: one vector load and store where `vec` says K % 4 == 0 (the four then
-// lie in one row); x and y are aligned to 4 elements (raw_kernels.vector_aligned). M and K are below 2**31 (the host checks):
-// one 64-bit division a thread, the rest 32-bit and increments (64-bit divisions per element
-// held the kernel at ~1 TB/s on the H200).
+// The dense fallback of the block-sparse GEMMs (bsmm) multiplies this copy. Thread t owns the
+// V = 16 / sizeof(T) elements from V t: one 16-byte load and store where `vec` says K % V == 0
+// and x, y are 16-byte aligned (the V then lie in one row), else one element at a time. M and K
+// are below 2**31 (the host checks): one 64-bit division a thread, then 32-bit increments
+// (4 elements a thread with 64-bit divisions per element ran at ~1.3 TB/s on the H200).
 template <typename T>
 __global__ void block_apply(const T* __restrict__ x, T* __restrict__ y, long long n, long long K,
                             const unsigned long long* __restrict__ bits, long long words, int mb,
                             int kb, double scale, int vec) {
-    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long i0 = 4 * t;
+    constexpr int V = 16 / sizeof(T);
+    const long long i0 = V * ((long long)blockIdx.x * blockDim.x + threadIdx.x);
     if (i0 >= n) return;
     int row = (int)(i0 / K), col = (int)(i0 - (long long)row * K);
     int rb = row / mb, c = col / kb, in_c = col - c * kb;
-    bool keep[4];
+    bool keep[V];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < V; ++j) {
         keep[j] = i0 + j < n && ((bits[(long long)rb * words + (c >> 6)] >> (c & 63)) & 1ull);
         if (++col == (int)K) {
             col = c = in_c = 0;
@@ -88,15 +88,15 @@ __global__ void block_apply(const T* __restrict__ x, T* __restrict__ y, long lon
             ++c;
         }
     }
-    if (vec && i0 + 3 < n) {
-        const cd_vec4<T> in = reinterpret_cast<const cd_vec4<T>*>(x)[t];
-        cd_vec4<T> out;
+    if (vec && i0 + V <= n) {
+        typedef cd_vec<T, V> vec_t;
+        const vec_t in = reinterpret_cast<const vec_t*>(x)[i0 / V];
+        vec_t out;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) out.v[j] = cd_scale_or_zero(in.v[j], scale, keep[j]);
-        reinterpret_cast<cd_vec4<T>*>(y)[t] = out;
+        for (int j = 0; j < V; ++j) out.v[j] = cd_scale_or_zero(in.v[j], scale, keep[j]);
+        reinterpret_cast<vec_t*>(y)[i0 / V] = out;
     } else {
-        for (int j = 0; j < 4 && i0 + j < n; ++j)
-            y[i0 + j] = cd_scale_or_zero(x[i0 + j], scale, keep[j]);
+        for (int j = 0; j < V && i0 + j < n; ++j) y[i0 + j] = cd_scale_or_zero(x[i0 + j], scale, keep[j]);
     }
 }
 
