@@ -4,6 +4,10 @@
   python scripts/probe_bsmm.py tiles        each mma tile, dense fp16 4096³ and 8192³
   python scripts/probe_bsmm.py one KERNEL [TILE]   two launches of one kernel (for ncu)
   python scripts/probe_bsmm.py host         host cost per call at 1024³ (and a cProfile)
+  python scripts/probe_bsmm.py mlp          the MLP step's products (1024 x 4096 x 4096 bf16,
+                                            SparseDrop's 128 x 128 blocks) in CUDA graphs:
+                                            dense cuBLASLt, each form on its chosen kernel,
+                                            then on the tma kernel with a persistent grid
 """
 import os
 import sys
@@ -88,5 +92,39 @@ def host():
     pstats.Stats(pr).sort_stats("tottime").print_stats(14)
 
 
+def mlp():
+    import ml_dtypes
+    from benchmarks.common import time_graph
+    from cudrop.functional import _gemm
+    bf16 = ml_dtypes.bfloat16
+    rnd = lambda *s: cp.random.standard_normal(s, dtype=np.float32).astype(bf16)  # noqa: E731
+    m, k, n = 1024, 4096, 4096
+    # dsd: x (m, k) sparse @ w (k, n); sdd: dy (m, n) @ w.T (n, k) masked over (m, k);
+    # dsd_t: x (m, k) sparse, transposed, @ dy (m, n) -> (k, n)
+    x, w, dy = rnd(m, k), rnd(k, n), rnd(m, n)
+    outs = {"dsd": cp.empty((m, n), bf16), "sdd": cp.empty((m, k), bf16),
+            "dsd_t": cp.empty((k, n), bf16)}
+    dense = {"dsd": lambda: _gemm.gemm(x, w, out=outs["dsd"]),
+             "sdd": lambda: _gemm.gemm(dy, w.T, out=outs["sdd"]),
+             "dsd_t": lambda: _gemm.gemm(x.T, dy, out=outs["dsd_t"])}
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    for p in (0.0, 0.5):
+        mk = masks.block_mask((m, k), (128, 128), p, seed=0, layer=0, step=0, xp=cp)
+        calls = {"dsd": lambda: bsmm.dsd(x, w, mk, out=outs["dsd"]),
+                 "sdd": lambda: bsmm.sdd(dy, w.T, mk, out=outs["sdd"]),
+                 "dsd_t": lambda: bsmm.dsd_t(x, dy, mk, out=outs["dsd_t"])}
+        for form, f in calls.items():
+            td = time_graph(lambda: dense[form](), [()])
+            bsmm_gpu._PLAN_MEMO.clear()
+            t = time_graph(lambda: f(), [()])
+            kinds = sorted({pl.kind for pl in bsmm_gpu._PLANS.values()})
+            row = f"p={p} {form}: dense {td * 1e3:6.1f}us  {kinds} {t * 1e3:6.1f}us"
+            for pl in bsmm_gpu._PLANS.values():  # the same plans on a persistent grid
+                if pl.kind == "tma" and len(pl.grid) == 2:
+                    pl.grid = (min(sms, pl.grid[0] * pl.grid[1]),)
+                    row += f"  persistent {time_graph(lambda: f(), [()]) * 1e3:6.1f}us"
+            print(row, flush=True)
+
+
 if __name__ == "__main__":
-    {"forms": forms, "tiles": tiles, "one": one, "host": host}[sys.argv[1]](*sys.argv[2:])
+    {"forms": forms, "tiles": tiles, "one": one, "host": host, "mlp": mlp}[sys.argv[1]](*sys.argv[2:])
