@@ -526,6 +526,11 @@ class CapturedStep:
         after = self.state.snapshot()
         self.delta = self.state.delta(before, after)
         self.state.restore(before)
+        # The step's working memory lives in the private pool from now on, so the default pool's
+        # free cached blocks (the model set-up's temporaries, which eager steps would reuse)
+        # would sit idle beside it: released (H200, MLP bf16: 96 MB, a captured step held 1.17x
+        # the eager step's memory).
+        cp.get_default_memory_pool().free_all_blocks()
 
     def _replay(self, inputs):
         for dst, src in zip(self.static_in, inputs):

@@ -6,8 +6,8 @@
   python scripts/probe_bsmm.py host         host cost per call at 1024³ (and a cProfile)
   python scripts/probe_bsmm.py mlp          the MLP step's products (1024 x 4096 x 4096 bf16,
                                             SparseDrop's 128 x 128 blocks) in CUDA graphs:
-                                            dense cuBLASLt, each form on its chosen kernel,
-                                            then on the tma kernel with a persistent grid
+                                            dense cuBLASLt, each form on its chosen kernel
+                                            and its kernels (torch.profiler)
 """
 import os
 import sys
@@ -107,7 +107,7 @@ def mlp():
     dense = {"dsd": lambda: _gemm.gemm(x, w, out=outs["dsd"]),
              "sdd": lambda: _gemm.gemm(dy, w.T, out=outs["sdd"]),
              "dsd_t": lambda: _gemm.gemm(x.T, dy, out=outs["dsd_t"])}
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    from benchmarks.profile_step import _profile
     for p in (0.0, 0.5):
         mk = masks.block_mask((m, k), (128, 128), p, seed=0, layer=0, step=0, xp=cp)
         calls = {"dsd": lambda: bsmm.dsd(x, w, mk, out=outs["dsd"]),
@@ -117,13 +117,11 @@ def mlp():
             td = time_graph(lambda: dense[form](), [()])
             bsmm_gpu._PLAN_MEMO.clear()
             t = time_graph(lambda: f(), [()])
-            kinds = sorted({pl.kind for pl in bsmm_gpu._PLANS.values()})
-            row = f"p={p} {form}: dense {td * 1e3:6.1f}us  {kinds} {t * 1e3:6.1f}us"
-            for pl in bsmm_gpu._PLANS.values():  # the same plans on a persistent grid
-                if pl.kind == "tma" and len(pl.grid) == 2:
-                    pl.grid = (min(sms, pl.grid[0] * pl.grid[1]),)
-                    row += f"  persistent {time_graph(lambda: f(), [()]) * 1e3:6.1f}us"
-            print(row, flush=True)
+            plans = [(pl.kind, pl.grid) for pl in bsmm_gpu._PLANS.values()]
+            kernels = _profile(lambda: f(), [()], cp.cuda.Device().synchronize)["kernels"]
+            print(f"p={p} {form}: dense {td * 1e3:6.1f}us  {plans} {t * 1e3:6.1f}us  "
+                  + "; ".join(f"{r['kernel'][:40]} {r['us_per_step']:.1f}us "
+                              f"x{r['launches_per_step']:.0f}" for r in kernels[:3]), flush=True)
 
 
 if __name__ == "__main__":

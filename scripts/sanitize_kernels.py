@@ -92,6 +92,29 @@ def block_sparse_gemms(dt, kernel):
                 bsmm.sdd(dy, b.T, mk, 2.0)
 
 
+def tma_persistent():
+    """The tma kernel's persistent grid under masks, with more tiles than SMs so that each CTA
+    walks several tiles of uneven work (its producer running ahead into the next tile): dsd
+    9 x 17 tiles, sdd 9 x 33, dsd_t 9 x 17, half the blocks dropped and none."""
+    from cudrop import bsmm
+    if cp.cuda.Device().compute_capability != "90":
+        return
+    rng = np.random.default_rng(4)
+    m, k, n = 1032, 128, 4104
+    a = cp.asarray(rng.standard_normal((m, k))).astype(np.float16)
+    b = cp.asarray(rng.standard_normal((k, n))).astype(np.float16)
+    c = cp.asarray(rng.standard_normal((k, m))).astype(np.float16)
+    dy = cp.asarray(rng.standard_normal((k, n))).astype(np.float16)
+    for p in (0.0, 0.5):
+        with bsmm.use_kernel("tma"):
+            bsmm.dsd(a, b, masks.block_mask((m, k), (128, 64), p, seed=1, layer=0, step=0,
+                                            xp=cp), 2.0)
+            bsmm.sdd(a, b, masks.block_mask((m, n), (128, 128), p, seed=2, layer=0, step=0,
+                                            xp=cp), 2.0)
+            bsmm.dsd_t(c, dy, masks.block_mask((k, m), (64, 128), p, seed=3, layer=0, step=0,
+                                               xp=cp), 2.0)
+
+
 def ffma_gemms():
     """The exact float32 kernel (ffma) on ragged edges: M, N, K not multiples of its tiles or of
     4 (one-float loads), kept blocks 13 wide (not multiples of its k-step of 8), a transposed
@@ -127,6 +150,7 @@ block_sparse_gemms(np.float32, None)  # the dispatcher's choice: ffma where a ti
 ffma_gemms()
 for dt in [np.float16] + bf16:
     block_sparse_gemms(dt, None)
+tma_persistent()
 for dt in bf16:  # CuPy's own bfloat16 ops (casts, sums) may lag: report, do not stop
     try:
         conv_and_norm(dt)

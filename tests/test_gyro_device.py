@@ -33,12 +33,30 @@ from conftest import host_harness, same_bits, low_precision_dtype, poison_pool
 #   I seed layer step sigma tau period random offset total r
 #     -> the sub-network of block-wise row block r (gyro_block_row_ids' per-thread work)
 #   W seed layer step tag row col                   -> cd_mask_word
-#   E n row_len inner n_units row0 total seed layer step sigma tau period random thresh
-#     -> the keep bit of every element by cd_gyro_keep4 (the kernel's per-thread work), as a
-#        string of 0/1, with an X where a call set a bit past n
+#   E n row_len inner n_units row0 total seed layer step sigma tau period random thresh V wide
+#     -> the keep bit of every element as the kernels find it (the keep table's words by
+#        cd_gyro_table_word, then cd_gyro_table_keep for V elements a thread, 64-bit indices
+#        when wide), as a string of 0/1, with an X where a call set a bit past n
 _HARNESS = r"""
 #include <cstdio>
+#include <vector>
 #include "gyro.cuh"
+template <int V, typename I>
+unsigned int keep_of(long long i0, long long n, long long row_len, long long inner,
+                     long long n_units, long long row0, long long total,
+                     unsigned long long tau, const unsigned int* table,
+                     unsigned long long words) {
+    return cd_gyro_table_keep<V, I>((I)i0, (I)n, (I)row_len, (I)inner, (I)n_units, row0, total,
+                                    tau, table, words);
+}
+template <typename I>
+unsigned int keep_v(int v, long long i0, long long n, long long row_len, long long inner,
+                    long long n_units, long long row0, long long total, unsigned long long tau,
+                    const unsigned int* table, unsigned long long words) {
+    if (v == 2) return keep_of<2, I>(i0, n, row_len, inner, n_units, row0, total, tau, table, words);
+    if (v == 4) return keep_of<4, I>(i0, n, row_len, inner, n_units, row0, total, tau, table, words);
+    return keep_of<8, I>(i0, n, row_len, inner, n_units, row0, total, tau, table, words);
+}
 int main() {
     char op;
     while (std::scanf(" %c", &op) == 1) {
@@ -67,15 +85,22 @@ int main() {
         } else if (op == 'E') {
             long long n, row_len, inner, n_units, row0, total;
             unsigned int seed, layer, step, thresh; unsigned long long sigma, tau, period;
-            int random;
-            std::scanf("%lld %lld %lld %lld %lld %lld %u %u %u %llu %llu %llu %d %u", &n, &row_len,
-                       &inner, &n_units, &row0, &total, &seed, &layer, &step, &sigma, &tau,
-                       &period, &random, &thresh);
-            for (long long i0 = 0; i0 < n; i0 += 4) {
-                const unsigned int k = cd_gyro_keep4(i0, n, row_len, inner, n_units, row0, total,
-                                                     seed, layer, step, sigma, tau, period,
-                                                     random != 0, thresh);
-                const int m = n - i0 < 4 ? (int)(n - i0) : 4;
+            int random, v, wide;
+            std::scanf("%lld %lld %lld %lld %lld %lld %u %u %u %llu %llu %llu %d %u %d %d", &n,
+                       &row_len, &inner, &n_units, &row0, &total, &seed, &layer, &step, &sigma,
+                       &tau, &period, &random, &thresh, &v, &wide);
+            const unsigned long long words = (n_units + 31) / 32;
+            std::vector<unsigned int> table(tau * words);
+            for (unsigned long long t = 0; t < tau * words; ++t)
+                table[t] = cd_gyro_table_word(seed, layer, step, t / words, t % words, n_units,
+                                              sigma, tau, period, random != 0, thresh);
+            for (long long i0 = 0; i0 < n; i0 += v) {
+                const unsigned int k = wide
+                    ? keep_v<unsigned long long>(v, i0, n, row_len, inner, n_units, row0, total,
+                                                 tau, table.data(), words)
+                    : keep_v<unsigned int>(v, i0, n, row_len, inner, n_units, row0, total, tau,
+                                           table.data(), words);
+                const int m = n - i0 < v ? (int)(n - i0) : v;
                 for (int j = 0; j < m; ++j) std::putchar('0' + ((k >> j) & 1u));
                 if (k >> m) std::putchar('X');
             }
@@ -220,11 +245,12 @@ def _layouts(draw):
 
 
 @given(layout=_layouts(), sched=_schedules(), step=_u32, seed=_u32,
-       p=st.sampled_from([0.1, 0.5, 0.9]))
+       p=st.sampled_from([0.1, 0.5, 0.9]), v=st.sampled_from([2, 4, 8]), wide=st.booleans())
 def test_device_keep_bits_of_every_element_equal_the_host_mask(harness, layout, sched, step,
-                                                               seed, p):
-    """cd_gyro_keep4, the kernel's per-thread work (coordinates, row groups, the memoised Philox
-    words), against the host mask materialised over x's shape."""
+                                                               seed, p, v, wide):
+    """The kernels' per-thread work -- the keep table's words (sub-networks, Philox words), then
+    each thread's V elements read from it (coordinates, row groups; 32- and 64-bit indices) --
+    against the host mask materialised over x's shape."""
     shape, unit_axis, ragged, rows = layout
     sched = dict(sched, co_scheduled=min(sched["co_scheduled"], 12))
     if sched["schedule"] == "consecutive":
@@ -238,7 +264,7 @@ def test_device_keep_bits_of_every_element_equal_the_host_mask(harness, layout, 
     line = ("E", n, n // shape[0], int(np.prod(shape[unit_axis + 1:])), shape[unit_axis], offset,
             total, seed, 3, step, sched["num_subnets"], sched["co_scheduled"],
             min(sched["period"], 2 ** 32), int(sched["schedule"] == "random"),
-            philox.threshold(p))
+            philox.threshold(p), v, int(wide))
     got = harness([line], raw=True)[0]
     assert "X" not in got
     assert got == "".join("1" if k else "0" for k in want), (layout, sched)
@@ -257,25 +283,43 @@ def test_host_compiled_philox_equals_philox_words(harness):
 
 # ---- the Python side of the launch, the kernel emulated in NumPy ----------------------------
 
+def _emulated_table(source, fn):
+    """gyro_keep_table in NumPy, reading the arguments in its order; the schedule and the keep
+    bits from the Python functions (gyro.cuh's arithmetic is checked against them above)."""
+    assert (source, fn) == ("gyro.cu", "gyro_keep_table")
+
+    def run(grid, block, args):
+        (table, slots, words, n_units, seed, layer, step, step_ptr, sigma, tau, period, random,
+         thresh) = args
+        assert step_ptr is None and table.dtype == np.uint32
+        assert table.shape == (int(slots), int(words)) and int(slots) == int(tau)
+        assert int(grid[0]) * int(block[0]) >= table.size and int(words) * 32 >= int(n_units)
+        ids = gyro.scheduled_subnets(int(step), num_subnets=int(sigma), co_scheduled=int(tau),
+                                     period=int(period), schedule="random" if random else
+                                     "consecutive", seed=int(seed), layer=int(layer))
+        w = philox.grid_words(int(seed), int(layer), 0, philox.TAG_GYRO, int(tau), int(n_units),
+                              row_ids=ids)
+        keep = np.zeros((int(tau), int(words) * 32), np.uint64)
+        keep[:, :int(n_units)] = w >= np.uint32(thresh)
+        shifts = np.arange(32, dtype=np.uint64)
+        table[...] = (keep.reshape(int(tau), int(words), 32) << shifts).sum(-1).astype(np.uint32)
+    return run
+
+
 def _emulated_launch(source, fn, dtype, grid, block, args):
-    """gyro.cu's kernel in NumPy, reading the arguments in its order; the schedule and the keep
-    bits from the Python functions (gyro.cuh's arithmetic is checked against them above):
-    catches a mistake in how the Python side lays out the launch before any GPU run."""
+    """gyro_apply in NumPy, reading the arguments in their order and the keep bits from the
+    table: with ``_emulated_table``, catches a mistake in how the Python side lays out either
+    launch before any GPU run."""
     assert source == "gyro.cu" and fn == "gyro_apply"
-    (x, y, n, row_len, inner, n_units, row0, total, seed, layer, step, step_ptr, sigma, tau,
-     period, random, thresh, scale) = args
-    assert step_ptr is None and isinstance(scale, np.float64) and x.dtype == y.dtype == dtype
-    assert int(grid[0]) * int(block[0]) * 4 >= int(n) and x.flags.c_contiguous
+    (x, y, n, row_len, inner, n_units, row0, total, tau, table, words, scale) = args
+    assert isinstance(scale, np.float64) and x.dtype == y.dtype == dtype
+    assert int(grid[0]) * int(block[0]) * (16 // x.itemsize) >= int(n) and x.flags.c_contiguous
+    assert table.shape == (int(tau), int(words))
     e = np.arange(int(n))
     rows = e // int(row_len)
     units = (e // int(inner)) % int(n_units)
     slots = ((int(row0) + rows + 1) * int(tau) - 1) // int(total)
-    ids = gyro.scheduled_subnets(int(step), num_subnets=int(sigma), co_scheduled=int(tau),
-                                 period=int(period), schedule="random" if random else
-                                 "consecutive", seed=int(seed), layer=int(layer))
-    words = philox.grid_words(int(seed), int(layer), 0, philox.TAG_GYRO, int(tau), int(n_units),
-                              row_ids=ids)
-    keep = words[slots, units] >= np.uint32(thresh)
+    keep = (table[slots, units // 32] >> (units % 32).astype(np.uint32)) & 1 == 1
     flat = x.reshape(-1)
     if x.dtype == np.float64:
         v = flat * scale
@@ -316,15 +360,18 @@ def test_device_launch_lays_out_the_arguments_as_the_host_path_masks(monkeypatch
                                                                      unit_axis, ragged, rows,
                                                                      schedule, dtype):
     monkeypatch.setattr(Fg, "launch", _emulated_launch)
-    monkeypatch.setattr(Fg, "vector_aligned", np.ascontiguousarray)
+    monkeypatch.setattr(Fg, "kernel", _emulated_table)
+    monkeypatch.setattr(Fg, "aligned", lambda a, nbytes: np.ascontiguousarray(a))
     x = np.random.default_rng(2).standard_normal(shape).astype(dtype)
     ax = gyro.unit_axis_of(shape, unit_axis)
     for p in (0.3, 0.5):
         for step in (0, 2, 3, 10, 2 ** 32 - 1):
             dev = _device_mask(shape[ax], p, step, rows, schedule=schedule)
             host = _host_mask(shape[ax], p, step, rows, schedule=schedule)
-            want = Fg._apply_gyro(x, host, ax, ragged)
-            got = Fg._apply_on_device(x, dev, ax, x.dtype.type(1.0 / dev.q))
+            want, none = Fg._apply_gyro(x, host, ax, ragged)
+            table = Fg._keep_table(np, dev, shape[0])
+            got = Fg._apply_on_device(x, dev, ax, x.dtype.type(1.0 / dev.q), table)
+            assert none is None and table.shape == (4, -(-shape[ax] // 32))
             same_bits(got, want, f"step {step} p {p}")
 
 

@@ -73,53 +73,57 @@ __host__ __device__ __forceinline__ bool cd_gyro_kept(unsigned int seed, unsigne
     return cd_word(cd_gyro_words(seed, layer, subnet, unit >> 2), (int)(unit & 3ull)) >= thresh;
 }
 
-// The keep bits of elements i0 .. i0 + 3 (bit j for element i0 + j; elements from n on are 0) of
-// a C-contiguous array viewed as rows of row_len elements, element e of a row on unit
+// Word w of slot `slot`'s row of the keep table: bit b says whether the sub-network in the slot
+// at `step` keeps unit 32 w + b (0 from n_units on). One Philox call per four units.
+__host__ __device__ __forceinline__ unsigned int cd_gyro_table_word(
+        unsigned int seed, unsigned int layer, unsigned int step, unsigned long long slot,
+        unsigned long long w, unsigned long long n_units, unsigned long long sigma,
+        unsigned long long tau, unsigned long long period, bool random_sched,
+        unsigned int thresh) {
+    const unsigned int subnet = cd_gyro_subnet(seed, layer, step, slot, sigma, tau, period,
+                                               random_sched);
+    unsigned int bits = 0;
+    for (int q = 0; q < 8; ++q) {
+        const unsigned long long quad = 8 * w + q;
+        if (4 * quad >= n_units) break;
+        const cd_u4 r = cd_gyro_words(seed, layer, subnet, quad);
+        for (int j = 0; j < 4; ++j)
+            if (4 * quad + j < n_units && cd_word(r, j) >= thresh) bits |= 1u << (4 * q + j);
+    }
+    return bits;
+}
+
+// The keep bits of elements i0 .. i0 + V - 1 (bit j for element i0 + j; none from n on) of a
+// C-contiguous array viewed as rows of row_len elements, element e of a row on unit
 // (e / inner) % n_units; row r is global row row0 + r of a batch of `total` rows, whose row
-// groups the slots follow. One Philox call per distinct (sub-network, four units) among the
-// four -- units along the last axis share a call four at a time, and with inner > 1 neighbours
-// share a unit -- plus, for the random schedule, one per distinct slot. The first element's
-// coordinates take divisions, the next three follow by increments.
-__host__ __device__ __forceinline__ unsigned int cd_gyro_keep4(
-        long long i0, long long n, long long row_len, long long inner, long long n_units,
-        long long row0, long long total, unsigned int seed, unsigned int layer,
-        unsigned int step, unsigned long long sigma, unsigned long long tau,
-        unsigned long long period, bool random_sched, unsigned int thresh) {
-    long long row = i0 / row_len;
-    long long e = i0 - row * row_len;
-    long long c = e % inner;
-    long long u = (e / inner) % n_units;
-    unsigned long long slot = cd_gyro_slot((unsigned long long)(row0 + row), tau, total);
-    unsigned int subnet = cd_gyro_subnet(seed, layer, step, slot, sigma, tau, period,
-                                         random_sched);
-    long long quad = u >> 2;
-    cd_u4 w = cd_gyro_words(seed, layer, subnet, (unsigned long long)quad);
+// groups the slots follow. The bits come from the keep table (slot s's words from s * words).
+// The first element's coordinates take divisions, the next follow by increments; I is the
+// index type, 32 bits where the array allows (64-bit divisions held the per-element kernel at
+// 24 µs a 1024 x 4096 bf16 array on the H200, where a copy takes ~5).
+template <int V, typename I>
+__host__ __device__ __forceinline__ unsigned int cd_gyro_table_keep(
+        I i0, I n, I row_len, I inner, I n_units, unsigned long long row0,
+        unsigned long long total, unsigned long long tau, const unsigned int* table,
+        unsigned long long words) {
+    I row = i0 / row_len;
+    I e = i0 - row * row_len;
+    I c = e % inner;
+    I u = (e / inner) % n_units;
+    const unsigned int* trow = table + cd_gyro_slot(row0 + row, tau, total) * words;
     unsigned int keep = 0;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        keep |= (unsigned int)(cd_word(w, (int)(u & 3)) >= thresh) << j;
-        if (j == 3 || i0 + j + 1 >= n) break;
+    for (int j = 0; j < V; ++j) {
+        if (i0 + j >= n) break;
+        keep |= ((trow[u >> 5] >> (u & 31)) & 1u) << j;
         // a row holds whole runs of n_units * inner elements, so c and u wrap to 0 with e
         if (++c == inner) {
             c = 0;
             if (++u == n_units) u = 0;
         }
-        bool fresh = false;
         if (++e == row_len) {
             e = 0;
             ++row;
-            const unsigned long long s = cd_gyro_slot((unsigned long long)(row0 + row), tau,
-                                                      total);
-            if (s != slot) {
-                slot = s;
-                subnet = cd_gyro_subnet(seed, layer, step, slot, sigma, tau, period,
-                                        random_sched);
-                fresh = true;
-            }
-        }
-        if (fresh || (u >> 2) != quad) {
-            quad = u >> 2;
-            w = cd_gyro_words(seed, layer, subnet, (unsigned long long)quad);
+            trow = table + cd_gyro_slot(row0 + row, tau, total) * words;
         }
     }
     return keep;

@@ -8,9 +8,9 @@ so an inf or NaN in a dropped cell does not leak), never a mask of x's size.
 
 Decided on the device. Drawn with a device step (a 0-d uint32 CuPy array), the mask has no
 ``keep`` or ``subnets`` but a ``GyroDraw``: one kernel (``raw_kernels/gyro.cu``) derives the
-step's sub-networks, each row's group and the keep bits from it when it runs and writes
-``x * keep / q`` in one pass, forward and backward alike (ragged groups and a data-parallel
-rank's rows included). Its output equals the int step's bit for bit (the same cells kept, each
+step's sub-networks and their keep bits from it when it runs (a small (τ, units / 32) table,
+drawn once in the forward), another writes ``x * keep / q`` from the table in one pass,
+forward and backward alike (ragged groups and a data-parallel rank's rows included). Its output equals the int step's bit for bit (the same cells kept, each
 times the same dtype-rounded ``1/q``), so ``nn.GyroDropout`` can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import backend, philox, random
 from ..functional._block_linear import _scale_and_zero
-from ..raw_kernels import launch, load, vector_aligned
+from ..raw_kernels import aligned, kernel, launch, load
 from . import gyro_schedule as gyro
 
 __all__ = ["draw_mask", "load_device_kernels", "gyro_dropout", "gyro_dropout_backward"]
@@ -35,7 +35,9 @@ def _check_x(x, what="x"):
         raise TypeError(f"{what} must be a floating array, got dtype {x.dtype}")
 
 
-def _apply_gyro(x, mask, ax, ragged):
+def _apply_gyro(x, mask, ax, ragged, table=None):
+    """``(x * M[group(row)] / q, table)``: ``table`` the keep table of a mask decided on the
+    device (drawn here when None; the backward passes the forward's), else None."""
     xp = backend.get_array_module(x, mask.keep)
     bounds = mask.row_bounds(x.shape[0], ragged)  # also the divisibility check of either path
     tau, n = mask.co_scheduled, mask.n_units
@@ -47,7 +49,9 @@ def _apply_gyro(x, mask, ax, ragged):
             raise TypeError("gyro_dropout: the mask is decided on the device (drawn with a "
                             "device step) but x is a NumPy array: pass a CuPy array, or draw "
                             "with an int step")
-        return _apply_on_device(x, mask, ax, scale)
+        if table is None:
+            table = _keep_table(xp, mask, x.shape[0])
+        return _apply_on_device(x, mask, ax, scale, table), table
     y = xp.empty(x.shape, x.dtype)
     row_shape = [1] * (x.ndim - 1)
     row_shape[ax - 1] = n
@@ -60,49 +64,67 @@ def _apply_gyro(x, mask, ax, ragged):
         for t, (a, b) in enumerate(bounds):
             if b > a:
                 _scale_and_zero(xp, x[a:b], y[a:b], drop[t].reshape(row_shape), scale)
-    return y
+    return y, None
 
 
-def _apply_on_device(x, mask, ax, scale):
-    """``x * keep / q`` by the kernel of ``raw_kernels/gyro.cu`` for a mask decided on the
-    device; every element written (the dropped ones +0)."""
-    x = vector_aligned(x)
+def _keep_table(xp, mask, rows):
+    """The keep bits of the τ sub-networks a mask decided on the device runs, as a (τ, words)
+    uint32 array (slot s, unit u: bit u % 32 of word u // 32), written by ``gyro_keep_table``
+    when it runs (it reads the device step then)."""
+    total = rows if mask.rows is None else mask.rows[1]
+    d = mask.draw
+    if total * d.co_scheduled >= 2 ** 64:  # the kernels' slot arithmetic (gyro.cuh)
+        raise ValueError(f"gyro_dropout: a batch of {total} rows times co_scheduled "
+                         f"({d.co_scheduled}) must stay below 2**64 on the device")
+    words = -(-d.n_units // 32)
+    table = xp.empty((d.co_scheduled, words), np.uint32)
+    step_value, step_ptr = philox.step_args(d.step)
+    # steps are below 2**32: any longer period runs the first set for the whole run, as 2**32
+    period = min(d.period, 2 ** 32)
+    kernel("gyro.cu", "gyro_keep_table")(
+        (-(-table.size // _THREADS),), (_THREADS,),
+        (table, np.int64(d.co_scheduled), np.int64(words), np.uint64(d.n_units),
+         np.uint32(d.seed), np.uint32(d.layer), step_value, step_ptr, np.uint64(d.num_subnets),
+         np.uint64(d.co_scheduled), np.uint64(period), np.int32(d.schedule == "random"),
+         np.uint32(philox.threshold(mask.p))))
+    return table
+
+
+def _apply_on_device(x, mask, ax, scale, table):
+    """``x * keep / q`` by ``gyro_apply`` (``raw_kernels/gyro.cu``) from the keep table of a
+    mask decided on the device; every element written (the dropped ones +0)."""
+    x = aligned(x, 16)  # the kernel's 16-byte accesses (y: fresh from the pool, 256-byte aligned)
     y = backend.get_array_module(x).empty_like(x)
     if x.size == 0:
         return y
     rows = x.shape[0]
     offset, total = (0, rows) if mask.rows is None else mask.rows
-    d = mask.draw
-    if total * d.co_scheduled >= 2 ** 64:  # the kernel's slot arithmetic (gyro.cuh)
-        raise ValueError(f"gyro_dropout: a batch of {total} rows times co_scheduled "
-                         f"({d.co_scheduled}) must stay below 2**64 on the device")
-    step_value, step_ptr = philox.step_args(d.step)
-    # steps are below 2**32: any longer period runs the first set for the whole run, as 2**32
-    period = min(d.period, 2 ** 32)
-    inner = math.prod(x.shape[ax + 1:])
-    launch("gyro.cu", "gyro_apply", x.dtype, (-(-x.size // (4 * _THREADS)),), (_THREADS,),
-           (x, y, np.int64(x.size), np.int64(x.size // rows), np.int64(inner),
-            np.int64(x.shape[ax]), np.int64(offset), np.int64(total), np.uint32(d.seed),
-            np.uint32(d.layer), step_value, step_ptr, np.uint64(d.num_subnets),
-            np.uint64(d.co_scheduled), np.uint64(period), np.int32(d.schedule == "random"),
-            np.uint32(philox.threshold(mask.p)), np.float64(scale)))
+    v = 16 // x.itemsize  # elements a thread
+    launch("gyro.cu", "gyro_apply", x.dtype, (-(-x.size // (v * _THREADS)),), (_THREADS,),
+           (x, y, np.int64(x.size), np.int64(x.size // rows),
+            np.int64(math.prod(x.shape[ax + 1:])), np.int64(x.shape[ax]), np.int64(offset),
+            np.int64(total), np.uint64(mask.co_scheduled), table, np.int64(table.shape[1]),
+            np.float64(scale)))
     return y
 
 
 def load_device_kernels(dtype) -> None:
-    """Compile and load the kernel that applies a gyro mask decided on the device to arrays of
+    """Compile and load the kernels that apply a gyro mask decided on the device to arrays of
     ``dtype`` (memoised by the one loader, ``raw_kernels``). ``nn.GyroDropout`` calls it in its
     eager steps on CuPy, so that a later CUDA-graph capture, whose step first takes the device
     path, does not compile or load a module while the stream is capturing."""
+    kernel("gyro.cu", "gyro_keep_table")
     load("gyro.cu", "gyro_apply", dtype)
 
 
 class GyroDropoutSaved(NamedTuple):
-    """The τ unit masks, the units axis, whether groups are ragged, and x's shape."""
+    """The τ unit masks, the units axis, whether groups are ragged, x's shape, and for a mask
+    decided on the device the keep table its forward drew (None otherwise)."""
     mask: gyro.GyroMask
     axis: int
     ragged: bool
     shape: tuple
+    table: object = None
 
 
 def draw_mask(n_units, p, *, seed=None, layer=0, step=None, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
@@ -157,15 +179,15 @@ def gyro_dropout(x, p=None, *, mask=None, seed=None, layer=0, step=None,
                          schedule=schedule, xp=backend.get_array_module(x))
     elif not isinstance(mask, gyro.GyroMask):
         raise TypeError(f"gyro_dropout: mask must be a GyroMask, got {type(mask).__name__}")
-    y = _apply_gyro(x, mask, ax, ragged)
-    return y, GyroDropoutSaved(mask, ax, ragged, x.shape)
+    y, table = _apply_gyro(x, mask, ax, ragged)
+    return y, GyroDropoutSaved(mask, ax, ragged, x.shape, table)
 
 
 def gyro_dropout_backward(grad_out, saved):
     """``grad_out * M[group(row)] / q``."""
     _check_x(grad_out, "grad_out")
     _check_grad_shape(grad_out, saved.shape)
-    return _apply_gyro(grad_out, saved.mask, saved.axis, saved.ragged)
+    return _apply_gyro(grad_out, saved.mask, saved.axis, saved.ragged, saved.table)[0]
 
 
 def _check_grad_shape(g, shape):
