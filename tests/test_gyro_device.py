@@ -46,8 +46,8 @@ unsigned int keep_of(long long i0, long long n, long long row_len, long long inn
                      long long n_units, long long row0, long long total,
                      unsigned long long tau, const unsigned int* table,
                      unsigned long long words) {
-    return cd_gyro_table_keep<V, I>((I)i0, (I)n, (I)row_len, (I)inner, (I)n_units, row0, total,
-                                    tau, table, words);
+    return cd_gyro_table_keep<V, I>((I)i0, (I)n, (I)row_len, (I)inner, (I)n_units, (I)row0,
+                                    (I)total, (I)tau, table, words);
 }
 template <typename I>
 unsigned int keep_v(int v, long long i0, long long n, long long row_len, long long inner,

@@ -33,7 +33,7 @@ extern "C" __global__ void gyro_keep_table(unsigned int* __restrict__ table, lon
 }
 
 // Thread t owns the V = 16 / sizeof(T) elements from V t: their keep bits from the table
-// (cd_gyro_table_keep, 32-bit indices where n allows), one 16-byte load and store (x and y are
+// (cd_gyro_table_keep, 32-bit indices where n and total * τ allow), one 16-byte load and store (x and y are
 // 16-byte aligned: the host copies a misaligned x, y is fresh), the last partial run one element
 // at a time. Dropped cells are exact zeros:
 // an inf or NaN there does not leak. `scale` is 1/q rounded to the dtype (x * s in the dtype, as
@@ -47,13 +47,13 @@ __global__ void gyro_apply(const T* __restrict__ x, T* __restrict__ y, long long
     constexpr int V = 16 / sizeof(T);
     const long long i0 = V * ((long long)blockIdx.x * blockDim.x + threadIdx.x);
     if (i0 >= n) return;
-    const unsigned int keep = n + V < (1ll << 32)
-        ? cd_gyro_table_keep<V, unsigned int>((unsigned int)i0, (unsigned int)n,
-                                              (unsigned int)row_len, (unsigned int)inner,
-                                              (unsigned int)n_units, row0, total, tau, table,
-                                              words)
-        : cd_gyro_table_keep<V, unsigned long long>(i0, n, row_len, inner, n_units, row0, total,
-                                                    tau, table, words);
+    typedef unsigned int u32;
+    typedef unsigned long long u64;
+    const unsigned int keep = n + V < (1ll << 32) && (u64)total * tau < (1ull << 32)
+        ? cd_gyro_table_keep<V, u32>((u32)i0, (u32)n, (u32)row_len, (u32)inner, (u32)n_units,
+                                     (u32)row0, (u32)total, (u32)tau, table, words)
+        : cd_gyro_table_keep<V, u64>(i0, n, row_len, inner, n_units, row0, total, tau, table,
+                                     words);
     if (i0 + V <= n) {
         typedef cd_vec<T, V> vec_t;
         const vec_t in = reinterpret_cast<const vec_t*>(x)[i0 / V];

@@ -51,10 +51,9 @@ __host__ __device__ __forceinline__ unsigned long long cd_gyro_block_slot(
 // rows [t B / τ, (t + 1) B / τ) (GyroMask.row_bounds, ragged or not: when τ divides B these are
 // the groups of B / τ rows), so row r is in the largest t with t B / τ <= r, i.e. with
 // t B < (r + 1) τ: t = ((r + 1) τ - 1) / B. Empty groups (B < τ) are skipped by construction.
-// The host keeps B τ below 2**64.
-__host__ __device__ __forceinline__ unsigned long long cd_gyro_slot(unsigned long long row,
-                                                                    unsigned long long tau,
-                                                                    unsigned long long total) {
+// The host keeps B τ below 2**64; I (unsigned) must hold B τ.
+template <typename I>
+__host__ __device__ __forceinline__ I cd_gyro_slot(I row, I tau, I total) {
     return ((row + 1) * tau - 1) / total;
 }
 
@@ -98,18 +97,18 @@ __host__ __device__ __forceinline__ unsigned int cd_gyro_table_word(
 // (e / inner) % n_units; row r is global row row0 + r of a batch of `total` rows, whose row
 // groups the slots follow. The bits come from the keep table (slot s's words from s * words).
 // The first element's coordinates take divisions, the next follow by increments; I is the
-// index type, 32 bits where the array allows (64-bit divisions held the per-element kernel at
-// 24 µs a 1024 x 4096 bf16 array on the H200, where a copy takes ~5).
+// index type, 32 bits where n + V and total * τ allow (then cd_gyro_slot's product fits; 64-bit
+// divisions held the per-element kernel at 24 µs a 1024 x 4096 bf16 array on the H200, where a
+// copy takes ~5).
 template <int V, typename I>
 __host__ __device__ __forceinline__ unsigned int cd_gyro_table_keep(
-        I i0, I n, I row_len, I inner, I n_units, unsigned long long row0,
-        unsigned long long total, unsigned long long tau, const unsigned int* table,
-        unsigned long long words) {
+        I i0, I n, I row_len, I inner, I n_units, I row0, I total, I tau,
+        const unsigned int* table, unsigned long long words) {
     I row = i0 / row_len;
     I e = i0 - row * row_len;
     I c = e % inner;
     I u = (e / inner) % n_units;
-    const unsigned int* trow = table + cd_gyro_slot(row0 + row, tau, total) * words;
+    const unsigned int* trow = table + cd_gyro_slot<I>(row0 + row, tau, total) * words;
     unsigned int keep = 0;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -123,7 +122,7 @@ __host__ __device__ __forceinline__ unsigned int cd_gyro_table_keep(
         if (++e == row_len) {
             e = 0;
             ++row;
-            trow = table + cd_gyro_slot(row0 + row, tau, total) * words;
+            trow = table + cd_gyro_slot<I>(row0 + row, tau, total) * words;
         }
     }
     return keep;
