@@ -282,7 +282,7 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
         if pl.kind == "tma":
             bm, bn, stages = tile
             name = f"bsmm_tma<{half}, {_b(a_lay[0])}, {_b(b_lay[0])}, {act}, {bm}, {bn}, {stages}>"
-            pl.smem = stages * (bm + bn) * tma_mod.BK * 2 + 3072  # bsmm_tma_cfg
+            pl.smem = stages * (bm + bn) * tma_mod.BK * 2 + 2048
             pl.block = ((bm // 64 + 1) * 128,)
             # a persistent grid (one CTA per SM walks the tiles, the producer fetching the next
             # tile under the epilogue), pruned products too: on the H200 at 1024 x 4096 x 4096

@@ -21,7 +21,7 @@
 // Launch:
 //   block = (BM/64 + 1) * 128 threads  (warpgroup 0 = producer, then the consumers)
 //   grid  = (ceil(N/BN), ceil(M/BM), 1)   (remapped inside into groups of 8 M tiles)
-//   dynamic smem = STAGES*(BM+BN)*64*2 + 3072 bytes (128x256 s4: 199680) -> set
+//   dynamic smem = STAGES*(BM+BN)*64*2 + 2048 bytes (128x256 s4: 198656) -> set
 //   max_dynamic_shared_size_bytes.
 //
 // Design: one elected producer thread walks the row block's kept-K list (or the dense [0, K)) in
@@ -49,10 +49,7 @@ struct bsmm_tma_cfg {
     static constexpr int A_BYTES = BM * BK * 2;
     static constexpr int B_BYTES = BN * BK * 2;
     static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-    // after the ring: up to 1023 bytes of alignment, the 2 STAGES mbarriers, the tile list
-    static constexpr int LIST = 256;
-    static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 3072;
-    static_assert(1023 + 16 * STAGES + 4 * (LIST + 1) <= 3072, "tile list does not fit");
+    static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 2048;
 };
 
 #if BSMM90_ENABLED
@@ -100,14 +97,9 @@ __device__ __forceinline__ void bsmm_tma_body(
     const int tid = threadIdx.x;
 
     // Tiles: ceil(M/BM) x ceil(N/BN), walked in a grouped raster (8 M tiles share a band of N
-    // tiles for L2 reuse). Any grid works (grid = all tiles: one tile each; grid = #SMs:
-    // persistent, the producer prefetches the next tile while the consumers run the epilogue).
-    // Dense: CTA c takes linear tiles c, c + #CTAs, ... Pruned: the tiles with work (kept k-steps)
-    // are dealt round-robin first, then those without (their epilogue only), so a skipped tile
-    // does not leave its CTA idle while another CTA runs two tiles' work (H200, sdd at 1024 x
-    // 4096 x 4096 bf16 under 128 x 128 blocks: half the tiles skipped took as long as none);
-    // warp 0 lists the CTA's tiles in shared memory (where more than LIST - 1 a CTA, plain
-    // round-robin).
+    // tiles for L2 reuse). Any grid works: CTA c takes linear tiles c, c + #CTAs, ... (grid =
+    // all tiles: one tile each; grid = #SMs: persistent, the producer prefetches the next tile
+    // while the consumers run the epilogue).
     const int tilesN = (N + BN - 1) / BN, tilesM = (M + BM - 1) / BM;
     const int total = tilesN * tilesM;
     const int cta = blockIdx.y * gridDim.x + blockIdx.x, ncta = gridDim.x * gridDim.y;
@@ -141,24 +133,6 @@ __device__ __forceinline__ void bsmm_tma_body(
         return t;
     };
 
-    int* tlist = reinterpret_cast<int*>(bsmm_tma_smem_raw + (bar - sraw) + 16 * STAGES);
-    const bool listed = (count != nullptr || bits != nullptr) && total <= (cfg::LIST - 1) * ncta;
-    if (listed && tid < 32) {
-        int mine = 0;   // this CTA's tiles listed so far
-        for (int pass = 0; pass < 2; ++pass) {   // 0: tiles with work, 1: without
-            int seen = 0;                        // tiles of this pass in the raster so far
-            for (int base = 0; base < total; base += 32) {
-                const int lin = base + tid;
-                const bool in = lin < total && ((tile_at(lin).nsteps > 0) == (pass == 0));
-                const unsigned vote = __ballot_sync(0xffffffffu, in);
-                const int rank = seen + __popc(vote & ((1u << tid) - 1u));
-                if (in && rank % ncta == cta) tlist[mine + rank / ncta] = lin;
-                seen += __popc(vote);
-            }
-            mine += seen > cta ? (seen - cta - 1) / ncta + 1 : 0;
-        }
-        if (tid == 0) tlist[cfg::LIST] = mine;
-    }
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             bsmm90_mbar_init(bar + 8 * s, 1);
@@ -169,7 +143,6 @@ __device__ __forceinline__ void bsmm_tma_body(
         bsmm_tma_prefetch_map(tmB);
     }
     __syncthreads();
-    const int n_tiles = listed ? tlist[cfg::LIST] : (cta < total ? (total - cta - 1) / ncta + 1 : 0);
 
     if (tid < 128) {
         // ---------------- producer warpgroup: one elected thread issues every TMA ----------------
@@ -178,8 +151,8 @@ __device__ __forceinline__ void bsmm_tma_body(
             const int kpb = kblk / BK;          // boxes per kept block (sparse mode)
             int slot = 0, phase = 0, issued = 0;
 #pragma unroll 1
-            for (int i = 0; i < n_tiles; ++i) {
-                const Tile t = tile_at(listed ? tlist[i] : cta + i * ncta);
+            for (int lin = cta; lin < total; lin += ncta) {
+                const Tile t = tile_at(lin);
                 int b = 0, sub = 0;
                 int j_cur = (!dense && t.cnt > 0) ? __ldg(t.idx) : 0;
                 int j_next = (!dense && t.cnt > 1) ? __ldg(t.idx + 1) : 0;
@@ -224,8 +197,8 @@ __device__ __forceinline__ void bsmm_tma_body(
     int slot = 0, phase = 0;
     float acc[NACC];
 #pragma unroll 1
-    for (int i = 0; i < n_tiles; ++i) {
-    const Tile t = tile_at(listed ? tlist[i] : cta + i * ncta);
+    for (int lin = cta; lin < total; lin += ncta) {
+    const Tile t = tile_at(lin);
     const int m0 = t.m0, n0 = t.n0;
     const unsigned long long* brow = t.brow;
 #pragma unroll
