@@ -38,9 +38,10 @@ def _version():
 
 
 def _describe_model(model):
+    counters = {n for n, _, _ in model._named_counters()}
     return {"class": type(model).__name__,
             "arrays": {n: list(a.shape) for n, a in model.state_dict().items()
-                       if n.rsplit(".", 1)[-1] not in model._counter_names}}
+                       if n not in counters}}
 
 
 def _json_default(v):

@@ -1,4 +1,9 @@
 """Layers, containers, state_dict, attention and model builders."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -6,6 +11,8 @@ from hypothesis import given, strategies as st
 import cudrop as cd
 from cudrop import models, nn
 from cudrop.autograd import check_grad
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _to64(m):
@@ -114,8 +121,23 @@ def test_load_state_dict_errors():
     m = nn.Linear(2, 2)
     with pytest.raises(KeyError, match="missing"):
         m.load_state_dict({"weight": np.zeros((2, 2))})
+    state = {"weight": np.zeros((2, 2)), "bias": np.zeros(2)}
+    with pytest.raises(KeyError, match=r"unexpected \['drop.mean'\]"):
+        m.load_state_dict(dict(state, **{"drop.mean": np.zeros(1)}))
     with pytest.raises(ValueError, match="shape"):
         m.load_state_dict({"weight": np.zeros((3, 2)), "bias": np.zeros(2)})
+
+
+def test_strict_loading_skips_stochastic_counters_by_a_fixed_rule():
+    """Keys ending in a stochastic layer's counter are skipped by every model, whichever layers
+    the process has built (the rule once depended on that; checked in a fresh process)."""
+    code = ("import numpy as np\nfrom cudrop import nn\nm = nn.Linear(2, 2)\n"
+            "m.load_state_dict({'weight': np.zeros((2, 2)), 'bias': np.zeros(2), "
+            "'drop.period': 5, 'drop.seed': 1, 'drop.layer': 2, 'drop.step': 3})\n"
+            "print('loaded')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0 and out.stdout.strip() == "loaded", out.stderr
 
 
 def test_train_eval_flags_and_global_switch():

@@ -20,6 +20,13 @@ class Parameter(Tensor):
         super().__init__(data, requires_grad=True, name=name)
 
 
+#: The counters (RNG state) of cudrop's stochastic layers. Strict loading skips a key ending in
+#: one of them even where the model has no such layer, so that a checkpoint moves between
+#: dropout variants (a gyro model's ``drop.period`` into a plain model); a fixed set, so that the
+#: rule does not depend on which layers the process happens to have built.
+COUNTER_NAMES = frozenset({"seed", "layer", "step", "period"})
+
+
 class Module:
     """Base class. Attributes that are Parameters or Modules are registered in assignment
     order; raw arrays registered with ``register_buffer`` (running statistics) travel with
@@ -28,8 +35,6 @@ class Module:
     ``training`` is per module; a layer behaves as in training only when its own flag and the
     global switch (``cudrop.eval_mode()``) both say so — see ``is_training``.
     """
-
-    _counter_names: set = set()  # every name ever registered as a counter (RNG state)
 
     def __init__(self):
         object.__setattr__(self, "_params", OrderedDict())
@@ -70,7 +75,6 @@ class Module:
         loading does not require them, so a checkpoint moves between dropout variants."""
         object.__setattr__(self, name, int(value))
         self._counters[name] = True
-        Module._counter_names.add(name)
 
     # ---- calling -----------------------------------------------------------------------
     #: Layers whose first input must have their weight's dtype (Linear, Conv2d and their
@@ -169,7 +173,8 @@ class Module:
     def load_state_dict(self, state, strict: bool = True):
         """Copy arrays into the existing parameters and buffers (keeping their device and
         dtype) and restore counters. With ``strict``, missing or unexpected parameter or buffer
-        keys raise KeyError; counters present on only one side are skipped."""
+        keys raise KeyError; counters present on only one side (this model's, or a key ending in
+        one of ``COUNTER_NAMES``) are skipped."""
         targets = {n: p for n, p in self.named_parameters()}
         bufs = {n: (m, b) for n, m, b in self.named_buffers()}
         counters = {n: (m, c) for n, m, c in self._named_counters()}
@@ -177,7 +182,7 @@ class Module:
             known = set(targets) | set(bufs)
             missing = known - set(state)
             extra = {k for k in state if k not in known and k not in counters
-                     and k.rsplit(".", 1)[-1] not in Module._counter_names}
+                     and k.rsplit(".", 1)[-1] not in COUNTER_NAMES}
             if missing or extra:
                 raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, "
                                f"unexpected {sorted(extra)}")
