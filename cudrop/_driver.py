@@ -12,7 +12,8 @@ maps its names to); an older driver lacks some, and :func:`available` says False
 from __future__ import annotations
 
 import ctypes
-import functools
+
+from ._memo import memoize
 
 __all__ = ["available", "add_if_node", "begin_capture_to_graph", "end_capture"]
 
@@ -49,7 +50,7 @@ class _NodeParams(ctypes.Structure):
 assert ctypes.sizeof(_NodeParams) == 256
 
 
-@functools.cache
+@memoize
 def _lib():
     """libcuda with every call above, or None (no driver, or one older than CUDA 12.4)."""
     try:

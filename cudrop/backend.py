@@ -10,28 +10,25 @@ import os
 
 import numpy as np
 
+from ._memo import memoize
+
 try:  # CuPy is optional: cudrop runs on NumPy alone.
     import cupy
 except ImportError:  # pragma: no cover - depends on the machine
     cupy = None
 
-_gpu_checked = None
-
-
+@memoize
 def gpu_available() -> bool:
-    """True when CuPy is installed and a CUDA device can be used. Never raises."""
-    global _gpu_checked
-    if _gpu_checked is None:
-        ok = False
-        if cupy is not None:
-            try:
-                # is_available() is the documented probe; getDeviceCount() raises without a
-                # driver instead of returning 0, so guard the whole thing.
-                ok = bool(cupy.is_available()) and cupy.cuda.runtime.getDeviceCount() > 0
-            except Exception:
-                ok = False
-        _gpu_checked = ok
-    return _gpu_checked
+    """True when CuPy is installed and a CUDA device can be used. Never raises. Probed once
+    (``cudrop.clear_caches()`` forgets the answer)."""
+    if cupy is None:
+        return False
+    try:
+        # is_available() is the documented probe; getDeviceCount() raises without a driver
+        # instead of returning 0, so guard the whole thing.
+        return bool(cupy.is_available()) and cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
 
 
 def nccl():

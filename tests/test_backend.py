@@ -36,7 +36,7 @@ def test_gpu_available_returns_bool():
 
 def test_gpu_available_without_cupy(monkeypatch):
     monkeypatch.setattr(backend, "cupy", None)
-    monkeypatch.setattr(backend, "_gpu_checked", None)
+    monkeypatch.setattr(backend, "gpu_available", backend.gpu_available.__wrapped__)
     assert backend.gpu_available() is False
     assert backend.is_gpu_array(np.ones(2)) is False
     assert backend.get_array_module(np.ones(2)) is np
@@ -65,7 +65,7 @@ class _NoDeviceCupy(_BrokenCupy):
 @pytest.mark.parametrize("fake", [_BrokenCupy, _NoDeviceCupy])
 def test_gpu_available_never_raises(monkeypatch, fake):
     monkeypatch.setattr(backend, "cupy", fake)
-    monkeypatch.setattr(backend, "_gpu_checked", None)
+    monkeypatch.setattr(backend, "gpu_available", backend.gpu_available.__wrapped__)
     assert backend.gpu_available() is False
     assert backend.get_array_module(np.ones(2)) is np
 
