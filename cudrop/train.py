@@ -429,15 +429,6 @@ class _Progress:
             self.bar.close()
 
 
-def fit_classifier(model, data, opt, epochs, batch_size, device, seed=0, schedule=None,
-                   progress=True, log=print):
-    """Train an image classifier for ``epochs`` (a :class:`Trainer` over a
-    :class:`ClassifierTask`); returns ``(history, {test_loss, test_acc})``."""
-    task = ClassifierTask(data, batch_size, device)
-    return Trainer(model, opt, task, schedule=schedule, seed=seed, progress=progress,
-                   log=log).fit(epochs)
-
-
 def fit_lm(model, data, opt, epochs, batch_size, device, steps_per_epoch=200, seed=0,
            schedule=None, progress=True, log=print):
     """Train a character language model (a :class:`Trainer` over a :class:`LanguageTask`);

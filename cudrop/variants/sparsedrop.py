@@ -51,7 +51,7 @@ def sparsedrop(x, p=None, *, mask=None, block=None, seed=None, layer=0, step=Non
         mask = draw_mask(shape, p, block=block, seed=seed, layer=layer, step=step,
                          xp=backend.get_array_module(x))
     else:
-        _check_mask(mask, mask.shape, block, p)
+        _check_mask(mask, block, p)
     return block_masked(x, mask)
 
 
@@ -81,7 +81,7 @@ def sparsedrop_linear(x, w, b=None, p=None, *, mask=None, block=None, seed=None,
         shape = (int(np.prod(x.shape[:-1], dtype=np.int64)), x.shape[-1])
         mask = draw_mask(shape, p, block=block, seed=seed, layer=layer, step=step, xp=xp)
     else:
-        _check_mask(mask, mask.shape, block, p)
+        _check_mask(mask, block, p)
     return block_masked_linear(x, w, b, mask)
 
 
@@ -103,10 +103,9 @@ def resolve_p_block(p, block, mask):
     return philox.check_prob(p), masks.check_block(block)
 
 
-def _check_mask(mask, shape, block, p):
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"sparsedrop: mask covers shape {tuple(mask.shape)} but x is "
-                         f"{tuple(shape)} as (M, K) (leading axes flattened)")
+def _check_mask(mask, block, p):
+    """A given mask against the ``block`` and ``p`` passed with it (its shape against x's is
+    checked where it is applied, ``functional._block_linear``)."""
     if tuple(mask.block) != tuple(block):
         raise ValueError(f"sparsedrop: mask has block {tuple(mask.block)} but "
                          f"block={tuple(block)}; pass the mask's block")
