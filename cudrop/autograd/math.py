@@ -5,6 +5,7 @@ from .. import backend
 from ..functional import _act
 from ..functional._reduce import sum_leading
 from .function import Function
+from .pair import differentiable
 from .tensor import Tensor, as_tensor
 
 
@@ -133,25 +134,10 @@ class Sigmoid(Function):
         return (g * self.y * (1 - self.y)).astype(g.dtype, copy=False)
 
 
-class ReLU(Function):
-    def forward(self, a):
-        y, self.saved = _act.relu(a)
-        return y
-
-    def backward(self, g):
-        return _act.relu_backward(g, self.saved)
-
-
-class GELU(Function):
-    """GELU, tanh approximation (as in GPT-2 and BERT): ``cudrop.functional``'s ``gelu_tanh``
-    pair (one kernel each way on the GPU; float32 arithmetic for 16-bit inputs)."""
-
-    def forward(self, a):
-        y, self.saved = _act.gelu_tanh(a)
-        return y
-
-    def backward(self, g):
-        return _act.gelu_tanh_backward(g, self.saved)
+# the functional pairs as Tensor ops (one kernel each way on the GPU; float32 arithmetic for
+# 16-bit inputs)
+_relu = differentiable(_act.relu, _act.relu_backward, 1)
+_gelu_tanh = differentiable(_act.gelu_tanh, _act.gelu_tanh_backward, 1)
 
 
 class AsType(Function):
@@ -226,13 +212,13 @@ def sigmoid(a):
 
 def relu(a):
     """``max(a, 0)`` element-wise; the gradient is 0 at ``a == 0``."""
-    return ReLU()(a)
+    return _relu(a)
 
 
 def gelu(a):
     """GELU with the tanh approximation (GPT-2/BERT; PyTorch's ``gelu(x, approximate='tanh')``):
     ``0.5 * a * (1 + tanh(sqrt(2 / pi) * (a + 0.044715 * a ** 3)))``."""
-    return GELU()(a)
+    return _gelu_tanh(a)
 
 
 def astype(a, dtype):

@@ -9,6 +9,7 @@ from .. import backend
 from ..functional import _softmax
 from ..functional._norm import narrow, widen
 from .function import Function
+from .pair import differentiable
 
 
 def _axes(axis, ndim):
@@ -101,24 +102,14 @@ class Var(Function):
         return g * self.centered * (2.0 / self.n)
 
 
-class Softmax(Function):
-    """``cudrop.functional``'s softmax pair (one kernel each way on the GPU): 16-bit inputs
-    are exponentiated and summed in float32 (the result and the saved output keep the input
-    dtype, as attention stores its probabilities)."""
-
-    def __init__(self, axis=-1):
-        self.axis = axis
-
-    def forward(self, a):
-        y, self.saved = _softmax.softmax(a, self.axis)
-        return y
-
-    def backward(self, g):
-        return _softmax.softmax_backward(g, self.saved)
+# ``cudrop.functional``'s softmax pair as a Tensor op (one kernel each way on the GPU): 16-bit
+# inputs are exponentiated and summed in float32 (the result and the saved output keep the input
+# dtype, as attention stores its probabilities)
+_softmax_op = differentiable(_softmax.softmax, _softmax.softmax_backward, 1)
 
 
 class LogSoftmax(Function):
-    """Computed in float32 for 16-bit inputs, like :class:`Softmax`."""
+    """Computed in float32 for 16-bit inputs, like :func:`softmax`."""
 
     def __init__(self, axis=-1):
         self.axis = axis
@@ -163,7 +154,7 @@ def var(a, axis=None, keepdims=False):
 def softmax(a, axis=-1):
     """``exp(a) / sum(exp(a))`` along ``axis`` (default the last), computed after subtracting
     the maximum so large inputs do not overflow."""
-    return Softmax(axis)(a)
+    return _softmax_op(a, axis)
 
 
 def log_softmax(a, axis=-1):
