@@ -100,11 +100,10 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
         return bool(philox.uniform(self.seed, self.layer, step, philox.TAG_DEPTH, 1)[0]
                     >= self.p)
 
-    def keep_samples(self, step: int, n: int, offset: int = 0) -> np.ndarray:
-        """Sample mode: boolean keep bit per sample at ``step`` (host NumPy), for samples
-        ``offset .. offset + n - 1`` of the (global) batch."""
-        return philox.uniform(self.seed, self.layer, step, philox.TAG_SAMPLE, n, offset) \
-            >= self.p
+    def keep_samples(self, step: int, n: int) -> np.ndarray:
+        """Sample mode: boolean keep bit per sample at ``step`` (host NumPy) for the first
+        ``n`` samples of the (global) batch (a rank's samples are its slice of them)."""
+        return philox.uniform(self.seed, self.layer, step, philox.TAG_SAMPLE, n) >= self.p
 
     def forward(self, x):
         if not self.is_training:
@@ -117,12 +116,13 @@ class _GatedUnit(ResidualUnit, StochasticLayer):
             kept = self.keep_gate(step)
             return self.merge(self._scaled(self.body(x)), t) if kept else self.activation(t)
         offset, total = self.global_rows(x.shape[0])
-        keep = self.keep_samples(step, x.shape[0], offset)
+        everyone = self.keep_samples(step, total)  # the global batch's gates, drawn once
+        keep = everyone[offset:offset + x.shape[0]]
         if keep.all():  # no gather/scatter copies when every sample survives
             return self.merge(self._scaled(self.body(x)), t)
         scale = self.scale
         if not keep.any():
-            if total == x.shape[0] or not self.keep_samples(step, total).any():
+            if not everyone.any():
                 return self.activation(t)
             # Another rank keeps samples of this unit: its body's parameters get gradients
             # there, so they must get (zero) gradients here too, or the ranks' optimizers
