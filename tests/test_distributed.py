@@ -68,7 +68,12 @@ def test_read_env(env, want):
 def test_read_env_sees_torchruns_agent_store():
     e = dist.read_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h",
                        "MASTER_PORT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True"})
-    assert e.agent_store
+    assert e.agent_store and e.agent_run == "run/0"
+    # the store key's run id and restart count come from the same environ, not os.environ
+    e = dist.read_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
+                       "MASTER_PORT": "1", "TORCHELASTIC_USE_AGENT_STORE": "true",
+                       "TORCHELASTIC_RUN_ID": "job7", "TORCHELASTIC_RESTART_COUNT": "2"})
+    assert e.agent_store and e.agent_run == "job7/2"
 
 
 _MASTER = {"MASTER_ADDR": "h0", "MASTER_PORT": "29500"}

@@ -36,7 +36,8 @@ class LaunchEnv(NamedTuple):
     ``launcher``: which variables described it ('torchrun', 'mpirun', 'slurm', or 'none' for a
     single process); ``agent_store``: torchrun's agent already serves a key-value store on
     ``MASTER_ADDR:MASTER_PORT`` (``TORCHELASTIC_USE_AGENT_STORE``), which the rendezvous then
-    uses instead of opening that port itself."""
+    uses instead of opening that port itself, under a key named by ``agent_run``: torchrun's
+    run id and restart count (``TORCHELASTIC_RUN_ID``, ``TORCHELASTIC_RESTART_COUNT``)."""
     rank: int
     world_size: int
     local_rank: int
@@ -44,6 +45,7 @@ class LaunchEnv(NamedTuple):
     master_port: int | None
     launcher: str
     agent_store: bool = False
+    agent_run: str = "run/0"
 
 
 def _int(environ, name, low, why):
@@ -89,7 +91,9 @@ def read_env(environ=None) -> LaunchEnv:
         addr, port = _master(environ, world, launcher)
         agent = launcher == "torchrun" and \
             environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        return LaunchEnv(rank, world, local, addr, port, launcher, agent)
+        run = (f"{environ.get('TORCHELASTIC_RUN_ID', 'run')}/"
+               f"{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+        return LaunchEnv(rank, world, local, addr, port, launcher, agent, run)
     return LaunchEnv(0, 1, 0, None, None, "none")
 
 

@@ -13,7 +13,6 @@ Under torchrun the port belongs to torchrun's agent, which serves a key-value st
 """
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import time
@@ -163,9 +162,7 @@ def _via_agent_store(env, payload, timeout, generation):
     except ImportError as e:
         raise RendezvousError("torchrun's agent serves the rendezvous on MASTER_PORT as a "
                               f"PyTorch TCPStore, and reading it needs PyTorch ({e})") from None
-    run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    key = f"cudrop/rendezvous/{run}/{attempt}/{generation}"
+    key = f"cudrop/rendezvous/{env.agent_run}/{generation}"
     try:
         store = TCPStore(env.master_addr, env.master_port, is_master=False,
                          timeout=timedelta(seconds=float(timeout)))
