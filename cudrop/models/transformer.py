@@ -27,7 +27,7 @@ class TransformerBlock(nn.Module):
     units; 'dropout' also the attention probabilities and both residual branches, 'sliceout'
     (p > 0) also whole attention heads."""
 
-    def __init__(self, dim, heads, causal, mlp_ratio=4, dropout="dropout", p=0.0, rng=None,
+    def __init__(self, dim, heads, *, causal, mlp_ratio=4, dropout="dropout", p=0.0, rng=None,
                  dtype=np.float32):
         super().__init__()
         elementwise = _elementwise(dropout)
@@ -60,7 +60,8 @@ class GPT(nn.Module):
         self.tok = nn.Embedding(vocab_size, dim, rng=rng, dtype=dtype)
         self.pos = nn.Embedding(block_size, dim, rng=rng, dtype=dtype)
         self.drop = nn.make_dropout(_elementwise(dropout), p)
-        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, True, 4, dropout, p, rng, dtype)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, causal=True, dropout=dropout,
+                                                       p=p, rng=rng, dtype=dtype)
                                       for _ in range(depth)])
         self.ln = nn.LayerNorm(dim, dtype=dtype)
         self.head = nn.Linear(dim, vocab_size, bias=False, rng=rng, dtype=dtype)
@@ -94,8 +95,10 @@ class ViT(nn.Module):
         self.cls = nn.Parameter(normal(rng, (1, 1, dim), 0.02, dtype))
         self.pos = nn.Parameter(normal(rng, (1, n + 1, dim), 0.02, dtype))
         self.drop = nn.make_dropout(_elementwise(dropout), p)
-        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, False, mlp_ratio, dropout, p,
-                                                       rng, dtype) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, causal=False,
+                                                       mlp_ratio=mlp_ratio, dropout=dropout, p=p,
+                                                       rng=rng, dtype=dtype)
+                                      for _ in range(depth)])
         self.ln = nn.LayerNorm(dim, dtype=dtype)
         self.head = nn.Linear(dim, num_classes, rng=rng, dtype=dtype)
         nn.number_layers(self, seed)

@@ -38,7 +38,7 @@ from .stochastic import StochasticLayer
 
 
 class _GyroBase(StochasticLayer):
-    def __init__(self, p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
+    def __init__(self, *, p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
                  layer):
         super().__init__()
         self.init_rng(seed, layer)
@@ -93,8 +93,8 @@ class GyroDropout(_GyroBase):
     def __init__(self, p=0.5, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
                  co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=None, total_steps=None,
                  schedule="consecutive", seed=0, layer=None, unit_axis=None, ragged=False):
-        super().__init__(p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
-                         layer)
+        super().__init__(p=p, num_subnets=num_subnets, co_scheduled=co_scheduled, period=period,
+                         total_steps=total_steps, schedule=schedule, seed=seed, layer=layer)
         self.unit_axis = unit_axis
         self.ragged = bool(ragged)
 
@@ -136,8 +136,8 @@ class BlockwiseDropout(_GyroBase):
     def __init__(self, p=0.5, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
                  co_scheduled=gyro.DEFAULT_CO_SCHEDULED, block=gyro.DEFAULT_BLOCK, period=None,
                  total_steps=None, schedule="consecutive", seed=0, layer=None):
-        super().__init__(p, num_subnets, co_scheduled, period, total_steps, schedule, seed,
-                         layer)
+        super().__init__(p=p, num_subnets=num_subnets, co_scheduled=co_scheduled, period=period,
+                         total_steps=total_steps, schedule=schedule, seed=seed, layer=layer)
         self.block = gyro.check_block(block)
 
     def forward(self, x):
