@@ -125,4 +125,5 @@ def mlp():
 
 
 if __name__ == "__main__":
-    {"forms": forms, "tiles": tiles, "one": one, "host": host, "mlp": mlp}[sys.argv[1]](*sys.argv[2:])
+    probes = {"forms": forms, "tiles": tiles, "one": one, "host": host, "mlp": mlp}
+    probes[sys.argv[1]](*sys.argv[2:])

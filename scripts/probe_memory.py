@@ -27,8 +27,8 @@ def probe(case):
             run(*batches[i % 3])
         cp.cuda.Device().synchronize()
         line = (f"{case.name}:{case.dtype.name} {'captured' if captured else 'eager   '} "
-                f"model+batches {base / MB:7.1f} MB  default pool used {pool.used_bytes() / MB:7.1f}"
-                f" total {pool.total_bytes() / MB:7.1f}")
+                f"model+batches {base / MB:7.1f} MB  default pool used "
+                f"{pool.used_bytes() / MB:7.1f} total {pool.total_bytes() / MB:7.1f}")
         if captured:
             line += (f"  private pool used {run.pool.used_bytes() / MB:7.1f} total "
                      f"{run.pool.total_bytes() / MB:7.1f}  graph {type(run.graph).__name__}")

@@ -33,11 +33,11 @@ extern "C" __global__ void gyro_keep_table(unsigned int* __restrict__ table, lon
 }
 
 // Thread t owns the V = 16 / sizeof(T) elements from V t: their keep bits from the table
-// (cd_gyro_table_keep, 32-bit indices where n and total * τ allow), one 16-byte load and store (x and y are
-// 16-byte aligned: the host copies a misaligned x, y is fresh), the last partial run one element
-// at a time. Dropped cells are exact zeros:
-// an inf or NaN there does not leak. `scale` is 1/q rounded to the dtype (x * s in the dtype, as
-// the host path computes x * dtype(1/q)).
+// (cd_gyro_table_keep, 32-bit indices where n and total * τ allow), one 16-byte load and store
+// (x and y are 16-byte aligned: the host copies a misaligned x, y is fresh), the last partial
+// run one element at a time. Dropped cells are exact zeros: an inf or NaN there does not leak.
+// `scale` is 1/q rounded to the dtype (x * s in the dtype, as the host path computes
+// x * dtype(1/q)).
 template <typename T>
 __global__ void gyro_apply(const T* __restrict__ x, T* __restrict__ y, long long n,
                            long long row_len, long long inner, long long n_units, long long row0,

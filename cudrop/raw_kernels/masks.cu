@@ -96,7 +96,8 @@ __global__ void block_apply(const T* __restrict__ x, T* __restrict__ y, long lon
         for (int j = 0; j < V; ++j) out.v[j] = cd_scale_or_zero(in.v[j], scale, keep[j]);
         reinterpret_cast<vec_t*>(y)[i0 / V] = out;
     } else {
-        for (int j = 0; j < V && i0 + j < n; ++j) y[i0 + j] = cd_scale_or_zero(x[i0 + j], scale, keep[j]);
+        for (int j = 0; j < V && i0 + j < n; ++j)
+            y[i0 + j] = cd_scale_or_zero(x[i0 + j], scale, keep[j]);
     }
 }
 

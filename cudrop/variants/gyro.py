@@ -10,8 +10,9 @@ Decided on the device. Drawn with a device step (a 0-d uint32 CuPy array), the m
 ``keep`` or ``subnets`` but a ``GyroDraw``: one kernel (``raw_kernels/gyro.cu``) derives the
 step's sub-networks and their keep bits from it when it runs (a small (τ, units / 32) table,
 drawn once in the forward), another writes ``x * keep / q`` from the table in one pass,
-forward and backward alike (ragged groups and a data-parallel rank's rows included). Its output equals the int step's bit for bit (the same cells kept, each
-times the same dtype-rounded ``1/q``), so ``nn.GyroDropout`` can be captured in a CUDA graph.
+forward and backward alike (ragged groups and a data-parallel rank's rows included). Its
+output equals the int step's bit for bit (the same cells kept, each times the same
+dtype-rounded ``1/q``), so ``nn.GyroDropout`` can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
