@@ -163,15 +163,14 @@ class BlockwiseDropout(_GyroBase):
         # this rank's row blocks of the global batch (the slot rule reads global indices)
         off, total = self.global_rows(-(-shape[0] // self.block[0]))
         sched.update(row_block_offset=off, total_row_blocks=total)
-        draw = lambda: gyro.blockwise_mask(shape, self.p, step=step, block=self.block,  # noqa: E731
-                                           xp=xp, **sched)
         if device:  # decided on the device (two launches), a capture's replays included
-            self.last_mask = draw()
+            self.last_mask = gyro.blockwise_mask(shape, self.p, step=step, block=self.block,
+                                                 xp=xp, **sched)
             return self.last_mask
-        ids = tuple(int(i) for i in gyro.blockwise_row_ids(step, shape[0], block=self.block,
-                                                            **sched))
-        self.last_mask = self._memoised((ids, shape, self.block, self.p, self.seed, self.layer),
-                                        draw)
+        ids = gyro.blockwise_row_ids(step, shape[0], block=self.block, **sched)
+        key = (tuple(ids.tolist()), shape, self.block, self.p, self.seed, self.layer)
+        self.last_mask = self._memoised(key, lambda: gyro.rows_mask(
+            shape, self.p, ids, seed=self.seed, layer=self.layer, block=self.block))
         return self.last_mask
 
     def extra_repr(self):

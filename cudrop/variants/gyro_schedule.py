@@ -325,8 +325,15 @@ def blockwise_mask(shape, p, *, step, seed=0, layer=0, block=DEFAULT_BLOCK,
                               num_subnets=num_subnets, co_scheduled=co_scheduled, period=period,
                               schedule=schedule, seed=seed, layer=layer,
                               row_block_offset=row_block_offset, total_row_blocks=total_row_blocks)
-    return masks.block_mask(shape, block, p, seed=seed, layer=layer, step=0, xp=xp,
-                            row_ids=ids, tag=philox.TAG_GYRO)
+    return rows_mask(shape, p, ids, seed=seed, layer=layer, block=block, xp=xp)
+
+
+def rows_mask(shape, p, row_ids, *, seed=0, layer=0, block=DEFAULT_BLOCK, xp=np):
+    """The block-wise gyro ``BlockMask`` over (M, K) whose row block ``r`` runs sub-network
+    ``row_ids[r]`` (from :func:`blockwise_row_ids`, or its device twin): each sub-network's
+    unit-block mask is row ``row_ids[r]`` of the TAG_GYRO grid at step 0."""
+    return masks.block_mask(shape, check_block(block), p, seed=seed, layer=layer, step=0, xp=xp,
+                            row_ids=row_ids, tag=philox.TAG_GYRO)
 
 
 def _device_row_ids(xp, step, n_row_blocks, *, num_subnets, co_scheduled, period, schedule,
