@@ -70,13 +70,14 @@ __device__ __forceinline__ void cd_slice_copy(const T* __restrict__ src, T* __re
 }
 
 // The 16-byte walk where the rows and both pointers allow it, else element by element; 32-bit
-// indices below 2**31 elements (so the grid stride added to an index never wraps).
+// indices where the full side of the copy (outer x n x inner: a gather's source, a scatter's
+// destination) is below 2**31 elements (so no index, nor the grid stride added to one, wraps).
 template <typename T, bool Scatter>
 __device__ __forceinline__ void cd_slice_dispatch(const T* src, T* dst, const cd_slice_walk w,
                                                   double scale, bool scaled) {
     constexpr int V = 16 / sizeof(T);
     const bool vec = (w.inner % V) == 0 && ((size_t)src % 16 | (size_t)dst % 16) == 0;
-    const long long elems = w.outer * (Scatter ? w.n : w.keep) * w.inner;
+    const long long elems = w.outer * w.n * w.inner;
     if (elems < (1ll << 31)) {
         if (vec) cd_slice_copy<T, V, unsigned int, Scatter>(src, dst, w, scale, scaled);
         else cd_slice_copy<T, 1, unsigned int, Scatter>(src, dst, w, scale, scaled);
