@@ -25,8 +25,8 @@ their slice start is decided on the device from the replay's step (``raw_kernels
 the slice eager mode draws at that step, and the kept units are gathered into fixed-size
 buffers, so every shape in the graph stays fixed. So is element gyro dropout
 (``GyroDropout``, the models' ``dropout='gyro'``): one kernel derives the replay's step's
-sub-networks, each row's group (ragged groups included) and the keep bits
-(``raw_kernels/gyro.cu``), those eager mode applies at that step; and block-wise gyro dropout
+sub-networks and their keep bits, another masks each row by its group's (ragged groups
+included; ``raw_kernels/gyro.cu``), as eager mode does at that step; and block-wise gyro dropout
 (``BlockwiseDropout``, ``BlockwiseLinear``): each row block's sub-network and the mask's
 kept-block lists are drawn on the device from the replay's step, and the block-sparse GEMMs
 read those lists.

@@ -196,7 +196,7 @@ def keep_grid(seed, layer, step, tag, n_rows, n_cols, p, row_ids=None):
 
 def uniform(seed, layer, step, tag, n, offset=0):
     """``n`` floats in [0, 1) for host-side decisions (slice starts, depth gates, schedules):
-    draws ``offset .. offset + n - 1`` of the sequence (a rank's samples of a global batch)."""
+    draws ``offset .. offset + n - 1`` of the sequence."""
     if n + offset <= 16:  # host decisions are mostly one draw: plain ints beat array set-up
         w = [v for c in range(-(-(n + offset) // 4))
              for v in philox4x32_scalar(c, 0, step, tag, seed, layer)]

@@ -1,16 +1,17 @@
 """Element gyro dropout decided on the device (``raw_kernels/gyro.cu``): a mask drawn with a
-device step has no ``keep`` or ``subnets`` but its ``GyroDraw``; the kernel derives the
-sub-networks, each row's group and the keep bits from it and writes ``x * keep / q``; results
-equal the int step's bit for bit. Block-wise gyro's row blocks' sub-networks decided on the device
-(``gyro_block_row_ids``).
+device step has no ``keep`` or ``subnets`` but its ``GyroDraw``; one kernel derives the
+sub-networks and their keep bits from it (``gyro_keep_table``), another each row's group and
+``x * keep / q`` (``gyro_apply``); results equal the int step's bit for bit. Block-wise gyro's
+row blocks' sub-networks decided on the device (``gyro_block_row_ids``).
 
 On the CPU: the kernels' integer arithmetic (``gyro.cuh`` over ``philox.cuh``, compiled for the
 host with the system C++ compiler) against ``scheduled_subnets``, ``subnet_keep``,
 ``GyroMask.row_bounds``, ``blockwise_row_ids`` and ``philox.words`` over hypothesis-drawn
 parameters and at the extremes; the Python side of the launches (the kernels emulated from
 their arguments) against the host path; the mask's Python side; the argument errors; block-wise
-gyro's refusal of a capture on NumPy. On a GPU: the kernel against the host path, forward and backward, every dtype,
-ragged groups and a rank's rows included (the captured-step test is in test_graph.py).
+gyro's refusal of a capture on NumPy. On a GPU: the kernels against the host path, forward and
+backward, every dtype, ragged groups and a rank's rows included (the captured-step test is in
+test_graph.py).
 """
 from dataclasses import replace
 

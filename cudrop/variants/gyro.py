@@ -79,15 +79,10 @@ def _keep_table(xp, mask, rows):
                          f"({d.co_scheduled}) must stay below 2**64 on the device")
     words = -(-d.n_units // 32)
     table = xp.empty((d.co_scheduled, words), np.uint32)
-    step_value, step_ptr = philox.step_args(d.step)
-    # steps are below 2**32: any longer period runs the first set for the whole run, as 2**32
-    period = min(d.period, 2 ** 32)
     kernel("gyro.cu", "gyro_keep_table")(
         (-(-table.size // _THREADS),), (_THREADS,),
-        (table, np.int64(d.co_scheduled), np.int64(words), np.uint64(d.n_units),
-         np.uint32(d.seed), np.uint32(d.layer), step_value, step_ptr, np.uint64(d.num_subnets),
-         np.uint64(d.co_scheduled), np.uint64(period), np.int32(d.schedule == "random"),
-         np.uint32(philox.threshold(mask.p))))
+        (table, np.int64(d.co_scheduled), np.int64(words), np.uint64(d.n_units))
+        + gyro.kernel_schedule_args(d) + (np.uint32(philox.threshold(mask.p)),))
     return table
 
 

@@ -31,11 +31,12 @@ no divisibility: edge blocks are partial.
 
 Decided on the device. Element gyro drawn with a *device step* (a 0-d uint32 CuPy array, as a
 captured CUDA graph's layers get from ``StochasticLayer.next_step(device=True)``) yields a
-``GyroMask`` without ``keep`` and ``subnets`` but with its ``GyroDraw``: the kernel
-(``raw_kernels/gyro.cu`` over ``gyro.cuh``) computes the sub-networks of the step, each row's
-group (row ``r`` of ``B`` is in group ``((r + 1) τ - 1) // B``, the group ``row_bounds`` gives
-it, ragged or not) and the keep bits with the integer arithmetic above, so its result equals the
-int step's bit for bit. Block-wise gyro on CuPy decides each row block's sub-network on the
+``GyroMask`` without ``keep`` and ``subnets`` but with its ``GyroDraw``: the kernels
+(``raw_kernels/gyro.cu`` over ``gyro.cuh``) compute the sub-networks of the step and their keep
+bits (``gyro_keep_table``), then each row's group (row ``r`` of ``B`` is in group
+``((r + 1) τ - 1) // B``, the group ``row_bounds`` gives it, ragged or not) and mask it
+(``gyro_apply``), with the integer arithmetic above, so the result equals the int step's bit
+for bit. Block-wise gyro on CuPy decides each row block's sub-network on the
 device too (``gyro_block_row_ids``, the slot rule above), then draws the mask's blocks with
 those ids as ``masks.block_mask`` does on the host.
 """
@@ -147,8 +148,8 @@ def row_block_subnets(step, n_row_blocks, subnets, offset=0, total=None):
 
 class GyroDraw(NamedTuple):
     """Where a gyro mask decided on the device comes from: the Philox key ``(seed, layer)``,
-    the device ``step`` (a 0-d uint32 CuPy array, read by the kernel when it runs), the units
-    it masks and the schedule."""
+    the device ``step`` (a 0-d uint32 CuPy array, read by the kernels when they run), the units
+    it masks (0 where none: block-wise gyro's row-block schedule) and the schedule."""
     seed: int
     layer: int
     step: object
@@ -165,8 +166,8 @@ class GyroMask:
     of sub-network ``subnets[t]``, applied to row group ``t`` of the batch.
 
     A mask decided on the device (drawn with a device step, as a captured CUDA graph's layers
-    draw) has ``keep`` and ``subnets`` None and ``draw``, a :class:`GyroDraw`: the kernel
-    (``raw_kernels/gyro.cu``) computes both from it when it runs; :meth:`host` turns it into the
+    draw) has ``keep`` and ``subnets`` None and ``draw``, a :class:`GyroDraw`: the kernels
+    (``raw_kernels/gyro.cu``) compute both from it when they run; :meth:`host` turns it into the
     host form by reading the step."""
 
     keep: object       # (τ, N) bool, or None when decided on the device
@@ -344,18 +345,26 @@ def _device_row_ids(xp, step, n_row_blocks, *, num_subnets, co_scheduled, period
     from ..raw_kernels import kernel
     sigma, tau = check_subnets(num_subnets, co_scheduled, schedule)
     step = philox.check_step(step, xp)
-    # the random schedule reads no period; steps are below 2**32, so a longer period runs the
-    # first set for the whole run, as 2**32 does
-    period = min(_check_int("period", period, 1), 2 ** 32) if schedule == "consecutive" else 1
+    # the random schedule reads no period
+    period = _check_int("period", period, 1) if schedule == "consecutive" else 1
     seed, layer = philox.check_seed("seed", seed), philox.check_seed("layer", layer)
     offset = _check_int("row_block_offset", row_block_offset, 0)
     total = n_row_blocks if total_row_blocks is None else _check_int(
         "total_row_blocks", total_row_blocks, 1)
     ids = xp.empty(n_row_blocks, np.uint32)
-    step_value, step_ptr = philox.step_args(step)
     kernel("gyro.cu", "gyro_block_row_ids")(
         (-(-n_row_blocks // 128),), (128,),
-        (ids, np.int64(n_row_blocks), np.uint64(offset % tau), np.uint64(total % tau),
-         np.uint32(seed), np.uint32(layer), step_value, step_ptr, np.uint64(sigma),
-         np.uint64(tau), np.uint64(period), np.int32(schedule == "random")))
+        (ids, np.int64(n_row_blocks), np.uint64(offset % tau), np.uint64(total % tau))
+        + kernel_schedule_args(GyroDraw(seed, layer, step, 0, sigma, tau, period, schedule)))
     return ids
+
+
+def kernel_schedule_args(draw):
+    """The schedule of a :class:`GyroDraw` as gyro.cu's kernels take it, in their order: seed,
+    layer, the step (by value and as the device pointer, ``philox.step_args``), Σ, τ, the
+    period and the random flag. Steps are below 2**32, so a longer period runs the first set
+    for the whole run, as 2**32 does: it is passed capped."""
+    step_value, step_ptr = philox.step_args(draw.step)
+    return (np.uint32(draw.seed), np.uint32(draw.layer), step_value, step_ptr,
+            np.uint64(draw.num_subnets), np.uint64(draw.co_scheduled),
+            np.uint64(min(draw.period, 2 ** 32)), np.int32(draw.schedule == "random"))
