@@ -358,8 +358,11 @@ def test_gpu_dense_fallback_equals_float64_math(dtype, monkeypatch):
         pytest.skip("nvmath-python (cuBLASLt) not installed")
     ran = []
     launch = bsmm_gpu.launch
-    monkeypatch.setattr(bsmm_gpu, "launch", lambda *a, **k: ran.append((form, block,
-                                                                        launch(*a, **k))))
+
+    def recorded(*a, **k):  # which kind each product ran, passed on to bsmm._run
+        ran.append((form, block, launch(*a, **k)))
+        return ran[-1][2]
+    monkeypatch.setattr(bsmm_gpu, "launch", recorded)
     dt = low_precision_dtype(cp, dtype) if dtype == "bfloat16" else np.dtype(dtype)
     rng = np.random.default_rng(3)
     for (m, k, n), block in (((264, 136, 200), (128, 32)), ((300, 96, 72), (32, 24))):

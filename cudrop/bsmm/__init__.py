@@ -133,10 +133,10 @@ def _run(form, a, b, lists, bits, rblk, kblk, cblk, scale, bias, act, out, mask)
     else:
         from . import dispatch as bsmm_gpu
         ran = bsmm_gpu.launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias,
-                              ACTIVATIONS[act], kernel=_KERNEL.get(),
-                              dense=lambda: _dense(form, a, b, mask, scale, bias, act, out))
-        if flops.active() and ran != "dense":  # the dense GEMM counted its own work
-            # the kept elements of the masked operand (sdd: of the output)
+                              ACTIVATIONS[act], kernel=_KERNEL.get())
+        if ran == "dense":  # no kernel runs this product fast: cuBLASLt does (and counts it)
+            _dense(form, a, b, mask, scale, bias, act, out)
+        elif flops.active():  # the kept elements of the masked operand (sdd: of the output)
             kept = int(backend.asnumpy(mask.to_dense()).sum())
             flops.add(form, 2 * kept * (a.shape[1] if form == "sdd" else n))
     return out

@@ -322,15 +322,14 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
     return pl
 
 
-def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None, tile=None,
-           dense=None):
+def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None, tile=None):
     """``out = act(scale · a @ b + bias)`` with the reduction pruned by ``lists`` (count, index)
     and the output by ``bits``; a (M, K) and b (K, N) may be transposed views. ``tile`` (one
     of ``MMA_TILES`` or ``FFMA_TILES``) overrides the mma or ffma kernel's tile choice, for tuning
     and tests (unchecked: under a mask, the mask's row blocks must be multiples of its rows).
-    ``dense``: a callable that computes the same product densely (cuBLASLt on a masked copy),
-    called instead of a kernel where the choice is 'dense' (see ``_choose``); without it that
-    choice runs the simple kernel. Returns the kind that ran."""
+    Returns the kind that ran, or 'dense' without running anything where the choice is the
+    dense fallback (see ``_choose``): the caller then computes the product densely
+    (``bsmm._dense``)."""
     if out.size == 0:
         return None
     choice = kernel or "auto"
@@ -343,12 +342,7 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
         pl = _PLAN_MEMO.put(key, _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act,
                                        choice, tile, bias is not None))
     if pl.kind == "dense":
-        if dense is not None:
-            dense()
-            return "dense"
-        # not memoised: the key's plan stays 'dense' for the callers that pass one
-        pl = _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, "simple", tile,
-                   bias is not None)
+        return "dense"
     if pl.copy_a is not None:
         a = _contiguous(a, 1, pl.copy_a)
     if pl.copy_b is not None:
