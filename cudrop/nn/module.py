@@ -72,7 +72,8 @@ class Module:
         """A host-side integer (a dropout layer's seed, id and step) that ``state_dict`` saves
         and ``load_state_dict`` restores, so a resumed run draws the same masks. Never moved to
         the GPU: reading it must not synchronise. Counters are RNG state, not weights: strict
-        loading does not require them, so a checkpoint moves between dropout variants."""
+        loading does not require them, so a checkpoint moves between dropout variants (for
+        names in ``COUNTER_NAMES``: a layer that registers another name adds it there)."""
         object.__setattr__(self, name, int(value))
         self._counters[name] = True
 
