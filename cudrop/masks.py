@@ -223,3 +223,49 @@ def _block_mask_gpu(cp, shape, block, p, t, seed, layer, step, tag, row_ids, row
          np.uint32(seed), np.uint32(layer), step_value, step_ptr, np.uint32(tag),
          np.uint32(t), np.uint32(row_offset)))
     return BlockMask(shape, block, p, bits, rc, ri, cc, ci)
+
+
+def apply_block(x, mask, scale, *, out=None):
+    """``x ⊙ m · scale`` for an (M, K) array and a BlockMask over it, into ``out`` (an (M, K)
+    array of x's dtype) when given. Dropped blocks are exact zeros (an inf or NaN there does not
+    leak, as with a GEMM that skips the block); a kept cell is ``x · scale`` in float32 (float64
+    for float64) rounded once to x's dtype, on NumPy and CuPy alike. On CuPy one pass
+    (``block_apply`` in masks.cu, 16 bytes a thread); the rest expands the block grid along the
+    units only, to (nM, K) bools broadcast over each row block's rows."""
+    xp = backend.get_array_module(x, mask.bits)
+    if x.ndim != 2 or tuple(x.shape) != tuple(mask.shape):
+        raise ValueError(f"x has shape {tuple(x.shape)} (as (M, K)) but the block mask is over "
+                         f"{tuple(mask.shape)}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+        raise ValueError(f"out must be a {x.shape} {x.dtype} array, got {out.shape} {out.dtype}")
+    if xp is not np and max(x.shape) < 2 ** 31:  # block_apply's 32-bit coordinates
+        return _apply_block_gpu(x, mask, scale, out)
+    (m, k), (mb, kb) = mask.shape, mask.block
+    wide = np.float64 if x.dtype == np.float64 else np.float32
+    drop = ~xp.repeat(mask.keep_blocks(), kb, axis=1)[:, :k]
+    y = xp.multiply(x.astype(wide, copy=False), wide(scale))
+    full = m // mb  # whole row blocks; the last one is partial when mb does not divide m
+    if full:
+        xp.copyto(y[:full * mb].reshape(full, mb, k), 0, where=drop[:full, None, :])
+    if full * mb < m:
+        xp.copyto(y[full * mb:], 0, where=drop[full][None, :])
+    if out is None:
+        return y.astype(x.dtype, copy=False)
+    out[...] = y
+    return out
+
+
+def _apply_block_gpu(x, mask, scale, out):
+    from .raw_kernels import aligned, launch
+    x = aligned(x, 16)  # the kernel's 16-byte accesses
+    y = out
+    if y is None or not y.flags.c_contiguous or y.data.ptr % 16:
+        y = backend.cupy.empty_like(x)
+    (mb, kb), k, v = mask.block, x.shape[1], 16 // x.itemsize  # v elements a thread
+    launch("masks.cu", "block_apply", x.dtype, (-(-x.size // (256 * v)),), (256,),
+           (x, y, np.int64(x.size), np.int64(k), mask.bits, np.int64(mask.bits.shape[1]),
+            np.int32(mb), np.int32(kb), np.float64(scale), np.int32(k % v == 0)))
+    if out is not None and y is not out:
+        out[...] = y
+        return out
+    return y

@@ -397,6 +397,52 @@ def test_gpu_dense_fallback_equals_float64_math(dtype, monkeypatch):
                if form == "dsd_t" or block == (32, 24)), ran
 
 
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_block_masked_linear_dense_path_masks_x_once(dtype, monkeypatch):
+    """Under block-wise gyro's 128 x 32 blocks a 16-bit dsd runs densely on Hopper
+    (``bsmm.runs_dense``), so ``block_masked_linear`` keeps its one masked copy of x for dW:
+    one masked pass forward (x) and one backward (dX), where dsd + sdd + dsd_t would make
+    three. Forward and gradients against float64 math, and against the sm90 kernel's
+    block-sparse path (forced, so not dense), ragged edges."""
+    cp = _gpu_or_skip("sm90")
+    from cudrop.functional import _block_linear, _gemm
+    if not _gemm.available():
+        pytest.skip("nvmath-python (cuBLASLt) not installed")
+    dt = low_precision_dtype(cp, dtype)
+    rng = np.random.default_rng(4)
+    m, k, n = 300, 200, 136
+    x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dt)
+    w = cp.asarray(rng.standard_normal((k, n)).astype(np.float32)).astype(dt)
+    b = cp.asarray(rng.standard_normal(n).astype(np.float32)).astype(dt)
+    g = cp.asarray(rng.standard_normal((m, n)).astype(np.float32)).astype(dt)
+    mask = masks.block_mask((m, k), (128, 32), 0.5, seed=2, layer=1, step=7, xp=cp)
+    assert bsmm.runs_dense("dsd", x, w, mask, 2.0, bias=b)
+    assert not bsmm.runs_dense("dsd", x.astype(np.float64), w.astype(np.float64), mask, 2.0)
+    passes = []
+    apply_block = masks.apply_block
+    monkeypatch.setattr(masks, "apply_block", lambda *a, **kw: passes.append(1) or
+                        apply_block(*a, **kw))
+    y, saved = _block_linear.block_masked_linear(x, w, b, mask)
+    gx, gw, gb = _block_linear.block_masked_linear_backward(g, saved)
+    assert saved.dense is not None and len(passes) == 2
+    f64 = lambda a: cp.asnumpy(a.astype(np.float32)).astype(np.float64)  # noqa: E731
+    keep = backend.asnumpy(mask.to_dense())
+    xm = f64(x) * keep * 2.0
+    want = {"y": xm @ f64(w) + f64(b), "gx": (f64(g) @ f64(w).T) * keep * 2.0,
+            "gw": xm.T @ f64(g), "gb": f64(g).sum(axis=0)}
+    with bsmm.use_kernel("sm90"):
+        assert not bsmm.runs_dense("dsd", x, w, mask, 2.0, bias=b)
+        y2, saved2 = _block_linear.block_masked_linear(x, w, b, mask)
+        grads2 = _block_linear.block_masked_linear_backward(g, saved2)
+    assert saved2.dense is None
+    for name, got, kernel_got in zip(("y", "gx", "gw", "gb"), (y, gx, gw, gb), (y2,) + grads2):
+        for a in (got, kernel_got):
+            err = np.linalg.norm(f64(a) - want[name]) / np.linalg.norm(want[name])
+            assert err < TOL[dtype], (name, err)
+    assert (f64(gx)[~keep] == 0).all()
+
+
 def test_ffma_float4_loads_only_where_every_chunk_is_whole():
     vec = bsmm_gpu._ffma_vec
     k_major, n_major = (True, 4096), (False, 4096)

@@ -102,3 +102,56 @@ def test_bad_arguments():
         masks.BlockMask.from_blocks(np.ones((3, 3), bool), (4, 4), (2, 2), 0.5)
     with pytest.raises(ValueError, match="row_ids"):
         masks.block_mask((4, 4), (2, 2), 0.5, seed=0, layer=0, step=0, row_ids=[1])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@given(m=st.integers(1, 300), k=st.integers(1, 300), mb=st.sampled_from([1, 16, 128]),
+       kb=st.sampled_from([1, 8, 32]), scale=st.sampled_from([1.0, 1 / 0.7, 2.0]),
+       odd_out=st.booleans())
+def test_apply_block_equals_float32_math_and_gpu_equals_host(xp, dtype, m, k, mb, kb, scale,
+                                                             odd_out):
+    """``x ⊙ m · scale``: kept cells ``x · scale`` in float32 (float64 for float64) rounded once,
+    dropped blocks exact zeros even over inf and NaN; ragged edges and K off the kernel's
+    16-byte vectors; into a poisoned ``out`` at an odd offset. On CuPy (the one-pass kernel)
+    equal to the host's result bit for bit."""
+    if dtype == "bfloat16":
+        dt = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    else:
+        dt = np.dtype(dtype)
+    poison_pool(xp)
+    rng = np.random.default_rng(m * 1000 + k)
+    host = rng.standard_normal((m, k)).astype(np.float32)
+    host[rng.random((m, k)) < 0.05] = np.inf
+    host[rng.random((m, k)) < 0.05] = np.nan
+    host = host.astype(dt)
+    mask_h = masks.block_mask((m, k), (mb, kb), 0.4, seed=5, layer=1, step=m, xp=np)
+    keep = mask_h.to_dense()
+    wide = np.float64 if dt == np.float64 else np.float32
+    want = np.where(keep, (host.astype(wide) * wide(scale)).astype(dt), dt.type(0))
+    assert not np.isnan(want[~keep].astype(wide)).any()
+    want = want.astype(wide)  # compared as values: NaN payloads may differ between devices
+    got_h = masks.apply_block(host, mask_h, scale)
+    assert got_h.dtype == dt
+    np.testing.assert_array_equal(got_h.astype(wide), want)
+    if xp is np:
+        return
+    mask = masks.block_mask((m, k), (mb, kb), 0.4, seed=5, layer=1, step=m, xp=xp)
+    x = xp.asarray(host)
+    out = None
+    if odd_out:
+        buf = xp.full((m, k + 1), np.nan, dt)
+        out = buf[:, 1:]
+    got = masks.apply_block(x, mask, scale, out=out)
+    assert out is None or got is out
+    np.testing.assert_array_equal(backend.asnumpy(got.astype(wide)), want)
+    if odd_out:
+        assert xp.isnan(buf[:, 0].astype(np.float32)).all()
+
+
+def test_apply_block_rejects_mismatched_shapes():
+    mask = masks.block_mask((8, 8), (4, 4), 0.5, seed=0, layer=0, step=0)
+    with pytest.raises(ValueError, match="block mask is over"):
+        masks.apply_block(np.zeros((8, 9), np.float32), mask, 1.0)
+    with pytest.raises(ValueError, match="out must be"):
+        masks.apply_block(np.zeros((8, 8), np.float32), mask, 1.0,
+                          out=np.zeros((8, 8), np.float64))

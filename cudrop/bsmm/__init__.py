@@ -29,12 +29,12 @@ import contextvars
 
 import numpy as np
 
-from .. import backend, flops
+from .. import backend, flops, masks
 from ..functional import _gemm
 from ..functional._matmul import matmul
 from .dispatch import KERNELS
 
-__all__ = ["dsd", "dsd_t", "sdd", "use_kernel", "ACTIVATIONS", "KERNELS"]
+__all__ = ["dsd", "dsd_t", "sdd", "runs_dense", "use_kernel", "ACTIVATIONS", "KERNELS"]
 
 #: The ``act=`` values of ``dsd`` and ``sdd`` (None, 'relu', 'gelu'), mapped to the kernels'
 #: activation codes. 'gelu' is the exact erf form, not the tanh approximation of ``cudrop.gelu``.
@@ -71,31 +71,50 @@ def dsd(a, b, mask, scale=1.0, *, bias=None, act=None, out=None):
     """``act(scale · (a ⊙ m) @ b + bias)``: a (M, K), b (K, N), mask over (M, K) -> (M, N).
     Row blocks with every block dropped give ``act(bias)`` (zeros without bias)."""
     _check(a, b, mask, (a.shape[0], a.shape[1]), "dsd", bias)
-    (mb, kb) = mask.block
-    return _run("dsd", a, b, (mask.row_count, mask.row_index), None, mb, kb, 1, scale, bias,
-                act, out, mask)
+    return _run("dsd", a, b, mask, scale, bias, act, out)
 
 
 def dsd_t(a, b, mask, scale=1.0, *, out=None):
     """``scale · (a ⊙ m)ᵀ @ b``: a (M, K), b (M, N), mask over (M, K) -> (K, N)."""
     _check(a.T, b, mask, (a.shape[0], a.shape[1]), "dsd_t", None)
-    (mb, kb) = mask.block
-    return _run("dsd_t", a.T, b, (mask.col_count, mask.col_index), None, kb, mb, 1, scale, None,
-                None, out, mask)
+    return _run("dsd_t", a.T, b, mask, scale, None, None, out)
 
 
 def sdd(a, b, mask, scale=1.0, *, bias=None, act=None, out=None):
     """``act(scale · a @ b + bias) ⊙ m``: a (M, K), b (K, N), mask over (M, N) -> (M, N)."""
     _check(a, b, mask, (a.shape[0], b.shape[1]), "sdd", bias)
-    (mb, nb) = mask.block
-    return _run("sdd", a, b, None, mask.bits, mb, 1, nb, scale, bias, act, out, mask)
+    return _run("sdd", a, b, mask, scale, bias, act, out)
+
+
+def runs_dense(form, a, b, mask, scale=1.0, *, bias=None, act=None):
+    """Whether ``form`` ('dsd', 'dsd_t', 'sdd'; the arguments as that function takes them)
+    runs as the dense fallback into a fresh output: cuBLASLt on a masked copy of the pruned
+    operand, where no block-sparse kernel runs the product fast (``dispatch._choose``). False on
+    NumPy arrays and under ``use_kernel``. An op whose forward runs densely can keep that copy
+    for its backward instead of masking the operand again (``functional._block_linear``)."""
+    if backend.get_array_module(a, b) is np or _KERNEL.get() is not None:
+        return False
+    from . import dispatch as bsmm_gpu
+    a = a.T if form == "dsd_t" else a
+    return bsmm_gpu.planned_kind(a, b, *_pruning(form, mask), scale,
+                                 ACTIVATIONS[act], bias is not None) == "dense"
+
+
+def _pruning(form, mask):
+    """The kernels' view of ``form``'s mask: (lists, bits, row block, K-block, column block) of
+    the product as computed (``dsd_t`` walks the transposed lists)."""
+    (mb, kb) = mask.block
+    if form == "dsd":
+        return (mask.row_count, mask.row_index), None, mb, kb, 1
+    if form == "dsd_t":
+        return (mask.col_count, mask.col_index), None, kb, mb, 1
+    return None, mask.bits, mb, 1, kb
 
 
 # ---- checks ----------------------------------------------------------------------------------
 
 def _check(a, b, mask, masked_shape, name, bias):
-    from ..masks import BlockMask
-    if not isinstance(mask, BlockMask):
+    if not isinstance(mask, masks.BlockMask):
         raise TypeError(f"{name}: mask must be a cudrop.masks.BlockMask, got "
                         f"{type(mask).__name__}")
     for arg, x in (("a", a), ("b", b)):
@@ -118,7 +137,7 @@ def _check(a, b, mask, masked_shape, name, bias):
     backend.get_array_module(a, b, bias, mask.bits)  # raises on mixed NumPy/CuPy
 
 
-def _run(form, a, b, lists, bits, rblk, kblk, cblk, scale, bias, act, out, mask):
+def _run(form, a, b, mask, scale, bias, act, out):
     if act not in ACTIVATIONS:
         raise ValueError(f"{form}: act must be one of {list(ACTIVATIONS)}, got {act!r}")
     m, n = a.shape[0], b.shape[1]
@@ -132,8 +151,8 @@ def _run(form, a, b, lists, bits, rblk, kblk, cblk, scale, bias, act, out, mask)
         _reference(form, a, b, mask, scale, bias, act, out)
     else:
         from . import dispatch as bsmm_gpu
-        ran = bsmm_gpu.launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias,
-                              ACTIVATIONS[act], kernel=_KERNEL.get())
+        ran = bsmm_gpu.launch(a, b, out, *_pruning(form, mask), scale, bias, ACTIVATIONS[act],
+                              kernel=_KERNEL.get())
         if ran == "dense":  # no kernel runs this product fast: cuBLASLt does (and counts it)
             _dense(form, a, b, mask, scale, bias, act, out)
         elif flops.active():  # the kept elements of the masked operand (sdd: of the output)
@@ -146,16 +165,16 @@ def _run(form, a, b, lists, bits, rblk, kblk, cblk, scale, bias, act, out, mask)
 
 def _dense(form, a, b, mask, scale, bias, act, out):
     """``dsd`` / ``dsd_t`` as cuBLASLt (``functional._gemm``, capturable) on a copy of the pruned
-    operand with the mask and ``scale`` applied (one pass, ``block_apply`` in masks.cu); ``sdd``
+    operand with the mask and ``scale`` applied (one pass, ``masks.apply_block``); ``sdd``
     (no bias, no activation) as cuBLASLt, then the mask and ``scale`` applied to the result: the
     dispatcher's choice where no block-sparse kernel runs the product fast (``dispatch._choose``).
     The dropped blocks are multiplied as zeros here: the work is the dense product's."""
     if form == "sdd":
-        _masked_copy(_gemm.gemm(a, b), mask, scale, out=out)
+        masks.apply_block(_gemm.gemm(a, b), mask, scale, out=out)
     elif form == "dsd":
-        _gemm_into(_masked_copy(a, mask, scale), b, bias, act, out)
+        _gemm_into(masks.apply_block(a, mask, scale), b, bias, act, out)
     else:  # dsd_t: ``a`` is the (K, M) view of the masked (M, K) operand
-        masked = _masked_copy(a.T, mask, scale)
+        masked = masks.apply_block(a.T, mask, scale)
         if not out.flags.c_contiguous and out.T.flags.c_contiguous:
             _gemm.gemm(b.T, masked, out=out.T)  # outᵀ = bᵀ (a ⊙ m): no copy of the result
         else:
@@ -167,26 +186,6 @@ def _gemm_into(a, b, bias, act, out):
         _gemm.gemm(a, b, bias=bias, act=act, out=out)
     else:
         out[...] = _gemm.gemm(a, b, bias=bias, act=act)
-
-
-def _masked_copy(x, mask, scale, out=None):
-    """``x ⊙ m · scale`` for an (M, K) CuPy array and a BlockMask over it, dropped blocks exact
-    zeros; into ``out`` when given."""
-    from ..raw_kernels import aligned, launch
-    if max(x.shape) >= 2 ** 31:  # block_apply's 32-bit coordinates
-        raise ValueError(f"bsmm: the dense path takes operands below 2**31 rows and columns, "
-                         f"got {x.shape}")
-    x = aligned(x, 16)  # the kernel's 16-byte accesses
-    y = out
-    if y is None or not y.flags.c_contiguous or y.data.ptr % 16:
-        y = backend.cupy.empty_like(x)
-    (mb, kb), k, v = mask.block, x.shape[1], 16 // x.itemsize  # v elements a thread
-    launch("masks.cu", "block_apply", x.dtype, (-(-x.size // (256 * v)),), (256,),
-           (x, y, np.int64(x.size), np.int64(k), mask.bits, np.int64(mask.bits.shape[1]),
-            np.int32(mb), np.int32(kb), np.float64(scale), np.int32(k % v == 0)))
-    if out is not None and y is not out:
-        out[...] = y
-    return y
 
 
 # ---- the NumPy reference ---------------------------------------------------------------------

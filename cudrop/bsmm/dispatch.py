@@ -244,7 +244,7 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
     return "simple", None
 
 
-def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_override,
+def _plan(a, b, c_layout, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_override,
           has_bias=False):
     m, k = a.shape
     n = b.shape[1]
@@ -263,11 +263,11 @@ def _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_ove
             if fix[1] is not None:
                 pl.copy_b = fix[1]
                 b, b_lay = _operand(b, 0, fix[1])
-    it = out.itemsize
-    ldcm, ldcn = out.strides[0] // it, out.strides[1] // it
+    (c_strides, c_align), it = c_layout, a.itemsize
+    ldcm, ldcn = c_strides[0] // it, c_strides[1] // it
     masked = lists is not None or bits is not None
     pl.kind, tile = _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits,
-                            cblk, ldcn, out.data.ptr, tile_override, act, has_bias)
+                            cblk, ldcn, c_align, tile_override, act, has_bias)
     if pl.kind == "dense":
         return pl
     dims = (np.int32(m), np.int32(n), np.int32(k), np.int64(a_lay[1]), np.int64(b_lay[1]))
@@ -332,15 +332,8 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
     (``bsmm._dense``)."""
     if out.size == 0:
         return None
-    choice = kernel or "auto"
-    key = (a.shape, a.strides, b.shape, b.strides, out.strides, a.dtype, a.data.ptr % 16,
-           b.data.ptr % 16, out.data.ptr % 4, None if lists is None else lists[1].shape,
-           None if bits is None else bits.shape, rblk, kblk, cblk, scale, act, choice, tile,
-           backend.cupy.cuda.runtime.getDevice(), backend.tf32_enabled(), bias is None)
-    pl = _PLANS.get(key)
-    if pl is None:
-        pl = _PLAN_MEMO.put(key, _plan(a, b, out, lists, bits, rblk, kblk, cblk, scale, act,
-                                       choice, tile, bias is not None))
+    pl = _planned(a, b, (out.strides, out.data.ptr % 4), lists, bits, rblk, kblk, cblk, scale,
+                  act, kernel or "auto", tile, bias is not None)
     if pl.kind == "dense":
         return "dense"
     if pl.copy_a is not None:
@@ -356,6 +349,28 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
         args += tma_mod.operand_maps(a, b, *pl.tma)
     pl.f(pl.grid, pl.block, args, shared_mem=pl.smem)
     return pl.kind
+
+
+def planned_kind(a, b, lists, bits, rblk, kblk, cblk, scale, act, has_bias):
+    """The kind :func:`launch` runs (unforced) for these operands into a fresh C-contiguous
+    output, 'dense' for the dense fallback; the plan is memoised for that launch."""
+    it = a.itemsize
+    c_layout = ((b.shape[1] * it, it), 0)
+    return _planned(a, b, c_layout, lists, bits, rblk, kblk, cblk, scale, act, "auto", None,
+                    has_bias).kind
+
+
+def _planned(a, b, c_layout, lists, bits, rblk, kblk, cblk, scale, act, choice, tile, has_bias):
+    """The memoised plan; ``c_layout`` is the output's (strides, address mod 4)."""
+    key = (a.shape, a.strides, b.shape, b.strides, c_layout, a.dtype, a.data.ptr % 16,
+           b.data.ptr % 16, None if lists is None else lists[1].shape,
+           None if bits is None else bits.shape, rblk, kblk, cblk, scale, act, choice, tile,
+           backend.cupy.cuda.runtime.getDevice(), backend.tf32_enabled(), has_bias)
+    pl = _PLANS.get(key)
+    if pl is None:
+        pl = _PLAN_MEMO.put(key, _plan(a, b, c_layout, lists, bits, rblk, kblk, cblk, scale, act,
+                                       choice, tile, has_bias))
+    return pl
 
 
 def _b(flag):

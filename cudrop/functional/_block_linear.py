@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend, bsmm, masks
+from ._act import LinearSaved, linear, linear_backward
 from ._reduce import sum_leading
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -39,32 +40,10 @@ def _check_float(op, name, a):
 
 # ---- x ⊙ m / q ---------------------------------------------------------------------------------
 
-def _scale_and_zero(xp, src, dst, drop, scale):
-    """``dst = src * scale`` with ``dst[drop] = 0`` (exact zeros: an inf or NaN in a dropped
-    cell does not leak, as with a GEMM that skips the block); ``drop`` broadcasts."""
-    xp.multiply(src, scale, out=dst)
-    xp.copyto(dst, dst.dtype.type(0), where=drop)
-
-
 def apply_block_mask(x2, mask):
-    """``x2 * m / q`` for an (M, K) array. Expands the block grid along the units only, to
-    (nM, K) bools (1/Mb of x), broadcast over each row block's rows; no mask of x's size."""
-    xp = backend.get_array_module(x2, mask.bits)
-    if x2.ndim != 2 or tuple(x2.shape) != tuple(mask.shape):
-        raise ValueError(f"x has shape {tuple(x2.shape)} (as (M, K)) but the block mask is over "
-                         f"{tuple(mask.shape)}")
-    (m, k), (mb, kb) = mask.shape, mask.block
-    scale = x2.dtype.type(1.0 / mask.q)
-    drop = ~xp.repeat(mask.keep_blocks(), kb, axis=1)[:, :k]
-    y = xp.empty(x2.shape, x2.dtype)
-    full = m // mb  # whole row blocks; the last one is partial when mb does not divide m
-    if full:
-        rows = full * mb
-        _scale_and_zero(xp, x2[:rows].reshape(full, mb, k), y[:rows].reshape(full, mb, k),
-                        drop[:full, None, :], scale)
-    if full * mb < m:
-        _scale_and_zero(xp, x2[full * mb:], y[full * mb:], drop[full][None, :], scale)
-    return y
+    """``x2 * m / q`` for an (M, K) array, 1/q rounded to x2's dtype as a dropout's scale is
+    (``masks.apply_block``)."""
+    return masks.apply_block(x2, mask, float(x2.dtype.type(1.0 / mask.q)))
 
 
 class BlockMaskedSaved(NamedTuple):
@@ -91,13 +70,16 @@ def block_masked_backward(grad_out, saved):
 # ---- (x ⊙ m) @ w / q + b -----------------------------------------------------------------------
 
 class BlockMaskedLinearSaved(NamedTuple):
-    """The mask, 1/q, the (M, K) input and the weight; whether there was a bias; x's shape."""
+    """The mask, 1/q, the (M, K) input and the weight; whether there was a bias; x's shape. On
+    the dense path ``x`` and ``w`` are None and ``dense`` is the Linear's saved (the masked copy
+    of x, the weight)."""
     mask: masks.BlockMask
     scale: float
     x: object
     w: object
     has_bias: bool
     x_shape: tuple
+    dense: LinearSaved | None = None
 
 
 def check_linear(op, x, w, b):
@@ -133,6 +115,13 @@ def block_masked_linear(x, w, b, mask):
         raise ValueError(f"block_masked_linear: mask covers shape {tuple(mask.shape)} but x is "
                          f"{tuple(x2.shape)} as (M, K) (leading axes flattened)")
     scale = 1.0 / mask.q
+    if bsmm.runs_dense("dsd", x2, w, mask, scale, bias=b):
+        # No block-sparse kernel runs the product fast (block-wise gyro's 32-unit blocks on
+        # Hopper): dsd would be cuBLASLt on a masked copy of x, and so would dW's dsd_t, masking
+        # x again. One masked copy, kept for dW, and the Linear's pair on it instead.
+        y, lin = linear(masks.apply_block(x2, mask, scale), w, b)
+        saved = BlockMaskedLinearSaved(mask, scale, None, None, b is not None, x.shape, lin)
+        return y.reshape(x.shape[:-1] + (w.shape[1],)), saved
     y = bsmm.dsd(x2, w, mask, scale, bias=b)
     saved = BlockMaskedLinearSaved(mask, scale, x2, w, b is not None, x.shape)
     return y.reshape(x.shape[:-1] + (w.shape[1],)), saved
@@ -142,6 +131,10 @@ def block_masked_linear_backward(grad_out, saved):
     """``(gx, gw, gb)``; ``gx`` is exact zeros on every dropped block, ``gb`` None without a
     bias."""
     x, w, mask, scale = saved.x, saved.w, saved.mask, saved.scale
+    if saved.dense is not None:  # dX = (dY Wᵀ) ⊙ m / q, as the dense sdd computes it
+        gxm, gw, gb = linear_backward(grad_out, saved.dense)
+        gx = masks.apply_block(gxm.reshape(mask.shape), mask, scale)
+        return gx.reshape(saved.x_shape), gw, gb
     g = grad_out.reshape(x.shape[0], w.shape[1])
     gx = bsmm.sdd(g, w.T, mask, scale).reshape(saved.x_shape)
     gw = bsmm.dsd_t(x, g, mask, scale)

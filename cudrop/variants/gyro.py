@@ -22,13 +22,19 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend, philox, random
-from ..functional._block_linear import _scale_and_zero
 from ..raw_kernels import aligned, kernel, launch, load
 from . import gyro_schedule as gyro
 
 __all__ = ["draw_mask", "load_device_kernels", "gyro_dropout", "gyro_dropout_backward"]
 
 _THREADS = 256
+
+
+def _scale_and_zero(xp, src, dst, drop, scale):
+    """``dst = src * scale`` with ``dst[drop] = 0`` (exact zeros: an inf or NaN in a dropped
+    cell does not leak); ``drop`` broadcasts."""
+    xp.multiply(src, scale, out=dst)
+    xp.copyto(dst, dst.dtype.type(0), where=drop)
 
 
 def _check_x(x, what="x"):
