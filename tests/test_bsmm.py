@@ -177,10 +177,12 @@ def test_gpu_rows_with_every_block_dropped(form, kernel):
 def test_gpu_large_tiles(dtype, form, kernel):
     """Shapes large enough that the dispatcher picks each of the bigger tiles; for the tma
     kernel's persistent grid also more tiles than SMs (each CTA walks several tiles of uneven
-    work, its producer running ahead into the next tile): 153 to 561 tiles."""
+    work, its producer running ahead into the next tile): 153 to 561 tiles; sdd's live-first
+    schedule with 128- and 64-row tiles (297 and 165 tiles)."""
     cp = _gpu_or_skip(kernel)
-    shapes = ((1032, 520, 2056), (512, 1024, 512)) + (((1032, 2056, 4104),) if kernel == "tma"
-                                                      else ())
+    shapes = ((1032, 520, 2056), (512, 1024, 512))
+    if kernel == "tma":
+        shapes += ((1032, 2056, 4104), (264, 520, 4104))
     for m, k, n in shapes:
         check(cp, form, m, k, n, (128, 128), 0.5, dtype, kernel=kernel)
 

@@ -37,6 +37,8 @@
 #ifndef BSMM_TMA_GROUP
 #define BSMM_TMA_GROUP 8     // M tiles per raster group
 #endif
+#define BSMM_TMA_SCHED_CAP 64   // tiles a CTA's live-first schedule holds (of each kind)
+#define BSMM_TMA_MAX_WARPS 12   // (BM / 64 + 1) * 4 at BM = 128
 
 // 128-byte opaque CUtensorMap, passed by value as a __grid_constant__ parameter.
 struct alignas(64) cd_tmap { unsigned long long v[16]; };
@@ -89,6 +91,7 @@ __device__ __forceinline__ void bsmm_tma_body(
     constexpr bool BF16 = cd_is_bf16<T>::value;
     constexpr int NACC = BN / 2;
     constexpr int CONS = cfg::CONSUMERS;
+    static_assert(cfg::THREADS / 32 <= BSMM_TMA_MAX_WARPS, "sched_warp holds a count per warp");
 
     extern __shared__ unsigned char bsmm_tma_smem_raw[];
     const unsigned sraw = bsmm90_smem_u32(bsmm_tma_smem_raw);
@@ -99,7 +102,7 @@ __device__ __forceinline__ void bsmm_tma_body(
     // Tiles: ceil(M/BM) x ceil(N/BN), walked in a grouped raster (8 M tiles share a band of N
     // tiles for L2 reuse). Any grid works: CTA c takes linear tiles c, c + #CTAs, ... (grid =
     // all tiles: one tile each; grid = #SMs: persistent, the producer prefetches the next tile
-    // while the consumers run the epilogue).
+    // while the consumers run the epilogue), or under an output mask the schedule below.
     const int tilesN = (N + BN - 1) / BN, tilesM = (M + BM - 1) / BM;
     const int total = tilesN * tilesM;
     const int cta = blockIdx.y * gridDim.x + blockIdx.x, ncta = gridDim.x * gridDim.y;
@@ -133,6 +136,47 @@ __device__ __forceinline__ void bsmm_tma_body(
         return t;
     };
 
+    // Under an output mask (sdd) with more tiles than CTAs, CTA c takes the live tiles of rank
+    // c, c + #CTAs, ... first, then the dead ones (ranked alike; each writes zeros and costs no
+    // main loop): round-robin over raster order leaves a CTA two live tiles where others have
+    // none (H200, 1024 x 4096 x 4096 bf16 under 128 x 128 blocks, half kept: 58 µs, no faster
+    // than all kept). All threads rank one chunk of tiles at a time (warp ballots, one block
+    // scan); a CTA's list lives in shared memory, so the schedule runs where its share of
+    // tiles fits (``BSMM_TMA_SCHED_CAP``), round-robin elsewhere.
+    __shared__ int sched_live[BSMM_TMA_SCHED_CAP], sched_dead[BSMM_TMA_SCHED_CAP];
+    __shared__ int sched_warp[2][BSMM_TMA_MAX_WARPS];
+    const bool sched = bits != nullptr && total > ncta && (total + ncta - 1) / ncta <= BSMM_TMA_SCHED_CAP;
+    int n_live = 0, n_mine = total > cta ? (total - 1 - cta) / ncta + 1 : 0;
+    if (sched) {
+        const int warp = tid >> 5, nwarps = blockDim.x >> 5;
+        const unsigned below = (1u << (tid & 31)) - 1u;
+        int live_base = 0, dead_base = 0;
+#pragma unroll 1
+        for (int base = 0; base < total; base += blockDim.x) {
+            const int lin = base + tid;
+            const bool in = lin < total;
+            const bool live = in && tile_at(lin).nsteps > 0;
+            const unsigned bl = __ballot_sync(~0u, live), bd = __ballot_sync(~0u, in && !live);
+            if ((tid & 31) == 0) { sched_warp[0][warp] = __popc(bl); sched_warp[1][warp] = __popc(bd); }
+            __syncthreads();
+            int rl = live_base + __popc(bl & below), rd = dead_base + __popc(bd & below);
+            for (int w = 0; w < nwarps; ++w) {
+                if (w < warp) { rl += sched_warp[0][w]; rd += sched_warp[1][w]; }
+                live_base += sched_warp[0][w];
+                dead_base += sched_warp[1][w];
+            }
+            if (live && rl % ncta == cta) sched_live[rl / ncta] = lin;
+            if (in && !live && rd % ncta == cta) sched_dead[rd / ncta] = lin;
+            __syncthreads();   // sched_warp is rewritten by the next chunk
+        }
+        n_live = live_base > cta ? (live_base - 1 - cta) / ncta + 1 : 0;
+        n_mine = n_live + (dead_base > cta ? (dead_base - 1 - cta) / ncta + 1 : 0);
+    }
+    // the linear index of this CTA's i-th tile
+    auto tile_of = [&](int i) {
+        return !sched ? cta + i * ncta : i < n_live ? sched_live[i] : sched_dead[i - n_live];
+    };
+
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             bsmm90_mbar_init(bar + 8 * s, 1);
@@ -151,8 +195,8 @@ __device__ __forceinline__ void bsmm_tma_body(
             const int kpb = kblk / BK;          // boxes per kept block (sparse mode)
             int slot = 0, phase = 0, issued = 0;
 #pragma unroll 1
-            for (int lin = cta; lin < total; lin += ncta) {
-                const Tile t = tile_at(lin);
+            for (int i = 0; i < n_mine; ++i) {
+                const Tile t = tile_at(tile_of(i));
                 int b = 0, sub = 0;
                 int j_cur = (!dense && t.cnt > 0) ? __ldg(t.idx) : 0;
                 int j_next = (!dense && t.cnt > 1) ? __ldg(t.idx + 1) : 0;
@@ -197,8 +241,8 @@ __device__ __forceinline__ void bsmm_tma_body(
     int slot = 0, phase = 0;
     float acc[NACC];
 #pragma unroll 1
-    for (int lin = cta; lin < total; lin += ncta) {
-    const Tile t = tile_at(lin);
+    for (int i = 0; i < n_mine; ++i) {
+    const Tile t = tile_at(tile_of(i));
     const int m0 = t.m0, n0 = t.n0;
     const unsigned long long* brow = t.brow;
 #pragma unroll
