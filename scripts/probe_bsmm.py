@@ -48,8 +48,8 @@ def tiles():
         sets = _sets(n)
         dense = time_gpu(lambda a, b, c: cp.matmul(a, b, out=c), sets)
         for tile in bsmm_gpu.MMA_TILES:
-            t = time_gpu(lambda a, b, c: bsmm_gpu.launch(a, b, c, None, None, 1, 1, 1, 1.0, None,
-                                                         0, kernel="mma", tile=tile), sets)
+            t = time_gpu(lambda a, b, c: bsmm_gpu.launch(a, b, c, kernel="mma", tile=tile),
+                         sets)
             print(f"{n} mma {tile}: {t * 1e3:7.1f} us {2 * n**3 / t / 1e9:5.0f} TFLOP/s "
                   f"({t / dense:.2f}x cuBLAS {dense * 1e3:.1f} us)", flush=True)
 
@@ -58,7 +58,7 @@ def one(kernel, tile=None):
     a, b, c = _sets(4096)[0]
     tile = tuple(int(v) for v in tile.split(",")) if tile else None
     for _ in range(2):
-        bsmm_gpu.launch(a, b, c, None, None, 1, 1, 1, 1.0, None, 0, kernel=kernel, tile=tile)
+        bsmm_gpu.launch(a, b, c, kernel=kernel, tile=tile)
     cp.cuda.Device().synchronize()
 
 

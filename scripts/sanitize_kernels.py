@@ -139,8 +139,7 @@ def ffma_gemms():
     for m, k, n in [(1032, 36, 264), (1030, 37, 259)]:
         a = cp.asarray(rng.standard_normal((m, k)), np.float32)
         b = cp.asarray(rng.standard_normal((k, n)), np.float32)
-        dispatch.launch(a, b, cp.empty((m, n), np.float32), None, None, 1, 1, 1, 1.0, None, 0,
-                        kernel="ffma", tile=(128, 128))
+        dispatch.launch(a, b, cp.empty((m, n), np.float32), kernel="ffma", tile=(128, 128))
 
 
 for dt in [np.float16, np.float32, np.float64]:
@@ -194,9 +193,10 @@ def index_checks():
 
 def optimizers_and_activations():
     """optim.cu (fused SGD / Adam, with and without a master copy; the multi-parameter
-    launches over views and sizes 0-70001), act.cu's ReLU backward,
-    add, add + ReLU, the gated ends (the end with its ReLU, the start's backward) and tanh GELU, and softmax.cu's rows on ragged sizes (the grid-stride tails, rows
-    of 1, 31, 33 and 300 elements, more rows than one grid of warps covers)."""
+    launches over views and sizes 0-70001), act.cu's ReLU backward, add, add + ReLU, the gated
+    ends (the end with its ReLU, the start's backward) and tanh GELU, and softmax.cu's rows on
+    ragged sizes (the grid-stride tails, rows of 1, 31, 33 and 300 elements, more rows than one
+    grid of warps covers)."""
     from cudrop.autograd import Tensor
     from cudrop.functional import _act, _gate
     from cudrop.optim import SGD, Adam

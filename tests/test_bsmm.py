@@ -261,11 +261,13 @@ def test_gpu_ffma_unaligned_operand_views():
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < TOL["float32"]
 
 
-def _fake(dtype, ptr=0):
-    """What the dispatcher's choice reads of an operand: dtype, itemsize, device pointer."""
+def _fake(dtype, shape, ptr=0):
+    """What the dispatcher's choice reads of an operand: shape, dtype, itemsize, device
+    pointer."""
     from types import SimpleNamespace
     dt = np.dtype(dtype)
-    return SimpleNamespace(dtype=dt, itemsize=dt.itemsize, data=SimpleNamespace(ptr=ptr))
+    return SimpleNamespace(shape=shape, dtype=dt, itemsize=dt.itemsize,
+                           data=SimpleNamespace(ptr=ptr))
 
 
 def test_float32_goes_to_ffma_where_a_tile_fits(monkeypatch):
@@ -277,10 +279,11 @@ def test_float32_goes_to_ffma_where_a_tile_fits(monkeypatch):
     monkeypatch.delenv("CUPY_TF32", raising=False)
 
     def choose(dtype, m, n, k, rblk=1, kblk=1, masked=False, choice="auto", ptr=0):
-        a, b = _fake(dtype, ptr), _fake(dtype)
+        a, b = _fake(dtype, (m, k), ptr), _fake(dtype, (k, n))
         lists = (None, None) if masked else None
-        return bsmm_gpu._choose(choice, a, b, (True, k), (False, n), m, n, k, rblk, kblk, lists,
-                                masked, None, 1, 1, 0, None, 0)
+        pr = bsmm_gpu.Pruning(lists, None, rblk, kblk, 1)
+        return bsmm_gpu._choose(choice, a, b, (True, k), (False, n), pr, c_row_major=True,
+                                act=0)
 
     assert choose("float32", 1024, 4096, 4096) == ("ffma", (128, 128))
     assert choose("float32", 8192, 8192, 8192, 128, 128, True) == ("ffma", (128, 128))
@@ -316,10 +319,11 @@ def test_the_dense_fallback_replaces_the_simple_kernel_and_narrow_kept_blocks(mo
                bias=False):
         monkeypatch.setattr(bsmm_gpu.raw_kernels, "device_facts", lambda: (132, sm90))
         dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
-        a, b = _fake(dtype), _fake(dtype)
+        a, b = _fake(dtype, (4096, 1024)), _fake(dtype, (1024, 4096))
         lists = None if bits else (None, None)
-        return bsmm_gpu._choose(choice, a, b, (True, 1024), (False, 4096), 4096, 4096, 1024,
-                                rblk, kblk, lists, True, bits, cblk, 1, 0, None, act, bias)
+        pr = bsmm_gpu.Pruning(lists, bits, rblk, kblk, cblk)
+        return bsmm_gpu._choose(choice, a, b, (True, 1024), (False, 4096), pr,
+                                c_row_major=True, act=act, has_bias=bias)
 
     for dtype in ("float32", "float16", "bfloat16"):
         assert choose(dtype, 32, 128) == ("dense", None)  # no tile's rows fit 32-row blocks
@@ -509,7 +513,7 @@ def test_gpu_dense_launch_without_mask(kernel):
         a = cp.asarray(rng.standard_normal((m, k))).astype(dtype)
         b = cp.asarray(rng.standard_normal((k, n))).astype(dtype)
         out = cp.full((m, n), np.nan, dtype)
-        bsmm_gpu.launch(a, b, out, None, None, 1, 1, 1, 0.5, None, 0, kernel=kernel)
+        bsmm_gpu.launch(a, b, out, scale=0.5, kernel=kernel)
         ref = 0.5 * cp.asnumpy(a).astype(np.float64) @ cp.asnumpy(b).astype(np.float64)
         got = cp.asnumpy(out).astype(np.float64)
         assert not np.isnan(got).any()

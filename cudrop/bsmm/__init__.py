@@ -32,7 +32,7 @@ import numpy as np
 from .. import backend, flops, masks
 from ..functional import _gemm
 from ..functional._matmul import matmul
-from .dispatch import KERNELS
+from .dispatch import KERNELS, Pruning
 
 __all__ = ["dsd", "dsd_t", "sdd", "runs_dense", "use_kernel", "ACTIVATIONS", "KERNELS"]
 
@@ -96,19 +96,19 @@ def runs_dense(form, a, b, mask, scale=1.0, *, bias=None, act=None):
         return False
     from . import dispatch as bsmm_gpu
     a = a.T if form == "dsd_t" else a
-    return bsmm_gpu.planned_kind(a, b, *_pruning(form, mask), scale,
-                                 ACTIVATIONS[act], bias is not None) == "dense"
+    epilogue = bsmm_gpu.Epilogue(scale, ACTIVATIONS[act], bias is not None)
+    return bsmm_gpu.planned_kind(a, b, _pruning(form, mask), epilogue) == "dense"
 
 
 def _pruning(form, mask):
-    """The kernels' view of ``form``'s mask: (lists, bits, row block, K-block, column block) of
-    the product as computed (``dsd_t`` walks the transposed lists)."""
+    """The kernels' view of ``form``'s mask (``dispatch.Pruning``); ``dsd_t`` walks the
+    transposed lists."""
     (mb, kb) = mask.block
     if form == "dsd":
-        return (mask.row_count, mask.row_index), None, mb, kb, 1
+        return Pruning((mask.row_count, mask.row_index), None, mb, kb, 1)
     if form == "dsd_t":
-        return (mask.col_count, mask.col_index), None, kb, mb, 1
-    return None, mask.bits, mb, 1, kb
+        return Pruning((mask.col_count, mask.col_index), None, kb, mb, 1)
+    return Pruning(None, mask.bits, mb, 1, kb)
 
 
 # ---- checks ----------------------------------------------------------------------------------
@@ -151,8 +151,8 @@ def _run(form, a, b, mask, scale, bias, act, out):
         _reference(form, a, b, mask, scale, bias, act, out)
     else:
         from . import dispatch as bsmm_gpu
-        ran = bsmm_gpu.launch(a, b, out, *_pruning(form, mask), scale, bias, ACTIVATIONS[act],
-                              kernel=_KERNEL.get())
+        ran = bsmm_gpu.launch(a, b, out, _pruning(form, mask), scale=scale, bias=bias,
+                              act=ACTIVATIONS[act], kernel=_KERNEL.get())
         if ran == "dense":  # no kernel runs this product fast: cuBLASLt does (and counts it)
             _dense(form, a, b, mask, scale, bias, act, out)
         elif flops.active():  # the kept elements of the masked operand (sdd: of the output)

@@ -17,6 +17,7 @@ splitting), except that a tile's rows must lie in one row block of the mask.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,6 +48,26 @@ TMA_TILES = ((128, 256, 4), (128, 128, 6), (64, 128, 6))
 # Not yet tuned on a GPU.
 FFMA_TILES = ((128, 128), (64, 128), (64, 64))
 _NULL = np.uintp(0)
+
+
+class Pruning(NamedTuple):
+    """What a mask prunes of a product as the kernels compute it (``bsmm._pruning`` builds one
+    per form): ``lists``, the (count, index) of the kept K-blocks per row block of A, or None;
+    ``bits``, the keep bits of the output's blocks, or None; the row block of A and C
+    (``rblk``), the K-block (``kblk``) and the output's column block (``cblk``)."""
+    lists: tuple | None
+    bits: object
+    rblk: int
+    kblk: int
+    cblk: int
+
+    @property
+    def masked(self):
+        return self.lists is not None or self.bits is not None
+
+
+#: no pruning: the dense product
+DENSE = Pruning(None, None, 1, 1, 1)
 
 
 def _major(x, kdim):
@@ -187,17 +208,20 @@ _NEEDS = {
 }
 
 
-def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits, cblk,
-            ldcn, c_ptr, tile_override, act, has_bias=False):
-    """(kind, tile): the fastest kernel whose preconditions hold, or the forced one; 'dense'
-    (tile None) for the dense fallback (``launch``)."""
+def _choose(choice, a, b, a_lay, b_lay, pr, *, c_row_major, act, has_bias=False,
+            tile_override=None):
+    """(kind, tile): the fastest kernel whose preconditions hold for a (M, K) @ b (K, N) under
+    the pruning ``pr``, or the forced one; 'dense' (tile None) for the dense fallback
+    (``launch``). ``c_row_major``: the output is row-major and 4-byte aligned."""
     if choice not in KERNELS + ("auto",):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {choice!r}")
+    (m, k), n = a.shape, b.shape[1]
+    lists, bits, rblk, kblk, cblk = pr
     tc_ok = _mma_ok(a, b, a_lay, b_lay, m, n, k, kblk, lists)
     sms, is_sm90 = raw_kernels.device_facts()
     half = a.dtype.name in _HALF
     # the Hopper kernels store rows of C in 4-byte pairs: row-major, 4-byte aligned C
-    hopper = tc_ok and half and is_sm90 and ldcn == 1 and c_ptr % 4 == 0
+    hopper = tc_ok and half and is_sm90 and c_row_major
     # A pruned reduction (dsd, dsd_t) in float16/bfloat16/float32 can always run as cuBLASLt on
     # a masked copy of the pruned operand; its epilogues are bias and ReLU (its GELU is the tanh
     # form, bsmm's the erf form). A pruned output (sdd) without an epilogue can run as cuBLASLt,
@@ -235,7 +259,8 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
         tile = None
         if ok:
             tile = (tile_override if kind in ("mma", "ffma") and tile_override else
-                    pick_tile(m, n, rblk, masked, sms, tiles, cblk if bits is not None else None))
+                    pick_tile(m, n, rblk, pr.masked, sms, tiles,
+                              cblk if bits is not None else None))
         if tile:
             return kind, tile
         if choice == kind:
@@ -244,10 +269,10 @@ def _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits
     return "simple", None
 
 
-def _plan(a, b, c_layout, lists, bits, rblk, kblk, cblk, scale, act, choice, tile_override,
-          has_bias=False):
+def _plan(a, b, c_layout, pr, epi, choice, tile_override):
     m, k = a.shape
     n = b.shape[1]
+    lists, bits, rblk, kblk, cblk = pr
     pl = _Plan()
     pl.copy_a = True if _major(a, 1) is None else None
     pl.copy_b = True if _major(b, 0) is None else None
@@ -265,9 +290,10 @@ def _plan(a, b, c_layout, lists, bits, rblk, kblk, cblk, scale, act, choice, til
                 b, b_lay = _operand(b, 0, fix[1])
     (c_strides, c_align), it = c_layout, a.itemsize
     ldcm, ldcn = c_strides[0] // it, c_strides[1] // it
-    masked = lists is not None or bits is not None
-    pl.kind, tile = _choose(choice, a, b, a_lay, b_lay, m, n, k, rblk, kblk, lists, masked, bits,
-                            cblk, ldcn, c_align, tile_override, act, has_bias)
+    scale, act = epi.scale, epi.act
+    pl.kind, tile = _choose(choice, a, b, a_lay, b_lay, pr,
+                            c_row_major=ldcn == 1 and c_align % 4 == 0, act=act,
+                            has_bias=epi.has_bias, tile_override=tile_override)
     if pl.kind == "dense":
         return pl
     dims = (np.int32(m), np.int32(n), np.int32(k), np.int64(a_lay[1]), np.int64(b_lay[1]))
@@ -322,18 +348,27 @@ def _plan(a, b, c_layout, lists, bits, rblk, kblk, cblk, scale, act, choice, til
     return pl
 
 
-def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=None, tile=None):
-    """``out = act(scale · a @ b + bias)`` with the reduction pruned by ``lists`` (count, index)
-    and the output by ``bits``; a (M, K) and b (K, N) may be transposed views. ``tile`` (one
-    of ``MMA_TILES`` or ``FFMA_TILES``) overrides the mma or ffma kernel's tile choice, for tuning
-    and tests (unchecked: under a mask, the mask's row blocks must be multiples of its rows).
-    Returns the kind that ran, or 'dense' without running anything where the choice is the
-    dense fallback (see ``_choose``): the caller then computes the product densely
-    (``bsmm._dense``)."""
+class Epilogue(NamedTuple):
+    """``act(scale · acc + bias)``: the scale, the activation's code (``bsmm.ACTIVATIONS``), and
+    whether a bias is added."""
+    scale: float
+    act: int
+    has_bias: bool
+
+
+def launch(a, b, out, pruning=DENSE, *, scale=1.0, bias=None, act=0, kernel=None, tile=None):
+    """``out = act(scale · a @ b + bias)`` with the reduction and the output pruned as
+    ``pruning`` says (a :class:`Pruning`; ``DENSE``: none); a (M, K) and b (K, N) may be
+    transposed views; ``act`` an activation code. ``kernel`` forces one of :data:`KERNELS`;
+    ``tile`` (one of ``MMA_TILES`` or ``FFMA_TILES``) overrides the mma or ffma kernel's tile
+    choice, for tuning and tests (unchecked: under a mask, the mask's row blocks must be
+    multiples of its rows). Returns the kind that ran, or 'dense' without running anything where
+    the choice is the dense fallback (see ``_choose``): the caller then computes the product
+    densely (``bsmm._dense``)."""
     if out.size == 0:
         return None
-    pl = _planned(a, b, (out.strides, out.data.ptr % 4), lists, bits, rblk, kblk, cblk, scale,
-                  act, kernel or "auto", tile, bias is not None)
+    pl = _planned(a, b, (out.strides, out.data.ptr % 4), pruning,
+                  Epilogue(scale, act, bias is not None), kernel or "auto", tile)
     if pl.kind == "dense":
         return "dense"
     if pl.copy_a is not None:
@@ -342,34 +377,31 @@ def launch(a, b, out, lists, bits, rblk, kblk, cblk, scale, bias, act, kernel=No
         b = _contiguous(b, 0, pl.copy_b)
     if bias is not None and not bias.flags.c_contiguous:
         bias = backend.cupy.ascontiguousarray(bias)
-    count, index = lists if lists is not None else (None, None)
+    count, index = pruning.lists if pruning.lists is not None else (None, None)
     args = ((a, b, out, _ptr(bias)) + pl.mid + (_ptr(count), _ptr(index)) + pl.mid2
-            + (_ptr(bits),) + pl.tail)
+            + (_ptr(pruning.bits),) + pl.tail)
     if pl.tma is not None:
         args += tma_mod.operand_maps(a, b, *pl.tma)
     pl.f(pl.grid, pl.block, args, shared_mem=pl.smem)
     return pl.kind
 
 
-def planned_kind(a, b, lists, bits, rblk, kblk, cblk, scale, act, has_bias):
+def planned_kind(a, b, pruning, epilogue):
     """The kind :func:`launch` runs (unforced) for these operands into a fresh C-contiguous
     output, 'dense' for the dense fallback; the plan is memoised for that launch."""
     it = a.itemsize
-    c_layout = ((b.shape[1] * it, it), 0)
-    return _planned(a, b, c_layout, lists, bits, rblk, kblk, cblk, scale, act, "auto", None,
-                    has_bias).kind
+    return _planned(a, b, ((b.shape[1] * it, it), 0), pruning, epilogue, "auto", None).kind
 
 
-def _planned(a, b, c_layout, lists, bits, rblk, kblk, cblk, scale, act, choice, tile, has_bias):
+def _planned(a, b, c_layout, pr, epi, choice, tile):
     """The memoised plan; ``c_layout`` is the output's (strides, address mod 4)."""
     key = (a.shape, a.strides, b.shape, b.strides, c_layout, a.dtype, a.data.ptr % 16,
-           b.data.ptr % 16, None if lists is None else lists[1].shape,
-           None if bits is None else bits.shape, rblk, kblk, cblk, scale, act, choice, tile,
-           backend.cupy.cuda.runtime.getDevice(), backend.tf32_enabled(), has_bias)
+           b.data.ptr % 16, None if pr.lists is None else pr.lists[1].shape,
+           None if pr.bits is None else pr.bits.shape, pr.rblk, pr.kblk, pr.cblk, epi, choice,
+           tile, backend.cupy.cuda.runtime.getDevice(), backend.tf32_enabled())
     pl = _PLANS.get(key)
     if pl is None:
-        pl = _PLAN_MEMO.put(key, _plan(a, b, c_layout, lists, bits, rblk, kblk, cblk, scale, act,
-                                       choice, tile, has_bias))
+        pl = _PLAN_MEMO.put(key, _plan(a, b, c_layout, pr, epi, choice, tile))
     return pl
 
 
