@@ -409,8 +409,9 @@ def test_gpu_block_masked_linear_dense_path_masks_x_once(dtype, monkeypatch):
     """Under block-wise gyro's 128 x 32 blocks a 16-bit dsd runs densely on Hopper
     (``bsmm.runs_dense``), so ``block_masked_linear`` keeps its one masked copy of x for dW:
     one masked pass forward (x) and one backward (dX), where dsd + sdd + dsd_t would make
-    three. Forward and gradients against float64 math, and against the sm90 kernel's
-    block-sparse path (forced, so not dense), ragged edges."""
+    three. Forward and gradients against float64 math, and against the block-sparse path
+    (the simple kernel forced: no Hopper kernel takes dW's 32-row output blocks), ragged
+    edges."""
     cp = _gpu_or_skip("sm90")
     from cudrop.functional import _block_linear, _gemm
     if not _gemm.available():
@@ -437,7 +438,7 @@ def test_gpu_block_masked_linear_dense_path_masks_x_once(dtype, monkeypatch):
     xm = f64(x) * keep * 2.0
     want = {"y": xm @ f64(w) + f64(b), "gx": (f64(g) @ f64(w).T) * keep * 2.0,
             "gw": xm.T @ f64(g), "gb": f64(g).sum(axis=0)}
-    with bsmm.use_kernel("sm90"):
+    with bsmm.use_kernel("simple"):
         assert not bsmm.runs_dense("dsd", x, w, mask, 2.0, bias=b)
         y2, saved2 = _block_linear.block_masked_linear(x, w, b, mask)
         grads2 = _block_linear.block_masked_linear_backward(g, saved2)
