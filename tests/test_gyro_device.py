@@ -233,10 +233,14 @@ def test_device_row_block_ids_equal_the_host_schedule(harness, sched, seed, laye
 
 @st.composite
 def _layouts(draw):
-    """(shape, unit_axis, ragged, rows): 2-4 axes, units on any non-batch axis, ragged groups
-    and B < τ, and a rank's rows of a global batch."""
-    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=2, max_size=4)))
+    """(shape, unit_axis, ragged, rows): 2-4 axes, units on any non-batch axis (on the last
+    one up to 70, so that a thread's V units cross a table word), ragged groups and B < τ, and
+    a rank's rows of a global batch."""
+    shape = draw(st.lists(st.integers(1, 9), min_size=2, max_size=4))
     unit_axis = draw(st.integers(1, len(shape) - 1))
+    if unit_axis == len(shape) - 1 and draw(st.booleans()):
+        shape[-1] = draw(st.integers(25, 70))
+    shape = tuple(shape)
     ragged = draw(st.booleans())
     rows = None
     if draw(st.booleans()):

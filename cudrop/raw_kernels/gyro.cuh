@@ -109,6 +109,10 @@ __host__ __device__ __forceinline__ unsigned int cd_gyro_table_keep(
     I c = e % inner;
     I u = (e / inner) % n_units;
     const unsigned int* trow = table + cd_gyro_slot<I>(row0 + row, tau, total) * words;
+    // one unit an element (units on the last axis), the V in one row and one table word: a
+    // shift (the common case, e.g. an MLP's (batch, units): no per-element walk)
+    if (inner == 1 && i0 + V <= n && e + V <= row_len && u + V <= n_units && (u & 31) + V <= 32)
+        return (trow[u >> 5] >> (u & 31)) & ((1u << V) - 1u);
     unsigned int keep = 0;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
