@@ -33,10 +33,11 @@ class TransformerBlock(nn.Module):
         elementwise = _elementwise(dropout)
         self.ln1 = nn.LayerNorm(dim, dtype=dtype)
         if dropout == "sliceout" and p > 0:
-            self.attn = nn.SliceOutMultiHeadAttention(dim, heads, p, causal, rng=rng, dtype=dtype)
+            self.attn = nn.SliceOutMultiHeadAttention(dim, heads, p, causal=causal, rng=rng,
+                                                      dtype=dtype)
         else:
-            self.attn = nn.MultiHeadAttention(dim, heads, causal, elementwise, p, rng=rng,
-                                              dtype=dtype)
+            self.attn = nn.MultiHeadAttention(dim, heads, causal=causal, dropout=elementwise, p=p,
+                                              rng=rng, dtype=dtype)
         self.drop1 = nn.make_dropout(elementwise, p)
         self.ln2 = nn.LayerNorm(dim, dtype=dtype)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim, rng=rng, dtype=dtype), nn.GELU(),

@@ -17,7 +17,7 @@ class MultiHeadAttention(Module):
     """Self-attention over x of shape (B, T, dim). ``causal`` hides future positions.
     ``dropout``/``p`` apply to the attention probabilities."""
 
-    def __init__(self, dim, num_heads, causal=False, dropout=None, p=0.0, rng=None,
+    def __init__(self, dim, num_heads, *, causal=False, dropout=None, p=0.0, rng=None,
                  dtype=np.float32):
         super().__init__()
         for name, v in (("dim", dim), ("num_heads", num_heads)):

@@ -90,7 +90,7 @@ class GyroDropout(_GyroBase):
     that step.
     """
 
-    def __init__(self, p=0.5, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
+    def __init__(self, p=0.5, *, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
                  co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=None, total_steps=None,
                  schedule="consecutive", seed=0, layer=None, unit_axis=None, ragged=False):
         super().__init__(p=p, num_subnets=num_subnets, co_scheduled=co_scheduled, period=period,
@@ -133,7 +133,7 @@ class BlockwiseDropout(_GyroBase):
     sub-networks span iterations (the paper's Figure 3(b)). The mask is a ``BlockMask``
     (``last_mask``) that a block-skipping GEMM can consume."""
 
-    def __init__(self, p=0.5, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
+    def __init__(self, p=0.5, *, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
                  co_scheduled=gyro.DEFAULT_CO_SCHEDULED, block=gyro.DEFAULT_BLOCK, period=None,
                  total_steps=None, schedule="consecutive", seed=0, layer=None):
         super().__init__(p=p, num_subnets=num_subnets, co_scheduled=co_scheduled, period=period,
@@ -188,7 +188,7 @@ class BlockwiseLinear(Linear):
     ``BlockwiseDropout``; ``**blockwise`` are its options), its last mask in ``drop.last_mask``.
     """
 
-    def __init__(self, in_features, out_features, p=0.5, mode="input", act=None, bias=True,
+    def __init__(self, in_features, out_features, p=0.5, *, mode="input", act=None, bias=True,
                  rng=None, dtype=np.float32, **blockwise):
         super().__init__(in_features, out_features, bias=bias, rng=rng, dtype=dtype)
         if mode not in ("input", "output"):

@@ -109,8 +109,8 @@ class SliceOutLinear(Linear, _SliceMixin, StochasticLayer):
 
     _device_slices = True
 
-    def __init__(self, in_features, out_features, p=0.5, bias=True, mode="input", align="auto",
-                 seed=0, layer=None, rng=None, dtype=np.float32):
+    def __init__(self, in_features, out_features, p=0.5, *, bias=True, mode="input",
+                 align="auto", seed=0, layer=None, rng=None, dtype=np.float32):
         if mode not in ("input", "output"):
             raise ValueError(f"mode must be 'input' or 'output', got {mode!r}")
         Linear.__init__(self, in_features, out_features, bias=bias, rng=rng, dtype=dtype)
@@ -137,7 +137,7 @@ class SliceOutLinear(Linear, _SliceMixin, StochasticLayer):
 class SliceOutConv2d(Conv2d, _SliceMixin, StochasticLayer):
     """Conv2d with SliceOut on its output channels: only the kept filters are convolved."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, p=0.5, stride=1, padding=0,
+    def __init__(self, in_channels, out_channels, kernel_size, p=0.5, *, stride=1, padding=0,
                  bias=True, align="auto", seed=0, layer=None, rng=None, dtype=np.float32):
         Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride,
                         padding=padding, bias=bias, rng=rng, dtype=dtype)
@@ -158,7 +158,7 @@ class SliceOutMultiHeadAttention(MultiHeadAttention, _SliceMixin, StochasticLaye
     a contiguous slice of heads and scaled by ``heads / kept`` before the output projection,
     and only the kept heads are computed. No attention-probability dropout."""
 
-    def __init__(self, dim, num_heads, p=0.5, causal=False, align=None, seed=0, layer=None,
+    def __init__(self, dim, num_heads, p=0.5, *, causal=False, align=None, seed=0, layer=None,
                  rng=None, dtype=np.float32):
         MultiHeadAttention.__init__(self, dim, num_heads, causal=causal, rng=rng, dtype=dtype)
         self._init_slice(p, align, seed, layer, self.num_heads)

@@ -43,7 +43,7 @@ class SparseDropLinear(_SparseDropMask, Linear, StochasticLayer):
     forward or at p == 0); in eval mode it is the plain dense Linear.
     """
 
-    def __init__(self, in_features, out_features, p, block=V.DEFAULT_BLOCK, bias=True, seed=0,
+    def __init__(self, in_features, out_features, p, *, block=V.DEFAULT_BLOCK, bias=True, seed=0,
                  layer=None, rng=None, dtype=np.float32):
         Linear.__init__(self, in_features, out_features, bias=bias, rng=rng, dtype=dtype)
         self._init_mask(p, block, seed, layer)
@@ -68,7 +68,7 @@ class SparseDrop(_SparseDropMask, StochasticLayer):
     (M, K) (leading axes flattened), kept blocks scaled by 1/q; the identity in eval. Where the
     next op is a Linear, ``SparseDropLinear`` is the form that skips the dropped work."""
 
-    def __init__(self, p, block=V.DEFAULT_BLOCK, seed=0, layer=None):
+    def __init__(self, p, *, block=V.DEFAULT_BLOCK, seed=0, layer=None):
         StochasticLayer.__init__(self)
         self._init_mask(p, block, seed, layer)
 
