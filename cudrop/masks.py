@@ -230,8 +230,9 @@ def apply_block(x, mask, scale, *, out=None):
     array of x's dtype) when given. Dropped blocks are exact zeros (an inf or NaN there does not
     leak, as with a GEMM that skips the block); a kept cell is ``x · scale`` in float32 (float64
     for float64) rounded once to x's dtype, on NumPy and CuPy alike. On CuPy one pass
-    (``block_apply`` in masks.cu, 16 bytes a thread); the rest expands the block grid along the
-    units only, to (nM, K) bools broadcast over each row block's rows."""
+    (``block_apply`` in masks.cu, 16 bytes a thread); on NumPy (and for a CuPy side of 2**31 or
+    more) array ops that expand the block grid along the units only, to (nM, K) bools broadcast
+    over each row block's rows."""
     xp = backend.get_array_module(x, mask.bits)
     if x.ndim != 2 or tuple(x.shape) != tuple(mask.shape):
         raise ValueError(f"x has shape {tuple(x.shape)} (as (M, K)) but the block mask is over "
