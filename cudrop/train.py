@@ -429,7 +429,7 @@ class _Progress:
             self.bar.close()
 
 
-def fit_lm(model, data, opt, epochs, batch_size, device, steps_per_epoch=200, seed=0,
+def fit_lm(model, data, opt, *, epochs, batch_size, device, steps_per_epoch=200, seed=0,
            schedule=None, progress=True, log=print):
     """Train a character language model (a :class:`Trainer` over a :class:`LanguageTask`);
     returns ``(history, {test_loss})``."""

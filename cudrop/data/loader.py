@@ -57,7 +57,7 @@ def _take(a, idx, device):
     return backend.to_device(a[idx], device)
 
 
-def batches(x, y=None, batch_size: int = 64, shuffle: bool = True, seed: int = 0,
+def batches(x, y=None, batch_size: int = 64, *, shuffle: bool = True, seed: int = 0,
             epoch: int = 0, device: str = "cpu", drop_last: bool = False, start: int = 0,
             rank: int = 0, world_size: int = 1):
     """Yield ``(xb, yb)`` raw arrays on ``device`` ('cpu', 'gpu', 'auto'); ``yb`` is None
@@ -97,7 +97,7 @@ def _window_batch(tokens, starts, block_size, device):
     return backend.to_device(tokens[idx], device), backend.to_device(tokens[idx + 1], device)
 
 
-def text_batches(tokens, block_size: int, batch_size: int, steps: int, seed: int = 0,
+def text_batches(tokens, block_size: int, batch_size: int, steps: int, *, seed: int = 0,
                  start_step: int = 0, device: str = "cpu", rank: int = 0, world_size: int = 1):
     """Yield ``steps`` batches ``(x, y)`` of ``batch_size`` random windows of ``tokens``, each
     ``(batch_size, block_size)`` with ``y[:, t] = x[:, t + 1]`` in the text (next-token
