@@ -450,6 +450,16 @@ def test_gpu_block_masked_linear_dense_path_masks_x_once(dtype, monkeypatch):
     assert (f64(gx)[~keep] == 0).all()
 
 
+def test_runs_dense_is_false_on_numpy():
+    """The NumPy reference is never the dense fallback: block_masked_linear keeps x there."""
+    from cudrop.functional import _block_linear
+    x, w = np.ones((8, 64), np.float32), np.ones((64, 4), np.float32)
+    mask = masks.block_mask((8, 64), (4, 32), 0.5, seed=0, layer=0, step=0)
+    assert not bsmm.runs_dense("dsd", x, w, mask)
+    _, saved = _block_linear.block_masked_linear(x, w, None, mask)
+    assert saved.dense is None and saved.x is not None
+
+
 def test_ffma_float4_loads_only_where_every_chunk_is_whole():
     vec = bsmm_gpu._ffma_vec
     k_major, n_major = (True, 4096), (False, 4096)
