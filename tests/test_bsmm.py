@@ -450,6 +450,41 @@ def test_gpu_block_masked_linear_dense_path_masks_x_once(dtype, monkeypatch):
     assert (f64(gx)[~keep] == 0).all()
 
 
+@gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_blockwise_out_dense_backward_masks_g_once(dtype, monkeypatch):
+    """Output pruning under 128 x 32 blocks on Hopper: its backward's products run densely, so
+    g is masked once (not by dsd, dsd_t and the bias sum each); gradients against float64
+    math, ragged edges."""
+    cp = _gpu_or_skip("sm90")
+    from cudrop.functional import _gemm
+    from cudrop.variants import blockwise
+    if not _gemm.available():
+        pytest.skip("nvmath-python (cuBLASLt) not installed")
+    dt = low_precision_dtype(cp, dtype)
+    rng = np.random.default_rng(6)
+    m, k, n = 300, 136, 200
+    x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dt)
+    w = cp.asarray(rng.standard_normal((k, n)).astype(np.float32)).astype(dt)
+    b = cp.asarray(rng.standard_normal(n).astype(np.float32)).astype(dt)
+    g = cp.asarray(rng.standard_normal((m, n)).astype(np.float32)).astype(dt)
+    mask = masks.block_mask((m, n), (128, 32), 0.5, seed=2, layer=1, step=7, xp=cp)
+    _, saved = blockwise.blockwise_linear_out(x, w, b, mask=mask)
+    assert bsmm.runs_dense("dsd", g, w.T, mask, 2.0)
+    passes = []
+    apply_block = masks.apply_block
+    monkeypatch.setattr(masks, "apply_block", lambda *a, **kw: passes.append(1) or
+                        apply_block(*a, **kw))
+    gx, gw, gb = blockwise.blockwise_linear_out_backward(g, saved)
+    assert len(passes) == 1
+    f64 = lambda a: cp.asnumpy(a.astype(np.float32)).astype(np.float64)  # noqa: E731
+    gm = f64(g) * backend.asnumpy(mask.to_dense()) * 2.0
+    for name, got, want in (("gx", gx, gm @ f64(w).T), ("gw", gw, f64(x).T @ gm),
+                            ("gb", gb, gm.sum(axis=0))):
+        err = np.linalg.norm(f64(got) - want) / np.linalg.norm(want)
+        assert err < TOL[dtype], (name, err)
+
+
 def test_runs_dense_is_false_on_numpy():
     """The NumPy reference is never the dense fallback: block_masked_linear keeps x there."""
     from cudrop.functional import _block_linear

@@ -196,3 +196,38 @@ def test_blockwise_linear_prunes_its_output_and_equals_linear_act_drop(xp_name, 
     ref = plain(x).data
     np.testing.assert_allclose(backend.asnumpy(ye), backend.asnumpy(
         xp.maximum(ref, 0) if act == "relu" else ref), rtol=1e-12)
+
+
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_blockwise_dense_paths_equal_the_block_sparse_ones(monkeypatch, act, bias):
+    """Where ``bsmm.runs_dense`` says a product runs densely (on the GPU: 128 x 32 blocks on
+    Hopper), input pruning keeps one masked copy of x for dW and output pruning masks g once
+    for its backward, each then running the Linear's pair; forced here on NumPy, both equal
+    the block-sparse reference path, forward and gradients, ragged edge blocks."""
+    from cudrop import bsmm
+    from cudrop.variants import blockwise
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((50, 72))
+    w, wo = rng.standard_normal((72, 40)), rng.standard_normal((72, 56))
+    b, bo = (rng.standard_normal(40), rng.standard_normal(56)) if bias else (None, None)
+    g, go = rng.standard_normal((50, 40)), rng.standard_normal((50, 56))
+    kw = dict(seed=3, layer=1, step=4, block=(16, 32), co_scheduled=2)
+
+    def run():
+        y, s = blockwise.blockwise_linear(x, w, b, 0.5, **kw)
+        yo, so = blockwise.blockwise_linear_out(x, wo, bo, 0.5, act=act, **kw)
+        grads = blockwise.blockwise_linear_backward(g, s)
+        grads_o = blockwise.blockwise_linear_out_backward(go, so)
+        return s, [y, yo, *grads, *grads_o]
+
+    sparse_saved, want = run()
+    assert sparse_saved.dense is None
+    monkeypatch.setattr(bsmm, "runs_dense", lambda *a, **k: True)
+    dense_saved, got = run()
+    assert dense_saved.dense is not None and dense_saved.x is None
+    for i, (a, e) in enumerate(zip(got, want)):
+        if e is None:
+            assert a is None, i
+        else:
+            np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12, err_msg=str(i))

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import backend, bsmm, masks, philox, random
+from ..functional._act import LinearSaved, linear_backward
 from ..functional._block_linear import (apply_block_mask, block_masked, block_masked_backward,
                                         block_masked_linear, block_masked_linear_backward,
                                         check_block_mask, check_linear)
@@ -136,10 +137,17 @@ def blockwise_linear_out_backward(grad_out, saved):
     xp = backend.get_array_module(grad_out, y)
     scale = 1.0 / mask.q
     g = grad_out.reshape(y.shape)
-    # The GEMMs read only g's kept blocks and apply 1/q themselves; g needs masking only by the
-    # activation (y > 0 exactly where kept and active) and, for the bias sum, by the mask.
-    if saved.act == "relu":
+    if saved.act == "relu":  # y > 0 exactly where kept and active
         g = xp.where(y > 0, g, g.dtype.type(0))
+    if bsmm.runs_dense("dsd", g, w.T, mask, scale):
+        # No block-sparse kernel runs the products fast (block-wise gyro's 32-unit blocks on
+        # Hopper): dsd and dsd_t would each mask a copy of g, and the bias sum a third. One
+        # masked copy, and the Linear's backward on it.
+        return linear_backward(masks.apply_block(g, mask, scale),
+                               LinearSaved(x, w, saved.has_bias, saved.x_shape))
+    # The GEMMs read only g's kept blocks and apply 1/q themselves; g needs masking only by the
+    # activation and, for the bias sum, by the mask.
+    if saved.act == "relu":
         gb = g.sum(axis=0) * g.dtype.type(scale) if saved.has_bias else None
     else:
         gb = apply_block_mask(g, mask).sum(axis=0) if saved.has_bias else None
