@@ -403,6 +403,25 @@ def test_gpu_dense_fallback_equals_float64_math(dtype, monkeypatch):
                if form == "dsd_t" or block == (32, 24)), ran
 
 
+def _dense_path_case(dtype, m, k, n, seed, monkeypatch):
+    """Shared by the dense-path tests: ``(cp, x (m, k), w (k, n), b (n,), g (m, n), passes)``
+    in ``dtype`` on a Hopper GPU with cuBLASLt, ``passes`` growing by one per
+    ``masks.apply_block`` call (a masked pass over an operand)."""
+    cp = _gpu_or_skip("sm90")
+    from cudrop.functional import _gemm
+    if not _gemm.available():
+        pytest.skip("nvmath-python (cuBLASLt) not installed")
+    dt = low_precision_dtype(cp, dtype)
+    rng = np.random.default_rng(seed)
+    x, w, b, g = (cp.asarray(rng.standard_normal(s).astype(np.float32)).astype(dt)
+                  for s in ((m, k), (k, n), (n,), (m, n)))
+    passes = []
+    apply_block = masks.apply_block
+    monkeypatch.setattr(masks, "apply_block", lambda *a, **kw: passes.append(1) or
+                        apply_block(*a, **kw))
+    return cp, x, w, b, g, passes
+
+
 @gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gpu_block_masked_linear_dense_path_masks_x_once(dtype, monkeypatch):
@@ -412,24 +431,12 @@ def test_gpu_block_masked_linear_dense_path_masks_x_once(dtype, monkeypatch):
     three. Forward and gradients against float64 math, and against the block-sparse path
     (the simple kernel forced: no Hopper kernel takes dW's 32-row output blocks), ragged
     edges."""
-    cp = _gpu_or_skip("sm90")
-    from cudrop.functional import _block_linear, _gemm
-    if not _gemm.available():
-        pytest.skip("nvmath-python (cuBLASLt) not installed")
-    dt = low_precision_dtype(cp, dtype)
-    rng = np.random.default_rng(4)
+    from cudrop.functional import _block_linear
     m, k, n = 300, 200, 136
-    x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dt)
-    w = cp.asarray(rng.standard_normal((k, n)).astype(np.float32)).astype(dt)
-    b = cp.asarray(rng.standard_normal(n).astype(np.float32)).astype(dt)
-    g = cp.asarray(rng.standard_normal((m, n)).astype(np.float32)).astype(dt)
+    cp, x, w, b, g, passes = _dense_path_case(dtype, m, k, n, 4, monkeypatch)
     mask = masks.block_mask((m, k), (128, 32), 0.5, seed=2, layer=1, step=7, xp=cp)
     assert bsmm.runs_dense("dsd", x, w, mask, 2.0, bias=b)
     assert not bsmm.runs_dense("dsd", x.astype(np.float64), w.astype(np.float64), mask, 2.0)
-    passes = []
-    apply_block = masks.apply_block
-    monkeypatch.setattr(masks, "apply_block", lambda *a, **kw: passes.append(1) or
-                        apply_block(*a, **kw))
     y, saved = _block_linear.block_masked_linear(x, w, b, mask)
     gx, gw, gb = _block_linear.block_masked_linear_backward(g, saved)
     assert saved.dense is not None and len(passes) == 2
@@ -456,25 +463,13 @@ def test_gpu_blockwise_out_dense_backward_masks_g_once(dtype, monkeypatch):
     """Output pruning under 128 x 32 blocks on Hopper: its backward's products run densely, so
     g is masked once (not by dsd, dsd_t and the bias sum each); gradients against float64
     math, ragged edges."""
-    cp = _gpu_or_skip("sm90")
-    from cudrop.functional import _gemm
     from cudrop.variants import blockwise
-    if not _gemm.available():
-        pytest.skip("nvmath-python (cuBLASLt) not installed")
-    dt = low_precision_dtype(cp, dtype)
-    rng = np.random.default_rng(6)
     m, k, n = 300, 136, 200
-    x = cp.asarray(rng.standard_normal((m, k)).astype(np.float32)).astype(dt)
-    w = cp.asarray(rng.standard_normal((k, n)).astype(np.float32)).astype(dt)
-    b = cp.asarray(rng.standard_normal(n).astype(np.float32)).astype(dt)
-    g = cp.asarray(rng.standard_normal((m, n)).astype(np.float32)).astype(dt)
+    cp, x, w, b, g, passes = _dense_path_case(dtype, m, k, n, 6, monkeypatch)
     mask = masks.block_mask((m, n), (128, 32), 0.5, seed=2, layer=1, step=7, xp=cp)
     _, saved = blockwise.blockwise_linear_out(x, w, b, mask=mask)
     assert bsmm.runs_dense("dsd", g, w.T, mask, 2.0)
-    passes = []
-    apply_block = masks.apply_block
-    monkeypatch.setattr(masks, "apply_block", lambda *a, **kw: passes.append(1) or
-                        apply_block(*a, **kw))
+    passes.clear()  # count the backward's passes only
     gx, gw, gb = blockwise.blockwise_linear_out_backward(g, saved)
     assert len(passes) == 1
     f64 = lambda a: cp.asnumpy(a.astype(np.float32)).astype(np.float64)  # noqa: E731
