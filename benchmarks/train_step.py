@@ -8,7 +8,7 @@ the step's dtype in both; cudrop's bf16 SGD keeps float32 master weights and mom
   every variant, the plain-dropout step the skipping variants are measured against);
 - ResNet-56, batch 128, 3x32x32 (PyTorch: cuDNN convolutions, fp32 in TF32 as PyTorch's
   default for convolutions); and cudrop's ResNet-56 with depth dropout p = 0.25 / 0.5 / 0.75
-  (trainable shortcuts, downsampling units kept) and stochastic depth p_L = 0.5 (batch gates),
+  (trainable shortcuts, downsampling units kept; and p = 1e-9, its fixed cost) and stochastic depth p_L = 0.5 (batch gates),
   whose captured steps skip the dropped bodies (``graph.gate``); PyTorch has no such layers:
   compare with the plain ResNet-56 rows;
 - GPT: 4 pre-LN blocks, d = 1024, 16 heads, context 256, batch 32, 65 tokens (PyTorch:
@@ -50,7 +50,9 @@ class Case(NamedTuple):
 
 
 MLP_KINDS = ("none", "dropout", "sliceout", "gyro", "blockwise", "sparsedrop")
-RESNET_GATES = [("depth0.25", dict(depth_dropout=0.25)), ("depth0.5", dict(depth_dropout=0.5)),
+# depth1e-9: the gates and trainable shortcuts with (almost) no unit dropped, so that against
+# the plain network it measures depth dropout's fixed cost
+RESNET_GATES = [("depth1e-9", dict(depth_dropout=1e-9)), ("depth0.25", dict(depth_dropout=0.25)), ("depth0.5", dict(depth_dropout=0.5)),
                 ("depth0.75", dict(depth_dropout=0.75)), ("sd0.5", dict(stochastic_depth=0.5))]
 
 
