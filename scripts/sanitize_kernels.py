@@ -72,6 +72,25 @@ def conv_and_norm(dt):
                 Fnorm._bn_split = rule
 
 
+def conv_batch_norm_fused():
+    """conv_norm.cu: the fused 1x1 convolution + batch norm, both directions, with and without
+    the ReLU and running statistics: a ragged last tile (35 pixels), fewer pixels than a pixel
+    group (3), odd and the most channels (64), rows past O and columns past C of the tiles."""
+    from cudrop.functional import _conv_norm as Fcn
+    rng = np.random.default_rng(3)
+    for dt in [np.float32, np.float16] + bf16:
+        for (n, c, h, w, o) in [(5, 3, 7, 5, 4), (7, 2, 1, 3, 3), (3, 64, 6, 6, 64),
+                                (9, 33, 4, 8, 17)]:
+            x = cp.asarray(rng.standard_normal((n, c, h, w))).astype(dt)
+            wt = cp.asarray(rng.standard_normal((o, c, 1, 1))).astype(dt)
+            gamma, beta = cp.ones(o, dt), cp.zeros(o, dt)
+            for act, run in ((None, True), ("relu", False)):
+                rm, rv = (cp.zeros(o, np.float32), cp.ones(o, np.float32)) if run else (None, None)
+                z, saved = Fcn.conv_batch_norm(x, wt, gamma, beta, rm, rv, True, act=act)
+                assert saved.conv is None  # the fused kernels ran
+                Fcn.conv_batch_norm_backward(z, saved)
+
+
 def block_sparse_gemms(dt, kernel):
     """dsd, dsd_t, sdd on ragged shapes with dropped blocks, rows with every block dropped and a
     transposed operand, through one forced kernel (None: the dispatcher's choice, the tensor-core
@@ -368,6 +387,7 @@ def fused_attention():
 
 
 index_checks()
+conv_batch_norm_fused()
 fused_attention()
 optimizers_and_activations()
 last_axis_rows()

@@ -4,14 +4,15 @@
 (p, seed, layer, step) it is drawn from); only layers decide train versus eval."""
 from __future__ import annotations
 
-from ..functional import (_act, _attention, _bsmm_pairs, _conv, _embedding, _gate, _loss, _norm, _pool,
-                          _rows)
+from ..functional import (_act, _attention, _bsmm_pairs, _conv, _conv_norm, _embedding, _gate,
+                          _loss, _norm, _pool, _rows)
 from ..variants import blockwise, dropout as _dropout, gyro, sliceout, sparsedrop
 from .pair import differentiable
 
 _PAIRS = [  # (module, name, the array inputs: names, or the first n)
     (_conv, "conv2d", 3), (_pool, "max_pool2d", 1), (_pool, "avg_pool2d", 1),
     (_pool, "global_avg_pool2d", 1), (_norm, "batch_norm", 3), (_norm, "layer_norm", 3),
+    (_conv_norm, "conv_batch_norm", 4),
     (_embedding, "embedding", 2), (_loss, "cross_entropy", 2), (_loss, "mse_loss", 2),
     (_rows, "gather_rows", 2), (_rows, "scatter_add_rows", 3),
     (_gate, "gate_in", 1), (_gate, "gate_out", 2),

@@ -15,6 +15,7 @@ from ._act import (add_relu, add_relu_backward, gelu, gelu_backward, gelu_tanh,
                    gelu_tanh_backward, linear, linear_backward, relu, relu_backward)
 from ._attention import attention, attention_backward
 from ._conv import conv2d, conv2d_backward
+from ._conv_norm import conv_batch_norm, conv_batch_norm_backward
 from ._embedding import embedding, embedding_backward
 from ._loss import cross_entropy, cross_entropy_backward, mse_loss, mse_loss_backward
 from ._matmul import matmul

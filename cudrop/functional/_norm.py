@@ -104,6 +104,11 @@ def _check_eps(eps):
         raise ValueError(f"eps must be a positive number, got {eps!r}")
 
 
+def _check_momentum(momentum):
+    if not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+
+
 def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5, *,
                act=None):
     """Batch normalisation over every axis but the channel axis 1.
@@ -142,8 +147,7 @@ def _batch_norm(x, gamma, beta, running_mean, running_var, training, momentum, e
                     ("running_var", running_var)):
         _check_param(name, a, c)
     _check_eps(eps)
-    if not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
-        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    _check_momentum(momentum)
     if act not in ACTS:
         raise ValueError(f"act must be one of {ACTS}, got {act!r}")
     axes = (0,) + tuple(range(2, x.ndim))

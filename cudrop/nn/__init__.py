@@ -7,7 +7,7 @@ from .gyro import BlockwiseDropout, BlockwiseLinear, GyroDropout
 from .layers import (GELU, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Embedding, Flatten,
                      GlobalAvgPool2d, LayerNorm, Linear, MaxPool2d, ReLU, Tanh)
 from .module import Module, ModuleList, Parameter, Sequential
-from .residual import ResidualUnit, basic_block, bn_relu
+from .residual import ConvBatchNorm, ResidualUnit, basic_block, bn_relu
 from .sliceout import (SliceOut, SliceOutChain, SliceOutConv2d, SliceOutLinear,
                        SliceOutMultiHeadAttention)
 from .sparsedrop import SparseDrop, SparseDropLinear

@@ -52,8 +52,8 @@ from .. import backend, graph, philox
 from ..autograd.ops import gate_in, gate_out, gather_rows, scatter_add_rows
 from ..autograd.tensor import Tensor
 from .layers import Conv2d, Linear, ReLU
-from .module import Module, Sequential
-from .residual import ResidualUnit, bn_relu
+from .module import Module
+from .residual import ConvBatchNorm, ResidualUnit, bn_relu
 from .stochastic import StochasticLayer
 
 MODES = ("batch", "sample")
@@ -179,10 +179,11 @@ class StochasticDepth(_GatedUnit):
 
 def conv_shortcut(in_channels, out_channels, stride=1, rng=None, dtype=np.float32):
     """Depth dropout's trainable shortcut for conv nets: 1x1 conv (``stride``) + BN + ReLU, the
-    ReLU fused into the BN (:func:`~cudrop.nn.residual.bn_relu`)."""
-    return Sequential(Conv2d(in_channels, out_channels, 1, stride, 0, bias=False, rng=rng,
-                             dtype=dtype),
-                      *bn_relu(out_channels, dtype))
+    ReLU fused into the BN (:func:`~cudrop.nn.residual.bn_relu`), all three one op
+    (:class:`~cudrop.nn.residual.ConvBatchNorm`)."""
+    return ConvBatchNorm(Conv2d(in_channels, out_channels, 1, stride, 0, bias=False, rng=rng,
+                                dtype=dtype),
+                         *bn_relu(out_channels, dtype))
 
 
 def linear_shortcut(in_features, out_features, rng=None, dtype=np.float32):

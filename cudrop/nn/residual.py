@@ -47,6 +47,32 @@ def bn_relu(channels, dtype=np.float32):
     return BatchNorm2d(channels, dtype=dtype, act="relu"), Identity()
 
 
+class ConvBatchNorm(Sequential):
+    """``Conv2d`` (no bias) then ``BatchNorm2d`` (its ``act``) as one op,
+    :func:`cudrop.conv_batch_norm` (fused kernels for 1x1, stride-1 convolutions on the GPU; the
+    two ops otherwise), then the modules of ``rest`` (the Identity of :func:`bn_relu`) in
+    order. A Sequential, so its ``state_dict`` keys are those of ``Sequential(conv, bn,
+    *rest)``."""
+
+    def __init__(self, conv: Conv2d, norm: BatchNorm2d, *rest: Module):
+        if not isinstance(conv, Conv2d) or conv.bias is not None:
+            raise TypeError("ConvBatchNorm: conv must be a Conv2d without bias")
+        if not isinstance(norm, BatchNorm2d) or norm.num_features != conv.out_channels:
+            raise TypeError(f"ConvBatchNorm: norm must be a BatchNorm2d of {conv.out_channels} "
+                            f"features, got {norm!r}")
+        super().__init__(conv, norm, *rest)
+
+    def forward(self, x):
+        conv, norm, *rest = self
+        x = ag.conv_batch_norm(x, conv.weight, norm.weight, norm.bias, norm.running_mean,
+                               norm.running_var, training=norm.is_training,
+                               momentum=norm.momentum, eps=norm.eps, stride=conv.stride,
+                               padding=conv.padding, act=norm.act)
+        for m in rest:
+            x = m(x)
+        return x
+
+
 def basic_block(in_channels, out_channels, stride=1, projection=None, rng=None, dtype=np.float32,
                 zero_init_residual=True):
     """The CIFAR ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN plus a shortcut, then ReLU.
@@ -69,9 +95,9 @@ def basic_block(in_channels, out_channels, stride=1, projection=None, rng=None, 
     if not projection and (stride != 1 or in_channels != out_channels):
         raise ValueError("an identity shortcut needs stride 1 and equal channel counts; "
                          "pass projection=True")
-    shortcut = Sequential(Conv2d(in_channels, out_channels, 1, stride, 0, bias=False, rng=rng,
-                                 dtype=dtype),
-                          BatchNorm2d(out_channels, dtype=dtype)) if projection else None
+    shortcut = ConvBatchNorm(Conv2d(in_channels, out_channels, 1, stride, 0, bias=False,
+                                    rng=rng, dtype=dtype),
+                             BatchNorm2d(out_channels, dtype=dtype)) if projection else None
     unit = ResidualUnit(body, shortcut, ReLU())
     unit.downsamples = stride != 1
     return unit
