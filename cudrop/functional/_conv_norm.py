@@ -114,12 +114,13 @@ def _launch(fn, dtype, grid, args):
 
 
 def _grids(n, p):
-    """(tiles, CTAs of the reductions, CTAs of the weight-gradient pass): the reductions take
-    up to 4 CTAs an SM (their partials are two numbers a channel), the weight-gradient pass at
-    most one an SM and two tiles a CTA (each CTA writes an O x C partial)."""
+    """(tiles, CTAs of the reductions, CTAs of the weight-gradient pass): up to 4 CTAs an SM
+    (each walks its tiles one after another, two barriers a tile: fewer CTAs left the SMs
+    waiting on loads), the weight-gradient pass at least two tiles a CTA (each CTA writes an
+    O x C partial that sum_leading adds up)."""
     tiles = n * -(-p // _TILE)
-    sms = device_facts()[0]
-    return tiles, min(tiles, 4 * sms), min(-(-tiles // 2), sms)
+    ctas = 4 * device_facts()[0]
+    return tiles, min(tiles, ctas), min(-(-tiles // 2), ctas)
 
 
 def _fused_forward(x, w, gamma, beta, running_mean, running_var, momentum, eps, act):
