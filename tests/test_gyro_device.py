@@ -14,6 +14,7 @@ backward, every dtype, ragged groups and a rank's rows included; ``nn.GyroDropou
 steps on CuPy taking the device path, equal to the NumPy layer's host path (the captured-step
 test is in test_graph.py).
 """
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -393,6 +394,11 @@ def test_a_device_mask_knows_its_shape_and_reads_back_to_the_host_mask():
     np.testing.assert_array_equal(h.keep, want.keep)
     np.testing.assert_array_equal(m.to_dense((4, 10)), want.to_dense((4, 10)))
     assert want.host() is want and not want.on_device
+    # the draw names the arrays' device (not their module): host() draws there, and a mask
+    # copies and pickles (a model holding it in last_mask deep-copies)
+    named = replace(m, draw=m.draw._replace(device="cpu"))
+    assert pickle.loads(pickle.dumps(named)) == named
+    np.testing.assert_array_equal(named.host().keep, want.keep)
 
 
 def test_the_device_path_refuses_numpy_arrays_and_keeps_the_host_checks():
@@ -565,7 +571,8 @@ def test_the_layer_decides_on_the_device_eagerly_and_equals_the_host_path(monkey
             assert calls == ["gyro_keep_table", "gyro_apply", "gyro_apply"], calls
             mask = dev.last_mask
             assert mask.on_device and mask.keep is None and mask.subnets is None
-            assert mask.draw.step == step and dev.step == step + 1
+            assert mask.draw.step == step and dev.step == step + 1 and mask.draw.device == "gpu"
+            assert pickle.loads(pickle.dumps(mask)) == mask  # no module or array in it
             assert mask.rows == (None if world == 1 else (rank * 10, world * 10))
             xn = cudrop.Tensor(x_h.copy(), requires_grad=True)
             yn = host(xn)  # NumPy: the host path

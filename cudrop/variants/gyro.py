@@ -155,7 +155,7 @@ def draw_mask(n_units, p, *, seed=None, layer=0, step=None, num_subnets=gyro.DEF
         # the random schedule reads no period (scheduled_subnets ignores it)
         period = gyro._check_int("period", period, 1) if schedule == "consecutive" else 1
         draw = gyro.GyroDraw(seed, philox.check_seed("layer", layer), step, n_units,
-                             int(num_subnets), int(co_scheduled), int(period), schedule, xp)
+                             int(num_subnets), int(co_scheduled), int(period), schedule, "gpu")
         return gyro.GyroMask(None, None, philox.check_prob(p), draw=draw)
     return gyro.gyro_mask(n_units, p, step=step, seed=seed, layer=layer, num_subnets=num_subnets,
                           co_scheduled=co_scheduled, period=period, schedule=schedule, xp=xp)

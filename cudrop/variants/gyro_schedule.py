@@ -152,8 +152,9 @@ class GyroDraw(NamedTuple):
     the ``step`` (a device step, a 0-d uint32 CuPy array read by the kernels when they run, as
     a captured step draws; or an int, passed to them by value, as ``nn.GyroDropout``'s eager
     steps on CuPy draw), the units it masks (0 where none: block-wise gyro's row-block
-    schedule), the schedule, and ``xp``, the array module of the arrays it masks (None: the
-    step's; :meth:`GyroMask.host` draws there)."""
+    schedule), the schedule, and ``device``, where the arrays it masks live (``'gpu'`` or
+    ``'cpu'``; None: the step's), which is where :meth:`GyroMask.host` draws (a name, not an
+    array module, so a mask copies and pickles)."""
     seed: int
     layer: int
     step: object
@@ -162,7 +163,7 @@ class GyroDraw(NamedTuple):
     co_scheduled: int
     period: int
     schedule: str
-    xp: object = None
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,14 +205,14 @@ class GyroMask:
     def host(self) -> "GyroMask":
         """This mask with ``keep`` and ``subnets`` decided on the host: itself when they are,
         else the mask :func:`gyro_mask` draws at the int value of the step, ``keep`` on the
-        arrays' device (``draw.xp``; the step's where None). The kernels' result equals it bit
-        for bit. Reading a device step waits for the device, and the draw costs a host schedule
-        and a keep-bit launch: for references, tests and inspection, never inside a captured
-        step."""
+        arrays' device (``draw.device``; the step's where None). The kernels' result equals
+        it bit for bit. Reading a device step waits for the device, and the draw costs a host
+        schedule and a keep-bit launch: for references, tests and inspection, never inside a
+        captured step."""
         if self.keep is not None:
             return self
         d = self.draw
-        xp = backend.get_array_module(d.step) if d.xp is None else d.xp
+        xp = backend.get_array_module(d.step) if d.device is None else backend.xp_for(d.device)
         m = gyro_mask(d.n_units, self.p, step=int(d.step), seed=d.seed, layer=d.layer,
                       num_subnets=d.num_subnets, co_scheduled=d.co_scheduled, period=d.period,
                       schedule=d.schedule, xp=xp)
