@@ -266,8 +266,9 @@ def test_captured_gyro_steps_equal_eager_across_set_changes():
     """Element gyro dropout decided on the device at every replay, over 60 steps: the
     consecutive schedule with period 3 (a new set of sub-networks every 3 steps; the cycle of 8
     sets runs 2.5 times) on ragged row groups (50 rows, τ = 4), and the random schedule (new
-    sub-networks every step) on 5 groups of 10 rows. Replays equal eager steps: losses,
-    weights, layer steps, and the last step's masks."""
+    sub-networks every step) on 5 groups of 10 rows. Replays equal eager steps (which take
+    the same device path with int steps; test_gyro_device.py checks that against the host
+    path): losses, weights, layer steps, and the last step's masks."""
     from cudrop import nn
 
     def build():
@@ -291,10 +292,11 @@ def test_captured_gyro_steps_equal_eager_across_set_changes():
              for run in (eager, captured)]
     for e, c in zip(*drops):
         assert e.step == c.step == 60 and c.last_mask.on_device  # the captured mask
+        assert e.last_mask.on_device and e.last_mask.draw.step == 59  # eager: an int step
         back = c.last_mask.host()  # read at the last replay's step: the last eager mask
-        assert back.subnets == e.last_mask.subnets
-        np.testing.assert_array_equal(backend.asnumpy(back.keep),
-                                      backend.asnumpy(e.last_mask.keep))
+        want = e.last_mask.host()
+        assert back.subnets == want.subnets
+        np.testing.assert_array_equal(backend.asnumpy(back.keep), backend.asnumpy(want.keep))
 
 
 def test_captured_blockwise_output_pruning_and_schedules_equal_eager():

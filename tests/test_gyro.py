@@ -269,7 +269,9 @@ def test_layers_eval_identity_and_p_zero(xp):
 
 
 def test_layers_match_the_functional_ops_across_set_changes(xp):
-    # the layers memoise a set's mask; that must never change a result
+    # On NumPy the layers memoise a set's mask; that must never change a result. On CuPy
+    # GyroDropout decides its mask on the device (eagerly too) while the op given an int step
+    # draws it on the host: the outputs are equal, and so is last_mask's host form.
     kw = dict(num_subnets=16, co_scheduled=4, period=2, seed=SEED)
     g = GyroDropout(0.5, layer=LAYER, **kw)
     b = BlockwiseDropout(0.5, layer=LAYER, block=(4, 8), **kw)
@@ -278,6 +280,10 @@ def test_layers_match_the_functional_ops_across_set_changes(xp):
     for t in range(7):
         want = cudrop.gyro_dropout(x, 0.5, layer=LAYER, step=t, **kw)
         assert np.array_equal(_np(g(x)), _np(want))
+        assert g.last_mask.on_device == (xp is not np)
+        host, ref = g.last_mask.host(), gyro.gyro_mask(40, 0.5, step=t, layer=LAYER, **kw)
+        assert host.subnets == ref.subnets and backend.get_array_module(host.keep) is xp
+        np.testing.assert_array_equal(_np(host.keep), ref.keep)
         want = cudrop.blockwise_dropout(x, 0.5, layer=LAYER, step=t,
                                         block=(4, 8), **kw)
         got = b(x)

@@ -10,9 +10,11 @@ host with the system C++ compiler) against ``scheduled_subnets``, ``subnet_keep`
 parameters and at the extremes; the Python side of the launches (the kernels emulated from
 their arguments) against the host path; the mask's Python side; the argument errors; block-wise
 gyro's refusal of a capture on NumPy. On a GPU: the kernels against the host path, forward and
-backward, every dtype, ragged groups and a rank's rows included (the captured-step test is in
-test_graph.py).
+backward, every dtype, ragged groups and a rank's rows included; ``nn.GyroDropout``'s eager
+steps on CuPy taking the device path, equal to the NumPy layer's host path (the captured-step
+test is in test_graph.py).
 """
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -334,8 +336,8 @@ def _emulated_launch(source, fn, dtype, grid, block, args):
 
 
 def _device_mask(n_units, p, step, rows=None, seed=4, layer=1, **sched):
-    """A mask decided on the device, built by hand (draw_mask makes one from a CuPy step only);
-    an int stands in for the device step."""
+    """A mask decided on the device, built by hand (draw_mask makes one on CuPy only), with an
+    int step as the layer's eager steps draw it."""
     sched = dict(dict(num_subnets=32, co_scheduled=4, period=3, schedule="consecutive"), **sched)
     draw = gyro.GyroDraw(seed, layer, step, n_units, sched["num_subnets"],
                          sched["co_scheduled"], sched["period"], sched["schedule"])
@@ -392,6 +394,11 @@ def test_a_device_mask_knows_its_shape_and_reads_back_to_the_host_mask():
     np.testing.assert_array_equal(h.keep, want.keep)
     np.testing.assert_array_equal(m.to_dense((4, 10)), want.to_dense((4, 10)))
     assert want.host() is want and not want.on_device
+    # the draw names the arrays' device (not their module): host() draws there, and a mask
+    # copies and pickles (a model holding it in last_mask deep-copies)
+    named = replace(m, draw=m.draw._replace(device="cpu"))
+    assert pickle.loads(pickle.dumps(named)) == named
+    np.testing.assert_array_equal(named.host().keep, want.keep)
 
 
 def test_the_device_path_refuses_numpy_arrays_and_keeps_the_host_checks():
@@ -406,6 +413,10 @@ def test_the_device_path_refuses_numpy_arrays_and_keeps_the_host_checks():
         Fg.draw_mask(10, 0.5, seed=1, step=np.asarray(3, np.uint32))
     with pytest.raises(TypeError, match="needs CuPy inputs"):
         Fg.gyro_dropout(x, 0.5, seed=1, step=np.asarray(3, np.uint32))
+    with pytest.raises(TypeError, match="on_device=True needs xp=cupy"):
+        Fg.draw_mask(10, 0.5, seed=1, step=3, on_device=True)
+    # without on_device an int step is decided on the host, on NumPy as on CuPy
+    assert not Fg.draw_mask(10, 0.5, seed=1, step=3).on_device
 
 
 @pytest.mark.parametrize("schedule", ["consecutive", "random"])
@@ -517,11 +528,70 @@ def test_device_kernel_zeroes_dropped_non_finite_cells_and_reads_odd_offset_view
     same_bits(backend.asnumpy(y)[fin], backend.asnumpy(y_h)[fin], "finite cells")
 
 
+def _no_host_draw(*args, **kwargs):
+    raise AssertionError("an eager step on CuPy drew its sub-networks on the host")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("schedule", ["consecutive", "random"])
 @pytest.mark.gpu
-def test_the_layer_stays_on_the_host_path_eagerly_and_loads_the_kernel():
+def test_the_layer_decides_on_the_device_eagerly_and_equals_the_host_path(monkeypatch, dtype,
+                                                                         schedule):
+    """Eager steps on CuPy (int steps) take the captured path: no host draw of the
+    sub-networks (nor its upload of their ids), one keep-table launch and one masking pass
+    each way. ``last_mask`` is decided on the device; its ``host()`` equals the NumPy layer's
+    host-drawn mask, and the outputs and gradients equal the host path's (that mask applied by
+    the two-pass op on CuPy; float32 also the NumPy layer's) bit for bit. The default period
+    1 (a new set every step), ragged groups, a rank's rows; the kernels end up loaded for a
+    later capture."""
     cp = backend.cupy
-    layer = GyroDropout(0.5, num_subnets=8, co_scheduled=4, period=2)
-    layer(cudrop.Tensor(cp.ones((8, 40), np.float32)))
-    assert not layer.last_mask.on_device and layer.step == 1  # eager: the int step
-    key = ("gyro.cu", "gyro_apply", np.dtype(np.float32), (), cp.cuda.runtime.getDevice())
+    dt = low_precision_dtype(cp, dtype)
+    kw = dict(num_subnets=16, co_scheduled=4, schedule=schedule, seed=9, layer=2, ragged=True)
+    shape = (10, 37)  # τ does not divide 10 (ragged); 37 units cross a table word
+    x_d, g_d = _gpu_case(cp, shape, dt, 0), _gpu_case(cp, shape, dt, 1)
+    x_h, g_h = backend.asnumpy(x_d), backend.asnumpy(g_d)
+    calls = []
+    real_kernel, real_launch = Fg.kernel, Fg.launch
+    monkeypatch.setattr(Fg, "kernel", lambda *a: calls.append(a[1]) or real_kernel(*a))
+    monkeypatch.setattr(Fg, "launch", lambda *a: calls.append(a[1]) or real_launch(*a))
+    for world, rank in ((1, 0), (3, 1)):
+        dev = cudrop.nn.set_shard(GyroDropout(0.5, **kw), rank, world)
+        host = cudrop.nn.set_shard(GyroDropout(0.5, **kw), rank, world)
+        assert dev.period == 1
+        sets = set()
+        for step in range(6):
+            x = cudrop.Tensor(x_d, requires_grad=True)
+            calls.clear()
+            with monkeypatch.context() as m:
+                m.setattr(gyro, "scheduled_subnets", _no_host_draw)
+                m.setattr(gyro, "subnet_keep", _no_host_draw)
+                poison_pool(cp)  # an element the kernel leaves unwritten reads NaN
+                y = dev(x)
+                y.backward(g_d)
+            assert calls == ["gyro_keep_table", "gyro_apply", "gyro_apply"], calls
+            mask = dev.last_mask
+            assert mask.on_device and mask.keep is None and mask.subnets is None
+            assert mask.draw.step == step and dev.step == step + 1 and mask.draw.device == "gpu"
+            assert pickle.loads(pickle.dumps(mask)) == mask  # no module or array in it
+            assert mask.rows == (None if world == 1 else (rank * 10, world * 10))
+            xn = cudrop.Tensor(x_h.copy(), requires_grad=True)
+            yn = host(xn)  # NumPy: the host path
+            yn.backward(g_h)
+            want = host.last_mask
+            assert not want.on_device and want.rows == mask.rows
+            back = mask.host()  # the host form, drawn on the GPU at the mask's step
+            assert back.subnets == want.subnets and back.rows == want.rows
+            assert backend.get_array_module(back.keep) is cp
+            np.testing.assert_array_equal(backend.asnumpy(back.keep), want.keep)
+            y_h, saved = Fg.gyro_dropout(x_d, mask=back, ragged=True)  # two passes
+            g_want = Fg.gyro_dropout_backward(g_d, saved)
+            assert saved.table is None
+            same_bits(y.data, y_h, f"y at step {step}")
+            same_bits(x.grad, g_want, f"grad at step {step}")
+            if dt == np.float32:
+                same_bits(y.data, yn.data, f"y against NumPy at step {step}")
+                same_bits(x.grad, xn.grad, f"grad against NumPy at step {step}")
+            sets.add(want.subnets)
+        assert len(sets) > 2  # the steps ran different sub-networks
+    key = ("gyro.cu", "gyro_apply", dt, (), cp.cuda.runtime.getDevice())
     assert key in raw_kernels._FUNCS  # loaded before any capture needs it

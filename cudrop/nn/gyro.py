@@ -7,19 +7,24 @@ the counter) draws the same masks. Eval mode and ``p == 0`` are the identity.
 
 Each layer keeps the mask of its last forward in ``last_mask`` (a ``GyroMask`` or a
 ``BlockMask``): the block-sparse GEMM of the next layer will read the ``BlockMask`` from there.
-A mask drawn on the host is memoised for the next step: under the consecutive schedule the
-sub-networks of a step repeat for ``period`` steps, and redrawing them costs a host Philox pass
-(CPU) or a kernel launch (GPU). The memo is keyed by everything the mask depends on, so it
-never changes a result; it is not state (not saved, not needed to resume).
+On NumPy the mask is drawn on the host and memoised for the next step: under the consecutive
+schedule the sub-networks of a step repeat for ``period`` steps, and redrawing them costs a
+host Philox pass. The memo is keyed by everything the mask depends on, so it never changes a
+result; it is not state (not saved, not needed to resume).
 
-CUDA graphs (``cudrop.graph``). On CuPy inputs both layers ask for ``next_step(device=True)``:
-eagerly that is the same int, and inside a capture a device step.
-``GyroDropout``: the sub-networks, each row's group and the keep bits are decided on the device
-at every replay (``raw_kernels/gyro.cu``); ``last_mask`` is then the captured mask, decided on
-the device (``GyroMask.host()`` reads it back). ``BlockwiseDropout`` (and ``BlockwiseLinear``)
-decide each row block's sub-network on the device, eagerly too, and draw the ``BlockMask``'s
-bits and kept-block lists there (``gyro_schedule.blockwise_mask``): the replays' GEMMs read
-the replay's step's blocks.
+CuPy inputs: decided on the device, eagerly and in CUDA graphs (``cudrop.graph``) alike. Both
+layers ask for ``next_step(device=True)``: eagerly that is the same int (passed to the kernels
+by value), inside a capture a device step (read by them at every replay).
+``GyroDropout``: one kernel derives the step's sub-networks and their keep bits (a (τ, units /
+32) table), another each row's group and ``x * keep / q`` in one pass, forward and backward
+(``raw_kernels/gyro.cu``): no host draw, no upload of sub-network ids, no memo needed. Its
+``last_mask`` is then a ``GyroMask`` decided on the device (``on_device``; ``keep`` and
+``subnets`` None, its ``draw`` says how): ``last_mask.host()`` gives the host form (the step's
+``subnets`` and ``keep`` on the input's device, bit-equal to what the kernels applied; it costs
+a host schedule and a launch, and for a captured mask a read of the device step).
+``BlockwiseDropout`` (and ``BlockwiseLinear``) decide each row block's sub-network on the
+device and draw the ``BlockMask``'s bits and kept-block lists there
+(``gyro_schedule.blockwise_mask``): the replays' GEMMs read the replay's step's blocks.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from dataclasses import replace
 import numpy as np
 
 from .. import autograd as ag
-from .. import backend, graph
+from .. import backend
 from ..variants import gyro as Fg
 from ..variants import gyro_schedule as gyro
 from ..autograd.tensor import as_tensor
@@ -85,9 +90,11 @@ class GyroDropout(_GyroBase):
     overrides). τ must divide the batch unless ``ragged=True``, which splits a batch that τ
     does not divide (a short last batch) into groups whose sizes differ by one.
 
-    On CuPy inputs it can be captured in a CUDA graph (``cudrop.graph``): there the
-    sub-networks are decided on the device from the replay's step, those eager mode uses at
-    that step.
+    ``last_mask`` is the ``GyroMask`` of the last training forward: on NumPy with ``keep`` and
+    ``subnets``; on CuPy decided on the device (eagerly too), its host form from
+    ``last_mask.host()``. On CuPy inputs the layer can be captured in a CUDA graph
+    (``cudrop.graph``): the replays decide the sub-networks on the device from the replay's
+    step, as the eager steps do from theirs.
     """
 
     def __init__(self, p=0.5, *, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
@@ -105,22 +112,21 @@ class GyroDropout(_GyroBase):
         ax = gyro.unit_axis_of(x.shape, self.unit_axis)
         xp = backend.get_array_module(x.data)
         device = xp is not np
-        if device and not graph.is_capturing():
-            Fg.load_device_kernels(x.data.dtype)  # before a capture needs it: see its docstring
         step = self.next_step(device=device)
         sched = self._sched()
         rows = self.global_rows(x.shape[0]) if self.shard.world_size > 1 else None
-        if backend.is_gpu_array(step):  # capturing: the kernel decides at every replay
-            self.last_mask = replace(Fg.draw_mask(x.shape[ax], self.p, step=step, xp=xp, **sched),
-                                     rows=rows)
+        if device:
+            # Decided on the device, eagerly (an int step, by value) as in a capture (a device
+            # step, read at every replay): the same kernels, so replays equal eager steps, and
+            # both equal the host draw bit for bit (tests/test_gyro_device.py). The eager
+            # launches also load the kernels before a capture needs them.
+            self.last_mask = replace(Fg.draw_mask(x.shape[ax], self.p, step=step, xp=xp,
+                                                  on_device=True, **sched), rows=rows)
         else:
-            # An int step (every eager step) keeps the host path, so last_mask holds the
-            # step's unit masks for whoever reads them; the kernel that a capture records
-            # equals it bit for bit (tests/test_gyro_device.py), so replays equal eager steps.
             ids = tuple(int(i) for i in gyro.scheduled_subnets(step, **sched))
-            key = (ids, x.shape[ax], self.p, self.seed, self.layer, backend.device_of(x.data))
+            key = (ids, x.shape[ax], self.p, self.seed, self.layer)
             keep = self._memoised(key, lambda: gyro.subnet_keep(
-                ids, x.shape[ax], self.p, seed=self.seed, layer=self.layer, xp=xp))
+                ids, x.shape[ax], self.p, seed=self.seed, layer=self.layer))
             self.last_mask = gyro.GyroMask(keep, ids, self.p, rows)
         return ag.gyro_dropout(x, mask=self.last_mask, unit_axis=ax, ragged=self.ragged)
 

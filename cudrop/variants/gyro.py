@@ -6,13 +6,15 @@ schedule (``gyro_schedule``). The op views x as (τ, B/τ, ...) and broadcasts t
 (τ, 1, ..., N, ...) masks: two elementwise passes (scale, then zero the dropped cells, exactly 0
 so an inf or NaN in a dropped cell does not leak), never a mask of x's size.
 
-Decided on the device. Drawn with a device step (a 0-d uint32 CuPy array), the mask has no
-``keep`` or ``subnets`` but a ``GyroDraw``: one kernel (``raw_kernels/gyro.cu``) derives the
-step's sub-networks and their keep bits from it when it runs (a small (τ, units / 32) table,
-drawn once in the forward), another writes ``x * keep / q`` from the table in one pass,
-forward and backward alike (ragged groups and a data-parallel rank's rows included). Its
-output equals the int step's bit for bit (the same cells kept, each times the same
-dtype-rounded ``1/q``), so ``nn.GyroDropout`` can be captured in a CUDA graph.
+Decided on the device. Drawn with a device step (a 0-d uint32 CuPy array), or on CuPy with an
+int step and ``on_device=True``, the mask has no ``keep`` or ``subnets`` but a ``GyroDraw``:
+one kernel (``raw_kernels/gyro.cu``) derives the step's sub-networks and their keep bits from
+it when it runs (a small (τ, units / 32) table, drawn once in the forward), another writes
+``x * keep / q`` from the table in one pass, forward and backward alike (ragged groups and a
+data-parallel rank's rows included). Its output equals the host-drawn mask's bit for bit (the
+same cells kept, each times the same dtype-rounded ``1/q``), so ``nn.GyroDropout`` can be
+captured in a CUDA graph, and its eager steps on CuPy take the same path (no host draw, no
+upload of sub-network ids, one pass over x).
 """
 from __future__ import annotations
 
@@ -112,9 +114,10 @@ def _apply_on_device(x, mask, ax, scale, table):
 
 def load_device_kernels(dtype) -> None:
     """Compile and load the kernels that apply a gyro mask decided on the device to arrays of
-    ``dtype`` (memoised by the one loader, ``raw_kernels``). ``nn.GyroDropout`` calls it in its
-    eager steps on CuPy, so that a later CUDA-graph capture, whose step first takes the device
-    path, does not compile or load a module while the stream is capturing."""
+    ``dtype`` (memoised by the one loader, ``raw_kernels``), so that a CUDA-graph capture does
+    not compile or load a module while the stream is capturing. ``nn.GyroDropout``'s eager
+    steps on CuPy launch both kernels (they take the device path), which loads them; code that
+    captures a step no eager step preceded calls this first."""
     kernel("gyro.cu", "gyro_keep_table")
     load("gyro.cu", "gyro_apply", dtype)
 
@@ -131,23 +134,28 @@ class GyroDropoutSaved(NamedTuple):
 
 def draw_mask(n_units, p, *, seed=None, layer=0, step=None, num_subnets=gyro.DEFAULT_NUM_SUBNETS,
               co_scheduled=gyro.DEFAULT_CO_SCHEDULED, period=gyro.DEFAULT_PERIOD,
-              schedule="consecutive", xp=np):
+              schedule="consecutive", xp=np, on_device=False):
     """The gyro mask of ``step`` over ``n_units`` units: the τ scheduled sub-networks' unit
     masks (a ``GyroMask``), a pure function of (seed, layer, step) and the schedule.
     ``seed=None``: the global generator (``cudrop.random``).
 
-    ``step`` a device step (a 0-d uint32 CuPy array; ``xp`` must then be CuPy): the
-    sub-networks are left to the kernel, which reads the step when it runs; the mask has
-    ``keep=None``, ``subnets=None`` and its ``GyroDraw`` (see ``GyroMask``). Every argument is
-    still checked here."""
+    ``step`` a device step (a 0-d uint32 CuPy array; ``xp`` must then be CuPy), or an int with
+    ``on_device=True`` (CuPy only): the sub-networks are left to the kernel, which reads the
+    step when it runs (an int goes to it by value); the mask has ``keep=None``,
+    ``subnets=None`` and its ``GyroDraw`` (see ``GyroMask``; ``GyroMask.host()`` draws the
+    host form when asked). Otherwise the host decides the sub-networks and ``keep`` lies on
+    ``xp``'s device. Every argument is checked here either way."""
     seed, step = random.resolve(seed, step, xp)
-    if backend.is_gpu_array(step):
+    if on_device and xp is np:
+        raise TypeError("draw_mask: on_device=True needs xp=cupy (the mask is decided by CUDA "
+                        "kernels); on NumPy the host draws it")
+    if on_device or backend.is_gpu_array(step):
         gyro.check_subnets(num_subnets, co_scheduled, schedule)
         n_units = gyro._check_int("n_units", n_units, 1)
         # the random schedule reads no period (scheduled_subnets ignores it)
         period = gyro._check_int("period", period, 1) if schedule == "consecutive" else 1
         draw = gyro.GyroDraw(seed, philox.check_seed("layer", layer), step, n_units,
-                             int(num_subnets), int(co_scheduled), int(period), schedule)
+                             int(num_subnets), int(co_scheduled), int(period), schedule, "gpu")
         return gyro.GyroMask(None, None, philox.check_prob(p), draw=draw)
     return gyro.gyro_mask(n_units, p, step=step, seed=seed, layer=layer, num_subnets=num_subnets,
                           co_scheduled=co_scheduled, period=period, schedule=schedule, xp=xp)

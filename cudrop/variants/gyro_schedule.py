@@ -30,13 +30,14 @@ co-scheduled sub-networks span several iterations (the paper's Figure 3(b)). Blo
 no divisibility: edge blocks are partial.
 
 Decided on the device. Element gyro drawn with a *device step* (a 0-d uint32 CuPy array, as a
-captured CUDA graph's layers get from ``StochasticLayer.next_step(device=True)``) yields a
-``GyroMask`` without ``keep`` and ``subnets`` but with its ``GyroDraw``: the kernels
-(``raw_kernels/gyro.cu`` over ``gyro.cuh``) compute the sub-networks of the step and their keep
-bits (``gyro_keep_table``), then each row's group (row ``r`` of ``B`` is in group
-``((r + 1) τ - 1) // B``, the group ``row_bounds`` gives it, ragged or not) and mask it
-(``gyro_apply``), with the integer arithmetic above, so the result equals the int step's bit
-for bit. Block-wise gyro on CuPy decides each row block's sub-network on the
+captured CUDA graph's layers get from ``StochasticLayer.next_step(device=True)``), or on CuPy
+with an int step by ``variants.gyro.draw_mask(..., on_device=True)`` (``nn.GyroDropout``'s
+eager steps), yields a ``GyroMask`` without ``keep`` and ``subnets`` but with its
+``GyroDraw``: the kernels (``raw_kernels/gyro.cu`` over ``gyro.cuh``) compute the sub-networks
+of the step and their keep bits (``gyro_keep_table``), then each row's group (row ``r`` of
+``B`` is in group ``((r + 1) τ - 1) // B``, the group ``row_bounds`` gives it, ragged or not)
+and mask it (``gyro_apply``), with the integer arithmetic above, so the result equals the host
+mask's bit for bit. Block-wise gyro on CuPy decides each row block's sub-network on the
 device too (``gyro_block_row_ids``, the slot rule above), then draws the mask's blocks with
 those ids as ``masks.block_mask`` does on the host.
 """
@@ -148,8 +149,12 @@ def row_block_subnets(step, n_row_blocks, subnets, offset=0, total=None):
 
 class GyroDraw(NamedTuple):
     """Where a gyro mask decided on the device comes from: the Philox key ``(seed, layer)``,
-    the device ``step`` (a 0-d uint32 CuPy array, read by the kernels when they run), the units
-    it masks (0 where none: block-wise gyro's row-block schedule) and the schedule."""
+    the ``step`` (a device step, a 0-d uint32 CuPy array read by the kernels when they run, as
+    a captured step draws; or an int, passed to them by value, as ``nn.GyroDropout``'s eager
+    steps on CuPy draw), the units it masks (0 where none: block-wise gyro's row-block
+    schedule), the schedule, and ``device``, where the arrays it masks live (``'gpu'`` or
+    ``'cpu'``; None: the step's), which is where :meth:`GyroMask.host` draws (a name, not an
+    array module, so a mask copies and pickles)."""
     seed: int
     layer: int
     step: object
@@ -158,6 +163,7 @@ class GyroDraw(NamedTuple):
     co_scheduled: int
     period: int
     schedule: str
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,9 +172,10 @@ class GyroMask:
     of sub-network ``subnets[t]``, applied to row group ``t`` of the batch.
 
     A mask decided on the device (drawn with a device step, as a captured CUDA graph's layers
-    draw) has ``keep`` and ``subnets`` None and ``draw``, a :class:`GyroDraw`: the kernels
+    draw, or with ``on_device=True``, as ``nn.GyroDropout``'s eager steps on CuPy draw) has
+    ``keep`` and ``subnets`` None and ``draw``, a :class:`GyroDraw`: the kernels
     (``raw_kernels/gyro.cu``) compute both from it when they run; :meth:`host` turns it into the
-    host form by reading the step."""
+    form with ``keep`` and ``subnets`` (reading a device step)."""
 
     keep: object       # (τ, N) bool, or None when decided on the device
     subnets: tuple     # (τ,) host ints, or None when decided on the device
@@ -197,15 +204,18 @@ class GyroMask:
 
     def host(self) -> "GyroMask":
         """This mask with ``keep`` and ``subnets`` decided on the host: itself when they are,
-        else the mask :func:`gyro_mask` draws at the int value of the device step, on its
-        device (reading the step waits for the device: for references and tests, never inside
-        a captured step)."""
+        else the mask :func:`gyro_mask` draws at the int value of the step, ``keep`` on the
+        arrays' device (``draw.device``; the step's where None). The kernels' result equals
+        it bit for bit. Reading a device step waits for the device, and the draw costs a host
+        schedule and a keep-bit launch: for references, tests and inspection, never inside a
+        captured step."""
         if self.keep is not None:
             return self
         d = self.draw
+        xp = backend.get_array_module(d.step) if d.device is None else backend.xp_for(d.device)
         m = gyro_mask(d.n_units, self.p, step=int(d.step), seed=d.seed, layer=d.layer,
                       num_subnets=d.num_subnets, co_scheduled=d.co_scheduled, period=d.period,
-                      schedule=d.schedule, xp=backend.get_array_module(d.step))
+                      schedule=d.schedule, xp=xp)
         return replace(m, rows=self.rows)
 
     def row_bounds(self, batch, ragged=False):
