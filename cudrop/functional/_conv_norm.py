@@ -114,13 +114,14 @@ def _launch(fn, dtype, grid, args):
 
 
 def _grids(n, p):
-    """(tiles, CTAs of the reductions, CTAs of the weight-gradient pass): up to 4 CTAs an SM
-    (each walks its tiles one after another, two barriers a tile: fewer CTAs left the SMs
-    waiting on loads), the weight-gradient pass at least two tiles a CTA (each CTA writes an
-    O x C partial that sum_leading adds up)."""
+    """(tiles, CTAs of the other passes, CTAs of the weight-gradient pass): as many as fit on
+    the SMs at once (4 an SM at their 64 registers a thread, 3 for the weight-gradient pass at
+    its launch bound; each CTA walks its tiles one after another, two barriers a tile), the
+    weight-gradient pass at least two tiles a CTA (each CTA writes an O x C partial that
+    sum_leading adds up)."""
     tiles = n * -(-p // _TILE)
-    ctas = 4 * device_facts()[0]
-    return tiles, min(tiles, ctas), min(-(-tiles // 2), ctas)
+    sms = device_facts()[0]
+    return tiles, min(tiles, 4 * sms), min(-(-tiles // 2), 3 * sms)
 
 
 def _fused_forward(x, w, gamma, beta, running_mean, running_var, momentum, eps, act):

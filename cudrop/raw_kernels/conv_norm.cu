@@ -60,17 +60,32 @@ __device__ __forceinline__ void cd_cbn_load_w(const T* __restrict__ w, A* ws, in
     }
 }
 
-// x's tile (C rows of TP pixels of sample n from p0) into shared memory, rows TS apart, zero
-// past the valid pixels. The caller synchronises before and after.
-template <typename T, typename A, int TP, int TS>
-__device__ __forceinline__ void cd_cbn_load_x(const T* __restrict__ x, A* xs, int C, int P,
-                                              cd_cbn_tile tl) {
-    const T* __restrict__ base = x + (long long)tl.n * C * P + tl.p0;
-    for (int i = threadIdx.x; i < C * TP; i += blockDim.x) {
-        const int c = i / TP, p = i - c * TP;
-        xs[c * TS + p] = p < tl.valid ? A(cd_load(base[(long long)c * P + p])) : A(0);
+// x's tile (C rows of TP pixels of sample n from p0), staged through registers: fetch() issues
+// a tile's loads (one value a thread every 256, zero past C rows and the valid pixels), put()
+// stores it to shared memory (all MAXC rows, TS apart). The kernels fetch the next tile before
+// computing on the current one, so its loads are in flight meanwhile: a CTA holds a few KB of
+// x a tile (C = 16 at 32 pixels: 2 KB), and waiting on each tile's loads in turn left the SMs
+// mostly idle.
+template <typename T, typename A, typename K>
+struct cd_cbn_xstage {
+    static constexpr int PER = K::MAXC * K::TP / 256;
+    A v[PER];
+    __device__ __forceinline__ void fetch(const T* __restrict__ x, int C, int P, cd_cbn_tile tl) {
+        const T* __restrict__ base = x + (long long)tl.n * C * P + tl.p0;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = threadIdx.x + 256 * j, c = i / K::TP, p = i - c * K::TP;
+            v[j] = (c < C && p < tl.valid) ? A(cd_load(base[(long long)c * P + p])) : A(0);
+        }
     }
-}
+    __device__ __forceinline__ void put(A* xs) const {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = threadIdx.x + 256 * j, c = i / K::TP;
+            xs[c * K::TS + (i - c * K::TP)] = v[j];
+        }
+    }
+};
 
 // y of the thread's R channels at its 4 pixels: y[r][q] = sum_c w[o][c] x[c][4 pg + q], c in
 // order (the same bits in every kernel).
@@ -125,6 +140,25 @@ __device__ __forceinline__ void cd_cbn_store4(T* __restrict__ dst, int nvalid, b
         if (q < nvalid) dst[q] = cd_store<T>(v[q]);
 }
 
+// g at the thread's R channels and 4 pixels of a tile (zeros for rows past O). The backward
+// kernels issue these loads before the tile's convolution, which hides their latency.
+template <typename T, typename A, int R>
+__device__ __forceinline__ void cd_cbn_load_g(const T* __restrict__ g, int O, int P,
+                                              cd_cbn_tile tl, int og, int pg, bool vec,
+                                              A (&gq)[R][4]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int o = og + 32 * r;
+        if (o < O) {
+            cd_cbn_load4<T, A>(g + ((long long)tl.n * O + o) * P + tl.p0 + 4 * pg,
+                               tl.valid - 4 * pg, vec, gq[r]);
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) gq[r][q] = A(0);
+        }
+    }
+}
+
 // Sum over the 8 lanes of a pixel group (the lanes that share og); every lane gets it.
 template <typename A>
 __device__ __forceinline__ A cd_cbn_group_sum(A v) {
@@ -152,11 +186,15 @@ __global__ void conv_bn_stats(const T* __restrict__ x, const T* __restrict__ w,
     A cnt = 0, mean[K::R], m2[K::R];
 #pragma unroll
     for (int r = 0; r < K::R; ++r) mean[r] = m2[r] = A(0);
-    for (long long t = cd_cbn_first(s, S, tiles); t < cd_cbn_first(s + 1, S, tiles); ++t) {
+    const long long t0 = cd_cbn_first(s, S, tiles), t1 = cd_cbn_first(s + 1, S, tiles);
+    cd_cbn_xstage<T, A, K> stage;
+    stage.fetch(x, C, P, cd_cbn_tile_of(t0, P, tps, K::TP));
+    for (long long t = t0; t < t1; ++t) {
         const cd_cbn_tile tl = cd_cbn_tile_of(t, P, tps, K::TP);
         __syncthreads();
-        cd_cbn_load_x<T, A, K::TP, K::TS>(x, xs, C, P, tl);
+        stage.put(xs);
         __syncthreads();
+        if (t + 1 < t1) stage.fetch(x, C, P, cd_cbn_tile_of(t + 1, P, tps, K::TP));
         A y[K::R][4];
         cd_cbn_conv<A, K::R, K::TS, K::WS>(ws, xs, C, og, pg, y);
         const A nb = A(tl.valid);
@@ -258,12 +296,16 @@ __global__ void conv_bn_fwd(const T* __restrict__ x, const T* __restrict__ w,
     cd_cbn_load_w<T, A, K::MAXC, K::WS>(w, ws, O, C);
     A m[K::R], k[K::R], b[K::R];
     cd_cbn_coefs<A, K::R>(stats, gamma, beta, O, og, m, k, b);
-    for (long long t = cd_cbn_first(blockIdx.x, gridDim.x, tiles);
-         t < cd_cbn_first(blockIdx.x + 1, gridDim.x, tiles); ++t) {
+    const long long t0 = cd_cbn_first(blockIdx.x, gridDim.x, tiles);
+    const long long t1 = cd_cbn_first(blockIdx.x + 1, gridDim.x, tiles);
+    cd_cbn_xstage<T, A, K> stage;
+    stage.fetch(x, C, P, cd_cbn_tile_of(t0, P, tps, K::TP));
+    for (long long t = t0; t < t1; ++t) {
         const cd_cbn_tile tl = cd_cbn_tile_of(t, P, tps, K::TP);
         __syncthreads();
-        cd_cbn_load_x<T, A, K::TP, K::TS>(x, xs, C, P, tl);
+        stage.put(xs);
         __syncthreads();
+        if (t + 1 < t1) stage.fetch(x, C, P, cd_cbn_tile_of(t + 1, P, tps, K::TP));
         A y[K::R][4];
         cd_cbn_conv<A, K::R, K::TS, K::WS>(ws, xs, C, og, pg, y);
 #pragma unroll
@@ -305,23 +347,24 @@ __global__ void conv_bn_bwd_sums(const T* __restrict__ g, const T* __restrict__ 
     cd_cbn_coefs<A, K::R>(stats, gamma, beta, O, og, m, k, b);
 #pragma unroll
     for (int r = 0; r < K::R; ++r) sg[r] = sgd[r] = A(0);
-    for (long long t = cd_cbn_first(s, S, tiles); t < cd_cbn_first(s + 1, S, tiles); ++t) {
+    const long long t0 = cd_cbn_first(s, S, tiles), t1 = cd_cbn_first(s + 1, S, tiles);
+    cd_cbn_xstage<T, A, K> stage;
+    stage.fetch(x, C, P, cd_cbn_tile_of(t0, P, tps, K::TP));
+    for (long long t = t0; t < t1; ++t) {
         const cd_cbn_tile tl = cd_cbn_tile_of(t, P, tps, K::TP);
         __syncthreads();
-        cd_cbn_load_x<T, A, K::TP, K::TS>(x, xs, C, P, tl);
+        stage.put(xs);
         __syncthreads();
-        A y[K::R][4];
+        if (t + 1 < t1) stage.fetch(x, C, P, cd_cbn_tile_of(t + 1, P, tps, K::TP));
+        A gq[K::R][4], y[K::R][4];
+        cd_cbn_load_g<T, A, K::R>(g, O, P, tl, og, pg, vec, gq);
         cd_cbn_conv<A, K::R, K::TS, K::WS>(ws, xs, C, og, pg, y);
 #pragma unroll
         for (int r = 0; r < K::R; ++r) {
-            const int o = og + 32 * r;
-            if (o >= O) continue;
-            A gq[4];
-            cd_cbn_load4<T, A>(g + ((long long)tl.n * O + o) * P + tl.p0 + 4 * pg,
-                               tl.valid - 4 * pg, vec, gq);
+            if (og + 32 * r >= O) continue;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                A gv = gq[q];  // zero past the valid pixels
+                A gv = gq[r][q];  // zero past the valid pixels
                 if (relu && !cd_relu_pass<T>(cd_bn_value(y[r][q], m[r], k[r], b[r], 1)))
                     gv = A(0);
                 sg[r] += gv;
@@ -371,7 +414,7 @@ __global__ void conv_bn_bwd_coef(const typename cd_acc<T>::type* __restrict__ pa
 // gradient, wpart[s][o][c] = sum over its pixels of gy[o] x[c] (thread t owns a BO x BC block
 // of (o, c)), summed over s by the host.
 template <typename T>
-__global__ void conv_bn_bwd_apply(const T* __restrict__ g, const T* __restrict__ x,
+__global__ void __launch_bounds__(256, 3) conv_bn_bwd_apply(const T* __restrict__ g, const T* __restrict__ x,
                                   const T* __restrict__ w,
                                   const typename cd_acc<T>::type* __restrict__ stats,
                                   const typename cd_acc<T>::type* __restrict__ gamma,
@@ -390,7 +433,6 @@ __global__ void conv_bn_bwd_apply(const T* __restrict__ g, const T* __restrict__
     const int tps = (P + K::TP - 1) / K::TP;
     const bool vec = P % 4 == 0;
     cd_cbn_load_w<T, A, K::MAXC, K::WS>(w, ws, O, C);
-    for (int i = threadIdx.x; i < K::MAXC * K::TS; i += blockDim.x) xs[i] = A(0);  // rows >= C
     A m[K::R], k[K::R], b[K::R], ca[K::R], cbv[K::R], cd[K::R];
     cd_cbn_coefs<A, K::R>(stats, gamma, beta, O, og, m, k, b);
 #pragma unroll
@@ -405,24 +447,26 @@ __global__ void conv_bn_bwd_apply(const T* __restrict__ g, const T* __restrict__
     for (int i = 0; i < B; ++i)
 #pragma unroll
         for (int j = 0; j < B; ++j) acc[i][j] = A(0);
-    for (long long t = cd_cbn_first(s, S, tiles); t < cd_cbn_first(s + 1, S, tiles); ++t) {
+    const long long t0 = cd_cbn_first(s, S, tiles), t1 = cd_cbn_first(s + 1, S, tiles);
+    cd_cbn_xstage<T, A, K> stage;
+    stage.fetch(x, C, P, cd_cbn_tile_of(t0, P, tps, K::TP));
+    for (long long t = t0; t < t1; ++t) {
         const cd_cbn_tile tl = cd_cbn_tile_of(t, P, tps, K::TP);
         __syncthreads();  // the last tile's readers of xs and gys are done
-        cd_cbn_load_x<T, A, K::TP, K::TS>(x, xs, C, P, tl);
+        stage.put(xs);
         __syncthreads();
-        A y[K::R][4];
+        if (t + 1 < t1) stage.fetch(x, C, P, cd_cbn_tile_of(t + 1, P, tps, K::TP));
+        A gq[K::R][4], y[K::R][4];
+        cd_cbn_load_g<T, A, K::R>(g, O, P, tl, og, pg, vec, gq);
         cd_cbn_conv<A, K::R, K::TS, K::WS>(ws, xs, C, og, pg, y);
 #pragma unroll
         for (int r = 0; r < K::R; ++r) {
             const int o = og + 32 * r;
-            A gq[4];
-            cd_cbn_load4<T, A>(g + ((long long)tl.n * O + min(o, O - 1)) * P + tl.p0 + 4 * pg,
-                               tl.valid - 4 * pg, vec, gq);
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 A gy = 0;
                 if (o < O && 4 * pg + q < tl.valid) {
-                    A gv = gq[q];
+                    A gv = gq[r][q];
                     if (relu && !cd_relu_pass<T>(cd_bn_value(y[r][q], m[r], k[r], b[r], 1)))
                         gv = A(0);
                     gy = ca[r] * gv + cbv[r] * (y[r][q] - m[r]) + cd[r];
